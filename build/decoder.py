@@ -1,0 +1,207 @@
+"""kvplan's own Llama-family decoder stack, written for export.
+
+Why not trace transformers' modules: their cache and attention plumbing changes
+between releases, and each change breaks exporters that trace them. This module
+spells every op one stable way (RMSNorm as pow/mean/rsqrt in fp32, RoPE as
+rotate_half on a cos/sin pair computed once per step), which is what the surgery
+passes match. transformers stays the independent reference in the tests.
+
+Parameter names are Hugging Face's (``layers.{i}.self_attn.q_proj.weight``, ...),
+so a checkpoint's tensors load by name.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import DecoderConfig, inv_freq
+
+
+@dataclass(frozen=True)
+class StackSpec:
+    """Which slice of the decoder an exported graph covers, and how its cache is laid out."""
+    first_layer: int
+    last_layer: int          # exclusive
+    final_norm: bool
+    kv_format: int = 0       # 0: [B, kv_heads, S, head_dim]; 1: [B, S, kv_heads, head_dim]
+
+    @property
+    def layers(self) -> range:
+        return range(self.first_layer, self.last_layer)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The variance is taken in fp32 whatever the model dtype: fp16 overflows on
+        # x**2 for activations above ~256.
+        dtype = x.dtype
+        x = x.to(torch.float32)
+        var = x.pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(var + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+    if rotary_dim == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.cfg = cfg
+        self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+
+    def forward(self, x, mask, cos, sin, past_k, past_v):
+        cfg = self.cfg
+        b, n, _ = x.shape
+        d = cfg.head_dim
+        q = self.q_proj(x).view(b, n, cfg.num_heads, d)
+        k = self.k_proj(x).view(b, n, cfg.num_kv_heads, d)
+        v = self.v_proj(x).view(b, n, cfg.num_kv_heads, d).transpose(1, 2)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        q = apply_rotary(q, cos, sin, cfg.rotary_dim)
+        k = apply_rotary(k, cos, sin, cfg.rotary_dim)
+        # The cache is concatenated explicitly: the exported graph owns its KV I/O.
+        k = torch.cat((past_k, k), dim=2)
+        v = torch.cat((past_v, v), dim=2)
+        present_k, present_v = k, v
+        rep = cfg.num_heads // cfg.num_kv_heads
+        if rep > 1:
+            s = k.shape[2]
+            k = k[:, :, None].expand(b, cfg.num_kv_heads, rep, s, d).reshape(b, cfg.num_heads, s, d)
+            v = v[:, :, None].expand(b, cfg.num_kv_heads, rep, s, d).reshape(b, cfg.num_heads, s, d)
+        scores = torch.matmul(q, k.transpose(2, 3)) * (d ** -0.5) + mask
+        # Softmax in fp32 as transformers' eager attention does; fp16 sums of
+        # exponentials lose the long tail.
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        out = torch.matmul(probs, v).transpose(1, 2).reshape(b, n, cfg.num_heads * d)
+        return self.o_proj(out), present_k, present_v
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(i, h, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, mask, cos, sin, past_k, past_v):
+        attn, k, v = self.self_attn(self.input_layernorm(x), mask, cos, sin, past_k, past_v)
+        x = x + attn
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, k, v
+
+
+class DecoderStack(nn.Module):
+    """Layers ``spec.layers`` of the decoder (and the final norm if ``spec.final_norm``).
+
+    forward(hidden_in, attention_mask, position_ids, past_key_in{i}, past_value_in{i}, ...)
+    -> (hidden_out, past_key{i}, past_value{i}, ...), the I/O contract of DESIGN.md.
+    """
+
+    def __init__(self, cfg: DecoderConfig, spec: StackSpec):
+        super().__init__()
+        self.cfg, self.spec = cfg, spec
+        # ModuleDict keyed by the global layer index, so parameter names match the
+        # checkpoint's ("layers.7.mlp...") in every pack.
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg) for i in spec.layers})
+        if spec.final_norm:
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        freqs, self.attention_scaling = inv_freq(cfg)
+        self.register_buffer("inv_freq", torch.tensor(freqs, dtype=torch.float32), persistent=False)
+
+    def rotary(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        # cos/sin in fp32 once per step, shared by every layer, then cast to the
+        # model dtype (as transformers does).
+        freqs = position_ids[:, :, None].to(torch.float32) * self.inv_freq[None, None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.attention_scaling).to(dtype)[:, None]
+        sin = (emb.sin() * self.attention_scaling).to(dtype)[:, None]
+        return cos, sin
+
+    def forward(self, hidden_in, attention_mask, position_ids, *past):
+        cos, sin = self.rotary(position_ids, hidden_in.dtype)
+        x = hidden_in
+        outputs = []
+        for j, layer in enumerate(self.layers.values()):
+            past_k, past_v = past[2 * j], past[2 * j + 1]
+            if self.spec.kv_format == 1:
+                past_k, past_v = past_k.transpose(1, 2), past_v.transpose(1, 2)
+            x, k, v = layer(x, attention_mask, cos, sin, past_k, past_v)
+            if self.spec.kv_format == 1:
+                k, v = k.transpose(1, 2), v.transpose(1, 2)
+            outputs += [k, v]
+        if self.spec.final_norm:
+            x = self.norm(x)
+        return (x, *outputs)
+
+
+def build_stack(cfg: DecoderConfig, spec: StackSpec, state_dict: dict[str, torch.Tensor],
+                dtype: torch.dtype) -> DecoderStack:
+    """A DecoderStack holding ``state_dict``'s tensors (HF names, no ``model.`` prefix).
+
+    Built on the meta device and filled with ``assign=True`` so the weights are held
+    once, not once random-initialised and once loaded.
+    """
+    with torch.device("meta"):
+        stack = DecoderStack(cfg, spec)
+    wanted = {k: v for k, v in stack.state_dict().items()}
+    missing = [k for k in wanted if k not in state_dict]
+    if missing:
+        raise KeyError(f"weights missing for {len(missing)} tensor(s), first: {missing[0]}")
+    tensors = {}
+    for name, ref in wanted.items():
+        t = state_dict[name]
+        if tuple(t.shape) != tuple(ref.shape):
+            raise ValueError(f"tensor {name}: shape {tuple(t.shape)} does not match the config's {tuple(ref.shape)}")
+        tensors[name] = t.to(dtype)
+    stack.load_state_dict(tensors, assign=True, strict=True)
+    freqs, _ = inv_freq(cfg)
+    stack.inv_freq = torch.tensor(freqs, dtype=torch.float32)
+    return stack.eval()
+
+
+def pack_specs(cfg: DecoderConfig, pack_size: int, kv_format: int = 0) -> list[StackSpec]:
+    """Split the stack into packs of ``pack_size`` layers (0: one pack); only the last one has the final norm."""
+    if pack_size < 0:
+        raise ValueError(f"decoder_pack_size must be >= 0, got {pack_size}")
+    size = pack_size or cfg.num_layers
+    starts = list(range(0, cfg.num_layers, size))
+    return [StackSpec(s, min(s + size, cfg.num_layers), s + size >= cfg.num_layers, kv_format) for s in starts]
