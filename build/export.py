@@ -105,12 +105,11 @@ def _rename_axes(program, spec: StackSpec) -> None:
     graph = program.model.graph
     by_name = {v.name: v for v in graph.inputs}
     seq_axis = 2 if spec.kv_format == 0 else 1
-    first_past = by_name[f"past_key_in{spec.first_layer}"]
-    symbols = {
-        str(by_name["hidden_in"].shape[1]): "N",
-        str(first_past.shape[seq_axis]): "lastSum",
-        str(by_name["attention_mask"].shape[3]): "sumN",
-    }
+    # Each past input gets its own symbol from the exporter (nothing in the graph
+    # ties them together); they are all lastSum by contract.
+    symbols = {str(v.shape[seq_axis]): "lastSum" for v in graph.inputs if v.name.startswith("past_")}
+    symbols[str(by_name["hidden_in"].shape[1])] = "N"
+    symbols[str(by_name["attention_mask"].shape[3])] = "sumN"
 
     def renamed(shape):
         dims = []

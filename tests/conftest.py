@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny presets exported once per session, and the HF reference."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from build.decoder import pack_specs  # noqa: E402
+from build.export import export_pack, pack_file_names  # noqa: E402
+from build.models import resolve  # noqa: E402
+from build.onnx_stack import Pack  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def export_tiny(tmp_path_factory):
+    """export_tiny(preset, dtype="float32", kv_format=0, pack=0) -> list[Pack], cached per session."""
+    cache: dict[tuple, list[Pack]] = {}
+
+    def get(preset: str, dtype: str = "float32", kv_format: int = 0, pack: int = 0) -> list[Pack]:
+        key = (preset, dtype, kv_format, pack)
+        if key not in cache:
+            source = resolve(preset)
+            out = tmp_path_factory.mktemp(f"{preset}-{dtype}-kv{kv_format}-p{pack}")
+            specs = pack_specs(source.config, pack, kv_format)
+            packs = []
+            for spec, name in zip(specs, pack_file_names(len(specs))):
+                export_pack(source, spec, dtype, 1, out / name)
+                packs.append(Pack(spec, out / name))
+            cache[key] = packs
+        return cache[key]
+
+    return get

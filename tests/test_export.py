@@ -1,0 +1,168 @@
+"""Export: the I/O contract, and ONNX Runtime on exported graphs against transformers' own model."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from build.export import causal_mask, io_contract
+from build.models import resolve
+from build.onnx_stack import OnnxStack
+from build.reference import HFReference
+
+DTYPE = {"float32": torch.float32, "float16": torch.float16}
+# fp16: ORT and torch both round every op to fp16 but accumulate differently; over
+# 4 layers of O(1) activations the observed worst case is a few fp16 ulps at
+# magnitude ~4 (ulp 2^-8 = 0.004). 2e-2 absolute plus 1e-2 relative leaves room
+# for that and still catches a wrong op (errors of order 0.1-1).
+TOL = {"float32": (1e-4, 0.0), "float16": (2e-2, 1e-2)}
+POINTS = [(8, 0), (10, 303), (1, 302), (1, 1000)]
+
+
+def _onnx_type(dtype: str) -> int:
+    return {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16,
+            "bfloat16": onnx.TensorProto.BFLOAT16, "int64": onnx.TensorProto.INT64}[dtype]
+
+
+def _dims(value_info) -> list:
+    return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
+
+
+@pytest.fixture(scope="module")
+def references():
+    cache = {}
+
+    def get(preset: str, dtype: str) -> HFReference:
+        if (preset, dtype) not in cache:
+            cache[preset, dtype] = HFReference(resolve(preset), DTYPE[dtype])
+        return cache[preset, dtype]
+
+    return get
+
+
+def compare_point(ref: HFReference, packs, dtype: str, n: int, last: int, mask_fn=None, seed: int = 1):
+    """Max abs error (and allowed bound) of ORT vs transformers at (N, lastSum), after a real prefill."""
+    cfg = ref.source.config
+    tdtype = DTYPE[dtype]
+    cache = ref.prefill(1, last, seed=seed)
+    past = [t.clone() for t in ref.cache_tensors(cache, cfg.num_layers)] if last else [
+        torch.zeros(1, cfg.num_kv_heads, 0, cfg.head_dim, dtype=tdtype) for _ in range(2 * cfg.num_layers)]
+    g = torch.Generator().manual_seed(seed + 1)
+    hidden = torch.randn(1, n, cfg.hidden_size, generator=g).to(tdtype)
+    mask = causal_mask(1, n, last, tdtype)
+    if mask_fn is not None:
+        mask = mask_fn(mask)
+    pos = torch.arange(last, last + n)[None]
+    expected = ref.step(hidden, mask, pos, cache)
+    got_hidden, got_past = OnnxStack(packs).step(hidden.numpy(), mask.numpy(), pos.numpy(), [p.numpy() for p in past])
+    atol, rtol = TOL[dtype]
+    worst = []
+    for name, got, want in [("hidden_out", got_hidden, expected.hidden)] + [
+            (f"kv{i}", g_, w_) for i, (g_, w_) in enumerate(zip(got_past, expected.past))]:
+        want = want.float().numpy()
+        got = got.astype(np.float32)
+        assert got.shape == want.shape, name
+        excess = np.abs(got - want) - (atol + rtol * np.abs(want))
+        worst.append((float(excess.max()), name, float(np.abs(got - want).max())))
+    return max(worst)
+
+
+class TestContract:
+    @pytest.mark.parametrize("kv_format", [0, 1])
+    def test_names_shapes_and_dtypes_follow_the_contract(self, export_tiny, kv_format):
+        packs = export_tiny("tiny-llama", "float16", kv_format)
+        model = onnx.load(packs[0].path)
+        cfg = resolve("tiny-llama").config
+        contract = io_contract(cfg, packs[0].spec, 1, "float16")
+        assert [v.name for v in model.graph.input] == list(contract["inputs"])
+        assert [v.name for v in model.graph.output] == list(contract["outputs"])
+        for v in list(model.graph.input) + list(model.graph.output):
+            want = {**contract["inputs"], **contract["outputs"]}[v.name]
+            assert _dims(v) == want["shape"], v.name
+            assert v.type.tensor_type.elem_type == _onnx_type(want["dtype"]), v.name
+
+    def test_packs_are_chained_and_only_the_last_has_the_final_norm(self, export_tiny):
+        packs = export_tiny("tiny-llama", "float32", 0, 2)
+        assert [list(p.spec.layers) for p in packs] == [[0, 1], [2, 3]]
+        first, last = (onnx.load(p.path) for p in packs)
+        assert [v.name for v in last.graph.input][3:5] == ["past_key_in2", "past_value_in2"]
+        assert not any("norm.weight" == i.name.split("layers.")[-1] for i in first.graph.initializer)
+        assert any(i.name == "norm.weight" for i in last.graph.initializer)
+
+    def test_bfloat16_exports_with_bfloat16_io(self, export_tiny):
+        model = onnx.load(export_tiny("tiny-llama", "bfloat16")[0].path)
+        assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.BFLOAT16
+        onnx.checker.check_model(model, full_check=True)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("kv_format", [0, 1])
+@pytest.mark.parametrize("pack", [0, 2])
+def test_onnx_runtime_matches_transformers(export_tiny, references, dtype, kv_format, pack):
+    ref = references("tiny-llama", dtype)
+    packs = export_tiny("tiny-llama", dtype, kv_format, pack)
+    for n, last in POINTS:
+        excess, name, err = compare_point(ref, packs, dtype, n, last)
+        assert excess <= 0, f"(N={n}, lastSum={last}): {name} max abs error {err:.3g} exceeds tolerance"
+
+
+@pytest.mark.parametrize("preset", ["tiny-qwen2", "tiny-qwen3"])
+def test_family_variants_match_transformers(export_tiny, references, preset):
+    ref = references(preset, "float32")
+    packs = export_tiny(preset, "float32")
+    for n, last in POINTS:
+        excess, name, err = compare_point(ref, packs, "float32", n, last)
+        assert excess <= 0, f"{preset} (N={n}, lastSum={last}): {name} max abs error {err:.3g}"
+
+
+def test_non_causal_mask_with_reserved_slots_matches_transformers(export_tiny, references):
+    """MiniCPM-o's streaming TTS masks text slots reserved but not yet filled."""
+    def reserve_slots(mask):
+        mask = mask.clone()
+        mask[..., 3:8] = torch.finfo(mask.dtype).min      # five past slots not yet filled
+        return mask
+    ref = references("tiny-llama", "float32")
+    excess, name, err = compare_point(ref, export_tiny("tiny-llama", "float32"), "float32", 4, 20, reserve_slots)
+    assert excess <= 0, f"{name}: {err:.3g}"
+    # And the mask really matters: the causal result differs.
+    plain, _, _ = compare_point(ref, export_tiny("tiny-llama", "float32"), "float32", 4, 20)
+    assert plain <= 0
+
+
+def test_reserved_slots_change_the_result(export_tiny):
+    cfg = resolve("tiny-llama").config
+    stack = OnnxStack(export_tiny("tiny-llama", "float32"))
+    rng = np.random.default_rng(0)
+    past = [rng.standard_normal((1, cfg.num_kv_heads, 20, cfg.head_dim)).astype(np.float32) for _ in range(8)]
+    hidden = rng.standard_normal((1, 4, cfg.hidden_size)).astype(np.float32)
+    mask = causal_mask(1, 4, 20, torch.float32).numpy()
+    pos = np.arange(20, 24)[None]
+    causal, _ = stack.step(hidden, mask, pos, past)
+    mask[..., 3:8] = np.finfo(np.float32).min
+    reserved, _ = stack.step(hidden, mask, pos, past)
+    assert np.abs(causal - reserved).max() > 1e-3
+
+
+def test_greedy_generation_through_onnx_reproduces_generate(export_tiny):
+    """Embeddings and LM head in PyTorch, the decoder through ONNX Runtime with the flattened cache."""
+    source = resolve("tiny-llama")
+    cfg = source.config
+    ref = HFReference(source, torch.float32, with_lm=True)
+    prompt = torch.tensor([[1, 17, 42, 99, 5, 7]])
+    want = ref.model.generate(prompt, max_new_tokens=32, do_sample=False, min_new_tokens=32)[0, prompt.shape[1]:]
+
+    stack = OnnxStack(export_tiny("tiny-llama", "float32"))
+    embed, head = ref.model.get_input_embeddings(), ref.model.lm_head
+    past = [np.zeros((1, cfg.num_kv_heads, 0, cfg.head_dim), np.float32) for _ in range(2 * cfg.num_layers)]
+    tokens, last, new = prompt, 0, []
+    with torch.no_grad():
+        for _ in range(32):
+            n = tokens.shape[1]
+            mask = causal_mask(1, n, last, torch.float32).numpy()
+            hidden, past = stack.step(embed(tokens).numpy(), mask, np.arange(last, last + n)[None], past)
+            token = int(head(torch.from_numpy(hidden[:, -1])).argmax(-1))
+            new.append(token)
+            last += n
+            tokens = torch.tensor([[token]])
+    assert new == want.tolist()
