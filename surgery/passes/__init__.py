@@ -1,0 +1,1 @@
+"""One module per fusion pass; surgery/registry.py lists them in the order they run."""

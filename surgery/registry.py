@@ -1,0 +1,10 @@
+"""The one ordered list of passes. Adding a pass: a module in passes/ exposing PASS, and one line here."""
+from __future__ import annotations
+
+from .framework import Pass
+from .passes import rmsnorm, rope
+
+PASSES: dict[str, Pass] = {p.name: p for p in (
+    rmsnorm.PASS,
+    rope.PASS,
+)}
