@@ -1,0 +1,359 @@
+"""TensorRT engine builds on the tiny presets (TensorRT-RTX builds on CPU; running needs a GPU)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from build import profiles
+from build.backend import BackendError, rtx_supports, select_backend, visible_gpus
+from build.decoder import pack_specs
+from build.export import export_pack, io_contract
+from build.models import resolve
+
+trt_build = pytest.importorskip("build.trt_build")
+BuildError = trt_build.BuildError
+
+
+def _backend_or_skip():
+    try:
+        return select_backend("auto")
+    except BackendError as e:
+        pytest.skip(f"no TensorRT backend: {e}")
+
+
+@pytest.fixture(scope="session")
+def backend():
+    return _backend_or_skip()
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """tiny-llama, float16, kv_format 0, exported once."""
+    src = resolve("tiny-llama")
+    spec = pack_specs(src.config, 0, 0)[0]
+    out = tmp_path_factory.mktemp("tiny_fp16")
+    onnx_path = out / "decoder.onnx"
+    export_pack(src, spec, "float16", 1, onnx_path, log=lambda *_: None)
+    return {"cfg": src.config, "spec": spec, "onnx": onnx_path,
+            "contract": io_contract(src.config, spec, 1, "float16")}
+
+
+@pytest.fixture(scope="session")
+def fast_profile():
+    # Level 0 builds as fast as any on CPU with TensorRT-RTX; both profiles of fp16.toml.
+    return dataclasses.replace(profiles.load("fp16"), optimization_level=0)
+
+
+@pytest.fixture(scope="session")
+def built(tiny, fast_profile, backend):
+    """The fp16 profile's engine, built next to the ONNX (so inspect finds its source)."""
+    plan = tiny["onnx"].parent / "decoder.plan"
+    lines: list[str] = []
+    record = trt_build.build_engine(tiny["onnx"], plan, fast_profile, tiny["contract"], backend,
+                                    tiny["onnx"].parent / "timing.cache", log=lines.append)
+    return {"plan": plan, "record": record, "log": lines}
+
+
+def _leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.endswith(".plan") or ".tmp-" in p.name)
+
+
+# --------------------------------------------------------------------------- backend
+
+def test_auto_picks_an_importable_backend(backend):
+    try:
+        import tensorrt  # noqa: F401
+        expected = "tensorrt"
+    except ImportError:
+        expected = "tensorrt-rtx"
+    assert backend.name == expected
+    assert backend.version and backend.module is not None
+    assert isinstance(backend.strongly_typed_flag, int)
+    caps, how = visible_gpus()
+    if not caps:
+        assert backend.can_run is False
+        assert backend.why_not_run == "no CUDA GPU visible"
+
+
+def test_missing_backend_error_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)      # makes `import tensorrt` fail everywhere
+    with pytest.raises(BackendError) as err:
+        select_backend("tensorrt")
+    msg = str(err.value)
+    assert "'tensorrt'" in msg and "not importable" in msg
+    assert "pip install 'kvplan[tensorrt-rtx]'" in msg
+    assert "NVIDIA" in msg
+
+
+def test_unknown_backend_name():
+    with pytest.raises(BackendError, match="unknown TensorRT backend"):
+        select_backend("onnxruntime")
+
+
+def test_rtx_compute_capabilities():
+    assert all(rtx_supports(cc) for cc in ("7.5", "8.0", "8.6", "8.9", "12.0", "12.1"))
+    assert not any(rtx_supports(cc) for cc in ("9.0", "7.0", "10.0", "garbage"))
+
+
+# --------------------------------------------------------------------------- shapes
+
+@pytest.mark.parametrize("kv_format", [0, 1])
+def test_shapes_for_is_consistent(kv_format):
+    cfg = resolve("tiny-llama").config
+    spec = pack_specs(cfg, 0, kv_format)[0]
+    contract = io_contract(cfg, spec, 1, "float16")
+    prof = profiles.load("fp16")
+    shapes = trt_build.shapes_for(contract, prof)
+    assert list(shapes) == [s.name for s in prof.shapes]
+    seq_axis = 2 if kv_format == 0 else 1
+    for sp in prof.shapes:
+        per = shapes[sp.name]
+        assert set(per) == set(contract["inputs"])
+        for k, which in enumerate(("min", "opt", "max")):
+            n, last = getattr(sp.N, which), getattr(sp.lastSum, which)
+            assert per["hidden_in"][k] == (1, n, cfg.hidden_size)
+            assert per["position_ids"][k] == (1, n)
+            assert per["attention_mask"][k] == (1, 1, n, n + last)          # sumN = N + lastSum
+            for i in spec.layers:
+                for kind in ("key", "value"):
+                    shape = per[f"past_{kind}_in{i}"][k]
+                    assert shape[seq_axis] == last
+                    want = [1, cfg.num_kv_heads, last, cfg.head_dim] if kv_format == 0 else \
+                        [1, last, cfg.num_kv_heads, cfg.head_dim]
+                    assert list(shape) == want
+
+
+def test_shapes_for_rejects_unknown_axis():
+    contract = {"inputs": {"x": {"shape": [1, "T"], "dtype": "float16"}}}
+    with pytest.raises(BuildError, match="unknown symbolic axis 'T'"):
+        trt_build.shapes_for(contract, profiles.load("fp16"))
+
+
+# --------------------------------------------------------------------------- build
+
+def test_build_writes_plan_and_record(built, tiny, fast_profile, backend):
+    plan, record = built["plan"], built["record"]
+    assert plan.is_file() and plan.stat().st_size > 0
+    assert record["plan_bytes"] == plan.stat().st_size
+    assert record["plan"] == "decoder.plan"
+    assert record["backend"] == backend.name and record["backend_version"] == backend.version
+    assert record["onnx"] == str(tiny["onnx"]) and len(record["onnx_sha256"]) == 64
+    assert record["build_seconds"] > 0
+    json.dumps(record)                                             # JSON-serialisable
+    assert not [p for p in plan.parent.iterdir() if ".tmp-" in p.name]
+
+    # One optimization profile per ShapeProfile; shapes read back from TensorRT's profiles.
+    assert list(record["profiles"]) == ["prefill", "decode"]
+    pre, dec = record["profiles"]["prefill"], record["profiles"]["decode"]
+    assert pre["hidden_in"] == {"min": [1, 1, 64], "opt": [1, 303, 64], "max": [1, 512, 64]}
+    assert pre["attention_mask"] == {"min": [1, 1, 1, 1], "opt": [1, 1, 303, 303], "max": [1, 1, 512, 4096]}
+    assert pre["past_key_in0"] == {"min": [1, 2, 0, 16], "opt": [1, 2, 0, 16], "max": [1, 2, 3584, 16]}
+    assert dec["position_ids"] == {"min": [1, 1], "opt": [1, 1], "max": [1, 1]}
+    assert dec["attention_mask"] == {"min": [1, 1, 1, 2], "opt": [1, 1, 1, 303], "max": [1, 1, 1, 4096]}
+    assert dec["past_value_in3"] == {"min": [1, 2, 1, 16], "opt": [1, 2, 302, 16], "max": [1, 2, 4095, 16]}
+
+    # The network's inputs are the contract's, dynamic where the contract is symbolic.
+    net = record["network"]
+    assert net["inputs"]["hidden_in"] == {"shape": [1, -1, 64], "dtype": "HALF"}
+    assert net["inputs"]["position_ids"]["dtype"] == "INT64"
+    assert net["inputs"]["past_key_in0"]["shape"] == [1, 2, -1, 16]
+    assert set(net["outputs"]) == set(tiny["contract"]["outputs"])
+    assert net["layers"] == sum(net["layer_types"].values()) > 0
+    assert net["layer_types"].get("MATRIX_MULTIPLY", 0) >= 7 * 4      # q k v o gate up down, 4 layers
+
+    opts = record["options"]
+    assert opts["optimization_level"] == 0 and opts["strongly_typed"] is True
+
+    mem = record["memory"]
+    assert mem["weights_bytes_onnx"] > 0
+    if not backend.can_run:
+        assert mem["device_memory_size"] is None and backend.why_not_run in mem["engine_memory_why"]
+    if mem["builder_reported"] is not None:
+        per = mem["builder_reported"]["per_profile"]
+        assert set(per) == {"prefill", "decode"}
+        assert per["prefill"]["total_activation_memory_bytes"] > 0
+
+    # Progress monitor logged nested phases.
+    assert record["progress"]["phases"] > 0 and record["progress"]["steps"] > 0
+    assert any(line.startswith("[build] Building engine") for line in built["log"])
+    assert any(line.startswith("[build]   ") for line in built["log"])       # nested phase
+
+    cmd = record["trtexec"]
+    assert cmd.split()[0] == backend.tool
+    assert f"--onnx={tiny['onnx']}" in cmd and f"--saveEngine={built['plan']}" in cmd
+    assert "--profile=0" in cmd and "--profile=1" in cmd
+    assert "--minShapes=hidden_in:1x1x64,attention_mask:1x1x1x1," in cmd
+    assert "--maxShapes=hidden_in:1x1x64,attention_mask:1x1x1x4096," in cmd
+
+
+def test_timing_cache(built, tiny, fast_profile, backend, tmp_path):
+    cache = tiny["onnx"].parent / "timing.cache"
+    tc = built["record"]["timing_cache"]
+    supported, why = trt_build.timing_cache_supported(backend)
+    if supported:
+        assert cache.is_file() and cache.stat().st_size > 0
+        assert tc["saved_bytes"] == cache.stat().st_size
+        again = trt_build.build_engine(tiny["onnx"], tmp_path / "decoder.plan", fast_profile, tiny["contract"],
+                                       backend, cache, log=lambda *_: None)
+        assert again["timing_cache"]["loaded_bytes"] == tc["saved_bytes"]
+    else:
+        # TensorRT-RTX: timing cache operations are no-ops; nothing is written, and the record says why.
+        assert tc == {"path": str(cache), "supported": False, "used": False, "why": why}
+        assert not cache.exists()
+    # The load/save path itself (the API exists on both backends): written, then read back.
+    trt = backend.module
+    cfg = trt.Builder(trt.Logger(trt.Logger.ERROR)).create_builder_config()
+    trt_build.load_timing_cache(cfg, tmp_path / "t.cache", log=lambda *_: None)
+    size = trt_build.save_timing_cache(cfg, tmp_path / "t.cache")
+    assert size > 0 and (tmp_path / "t.cache").stat().st_size == size
+    cfg2 = trt.Builder(trt.Logger(trt.Logger.ERROR)).create_builder_config()
+    _, loaded = trt_build.load_timing_cache(cfg2, tmp_path / "t.cache", log=lambda *_: None)
+    assert loaded == size
+
+
+def test_build_raising_midway_leaves_nothing(tiny, fast_profile, backend, tmp_path, monkeypatch):
+    trt = backend.module
+
+    def boom(self, network, config):
+        raise RuntimeError("builder exploded")
+
+    with monkeypatch.context() as m:
+        m.setattr(trt.Builder, "build_serialized_network", boom)
+        with pytest.raises(RuntimeError, match="builder exploded"):
+            trt_build.build_engine(tiny["onnx"], tmp_path / "decoder.plan", fast_profile, tiny["contract"],
+                                   backend, None, log=lambda *_: None)
+    assert _leftovers(tmp_path) == []
+
+
+def test_interrupt_from_progress_cancels_build(tiny, fast_profile, backend, tmp_path):
+    """Ctrl-C lands in the progress monitor's Python callback: the build is cancelled, the
+    KeyboardInterrupt re-raised, and no plan or temp file is left."""
+    def log(line):
+        if "Building engine from subgraph" in line:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        trt_build.build_engine(tiny["onnx"], tmp_path / "decoder.plan", fast_profile, tiny["contract"],
+                               backend, None, log=log)
+    assert _leftovers(tmp_path) == []
+
+
+def test_failing_plan_write_removes_temp(tiny, fast_profile, backend, tmp_path, monkeypatch):
+    def fail(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(trt_build.os, "fsync", fail)
+    with pytest.raises(OSError, match="disk full"):
+        trt_build.build_engine(tiny["onnx"], tmp_path / "decoder.plan", fast_profile, tiny["contract"],
+                               backend, None, log=lambda *_: None)
+    monkeypatch.undo()
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("content", [b"this is not a protobuf", None])
+def test_corrupted_onnx_names_the_file(tiny, fast_profile, backend, tmp_path, content):
+    bad = tmp_path / "decoder.onnx"
+    data = tiny["onnx"].read_bytes()
+    bad.write_bytes(content if content is not None else data[: len(data) // 3])
+    with pytest.raises(BuildError) as err:
+        trt_build.build_engine(bad, tmp_path / "decoder.plan", fast_profile, tiny["contract"], backend, None,
+                               log=lambda *_: None)
+    assert str(bad) in str(err.value) and "parser" in str(err.value)
+    assert _leftovers(tmp_path) == []
+
+
+def test_missing_onnx(fast_profile, tiny, backend, tmp_path):
+    with pytest.raises(BuildError, match="no such ONNX file"):
+        trt_build.build_engine(tmp_path / "nope.onnx", tmp_path / "decoder.plan", fast_profile,
+                               tiny["contract"], backend, None, log=lambda *_: None)
+
+
+def test_contract_mismatch(tiny, fast_profile, backend, tmp_path):
+    contract = json.loads(json.dumps(tiny["contract"]))
+    contract["inputs"]["past_key_in0"]["shape"] = [1, 2, "lastSum"]          # wrong rank
+    contract["inputs"]["extra"] = {"shape": [1], "dtype": "float16"}
+    with pytest.raises(BuildError) as err:
+        trt_build.build_engine(tiny["onnx"], tmp_path / "decoder.plan", fast_profile, contract, backend, None,
+                               log=lambda *_: None)
+    msg = str(err.value)
+    assert str(tiny["onnx"]) in msg and "missing inputs ['extra']" in msg and "past_key_in0: rank 4" in msg
+
+
+def test_backend_specific_options(tiny, fast_profile, backend, tmp_path):
+    cc = ("8.6", "12.0") if backend.is_rtx else ()
+    prof = dataclasses.replace(fast_profile, compute_capabilities=cc, hardware_compatibility="ampere_plus",
+                               version_compatible=True, workspace_mib=256, shapes=fast_profile.shapes[1:])
+    if not backend.is_rtx:
+        pytest.skip("the option skips checked here are TensorRT-RTX's")
+    lines: list[str] = []
+    rec = trt_build.build_engine(tiny["onnx"], tmp_path / "decoder.plan", prof, tiny["contract"], backend, None,
+                                 log=lines.append)
+    assert rec["options"]["compute_capabilities"] == ["8.6", "12.0"]
+    assert rec["options"]["workspace_mib"] == 256
+    assert rec["options"]["version_compatible"] is False
+    assert rec["options"]["hardware_compatibility"] == "none (skipped)"
+    assert len(rec["notes"]) == 2 and all("skipped" in n for n in rec["notes"])
+    assert any("note: version_compatible" in line for line in lines)
+    assert "--memPoolSize=workspace:256M" in rec["trtexec"]
+    assert list(rec["profiles"]) == ["decode"] and "--profile=1" not in rec["trtexec"]
+    # A compute capability TensorRT-RTX does not build for (Hopper) is refused before building.
+    with pytest.raises(BuildError, match="'9.0' is not a compute capability"):
+        trt_build.build_engine(tiny["onnx"], tmp_path / "decoder.plan",
+                               dataclasses.replace(prof, compute_capabilities=("9.0",)), tiny["contract"],
+                               backend, None, log=lambda *_: None)
+
+
+# --------------------------------------------------------------------------- inspect
+
+def test_inspect_plan(built, backend):
+    lines: list[str] = []
+    info = trt_build.inspect(built["plan"], backend, log=lines.append)
+    assert info["onnx"] == str(built["plan"].with_suffix(".onnx"))
+    text = "\n".join(lines)
+    assert "layers" in text and "input  hidden_in: HALF [1, -1, 64]" in text
+    assert "MATRIX_MULTIPLY" in text
+    rows = info["network"]["layer_table"]
+    assert len(rows) == info["network"]["layers"] == built["record"]["network"]["layers"]
+    assert rows[0]["index"] == 0 and rows[0]["outputs"][0]["dtype"]
+    if backend.can_run:
+        assert info["engine"] is not None
+    else:
+        assert info["engine"] is None and backend.why_not_run in info["engine_why"]
+        assert any(backend.why_not_run in line for line in lines)
+
+
+def test_inspect_onnx(tiny, backend):
+    info = trt_build.inspect(tiny["onnx"], backend, log=lambda *_: None)
+    assert info["network"]["layers"] > 0 and info["engine"] is None
+
+
+def test_inspect_plan_without_source(built, backend, tmp_path):
+    lonely = tmp_path / "decoder.plan"
+    lonely.write_bytes(built["plan"].read_bytes())
+    lines: list[str] = []
+    info = trt_build.inspect(lonely, backend, log=lines.append)
+    assert info["network"] is None and "no source ONNX" in lines[0]
+
+
+# --------------------------------------------------------------------------- runtime
+
+def test_engine_check_reports_why_not(built, tiny, fast_profile, backend):
+    if backend.can_run:
+        pytest.skip("this machine can run engines; see the gpu test")
+    rec = trt_build.run_engine_check(built["plan"], fast_profile, tiny["contract"], tiny["onnx"], backend,
+                                     log=lambda *_: None)
+    assert rec == {"ran": False, "why": backend.why_not_run}
+
+
+@pytest.mark.gpu
+def test_engine_matches_onnxruntime(built, tiny, fast_profile, backend):
+    if not backend.can_run:
+        pytest.skip(f"needs a CUDA GPU the backend can run engines on: {backend.why_not_run}")
+    rec = trt_build.run_engine_check(built["plan"], fast_profile, tiny["contract"], tiny["onnx"], backend)
+    assert rec["ran"] and set(rec["profiles"]) == {"prefill", "decode"}
+    assert rec["ok"], json.dumps(rec["profiles"], indent=1)
