@@ -125,13 +125,13 @@ class _Reader:
             raise self.fail(path, f"must be {_kind_name(kind)}, got {value!r}")
         return value
 
-    def range(self, table: dict, key: str, path: str, lowest: int) -> Range:
+    def range(self, table: dict, key: str, path: str, lowest: int, why: str = "") -> Range:
         value = self.get(table, key, path, list)
         if len(value) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             raise self.fail(path, f"must be [min, opt, max] integers, got {value!r}")
         lo, opt, hi = value
         if lo < lowest:
-            raise self.fail(path, f"min {lo} must be >= {lowest}")
+            raise self.fail(path, f"min {lo} must be >= {lowest}{why}")
         if not lo <= opt <= hi:
             raise self.fail(path, f"must satisfy min <= opt <= max, got {value!r}")
         return Range(lo, opt, hi)
@@ -193,7 +193,7 @@ def parse(data: dict, source: str, name: str) -> Profile:
         if pname in seen:
             raise r.fail(f"{path}.name", f"duplicate profile name {pname!r}")
         seen.add(pname)
-        shapes.append(ShapeProfile(pname, r.range(p, "N", f"{path}.N", 1), r.range(p, "lastSum", f"{path}.lastSum", 0)))
+        shapes.append(ShapeProfile(pname, r.range(p, "N", f"{path}.N", 1, " (a step needs at least one new token: the attention mask has N query rows)"), r.range(p, "lastSum", f"{path}.lastSum", 0)))
 
     validate = r.table(data, "validate")
     atol = float(r.get(validate, "atol", "validate.atol", (int, float)))
