@@ -1,6 +1,7 @@
 """surgery.run: opset raise, constant folding, the passes in registry order, cleanup, checks."""
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -8,6 +9,7 @@ from typing import Callable, Sequence
 
 import onnx
 import onnx_graphsurgeon as gs
+import onnxruntime as ort
 
 from .graphutil import op_counts
 from .opset import TARGET, default_opset, raise_opset
@@ -38,7 +40,6 @@ def run(model: onnx.ModelProto, passes: Sequence[str], log: Callable[[str], None
     names = resolve_passes(passes)
     t0 = time.perf_counter()
     nodes_before, ops_before = len(model.graph.node), op_counts(model)
-    io_before = _io_dims(model)
     reports: dict[str, PassReport] = {}
     work = model
     if names:
@@ -49,7 +50,8 @@ def run(model: onnx.ModelProto, passes: Sequence[str], log: Callable[[str], None
     if names:
         # Fold first: TorchScript graphs compute slice bounds from Shape/Gather chains and
         # alias weights through Identity; folded, the patterns read plain constants.
-        graph.fold_constants(fold_shapes=True, size_threshold=FOLD_SIZE_THRESHOLD, error_ok=True)
+        with _quiet_ort():
+            graph.fold_constants(fold_shapes=True, size_threshold=FOLD_SIZE_THRESHOLD, error_ok=True)
         graph.cleanup().toposort()
     for name in names:
         reports[name] = PASSES[name].apply(graph)
@@ -58,11 +60,7 @@ def run(model: onnx.ModelProto, passes: Sequence[str], log: Callable[[str], None
     _copy_model_fields(work, out)
     out = _infer(out, strict=True)
     _check(out)
-    io_after = _io_dims(out)
-    if io_after != io_before:
-        changed = {k: (io_before.get(k), io_after.get(k)) for k in set(io_before) | set(io_after)
-                   if io_before.get(k) != io_after.get(k)}
-        raise SurgeryError(f"graph inputs/outputs changed shape (before, after): {changed}")
+    _check_io(model, out)
     report = SurgeryReport(reports, nodes_before, len(out.graph.node), ops_before, op_counts(out),
                            round(time.perf_counter() - t0, 3)).to_dict()
     if log:
@@ -71,15 +69,51 @@ def run(model: onnx.ModelProto, passes: Sequence[str], log: Callable[[str], None
     return out, report
 
 
-def _io_dims(model: onnx.ModelProto) -> dict[str, tuple]:
-    """Name -> (elem type, dims) of every graph input and output; symbolic dims by name."""
+@contextlib.contextmanager
+def _quiet_ort():
+    """Folding runs ONNX Runtime on subgraphs; its optimizer warns about every partial Unsqueeze.
+
+    ORT has no getter for the level, so it is put back to ORT's default (warning).
+    """
+    ort.set_default_logger_severity(3)
+    try:
+        yield
+    finally:
+        ort.set_default_logger_severity(2)
+
+
+def _dims(values) -> dict[str, tuple]:
+    """Name -> (elem type, dims); symbolic dims by name, unknown ones as None."""
     out = {}
-    for v in list(model.graph.input) + list(model.graph.output):
+    for v in values:
         t = v.type.tensor_type
         dims = tuple(d.dim_param if d.HasField("dim_param") else (d.dim_value if d.HasField("dim_value") else None)
                      for d in t.shape.dim) if t.HasField("shape") else None
         out[v.name] = (t.elem_type, dims)
     return out
+
+
+def _check_io(before: onnx.ModelProto, after: onnx.ModelProto) -> None:
+    """Inputs must be untouched (names, types, every dim and dim_param: N, lastSum, sumN).
+
+    Outputs keep their types, static dims and every dim_param the inputs define;
+    an exporter's private symbol on an output (TorchScript's "Mulhidden_out_dim_0")
+    may be refined to the static value shape inference proves.
+    """
+    ins_b, ins_a = _dims(before.graph.input), _dims(after.graph.input)
+    if ins_b != ins_a:
+        changed = {k: (ins_b.get(k), ins_a.get(k)) for k in set(ins_b) | set(ins_a) if ins_b.get(k) != ins_a.get(k)}
+        raise SurgeryError(f"graph inputs changed (before, after): {changed}")
+    named = {d for _, dims in ins_b.values() for d in (dims or ()) if isinstance(d, str)}
+    outs_b, outs_a = _dims(before.graph.output), _dims(after.graph.output)
+    if list(outs_b) != list(outs_a):
+        raise SurgeryError(f"graph outputs changed: {list(outs_b)} -> {list(outs_a)}")
+    for name, (tb, db) in outs_b.items():
+        ta, da = outs_a[name]
+        ok = tb == ta and (db is None or (da is not None and len(da) == len(db) and all(
+            b is None or (isinstance(b, str) and b not in named) or a == b for b, a in zip(db, da))))
+        if not ok:
+            raise SurgeryError(f"graph output {name} changed: {(tb, db)} -> {(ta, da)}")
 
 
 def _copy_model_fields(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
