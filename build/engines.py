@@ -9,8 +9,10 @@ same inputs rebuilds nothing.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import profiles as profiles_mod
@@ -50,6 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--inspect", metavar="PLAN_OR_TARGET", type=Path,
                    help="print the layer summary of a built .plan (or of the plan(s) in a target directory) and exit")
     p.add_argument("--list-presets", action="store_true", help="list the model presets and exit")
+    p.add_argument("--print-deps", action="store_true",
+                   help="print, as JSON, the target directory, its manifest and the files the build depends on "
+                        "(profile, model files, kvplan sources) and exit; used by CMakeLists.txt")
     return p.parse_args(argv)
 
 
@@ -143,6 +148,77 @@ def build_stages(source, profile, target: Path, args, log) -> list[Stage]:
     return stages
 
 
+@dataclass
+class TargetState:
+    """What is on disk for (model, profile) under an output root, and whether it is current."""
+    source: object
+    profile: object
+    target: Path
+    manifest: dict | None
+    problems: list[str]
+
+    @property
+    def fresh(self) -> bool:
+        return self.manifest is not None and not self.problems
+
+
+def target_state(model: str, profile_name: str, out: Path, backend: str = "auto",
+                 no_surgery: bool = False) -> TargetState:
+    """Check a built target against the current inputs without building anything.
+
+    A stage whose recorded inputs differ from what they would be now (model files,
+    profile, kvplan source, library versions) is reported stale, as is a missing or
+    modified artifact.
+    """
+    from .manifest import artifacts_intact, digest, load_manifest
+    profile = profiles_mod.load(profile_name)
+    source = resolve(model)
+    target = target_dir(out, source.name, profile.name)
+    manifest = load_manifest(target)
+    if manifest is None:
+        return TargetState(source, profile, target, None, [f"{target}: nothing built here (no manifest.json)"])
+    args = argparse.Namespace(no_surgery=no_surgery, stop_after=None, backend=backend)
+    recorded = manifest.get("stages", {})
+    problems = []
+    if manifest.get("status") != "complete":
+        problems.append(f"{target / 'manifest.json'}: status is {manifest.get('status')!r}, not 'complete'")
+    try:
+        stages = build_stages(source, profile, target, args, log=lambda _: None)
+    except Exception as e:  # no backend here: check the stages that do not need one
+        args.stop_after = "surgery"
+        stages = build_stages(source, profile, target, args, log=lambda _: None)
+        problems.append(f"engines stage not checked: {e}")
+    done: dict[str, dict] = {}
+    for stage in stages:
+        rec = recorded.get(stage.name)
+        if rec is None:
+            problems.append(f"stage {stage.name!r} has not been built")
+            break
+        if rec.get("inputs_digest") != digest(stage.inputs(done)):
+            problems.append(f"stage {stage.name!r} is stale: it was built from different inputs "
+                            f"(model, profile, kvplan source or library versions changed); rebuild with "
+                            f"python -m build.engines --profile {profile_name} --model {model} --out {out}")
+            break
+        if not artifacts_intact(target, rec.get("artifacts", [])):
+            problems.append(f"stage {stage.name!r}: an artifact is missing or was modified after the build")
+            break
+        done[stage.name] = rec
+    return TargetState(source, profile, target, manifest, problems)
+
+
+def dependencies(source, profile, target: Path) -> dict:
+    """The files a target's build reads, for build systems that track dependencies (CMake)."""
+    from .manifest import PACKAGE_ROOT
+    files = [profile.source]
+    if source.path is not None:
+        files += [str(p.resolve()) for p in sorted(source.path.iterdir())
+                  if p.name == "config.json" or p.suffix == ".safetensors" or p.name.endswith(".index.json")]
+    for pkg in ("build", "surgery"):
+        files += [str(p) for p in sorted((PACKAGE_ROOT / pkg).rglob("*.py"))]
+    return {"target": str(target.resolve()), "manifest": str((target / "manifest.json").resolve()),
+            "depends": files}
+
+
 def _itemsize(dtype: str) -> int:
     return 4 if dtype == "float32" else 2
 
@@ -171,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
         source = resolve(args.model)
         profiles_mod.check_against_model(profile, source.config.max_position_embeddings)
         target = target_dir(args.out, source.name, profile.name)
+        if args.print_deps:
+            print(json.dumps(dependencies(source, profile, target), indent=1))
+            return 0
         log(f"kvplan: {source.name} ({source.kind}, {source.config.num_layers} layers, {profile.dtype}) "
             f"with profile {profile.name} -> {target}")
         header = {"model": {"name": source.name, "kind": source.kind,
