@@ -1,0 +1,107 @@
+"""The pipeline CLI: bad input fails fast and leaves nothing behind; rebuilds are incremental."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from build import engines
+from build.engines import main
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def files_under(path: Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()) if path.exists() else []
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """tiny-llama exported once with the fp32 profile (export stage only)."""
+    out = tmp_path_factory.mktemp("cli")
+    assert main(["--model", "tiny-llama", "--profile", "fp32", "--out", str(out), "--stop-after", "export"]) == 0
+    return out
+
+
+def test_unknown_preset(tmp_path, capsys):
+    code, _, err = run(capsys, "--model", "no-such-model", "--out", str(tmp_path), "--stop-after", "export")
+    assert code == 2 and "unknown model 'no-such-model'" in err
+    assert files_under(tmp_path) == []
+
+
+def test_unknown_profile_dtype_names_file_and_field(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text((engines.profiles_mod.PROFILES_DIR / "fp16.toml").read_text().replace('"float16"', '"float8"'))
+    code, _, err = run(capsys, "--model", "tiny-llama", "--profile", str(bad), "--out", str(tmp_path / "o"))
+    assert code == 2 and f"{bad}: export.dtype: unknown dtype 'float8'" in err
+    assert files_under(tmp_path / "o") == []
+
+
+def test_directory_without_config(tmp_path, capsys):
+    code, _, err = run(capsys, "--model", str(tmp_path), "--out", str(tmp_path / "o"))
+    assert code == 2 and "no config.json" in err
+
+
+def test_manifest_lists_artifacts_and_inputs(built):
+    manifest = json.loads((built / "tiny-llama" / "fp32" / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    export = manifest["stages"]["export"]
+    [entry] = export["artifacts"]
+    assert entry["path"] == "decoder.onnx" and len(entry["sha256"]) == 64
+    assert entry["io"]["inputs"]["past_key_in0"]["shape"] == [1, 2, "lastSum", 16]
+    assert export["inputs"]["model"]["preset"] == "tiny-llama" and export["inputs"]["dtype"] == "float32"
+
+
+def test_second_run_rebuilds_nothing(built, capsys):
+    onnx = built / "tiny-llama" / "fp32" / "decoder.onnx"
+    before = onnx.stat().st_mtime_ns
+    code, out, _ = run(capsys, "--model", "tiny-llama", "--profile", "fp32", "--out", str(built), "--stop-after", "export")
+    assert code == 0 and "[export] up to date" in out and "nothing to do" in out
+    assert onnx.stat().st_mtime_ns == before
+
+
+def test_modified_artifact_is_rebuilt(built, capsys):
+    onnx = built / "tiny-llama" / "fp32" / "decoder.onnx"
+    onnx.write_bytes(onnx.read_bytes() + b"\0")
+    code, out, _ = run(capsys, "--model", "tiny-llama", "--profile", "fp32", "--out", str(built), "--stop-after", "export")
+    assert code == 0 and "[export] building" in out
+
+
+def test_interrupted_export_leaves_no_artifact_and_no_claim(tmp_path, capsys, monkeypatch):
+    def exploding_export(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engines, "export_pack", exploding_export)
+    code, _, err = run(capsys, "--model", "tiny-llama", "--profile", "fp32", "--out", str(tmp_path), "--stop-after", "export")
+    assert code == 130 and "interrupted" in err
+    target = tmp_path / "tiny-llama" / "fp32"
+    manifest = json.loads((target / "manifest.json").read_text())
+    assert manifest["status"] == "building" and "export" not in manifest["stages"]
+    assert not list(target.glob("*.onnx"))
+
+
+def test_failed_save_leaves_no_temporary_files(tmp_path, monkeypatch):
+    """export_pack writes to a temporary directory and renames: a failure leaves nothing."""
+    import torch.onnx
+    from build.decoder import pack_specs
+    from build.export import export_pack
+    from build.models import resolve
+
+    def broken_save(self, *a, **kw):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch.onnx.ONNXProgram, "save", broken_save)
+    source = resolve("tiny-llama")
+    with pytest.raises(OSError, match="disk full"):
+        export_pack(source, pack_specs(source.config, 0)[0], "float32", 1, tmp_path / "decoder.onnx")
+    assert files_under(tmp_path) == []
+
+
+def test_list_presets(capsys):
+    code, out, _ = run(capsys, "--list-presets")
+    assert code == 0 and "minicpmo26-tts" in out and "tiny-qwen3" in out
