@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -348,6 +347,24 @@ def test_engine_check_reports_why_not(built, tiny, fast_profile, backend):
     rec = trt_build.run_engine_check(built["plan"], fast_profile, tiny["contract"], tiny["onnx"], backend,
                                      log=lambda *_: None)
     assert rec == {"ran": False, "why": backend.why_not_run}
+
+
+def test_engine_check_reference_side(tiny, fast_profile):
+    """The half of the runtime check that runs without a GPU: opt-shape inputs and the
+    ONNX Runtime reference outputs."""
+    import torch
+    shapes = trt_build.shapes_for(tiny["contract"], fast_profile)
+    for sp in fast_profile.shapes:
+        inputs = trt_build._check_inputs(tiny["contract"], sp, shapes[sp.name], "float16", seed=0)
+        n, last = sp.N.opt, sp.lastSum.opt
+        assert inputs["position_ids"].tolist() == [list(range(last, last + n))]
+        mask = inputs["attention_mask"]
+        assert mask.shape == (1, 1, n, n + last) and mask.dtype == torch.float16
+        assert mask[0, 0, 0, last].item() == 0 and (n == 1 or mask[0, 0, 0, last + 1].item() < -1e4)
+        out = trt_build._ort_run(tiny["onnx"], inputs)
+        assert out["hidden_out"].shape == (1, n, 64)
+        assert out["past_key0"].shape == (1, 2, n + last, 16)
+        assert all(v.dtype.name == "float32" for v in out.values())
 
 
 @pytest.mark.gpu
