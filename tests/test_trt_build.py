@@ -368,9 +368,10 @@ def test_engine_check_reference_side(tiny, fast_profile):
 
 
 @pytest.mark.gpu
-def test_engine_matches_onnxruntime(built, tiny, fast_profile, backend):
+def test_engine_matches_onnxruntime(backend, fast_profile, request):
     if not backend.can_run:
         pytest.skip(f"needs a CUDA GPU the backend can run engines on: {backend.why_not_run}")
+    built, tiny = request.getfixturevalue("built"), request.getfixturevalue("tiny")
     rec = trt_build.run_engine_check(built["plan"], fast_profile, tiny["contract"], tiny["onnx"], backend)
     assert rec["ran"] and set(rec["profiles"]) == {"prefill", "decode"}
     assert rec["ok"], json.dumps(rec["profiles"], indent=1)
