@@ -1,0 +1,154 @@
+"""Validation points and the data loader that turns them into realistic feed dicts.
+
+A point is (shape profile, which of min/opt/max, N, lastSum, masked). The past
+KV is never random: it comes from a real prefill of transformers' model, so the
+cache has the statistics a deployed decoder sees. For multi-pack targets the
+pack's ``hidden_in`` is the reference's hidden state entering the pack's first
+layer (``output_hidden_states``), so each pack is checked on the inputs it would
+really receive.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..export import causal_mask, input_names
+
+KINDS = ("min", "opt", "max", "masked")
+
+
+@dataclass(frozen=True)
+class Point:
+    profile: str          # optimization profile name
+    profile_index: int
+    kind: str             # min | opt | max | masked
+    n: int
+    last: int
+    masked: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.profile}/{self.kind} N={self.n} lastSum={self.last}"
+
+    @property
+    def seed(self) -> int:
+        return int.from_bytes(hashlib.sha256(self.label.encode()).digest()[:4], "little") % 2**31
+
+
+def parse_kinds(text: str) -> tuple[str, ...]:
+    """``--points`` value: comma list of min, opt, max, masked, or all."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts or parts == ["all"]:
+        return KINDS
+    bad = [p for p in parts if p not in KINDS]
+    if bad:
+        raise ValueError(f"--points: unknown point kind {bad[0]!r} (use a comma list of {', '.join(KINDS)}, or all)")
+    return tuple(k for k in KINDS if k in parts)
+
+
+def select_points(profile, kinds: tuple[str, ...]) -> list[Point]:
+    """min/opt/max of every optimization profile (a lastSum = 0 min stays in), plus a
+    masked-slot point at opt shapes (at max when opt has fewer than 2 past slots)."""
+    points: list[Point] = []
+    for index, sp in enumerate(profile.shapes):
+        seen = set()
+        for kind in kinds:
+            if kind == "masked":
+                n, last = (sp.N.opt, sp.lastSum.opt) if sp.lastSum.opt >= 2 else (sp.N.max, sp.lastSum.max)
+                if last < 2:
+                    continue     # nothing in the past to leave unfilled
+            else:
+                n, last = getattr(sp.N, kind), getattr(sp.lastSum, kind)
+            key = (n, last, kind == "masked")
+            if key in seen:
+                continue
+            seen.add(key)
+            points.append(Point(sp.name, index, kind, n, last, kind == "masked"))
+    return points
+
+
+def reserve_slots(mask: torch.Tensor, last: int) -> torch.Tensor:
+    """MiniCPM-o's streaming TTS reserves text slots before they are filled: a block of past
+    positions every query must ignore, written as the dtype's large negative."""
+    mask = mask.clone()
+    start = last // 4
+    mask[..., start:start + max(1, last // 4)] = torch.finfo(mask.dtype).min
+    return mask
+
+
+@dataclass
+class PointData:
+    """Everything the runners of every pack need for one point, in the canonical KV layout."""
+    point: Point
+    hidden: list[torch.Tensor]        # hidden state entering layer i (index = layer), [B, N, hidden]
+    mask: torch.Tensor
+    position_ids: torch.Tensor
+    past: list[torch.Tensor]          # [k0, v0, k1, v1, ...] in [B, kv_heads, lastSum, head_dim]
+
+
+def point_data(ref, point: Point, batch: int, need_layers: list[int]) -> PointData:
+    """Real prefill of ``lastSum`` tokens, then N fresh embeddings on top of it.
+
+    ``need_layers``: layers whose incoming hidden state is needed (pack starts);
+    anything past layer 0 costs one extra full forward with output_hidden_states.
+    """
+    cfg = ref.source.config
+    dtype = ref.dtype
+    cache = ref.prefill(batch, point.last, seed=point.seed)
+    if point.last:
+        past = ref.cache_tensors(cache, cfg.num_layers)
+    else:
+        past = [torch.zeros(batch, cfg.num_kv_heads, 0, cfg.head_dim, dtype=dtype) for _ in range(2 * cfg.num_layers)]
+    g = torch.Generator().manual_seed(point.seed + 1)
+    hidden = torch.randn(batch, point.n, cfg.hidden_size, generator=g).to(dtype)
+    mask = causal_mask(batch, point.n, point.last, dtype)
+    if point.masked:
+        mask = reserve_slots(mask, point.last)
+    pos = torch.arange(point.last, point.last + point.n, dtype=torch.int64)[None].expand(batch, point.n).contiguous()
+    states = [hidden]
+    if any(i > 0 for i in need_layers):
+        with torch.no_grad():
+            out = ref.decoder(inputs_embeds=hidden, attention_mask=mask, position_ids=pos, use_cache=True,
+                              output_hidden_states=True, **{ref._cache_kw: cache})
+        # hidden_states[i] enters layer i; the last entry is after the final norm.
+        states = list(out.hidden_states[:cfg.num_layers])
+    return PointData(point, states, mask, pos, past)
+
+
+def to_feed_value(t: torch.Tensor):
+    """numpy where numpy has the dtype; bfloat16 stays a torch tensor (Polygraphy takes both)."""
+    t = t.detach().contiguous()
+    return t if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def to_kv_format(t: torch.Tensor, kv_format: int) -> torch.Tensor:
+    return t.transpose(1, 2).contiguous() if kv_format == 1 else t
+
+
+def feed_for(data: PointData, spec) -> OrderedDict:
+    """The pack's contract inputs, in the graph's input order."""
+    feed = OrderedDict()
+    for name in input_names(spec):
+        if name == "hidden_in":
+            value = data.hidden[spec.first_layer]
+        elif name == "attention_mask":
+            value = data.mask
+        elif name == "position_ids":
+            value = data.position_ids
+        else:
+            kind, layer = ("key", name[len("past_key_in"):]) if name.startswith("past_key_in") else \
+                ("value", name[len("past_value_in"):])
+            value = to_kv_format(data.past[2 * int(layer) + (kind == "value")], spec.kv_format)
+        feed[name] = to_feed_value(value)
+    return feed
+
+
+def as_float32(value) -> np.ndarray:
+    """Any runner's output as float32 numpy, for comparison."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().float().cpu().numpy()
+    return np.asarray(value).astype(np.float32)
