@@ -101,7 +101,7 @@ class RoPEPass(Pass):
         half = d // 2
         if d % 2 or hi[:2] != (half, d) or lo[:2] != (0, half):
             if hi[:2] == (0, half) and lo[:2] == (half, d):
-                raise Rejected("the first half is negated (Concat(-x1, x2)... wrong half): not rotate_half", seen)
+                raise Rejected("the first half is negated instead of the second: not rotate_half", seen)
             raise Rejected(f"halves {lo[:2]} and {hi[:2]} do not split head size {d} in two", seen)
         self._sole(graph, s_lo.outputs[0], seen, "the unnegated half")
 
