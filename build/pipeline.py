@@ -25,6 +25,13 @@ class Stage:
     build: Callable[[dict[str, dict]], dict]
 
 
+def remove_artifacts(target: Path, entries: list[dict]) -> None:
+    for entry in entries:
+        for e in (entry, entry.get("external_data")):
+            if e:
+                (target / e["path"]).unlink(missing_ok=True)
+
+
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -53,6 +60,10 @@ class Pipeline:
             # From here on the old record of this stage (and everything after it) no
             # longer describes what is on disk: drop it before touching any file.
             self._write("building", dict(done))
+            # The old files go too: a rebuild that fails must not leave last time's
+            # plan beside a manifest that no longer vouches for it.
+            if prev:
+                remove_artifacts(self.target, prev.get("artifacts", []))
             self.log(f"[{stage.name}] building")
             t0 = time.perf_counter()
             record = stage.build(done)

@@ -1,0 +1,106 @@
+"""The whole pipeline on tiny presets: export -> surgery -> TensorRT-RTX engine, per shipped profile."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from build import profiles
+from build.engines import main
+
+pytest.importorskip("tensorrt_rtx", reason="the engines stage needs TensorRT-RTX (pip install 'kvplan[tensorrt-rtx]')")
+
+
+def variant(tmp_path: Path, base: str, **export) -> str:
+    """A copy of a shipped profile with some [export] fields changed, written as a TOML file."""
+    text = (profiles.PROFILES_DIR / f"{base}.toml").read_text()
+    for key, value in export.items():
+        text, n = re.subn(rf"^{key} = .*$", f"{key} = {value}", text, flags=re.M)
+        assert n == 1, key
+    path = tmp_path / f"{base}-{'-'.join(f'{k}{v}' for k, v in export.items())}.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def build(out: Path, profile: str, model: str = "tiny-llama", *extra: str) -> dict:
+    assert main(["--model", model, "--profile", profile, "--out", str(out), *extra]) == 0
+    target = out / model / Path(profile).stem
+    return json.loads((target / "manifest.json").read_text())
+
+
+@pytest.mark.parametrize("base", ["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("kv_format", [0, 1])
+def test_every_shipped_profile_builds_an_engine(tmp_path, base, kv_format):
+    manifest = build(tmp_path, variant(tmp_path, base, kv_format=kv_format))
+    assert manifest["status"] == "complete"
+    assert list(manifest["stages"]) == ["export", "surgery", "engines"]
+    [plan] = manifest["stages"]["engines"]["artifacts"]
+    record = plan["build"]
+    assert plan["path"] == "decoder.plan" and plan["bytes"] > 0
+    assert set(record["profiles"]) == {"prefill", "decode"}
+    kv_axis = 2 if kv_format == 0 else 1
+    decode = record["profiles"]["decode"]
+    def axis(shapes, i):
+        return [shapes[k][i] for k in ("min", "opt", "max")]
+    assert axis(decode["past_key_in0"], kv_axis) == [1, 302, 4095]
+    assert axis(decode["attention_mask"], 3) == [2, 303, 4096]
+    assert axis(record["profiles"]["prefill"]["hidden_in"], 1) == [1, 303, 512]
+    ops = manifest["stages"]["surgery"]["artifacts"][0]["report"]["ops_after"]
+    assert ops["RMSNormalization"] == 9 and ops["RotaryEmbedding"] == 8
+
+
+def test_decoder_packs_build_one_engine_each(tmp_path):
+    manifest = build(tmp_path, variant(tmp_path, "fp16", decoder_pack_size=2))
+    plans = [a["path"] for a in manifest["stages"]["engines"]["artifacts"]]
+    assert plans == ["decoder.pack0.plan", "decoder.pack1.plan"]
+    second = manifest["stages"]["engines"]["artifacts"][1]["build"]["profiles"]["decode"]
+    assert "past_key_in2" in second and "past_key_in0" not in second
+
+
+class TestIncremental:
+    @pytest.fixture(scope="class")
+    def target(self, tmp_path_factory):
+        out = tmp_path_factory.mktemp("incremental")
+        build(out, "fp32")
+        return out
+
+    def test_second_run_rebuilds_nothing_and_says_so(self, target, capsys):
+        plan = target / "tiny-llama" / "fp32" / "decoder.plan"
+        before = plan.stat().st_mtime_ns
+        build(target, "fp32")
+        out = capsys.readouterr().out
+        for stage in ("export", "surgery", "engines"):
+            assert f"[{stage}] up to date" in out
+        assert "nothing to do" in out
+        assert plan.stat().st_mtime_ns == before
+
+    def test_force_rebuilds(self, target, capsys):
+        build(target, "fp32", "tiny-llama", "--force")
+        out = capsys.readouterr().out
+        assert "[engines] building" in out and "up to date" not in out
+
+    def test_changed_profile_rebuilds_only_the_engine(self, target, tmp_path, capsys):
+        text = (profiles.PROFILES_DIR / "fp32.toml").read_text().replace("N = [1, 303, 512]", "N = [1, 64, 512]")
+        custom = tmp_path / "fp32.toml"     # same name: same target directory
+        custom.write_text(text)
+        build(target, str(custom))
+        out = capsys.readouterr().out
+        assert "[export] up to date" in out and "[surgery] up to date" in out and "[engines] building" in out
+
+
+def test_build_killed_midway_leaves_no_plan_and_no_claim(tmp_path, monkeypatch, capsys):
+    import build.trt_build as trt_build
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    profile = variant(tmp_path, "fp32", batch=1)
+    build(tmp_path, profile)                    # a good build first: its claim must be withdrawn
+    monkeypatch.setattr(trt_build, "build_engine", killed)
+    assert main(["--model", "tiny-llama", "--profile", profile, "--out", str(tmp_path), "--force"]) == 130
+    target = tmp_path / "tiny-llama" / Path(profile).stem
+    manifest = json.loads((target / "manifest.json").read_text())
+    assert manifest["status"] != "complete" and "engines" not in manifest["stages"]
+    assert not list(target.glob("*.plan")) and not list(target.glob(".*tmp*"))
