@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 from .framework import Pass
-from .passes import rmsnorm, rope
+from .passes import attention, rmsnorm, rope
 
 PASSES: dict[str, Pass] = {p.name: p for p in (
     rmsnorm.PASS,
     rope.PASS,
+    attention.PASS,
 )}

@@ -1,0 +1,330 @@
+"""Scaled dot-product attention core → one opset-23 ``Attention`` node (single output ``Y``).
+
+Matched spelling (kvplan's exporter and transformers' eager attention), 4D tensors:
+
+    k4     = K | Reshape(Expand(Unsqueeze(K, axis=2), [B, KV, rep, S, D]), [B, KV*rep, S, D])   (GQA)
+    v4     = likewise from V
+    scores = Mul(MatMul(Q, Transpose(k4, perm=[0, 1, 3, 2])), scale)  |  Div(..., 1/scale)
+    biased = Add(scores, mask)                                         (optional)
+    probs  = Softmax(biased, axis=-1)                                  computed in the graph's dtype, or
+           = Cast(Softmax(Cast(biased → float32), axis=-1) → dtype)    the fp32 island of fp16/bf16 models
+    Y      = MatMul(probs, v4)                                         [B, H, N, Dv]
+
+becomes ``Y = Attention(Q, K, V, mask; scale, is_causal=0, softmax_precision)``: Q [B, H, N, D],
+K/V [B, KV, S, D] (the cache already concatenated: no past/present inputs or outputs, the form
+TensorRT's parser accepts), mask the graph's own additive mask. The checks, against the opset-23
+definition (the text of the spec and onnx's reference implementation):
+
+- scale: Attention computes (Q*sqrt(scale)) (K*sqrt(scale))^T and adds attn_mask *after* that,
+  so the scale must be applied to QK^T before the mask is added (a mask added before scaling
+  would be scaled too: refused). It must be a constant scalar; it is written as the ``scale``
+  attribute explicitly (never the 1/sqrt(head_size) default).
+- mask: a float mask of Q's dtype whose shape broadcasts to the scores [B, H, N, S] without
+  enlarging them (what the Add did).
+- softmax: over the last axis (the only one Attention normalises). ``softmax_precision`` is the
+  type Attention casts the biased scores to before its softmax, casting the probabilities back to
+  Q's type before ·V; that is exactly the fp32 island, so the island becomes
+  softmax_precision=FLOAT. A softmax the graph computes in Q's own type gets no attribute (the
+  spec's default is Q's type): the pass does not change what the graph computes. The attribute is
+  written only where it is needed because TensorRT's ONNX parser (TensorRT-RTX 1.7) rejects it
+  whatever its value ("Setting softmax precision is not supported in TensorRT Attention.").
+- GQA: Attention repeats each KV head contiguously (np.repeat on the head axis: kv head j serves
+  q heads j*rep .. j*rep+rep-1), which is what Unsqueeze(axis 2) → Expand along that axis →
+  Reshape merging (KV, rep) produces. A Tile on the head axis, or an Unsqueeze on axis 1 (head
+  order h0, h1, h0, h1, ...), repeats them the other way round and is refused.
+- the intermediate tensors (scores, probabilities) are used by nothing else.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from ..framework import Pass
+from ..graphutil import (Rejected, const_value, detach, dtype_name, internal, ints, is_last_axis, onnx_dtype,
+                         other_input, producer, producer_op, rank, unique_name)
+
+F32 = onnx.TensorProto.FLOAT
+
+
+def _same_dim(a, b) -> bool:
+    """Two dims known to be equal: equal ints, or the same symbol."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a >= 0 and a == b
+    return isinstance(a, str) and isinstance(b, str) and a != "" and a == b
+
+
+def _shape(t: gs.Tensor) -> list | None:
+    return list(t.shape) if t.shape is not None else None
+
+
+def _sole(graph, t: gs.Tensor, seen, what) -> gs.Node:
+    if not internal(t, graph):
+        raise Rejected(f"{what} ({t.name}) is used outside the attention pattern", seen)
+    return t.outputs[0]
+
+
+class AttentionPass(Pass):
+    name = "attention"
+    summary = "MatMul/scale/mask/Softmax/MatMul attention (MHA, GQA) → Attention (opset 23)"
+
+    def candidates(self, graph):
+        for n in graph.nodes:
+            if n.op == "Softmax":
+                yield n
+
+    def match(self, graph, softmax):
+        seen = [softmax]
+        # --- the softmax and its optional fp32 island ---
+        x = softmax.inputs[0]
+        cast_in = producer_op(x, "Cast")
+        biased = cast_in.inputs[0] if cast_in is not None else x
+        probs = softmax.outputs[0]
+        cast_out = None
+        if len(probs.outputs) == 1 and probs.outputs[0].op == "Cast" and probs not in graph.outputs:
+            cast_out = probs.outputs[0]
+            probs = cast_out.outputs[0]
+        pv = probs.outputs[0] if len(probs.outputs) == 1 else None
+        qk_side = self._score_chain(biased)
+        if qk_side is None and (pv is None or pv.op != "MatMul"):
+            return None  # a softmax that neither reads QK^T nor feeds ·V: not attention
+        if cast_in is not None:
+            seen.insert(0, cast_in)
+        if cast_out is not None:
+            seen.append(cast_out)
+        if pv is not None:
+            seen.append(pv)
+        axis = softmax.attrs.get("axis", -1)
+        if not is_last_axis(axis, softmax.inputs[0]):
+            raise Rejected(f"Softmax over axis {axis}, not the last axis (the only one Attention normalises)", seen)
+        if pv is None or pv.op != "MatMul" or pv.inputs[0] is not probs:
+            what = "nothing else" if pv is None else f"{pv.op} ({pv.name})"
+            raise Rejected(f"the probabilities feed {what}, not MatMul(probs, V) alone", seen)
+
+        # --- scores: [Add(mask)] after [Mul|Div(scale)] after MatMul(Q, Transpose(K)) ---
+        add = producer_op(biased, "Add")
+        mask = None
+        scores = biased
+        if add is not None and (self._is_qk_scaled(add.inputs[0]) or self._is_qk_scaled(add.inputs[1])):
+            seen.insert(0, add)
+            scores = add.inputs[0] if self._is_qk_scaled(add.inputs[0]) else add.inputs[1]
+            mask = other_input(add, scores)
+        elif add is not None and any(producer_op(i, "Mul", "Div") is not None for i in add.inputs):
+            seen.insert(0, add)
+            raise Rejected(f"{add.name} adds the mask to something that is not scale * MatMul(Q, K^T)", seen)
+        scale_node = producer_op(scores, "Mul", "Div")
+        if scale_node is None:
+            qk_mm = producer_op(scores, "MatMul")
+            if qk_mm is None:
+                raise Rejected(f"the softmax input is {self._describe(scores)}, not (Q K^T) * scale [+ mask]", seen)
+            scale = 1.0  # no scaling in the graph: Attention must not apply its default 1/sqrt(D)
+            seen.insert(0, qk_mm)
+        else:
+            seen.insert(0, scale_node)
+            data = [i for i in scale_node.inputs if producer_op(i, "MatMul") is not None]
+            if scale_node.op == "Div":
+                data = data[:1] if data and scale_node.inputs[0] is data[0] else []
+            if not data:
+                inner = producer_op(scale_node.inputs[0], "Add") or producer_op(scale_node.inputs[1], "Add")
+                if inner is not None and any(producer_op(i, "MatMul") is not None for i in inner.inputs):
+                    seen.insert(0, inner)
+                    raise Rejected(f"the mask is added before scaling ({inner.name} then {scale_node.name}); "
+                                   "Attention adds attn_mask after scaling QK^T", seen)
+                raise Rejected(f"{scale_node.name} does not scale a MatMul(Q, K^T)", seen)
+            qk_mm = producer(data[0])
+            seen.insert(0, qk_mm)
+            s_t = other_input(scale_node, data[0])
+            sv = const_value(s_t)
+            if sv is None:
+                raise Rejected(f"the scale ({s_t.name}) is not a constant", seen)
+            if sv.size != 1:
+                raise Rejected(f"the scale ({s_t.name}) has shape {list(sv.shape)}, not one value: "
+                               "Attention applies one scale to every head and position", seen)
+            c = float(sv.reshape(-1)[0])
+            scale = 1.0 / c if scale_node.op == "Div" and c != 0 else c
+            if not math.isfinite(scale) or scale <= 0:
+                raise Rejected(f"the scale {c} ({scale_node.op}) is not a finite positive number", seen)
+            _sole(graph, qk_mm.outputs[0], seen, "Q K^T")
+        if mask is not None or scale_node is not None:
+            _sole(graph, scores, seen, "the scaled scores")
+        if mask is not None:
+            _sole(graph, biased, seen, "the masked scores")
+
+        # --- Q, K ---
+        q, kt = qk_mm.inputs
+        tr = producer_op(kt, "Transpose")
+        if tr is None or tr.attrs.get("perm") not in ([0, 1, 3, 2],):
+            perm = tr.attrs.get("perm") if tr is not None else None
+            raise Rejected(f"the second operand of {qk_mm.name} is {self._describe(kt)}"
+                           f"{f' with perm {list(perm)}' if perm is not None else ''}, not Transpose(K, [0, 1, 3, 2])",
+                           seen)
+        seen.insert(0, tr)
+        _sole(graph, kt, seen, "K^T")
+        k4 = tr.inputs[0]
+        v4 = pv.inputs[1]
+        for t, what in ((q, "Q"), (k4, "K"), (v4, "V")):
+            if rank(t) != 4:
+                raise Rejected(f"{what} ({t.name}) has rank {rank(t)}, not 4 ([batch, heads, seq, head_dim])", seen)
+        qt = onnx_dtype(q)
+        for t, what in ((k4, "K"), (v4, "V")):
+            if onnx_dtype(t) != qt:
+                raise Rejected(f"{what} is {dtype_name(onnx_dtype(t))}, Q is {dtype_name(qt)}", seen)
+        qs, ks, vs = _shape(q), _shape(k4), _shape(v4)
+        heads = qs[1]
+        if not isinstance(heads, int) or heads <= 0:
+            raise Rejected(f"the number of query heads of {q.name} is not static", seen)
+        if not (_same_dim(qs[3], ks[3])):
+            raise Rejected(f"Q head size {qs[3]} and K head size {ks[3]} are not known to be equal", seen)
+        if not (_same_dim(ks[1], heads) and _same_dim(vs[1], heads)):
+            raise Rejected(f"K/V have {ks[1]}/{vs[1]} heads after repetition, Q has {heads}", seen)
+        if not _same_dim(ks[2], vs[2]):
+            raise Rejected(f"K and V sequence lengths {ks[2]} and {vs[2]} are not known to be equal", seen)
+        k, k_rep = self._unrepeat(graph, k4, heads, "K", seen)
+        v, v_rep = self._unrepeat(graph, v4, heads, "V", seen)
+        if k_rep != v_rep:
+            raise Rejected(f"K is repeated {k_rep}x, V {v_rep}x", seen)
+
+        # --- the softmax precision ---
+        if cast_in is not None:
+            to = cast_in.attrs.get("to")
+            if onnx_dtype(biased) != qt:
+                raise Rejected(f"the scores are {dtype_name(onnx_dtype(biased))} before the softmax cast, "
+                               f"Q is {dtype_name(qt)}", seen)
+            if to != F32:
+                raise Rejected(f"the softmax island casts to {dtype_name(to)}, not FLOAT", seen)
+            if cast_out is None or cast_out.attrs.get("to") != qt:
+                got = dtype_name(cast_out.attrs.get("to")) if cast_out is not None else "nothing"
+                raise Rejected(f"the fp32 probabilities are cast to {got}, not back to Q's {dtype_name(qt)}", seen)
+            _sole(graph, x, seen, "the softmax's fp32 input")
+            _sole(graph, softmax.outputs[0], seen, "the fp32 probabilities")
+            precision = F32
+        else:
+            if cast_out is not None:
+                raise Rejected(f"the probabilities are cast to {dtype_name(cast_out.attrs.get('to'))} with no cast "
+                               "into the softmax", seen)
+            if onnx_dtype(x) != qt:
+                raise Rejected(f"the softmax runs in {dtype_name(onnx_dtype(x))}, Q is {dtype_name(qt)}", seen)
+            precision = qt
+        _sole(graph, probs, seen, "the probabilities")
+
+        # --- the mask ---
+        if mask is not None:
+            if onnx_dtype(mask) != qt:
+                raise Rejected(f"the mask ({mask.name}) is {dtype_name(onnx_dtype(mask))}, not Q's "
+                               f"{dtype_name(qt)}", seen)
+            ms, ss = _shape(mask), _shape(scores)
+            if ms is None or ss is None or len(ms) > 4 or len(ss) != 4:
+                raise Rejected(f"the mask shape {ms} does not broadcast to the scores {ss}", seen)
+            for m_d, s_d in zip(ms[::-1], ss[::-1]):
+                if not (m_d == 1 or _same_dim(m_d, s_d)):
+                    raise Rejected(f"the mask shape {ms} is not known to broadcast into the scores {ss} "
+                                   f"(dim {m_d} against {s_d})", seen)
+
+        def rewrite():
+            y = pv.outputs[0]
+            core = [n for n in (qk_mm, tr, scale_node, add if mask is not None else None, cast_in, softmax,
+                                cast_out, pv) if n is not None]
+            detach(core)
+            attrs = {"scale": float(np.float32(scale)), "is_causal": 0}
+            if precision != qt:
+                # Only the island needs it: without the attribute Attention's softmax runs in Q's
+                # type, exactly as a graph whose Softmax reads Q's type. (TensorRT's parser refuses
+                # the attribute whatever its value: kept off wherever it is not needed.)
+                attrs["softmax_precision"] = int(precision)
+            inputs = [q, k, v] + ([mask] if mask is not None else [])
+            base = softmax.name.rsplit("/", 1)[0] if "/" in softmax.name else softmax.name
+            graph.nodes.append(gs.Node("Attention", name=unique_name(graph, f"{base}/Attention"),
+                                       attrs=attrs, inputs=inputs, outputs=[y]))
+        return rewrite
+
+    # ---------------------------------------------------------------- helpers
+
+    @staticmethod
+    def _is_qk_scaled(t) -> bool:
+        """t is MatMul(...), Mul(MatMul(...), c) or Div(MatMul(...), c): the scores side of the mask Add."""
+        p = producer(t)
+        if p is None:
+            return False
+        if p.op == "MatMul":
+            return True
+        if p.op == "Mul":
+            return any(producer_op(i, "MatMul") is not None for i in p.inputs)
+        return p.op == "Div" and producer_op(p.inputs[0], "MatMul") is not None
+
+    def _score_chain(self, t):
+        """Walk Add/Mul/Div back from the softmax input; the MatMul it reaches, or None."""
+        for _ in range(3):
+            p = producer(t)
+            if p is None:
+                return None
+            if p.op == "MatMul":
+                return p
+            if p.op not in ("Add", "Mul", "Div"):
+                return None
+            mm = [i for i in p.inputs if producer_op(i, "MatMul", "Add", "Mul", "Div") is not None]
+            if not mm:
+                return None
+            t = mm[0]
+        return None
+
+    @staticmethod
+    def _describe(t) -> str:
+        p = producer(t)
+        return f"{p.op} ({p.name})" if p is not None else f"the tensor {t.name}"
+
+    def _unrepeat(self, graph, t4, heads, what, seen) -> tuple[gs.Tensor, int]:
+        """The [B, KV, S, D] tensor t4 repeats contiguously to `heads` heads, and the repeat count."""
+        reshape = producer_op(t4, "Reshape")
+        tile = producer_op(t4, "Tile")
+        if tile is not None:
+            reps = ints(tile.inputs[1])
+            raise Rejected(f"{what} heads are repeated by {tile.name} (Tile {reps}): tile-style repetition, "
+                           f"kv head j serving q heads j, j+KV, ...; Attention repeats each KV head "
+                           "contiguously (j*rep .. j*rep+rep-1)", seen + [tile])
+        if reshape is None:
+            return t4, 1  # MHA: heads already checked equal to Q's
+        expand = producer_op(reshape.inputs[0], "Expand")
+        if expand is None:
+            return t4, 1  # a reshape that is not a head repetition (e.g. view of a projection): MHA
+        chain = [expand, reshape]
+        unsq = producer_op(expand.inputs[0], "Unsqueeze")
+        if unsq is None:
+            raise Rejected(f"{what} is expanded by {expand.name} from {self._describe(expand.inputs[0])}, "
+                           "not from Unsqueeze(kv, axis 2)", seen + chain)
+        chain.insert(0, unsq)
+        axes = ints(unsq.inputs[1]) if len(unsq.inputs) > 1 else unsq.attrs.get("axes")
+        src = unsq.inputs[0]
+        e_in, e_out, r_out, s = _shape(unsq.outputs[0]), _shape(expand.outputs[0]), _shape(t4), _shape(src)
+        if axes is None or len(axes) != 1 or rank(src) != 4 or axes[0] not in (2, -3):
+            if axes is not None and len(axes) == 1 and axes[0] in (1, -4):
+                raise Rejected(f"{what} heads are repeated on a new axis 1 ({unsq.name}): tile-style order "
+                               "(h0, h1, ..., h0, h1, ...); Attention repeats each KV head contiguously", seen + chain)
+            raise Rejected(f"{what} is unsqueezed on axes {axes} of a rank-{rank(src)} tensor, not axis 2 of "
+                           "[B, KV, S, D]", seen + chain)
+        if e_out is None or len(e_out) != 5 or e_in is None or len(e_in) != 5:
+            raise Rejected(f"the shape {e_out} of {expand.name} is not known as [B, KV, rep, S, D]", seen + chain)
+        rep = e_out[2]
+        if not isinstance(rep, int) or rep < 1:
+            raise Rejected(f"the repeat count of {expand.name} ({rep}) is not static", seen + chain)
+        for i in (0, 1, 3, 4):
+            if not (_same_dim(e_in[i], e_out[i]) or (e_in[i] == 1 and i == 0 and _same_dim(s[0], e_out[0]))):
+                raise Rejected(f"{expand.name} expands {e_in} to {e_out}: not along the new axis 2 only",
+                               seen + chain)
+        kv = s[1]
+        if not isinstance(kv, int) or kv * rep != heads:
+            raise Rejected(f"{what} has {kv} heads repeated {rep}x, Q has {heads}", seen + chain)
+        # Reshape [B, KV, rep, S, D] -> [B, KV*rep, S, D]: merges axes 1 and 2 only.
+        if r_out is None or len(r_out) != 4 or not (
+                _same_dim(r_out[0], e_out[0]) and r_out[1] == kv * rep and _same_dim(r_out[3], e_out[4])):
+            raise Rejected(f"{reshape.name} reshapes {e_out} to {r_out}, not [B, KV*rep, S, D]", seen + chain)
+        if not _same_dim(r_out[2], e_out[3]):
+            target = ints(reshape.inputs[1])
+            if target is None or len(target) != 4 or target[2] != -1 or any(v < 0 for j, v in enumerate(target) if j != 2):
+                raise Rejected(f"{reshape.name} reshapes {e_out} to {r_out}: the sequence axis is not kept",
+                               seen + chain)
+        return src, rep
+
+
+PASS = AttentionPass()
