@@ -260,8 +260,8 @@ def _commands(stem, sp_index, sp_name, onnx_path, fused, plans, p_index, results
     base = f"validation/{stem}.{sp_name}"
     inputs = f"{base}.inputs.json"
     cmds = []
-    graph = fused[p_index].name if fused else onnx_path.name
-    if rn.REFERENCE in names:
+    graph, graph_runner = (fused[p_index].name, rn.FUSED) if fused else (onnx_path.name, rn.EXPORT)
+    if rn.REFERENCE in names and graph_runner in names:
         cmds.append(report.recheck_command(graph, ["--onnxrt"], inputs, f"{base}.outputs.{rn.REFERENCE}.json",
                                            tol.atol, tol.rtol))
     if plans:

@@ -55,8 +55,9 @@ def compare_arrays(want, got, atol: float, rtol: float, **where) -> OutputStats:
     significant = np.abs(want) >= max(atol, np.finfo(np.float32).tiny)
     max_rel = float((err[significant] / np.abs(want[significant])).max()) if significant.any() else 0.0
     nan = bool(np.isnan(got).any() or np.isnan(want).any())
-    return OutputStats(**where, max_abs=float(np.nanmax(err)) if not np.isnan(err).all() else float("nan"),
-                       mean_abs=float(np.nanmean(err)), max_rel=max_rel, worst_index=idx,
+    finite = err[~np.isnan(err)]
+    return OutputStats(**where, max_abs=float(finite.max()) if finite.size else float("nan"),
+                       mean_abs=float(finite.mean()) if finite.size else float("nan"), max_rel=max_rel, worst_index=idx,
                        worst_values=(float(want[idx]), float(got[idx])), atol=atol, rtol=rtol,
                        passed=bool(excess.max() <= 0) and not nan, note="NaN in output" if nan else "")
 

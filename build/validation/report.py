@@ -87,7 +87,8 @@ def recheck_command(model_file: str, runner_flags: list[str], inputs: str, outpu
 
 def task_summary(task: dict) -> list[str]:
     if not task.get("ran"):
-        return [f"task-level checks: not run ({task.get('why')})"]
+        lines = [f"task-level checks: not run ({task.get('why')})"]
+        return lines + [f"  {n:14s} not run: {r['why']}" for n, r in (task.get("stacks") or {}).items()]
     lines = [f"task-level checks ({task['mode']}, prompt {task['prompt_tokens']} tokens, {task['steps']} steps):"]
     for name, r in task["stacks"].items():
         if not r.get("ran"):

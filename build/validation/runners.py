@@ -66,10 +66,11 @@ class ReferenceRunner(BaseRunner):
         as_torch = {k: (v if isinstance(v, torch.Tensor) else torch.from_numpy(v)) for k, v in feed_dict.items()}
         cache = self.ref.new_cache()
         first = self._past(feed_dict, "key", self.spec.first_layer)
+        # Layers before the pack never run; filling them (even with lastSum = 0) keeps the cache's
+        # length consistent and lets its tensors be read back by index.
+        for i in range(self.spec.first_layer):
+            cache.update(torch.zeros_like(first), torch.zeros_like(first), i)
         if first.shape[2]:
-            # Layers before the pack never run; filling them keeps the cache's length consistent.
-            for i in range(self.spec.first_layer):
-                cache.update(torch.zeros_like(first), torch.zeros_like(first), i)
             for i in self.spec.layers:
                 cache.update(self._past(feed_dict, "key", i), self._past(feed_dict, "value", i), i)
         with torch.no_grad():

@@ -112,6 +112,9 @@ def run_task_checks(source, dtype: torch.dtype, stacks: dict, steps: int, prompt
     from ..reference import HFReference
     if source.read_lm is None:
         return {"ran": False, "why": f"{source.name}: the model source has no LM head (lm_head.weight)"}
+    if all(isinstance(s, str) for s in stacks.values()):
+        return {"ran": False, "why": "no decoder stack can run here (see the runners above)",
+                "stacks": {n: {"ran": False, "why": s} for n, s in stacks.items()}}
     t0 = time.perf_counter()
     ref = HFReference(source, dtype, with_lm=True)
     vocab = ref.model.lm_head.weight.shape[0]
