@@ -130,10 +130,10 @@ def build_stages(source, profile, target: Path, args, log) -> list[Stage]:
                            if k in ("shapes", "optimization_level", "workspace_mib", "hardware_compatibility",
                                     "version_compatible", "compute_capabilities", "batch")},
                 "backend": backend.name, "backend_version": backend.version,
-                "source": source_digest("build/trt_build.py", "build/backend.py")}
+                "source": source_digest("build/trt", "build/backend.py")}
 
     def engine_build(done):
-        from .trt_build import build_engine
+        from .trt import build_engine
         entries = []
         for spec, src_entry, name in zip(specs, done[upstream]["artifacts"], plan_names):
             log(f"[engines] {src_entry['path']} -> {name} ({backend.name} {backend.version}, "
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.inspect is not None:
             from .backend import select_backend
-            from .trt_build import inspect
+            from .trt import inspect
             plans = sorted(args.inspect.glob("*.plan")) if args.inspect.is_dir() else [args.inspect]
             if not plans or not all(p.exists() for p in plans):
                 raise UserError(f"{args.inspect}: no .plan found")

@@ -14,8 +14,8 @@ from build.decoder import pack_specs
 from build.export import export_pack, io_contract
 from build.models import resolve
 
-trt_build = pytest.importorskip("build.trt_build")
-BuildError = trt_build.BuildError
+build_trt = pytest.importorskip("build.trt")
+BuildError = build_trt.BuildError
 
 
 def _backend_or_skip():
@@ -53,7 +53,7 @@ def built(tiny, fast_profile, backend):
     """The fp16 profile's engine, built next to the ONNX (so inspect finds its source)."""
     plan = tiny["onnx"].parent / "decoder.plan"
     lines: list[str] = []
-    record = trt_build.build_engine(tiny["onnx"], plan, fast_profile, tiny["contract"], backend,
+    record = build_trt.build_engine(tiny["onnx"], plan, fast_profile, tiny["contract"], backend,
                                     tiny["onnx"].parent / "timing.cache", log=lines.append)
     return {"plan": plan, "record": record, "log": lines}
 
@@ -107,7 +107,7 @@ def test_shapes_for_is_consistent(kv_format):
     spec = pack_specs(cfg, 0, kv_format)[0]
     contract = io_contract(cfg, spec, 1, "float16")
     prof = profiles.load("fp16")
-    shapes = trt_build.shapes_for(contract, prof)
+    shapes = build_trt.shapes_for(contract, prof)
     assert list(shapes) == [s.name for s in prof.shapes]
     seq_axis = 2 if kv_format == 0 else 1
     for sp in prof.shapes:
@@ -130,7 +130,7 @@ def test_shapes_for_is_consistent(kv_format):
 def test_shapes_for_rejects_unknown_axis():
     contract = {"inputs": {"x": {"shape": [1, "T"], "dtype": "float16"}}}
     with pytest.raises(BuildError, match="unknown symbolic axis 'T'"):
-        trt_build.shapes_for(contract, profiles.load("fp16"))
+        build_trt.shapes_for(contract, profiles.load("fp16"))
 
 
 # --------------------------------------------------------------------------- build
@@ -193,11 +193,11 @@ def test_build_writes_plan_and_record(built, tiny, fast_profile, backend):
 def test_timing_cache(built, tiny, fast_profile, backend, tmp_path):
     cache = tiny["onnx"].parent / "timing.cache"
     tc = built["record"]["timing_cache"]
-    supported, why = trt_build.timing_cache_supported(backend)
+    supported, why = build_trt.timing_cache_supported(backend)
     if supported:
         assert cache.is_file() and cache.stat().st_size > 0
         assert tc["saved_bytes"] == cache.stat().st_size
-        again = trt_build.build_engine(tiny["onnx"], tmp_path / "decoder.plan", fast_profile, tiny["contract"],
+        again = build_trt.build_engine(tiny["onnx"], tmp_path / "decoder.plan", fast_profile, tiny["contract"],
                                        backend, cache, log=lambda *_: None)
         assert again["timing_cache"]["loaded_bytes"] == tc["saved_bytes"]
     else:
@@ -207,11 +207,11 @@ def test_timing_cache(built, tiny, fast_profile, backend, tmp_path):
     # The load/save path itself (the API exists on both backends): written, then read back.
     trt = backend.module
     cfg = trt.Builder(trt.Logger(trt.Logger.ERROR)).create_builder_config()
-    trt_build.load_timing_cache(cfg, tmp_path / "t.cache", log=lambda *_: None)
-    size = trt_build.save_timing_cache(cfg, tmp_path / "t.cache")
+    build_trt.load_timing_cache(cfg, tmp_path / "t.cache", log=lambda *_: None)
+    size = build_trt.save_timing_cache(cfg, tmp_path / "t.cache")
     assert size > 0 and (tmp_path / "t.cache").stat().st_size == size
     cfg2 = trt.Builder(trt.Logger(trt.Logger.ERROR)).create_builder_config()
-    _, loaded = trt_build.load_timing_cache(cfg2, tmp_path / "t.cache", log=lambda *_: None)
+    _, loaded = build_trt.load_timing_cache(cfg2, tmp_path / "t.cache", log=lambda *_: None)
     assert loaded == size
 
 
@@ -224,7 +224,7 @@ def test_build_raising_midway_leaves_nothing(tiny, fast_profile, backend, tmp_pa
     with monkeypatch.context() as m:
         m.setattr(trt.Builder, "build_serialized_network", boom)
         with pytest.raises(RuntimeError, match="builder exploded"):
-            trt_build.build_engine(tiny["onnx"], tmp_path / "decoder.plan", fast_profile, tiny["contract"],
+            build_trt.build_engine(tiny["onnx"], tmp_path / "decoder.plan", fast_profile, tiny["contract"],
                                    backend, None, log=lambda *_: None)
     assert _leftovers(tmp_path) == []
 
@@ -237,7 +237,7 @@ def test_interrupt_from_progress_cancels_build(tiny, fast_profile, backend, tmp_
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        trt_build.build_engine(tiny["onnx"], tmp_path / "decoder.plan", fast_profile, tiny["contract"],
+        build_trt.build_engine(tiny["onnx"], tmp_path / "decoder.plan", fast_profile, tiny["contract"],
                                backend, None, log=log)
     assert _leftovers(tmp_path) == []
 
@@ -246,9 +246,9 @@ def test_failing_plan_write_removes_temp(tiny, fast_profile, backend, tmp_path, 
     def fail(fd):
         raise OSError("disk full")
 
-    monkeypatch.setattr(trt_build.os, "fsync", fail)
+    monkeypatch.setattr(build_trt.plan_io.os, "fsync", fail)
     with pytest.raises(OSError, match="disk full"):
-        trt_build.build_engine(tiny["onnx"], tmp_path / "decoder.plan", fast_profile, tiny["contract"],
+        build_trt.build_engine(tiny["onnx"], tmp_path / "decoder.plan", fast_profile, tiny["contract"],
                                backend, None, log=lambda *_: None)
     monkeypatch.undo()
     assert _leftovers(tmp_path) == []
@@ -260,7 +260,7 @@ def test_corrupted_onnx_names_the_file(tiny, fast_profile, backend, tmp_path, co
     data = tiny["onnx"].read_bytes()
     bad.write_bytes(content if content is not None else data[: len(data) // 3])
     with pytest.raises(BuildError) as err:
-        trt_build.build_engine(bad, tmp_path / "decoder.plan", fast_profile, tiny["contract"], backend, None,
+        build_trt.build_engine(bad, tmp_path / "decoder.plan", fast_profile, tiny["contract"], backend, None,
                                log=lambda *_: None)
     assert str(bad) in str(err.value) and "parser" in str(err.value)
     assert _leftovers(tmp_path) == []
@@ -268,7 +268,7 @@ def test_corrupted_onnx_names_the_file(tiny, fast_profile, backend, tmp_path, co
 
 def test_missing_onnx(fast_profile, tiny, backend, tmp_path):
     with pytest.raises(BuildError, match="no such ONNX file"):
-        trt_build.build_engine(tmp_path / "nope.onnx", tmp_path / "decoder.plan", fast_profile,
+        build_trt.build_engine(tmp_path / "nope.onnx", tmp_path / "decoder.plan", fast_profile,
                                tiny["contract"], backend, None, log=lambda *_: None)
 
 
@@ -277,7 +277,7 @@ def test_contract_mismatch(tiny, fast_profile, backend, tmp_path):
     contract["inputs"]["past_key_in0"]["shape"] = [1, 2, "lastSum"]          # wrong rank
     contract["inputs"]["extra"] = {"shape": [1], "dtype": "float16"}
     with pytest.raises(BuildError) as err:
-        trt_build.build_engine(tiny["onnx"], tmp_path / "decoder.plan", fast_profile, contract, backend, None,
+        build_trt.build_engine(tiny["onnx"], tmp_path / "decoder.plan", fast_profile, contract, backend, None,
                                log=lambda *_: None)
     msg = str(err.value)
     assert str(tiny["onnx"]) in msg and "missing inputs ['extra']" in msg and "past_key_in0: rank 4" in msg
@@ -290,7 +290,7 @@ def test_backend_specific_options(tiny, fast_profile, backend, tmp_path):
     if not backend.is_rtx:
         pytest.skip("the option skips checked here are TensorRT-RTX's")
     lines: list[str] = []
-    rec = trt_build.build_engine(tiny["onnx"], tmp_path / "decoder.plan", prof, tiny["contract"], backend, None,
+    rec = build_trt.build_engine(tiny["onnx"], tmp_path / "decoder.plan", prof, tiny["contract"], backend, None,
                                  log=lines.append)
     assert rec["options"]["compute_capabilities"] == ["8.6", "12.0"]
     assert rec["options"]["workspace_mib"] == 256
@@ -302,7 +302,7 @@ def test_backend_specific_options(tiny, fast_profile, backend, tmp_path):
     assert list(rec["profiles"]) == ["decode"] and "--profile=1" not in rec["trtexec"]
     # A compute capability TensorRT-RTX does not build for (Hopper) is refused before building.
     with pytest.raises(BuildError, match="'9.0' is not a compute capability"):
-        trt_build.build_engine(tiny["onnx"], tmp_path / "decoder.plan",
+        build_trt.build_engine(tiny["onnx"], tmp_path / "decoder.plan",
                                dataclasses.replace(prof, compute_capabilities=("9.0",)), tiny["contract"],
                                backend, None, log=lambda *_: None)
 
@@ -311,7 +311,7 @@ def test_backend_specific_options(tiny, fast_profile, backend, tmp_path):
 
 def test_inspect_plan(built, backend):
     lines: list[str] = []
-    info = trt_build.inspect(built["plan"], backend, log=lines.append)
+    info = build_trt.inspect(built["plan"], backend, log=lines.append)
     assert info["onnx"] == str(built["plan"].with_suffix(".onnx"))
     text = "\n".join(lines)
     assert "layers" in text and "input  hidden_in: HALF [1, -1, 64]" in text
@@ -327,7 +327,7 @@ def test_inspect_plan(built, backend):
 
 
 def test_inspect_onnx(tiny, backend):
-    info = trt_build.inspect(tiny["onnx"], backend, log=lambda *_: None)
+    info = build_trt.inspect(tiny["onnx"], backend, log=lambda *_: None)
     assert info["network"]["layers"] > 0 and info["engine"] is None
 
 
@@ -335,7 +335,7 @@ def test_inspect_plan_without_source(built, backend, tmp_path):
     lonely = tmp_path / "decoder.plan"
     lonely.write_bytes(built["plan"].read_bytes())
     lines: list[str] = []
-    info = trt_build.inspect(lonely, backend, log=lines.append)
+    info = build_trt.inspect(lonely, backend, log=lines.append)
     assert info["network"] is None and "no source ONNX" in lines[0]
 
 
@@ -344,7 +344,7 @@ def test_inspect_plan_without_source(built, backend, tmp_path):
 def test_engine_check_reports_why_not(built, tiny, fast_profile, backend):
     if backend.can_run:
         pytest.skip("this machine can run engines; see the gpu test")
-    rec = trt_build.run_engine_check(built["plan"], fast_profile, tiny["contract"], tiny["onnx"], backend,
+    rec = build_trt.run_engine_check(built["plan"], fast_profile, tiny["contract"], tiny["onnx"], backend,
                                      log=lambda *_: None)
     assert rec == {"ran": False, "why": backend.why_not_run}
 
@@ -353,15 +353,15 @@ def test_engine_check_reference_side(tiny, fast_profile):
     """The half of the runtime check that runs without a GPU: opt-shape inputs and the
     ONNX Runtime reference outputs."""
     import torch
-    shapes = trt_build.shapes_for(tiny["contract"], fast_profile)
+    shapes = build_trt.shapes_for(tiny["contract"], fast_profile)
     for sp in fast_profile.shapes:
-        inputs = trt_build._check_inputs(tiny["contract"], sp, shapes[sp.name], "float16", seed=0)
+        inputs = build_trt.runtime_check._check_inputs(tiny["contract"], sp, shapes[sp.name], "float16", seed=0)
         n, last = sp.N.opt, sp.lastSum.opt
         assert inputs["position_ids"].tolist() == [list(range(last, last + n))]
         mask = inputs["attention_mask"]
         assert mask.shape == (1, 1, n, n + last) and mask.dtype == torch.float16
         assert mask[0, 0, 0, last].item() == 0 and (n == 1 or mask[0, 0, 0, last + 1].item() < -1e4)
-        out = trt_build._ort_run(tiny["onnx"], inputs)
+        out = build_trt.runtime_check._ort_run(tiny["onnx"], inputs)
         assert out["hidden_out"].shape == (1, n, 64)
         assert out["past_key0"].shape == (1, 2, n + last, 16)
         assert all(v.dtype.name == "float32" for v in out.values())
@@ -372,6 +372,6 @@ def test_engine_matches_onnxruntime(backend, fast_profile, request):
     if not backend.can_run:
         pytest.skip(f"needs a CUDA GPU the backend can run engines on: {backend.why_not_run}")
     built, tiny = request.getfixturevalue("built"), request.getfixturevalue("tiny")
-    rec = trt_build.run_engine_check(built["plan"], fast_profile, tiny["contract"], tiny["onnx"], backend)
+    rec = build_trt.run_engine_check(built["plan"], fast_profile, tiny["contract"], tiny["onnx"], backend)
     assert rec["ran"] and set(rec["profiles"]) == {"prefill", "decode"}
     assert rec["ok"], json.dumps(rec["profiles"], indent=1)

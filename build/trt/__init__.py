@@ -1,0 +1,21 @@
+"""TensorRT / TensorRT-RTX engines from an exported decoder ONNX: build, inspect, run-check.
+
+Modules: ``shapes`` (optimization-profile shapes), ``callbacks`` (logger, progress monitor),
+``network`` (parsing, summary, contract check), ``options`` (builder config, timing cache),
+``trtexec`` (equivalent command line), ``memory`` (memory figures), ``plan_io`` (atomic
+writes, deserialization), ``build`` (build_engine), ``inspection`` (inspect) and
+``runtime_check`` (run_engine_check).
+"""
+from .build import build_engine
+from .errors import BuildError
+from .inspection import inspect
+from .memory import onnx_weight_bytes
+from .network import check_network_inputs, layer_table, network_summary
+from .options import load_timing_cache, save_timing_cache, timing_cache_supported
+from .runtime_check import run_engine_check
+from .shapes import shapes_for
+from .trtexec import trtexec_command
+
+__all__ = ["build_engine", "shapes_for", "inspect", "run_engine_check", "BuildError", "network_summary",
+           "check_network_inputs", "layer_table", "trtexec_command", "timing_cache_supported",
+           "load_timing_cache", "save_timing_cache", "onnx_weight_bytes"]
