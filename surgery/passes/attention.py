@@ -171,16 +171,12 @@ class AttentionPass(Pass):
         for t, what in ((k4, "K"), (v4, "V")):
             if onnx_dtype(t) != qt:
                 raise Rejected(f"{what} is {dtype_name(onnx_dtype(t))}, Q is {dtype_name(qt)}", seen)
-        qs, ks, vs = _shape(q), _shape(k4), _shape(v4)
+        # Sequence lengths and head sizes need no check: the graph's own MatMuls only run when
+        # they agree, and Attention requires the same. Head counts decide the GQA grouping.
+        qs = _shape(q)
         heads = qs[1]
         if not isinstance(heads, int) or heads <= 0:
-            raise Rejected(f"the number of query heads of {q.name} is not static", seen)
-        if not (_same_dim(qs[3], ks[3])):
-            raise Rejected(f"Q head size {qs[3]} and K head size {ks[3]} are not known to be equal", seen)
-        if not (_same_dim(ks[1], heads) and _same_dim(vs[1], heads)):
-            raise Rejected(f"K/V have {ks[1]}/{vs[1]} heads after repetition, Q has {heads}", seen)
-        if not _same_dim(ks[2], vs[2]):
-            raise Rejected(f"K and V sequence lengths {ks[2]} and {vs[2]} are not known to be equal", seen)
+            raise Rejected(f"the number of query heads of {q.name} ({heads}) is not static", seen)
         k, k_rep = self._unrepeat(graph, k4, heads, "K", seen)
         v, v_rep = self._unrepeat(graph, v4, heads, "V", seen)
         if k_rep != v_rep:
@@ -214,13 +210,23 @@ class AttentionPass(Pass):
             if onnx_dtype(mask) != qt:
                 raise Rejected(f"the mask ({mask.name}) is {dtype_name(onnx_dtype(mask))}, not Q's "
                                f"{dtype_name(qt)}", seen)
+            # attn_mask must broadcast to [B, H, N, S] as the Add broadcast it, without enlarging
+            # the scores: batch and head axes 1 or equal (static), sequence axes 1, equal, or
+            # dynamic (the Add then only runs when they agree).
             ms, ss = _shape(mask), _shape(scores)
-            if ms is None or ss is None or len(ms) > 4 or len(ss) != 4:
-                raise Rejected(f"the mask shape {ms} does not broadcast to the scores {ss}", seen)
-            for m_d, s_d in zip(ms[::-1], ss[::-1]):
-                if not (m_d == 1 or _same_dim(m_d, s_d)):
-                    raise Rejected(f"the mask shape {ms} is not known to broadcast into the scores {ss} "
-                                   f"(dim {m_d} against {s_d})", seen)
+            if ms is None or len(ms) > 4:
+                raise Rejected(f"the mask shape {ms} is not of rank 4 or less", seen)
+            ss = ss if ss is not None and len(ss) == 4 else [None] * 4
+            for axis, (m_d, s_d) in enumerate(zip(ms[::-1], ss[::-1])):
+                axis = 3 - axis
+                if m_d == 1 or _same_dim(m_d, s_d):
+                    continue
+                if axis == 1 and m_d == heads:
+                    continue
+                if axis >= 2 and not (isinstance(m_d, int) and isinstance(s_d, int)):
+                    continue
+                raise Rejected(f"the mask shape {ms} is not known to broadcast into the scores {_shape(scores)} "
+                               f"(axis {axis}: {m_d} against {s_d})", seen)
 
         def rewrite():
             y = pv.outputs[0]
@@ -275,19 +281,21 @@ class AttentionPass(Pass):
         return f"{p.op} ({p.name})" if p is not None else f"the tensor {t.name}"
 
     def _unrepeat(self, graph, t4, heads, what, seen) -> tuple[gs.Tensor, int]:
-        """The [B, KV, S, D] tensor t4 repeats contiguously to `heads` heads, and the repeat count."""
-        reshape = producer_op(t4, "Reshape")
+        """The [B, KV, S, D] tensor that t4 repeats contiguously to `heads` heads, and the repeat count."""
         tile = producer_op(t4, "Tile")
         if tile is not None:
             reps = ints(tile.inputs[1])
             raise Rejected(f"{what} heads are repeated by {tile.name} (Tile {reps}): tile-style repetition, "
                            f"kv head j serving q heads j, j+KV, ...; Attention repeats each KV head "
                            "contiguously (j*rep .. j*rep+rep-1)", seen + [tile])
-        if reshape is None:
-            return t4, 1  # MHA: heads already checked equal to Q's
-        expand = producer_op(reshape.inputs[0], "Expand")
+        reshape = producer_op(t4, "Reshape")
+        expand = producer_op(reshape.inputs[0], "Expand") if reshape is not None else None
         if expand is None:
-            return t4, 1  # a reshape that is not a head repetition (e.g. view of a projection): MHA
+            h = _shape(t4)[1]
+            if not _same_dim(h, heads):
+                raise Rejected(f"{what} ({t4.name}) has {h} heads and is not a repetition of KV heads; "
+                               f"Q has {heads}", seen)
+            return t4, 1  # MHA
         chain = [expand, reshape]
         unsq = producer_op(expand.inputs[0], "Unsqueeze")
         if unsq is None:
@@ -296,35 +304,63 @@ class AttentionPass(Pass):
         chain.insert(0, unsq)
         axes = ints(unsq.inputs[1]) if len(unsq.inputs) > 1 else unsq.attrs.get("axes")
         src = unsq.inputs[0]
-        e_in, e_out, r_out, s = _shape(unsq.outputs[0]), _shape(expand.outputs[0]), _shape(t4), _shape(src)
         if axes is None or len(axes) != 1 or rank(src) != 4 or axes[0] not in (2, -3):
             if axes is not None and len(axes) == 1 and axes[0] in (1, -4):
                 raise Rejected(f"{what} heads are repeated on a new axis 1 ({unsq.name}): tile-style order "
                                "(h0, h1, ..., h0, h1, ...); Attention repeats each KV head contiguously", seen + chain)
             raise Rejected(f"{what} is unsqueezed on axes {axes} of a rank-{rank(src)} tensor, not axis 2 of "
                            "[B, KV, S, D]", seen + chain)
-        if e_out is None or len(e_out) != 5 or e_in is None or len(e_in) != 5:
-            raise Rejected(f"the shape {e_out} of {expand.name} is not known as [B, KV, rep, S, D]", seen + chain)
-        rep = e_out[2]
+        s = _shape(src)
+        # Expand to [B, KV, rep, S, D]: the shape operand read as values (a constant, or a Concat of
+        # one-element pieces: the sequence length is computed at run time), else the inferred shape.
+        e = _values(expand.inputs[1], 5) or _shape(expand.outputs[0])
+        if e is None or len(e) != 5:
+            raise Rejected(f"{expand.name} does not expand to a known rank-5 [B, KV, rep, S, D]", seen + chain)
+        rep = e[2]
         if not isinstance(rep, int) or rep < 1:
             raise Rejected(f"the repeat count of {expand.name} ({rep}) is not static", seen + chain)
-        for i in (0, 1, 3, 4):
-            if not (_same_dim(e_in[i], e_out[i]) or (e_in[i] == 1 and i == 0 and _same_dim(s[0], e_out[0]))):
-                raise Rejected(f"{expand.name} expands {e_in} to {e_out}: not along the new axis 2 only",
-                               seen + chain)
-        kv = s[1]
-        if not isinstance(kv, int) or kv * rep != heads:
+        kv = s[1] if isinstance(s[1], int) else e[1]
+        if not isinstance(kv, int) or kv < 1:
+            raise Rejected(f"the number of {what} heads ({s[1]}) is not static", seen + chain)
+        for axis, src_axis in ((0, 0), (1, 1), (3, 2), (4, 3)):
+            v, d = e[axis], s[src_axis]
+            if v == 1 or _same_dim(v, d) or (v is None and axis == 3 and d != 1):
+                continue
+            raise Rejected(f"{expand.name} expands {s[:2] + [1] + s[2:]} to {e}: not along the new axis 2 "
+                           "only", seen + chain)
+        if kv * rep != heads:
             raise Rejected(f"{what} has {kv} heads repeated {rep}x, Q has {heads}", seen + chain)
-        # Reshape [B, KV, rep, S, D] -> [B, KV*rep, S, D]: merges axes 1 and 2 only.
-        if r_out is None or len(r_out) != 4 or not (
-                _same_dim(r_out[0], e_out[0]) and r_out[1] == kv * rep and _same_dim(r_out[3], e_out[4])):
-            raise Rejected(f"{reshape.name} reshapes {e_out} to {r_out}, not [B, KV*rep, S, D]", seen + chain)
-        if not _same_dim(r_out[2], e_out[3]):
-            target = ints(reshape.inputs[1])
-            if target is None or len(target) != 4 or target[2] != -1 or any(v < 0 for j, v in enumerate(target) if j != 2):
-                raise Rejected(f"{reshape.name} reshapes {e_out} to {r_out}: the sequence axis is not kept",
-                               seen + chain)
+        # Reshape [B, KV, rep, S, D] -> [B, KV*rep, S, D]: merges axes 1 and 2 and keeps the others.
+        r = _values(reshape.inputs[1], 4) or _shape(t4)
+        d = s[3] if isinstance(s[3], int) else e[4]
+        ok = (r is not None and len(r) == 4 and r[1] == kv * rep and isinstance(d, int) and r[3] == d
+              and (r[0] == s[0] or r[0] == e[0]) and isinstance(r[0], int) and r[0] > 0
+              and (r[2] is None or r[2] == -1 or _same_dim(r[2], s[2])))
+        if not ok:
+            raise Rejected(f"{reshape.name} reshapes [B, KV, rep, S, D] = {e} to {r}, not [B, {kv * rep}, S, D]",
+                           seen + chain)
         return src, rep
+
+
+def _values(t: gs.Tensor, n: int) -> list | None:
+    """The n int64 values of a shape operand: a constant, or Concat(axis 0) of one-element pieces
+    (None where a piece is computed). None if it is neither."""
+    v = ints(t)
+    if v is not None:
+        return v if len(v) == n else None
+    cat = producer_op(t, "Concat")
+    if cat is None:
+        return None
+    out = []
+    for piece in cat.inputs:
+        pv = ints(piece)
+        if pv is not None:
+            out += pv
+        elif piece.shape is not None and list(piece.shape) == [1]:
+            out.append(None)
+        else:
+            return None
+    return out if len(out) == n else None
 
 
 PASS = AttentionPass()
