@@ -39,6 +39,10 @@ def parse_args(argv):
     p.add_argument("--no-surgery", action="store_true", help="the target was built with --no-surgery")
     p.add_argument("--points", default="all",
                    help="comma list of min, opt, max, masked per optimization profile, or all (default: all)")
+    p.add_argument("--prefill-dtype", choices=("float32", "profile"), default="float32",
+                   help="precision of the prefill that produces the past KV (input data, not under test): "
+                        "float32 (fast on CPU, then rounded to the profile dtype) or the profile's own "
+                        "(default: %(default)s)")
     p.add_argument("--steps", type=int, default=64, help="decode steps of the token/multi-step checks (default: 64)")
     p.add_argument("--prompt-tokens", type=int, default=8, help="prompt length of the token check (default: 8)")
     p.add_argument("--no-task", action="store_true", help="skip the token-agreement and multi-step checks")
@@ -108,9 +112,16 @@ def _validate(args, kinds, log) -> int:
 
 
 def _run(args, kinds, state, backend_name, log) -> int:
+    from polygraphy.logger import G_LOGGER
+    # Polygraphy's per-runner INFO lines drown the table; scoped so callers keep their own level.
+    quiet = contextlib.nullcontext() if args.verbose else G_LOGGER.verbosity(G_LOGGER.WARNING)
+    with quiet:
+        return _run_checks(args, kinds, state, backend_name, log)
+
+
+def _run_checks(args, kinds, state, backend_name, log) -> int:
     import torch
     from polygraphy.comparator import Comparator
-    from polygraphy.logger import G_LOGGER
 
     from .decoder import pack_specs
     from .export import TORCH_DTYPES, io_contract
@@ -121,8 +132,6 @@ def _run(args, kinds, state, backend_name, log) -> int:
     from .validation.compare import compare_runs
 
     t0 = time.perf_counter()
-    if not args.verbose:
-        G_LOGGER.module_severity = G_LOGGER.WARNING
     source, profile, target, manifest = state.source, state.profile, state.target, state.manifest
     cfg = source.config
     tol = profile.tolerance
@@ -141,12 +150,15 @@ def _run(args, kinds, state, backend_name, log) -> int:
     log(f"[validate] {source.name} ({cfg.num_layers} layers, {profile.dtype}) profile {profile.name}: {target}")
     log(f"[validate] tolerance: |got - ref| <= atol + rtol * |ref| with atol={tol.atol:g}, rtol={tol.rtol:g}")
     ref = HFReference(source, dtype)
+    prefill_ref = None
+    if args.prefill_dtype == "float32" and dtype != torch.float32:
+        prefill_ref = HFReference(source, torch.float32)
     points = pts.select_points(profile, kinds)
     need = [s.first_layer for s in specs]
     data = []
     for i, point in enumerate(points):
         t = time.perf_counter()
-        data.append(pts.point_data(ref, point, profile.batch, need))
+        data.append(pts.point_data(ref, point, profile.batch, need, prefill_ref))
         log(f"[validate] point {i + 1}/{len(points)} {point.label}{' (reserved slots masked)' if point.masked else ''}"
             f": prefill + inputs in {time.perf_counter() - t:.1f} s")
 
@@ -161,7 +173,7 @@ def _run(args, kinds, state, backend_name, log) -> int:
             if not group:
                 continue
             feeds = [pts.feed_for(d, spec) for d in group]
-            runners = [rn.ReferenceRunner(ref, spec, contract)]
+            runners = [rn.ReferenceRunner(ref, spec, contract, log=log)]
             for name, paths in ((rn.EXPORT, exported), (rn.FUSED, fused)):
                 if paths is None:
                     not_run[name] = "no fused graph in this target (no surgery passes)"
@@ -224,7 +236,7 @@ def _run(args, kinds, state, backend_name, log) -> int:
 
     record = {"status": status, "finished": now(), "seconds": round(time.perf_counter() - t0, 2),
               "tolerance": {"atol": tol.atol, "rtol": tol.rtol, "rule": "|got - ref| <= atol + rtol * |ref|"},
-              "points": [d.point.label for d in data],
+              "points": [d.point.label for d in data], "prefill_dtype": "float32" if prefill_ref else profile.dtype,
               "runners": {n: ({"ran": True} if n in ran else {"ran": False, "why": not_run.get(n, "not available")})
                           for n in (rn.REFERENCE, rn.EXPORT, rn.FUSED, rn.TENSORRT)},
               "pairs": report.worst_per_pair(rows), "task": _task_record(task),

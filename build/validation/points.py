@@ -90,17 +90,26 @@ class PointData:
     past: list[torch.Tensor]          # [k0, v0, k1, v1, ...] in [B, kv_heads, lastSum, head_dim]
 
 
-def point_data(ref, point: Point, batch: int, need_layers: list[int]) -> PointData:
+def point_data(ref, point: Point, batch: int, need_layers: list[int], prefill_ref=None) -> PointData:
     """Real prefill of ``lastSum`` tokens, then N fresh embeddings on top of it.
 
     ``need_layers``: layers whose incoming hidden state is needed (pack starts);
     anything past layer 0 costs one extra full forward with output_hidden_states.
+    ``prefill_ref``: a float32 twin of ``ref`` for the prefill. The past KV is input
+    data here, not something under test, and torch's fp16/bf16 CPU kernels make a
+    3584-token prefill of the default model take many minutes; the float32 cache
+    rounded to the profile dtype is what a well-behaved fp16 prefill approximates.
     """
     cfg = ref.source.config
     dtype = ref.dtype
-    cache = ref.prefill(batch, point.last, seed=point.seed)
+    prefill_ref = prefill_ref or ref
+    cache = prefill_ref.prefill(batch, point.last, seed=point.seed)
     if point.last:
-        past = ref.cache_tensors(cache, cfg.num_layers)
+        past = [t.to(dtype) for t in prefill_ref.cache_tensors(cache, cfg.num_layers)]
+        if prefill_ref is not ref:
+            cache = ref.new_cache()
+            for i in range(cfg.num_layers):
+                cache.update(past[2 * i].clone(), past[2 * i + 1].clone(), i)
     else:
         past = [torch.zeros(batch, cfg.num_kv_heads, 0, cfg.head_dim, dtype=dtype) for _ in range(2 * cfg.num_layers)]
     g = torch.Generator().manual_seed(point.seed + 1)

@@ -44,9 +44,9 @@ class ReferenceRunner(BaseRunner):
     and layouts are shared.
     """
 
-    def __init__(self, ref, spec, contract: dict, name: str = REFERENCE):
+    def __init__(self, ref, spec, contract: dict, name: str = REFERENCE, log=None):
         super().__init__(name=name, prefix="pytorch-runner")
-        self.ref, self.spec, self.contract = ref, spec, contract
+        self.ref, self.spec, self.contract, self.log = ref, spec, contract, log
         self.decoder = slice_decoder(ref.decoder, spec, ref.source.config.num_layers)
 
     def get_input_metadata_impl(self):
@@ -81,6 +81,10 @@ class ReferenceRunner(BaseRunner):
         past = self.ref.cache_tensors(cache, self.spec.last_layer)[2 * self.spec.first_layer:]
         values = [out.last_hidden_state] + [to_kv_format(t, self.spec.kv_format) for t in past]
         self.inference_time = time.perf_counter() - start
+        if self.log:   # the slow runner on CPU at large shapes: show progress per point
+            n, total = feed_dict["attention_mask"].shape[-2:]
+            self.log(f"[validate]   {self.name}: layers {self.spec.first_layer}..{self.spec.last_layer - 1} "
+                     f"N={n} lastSum={total - n} in {self.inference_time:.1f} s")
         return OrderedDict((n, to_feed_value(v)) for n, v in zip(output_names(self.spec), values))
 
 
