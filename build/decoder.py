@@ -96,8 +96,9 @@ class Attention(nn.Module):
             v = v[:, :, None].expand(b, cfg.num_kv_heads, rep, s, d).reshape(b, cfg.num_heads, s, d)
         scores = torch.matmul(q, k.transpose(2, 3)) * (d ** -0.5) + mask
         # Softmax in fp32 as transformers' eager attention does; fp16 sums of
-        # exponentials lose the long tail.
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        # exponentials lose the long tail. Spelled as an explicit cast: the exporter
+        # lowers softmax(dtype=float32) to an fp16 Softmax followed by a Cast.
+        probs = torch.softmax(scores.to(torch.float32), dim=-1).to(q.dtype)
         out = torch.matmul(probs, v).transpose(1, 2).reshape(b, n, cfg.num_heads * d)
         return self.o_proj(out), present_k, present_v
 
@@ -129,6 +130,40 @@ class DecoderLayer(nn.Module):
         return x, k, v
 
 
+class RotaryCosSin(nn.Module):
+    """cos/sin [B, 1, N, rotary_dim] for the step's positions, computed once and shared by every layer."""
+
+    def __init__(self, cfg: DecoderConfig, dtype: torch.dtype):
+        super().__init__()
+        freqs, self.attention_scaling = inv_freq(cfg)
+        self.dtype = dtype
+        self.register_buffer("inv_freq", torch.tensor(freqs, dtype=torch.float32), persistent=False)
+
+    def forward(self, position_ids: torch.Tensor):
+        # In fp32, then cast to the model dtype, as transformers does.
+        freqs = position_ids[:, :, None].to(torch.float32) * self.inv_freq[None, None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.attention_scaling).to(self.dtype)[:, None]
+        sin = (emb.sin() * self.attention_scaling).to(self.dtype)[:, None]
+        return cos, sin
+
+
+class LayerStep(nn.Module):
+    """One decoder layer over the cache layout of the export (kv format 0 or 1)."""
+
+    def __init__(self, layer: DecoderLayer, kv_format: int):
+        super().__init__()
+        self.layer, self.kv_format = layer, kv_format
+
+    def forward(self, x, mask, cos, sin, past_k, past_v):
+        if self.kv_format == 1:
+            past_k, past_v = past_k.transpose(1, 2), past_v.transpose(1, 2)
+        x, k, v = self.layer(x, mask, cos, sin, past_k, past_v)
+        if self.kv_format == 1:
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+        return x, k, v
+
+
 class DecoderStack(nn.Module):
     """Layers ``spec.layers`` of the decoder (and the final norm if ``spec.final_norm``).
 
@@ -136,7 +171,7 @@ class DecoderStack(nn.Module):
     -> (hidden_out, past_key{i}, past_value{i}, ...), the I/O contract of DESIGN.md.
     """
 
-    def __init__(self, cfg: DecoderConfig, spec: StackSpec):
+    def __init__(self, cfg: DecoderConfig, spec: StackSpec, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.cfg, self.spec = cfg, spec
         # ModuleDict keyed by the global layer index, so parameter names match the
@@ -144,29 +179,17 @@ class DecoderStack(nn.Module):
         self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg) for i in spec.layers})
         if spec.final_norm:
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        freqs, self.attention_scaling = inv_freq(cfg)
-        self.register_buffer("inv_freq", torch.tensor(freqs, dtype=torch.float32), persistent=False)
+        self.rotary = RotaryCosSin(cfg, dtype)
 
-    def rotary(self, position_ids: torch.Tensor, dtype: torch.dtype):
-        # cos/sin in fp32 once per step, shared by every layer, then cast to the
-        # model dtype (as transformers does).
-        freqs = position_ids[:, :, None].to(torch.float32) * self.inv_freq[None, None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = (emb.cos() * self.attention_scaling).to(dtype)[:, None]
-        sin = (emb.sin() * self.attention_scaling).to(dtype)[:, None]
-        return cos, sin
+    def steps(self):
+        return [LayerStep(layer, self.spec.kv_format) for layer in self.layers.values()]
 
     def forward(self, hidden_in, attention_mask, position_ids, *past):
-        cos, sin = self.rotary(position_ids, hidden_in.dtype)
+        cos, sin = self.rotary(position_ids)
         x = hidden_in
         outputs = []
-        for j, layer in enumerate(self.layers.values()):
-            past_k, past_v = past[2 * j], past[2 * j + 1]
-            if self.spec.kv_format == 1:
-                past_k, past_v = past_k.transpose(1, 2), past_v.transpose(1, 2)
-            x, k, v = layer(x, attention_mask, cos, sin, past_k, past_v)
-            if self.spec.kv_format == 1:
-                k, v = k.transpose(1, 2), v.transpose(1, 2)
+        for j, step in enumerate(self.steps()):
+            x, k, v = step(x, attention_mask, cos, sin, past[2 * j], past[2 * j + 1])
             outputs += [k, v]
         if self.spec.final_norm:
             x = self.norm(x)
@@ -181,7 +204,7 @@ def build_stack(cfg: DecoderConfig, spec: StackSpec, state_dict: dict[str, torch
     once, not once random-initialised and once loaded.
     """
     with torch.device("meta"):
-        stack = DecoderStack(cfg, spec)
+        stack = DecoderStack(cfg, spec, dtype)
     wanted = {k: v for k, v in stack.state_dict().items()}
     missing = [k for k in wanted if k not in state_dict]
     if missing:
@@ -193,8 +216,7 @@ def build_stack(cfg: DecoderConfig, spec: StackSpec, state_dict: dict[str, torch
             raise ValueError(f"tensor {name}: shape {tuple(t.shape)} does not match the config's {tuple(ref.shape)}")
         tensors[name] = t.to(dtype)
     stack.load_state_dict(tensors, assign=True, strict=True)
-    freqs, _ = inv_freq(cfg)
-    stack.inv_freq = torch.tensor(freqs, dtype=torch.float32)
+    stack.rotary = RotaryCosSin(cfg, dtype)     # its buffer was built on the meta device
     return stack.eval()
 
 

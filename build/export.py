@@ -3,10 +3,11 @@
 Exporter choice: torch.export-based (``dynamo=True``). It is the maintained
 exporter (the TorchScript one is deprecated), it emits opset 23 directly, so the
 fused ops the surgery stage writes (RMSNormalization, RotaryEmbedding, Attention)
-need no version conversion afterwards, and its graphs carry weights as
-initializers with no Constant-node clutter. Its one quirk: it names dynamic axes
-itself (``s53``, ``s53 + s93``), so we rename them to the contract's N, lastSum
-and sumN after export.
+need no version conversion afterwards, and after constant folding its graphs
+carry weights as initializers with no Constant-node clutter. It traces slowly
+(seconds per layer), so we trace one layer and stitch copies (build/stitch.py),
+and we name the graph's dynamic axes N, lastSum and sumN ourselves instead of the
+tracer's private symbols.
 """
 from __future__ import annotations
 
@@ -21,12 +22,14 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import onnx_ir as ir
 import onnxscript.optimizer
 import torch
 
 from .config import DecoderConfig
-from .decoder import StackSpec, build_stack, pack_specs
+from .decoder import StackSpec, pack_specs
 from .models import ModelSource
+from .stitch import Stitcher, torch_to_ir, trace_pieces
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 OPSET = 23
@@ -98,42 +101,6 @@ def causal_mask(batch: int, n: int, last: int, dtype: torch.dtype) -> torch.Tens
     return mask.expand(batch, 1, n, last + n).contiguous()
 
 
-def _rename_axes(program, spec: StackSpec) -> None:
-    """Replace the exporter's symbol names with N / lastSum / sumN on the graph's I/O."""
-    import onnx_ir as ir
-
-    graph = program.model.graph
-    by_name = {v.name: v for v in graph.inputs}
-    seq_axis = 2 if spec.kv_format == 0 else 1
-    # Each past input gets its own symbol from the exporter (nothing in the graph
-    # ties them together); they are all lastSum by contract.
-    symbols = {str(v.shape[seq_axis]): "lastSum" for v in graph.inputs if v.name.startswith("past_")}
-    symbols[str(by_name["hidden_in"].shape[1])] = "N"
-    symbols[str(by_name["attention_mask"].shape[3])] = "sumN"
-
-    def renamed(shape):
-        dims = []
-        for d in shape:
-            if isinstance(d, ir.SymbolicDim):
-                text = str(d)
-                name = symbols.get(text)
-                if name is None and "+" in text:
-                    # "sA + sB" where {sA, sB} = {N, lastSum}: the concatenated length.
-                    parts = {symbols.get(p.strip()) for p in text.split("+")}
-                    name = "sumN" if parts == {"N", "lastSum"} else None
-                dims.append(name if name is not None else d)
-            else:
-                dims.append(d)
-        return ir.Shape(dims)
-
-    for value in list(graph.inputs) + list(graph.outputs):
-        value.shape = renamed(value.shape)
-    for node in graph:
-        for value in node.outputs:
-            if value.shape is not None:
-                value.shape = renamed(value.shape)
-
-
 @dataclass
 class PackExport:
     spec: StackSpec
@@ -143,39 +110,75 @@ class PackExport:
     seconds: float
 
 
+IR_DTYPES = {"float32": ir.DataType.FLOAT, "float16": ir.DataType.FLOAT16,
+             "bfloat16": ir.DataType.BFLOAT16, "int64": ir.DataType.INT64}
+
+
+def _graph_value(name: str, info: dict) -> ir.Value:
+    return ir.Value(name=name, type=ir.TensorType(IR_DTYPES[info["dtype"]]), shape=ir.Shape(info["shape"]))
+
+
+def _layer_weight_names(cfg: DecoderConfig, layer: int) -> list[str]:
+    prefix = f"layers.{layer}."
+    return [n for n in _stack_tensor_names(cfg, StackSpec(layer, layer + 1, False)) if n.startswith(prefix)]
+
+
+def build_pack_model(source: ModelSource, spec: StackSpec, dtype: str, batch: int) -> tuple[ir.Model, int]:
+    """The pack's ONNX model (in memory) and its weight bytes."""
+    cfg = source.config
+    tdtype = TORCH_DTYPES[dtype]
+    first = {n.split(".", 2)[2]: t for n, t in source.read_tensors(_layer_weight_names(cfg, spec.first_layer)).items()}
+    pieces = trace_pieces(cfg, spec, tdtype, batch, first)
+    del first
+    contract = io_contract(cfg, spec, batch, dtype)
+    inputs = {name: _graph_value(name, info) for name, info in contract["inputs"].items()}
+    st = Stitcher(list(inputs.values()))
+    cos, sin = st.add(pieces["rotary"], "rotary/", [inputs["position_ids"]])
+    x, outputs, weight_bytes = inputs["hidden_in"], {}, 0
+    for i in spec.layers:
+        tensors = source.read_tensors(_layer_weight_names(cfg, i))
+        # One layer's weights converted at a time: the source's copy of a layer is
+        # dropped before the next one is read.
+        bound = {}
+        for name, t in tensors.items():
+            t = t.to(tdtype)
+            weight_bytes += t.numel() * t.element_size()
+            bound["layer." + name.split(".", 2)[2]] = (name, torch_to_ir(t, name))
+        del tensors
+        x, k, v = st.add(pieces["layer"], f"layers.{i}/", [x, inputs["attention_mask"], cos, sin,
+                                                            inputs[f"past_key_in{i}"], inputs[f"past_value_in{i}"]],
+                         bind=bound.__getitem__)
+        outputs[f"past_key{i}"], outputs[f"past_value{i}"] = k, v
+    if spec.final_norm:
+        (norm_weight,) = source.read_tensors(["norm.weight"]).values()
+        norm_weight = norm_weight.to(tdtype)
+        weight_bytes += norm_weight.numel() * norm_weight.element_size()
+        (x,) = st.add(pieces["norm"], "norm/", [x], bind=lambda _: ("norm.weight", torch_to_ir(norm_weight, "norm.weight")))
+    outputs = {"hidden_out": x, **outputs}
+    model = st.model(outputs)
+    for name, info in contract["outputs"].items():
+        value = outputs[name]
+        value.shape, value.type = ir.Shape(info["shape"]), ir.TensorType(IR_DTYPES[info["dtype"]])
+    # Constant folding (the weights' transposes for MatMul among others) and cleanup,
+    # but none of the optimizer's fusions: fusing is the surgery stage's job, with
+    # its checks and report.
+    onnxscript.optimizer.optimize_ir(model)
+    return model, weight_bytes
+
+
 def export_pack(source: ModelSource, spec: StackSpec, dtype: str, batch: int, path: Path,
                 log=print) -> PackExport:
     """Export one pack to ``path`` (written to a temporary name, then renamed into place)."""
-    cfg = source.config
-    tdtype = TORCH_DTYPES[dtype]
     t0 = time.perf_counter()
-    names = [n for n in _stack_tensor_names(cfg, spec)]
-    stack = build_stack(cfg, spec, source.read_tensors(names), tdtype)
-    weight_bytes = sum(p.numel() * p.element_size() for p in stack.parameters())
-    args = example_inputs(cfg, spec, batch, tdtype, n=3, last=5)
-    dyn = torch.export.Dim.DYNAMIC
-    seq_axis = 2 if spec.kv_format == 0 else 1
-    dynamic_shapes = ({1: dyn}, {2: dyn, 3: dyn}, {1: dyn}, ({seq_axis: dyn},) * (2 * len(spec.layers)))
     with warnings.catch_warnings(), _quiet_exporter():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            stack, args, f=None, dynamo=True, opset_version=OPSET,
-            input_names=input_names(spec), output_names=output_names(spec),
-            dynamic_shapes=dynamic_shapes, optimize=False, verbose=False)
-        if program is None:
-            raise ExportError(f"layers {spec.first_layer}..{spec.last_layer - 1}: the exporter returned no program")
-        # The exporter's own optimize step would also fuse RMSNorm and RoPE (without
-        # the checks and reports of our surgery stage); we want the plain graph
-        # here, so run only constant folding and cleanup.
-        onnxscript.optimizer.optimize_ir(program.model)
-    _rename_axes(program, spec)
-    program.model.producer_name = "kvplan"
+        model, weight_bytes = build_pack_model(source, spec, dtype, batch)
     external = weight_bytes > EXTERNAL_DATA_THRESHOLD
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        program.save(str(tmp / path.name), external_data=external)
-        del program, stack
+        ir.save(model, tmp / path.name, external_data=(path.name + ".data") if external else None)
+        del model
         # Data file first: a graph never lands pointing at a data file that is missing.
         data = tmp / (path.name + ".data")
         if data.exists():

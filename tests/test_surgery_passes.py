@@ -267,8 +267,8 @@ def test_rope_variant_is_left_alone_and_reported(variant, reason, node):
 
 # ---------------------------------------------------------------- framework and API
 
-def test_registry_lists_rmsnorm_then_rope():
-    assert list(surgery.PASSES) == ["rmsnorm", "rope"]
+def test_registry_lists_passes_in_order():
+    assert list(surgery.PASSES) == ["rmsnorm", "rope", "attention"]
 
 
 def test_unknown_pass_name_raises_naming_it_and_the_known_ones():

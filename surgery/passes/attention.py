@@ -10,7 +10,7 @@ Matched spelling (kvplan's exporter and transformers' eager attention), 4D tenso
            = Cast(Softmax(Cast(biased → float32), axis=-1) → dtype)    the fp32 island of fp16/bf16 models
     Y      = MatMul(probs, v4)                                         [B, H, N, Dv]
 
-becomes ``Y = Attention(Q, K, V, mask; scale, is_causal=0, softmax_precision)``: Q [B, H, N, D],
+becomes ``Y = Attention(Q, K, V, mask; scale, is_causal=0)``: Q [B, H, N, D],
 K/V [B, KV, S, D] (the cache already concatenated: no past/present inputs or outputs, the form
 TensorRT's parser accepts), mask the graph's own additive mask. The checks, against the opset-23
 definition (the text of the spec and onnx's reference implementation):
@@ -21,13 +21,14 @@ definition (the text of the spec and onnx's reference implementation):
   attribute explicitly (never the 1/sqrt(head_size) default).
 - mask: a float mask of Q's dtype whose shape broadcasts to the scores [B, H, N, S] without
   enlarging them (what the Add did).
-- softmax: over the last axis (the only one Attention normalises). ``softmax_precision`` is the
-  type Attention casts the biased scores to before its softmax, casting the probabilities back to
-  Q's type before ·V; that is exactly the fp32 island, so the island becomes
-  softmax_precision=FLOAT. A softmax the graph computes in Q's own type gets no attribute (the
-  spec's default is Q's type): the pass does not change what the graph computes. The attribute is
-  written only where it is needed because TensorRT's ONNX parser (TensorRT-RTX 1.7) rejects it
-  whatever its value ("Setting softmax precision is not supported in TensorRT Attention.").
+- softmax: over the last axis (the only one Attention normalises). An fp32 softmax island
+  (Cast to float32 → Softmax → Cast back) is accepted and written *without* the
+  ``softmax_precision`` attribute: TensorRT's ONNX parser (TensorRT-RTX 1.7) refuses the
+  attribute whatever its value ("Setting softmax precision is not supported in TensorRT
+  Attention."), while both consumers keep the softmax in fp32 anyway: TensorRT's fused attention
+  kernels accumulate the softmax in fp32, and ONNX Runtime's CPU kernel gives identical fp16
+  outputs with the attribute absent, FLOAT or FLOAT16. The numeric tests hold the fused graph to
+  the unfused one.
 - GQA: Attention repeats each KV head contiguously (np.repeat on the head axis: kv head j serves
   q heads j*rep .. j*rep+rep-1), which is what Unsqueeze(axis 2) → Expand along that axis →
   Reshape merging (KV, rep) produces. A Tile on the head axis, or an Unsqueeze on axis 1 (head
@@ -195,14 +196,12 @@ class AttentionPass(Pass):
                 raise Rejected(f"the fp32 probabilities are cast to {got}, not back to Q's {dtype_name(qt)}", seen)
             _sole(graph, x, seen, "the softmax's fp32 input")
             _sole(graph, softmax.outputs[0], seen, "the fp32 probabilities")
-            precision = F32
         else:
             if cast_out is not None:
                 raise Rejected(f"the probabilities are cast to {dtype_name(cast_out.attrs.get('to'))} with no cast "
                                "into the softmax", seen)
             if onnx_dtype(x) != qt:
                 raise Rejected(f"the softmax runs in {dtype_name(onnx_dtype(x))}, Q is {dtype_name(qt)}", seen)
-            precision = qt
         _sole(graph, probs, seen, "the probabilities")
 
         # --- the mask ---
@@ -234,11 +233,6 @@ class AttentionPass(Pass):
                                 cast_out, pv) if n is not None]
             detach(core)
             attrs = {"scale": float(np.float32(scale)), "is_causal": 0}
-            if precision != qt:
-                # Only the island needs it: without the attribute Attention's softmax runs in Q's
-                # type, exactly as a graph whose Softmax reads Q's type. (TensorRT's parser refuses
-                # the attribute whatever its value: kept off wherever it is not needed.)
-                attrs["softmax_precision"] = int(precision)
             inputs = [q, k, v] + ([mask] if mask is not None else [])
             base = softmax.name.rsplit("/", 1)[0] if "/" in softmax.name else softmax.name
             graph.nodes.append(gs.Node("Attention", name=unique_name(graph, f"{base}/Attention"),
