@@ -127,9 +127,8 @@ def build_pack_model(source: ModelSource, spec: StackSpec, dtype: str, batch: in
     """The pack's ONNX model (in memory) and its weight bytes."""
     cfg = source.config
     tdtype = TORCH_DTYPES[dtype]
-    first = {n.split(".", 2)[2]: t for n, t in source.read_tensors(_layer_weight_names(cfg, spec.first_layer)).items()}
-    pieces = trace_pieces(cfg, spec, tdtype, batch, first)
-    del first
+    pieces = trace_pieces(cfg, spec, tdtype, batch, lambda: {
+        n.split(".", 2)[2]: t for n, t in source.read_tensors(_layer_weight_names(cfg, spec.first_layer)).items()})
     contract = io_contract(cfg, spec, batch, dtype)
     inputs = {name: _graph_value(name, info) for name, info in contract["inputs"].items()}
     st = Stitcher(list(inputs.values()))

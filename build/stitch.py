@@ -130,9 +130,18 @@ def _io(inputs: list[str], outputs: list[str]) -> tuple[list[str], list[str]]:
     return [f"piece_in_{n}" for n in inputs], [f"piece_out_{n}" for n in outputs]
 
 
+# Traced pieces depend on the architecture, dtype, batch and cache layout, never on
+# the weights (every copy is bound to its own), so one process traces each piece once:
+# packs of one export, and repeated exports (tests, benchmarks), reuse them.
+_PIECES: dict[tuple, Piece] = {}
+
+
 def trace_pieces(cfg: DecoderConfig, spec: StackSpec, dtype: torch.dtype, batch: int,
-                 first_layer_weights: dict[str, torch.Tensor]) -> dict[str, Piece]:
-    """The rotary, layer and (if the pack has it) final-norm pieces, traced at (N=3, lastSum=5)."""
+                 first_layer_weights: Callable[[], dict[str, torch.Tensor]]) -> dict[str, Piece]:
+    """The rotary, layer and (if the pack has it) final-norm pieces, traced at (N=3, lastSum=5).
+
+    ``first_layer_weights()`` is called only when the layer piece must be traced.
+    """
     dyn = torch.export.Dim.DYNAMIC
     n, last = 3, 5          # distinct, and neither 0 nor 1, so the tracer keeps the axes symbolic
     seq = 2 if spec.kv_format == 0 else 1
@@ -141,19 +150,32 @@ def trace_pieces(cfg: DecoderConfig, spec: StackSpec, dtype: torch.dtype, batch:
     pos = torch.arange(last, last + n).expand(batch, n).contiguous()
     rotary = RotaryCosSin(cfg, dtype)
     cos, sin = rotary(pos)
-    pieces = {"rotary": trace(rotary, (pos,), ({1: dyn},), _io(["position_ids"], ["cos", "sin"]))}
-
-    with torch.device("meta"):
-        layer = DecoderLayer(cfg)
-    layer.load_state_dict({k: v.to(dtype) for k, v in first_layer_weights.items()}, assign=True)
     x = torch.randn(batch, n, cfg.hidden_size).to(dtype)
-    mask = torch.zeros(batch, 1, n, last + n, dtype=dtype)
-    past = torch.randn(kv).to(dtype)
-    pieces["layer"] = trace(
-        LayerStep(layer.eval(), spec.kv_format), (x, mask, cos, sin, past, past.clone()),
-        ({1: dyn}, {2: dyn, 3: dyn}, {2: dyn}, {2: dyn}, {seq: dyn}, {seq: dyn}),
-        _io(["x", "mask", "cos", "sin", "past_k", "past_v"], ["y", "k", "v"]))
-    if spec.final_norm:
+    key = (cfg, dtype, batch)
+
+    def rotary_piece():
+        return trace(rotary, (pos,), ({1: dyn},), _io(["position_ids"], ["cos", "sin"]))
+
+    def layer_piece():
+        with torch.device("meta"):
+            layer = DecoderLayer(cfg)
+        layer.load_state_dict({k: v.to(dtype) for k, v in first_layer_weights().items()}, assign=True)
+        mask = torch.zeros(batch, 1, n, last + n, dtype=dtype)
+        past = torch.randn(kv).to(dtype)
+        return trace(LayerStep(layer.eval(), spec.kv_format), (x, mask, cos, sin, past, past.clone()),
+                     ({1: dyn}, {2: dyn, 3: dyn}, {2: dyn}, {2: dyn}, {seq: dyn}, {seq: dyn}),
+                     _io(["x", "mask", "cos", "sin", "past_k", "past_v"], ["y", "k", "v"]))
+
+    def norm_piece():
         norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps).to(dtype)
-        pieces["norm"] = trace(norm, (x,), ({1: dyn},), _io(["x"], ["y"]))
+        return trace(norm, (x,), ({1: dyn},), _io(["x"], ["y"]))
+
+    wanted = {"rotary": (key, rotary_piece), "layer": (key + (spec.kv_format,), layer_piece)}
+    if spec.final_norm:
+        wanted["norm"] = (key, norm_piece)
+    pieces = {}
+    for name, (k, make) in wanted.items():
+        if (name, k) not in _PIECES:
+            _PIECES[name, k] = make()
+        pieces[name] = _PIECES[name, k]
     return pieces
