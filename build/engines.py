@@ -78,7 +78,7 @@ def build_stages(source, profile, target: Path, args, log) -> list[Stage]:
         return {"model": source.fingerprint, "config": cfg.to_dict(), "dtype": profile.dtype,
                 "batch": profile.batch, "kv_format": profile.kv_format,
                 "decoder_pack_size": profile.decoder_pack_size,
-                "source": source_digest("build/config.py", "build/decoder.py", "build/export.py", "build/models"),
+                "source": source_digest("build/config.py", "build/decoder.py", "build/export.py", "build/stitch.py", "build/models"),
                 "torch": torch.__version__, "onnxscript": onnxscript.__version__}
 
     def export_build(_):

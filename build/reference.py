@@ -53,7 +53,15 @@ class HFReference:
             state = dict(weights)
             state["embed_tokens.weight"] = torch.zeros(model.embed_tokens.weight.shape)
         model.load_state_dict(state, strict=True)
-        self.model = model.to(dtype).eval()
+        # Rotary inverse frequencies stay fp32, as from_pretrained(dtype=float16) leaves
+        # them: a blanket .to(float16) would round them and shift the angle by ~1 rad
+        # at position 4000, which is a bug of the reference, not of the graph under test.
+        keep = {n: b.clone() for n, b in model.named_buffers() if n.endswith("inv_freq")}
+        model = model.to(dtype)
+        for name, buf in keep.items():
+            owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            setattr(owner, name.rsplit(".", 1)[-1], buf)
+        self.model = model.eval()
         self._cache_kw = "cache" if "cache" in inspect.signature(self.decoder.forward).parameters else "past_key_values"
 
     @property
