@@ -26,6 +26,9 @@ class StackSpec:
     last_layer: int          # exclusive
     final_norm: bool
     kv_format: int = 0       # 0: [B, kv_heads, S, head_dim]; 1: [B, S, kv_heads, head_dim]
+    # "concat": outputs the whole cache (past + new rows, length sumN), the original contract;
+    # "delta": outputs only the N new rows, for runtimes that append into a preallocated buffer.
+    kv_io: str = "concat"
 
     @property
     def layers(self) -> range:
@@ -73,7 +76,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
 
-    def forward(self, x, mask, cos, sin, past_k, past_v):
+    def forward(self, x, mask, cos, sin, past_k, past_v, kv_io: str = "concat"):
         cfg = self.cfg
         b, n, _ = x.shape
         d = cfg.head_dim
@@ -85,10 +88,11 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         q = apply_rotary(q, cos, sin, cfg.rotary_dim)
         k = apply_rotary(k, cos, sin, cfg.rotary_dim)
+        new_k, new_v = k, v
         # The cache is concatenated explicitly: the exported graph owns its KV I/O.
         k = torch.cat((past_k, k), dim=2)
         v = torch.cat((past_v, v), dim=2)
-        present_k, present_v = k, v
+        out_k, out_v = (new_k, new_v) if kv_io == "delta" else (k, v)
         rep = cfg.num_heads // cfg.num_kv_heads
         if rep > 1:
             s = k.shape[2]
@@ -100,7 +104,7 @@ class Attention(nn.Module):
         # lowers softmax(dtype=float32) to an fp16 Softmax followed by a Cast.
         probs = torch.softmax(scores.to(torch.float32), dim=-1).to(q.dtype)
         out = torch.matmul(probs, v).transpose(1, 2).reshape(b, n, cfg.num_heads * d)
-        return self.o_proj(out), present_k, present_v
+        return self.o_proj(out), out_k, out_v
 
 
 class MLP(nn.Module):
@@ -123,8 +127,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, mask, cos, sin, past_k, past_v):
-        attn, k, v = self.self_attn(self.input_layernorm(x), mask, cos, sin, past_k, past_v)
+    def forward(self, x, mask, cos, sin, past_k, past_v, kv_io: str = "concat"):
+        attn, k, v = self.self_attn(self.input_layernorm(x), mask, cos, sin, past_k, past_v, kv_io)
         x = x + attn
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, k, v
@@ -149,16 +153,16 @@ class RotaryCosSin(nn.Module):
 
 
 class LayerStep(nn.Module):
-    """One decoder layer over the cache layout of the export (kv format 0 or 1)."""
+    """One decoder layer over the cache layout and I/O mode of the export."""
 
-    def __init__(self, layer: DecoderLayer, kv_format: int):
+    def __init__(self, layer: DecoderLayer, kv_format: int, kv_io: str = "concat"):
         super().__init__()
-        self.layer, self.kv_format = layer, kv_format
+        self.layer, self.kv_format, self.kv_io = layer, kv_format, kv_io
 
     def forward(self, x, mask, cos, sin, past_k, past_v):
         if self.kv_format == 1:
             past_k, past_v = past_k.transpose(1, 2), past_v.transpose(1, 2)
-        x, k, v = self.layer(x, mask, cos, sin, past_k, past_v)
+        x, k, v = self.layer(x, mask, cos, sin, past_k, past_v, self.kv_io)
         if self.kv_format == 1:
             k, v = k.transpose(1, 2), v.transpose(1, 2)
         return x, k, v
@@ -182,7 +186,7 @@ class DecoderStack(nn.Module):
         self.rotary = RotaryCosSin(cfg, dtype)
 
     def steps(self):
-        return [LayerStep(layer, self.spec.kv_format) for layer in self.layers.values()]
+        return [LayerStep(layer, self.spec.kv_format, self.spec.kv_io) for layer in self.layers.values()]
 
     def forward(self, hidden_in, attention_mask, position_ids, *past):
         cos, sin = self.rotary(position_ids)
@@ -220,10 +224,16 @@ def build_stack(cfg: DecoderConfig, spec: StackSpec, state_dict: dict[str, torch
     return stack.eval()
 
 
-def pack_specs(cfg: DecoderConfig, pack_size: int, kv_format: int = 0) -> list[StackSpec]:
+KV_IO_MODES = ("concat", "delta")
+
+
+def pack_specs(cfg: DecoderConfig, pack_size: int, kv_format: int = 0, kv_io: str = "concat") -> list[StackSpec]:
     """Split the stack into packs of ``pack_size`` layers (0: one pack); only the last one has the final norm."""
     if pack_size < 0:
         raise ValueError(f"decoder_pack_size must be >= 0, got {pack_size}")
     size = pack_size or cfg.num_layers
     starts = list(range(0, cfg.num_layers, size))
-    return [StackSpec(s, min(s + size, cfg.num_layers), s + size >= cfg.num_layers, kv_format) for s in starts]
+    if kv_io not in KV_IO_MODES:
+        raise ValueError(f"kv_io must be one of {', '.join(KV_IO_MODES)}, got {kv_io!r}")
+    return [StackSpec(s, min(s + size, cfg.num_layers), s + size >= cfg.num_layers, kv_format, kv_io)
+            for s in starts]

@@ -49,9 +49,11 @@ def input_names(spec: StackSpec) -> list[str]:
 
 
 def output_names(spec: StackSpec) -> list[str]:
+    # delta outputs are named present_*: they are not the next step's past, only its new rows.
+    kind = "present" if spec.kv_io == "delta" else "past"
     names = ["hidden_out"]
     for i in spec.layers:
-        names += [f"past_key{i}", f"past_value{i}"]
+        names += [f"{kind}_key{i}", f"{kind}_value{i}"]
     return names
 
 
@@ -71,10 +73,12 @@ def io_contract(cfg: DecoderConfig, spec: StackSpec, batch: int, dtype: str) -> 
         },
         "outputs": {"hidden_out": {"shape": [batch, "N", cfg.hidden_size], "dtype": dtype}},
     }
+    out_names = iter(output_names(spec)[1:])
+    out_len = "N" if spec.kv_io == "delta" else "sumN"
     for i in spec.layers:
         for kind in ("key", "value"):
             io["inputs"][f"past_{kind}_in{i}"] = {"shape": kv_shape(cfg, spec, batch, "lastSum"), "dtype": dtype}
-            io["outputs"][f"past_{kind}{i}"] = {"shape": kv_shape(cfg, spec, batch, "sumN"), "dtype": dtype}
+            io["outputs"][next(out_names)] = {"shape": kv_shape(cfg, spec, batch, out_len), "dtype": dtype}
     return io
 
 
@@ -147,7 +151,8 @@ def build_pack_model(source: ModelSource, spec: StackSpec, dtype: str, batch: in
         x, k, v = st.add(pieces["layer"], f"layers.{i}/", [x, inputs["attention_mask"], cos, sin,
                                                             inputs[f"past_key_in{i}"], inputs[f"past_value_in{i}"]],
                          bind=bound.__getitem__)
-        outputs[f"past_key{i}"], outputs[f"past_value{i}"] = k, v
+        key_name, value_name = output_names(StackSpec(i, i + 1, False, spec.kv_format, spec.kv_io))[1:]
+        outputs[key_name], outputs[value_name] = k, v
     if spec.final_norm:
         (norm_weight,) = source.read_tensors(["norm.weight"]).values()
         norm_weight = norm_weight.to(tdtype)

@@ -1,8 +1,10 @@
-"""Drive exported packs with ONNX Runtime as a deployment runtime would.
+"""Drive exported packs as a deployment runtime would.
 
 Chains packs (hidden_out of one is hidden_in of the next), carries the flattened
-cache from step to step, and converts kv format 1 to and from the canonical
-[B, kv_heads, S, head_dim] so callers compare against transformers' layout.
+cache from step to step (for ``kv_io = "delta"`` graphs by appending the new rows
+on the host, as a runtime appends into its buffer), and converts kv format 1 to
+and from the canonical [B, kv_heads, S, head_dim] so callers compare against
+transformers' layout. ``pack_feed``/``next_past`` are shared by every backend.
 """
 from __future__ import annotations
 
@@ -13,13 +15,35 @@ import numpy as np
 
 from .decoder import StackSpec
 
-NP_DTYPES = {"float32": np.float32, "float16": np.float16}
-
 
 @dataclass
 class Pack:
     spec: StackSpec
     path: Path
+
+
+def _layout(t: np.ndarray, kv_format: int) -> np.ndarray:
+    # [B, S, kv, D] <-> [B, kv, S, D]: the same transpose both ways.
+    return np.ascontiguousarray(t.transpose(0, 2, 1, 3)) if kv_format == 1 else t
+
+
+def pack_feed(spec: StackSpec, hidden, mask, position_ids, past: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """Inputs of one pack; ``past`` is the whole stack's [k0, v0, k1, v1, ...] in kv format 0."""
+    feed = {"hidden_in": hidden, "attention_mask": mask, "position_ids": position_ids}
+    for i in spec.layers:
+        feed[f"past_key_in{i}"] = _layout(past[2 * i], spec.kv_format)
+        feed[f"past_value_in{i}"] = _layout(past[2 * i + 1], spec.kv_format)
+    return feed
+
+
+def next_past(spec: StackSpec, kv_outputs: list[np.ndarray], past: list[np.ndarray]) -> list[np.ndarray]:
+    """This pack's layers' cache after the step (kv format 0), from its KV outputs in graph order."""
+    out = []
+    for j, i in enumerate(spec.layers):
+        for kind in range(2):
+            t = _layout(np.asarray(kv_outputs[2 * j + kind]), spec.kv_format)
+            out.append(np.concatenate([past[2 * i + kind], t], axis=2) if spec.kv_io == "delta" else t)
+    return out
 
 
 class OnnxStack:
@@ -36,15 +60,7 @@ class OnnxStack:
         """One call over every pack; ``past`` and the returned cache are [k0, v0, k1, v1, ...] in kv format 0."""
         new_past: list[np.ndarray] = []
         for pack, sess in zip(self.packs, self.sessions):
-            feed = {"hidden_in": hidden, "attention_mask": mask, "position_ids": position_ids}
-            for j, i in enumerate(pack.spec.layers):
-                k, v = past[2 * i], past[2 * i + 1]
-                if pack.spec.kv_format == 1:
-                    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-                feed[f"past_key_in{i}"] = np.ascontiguousarray(k)
-                feed[f"past_value_in{i}"] = np.ascontiguousarray(v)
-            outs = sess.run(None, feed)
+            outs = sess.run(None, pack_feed(pack.spec, hidden, mask, position_ids, past))
             hidden = outs[0]
-            for k in outs[1:]:
-                new_past.append(k.transpose(0, 2, 1, 3) if pack.spec.kv_format == 1 else k)
+            new_past += next_past(pack.spec, outs[1:], past)
         return hidden, new_past

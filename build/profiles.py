@@ -16,6 +16,7 @@ PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
 DEFAULT_PROFILE = "fp16"
 
 DTYPES = ("float32", "float16", "bfloat16")
+KV_IO = ("concat", "delta")
 HARDWARE_COMPAT = ("none", "ampere_plus", "same_compute_capability")
 
 
@@ -58,6 +59,7 @@ class Profile:
     dtype: str
     batch: int = 1
     kv_format: int = 0
+    kv_io: str = "concat"
     decoder_pack_size: int = 0
     passes: tuple[str, ...] = ("rmsnorm", "rope")
     shapes: tuple[ShapeProfile, ...] = ()
@@ -80,7 +82,7 @@ class Profile:
 # Which keys each table may hold; anything else is a typo we refuse rather than ignore.
 _KEYS = {
     "": {"description", "export", "surgery", "engine", "validate"},
-    "export": {"dtype", "batch", "kv_format", "decoder_pack_size"},
+    "export": {"dtype", "batch", "kv_format", "kv_io", "decoder_pack_size"},
     "surgery": {"passes"},
     "engine": {"optimization_level", "workspace_mib", "timing_cache", "hardware_compatibility",
                "version_compatible", "compute_capabilities", "profiles"},
@@ -157,6 +159,10 @@ def parse(data: dict, source: str, name: str) -> Profile:
     kv_format = r.get(export, "kv_format", "export.kv_format", int, 0)
     if kv_format not in (0, 1):
         raise r.fail("export.kv_format", f"must be 0 ([B, kv_heads, S, head_dim]) or 1 ([B, S, kv_heads, head_dim]), got {kv_format}")
+    kv_io = r.get(export, "kv_io", "export.kv_io", str, "concat")
+    if kv_io not in KV_IO:
+        raise r.fail("export.kv_io", f"unknown mode {kv_io!r} (concat: outputs the whole cache, length sumN; "
+                                     f"delta: outputs only the N new rows)")
     pack = r.get(export, "decoder_pack_size", "export.decoder_pack_size", int, 0)
     if pack < 0:
         raise r.fail("export.decoder_pack_size", f"must be >= 0 (0: one pack), got {pack}")
@@ -201,7 +207,7 @@ def parse(data: dict, source: str, name: str) -> Profile:
     if atol < 0 or rtol < 0:
         raise r.fail("validate", "atol and rtol must be >= 0")
 
-    return Profile(name=name, source=source, dtype=dtype, batch=batch, kv_format=kv_format,
+    return Profile(name=name, source=source, dtype=dtype, batch=batch, kv_format=kv_format, kv_io=kv_io,
                    decoder_pack_size=pack, passes=tuple(passes), shapes=tuple(shapes),
                    optimization_level=level, workspace_mib=workspace,
                    timing_cache=r.get(engine, "timing_cache", "engine.timing_cache", str, "timing.cache"),

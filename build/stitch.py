@@ -162,7 +162,7 @@ def trace_pieces(cfg: DecoderConfig, spec: StackSpec, dtype: torch.dtype, batch:
         layer.load_state_dict({k: v.to(dtype) for k, v in first_layer_weights().items()}, assign=True)
         mask = torch.zeros(batch, 1, n, last + n, dtype=dtype)
         past = torch.randn(kv).to(dtype)
-        return trace(LayerStep(layer.eval(), spec.kv_format), (x, mask, cos, sin, past, past.clone()),
+        return trace(LayerStep(layer.eval(), spec.kv_format, spec.kv_io), (x, mask, cos, sin, past, past.clone()),
                      ({1: dyn}, {2: dyn, 3: dyn}, {2: dyn}, {2: dyn}, {seq: dyn}, {seq: dyn}),
                      _io(["x", "mask", "cos", "sin", "past_k", "past_v"], ["y", "k", "v"]))
 
@@ -170,7 +170,7 @@ def trace_pieces(cfg: DecoderConfig, spec: StackSpec, dtype: torch.dtype, batch:
         norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps).to(dtype)
         return trace(norm, (x,), ({1: dyn},), _io(["x"], ["y"]))
 
-    wanted = {"rotary": (key, rotary_piece), "layer": (key + (spec.kv_format,), layer_piece)}
+    wanted = {"rotary": (key, rotary_piece), "layer": (key + (spec.kv_format, spec.kv_io), layer_piece)}
     if spec.final_norm:
         wanted["norm"] = (key, norm_piece)
     pieces = {}

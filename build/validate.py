@@ -135,7 +135,7 @@ def _run_checks(args, kinds, state, backend_name, log) -> int:
     source, profile, target, manifest = state.source, state.profile, state.target, state.manifest
     cfg = source.config
     tol = profile.tolerance
-    specs = pack_specs(cfg, profile.decoder_pack_size, profile.kv_format)
+    specs = pack_specs(cfg, profile.decoder_pack_size, profile.kv_format, profile.kv_io)
     exported = _artifacts(manifest, "export", target)
     fused = _artifacts(manifest, "surgery", target)
     plans = _artifacts(manifest, "engines", target)

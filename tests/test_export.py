@@ -144,15 +144,18 @@ def test_reserved_slots_change_the_result(export_tiny):
     assert np.abs(causal - reserved).max() > 1e-3
 
 
-def test_greedy_generation_through_onnx_reproduces_generate(export_tiny):
+@pytest.mark.parametrize("kv_io", ["concat", "delta"])
+def test_greedy_generation_through_onnx_reproduces_generate(request, kv_io):
     """Embeddings and LM head in PyTorch, the decoder through ONNX Runtime with the flattened cache."""
+    packs = request.getfixturevalue("export_tiny")("tiny-llama", "float32") if kv_io == "concat" else \
+        request.getfixturevalue("export_tiny_delta")
     source = resolve("tiny-llama")
     cfg = source.config
     ref = HFReference(source, torch.float32, with_lm=True)
     prompt = torch.tensor([[1, 17, 42, 99, 5, 7]])
     want = ref.model.generate(prompt, max_new_tokens=32, do_sample=False, min_new_tokens=32)[0, prompt.shape[1]:]
 
-    stack = OnnxStack(export_tiny("tiny-llama", "float32"))
+    stack = OnnxStack(packs)
     embed, head = ref.model.get_input_embeddings(), ref.model.lm_head
     past = [np.zeros((1, cfg.num_kv_heads, 0, cfg.head_dim), np.float32) for _ in range(2 * cfg.num_layers)]
     tokens, last, new = prompt, 0, []
@@ -166,3 +169,45 @@ def test_greedy_generation_through_onnx_reproduces_generate(export_tiny):
             last += n
             tokens = torch.tensor([[token]])
     assert new == want.tolist()
+
+
+class TestDeltaKvIo:
+    """kv_io = "delta": the graph outputs only the N new rows; the runtime appends them."""
+
+    def test_outputs_are_present_rows_of_length_n(self, export_tiny_delta):
+        model = onnx.load(export_tiny_delta[0].path)
+        outputs = {v.name: _dims(v) for v in model.graph.output}
+        assert list(outputs)[:3] == ["hidden_out", "present_key0", "present_value0"]
+        assert outputs["present_key0"] == [1, 2, "N", 16]
+        assert [v.name for v in model.graph.input][3:5] == ["past_key_in0", "past_value_in0"]
+
+    @pytest.mark.parametrize("n,last", [(8, 0), (1, 302), (10, 303)])
+    def test_matches_transformers_after_appending(self, export_tiny_delta, references, n, last):
+        excess, name, err = compare_point(references("tiny-llama", "float32"), export_tiny_delta, "float32", n, last)
+        assert excess <= 0, f"(N={n}, lastSum={last}): {name} max abs error {err:.3g}"
+
+    def test_decode_writes_only_new_rows(self, export_tiny, export_tiny_delta):
+        """Bytes of KV written per decode step, from the graphs' output shapes at lastSum = 302."""
+        def kv_bytes(packs, last):
+            model = onnx.load(packs[0].path)
+            sizes = {"N": 1, "sumN": last + 1}
+            total = 0
+            for v in model.graph.output[1:]:
+                n = 1
+                for d in _dims(v):
+                    n *= sizes.get(d, d)
+                total += n * 4
+            return total
+        assert kv_bytes(export_tiny("tiny-llama"), 302) == 303 * kv_bytes(export_tiny_delta, 302)
+
+
+@pytest.fixture(scope="module")
+def export_tiny_delta(tmp_path_factory):
+    from build.decoder import pack_specs
+    from build.export import export_pack
+    from build.onnx_stack import Pack
+    source = resolve("tiny-llama")
+    [spec] = pack_specs(source.config, 0, 0, "delta")
+    path = tmp_path_factory.mktemp("delta") / "decoder.onnx"
+    export_pack(source, spec, "float32", 1, path)
+    return [Pack(spec, path)]

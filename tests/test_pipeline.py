@@ -19,7 +19,7 @@ def variant(tmp_path: Path, base: str, **export) -> str:
     for key, value in export.items():
         text, n = re.subn(rf"^{key} = .*$", f"{key} = {value}", text, flags=re.M)
         assert n == 1, key
-    path = tmp_path / f"{base}-{'-'.join(f'{k}{v}' for k, v in export.items())}.toml"
+    path = tmp_path / f"{base}-{'-'.join(f'{k}{v}' for k, v in export.items())}.toml".replace('"', "")
     path.write_text(text)
     return str(path)
 
@@ -49,6 +49,13 @@ def test_every_shipped_profile_builds_an_engine(tmp_path, base, kv_format):
     assert axis(record["profiles"]["prefill"]["hidden_in"], 1) == [1, 303, 512]
     ops = manifest["stages"]["surgery"]["artifacts"][0]["report"]["ops_after"]
     assert ops["RMSNormalization"] == 9 and ops["RotaryEmbedding"] == 8
+
+
+def test_delta_kv_io_builds_an_engine_whose_outputs_are_new_rows(tmp_path):
+    manifest = build(tmp_path, variant(tmp_path, "fp16", kv_io='"delta"'))
+    network = manifest["stages"]["engines"]["artifacts"][0]["build"]["network"]
+    outputs = network["outputs"]
+    assert "present_key0" in str(outputs) and "past_key0" not in str(outputs)
 
 
 def test_decoder_packs_build_one_engine_each(tmp_path):

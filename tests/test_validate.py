@@ -42,6 +42,7 @@ PROFILE = """description = "validation test profile"
 dtype = "{dtype}"
 decoder_pack_size = {pack}
 kv_format = {kv_format}
+kv_io = "{kv_io}"
 [surgery]
 passes = {passes}
 [engine]
@@ -61,11 +62,12 @@ TOL = {"float32": (1e-4, 1e-4), "float16": (5e-2, 2e-2), "bfloat16": (2e-1, 8e-2
 
 
 def write_profile(directory: Path, name: str, dtype: str, pack: int = 0, kv_format: int = 0,
-                  passes: str = '["rmsnorm", "rope"]') -> Path:
+                  passes: str = '["rmsnorm", "rope"]', kv_io: str = "concat") -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{name}.toml"
     atol, rtol = TOL[dtype]
-    path.write_text(PROFILE.format(dtype=dtype, pack=pack, kv_format=kv_format, passes=passes, atol=atol, rtol=rtol))
+    path.write_text(PROFILE.format(dtype=dtype, pack=pack, kv_format=kv_format, kv_io=kv_io, passes=passes,
+                                   atol=atol, rtol=rtol))
     return path
 
 
@@ -238,6 +240,20 @@ def test_fp16_packs_kv_format_1_through_the_pipeline_cli(tmp_path, capsys):
             "validation/decoder.pack1.prefill.outputs.pytorch.json"} <= set(validation["files"])
     assert all(p["passed"] for p in validation["pairs"].values())
     assert validation["task"]["stacks"]["onnxrt-fused"]["agreement"] >= 0.95
+
+
+def test_delta_kv_io_is_validated_on_the_new_rows_and_over_many_steps(tmp_path, capsys):
+    """kv_io = "delta": each point compares present_* with the reference's new rows, and the
+    multi-step check appends them to the host-side cache step after step."""
+    profile = write_profile(tmp_path, "vdelta", "float32", kv_io="delta")
+    rc = engines_main(["--model", "tiny-llama", "--profile", str(profile), "--out", str(tmp_path / "e"),
+                       "--stop-after", "surgery", "--validate"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    validation = load_manifest(tmp_path / "e" / "tiny-llama" / "vdelta")["validation"]
+    assert validation["status"] == "pass"
+    assert "present_key0" in out
+    assert validation["task"]["stacks"]["onnxrt-fused"]["agreement"] == 1.0
 
 
 def test_bfloat16_reports_what_onnx_runtime_cannot_run(tmp_path, capsys):

@@ -79,6 +79,9 @@ class ReferenceRunner(BaseRunner):
                                position_ids=as_torch["position_ids"], use_cache=True,
                                **{self.ref._cache_kw: cache})
         past = self.ref.cache_tensors(cache, self.spec.last_layer)[2 * self.spec.first_layer:]
+        if self.spec.kv_io == "delta":      # the graph outputs only the step's new rows
+            n = as_torch["hidden_in"].shape[1]
+            past = [t[:, :, t.shape[2] - n:] for t in past]
         values = [out.last_hidden_state] + [to_kv_format(t, self.spec.kv_format) for t in past]
         self.inference_time = time.perf_counter() - start
         if self.log:   # the slow runner on CPU at large shapes: show progress per point

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..export import causal_mask
+from ..onnx_stack import next_past, pack_feed
 from .points import as_float32
 
 
@@ -38,18 +39,10 @@ class TrtStack:
             if self.active[j] != index:
                 runner.set_profile(index)
                 self.active[j] = index
-            feed = {"hidden_in": hidden, "attention_mask": mask, "position_ids": pos}
-            for i in spec.layers:
-                k, v = past[2 * i], past[2 * i + 1]
-                if spec.kv_format == 1:
-                    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-                feed[f"past_key_in{i}"], feed[f"past_value_in{i}"] = np.ascontiguousarray(k), np.ascontiguousarray(v)
-            outs = runner.infer(feed)
-            names = list(outs)
-            hidden = np.array(outs[names[0]])
-            for name in names[1:]:
-                kv = np.array(outs[name])
-                new_past.append(kv.transpose(0, 2, 1, 3) if spec.kv_format == 1 else kv)
+            outs = runner.infer(pack_feed(spec, hidden, mask, pos, past))
+            values = [np.array(v) for v in outs.values()]
+            hidden = values[0]
+            new_past += next_past(spec, values[1:], past)
         return hidden, new_past
 
 
