@@ -19,7 +19,7 @@ def variant(tmp_path: Path, base: str, **export) -> str:
     for key, value in export.items():
         text, n = re.subn(rf"^{key} = .*$", f"{key} = {value}", text, flags=re.M)
         assert n == 1, key
-    path = tmp_path / f"{base}-{'-'.join(f'{k}{v}' for k, v in export.items())}.toml".replace('"', "")
+    path = tmp_path / (base + "-" + re.sub(r"\W+", "", "-".join(f"{k}{v}" for k, v in export.items())) + ".toml")
     path.write_text(text)
     return str(path)
 
@@ -56,6 +56,15 @@ def test_delta_kv_io_builds_an_engine_whose_outputs_are_new_rows(tmp_path):
     network = manifest["stages"]["engines"]["artifacts"][0]["build"]["network"]
     outputs = network["outputs"]
     assert "present_key0" in str(outputs) and "past_key0" not in str(outputs)
+
+
+@pytest.mark.parametrize("base", ["fp16", "fp32"])
+def test_fused_attention_maps_to_attention_layers_and_builds(tmp_path, base):
+    manifest = build(tmp_path, variant(tmp_path, base, passes='["rmsnorm", "rope", "attention"]'))
+    report = manifest["stages"]["surgery"]["artifacts"][0]["report"]
+    assert report["ops_after"]["Attention"] == 4 and "Softmax" not in report["ops_after"]
+    layers = manifest["stages"]["engines"]["artifacts"][0]["build"]["network"]["layer_types"]
+    assert layers["ATTENTION_INPUT"] == 4 and layers["ATTENTION_OUTPUT"] == 4 and "SOFTMAX" not in layers
 
 
 def test_decoder_packs_build_one_engine_each(tmp_path):

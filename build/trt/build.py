@@ -21,7 +21,7 @@ from ..profiles import Profile
 from .callbacks import Log, Pending, make_logger, make_progress_monitor
 from .errors import BuildError
 from .memory import memory_record
-from .network import check_network_inputs, network_summary, parse
+from .network import allow_decomposed_attention, check_network_inputs, network_summary, parse
 from .options import configure, load_timing_cache, save_timing_cache, timing_cache_supported
 from .plan_io import write_atomic
 from .shapes import dims, shapes_for
@@ -87,6 +87,9 @@ def build_engine(onnx_path: Path, plan_path: Path, profile: Profile, contract: d
 
     builder, network, parser = parse(trt, backend, onnx_path, logger)
     check_network_inputs(network, contract, onnx_path)
+    attention = allow_decomposed_attention(trt, network)
+    if attention:
+        log(f"[build] {attention} fused attention layer(s), decomposable where no fused kernel fits")
     summary = network_summary(network)
     log(f"[build] {onnx_path.name}: {summary['layers']} layers, {network.num_inputs} inputs, "
         f"{network.num_outputs} outputs ({backend.name} {backend.version})")

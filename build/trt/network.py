@@ -97,3 +97,21 @@ def check_network_inputs(network, contract: dict, onnx_path: Path) -> None:
             problems.append(f"{name}: dtype {t.dtype.name}, contract {info['dtype']}")
     if problems:
         raise BuildError(f"{onnx_path}: network inputs do not match the I/O contract: " + "; ".join(problems))
+
+
+def allow_decomposed_attention(trt, network) -> int:
+    """Let every fused attention layer fall back to its decomposed form.
+
+    The parser leaves ``decomposable`` off, and TensorRT-RTX has no dedicated
+    kernel for some cases (every fp32 attention, for one), where the build then
+    fails outright. With the flag the builder still picks the fused kernel where
+    one exists. Returns the number of attention layers.
+    """
+    count = 0
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type == trt.LayerType.ATTENTION_INPUT:
+            layer.__class__ = trt.IAttentionInputLayer
+            layer.attention.decomposable = True
+            count += 1
+    return count
