@@ -1,0 +1,1 @@
+"""kvplan benchmark harness: `python -m bench.run` regenerates every table under bench/results/."""
