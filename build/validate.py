@@ -155,10 +155,14 @@ def _run_checks(args, kinds, state, backend_name, log) -> int:
         prefill_ref = HFReference(source, torch.float32)
     points = pts.select_points(profile, kinds)
     need = [s.first_layer for s in specs]
+    t = time.perf_counter()
+    longest = max(p.last for p in points)
+    prefill = pts.Prefill(prefill_ref or ref, profile.batch, longest)
+    log(f"[validate] prefill of {longest} tokens (shared by every point) in {time.perf_counter() - t:.1f} s")
     data = []
     for i, point in enumerate(points):
         t = time.perf_counter()
-        data.append(pts.point_data(ref, point, profile.batch, need, prefill_ref))
+        data.append(pts.point_data(ref, point, profile.batch, need, prefill_ref, prefill))
         log(f"[validate] point {i + 1}/{len(points)} {point.label}{' (reserved slots masked)' if point.masked else ''}"
             f": prefill + inputs in {time.perf_counter() - t:.1f} s")
 

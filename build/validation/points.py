@@ -90,8 +90,30 @@ class PointData:
     past: list[torch.Tensor]          # [k0, v0, k1, v1, ...] in [B, kv_heads, lastSum, head_dim]
 
 
-def point_data(ref, point: Point, batch: int, need_layers: list[int], prefill_ref=None) -> PointData:
+class Prefill:
+    """One real prefill of the longest lastSum any point needs, shared by every point.
+
+    The decoder is causal, so the cache of the first L tokens of a longer prefill is
+    exactly the cache of a prefill of those L tokens: slicing it replaces one
+    multi-minute CPU prefill per point by one in all.
+    """
+
+    def __init__(self, ref, batch: int, length: int, seed: int = 0):
+        cfg = ref.source.config
+        cache = ref.prefill(batch, length, seed=seed)
+        self.past = ref.cache_tensors(cache, cfg.num_layers) if length else [
+            torch.zeros(batch, cfg.num_kv_heads, 0, cfg.head_dim, dtype=ref.dtype) for _ in range(2 * cfg.num_layers)]
+
+    def first(self, last: int) -> list[torch.Tensor]:
+        return [t[:, :, :last].clone() for t in self.past]
+
+
+def point_data(ref, point: Point, batch: int, need_layers: list[int], prefill_ref=None,
+               prefill: Prefill | None = None) -> PointData:
     """Real prefill of ``lastSum`` tokens, then N fresh embeddings on top of it.
+
+    ``prefill``: a shared longer prefill to take the first lastSum positions from
+    (otherwise one is run for this point).
 
     ``need_layers``: layers whose incoming hidden state is needed (pack starts);
     anything past layer 0 costs one extra full forward with output_hidden_states.
@@ -103,13 +125,12 @@ def point_data(ref, point: Point, batch: int, need_layers: list[int], prefill_re
     cfg = ref.source.config
     dtype = ref.dtype
     prefill_ref = prefill_ref or ref
-    cache = prefill_ref.prefill(batch, point.last, seed=point.seed)
+    prefill = prefill or Prefill(prefill_ref, batch, point.last, seed=point.seed)
+    cache = ref.new_cache()
     if point.last:
-        past = [t.to(dtype) for t in prefill_ref.cache_tensors(cache, cfg.num_layers)]
-        if prefill_ref is not ref:
-            cache = ref.new_cache()
-            for i in range(cfg.num_layers):
-                cache.update(past[2 * i].clone(), past[2 * i + 1].clone(), i)
+        past = [t.to(dtype) for t in prefill.first(point.last)]
+        for i in range(cfg.num_layers):
+            cache.update(past[2 * i].clone(), past[2 * i + 1].clone(), i)
     else:
         past = [torch.zeros(batch, cfg.num_kv_heads, 0, cfg.head_dim, dtype=dtype) for _ in range(2 * cfg.num_layers)]
     g = torch.Generator().manual_seed(point.seed + 1)
