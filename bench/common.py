@@ -87,7 +87,7 @@ def machine_info() -> dict:
 
 
 def measure(cmd: list[str], *, cwd: Path | str = ROOT, env: dict | None = None, timeout: float = 1800,
-            log_file: Path | None = None) -> dict:
+            log_file: Path | None = None, keep_output: bool = False) -> dict:
     """Run cmd in a fresh helper process; return wall seconds, peak RSS (MiB, max over the command and
     its descendants, via getrusage(RUSAGE_CHILDREN) in the helper), exit code, load before/after, tail."""
     with tempfile.NamedTemporaryFile("r", suffix=".json", delete=False) as tf:
@@ -116,6 +116,8 @@ def measure(cmd: list[str], *, cwd: Path | str = ROOT, env: dict | None = None, 
         log_file.write_text(" ".join(map(str, cmd)) + "\n\n" + out)
     res.update({"cmd": " ".join(str(c) for c in cmd), "load_before": before, "load_after": loadavg(),
                 "tail": _tail(out, 1500 if res.get("rc") != 0 else 300)})
+    if keep_output:
+        res["_output"] = out
     log(f"  rc={res.get('rc')} wall={res.get('wall_s')} s peak_rss={res.get('peak_rss_mib')} MiB")
     return res
 

@@ -39,7 +39,7 @@ def role(name: str) -> str:
     return "other"
 
 
-def make_feed(sess, n: int, last_sum: int, head_dim: int = 64, rng_seed: int = 0) -> dict:
+def make_feed(sess, n: int, last_sum: int, head_dim: int = 64, vocab: int = 32000, rng_seed: int = 0) -> dict:
     rng = np.random.default_rng(rng_seed)
     total = last_sum + n
     feed = {}
@@ -65,7 +65,7 @@ def make_feed(sess, n: int, last_sum: int, head_dim: int = 64, rng_seed: int = 0
         if r == "embeds":
             feed[inp.name] = rng.standard_normal(dims([n]), dtype=np.float32).astype(dt)
         elif r == "ids":
-            feed[inp.name] = rng.integers(3, 1000, size=dims([n])).astype(dt)
+            feed[inp.name] = rng.integers(3, min(vocab, 1000), size=dims([n])).astype(dt)
         elif r == "mask":
             if len(shape) == 4:  # additive [B, 1, N, sumN]: keep every slot (the cost does not depend on values)
                 s = dims([n, total])
@@ -102,6 +102,7 @@ def main(argv=None) -> int:
     p.add_argument("--prefill-reps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--head-dim", type=int, default=64, help="for caches whose last dim is symbolic")
+    p.add_argument("--vocab", type=int, default=32000, help="token ids are drawn below min(vocab, 1000)")
     p.add_argument("--points", default="decode:302,decode:2048,prefill:303")
     a = p.parse_args(argv)
     import onnxruntime as ort
@@ -121,7 +122,7 @@ def main(argv=None) -> int:
             n, last_sum, reps = 1, int(val), a.decode_reps
         else:
             n, last_sum, reps = int(val), 0, a.prefill_reps
-        feed = make_feed(sess, n, last_sum, a.head_dim)
+        feed = make_feed(sess, n, last_sum, a.head_dim, a.vocab)
         try:
             for _ in range(a.warmup):
                 sess.run(None, feed)

@@ -123,8 +123,9 @@ def section_peers(ctx) -> dict:
     preset = "tiny-llama" if ctx.quick else "minicpmo26-tts"
     fresh(work)
     ck = measure([PY, "-m", "bench.checkpoint", str(ckpt), "--preset", preset, "--dtype", "float16"],
-                 log_file=ctx.work / "logs" / "peers" / "checkpoint.log")
-    info = json.loads(ck["tail"].strip().splitlines()[-1]) if ck.get("rc") == 0 else {"error": ck.get("tail")}
+                 log_file=ctx.work / "logs" / "peers" / "checkpoint.log", keep_output=True)
+    ck_out = ck.pop("_output", "")
+    info = json.loads([ln for ln in ck_out.splitlines() if ln.startswith("{")][-1]) if ck.get("rc") == 0 else {"error": ck.get("tail")}
     rows = []
     logs = ctx.work / "logs" / "peers"
     for prof in ("fp32", "fp16"):
@@ -167,8 +168,7 @@ def section_peers(ctx) -> dict:
                    "-o", str(out), "-p", dtype, "-e", "cpu", "-c", str(work / "genai-cache")]
             res = measure(cmd, env=OFFLINE, log_file=logs / f"genai-{dtype}.log", timeout=1200)
             rows.append(peer_row(f"ORT GenAI builder ({dtype}, -e cpu)", res, out, out / "model.onnx",
-                                 "includes embedding + LM head; contrib ops (GroupQueryAttention, "
-                                 "SkipSimplifiedLayerNormalization, RotaryEmbedding)"))
+                                 "includes embedding + LM head (token ids in, logits out)"))
     else:
         rows.append({"peer": "ORT GenAI builder", "run": {"rc": "not installed"},
                      "notes": f"no {GENAI_VENV}: run bench/setup_peers.sh"})
@@ -209,13 +209,16 @@ def section_graph(ctx, peers_sec) -> dict:
         g = r.get("graph")
         if not g or r.get("run", {}).get("rc") != 0:
             continue
-        res = measure([PY, "-m", "bench.ort_latency", g, "--threads", "2", "--points", points, *reps],
+        cfg = (peers_sec.get("checkpoint") or {}).get("config", {})
+        extra = ["--vocab", str(cfg.get("vocab_size", 32000)), "--head-dim", str(cfg.get("head_dim", 64))]
+        res = measure([PY, "-m", "bench.ort_latency", g, "--threads", "2", "--points", points, *reps, *extra],
                       log_file=ctx.work / "logs" / "graph" / (Path(g).parent.name + "-" + Path(g).stem + ".log"),
-                      timeout=900)
+                      timeout=900, keep_output=True)
+        lat_out = res.pop("_output", "")
         row = {"graph": r["peer"], "path": g, "nodes": r.get("stats", {}).get("nodes"),
                "token_ids_in": "input_ids" in r.get("stats", {}).get("inputs", []), "run": res}
         try:
-            row["latency"] = json.loads([ln for ln in res["tail"].splitlines() if ln.startswith("{")][-1])
+            row["latency"] = json.loads([ln for ln in lat_out.splitlines() if ln.startswith("{")][-1])
         except (IndexError, json.JSONDecodeError):
             row["latency"] = None
         rows.append(row)
@@ -236,7 +239,8 @@ def md_graph(sec) -> list[str]:
            f"onnxruntime CPU EP, intra_op_num_threads=2, ORT_ENABLE_ALL; `bench/ort_latency.py`, inputs mapped by "
            f"role with the same seeded values; runs {' '.join(sec['reps'])}. decode = one token (N=1) with a past of "
            "lastSum; prefill = 303 tokens, empty past. Peers take token ids and include the embedding gather and the "
-           "32000×768 LM head (≈ 24.6 M MACs per token more than kvplan's decoder-only graph).", "",
+           "vocab×hidden LM head (32000×768 = 24.6 M MACs per token for the default shape; kvplan's graph is the "
+           "decoder stack only).", "",
            "| graph | nodes | embed + LM head | load s | decode @302 | decode @2048 | prefill 303 |",
            "|---|---:|---|---:|---:|---:|---:|"]
     for r in sec["rows"]:
@@ -387,7 +391,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-wait", type=float, default=600.0, help="seconds to wait for the load threshold per section")
     p.add_argument("--validate-points", default=None, help="--points passed to build.validate (default: its own)")
     p.add_argument("--validate-timeout", type=float, default=900)
-    p.add_argument("--scale-shapes", default="llama3.2-1b-shape,llama3.2-3b-shape")
+    p.add_argument("--scale-shapes", default="llama3.2-1b-shape",
+                   help="extra shapes from bench/preset_run.py, smallest first (llama3.2-3b-shape is skipped when the "
+                        "previous ratio predicts it will not fit)")
     p.add_argument("--date", default=time.strftime("%Y-%m-%d"))
     ctx = p.parse_args(argv)
     ctx.scale_shapes = ctx.scale_shapes.split(",")
@@ -402,9 +408,9 @@ def main(argv=None) -> int:
     results = json.loads(jpath.read_text()) if jpath.exists() else {"sections": {}, "gates": {}}
     results.update({"date": ctx.date, "quick": ctx.quick, "machine": machine_info()})
     results.setdefault("gates", {})
-    for s in chosen:
-        if not ctx.no_wait:
-            results["gates"][s] = wait_for_quiet(ctx.load_threshold, ctx.max_wait)
+    for i, s in enumerate(chosen):
+        if not ctx.no_wait:  # the full wait before the first section, a short one between sections
+            results["gates"][s] = wait_for_quiet(ctx.load_threshold, ctx.max_wait if i == 0 else min(ctx.max_wait, 60))
         log(f"section {s}")
         t0 = time.monotonic()
         if s == "pipeline":
