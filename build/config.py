@@ -7,7 +7,7 @@ mapping from its config.json, not a new model class.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, asdict
 from typing import Any
 
 

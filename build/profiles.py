@@ -8,7 +8,7 @@ Every error names the file and the field.
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, asdict
 from pathlib import Path
 from typing import Any
 

@@ -44,7 +44,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..framework import Pass
-from ..graphutil import (Rejected, const_value, detach, dtype_name, internal, ints, is_last_axis, onnx_dtype,
+from ..graphutil import (Rejected, sole_consumer, const_value, detach, dtype_name, ints, is_last_axis, onnx_dtype,
                          other_input, producer, producer_op, rank, unique_name)
 
 F32 = onnx.TensorProto.FLOAT
@@ -62,9 +62,7 @@ def _shape(t: gs.Tensor) -> list | None:
 
 
 def _sole(graph, t: gs.Tensor, seen, what) -> gs.Node:
-    if not internal(t, graph):
-        raise Rejected(f"{what} ({t.name}) is used outside the attention pattern", seen)
-    return t.outputs[0]
+    return sole_consumer(t, graph, seen, what, "the attention pattern")
 
 
 class AttentionPass(Pass):

@@ -23,7 +23,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..framework import Pass
-from ..graphutil import (Rejected, const_value, detach, dtype_name, internal, ints, is_last_axis, last_dim,
+from ..graphutil import (Rejected, sole_consumer, const_value, detach, dtype_name, internal, ints, is_last_axis, last_dim,
                          onnx_dtype, other_input, producer, producer_op, rank, scalar, unique_name)
 
 F32 = onnx.TensorProto.FLOAT
@@ -31,9 +31,7 @@ ISLAND_TYPES = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 
 
 def _sole(t: gs.Tensor, graph: gs.Graph, seen: list[gs.Node], what: str) -> gs.Node:
-    if not internal(t, graph):
-        raise Rejected(f"{what} ({t.name}) is used outside the norm, so the pattern cannot be replaced", seen)
-    return t.outputs[0]
+    return sole_consumer(t, graph, seen, what, "the norm, so the pattern cannot be replaced")
 
 
 class RMSNormPass(Pass):

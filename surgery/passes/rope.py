@@ -23,7 +23,7 @@ import onnx_graphsurgeon as gs
 import numpy as np
 
 from ..framework import Pass
-from ..graphutil import (Rejected, const_value, detach, dtype_name, internal, ints, is_last_axis, last_dim,
+from ..graphutil import (Rejected, sole_consumer, const_value, detach, dtype_name, ints, is_last_axis, last_dim,
                          onnx_dtype, other_input, producer, producer_op, rank, unique_name)
 
 INT64_MAX = 2**63 - 1
@@ -148,9 +148,7 @@ class RoPEPass(Pass):
 
     @staticmethod
     def _sole(graph, t, seen, what) -> gs.Node:
-        if not internal(t, graph):
-            raise Rejected(f"{what} ({t.name}) is used outside the rotary pattern", seen)
-        return t.outputs[0]
+        return sole_consumer(t, graph, seen, what, "the rotary pattern")
 
     def _half_cache(self, graph, t, trig, d, x, seen) -> dict:
         """Check that t is Unsqueeze(axis 1) of a duplicated cos/sin; return how to slice its first half."""
