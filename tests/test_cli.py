@@ -105,3 +105,24 @@ def test_failed_save_leaves_no_temporary_files(tmp_path, monkeypatch):
 def test_list_presets(capsys):
     code, out, _ = run(capsys, "--list-presets")
     assert code == 0 and "minicpmo26-tts" in out and "tiny-qwen3" in out
+
+
+def test_concurrent_build_of_the_same_target_waits_for_the_first(tmp_path):
+    import fcntl
+    import threading
+    import time
+    from build.manifest import target_lock
+
+    tmp_path.mkdir(exist_ok=True)
+    holder = open(tmp_path / ".kvplan.lock", "a+")
+    fcntl.flock(holder, fcntl.LOCK_EX)          # a first build holds the target
+    holder.write("4242")
+    holder.flush()
+    threading.Timer(1.0, lambda: fcntl.flock(holder, fcntl.LOCK_UN)).start()
+    messages = []
+    t0 = time.perf_counter()
+    with target_lock(tmp_path, log=messages.append):
+        waited = time.perf_counter() - t0
+    holder.close()
+    assert waited >= 0.9
+    assert messages == [f"another build of {tmp_path} is running (pid 4242); waiting for it to finish"]
