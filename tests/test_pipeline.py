@@ -92,6 +92,13 @@ class TestIncremental:
         assert "nothing to do" in out
         assert plan.stat().st_mtime_ns == before
 
+    def test_inspect_prints_the_layer_summary_of_the_target(self, target, capsys):
+        assert main(["--inspect", str(target / "tiny-llama" / "fp32")]) == 0
+        out = capsys.readouterr().out
+        assert "network of" in out.lower() and "input  past_key_in0" in out
+        assert out.count("ROTARY_EMBEDDING") >= 8
+        assert "no CUDA GPU visible" in out     # the engine inspector needs a deserialized engine
+
     def test_force_rebuilds(self, target, capsys):
         build(target, "fp32", "tiny-llama", "--force")
         out = capsys.readouterr().out
