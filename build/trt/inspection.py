@@ -14,20 +14,19 @@ from .plan_io import deserialize
 
 
 def _onnx_for_plan(plan: Path) -> Path | None:
-    manifest = plan.parent / "manifest.json"
-    if manifest.is_file():
-        try:
-            data = json.loads(manifest.read_text())
-            for key in ("onnx", "fused_onnx", "source_onnx"):
-                value = data.get(key) if isinstance(data, dict) else None
-                if isinstance(value, str):
-                    p = Path(value)
-                    p = p if p.is_absolute() else manifest.parent / p
-                    if p.is_file():
-                        return p
-        except (OSError, ValueError):
-            pass
-    for cand in (plan.with_suffix(".onnx"), plan.parent / "decoder.fused.onnx", plan.parent / "decoder.onnx"):
+    """The graph a plan was built from: as the target's manifest records it, else by file name
+    (the fused graph of the same pack before the exported one)."""
+    from ..manifest import load_manifest
+    manifest = load_manifest(plan.parent) or {}
+    for entry in manifest.get("stages", {}).get("engines", {}).get("artifacts", []):
+        source = entry.get("build", {}).get("onnx")
+        if entry.get("path") == plan.name and source:
+            p = Path(source)
+            p = p if p.is_absolute() else plan.parent / p
+            if p.is_file():
+                return p
+    stem = plan.name[:-len(".plan")] if plan.name.endswith(".plan") else plan.stem
+    for cand in (plan.parent / f"{stem}.fused.onnx", plan.parent / f"{stem}.onnx"):
         if cand.is_file():
             return cand
     return None
