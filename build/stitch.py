@@ -22,6 +22,7 @@ from .config import DecoderConfig
 from .decoder import DecoderLayer, LayerStep, RMSNorm, RotaryCosSin, StackSpec
 
 OPSET = 23
+DROPPED_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node")
 
 
 @dataclass
@@ -96,6 +97,10 @@ class Stitcher:
             graph.remove(node, safe=False)
         for node in nodes:
             node.name = prefix + (node.name or node.op_type)
+            # Stack traces and FX dumps name this checkout's paths: dropped, so the same model
+            # exports to the same bytes from any directory. The module scope stays.
+            for key in DROPPED_METADATA:
+                node.metadata_props.pop(key, None)
             for out in node.outputs:
                 out.name = prefix + out.name
                 # Shapes carry the tracer's private symbols; shape inference redoes them
