@@ -23,13 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx_ir as ir
-import onnxscript.optimizer
 import torch
 
 from .config import DecoderConfig
 from .decoder import StackSpec, pack_specs
 from .models import ModelSource
-from .stitch import Stitcher, torch_to_ir, trace_pieces
+from .stitch import Stitcher, finish, torch_to_ir, trace_pieces
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 OPSET = 23
@@ -163,10 +162,7 @@ def build_pack_model(source: ModelSource, spec: StackSpec, dtype: str, batch: in
     for name, info in contract["outputs"].items():
         value = outputs[name]
         value.shape, value.type = ir.Shape(info["shape"]), ir.TensorType(IR_DTYPES[info["dtype"]])
-    # Constant folding (the weights' transposes for MatMul among others) and cleanup,
-    # but none of the optimizer's fusions: fusing is the surgery stage's job, with
-    # its checks and report.
-    onnxscript.optimizer.optimize_ir(model)
+    finish(model)
     return model, weight_bytes
 
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+import onnxscript.optimizer
 import torch
 
 from .config import DecoderConfig
@@ -50,6 +52,10 @@ def trace(module: torch.nn.Module, args: tuple, dynamic_shapes, names: tuple[lis
         weights[name] = value.const_value
         value.const_value = None
         graph.inputs.append(value)
+    # Optimized here, once per piece and with the weights as inputs (so nothing derived
+    # from this copy's weights is folded in): the optimizer's pattern rewrites cost
+    # seconds per layer on a whole stack, and only the piece needs them.
+    onnxscript.optimizer.optimize_ir(model)
     proto = ir.serde.serialize_graph(graph)
     return Piece(proto, list(weights), weights, dict(model.functions), dict(model.opset_imports))
 
@@ -80,7 +86,11 @@ class Stitcher:
         ``bind(weight_name)`` gives the initializer name and tensor of each of the
         piece's weights in this copy; without it the traced values are used.
         """
-        graph = ir.serde.deserialize_graph(piece.graph_proto)
+        # A private copy of the (weightless) proto: deserialized tensors keep pointing into
+        # it, and renaming them below must not rename the next copy's.
+        proto = type(piece.graph_proto)()
+        proto.CopyFrom(piece.graph_proto)
+        graph = ir.serde.deserialize_graph(proto)
         n_data = len(graph.inputs) - len(piece.weight_names)
         if n_data != len(inputs):
             raise ValueError(f"piece {prefix!r} takes {n_data} inputs, got {len(inputs)}")
@@ -90,6 +100,12 @@ class Stitcher:
             bound.append(self.initializer(full_name, tensor))
         for inner, outer in zip(list(graph.inputs), bound):
             inner.replace_all_uses_with(outer)
+        # Constants the piece's optimizer lifted to initializers travel with each copy
+        # (identical ones are merged when the stitched graph is finished).
+        for name in list(graph.initializers):
+            value = graph.initializers.pop(name)
+            value.name = prefix + name
+            self.graph.register_initializer(value)
         outputs = list(graph.outputs)
         graph.outputs.clear()
         nodes = list(graph)
@@ -184,3 +200,19 @@ def trace_pieces(cfg: DecoderConfig, spec: StackSpec, dtype: torch.dtype, batch:
             _PIECES[name, k] = make()
         pieces[name] = _PIECES[name, k]
     return pieces
+
+
+def finish(model: ir.Model) -> None:
+    """What is left to do on the stitched graph: fold what the weights made constant (their
+    transposes for MatMul), lift constants to initializers and tidy up names. No pattern
+    rewrites (each piece had them) and none of the optimizer's fusions: fusing is the
+    surgery stage's job, with its checks and report."""
+    onnxscript.optimizer.fold_constants_ir(model)
+    ir.passes.Sequential(
+        common_passes.RemoveUnusedNodesPass(),
+        common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common_passes.DeduplicateInitializersPass(),
+        common_passes.CommonSubexpressionEliminationPass(),
+        common_passes.RemoveUnusedNodesPass(),
+        common_passes.NameFixPass(),
+    )(model)
