@@ -1,0 +1,115 @@
+"""KV I/O modes, concat vs delta: KV bytes a decode step writes, and its ONNX Runtime CPU latency.
+
+    python -m bench.kv_io [--model minicpmo26-tts] [--dtype float16] [--reps 20]
+
+Exports the model once per mode (fused rmsnorm+rope, as the shipped profiles build it), computes
+the bytes of every KV output of one decode step (N = 1) from the graph's output shapes, and times
+that step with ONNX Runtime (2 intra-op threads, median of --reps runs after 2 warm-ups) at
+lastSum 302 and 2048. Writes bench/results/kv_io-<date>.json and .md and prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from bench.common import ROOT, loadavg, machine_info
+
+RESULTS = ROOT / "bench" / "results"
+
+POINTS = (302, 2048)
+
+
+def export(model: str, dtype: str, kv_io: str, out: Path) -> Path:
+    import surgery
+    from build.decoder import pack_specs
+    from build.export import export_pack
+    from build.models import resolve
+    source = resolve(model)
+    [spec] = pack_specs(source.config, 0, 0, kv_io)
+    export_pack(source, spec, dtype, 1, out / "decoder.onnx")
+    surgery.fuse_file(out / "decoder.onnx", out / "decoder.fused.onnx", ["rmsnorm", "rope"], log=None)
+    return out / "decoder.fused.onnx"
+
+
+def kv_bytes_per_step(path: Path, last: int) -> int:
+    """Bytes of the KV outputs of one decode step (N = 1) at ``last``, from the output shapes."""
+    model = onnx.load(str(path), load_external_data=False)
+    sizes = {"N": 1, "sumN": last + 1}
+    total = 0
+    for value in model.graph.output[1:]:
+        elems = 1
+        for d in value.type.tensor_type.shape.dim:
+            elems *= sizes[d.dim_param] if d.dim_param else d.dim_value
+        total += elems * onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).itemsize
+    return total
+
+
+def step_latency(path: Path, last: int, reps: int) -> dict:
+    import onnxruntime as ort
+    from build.export import causal_mask
+    import torch
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feed = {}
+    for inp in sess.get_inputs():
+        dt = np.float16 if inp.type == "tensor(float16)" else np.float32
+        if inp.name == "position_ids":
+            feed[inp.name] = np.array([[last]], np.int64)
+        elif inp.name == "attention_mask":
+            feed[inp.name] = causal_mask(1, 1, last, torch.float16 if dt == np.float16 else torch.float32).numpy()
+        elif inp.name == "hidden_in":
+            feed[inp.name] = rng.standard_normal((1, 1, inp.shape[2])).astype(dt)
+        else:   # past_key_in{i} / past_value_in{i}: [1, kv_heads, lastSum, head_dim]
+            feed[inp.name] = rng.standard_normal((1, inp.shape[1], last, inp.shape[3])).astype(dt)
+    for _ in range(2):
+        sess.run(None, feed)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        sess.run(None, feed)
+        times.append((time.perf_counter() - t) * 1000)
+    return {"median_ms": round(statistics.median(times), 2), "min_ms": round(min(times), 2)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="minicpmo26-tts")
+    p.add_argument("--dtype", default="float16")
+    p.add_argument("--reps", type=int, default=20)
+    args = p.parse_args(argv)
+    load_before = loadavg()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for kv_io in ("concat", "delta"):
+            graph = export(args.model, args.dtype, kv_io, Path(tmp) / kv_io)
+            for last in POINTS:
+                rows.append({"kv_io": kv_io, "lastSum": last, "kv_bytes_written": kv_bytes_per_step(graph, last),
+                             **step_latency(graph, last, args.reps)})
+    result = {"date": time.strftime("%Y-%m-%d"), "model": args.model, "dtype": args.dtype, "reps": args.reps,
+              "machine": machine_info(), "load_before": load_before, "load_after": loadavg(), "rows": rows}
+    lines = [f"# KV I/O modes: {args.model} {args.dtype}, one decode step (N = 1)", "",
+             f"ONNX Runtime CPU, 2 intra-op threads, median of {args.reps} runs; fused rmsnorm+rope graph; "
+             f"load average {load_before} before, {result['load_after']} after.", "",
+             "| kv_io | lastSum | KV bytes written | ORT median ms | ORT min ms |", "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['kv_io']} | {r['lastSum']} | {r['kv_bytes_written']:,} | {r['median_ms']} | {r['min_ms']} |")
+    table = "\n".join(lines) + "\n"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = RESULTS / f"kv_io-{result['date']}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
