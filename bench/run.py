@@ -103,6 +103,9 @@ def md_pipeline(sec) -> list[str]:
     out.append("")
     out.append("Weight bytes (manifest `stages.export.weight_bytes`): " + ", ".join(
         f"{r['model']}/{r['profile']} {mib(r.get('weight_bytes'))} MiB" for r in sec["rows"]))
+    out.append("")
+    out.append("Validation verdicts (manifest): " + ", ".join(
+        f"{r['model']}/{r['profile']} {(r.get('validation_verdict') or {}).get('status', '—')}" for r in sec["rows"]))
     for r in sec["rows"]:
         for stage, s in r["stages"].items():
             if s.get("rc") not in (0, None):
