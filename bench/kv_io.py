@@ -16,7 +16,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 from bench.common import ROOT, loadavg, machine_info
@@ -53,30 +52,11 @@ def kv_bytes_per_step(path: Path, last: int) -> int:
 
 def step_latency(path: Path, last: int, reps: int) -> dict:
     import onnxruntime as ort
-    from build.export import causal_mask
-    import torch
+    from bench.ort_latency import make_feed, time_runs
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 2
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(0)
-    feed = {}
-    for inp in sess.get_inputs():
-        dt = np.float16 if inp.type == "tensor(float16)" else np.float32
-        if inp.name == "position_ids":
-            feed[inp.name] = np.array([[last]], np.int64)
-        elif inp.name == "attention_mask":
-            feed[inp.name] = causal_mask(1, 1, last, torch.float16 if dt == np.float16 else torch.float32).numpy()
-        elif inp.name == "hidden_in":
-            feed[inp.name] = rng.standard_normal((1, 1, inp.shape[2])).astype(dt)
-        else:   # past_key_in{i} / past_value_in{i}: [1, kv_heads, lastSum, head_dim]
-            feed[inp.name] = rng.standard_normal((1, inp.shape[1], last, inp.shape[3])).astype(dt)
-    for _ in range(2):
-        sess.run(None, feed)
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        sess.run(None, feed)
-        times.append((time.perf_counter() - t) * 1000)
+    times = time_runs(sess, make_feed(sess, 1, last), warmup=2, reps=reps)
     return {"median_ms": round(statistics.median(times), 2), "min_ms": round(min(times), 2)}
 
 

@@ -94,6 +94,18 @@ def make_feed(sess, n: int, last_sum: int, head_dim: int = 64, vocab: int = 3200
     return feed
 
 
+def time_runs(sess, feed: dict, warmup: int, reps: int) -> list[float]:
+    """Milliseconds of ``reps`` runs after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        sess.run(None, feed)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        sess.run(None, feed)
+        times.append((time.perf_counter() - t) * 1000)
+    return times
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.ort_latency")
     p.add_argument("graph")
@@ -124,13 +136,7 @@ def main(argv=None) -> int:
             n, last_sum, reps = int(val), 0, a.prefill_reps
         feed = make_feed(sess, n, last_sum, a.head_dim, a.vocab)
         try:
-            for _ in range(a.warmup):
-                sess.run(None, feed)
-            times = []
-            for _ in range(reps):
-                t = time.perf_counter()
-                sess.run(None, feed)
-                times.append((time.perf_counter() - t) * 1000)
+            times = time_runs(sess, feed, a.warmup, reps)
         except Exception as e:  # record, keep the other points
             result["points"][point] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
             continue
