@@ -129,3 +129,15 @@ def test_build_killed_midway_leaves_no_plan_and_no_claim(tmp_path, monkeypatch, 
     manifest = json.loads((target / "manifest.json").read_text())
     assert manifest["status"] != "complete" and "engines" not in manifest["stages"]
     assert not list(target.glob("*.plan")) and not list(target.glob(".*tmp*"))
+
+
+@pytest.mark.slow
+def test_default_model_builds_and_validates(tmp_path):
+    """The README's main job on the full-size default model, then validation at the opt points."""
+    from build.validate import main as validate_main
+    manifest = build(tmp_path, "fp16", "minicpmo26-tts")
+    report = manifest["stages"]["surgery"]["artifacts"][0]["report"]["passes"]
+    assert {k: v["fused"] for k, v in report.items()} == {"rmsnorm": 41, "rope": 40, "attention": 20}
+    assert set(manifest["stages"]["engines"]["artifacts"][0]["build"]["profiles"]) == {"prefill", "decode"}
+    assert validate_main(["--profile", "fp16", "--model", "minicpmo26-tts", "--out", str(tmp_path),
+                          "--points", "opt", "--no-task"]) == 0
