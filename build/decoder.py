@@ -200,30 +200,6 @@ class DecoderStack(nn.Module):
         return (x, *outputs)
 
 
-def build_stack(cfg: DecoderConfig, spec: StackSpec, state_dict: dict[str, torch.Tensor],
-                dtype: torch.dtype) -> DecoderStack:
-    """A DecoderStack holding ``state_dict``'s tensors (HF names, no ``model.`` prefix).
-
-    Built on the meta device and filled with ``assign=True`` so the weights are held
-    once, not once random-initialised and once loaded.
-    """
-    with torch.device("meta"):
-        stack = DecoderStack(cfg, spec, dtype)
-    wanted = {k: v for k, v in stack.state_dict().items()}
-    missing = [k for k in wanted if k not in state_dict]
-    if missing:
-        raise KeyError(f"weights missing for {len(missing)} tensor(s), first: {missing[0]}")
-    tensors = {}
-    for name, ref in wanted.items():
-        t = state_dict[name]
-        if tuple(t.shape) != tuple(ref.shape):
-            raise ValueError(f"tensor {name}: shape {tuple(t.shape)} does not match the config's {tuple(ref.shape)}")
-        tensors[name] = t.to(dtype)
-    stack.load_state_dict(tensors, assign=True, strict=True)
-    stack.rotary = RotaryCosSin(cfg, dtype)     # its buffer was built on the meta device
-    return stack.eval()
-
-
 KV_IO_MODES = ("concat", "delta")
 
 

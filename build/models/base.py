@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -32,9 +30,6 @@ class ModelSource:
     path: Path | None = None
     # Tensors of the LM head and embeddings, when the source has them (validation).
     read_lm: Callable[[], dict[str, torch.Tensor]] | None = None
-
-    def fingerprint_digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.fingerprint, sort_keys=True).encode()).hexdigest()
 
 
 def file_fingerprint(path: Path) -> dict:
