@@ -180,3 +180,24 @@ def test_default_model_fp16_has_41_norms_and_40_rotaries(export_tiny, tmp_path):
     assert not report["passes"]["rmsnorm"]["near_misses"] and not report["passes"]["rope"]["near_misses"]
     print(f"minicpmo26-tts fp16: nodes {report['nodes_before']} -> {report['nodes_after']}, "
           f"surgery {report['seconds']} s, fuse_file {time.perf_counter() - t0:.1f} s")
+
+
+def test_weights_set_aside_during_surgery_come_back_unchanged(export_tiny, tmp_path, monkeypatch):
+    """fuse_file keeps MatMul weights out of surgery's protobuf copies and restores them."""
+    import onnx
+    import surgery
+    import surgery.weights
+    from surgery.weights import put_back, set_aside
+    monkeypatch.setattr(surgery.weights, "MIN_BYTES", 1)     # the tiny model's matrices are small
+    [pack] = export_tiny("tiny-llama", "float32")
+    model = onnx.load(pack.path)
+    before = {t.name: t.raw_data for t in model.graph.initializer}
+    aside = set_aside(model)
+    assert aside and all(n not in {t.name for t in model.graph.initializer} for n in aside)
+    assert {t.name for t in model.graph.initializer} | set(aside) == set(before)
+    put_back(model, aside)
+    assert {t.name: t.raw_data for t in model.graph.initializer} == before
+    assert [i.name for i in model.graph.input] == [i.name for i in onnx.load(pack.path).graph.input]
+    surgery.fuse_file(pack.path, tmp_path / "f.onnx", ["rmsnorm", "rope"], log=None)
+    fused = onnx.load(tmp_path / "f.onnx")
+    assert {t.name: t.raw_data for t in fused.graph.initializer if t.name in aside} == {n: before[n] for n in aside}

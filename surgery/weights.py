@@ -1,0 +1,57 @@
+"""Keep the big matrices out of surgery's protobuf round trips.
+
+Shape inference, graphsurgeon's export and the full checker each copy the whole
+model, weights included: 7-8x the weight bytes at peak. The passes never look at
+the weights a MatMul multiplies by, so while surgery runs those initializers are
+set aside and stand in the graph as inputs of the same name, type and shape; the
+bytes are put back as initializers afterwards. Only initializers read by nothing
+but MatMul/Gemm are set aside: anything a pass or constant folding may inspect
+(norm gains, biases, scalars, Identity-aliased weights) stays in place.
+"""
+from __future__ import annotations
+
+import onnx
+
+SET_ASIDE_OPS = {"MatMul", "Gemm"}
+MIN_BYTES = 1 << 16
+
+
+def set_aside(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """Move big MatMul-only initializers out of ``model`` (in place); returns them by name."""
+    readers: dict[str, set[str]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, set()).add(node.op_type)
+    outputs = {o.name for o in model.graph.output}
+    kept, aside = [], {}
+    for t in model.graph.initializer:
+        if (t.HasField("raw_data") and len(t.raw_data) >= MIN_BYTES and t.name not in outputs
+                and readers.get(t.name) and readers[t.name] <= SET_ASIDE_OPS):
+            aside[t.name] = t
+        else:
+            kept.append(t)
+    if not aside:
+        return {}
+    moved = [onnx.TensorProto() for _ in aside]
+    for dst, src in zip(moved, aside.values()):
+        dst.CopyFrom(src)       # the copy is made before the original is released below
+    aside = dict(zip(aside, moved))
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    for name, t in aside.items():
+        model.graph.input.append(onnx.helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
+    return aside
+
+
+def put_back(model: onnx.ModelProto, aside: dict[str, onnx.TensorProto]) -> None:
+    """Turn the stand-in inputs back into the initializers they were (in place)."""
+    if not aside:
+        return
+    stand_ins = [v for v in model.graph.input if v.name in aside]
+    for v in stand_ins:
+        model.graph.input.remove(v)
+    missing = set(aside) - {v.name for v in stand_ins}
+    if missing:
+        raise RuntimeError(f"surgery dropped weight input(s) {sorted(missing)[:3]}: cannot restore them")
+    for name in list(aside):
+        model.graph.initializer.append(aside.pop(name))
