@@ -77,13 +77,15 @@ def test_decoder_packs_build_one_engine_each(tmp_path):
     assert "past_key_in2" in second and "past_key_in0" not in second
 
 
-class TestIncremental:
-    @pytest.fixture(scope="class")
-    def target(self, tmp_path_factory):
-        out = tmp_path_factory.mktemp("incremental")
-        build(out, "fp32")
-        return out
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    """tiny-llama built once with the fp32 profile, shared by the incremental tests."""
+    out = tmp_path_factory.mktemp("incremental")
+    build(out, "fp32")
+    return out
 
+
+class TestIncremental:
     def test_second_run_rebuilds_nothing_and_says_so(self, target, capsys):
         plan = target / "tiny-llama" / "fp32" / "decoder.plan"
         before = plan.stat().st_mtime_ns
