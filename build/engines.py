@@ -148,6 +148,18 @@ def build_stages(source, profile, target: Path, args, log) -> list[Stage]:
     return stages
 
 
+@dataclass(frozen=True)
+class Problem:
+    """Why a built target is not current. ``kind``: no-manifest, status, no-backend, not-built,
+    stale or modified; ``stage`` names the stage it concerns, where there is one."""
+    kind: str
+    message: str
+    stage: str | None = None
+
+    def __str__(self) -> str:
+        return self.message
+
+
 @dataclass
 class TargetState:
     """What is on disk for (model, profile) under an output root, and whether it is current."""
@@ -155,7 +167,7 @@ class TargetState:
     profile: object
     target: Path
     manifest: dict | None
-    problems: list[str]
+    problems: list[Problem]
 
     @property
     def fresh(self) -> bool:
@@ -176,31 +188,35 @@ def target_state(model: str, profile_name: str, out: Path, backend: str = "auto"
     target = target_dir(out, source.name, profile.name)
     manifest = load_manifest(target)
     if manifest is None:
-        return TargetState(source, profile, target, None, [f"{target}: nothing built here (no manifest.json)"])
+        return TargetState(source, profile, target, None,
+                           [Problem("no-manifest", f"{target}: nothing built here (no manifest.json)")])
     args = argparse.Namespace(no_surgery=no_surgery, stop_after=None, backend=backend)
     recorded = manifest.get("stages", {})
     problems = []
     if manifest.get("status") != "complete":
-        problems.append(f"{target / 'manifest.json'}: status is {manifest.get('status')!r}, not 'complete'")
+        problems.append(Problem("status", f"{target / 'manifest.json'}: status is {manifest.get('status')!r}, "
+                                          f"not 'complete'"))
     try:
         stages = build_stages(source, profile, target, args, log=lambda _: None)
     except Exception as e:  # no backend here: check the stages that do not need one
         args.stop_after = "surgery"
         stages = build_stages(source, profile, target, args, log=lambda _: None)
-        problems.append(f"engines stage not checked: {e}")
+        problems.append(Problem("no-backend", f"engines stage not checked: {e}", "engines"))
     done: dict[str, dict] = {}
     for stage in stages:
         rec = recorded.get(stage.name)
         if rec is None:
-            problems.append(f"stage {stage.name!r} has not been built")
+            problems.append(Problem("not-built", f"stage {stage.name!r} has not been built", stage.name))
             break
         if rec.get("inputs_digest") != digest(stage.inputs(done)):
-            problems.append(f"stage {stage.name!r} is stale: it was built from different inputs "
+            problems.append(Problem("stale", f"stage {stage.name!r} is stale: it was built from different inputs "
                             f"(model, profile, kvplan source or library versions changed); rebuild with "
-                            f"python -m build.engines --profile {profile_name} --model {model} --out {out}")
+                            f"python -m build.engines --profile {profile_name} --model {model} --out {out}",
+                                    stage.name))
             break
         if not artifacts_intact(target, rec.get("artifacts", [])):
-            problems.append(f"stage {stage.name!r}: an artifact is missing or was modified after the build")
+            problems.append(Problem("modified", f"stage {stage.name!r}: an artifact is missing or was modified "
+                                                f"after the build", stage.name))
             break
         done[stage.name] = rec
     return TargetState(source, profile, target, manifest, problems)

@@ -53,10 +53,10 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def _blocking(problem: str) -> bool:
+def _blocking(problem) -> bool:
     """A target built without engines (--stop-after surgery) or checked on a host without a TensorRT
     backend is still validated for what it has; anything else (stale, modified) stops us."""
-    return not ("stage 'engines' has not been built" in problem or problem.startswith("engines stage not checked"))
+    return not (problem.stage == "engines" and problem.kind in ("not-built", "no-backend"))
 
 
 def _artifacts(manifest: dict, stage: str, target: Path) -> list[Path] | None:
@@ -106,7 +106,7 @@ def _validate(args, kinds, log) -> int:
         again, _ = _check_target(args, log)
         if [p for p in again.problems if _blocking(p)]:
             print(f"error: target {state.target} changed while waiting for its lock (stale): "
-                  + "; ".join(again.problems), file=sys.stderr)
+                  + "; ".join(map(str, again.problems)), file=sys.stderr)
             return 2
         return _run(args, kinds, again, backend_name, log)
 
