@@ -11,7 +11,6 @@ import fcntl
 import hashlib
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -45,20 +44,37 @@ def source_digest(*relative: str) -> str:
     return h.hexdigest()
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
+def write_atomic(path: Path, data) -> int:
+    """Write ``data`` (bytes or a buffer) to ``path`` via a same-directory temp file, fsync, rename.
+
+    On any exception, KeyboardInterrupt included, the temp file is removed and ``path`` is untouched.
+    Returns the number of bytes written.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False, default=str)
-            f.write("\n")
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
+            size = f.tell()
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
+    try:  # make the rename durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+    return size
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_atomic(path, (json.dumps(data, indent=2, sort_keys=False, default=str) + "\n").encode())
 
 
 def artifact(target: Path, path: Path, **extra) -> dict:

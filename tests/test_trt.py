@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -246,7 +247,7 @@ def test_failing_plan_write_removes_temp(tiny, fast_profile, backend, tmp_path, 
     def fail(fd):
         raise OSError("disk full")
 
-    monkeypatch.setattr(build_trt.plan_io.os, "fsync", fail)
+    monkeypatch.setattr(os, "fsync", fail)
     with pytest.raises(OSError, match="disk full"):
         build_trt.build_engine(tiny["onnx"], tmp_path / "decoder.plan", fast_profile, tiny["contract"],
                                backend, None, log=lambda *_: None)

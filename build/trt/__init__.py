@@ -2,8 +2,8 @@
 
 Modules: ``shapes`` (optimization-profile shapes), ``callbacks`` (logger, progress monitor),
 ``network`` (parsing, summary, contract check), ``options`` (builder config, timing cache),
-``trtexec`` (equivalent command line), ``memory`` (memory figures), ``plan_io`` (atomic
-writes, deserialization), ``build`` (build_engine), ``inspection`` (inspect) and
+``trtexec`` (equivalent command line), ``memory`` (memory figures), ``plan_io``
+(deserialization), ``build`` (build_engine), ``inspection`` (inspect) and
 ``runtime_check`` (run_engine_check).
 """
 from .build import build_engine

@@ -23,7 +23,7 @@ from .errors import BuildError
 from .memory import memory_record
 from .network import allow_decomposed_attention, check_network_inputs, network_summary, parse
 from .options import configure, load_timing_cache, save_timing_cache, timing_cache_supported
-from .plan_io import write_atomic
+from ..manifest import write_atomic
 from .shapes import dims, shapes_for
 from .trtexec import trtexec_command
 

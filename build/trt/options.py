@@ -10,7 +10,7 @@ from ..backend import Backend
 from ..profiles import Profile
 from .callbacks import Log
 from .errors import BuildError
-from .plan_io import write_atomic
+from ..manifest import write_atomic
 
 HW_COMPAT = {"none": "NONE", "ampere_plus": "AMPERE_PLUS", "same_compute_capability": "SAME_COMPUTE_CAPABILITY"}
 
