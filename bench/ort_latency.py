@@ -30,6 +30,8 @@ def role(name: str) -> str:
         return "embeds"
     if n == "input_ids":
         return "ids"
+    if n == "write_indices":
+        return "write"
     if "mask" in n:
         return "mask"
     if "position" in n:
@@ -73,6 +75,8 @@ def make_feed(sess, n: int, last_sum: int, head_dim: int = 64, vocab: int = 3200
                 feed[inp.name] = np.zeros(s, dtype=dt)
             else:  # 2D [B, sumN] of ones
                 feed[inp.name] = np.ones(dims([total]), dtype=dt)
+        elif r == "write":         # an in-place buffer: this step's rows go at lastSum
+            feed[inp.name] = np.full(dims([1]), last_sum, dtype=dt)
         elif r == "positions":
             feed[inp.name] = np.arange(last_sum, total, dtype=np.int64).reshape(1, n).astype(dt)
         elif r == "past":

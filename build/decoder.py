@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .config import DecoderConfig, inv_freq
+from .kv_write import kv_write
 
 
 @dataclass(frozen=True)
@@ -27,8 +28,11 @@ class StackSpec:
     final_norm: bool
     kv_format: int = 0       # 0: [B, kv_heads, S, head_dim]; 1: [B, S, kv_heads, head_dim]
     # "concat": outputs the whole cache (past + new rows, length sumN), the original contract;
-    # "delta": outputs only the N new rows, for runtimes that append into a preallocated buffer.
+    # "delta": outputs only the N new rows, for runtimes that append into a preallocated buffer;
+    # "inplace": the cache inputs are that buffer (cache_len rows), the step writes its N rows
+    # into it at write_indices and attends over the whole buffer (TensorRT updates it in place).
     kv_io: str = "concat"
+    cache_len: int = 0       # inplace only: rows of the preallocated buffer
 
     @property
     def layers(self) -> range:
@@ -76,7 +80,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
 
-    def forward(self, x, mask, cos, sin, past_k, past_v, kv_io: str = "concat"):
+    def forward(self, x, mask, cos, sin, past_k, past_v, kv_io: str = "concat", write_indices=None):
         cfg = self.cfg
         b, n, _ = x.shape
         d = cfg.head_dim
@@ -89,9 +93,14 @@ class Attention(nn.Module):
         q = apply_rotary(q, cos, sin, cfg.rotary_dim)
         k = apply_rotary(k, cos, sin, cfg.rotary_dim)
         new_k, new_v = k, v
-        # The cache is concatenated explicitly: the exported graph owns its KV I/O.
-        k = torch.cat((past_k, k), dim=2)
-        v = torch.cat((past_v, v), dim=2)
+        if kv_io == "inplace":
+            # The buffer's rows past lastSum + N hold stale data; the mask hides them.
+            k = kv_write(past_k, k, write_indices, 2)
+            v = kv_write(past_v, v, write_indices, 2)
+        else:
+            # The cache is concatenated explicitly: the exported graph owns its KV I/O.
+            k = torch.cat((past_k, k), dim=2)
+            v = torch.cat((past_v, v), dim=2)
         out_k, out_v = (new_k, new_v) if kv_io == "delta" else (k, v)
         rep = cfg.num_heads // cfg.num_kv_heads
         if rep > 1:
@@ -127,8 +136,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, mask, cos, sin, past_k, past_v, kv_io: str = "concat"):
-        attn, k, v = self.self_attn(self.input_layernorm(x), mask, cos, sin, past_k, past_v, kv_io)
+    def forward(self, x, mask, cos, sin, past_k, past_v, kv_io: str = "concat", write_indices=None):
+        attn, k, v = self.self_attn(self.input_layernorm(x), mask, cos, sin, past_k, past_v, kv_io, write_indices)
         x = x + attn
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, k, v
@@ -159,10 +168,10 @@ class LayerStep(nn.Module):
         super().__init__()
         self.layer, self.kv_format, self.kv_io = layer, kv_format, kv_io
 
-    def forward(self, x, mask, cos, sin, past_k, past_v):
+    def forward(self, x, mask, cos, sin, past_k, past_v, write_indices=None):
         if self.kv_format == 1:
             past_k, past_v = past_k.transpose(1, 2), past_v.transpose(1, 2)
-        x, k, v = self.layer(x, mask, cos, sin, past_k, past_v, self.kv_io)
+        x, k, v = self.layer(x, mask, cos, sin, past_k, past_v, self.kv_io, write_indices)
         if self.kv_format == 1:
             k, v = k.transpose(1, 2), v.transpose(1, 2)
         return x, k, v
@@ -172,7 +181,8 @@ class DecoderStack(nn.Module):
     """Layers ``spec.layers`` of the decoder (and the final norm if ``spec.final_norm``).
 
     forward(hidden_in, attention_mask, position_ids, past_key_in{i}, past_value_in{i}, ...)
-    -> (hidden_out, past_key{i}, past_value{i}, ...), the I/O contract of DESIGN.md.
+    -> (hidden_out, past_key{i}, past_value{i}, ...), the I/O contract of DESIGN.md;
+    kv_io = "inplace" takes write_indices after position_ids.
     """
 
     def __init__(self, cfg: DecoderConfig, spec: StackSpec, dtype: torch.dtype = torch.float32):
@@ -189,21 +199,25 @@ class DecoderStack(nn.Module):
         return [LayerStep(layer, self.spec.kv_format, self.spec.kv_io) for layer in self.layers.values()]
 
     def forward(self, hidden_in, attention_mask, position_ids, *past):
+        write_indices = None
+        if self.spec.kv_io == "inplace":
+            write_indices, *past = past
         cos, sin = self.rotary(position_ids)
         x = hidden_in
         outputs = []
         for j, step in enumerate(self.steps()):
-            x, k, v = step(x, attention_mask, cos, sin, past[2 * j], past[2 * j + 1])
+            x, k, v = step(x, attention_mask, cos, sin, past[2 * j], past[2 * j + 1], write_indices)
             outputs += [k, v]
         if self.spec.final_norm:
             x = self.norm(x)
         return (x, *outputs)
 
 
-KV_IO_MODES = ("concat", "delta")
+KV_IO_MODES = ("concat", "delta", "inplace")
 
 
-def pack_specs(cfg: DecoderConfig, pack_size: int, kv_format: int = 0, kv_io: str = "concat") -> list[StackSpec]:
+def pack_specs(cfg: DecoderConfig, pack_size: int, kv_format: int = 0, kv_io: str = "concat",
+               cache_len: int = 0) -> list[StackSpec]:
     """Split the stack into packs of ``pack_size`` layers (0: one pack); only the last one has the final norm."""
     if pack_size < 0:
         raise ValueError(f"decoder_pack_size must be >= 0, got {pack_size}")
@@ -211,5 +225,14 @@ def pack_specs(cfg: DecoderConfig, pack_size: int, kv_format: int = 0, kv_io: st
     starts = list(range(0, cfg.num_layers, size))
     if kv_io not in KV_IO_MODES:
         raise ValueError(f"kv_io must be one of {', '.join(KV_IO_MODES)}, got {kv_io!r}")
-    return [StackSpec(s, min(s + size, cfg.num_layers), s + size >= cfg.num_layers, kv_format, kv_io)
+    if kv_io == "inplace":
+        if kv_format != 0:
+            raise ValueError("kv_io = inplace needs kv_format 0: TensorRT's KV-cache update layer takes "
+                             "the cache as [B, kv_heads, S, head_dim]")
+        if not 0 < cache_len <= cfg.max_position_embeddings:
+            raise ValueError(f"kv_io = inplace needs 0 < cache_len <= max positions ({cfg.max_position_embeddings}), "
+                             f"got {cache_len}")
+    else:
+        cache_len = 0
+    return [StackSpec(s, min(s + size, cfg.num_layers), s + size >= cfg.num_layers, kv_format, kv_io, cache_len)
             for s in starts]

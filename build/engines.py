@@ -68,7 +68,7 @@ def target_dir(out: Path, model_name: str, profile_name: str) -> Path:
 
 def build_stages(source, profile, target: Path, args, log) -> list[Stage]:
     cfg = source.config
-    specs = pack_specs(cfg, profile.decoder_pack_size, profile.kv_format, profile.kv_io)
+    specs = pack_specs(cfg, profile.decoder_pack_size, profile.kv_format, profile.kv_io, profile.cache_len)
     onnx_names = pack_file_names(len(specs))
     passes = [] if args.no_surgery else list(profile.passes)
 
@@ -77,8 +77,9 @@ def build_stages(source, profile, target: Path, args, log) -> list[Stage]:
         import torch
         return {"model": source.fingerprint, "config": cfg.to_dict(), "dtype": profile.dtype,
                 "batch": profile.batch, "kv_format": profile.kv_format, "kv_io": profile.kv_io,
-                "decoder_pack_size": profile.decoder_pack_size,
-                "source": source_digest("build/config.py", "build/decoder.py", "build/export.py", "build/stitch.py", "build/models"),
+                "cache_len": profile.cache_len, "decoder_pack_size": profile.decoder_pack_size,
+                "source": source_digest("build/config.py", "build/decoder.py", "build/export.py", "build/stitch.py",
+                                        "build/kv_write.py", "build/models"),
                 "torch": torch.__version__, "onnxscript": onnxscript.__version__}
 
     def export_build(_):

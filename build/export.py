@@ -42,6 +42,8 @@ class ExportError(RuntimeError):
 
 def input_names(spec: StackSpec) -> list[str]:
     names = ["hidden_in", "attention_mask", "position_ids"]
+    if spec.kv_io == "inplace":
+        names.append("write_indices")
     for i in spec.layers:
         names += [f"past_key_in{i}", f"past_value_in{i}"]
     return names
@@ -63,45 +65,70 @@ def kv_shape(cfg: DecoderConfig, spec: StackSpec, batch: int, length: int | str)
 
 
 def io_contract(cfg: DecoderConfig, spec: StackSpec, batch: int, dtype: str) -> dict[str, dict]:
-    """Name -> {shape, dtype} of every input and output, with symbolic axes as strings."""
+    """Name -> {shape, dtype} of every input and output, with symbolic axes as strings.
+
+    kv_io = "inplace": the cache inputs and outputs are the preallocated buffer of
+    ``spec.cache_len`` rows (a static axis: TensorRT's in-place update needs one), the mask
+    covers the whole buffer, and ``write_indices`` [B] says where each row's N new
+    rows go (its lastSum).
+    """
+    inplace = spec.kv_io == "inplace"
     io = {
         "inputs": {
             "hidden_in": {"shape": [batch, "N", cfg.hidden_size], "dtype": dtype},
-            "attention_mask": {"shape": [batch, 1, "N", "sumN"], "dtype": dtype},
+            "attention_mask": {"shape": [batch, 1, "N", spec.cache_len if inplace else "sumN"], "dtype": dtype},
             "position_ids": {"shape": [batch, "N"], "dtype": "int64"},
         },
         "outputs": {"hidden_out": {"shape": [batch, "N", cfg.hidden_size], "dtype": dtype}},
     }
+    if inplace:
+        io["inputs"]["write_indices"] = {"shape": [batch], "dtype": "int64"}
     out_names = iter(output_names(spec)[1:])
-    out_len = "N" if spec.kv_io == "delta" else "sumN"
+    past_len = spec.cache_len if inplace else "lastSum"
+    out_len = {"delta": "N", "inplace": spec.cache_len}.get(spec.kv_io, "sumN")
     for i in spec.layers:
         for kind in ("key", "value"):
-            io["inputs"][f"past_{kind}_in{i}"] = {"shape": kv_shape(cfg, spec, batch, "lastSum"), "dtype": dtype}
+            io["inputs"][f"past_{kind}_in{i}"] = {"shape": kv_shape(cfg, spec, batch, past_len), "dtype": dtype}
             io["outputs"][next(out_names)] = {"shape": kv_shape(cfg, spec, batch, out_len), "dtype": dtype}
     return io
 
 
 def example_inputs(cfg: DecoderConfig, spec: StackSpec, batch: int, dtype: torch.dtype,
                    n: int, last: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """Inputs at (N, lastSum), causal mask; distinct sizes so tracing keeps the axes apart."""
+    """Inputs at (N, lastSum), causal mask; distinct sizes so tracing keeps the axes apart.
+
+    kv_io = "inplace": the past is a buffer of ``spec.cache_len`` rows whose rows from
+    lastSum on are random (stale) data the mask hides.
+    """
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(batch, n, cfg.hidden_size, generator=g).to(dtype)
-    mask = causal_mask(batch, n, last, dtype)
+    inplace = spec.kv_io == "inplace"
+    mask = causal_mask(batch, n, last, dtype, length=spec.cache_len if inplace else None)
     pos = torch.arange(last, last + n, dtype=torch.int64).expand(batch, n).contiguous()
     past = []
     for _ in spec.layers:
         for _ in range(2):
-            past.append(torch.randn(kv_shape(cfg, spec, batch, last), generator=g).to(dtype))
+            past.append(torch.randn(kv_shape(cfg, spec, batch, spec.cache_len if inplace else last),
+                                    generator=g).to(dtype))
+    if inplace:
+        return (hidden, mask, pos, torch.full((batch,), last, dtype=torch.int64), *past)
     return (hidden, mask, pos, *past)
 
 
-def causal_mask(batch: int, n: int, last: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive mask [B, 1, N, lastSum+N]: 0 where a query may attend, finfo.min elsewhere."""
+def causal_mask(batch: int, n: int, last: int, dtype: torch.dtype, length: int | None = None) -> torch.Tensor:
+    """Additive mask [B, 1, N, length]: 0 where a query may attend, finfo.min elsewhere.
+
+    ``length`` defaults to lastSum + N; a longer one (an in-place buffer) masks the rows
+    past lastSum + N as well.
+    """
+    length = last + n if length is None else length
+    if length < last + n:
+        raise ValueError(f"mask length {length} < lastSum + N = {last + n}")
     q = torch.arange(last, last + n)[:, None]
-    k = torch.arange(last + n)[None, :]
-    mask = torch.zeros(n, last + n, dtype=dtype)
+    k = torch.arange(length)[None, :]
+    mask = torch.zeros(n, length, dtype=dtype)
     mask.masked_fill_(k > q, torch.finfo(dtype).min)
-    return mask.expand(batch, 1, n, last + n).contiguous()
+    return mask.expand(batch, 1, n, length).contiguous()
 
 
 @dataclass
@@ -137,6 +164,7 @@ def build_pack_model(source: ModelSource, spec: StackSpec, dtype: str, batch: in
     st = Stitcher(list(inputs.values()))
     cos, sin = st.add(pieces["rotary"], "rotary/", [inputs["position_ids"]])
     x, outputs, weight_bytes = inputs["hidden_in"], {}, 0
+    extra = [inputs["write_indices"]] if spec.kv_io == "inplace" else []
     for i in spec.layers:
         tensors = source.read_tensors(_layer_weight_names(cfg, i))
         # One layer's weights converted at a time: the source's copy of a layer is
@@ -148,9 +176,10 @@ def build_pack_model(source: ModelSource, spec: StackSpec, dtype: str, batch: in
             bound["layer." + name.split(".", 2)[2]] = (name, torch_to_ir(t, name))
         del tensors
         x, k, v = st.add(pieces["layer"], f"layers.{i}/", [x, inputs["attention_mask"], cos, sin,
-                                                            inputs[f"past_key_in{i}"], inputs[f"past_value_in{i}"]],
+                                                            inputs[f"past_key_in{i}"], inputs[f"past_value_in{i}"],
+                                                            *extra],
                          bind=bound.__getitem__)
-        key_name, value_name = output_names(StackSpec(i, i + 1, False, spec.kv_format, spec.kv_io))[1:]
+        key_name, value_name = output_names(StackSpec(i, i + 1, False, spec.kv_format, spec.kv_io, spec.cache_len))[1:]
         outputs[key_name], outputs[value_name] = k, v
     if spec.final_norm:
         (norm_weight,) = source.read_tensors(["norm.weight"]).values()

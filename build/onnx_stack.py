@@ -1,8 +1,8 @@
 """Drive exported packs as a deployment runtime would.
 
 Chains packs (hidden_out of one is hidden_in of the next), carries the flattened
-cache from step to step (for ``kv_io = "delta"`` graphs by appending the new rows
-on the host, as a runtime appends into its buffer), and converts kv format 1 to
+cache from step to step in the canonical layout (build/cache_io.py converts it at
+each graph's boundary for the delta and inplace modes), and converts kv format 1 to
 and from the canonical [B, kv_heads, S, head_dim] so callers compare against
 transformers' layout. ``pack_feed``/``next_past`` are shared by every backend.
 """
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import cache_io
 from .decoder import StackSpec
 
 
@@ -29,20 +30,17 @@ def _layout(t: np.ndarray, kv_format: int) -> np.ndarray:
 
 def pack_feed(spec: StackSpec, hidden, mask, position_ids, past: list[np.ndarray]) -> dict[str, np.ndarray]:
     """Inputs of one pack; ``past`` is the whole stack's [k0, v0, k1, v1, ...] in kv format 0."""
-    feed = {"hidden_in": hidden, "attention_mask": mask, "position_ids": position_ids}
-    for i in spec.layers:
-        feed[f"past_key_in{i}"] = _layout(past[2 * i], spec.kv_format)
-        feed[f"past_value_in{i}"] = _layout(past[2 * i + 1], spec.kv_format)
-    return feed
+    return cache_io.graph_feed(spec, hidden, mask, position_ids,
+                               lambda i, kind: _layout(past[2 * i + kind], spec.kv_format))
 
 
-def next_past(spec: StackSpec, kv_outputs: list[np.ndarray], past: list[np.ndarray]) -> list[np.ndarray]:
-    """This pack's layers' cache after the step (kv format 0), from its KV outputs in graph order."""
+def next_past(spec: StackSpec, kv_outputs: list[np.ndarray], past: list[np.ndarray], n: int) -> list[np.ndarray]:
+    """This pack's layers' cache after a step of ``n`` tokens (kv format 0), from its KV outputs in graph order."""
     out = []
     for j, i in enumerate(spec.layers):
         for kind in range(2):
             t = _layout(np.asarray(kv_outputs[2 * j + kind]), spec.kv_format)
-            out.append(np.concatenate([past[2 * i + kind], t], axis=2) if spec.kv_io == "delta" else t)
+            out.append(cache_io.cache_after(spec, t, past[2 * i + kind], n))
     return out
 
 
@@ -52,6 +50,8 @@ class OnnxStack:
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
+        # ONNX Runtime warns on every TensorScatter (kv_io = "inplace") that it copies the buffer.
+        opts.log_severity_level = 3
         self.packs = packs
         self.sessions = [ort.InferenceSession(str(p.path), opts, providers=["CPUExecutionProvider"]) for p in packs]
 
@@ -62,5 +62,5 @@ class OnnxStack:
         for pack, sess in zip(self.packs, self.sessions):
             outs = sess.run(None, pack_feed(pack.spec, hidden, mask, position_ids, past))
             hidden = outs[0]
-            new_past += next_past(pack.spec, outs[1:], past)
+            new_past += next_past(pack.spec, outs[1:], past, hidden.shape[1])
         return hidden, new_past

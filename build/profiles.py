@@ -16,7 +16,7 @@ PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
 DEFAULT_PROFILE = "fp16"
 
 DTYPES = ("float32", "float16", "bfloat16")
-KV_IO = ("concat", "delta")
+KV_IO = ("concat", "delta", "inplace")
 HARDWARE_COMPAT = ("none", "ampere_plus", "same_compute_capability")
 
 
@@ -60,6 +60,8 @@ class Profile:
     batch: int = 1
     kv_format: int = 0
     kv_io: str = "concat"
+    # kv_io = "inplace": rows of the preallocated cache buffer (0 otherwise)
+    cache_len: int = 0
     decoder_pack_size: int = 0
     passes: tuple[str, ...] = ("rmsnorm", "rope")
     shapes: tuple[ShapeProfile, ...] = ()
@@ -82,7 +84,7 @@ class Profile:
 # Which keys each table may hold; anything else is a typo we refuse rather than ignore.
 _KEYS = {
     "": {"description", "export", "surgery", "engine", "validate"},
-    "export": {"dtype", "batch", "kv_format", "kv_io", "decoder_pack_size"},
+    "export": {"dtype", "batch", "kv_format", "kv_io", "cache_len", "decoder_pack_size"},
     "surgery": {"passes"},
     "engine": {"optimization_level", "workspace_mib", "timing_cache", "hardware_compatibility",
                "version_compatible", "compute_capabilities", "profiles"},
@@ -162,7 +164,16 @@ def parse(data: dict, source: str, name: str) -> Profile:
     kv_io = r.get(export, "kv_io", "export.kv_io", str, "concat")
     if kv_io not in KV_IO:
         raise r.fail("export.kv_io", f"unknown mode {kv_io!r} (concat: outputs the whole cache, length sumN; "
-                                     f"delta: outputs only the N new rows)")
+                                     f"delta: outputs only the N new rows; inplace: writes them into a "
+                                     f"preallocated buffer of cache_len rows)")
+    if kv_io == "inplace" and kv_format != 0:
+        raise r.fail("export.kv_io", "inplace needs kv_format = 0: TensorRT's KV-cache update layer takes the "
+                                     "cache as [B, kv_heads, S, head_dim]")
+    cache_len = r.get(export, "cache_len", "export.cache_len", int, 0)
+    if cache_len and kv_io != "inplace":
+        raise r.fail("export.cache_len", f"only means something with kv_io = \"inplace\" (this profile has {kv_io!r})")
+    if cache_len < 0:
+        raise r.fail("export.cache_len", f"must be > 0 (0: the largest N max + lastSum max of the profiles), got {cache_len}")
     pack = r.get(export, "decoder_pack_size", "export.decoder_pack_size", int, 0)
     if pack < 0:
         raise r.fail("export.decoder_pack_size", f"must be >= 0 (0: one pack), got {pack}")
@@ -200,6 +211,14 @@ def parse(data: dict, source: str, name: str) -> Profile:
             raise r.fail(f"{path}.name", f"duplicate profile name {pname!r}")
         seen.add(pname)
         shapes.append(ShapeProfile(pname, r.range(p, "N", f"{path}.N", 1, " (a step needs at least one new token: the attention mask has N query rows)"), r.range(p, "lastSum", f"{path}.lastSum", 0)))
+    if kv_io == "inplace":
+        need = max(s.sumN.max for s in shapes)
+        if not cache_len:
+            cache_len = need
+        elif cache_len < need:
+            worst = max(shapes, key=lambda s: s.sumN.max)
+            raise r.fail("export.cache_len", f"{cache_len} rows cannot hold engine.profiles {worst.name!r}'s "
+                                             f"N max + lastSum max = {need}")
 
     validate = r.table(data, "validate")
     atol = float(r.get(validate, "atol", "validate.atol", (int, float)))
@@ -208,7 +227,7 @@ def parse(data: dict, source: str, name: str) -> Profile:
         raise r.fail("validate", "atol and rtol must be >= 0")
 
     return Profile(name=name, source=source, dtype=dtype, batch=batch, kv_format=kv_format, kv_io=kv_io,
-                   decoder_pack_size=pack, passes=tuple(passes), shapes=tuple(shapes),
+                   cache_len=cache_len, decoder_pack_size=pack, passes=tuple(passes), shapes=tuple(shapes),
                    optimization_level=level, workspace_mib=workspace,
                    timing_cache=r.get(engine, "timing_cache", "engine.timing_cache", str, "timing.cache"),
                    hardware_compatibility=hw,
@@ -238,6 +257,9 @@ def load(name_or_path: str) -> Profile:
 
 def check_against_model(profile: Profile, max_positions: int) -> None:
     """Shape ranges the model cannot serve are refused before anything is built."""
+    if profile.cache_len > max_positions:
+        raise ProfileError(f"{profile.source}: export.cache_len {profile.cache_len} exceeds the model's "
+                           f"max_position_embeddings ({max_positions})")
     for s in profile.shapes:
         if s.sumN.max > max_positions:
             raise ProfileError(

@@ -21,6 +21,7 @@ import onnxscript.optimizer
 import torch
 
 from .config import DecoderConfig
+from . import kv_write
 from .decoder import DecoderLayer, LayerStep, RMSNorm, RotaryCosSin, StackSpec
 
 OPSET = 23
@@ -42,8 +43,10 @@ def trace(module: torch.nn.Module, args: tuple, dynamic_shapes, names: tuple[lis
         warnings.simplefilter("ignore")
         program = torch.onnx.export(module, args, f=None, dynamo=True, opset_version=OPSET,
                                     input_names=names[0], output_names=names[1],
-                                    dynamic_shapes=dynamic_shapes, optimize=False, verbose=False)
+                                    dynamic_shapes=dynamic_shapes, optimize=False, verbose=False,
+                                    custom_translation_table=kv_write.TRANSLATIONS)
     model = program.model
+    kv_write.adopt(model)
     graph = model.graph
     weights = {}
     # Lift initializers to graph inputs so each copy can be bound to other tensors.
@@ -125,6 +128,8 @@ class Stitcher:
                     out.shape = None
             self.graph.append(node)
         self.functions.update(piece.functions)
+        # A piece with TensorScatter (kv_io = "inplace") raises the whole graph to opset 24.
+        self.graph.opset_imports[""] = max(self.graph.opset_imports[""], piece.opsets.get("", OPSET))
         return outputs
 
     def model(self, outputs: dict[str, ir.Value]) -> ir.Model:
@@ -181,11 +186,22 @@ def trace_pieces(cfg: DecoderConfig, spec: StackSpec, dtype: torch.dtype, batch:
         with torch.device("meta"):
             layer = DecoderLayer(cfg)
         layer.load_state_dict({k: v.to(dtype) for k, v in first_layer_weights().items()}, assign=True)
-        mask = torch.zeros(batch, 1, n, last + n, dtype=dtype)
-        past = torch.randn(kv).to(dtype)
-        return trace(LayerStep(layer.eval(), spec.kv_format, spec.kv_io), (x, mask, cos, sin, past, past.clone()),
-                     ({1: dyn}, {2: dyn, 3: dyn}, {2: dyn}, {2: dyn}, {seq: dyn}, {seq: dyn}),
-                     _io(["x", "mask", "cos", "sin", "past_k", "past_v"], ["y", "k", "v"]))
+        step = LayerStep(layer.eval(), spec.kv_format, spec.kv_io)
+        names = ["x", "mask", "cos", "sin", "past_k", "past_v"]
+        dims = [{1: dyn}, {2: dyn, 3: dyn}, {2: dyn}, {2: dyn}, {seq: dyn}, {seq: dyn}]
+        if spec.kv_io == "inplace":
+            # The buffer: 11 rows, of which lastSum + N = 8 are written; its length stays
+            # symbolic here and takes the profile's cache_len in the stitched graph.
+            buffer = kv[:seq] + [11] + kv[seq + 1:]
+            past = torch.randn(buffer).to(dtype)
+            mask = torch.zeros(batch, 1, n, 11, dtype=dtype)
+            args = (x, mask, cos, sin, past, past.clone(), torch.full((batch,), last, dtype=torch.int64))
+            names, dims = names + ["write_indices"], dims + [None]
+        else:
+            past = torch.randn(kv).to(dtype)
+            mask = torch.zeros(batch, 1, n, last + n, dtype=dtype)
+            args = (x, mask, cos, sin, past, past.clone())
+        return trace(step, args, tuple(dims), _io(names, ["y", "k", "v"]))
 
     def norm_piece():
         norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps).to(dtype)

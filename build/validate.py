@@ -135,7 +135,7 @@ def _run_checks(args, kinds, state, backend_name, log) -> int:
     source, profile, target, manifest = state.source, state.profile, state.target, state.manifest
     cfg = source.config
     tol = profile.tolerance
-    specs = pack_specs(cfg, profile.decoder_pack_size, profile.kv_format, profile.kv_io)
+    specs = pack_specs(cfg, profile.decoder_pack_size, profile.kv_format, profile.kv_io, profile.cache_len)
     exported = _artifacts(manifest, "export", target)
     fused = _artifacts(manifest, "surgery", target)
     plans = _artifacts(manifest, "engines", target)
@@ -185,7 +185,8 @@ def _run_checks(args, kinds, state, backend_name, log) -> int:
                 runner, why = rn.make_onnxrt(paths[p_index], name)
                 runner and runners.append(runner)
                 why and not_run.setdefault(name, why)
-            runner, why = rn.make_tensorrt(plans[p_index] if plans else None, backend, backend_error, sp_index)
+            runner, why = rn.make_tensorrt(plans[p_index] if plans else None, backend, backend_error, sp_index,
+                                              specs[p_index])
             runner and runners.append(runner)
             why and not_run.setdefault(rn.TENSORRT, why)
             log(f"[validate] pack {p_index} ({stem}), profile {sp.name}: {len(group)} point(s) through "
@@ -197,7 +198,7 @@ def _run_checks(args, kinds, state, backend_name, log) -> int:
             rows += compare_runs(results, pairs, [d.point for d in group], p_index, tol.atol, tol.rtol)
             files += _save(results, feeds, vdir, f"{stem}.{sp.name}", target)
             commands += _commands(stem, sp_index, sp.name, exported[p_index], fused, plans, p_index, results,
-                                  backend_name, tol)
+                                  backend_name, tol, spec.kv_io == "inplace")
 
     task = {"ran": False, "why": "--no-task"}
     if not args.no_task:
@@ -270,7 +271,8 @@ def _save(results, feeds, vdir: Path, base: str, target: Path) -> list[str]:
     return [str(p.relative_to(target)) for p in written]
 
 
-def _commands(stem, sp_index, sp_name, onnx_path, fused, plans, p_index, results, backend_name, tol) -> list[str]:
+def _commands(stem, sp_index, sp_name, onnx_path, fused, plans, p_index, results, backend_name, tol,
+              inplace: bool = False) -> list[str]:
     from .validation import report, runners as rn
     names = {name for name, _ in results}
     base = f"validation/{stem}.{sp_name}"
@@ -280,7 +282,7 @@ def _commands(stem, sp_index, sp_name, onnx_path, fused, plans, p_index, results
     if rn.REFERENCE in names and graph_runner in names:
         cmds.append(report.recheck_command(graph, ["--onnxrt"], inputs, f"{base}.outputs.{rn.REFERENCE}.json",
                                            tol.atol, tol.rtol))
-    if plans:
+    if plans and not inplace:    # polygraphy run cannot bind in-place outputs to their inputs
         # The engine is checked against ONNX Runtime on the graph it was built from when that ran here,
         # else against the PyTorch reference (bfloat16 on a CPU host).
         want = rn.FUSED if rn.FUSED in names else rn.EXPORT if rn.EXPORT in names else rn.REFERENCE
@@ -306,12 +308,19 @@ def _task_checks(args, source, dtype, specs, exported, fused, plans, backend, ba
     with contextlib.ExitStack() as active:
         trt_runners, why = [], None
         for i in range(len(specs)):
-            runner, why = rn.make_tensorrt(plans[i] if plans else None, backend, backend_error, 0)
+            runner, why = rn.make_tensorrt(plans[i] if plans else None, backend, backend_error, 0, specs[i])
             if runner is None:
                 break
             trt_runners.append(active.enter_context(runner))
         stacks[rn.TENSORRT] = why if why else TrtStack(trt_runners, specs, profile)
-        return run_task_checks(source, dtype, stacks, args.steps, args.prompt_tokens, profile.tolerance, log)
+        steps = args.steps
+        if profile.kv_io == "inplace":
+            # The prompt and every generated token but the last must fit the buffer.
+            steps = max(1, min(steps, profile.cache_len - args.prompt_tokens + 1))
+            if steps < args.steps:
+                log(f"[validate] task check: {steps} steps, not {args.steps}: the in-place buffer has "
+                    f"{profile.cache_len} rows and the prompt {args.prompt_tokens} tokens")
+        return run_task_checks(source, dtype, stacks, steps, args.prompt_tokens, profile.tolerance, log)
 
 
 def _task_record(task: dict) -> dict:

@@ -144,11 +144,11 @@ def test_reserved_slots_change_the_result(export_tiny):
     assert np.abs(causal - reserved).max() > 1e-3
 
 
-@pytest.mark.parametrize("kv_io", ["concat", "delta"])
+@pytest.mark.parametrize("kv_io", ["concat", "delta", "inplace"])
 def test_greedy_generation_through_onnx_reproduces_generate(request, kv_io):
     """Embeddings and LM head in PyTorch, the decoder through ONNX Runtime with the flattened cache."""
     packs = request.getfixturevalue("export_tiny")("tiny-llama", "float32") if kv_io == "concat" else \
-        request.getfixturevalue("export_tiny_delta")
+        request.getfixturevalue(f"export_tiny_{kv_io}")
     source = resolve("tiny-llama")
     cfg = source.config
     ref = HFReference(source, torch.float32, with_lm=True)
@@ -252,3 +252,111 @@ def test_stitched_graph_computes_what_the_stack_module_does(export_tiny):
     assert len(got) == len(want)
     for g, w in zip(got, want):
         assert np.abs(g - w.numpy()).max() < 1e-5
+
+
+CACHE_LEN = 320     # rows of the in-place buffer in these tests: holds lastSum 303 + N 10
+
+
+@pytest.fixture(scope="module")
+def export_tiny_inplace(tmp_path_factory):
+    from build.decoder import pack_specs
+    from build.export import export_pack
+    from build.onnx_stack import Pack
+    source = resolve("tiny-llama")
+    [spec] = pack_specs(source.config, 0, 0, "inplace", CACHE_LEN)
+    path = tmp_path_factory.mktemp("inplace") / "decoder.onnx"
+    export_pack(source, spec, "float32", 1, path)
+    return [Pack(spec, path)]
+
+
+def _inplace_session(packs):
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3          # ONNX Runtime warns that its TensorScatter copies the buffer
+    return ort.InferenceSession(str(packs[0].path), opts, providers=["CPUExecutionProvider"])
+
+
+class TestInplaceKvIo:
+    """kv_io = "inplace": the cache inputs are a preallocated buffer; each step writes its N rows
+    into it (TensorScatter, TensorRT's in-place KV-cache update) and attends over the whole buffer."""
+
+    def test_contract_is_a_static_buffer_with_write_indices(self, export_tiny_inplace):
+        model = onnx.load(export_tiny_inplace[0].path)
+        inputs = {v.name: _dims(v) for v in model.graph.input}
+        outputs = {v.name: _dims(v) for v in model.graph.output}
+        assert list(inputs)[:5] == ["hidden_in", "attention_mask", "position_ids", "write_indices", "past_key_in0"]
+        assert inputs["write_indices"] == [1]
+        assert model.graph.input[3].type.tensor_type.elem_type == onnx.TensorProto.INT64
+        assert inputs["attention_mask"] == [1, 1, "N", CACHE_LEN]
+        assert inputs["past_key_in0"] == outputs["past_key0"] == [1, 2, CACHE_LEN, 16]
+        assert {o.domain: o.version for o in model.opset_import}[""] == 24
+
+    def test_each_layer_writes_key_and_value_with_one_tensor_scatter(self, export_tiny_inplace):
+        model = onnx.load(export_tiny_inplace[0].path)
+        scatters = [n for n in model.graph.node if n.op_type == "TensorScatter"]
+        assert len(scatters) == 2 * 4
+        assert all(n.domain == "" for n in scatters)
+        assert {onnx.helper.get_attribute_value(a) for n in scatters for a in n.attribute} >= {2, b"linear"}
+        assert not [n for n in model.graph.node if n.op_type == "Concat" and "past_key_in0" in n.input]
+
+    @pytest.mark.parametrize("n,last", [(8, 0), (1, 302), (10, 303)])
+    def test_matches_transformers(self, export_tiny_inplace, references, n, last):
+        excess, name, err = compare_point(references("tiny-llama", "float32"), export_tiny_inplace, "float32", n, last)
+        assert excess <= 0, f"(N={n}, lastSum={last}): {name} max abs error {err:.3g}"
+
+    def test_rows_beyond_the_step_are_left_as_they_were_and_never_read(self, export_tiny_inplace):
+        from build.export import example_inputs, input_names
+        spec = export_tiny_inplace[0].spec
+        args = example_inputs(resolve("tiny-llama").config, spec, 1, torch.float32, n=3, last=40)
+        feed = {k: v.numpy() for k, v in zip(input_names(spec), args)}
+        sess = _inplace_session(export_tiny_inplace)
+        first = sess.run(None, feed)
+        for k, out in zip(input_names(spec)[4:], first[1:]):
+            assert np.array_equal(out[:, :, :40], feed[k][:, :, :40]), k         # the past, untouched
+            assert np.array_equal(out[:, :, 43:], feed[k][:, :, 43:]), k         # stale rows, untouched
+        stale = {k: v.copy() for k, v in feed.items()}
+        for k in input_names(spec)[4:]:
+            stale[k][:, :, 43:] = 1e4
+        second = sess.run(None, stale)
+        assert np.array_equal(first[0], second[0])
+        assert np.array_equal(first[1][:, :, :43], second[1][:, :, :43])
+
+    def test_a_runtime_feeding_the_buffer_back_matches_the_concat_graph(self, export_tiny, export_tiny_inplace):
+        """Prefill then 8 decode steps with one buffer per tensor fed back as the next input,
+        write_indices advancing, against the concat graph carrying a growing cache."""
+        cfg = resolve("tiny-llama").config
+        concat = OnnxStack(export_tiny("tiny-llama"))
+        sess = _inplace_session(export_tiny_inplace)
+        names = [i.name for i in sess.get_inputs()][4:]
+        g = torch.Generator().manual_seed(3)
+        buffers = {k: np.zeros((1, cfg.num_kv_heads, CACHE_LEN, cfg.head_dim), np.float32) for k in names}
+        past = [np.zeros((1, cfg.num_kv_heads, 0, cfg.head_dim), np.float32) for _ in range(2 * cfg.num_layers)]
+        last = 0
+        for n in [6] + [1] * 8:
+            hidden = torch.randn(1, n, cfg.hidden_size, generator=g).numpy()
+            pos = np.arange(last, last + n)[None]
+            want, past = concat.step(hidden, causal_mask(1, n, last, torch.float32).numpy(), pos, past)
+            feed = {"hidden_in": hidden, "position_ids": pos, "write_indices": np.array([last]),
+                    "attention_mask": causal_mask(1, n, last, torch.float32, length=CACHE_LEN).numpy(), **buffers}
+            got, *kv = sess.run(None, feed)
+            buffers = dict(zip(names, kv))
+            last += n
+            assert np.abs(got - want).max() < 1e-5
+            assert np.abs(buffers["past_key_in3"][:, :, :last] - past[6]).max() < 1e-5
+
+
+def test_inplace_needs_the_standard_layout_and_a_buffer_the_model_can_fill():
+    from build.decoder import pack_specs
+    cfg = resolve("tiny-llama").config
+    with pytest.raises(ValueError, match="kv_format 0"):
+        pack_specs(cfg, 0, 1, "inplace", 64)
+    with pytest.raises(ValueError, match=r"cache_len <= max positions \(4096\), got 5000"):
+        pack_specs(cfg, 0, 0, "inplace", 5000)
+
+
+def test_kv_write_refuses_rows_beyond_the_buffer():
+    from build.kv_write import kv_write
+    cache, update = torch.zeros(1, 2, 8, 4), torch.ones(1, 2, 3, 4)
+    assert kv_write(cache, update, torch.tensor([5]), 2)[0, 0, :, 0].tolist() == [0, 0, 0, 0, 0, 1, 1, 1]
+    with pytest.raises(IndexError, match="rows 6..8 do not fit a cache of 8 rows"):
+        kv_write(cache, update, torch.tensor([6]), 2)

@@ -60,6 +60,21 @@ def test_delta_kv_io_builds_an_engine_whose_outputs_are_new_rows(tmp_path):
     assert "present_key0" in str(outputs) and "past_key0" not in str(outputs)
 
 
+def test_inplace_kv_io_builds_kv_cache_update_layers_over_a_static_buffer(tmp_path):
+    """kv_io = "inplace": TensorScatter maps to TensorRT's KV-cache update layer (two per decoder
+    layer), attention stays fused, and the buffer's rows are one static length in every profile."""
+    manifest = build(tmp_path, variant(tmp_path, "fp16", kv_io='"inplace"'))
+    ops = manifest["stages"]["surgery"]["artifacts"][0]["report"]["ops_after"]
+    assert ops["TensorScatter"] == 8 and ops["Attention"] == 4
+    record = manifest["stages"]["engines"]["artifacts"][0]["build"]
+    layers = record["network"]["layer_types"]
+    assert layers["KV_CACHE_UPDATE"] == 8 and layers["ATTENTION_INPUT"] == 4
+    for name, shapes in record["profiles"].items():
+        assert {tuple(shapes["past_key_in0"][k]) for k in ("min", "opt", "max")} == {(1, 2, 4096, 16)}, name
+        assert {shapes["attention_mask"][k][3] for k in ("min", "opt", "max")} == {4096}, name
+        assert shapes["write_indices"]["max"] == [1]
+
+
 @pytest.mark.parametrize("base", ["fp16", "fp32"])
 def test_fused_attention_maps_to_attention_layers_and_builds(tmp_path, base):
     manifest = build(tmp_path, variant(tmp_path, base, passes='["rmsnorm", "rope", "attention"]'))

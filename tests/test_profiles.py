@@ -105,3 +105,39 @@ def test_invalid_toml_names_the_file(tmp_path):
 def test_unknown_profile_lists_shipped():
     with pytest.raises(ProfileError, match=r"nope.toml: no such profile \(shipped: .*fp16"):
         load("nope")
+
+
+def test_inplace_buffer_defaults_to_the_largest_step_of_the_profiles():
+    data = base()
+    data["export"]["kv_io"] = "inplace"
+    assert parse(data, "p.toml", "p").cache_len == 4096
+    data["export"]["cache_len"] = 4100
+    assert parse(data, "p.toml", "p").cache_len == 4100
+
+
+def test_inplace_buffer_too_small_for_a_profile():
+    data = base()
+    data["export"].update(kv_io="inplace", cache_len=1024)
+    assert error_of(data) == ("p.toml: export.cache_len: 1024 rows cannot hold engine.profiles 'prefill''s "
+                              "N max + lastSum max = 4096")
+
+
+def test_inplace_needs_kv_format_0():
+    data = base()
+    data["export"].update(kv_io="inplace", kv_format=1)
+    assert error_of(data) == ("p.toml: export.kv_io: inplace needs kv_format = 0: TensorRT's KV-cache update "
+                              "layer takes the cache as [B, kv_heads, S, head_dim]")
+
+
+def test_cache_len_without_inplace_is_refused_not_ignored():
+    data = base()
+    data["export"]["cache_len"] = 4096
+    assert error_of(data) == "p.toml: export.cache_len: only means something with kv_io = \"inplace\" (this profile has 'concat')"
+
+
+def test_inplace_buffer_beyond_max_positions():
+    data = base()
+    data["export"].update(kv_io="inplace", cache_len=8192)
+    with pytest.raises(ProfileError, match=r"p.toml: export.cache_len 8192 exceeds the model's "
+                                           r"max_position_embeddings \(4096\)"):
+        check_against_model(parse(data, "p.toml", "p"), 4096)

@@ -376,3 +376,47 @@ def test_engine_matches_onnxruntime(backend, fast_profile, request):
     rec = build_trt.run_engine_check(built["plan"], fast_profile, tiny["contract"], tiny["onnx"], backend)
     assert rec["ran"] and set(rec["profiles"]) == {"prefill", "decode"}
     assert rec["ok"], json.dumps(rec["profiles"], indent=1)
+
+
+def _inplace_contract(cache_len: int = 4096):
+    src = resolve("tiny-llama")
+    [spec] = pack_specs(src.config, 0, 0, "inplace", cache_len)
+    return spec, io_contract(src.config, spec, 1, "float16")
+
+
+def test_engine_check_inputs_for_an_inplace_buffer(fast_profile):
+    """kv_io = "inplace": the mask spans the whole buffer and write_indices is the step's lastSum."""
+    _, contract = _inplace_contract()
+    shapes = build_trt.shapes_for(contract, fast_profile)
+    [decode] = [sp for sp in fast_profile.shapes if sp.name == "decode"]
+    inputs = build_trt.runtime_check._check_inputs(contract, decode, shapes["decode"], "float16", seed=0)
+    assert inputs["write_indices"].tolist() == [302]
+    assert tuple(inputs["past_key_in0"].shape) == (1, 2, 4096, 16)
+    mask = inputs["attention_mask"]
+    assert mask.shape == (1, 1, 1, 4096)
+    assert mask[0, 0, 0, 302].item() == 0 and mask[0, 0, 0, 303].item() < -1e4
+
+
+def test_inplace_outputs_are_bound_to_their_inputs():
+    _, contract = _inplace_contract()
+
+    class EngineWithoutAliasQuery:
+        pass
+    alias = build_trt.runtime_check._aliased_input
+    assert alias(EngineWithoutAliasQuery(), "past_value3", contract) == "past_value_in3"
+    assert alias(EngineWithoutAliasQuery(), "hidden_out", contract) is None
+    assert alias(EngineWithoutAliasQuery(), "past_key0", {"inputs": {}}) is None
+
+
+@pytest.mark.gpu
+def test_inplace_engine_updates_its_buffer_and_matches_onnxruntime(tmp_path, backend, fast_profile):
+    if not backend.can_run:
+        pytest.skip(f"needs a CUDA GPU the backend can run engines on: {backend.why_not_run}")
+    src = resolve("tiny-llama")
+    spec, contract = _inplace_contract()
+    export_pack(src, spec, "float16", 1, tmp_path / "decoder.onnx", log=lambda *_: None)
+    profile = dataclasses.replace(fast_profile, kv_io="inplace", cache_len=4096)
+    build_trt.build_engine(tmp_path / "decoder.onnx", tmp_path / "decoder.plan", profile, contract, backend, None,
+                           log=lambda *_: None)
+    rec = build_trt.run_engine_check(tmp_path / "decoder.plan", profile, contract, tmp_path / "decoder.onnx", backend)
+    assert rec["ran"] and rec["ok"], json.dumps(rec["profiles"], indent=1)

@@ -256,6 +256,31 @@ def test_delta_kv_io_is_validated_on_the_new_rows_and_over_many_steps(tmp_path, 
     assert validation["task"]["stacks"]["onnxrt-fused"]["agreement"] == 1.0
 
 
+def test_inplace_kv_io_is_validated_on_the_whole_buffer_and_over_many_steps(tmp_path, capsys):
+    """kv_io = "inplace": each point feeds a buffer whose rows past lastSum + N hold stale data;
+    the reference writes its rows into the same buffer, so every output row is compared (the
+    untouched ones included), and the multi-step check carries the buffer step after step."""
+    profile = write_profile(tmp_path, "vinplace", "float32", kv_io="inplace")
+    rc = engines_main(["--model", "tiny-llama", "--profile", str(profile), "--out", str(tmp_path / "e"),
+                       "--stop-after", "surgery", "--validate"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    validation = load_manifest(tmp_path / "e" / "tiny-llama" / "vinplace")["validation"]
+    assert validation["status"] == "pass"
+    assert all(p["passed"] for p in validation["pairs"].values())
+    # The buffer (24 rows, the profile's largest step) bounds the steps: 8 prompt tokens + 16.
+    assert validation["task"]["steps"] == 17 and "task check: 17 steps, not 64" in out
+    assert validation["task"]["stacks"]["onnxrt-fused"]["agreement"] == 1.0
+
+
+def test_tensorrt_runner_is_not_used_where_outputs_alias_inputs(tmp_path):
+    from build.decoder import pack_specs
+    from build.validation.runners import make_tensorrt
+    [spec] = pack_specs(resolve("tiny-llama").config, 0, 0, "inplace", 64)
+    runner, why = make_tensorrt(tmp_path / "decoder.plan", object(), None, 0, spec)
+    assert runner is None and "must share their inputs' memory" in why
+
+
 def test_bfloat16_reports_what_onnx_runtime_cannot_run(tmp_path, capsys):
     profile = write_profile(tmp_path, "vbf16", "bfloat16", passes="[]")
     assert engines_main(["--model", "tiny-llama", "--profile", str(profile), "--out", str(tmp_path / "e"),

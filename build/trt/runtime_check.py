@@ -2,6 +2,7 @@
 with ONNX Runtime on the source ONNX (the half without a GPU: inputs and reference, testable anywhere)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,10 @@ def _check_inputs(contract: dict, sp: ShapeProfile, shapes: dict[str, tuple], dt
     inputs = {}
     for name, info in contract["inputs"].items():
         shape = shapes[name][1]
-        if name == "attention_mask":
-            inputs[name] = causal_mask(shape[0], n, last, tdtype)
+        if name == "attention_mask":        # an in-place buffer's mask is longer than lastSum + N
+            inputs[name] = causal_mask(shape[0], n, last, tdtype, length=shape[3])
+        elif name == "write_indices":
+            inputs[name] = torch.full(shape, last, dtype=torch.int64)
         elif name == "position_ids":
             inputs[name] = torch.arange(last, last + n, dtype=torch.int64).expand(shape[0], n).contiguous()
         else:
@@ -75,6 +78,18 @@ def _ort_run(onnx_path: Path, inputs: dict) -> dict:
         else:
             result[name] = np.asarray(v.numpy()).astype(np.float32)
     return result
+
+
+def _aliased_input(engine, output: str, contract: dict) -> str | None:
+    """The input an output shares memory with (kv_io = "inplace": past_key{i} <- past_key_in{i})."""
+    if hasattr(engine, "get_aliased_input_tensor"):
+        name = engine.get_aliased_input_tensor(output)
+        if name:
+            return name
+    match = re.fullmatch(r"past_(key|value)(\d+)", output)
+    if "write_indices" in contract["inputs"] and match:
+        return f"past_{match[1]}_in{match[2]}"
+    return None
 
 
 def run_engine_check(plan_path: Path, profile: Profile, contract: dict, onnx_path: Path, backend: Backend,
@@ -126,6 +141,13 @@ def run_engine_check(plan_path: Path, profile: Profile, contract: dict, onnx_pat
             for name in output_names:
                 shape = tuple(context.get_tensor_shape(name))
                 dt = _torch_dtype(trt, engine.get_tensor_dtype(name))
+                source = _aliased_input(engine, name, contract)
+                if source is not None:
+                    # The KV-cache update layer writes into its cache input: the output is bound
+                    # to that input's own memory (the ORT reference reads the host copy).
+                    outputs[name] = keep[input_names.index(source)]
+                    context.set_tensor_address(name, outputs[name].data_ptr())
+                    continue
                 buf = torch.empty(shape, dtype=dt, device=device)
                 alloc = buf if buf.numel() else torch.empty(1, dtype=dt, device=device)
                 keep.append(alloc)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .. import cache_io
 from ..export import causal_mask, input_names
 
 KINDS = ("min", "opt", "max", "masked")
@@ -160,21 +161,11 @@ def to_kv_format(t: torch.Tensor, kv_format: int) -> torch.Tensor:
 
 
 def feed_for(data: PointData, spec) -> OrderedDict:
-    """The pack's contract inputs, in the graph's input order."""
-    feed = OrderedDict()
-    for name in input_names(spec):
-        if name == "hidden_in":
-            value = data.hidden[spec.first_layer]
-        elif name == "attention_mask":
-            value = data.mask
-        elif name == "position_ids":
-            value = data.position_ids
-        else:
-            kind, layer = ("key", name[len("past_key_in"):]) if name.startswith("past_key_in") else \
-                ("value", name[len("past_value_in"):])
-            value = to_kv_format(data.past[2 * int(layer) + (kind == "value")], spec.kv_format)
-        feed[name] = to_feed_value(value)
-    return feed
+    """The pack's contract inputs, in the graph's input order (kv_io = "inplace": the cache in
+    a buffer of cache_len rows, see build/cache_io.py)."""
+    feed = cache_io.graph_feed(spec, data.hidden[spec.first_layer], data.mask, data.position_ids,
+                               lambda i, kind: to_kv_format(data.past[2 * i + kind], spec.kv_format))
+    return OrderedDict((name, to_feed_value(feed[name])) for name in input_names(spec))
 
 
 def as_float32(value) -> np.ndarray:

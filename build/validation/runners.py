@@ -64,6 +64,16 @@ class ReferenceRunner(BaseRunner):
     def infer_impl(self, feed_dict):
         start = time.perf_counter()
         as_torch = {k: (v if isinstance(v, torch.Tensor) else torch.from_numpy(v)) for k, v in feed_dict.items()}
+        buffers = None
+        if self.spec.kv_io == "inplace":
+            # Back to the cache the buffer holds (its first lastSum rows) and the step's own mask.
+            n, last = as_torch["hidden_in"].shape[1], int(as_torch["write_indices"][0])
+            if not bool((as_torch["write_indices"] == last).all()):
+                raise ValueError("the reference runner takes one lastSum for the whole batch")
+            buffers = {k: v for k, v in as_torch.items() if k.startswith("past_")}
+            as_torch = {**as_torch, "attention_mask": as_torch["attention_mask"][..., :last + n],
+                        **{k: v[:, :, :last] for k, v in buffers.items()}}
+            feed_dict = as_torch
         cache = self.ref.new_cache()
         first = self._past(feed_dict, "key", self.spec.first_layer)
         # Layers before the pack never run; filling them (even with lastSum = 0) keeps the cache's
@@ -82,6 +92,13 @@ class ReferenceRunner(BaseRunner):
         if self.spec.kv_io == "delta":      # the graph outputs only the step's new rows
             n = as_torch["hidden_in"].shape[1]
             past = [t[:, :, t.shape[2] - n:] for t in past]
+        elif buffers is not None:           # the buffer with the step's rows written, the rest as fed
+            written = []
+            for t, (kind, layer) in zip(past, ((k, i) for i in self.spec.layers for k in ("key", "value"))):
+                buf = buffers[f"past_{kind}_in{layer}"].clone()
+                buf[:, :, :t.shape[2]] = t.to(buf.dtype)
+                written.append(buf)
+            past = written
         values = [out.last_hidden_state] + [to_kv_format(t, self.spec.kv_format) for t in past]
         self.inference_time = time.perf_counter() - start
         if self.log:   # the slow runner on CPU at large shapes: show progress per point
@@ -96,6 +113,8 @@ def make_onnxrt(path: Path, name: str):
     import onnxruntime as ort
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 
+    # kv_io = "inplace": ONNX Runtime warns on every TensorScatter that it copies the buffer.
+    ort.set_default_logger_severity(3)
     try:
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
@@ -106,10 +125,14 @@ def make_onnxrt(path: Path, name: str):
     return OnnxrtRunner(SessionFromOnnx(str(path), providers=["cpu"]), name=name), None
 
 
-def make_tensorrt(plan: Path | None, backend, backend_error: str | None, profile_index: int):
+def make_tensorrt(plan: Path | None, backend, backend_error: str | None, profile_index: int, spec=None):
     """Polygraphy's TrtRunner on the plan, when this machine can run it (GPU + a backend that supports it)."""
     if plan is None:
         return None, "no engine in this target (built with --stop-after export/surgery)"
+    if spec is not None and spec.kv_io == "inplace":
+        return None, ("kv_io = inplace: Polygraphy's TrtRunner binds each output to a buffer of its own, and the "
+                      "engine's past_* outputs must share their inputs' memory (build.trt.run_engine_check binds "
+                      "them so on a GPU)")
     if backend is None:
         return None, backend_error or "no TensorRT backend importable"
     if not backend.can_run:

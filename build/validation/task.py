@@ -42,7 +42,7 @@ class TrtStack:
             outs = runner.infer(pack_feed(spec, hidden, mask, pos, past))
             values = [np.array(v) for v in outs.values()]
             hidden = values[0]
-            new_past += next_past(spec, values[1:], past)
+            new_past += next_past(spec, values[1:], past, values[0].shape[1])
         return hidden, new_past
 
 
