@@ -206,7 +206,10 @@ def export_pack(source: ModelSource, spec: StackSpec, dtype: str, batch: int, pa
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        ir.save(model, tmp / path.name, external_data=(path.name + ".data") if external else None)
+        if external:
+            ir.save(model, tmp / path.name, external_data=path.name + ".data")
+        else:
+            _save_streamed(model, tmp / path.name)
         del model
         # Data file first: a graph never lands pointing at a data file that is missing.
         data = tmp / (path.name + ".data")
@@ -218,6 +221,25 @@ def export_pack(source: ModelSource, spec: StackSpec, dtype: str, batch: int, pa
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return PackExport(spec, path, external, weight_bytes, time.perf_counter() - t0)
+
+
+def _save_streamed(model: ir.Model, path: Path) -> None:
+    """Save with the weights serialized one at a time (see surgery.fileio.write_streamed): a
+    whole-model serialization holds two more copies of them."""
+    import onnx
+    from surgery.fileio import write_streamed
+    weights = list(model.graph.initializers.values())
+    model.graph.initializers.clear()
+    head = ir.serde.serialize_model(model)
+
+    def tensors():
+        for value in weights:
+            proto = onnx.TensorProto()
+            ir.serde.serialize_tensor_into(proto, value.const_value)
+            proto.name = value.name
+            yield proto
+    with open(path, "wb") as f:
+        write_streamed(head, tensors, f)
 
 
 def _stack_tensor_names(cfg: DecoderConfig, spec: StackSpec) -> list[str]:

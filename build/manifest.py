@@ -44,20 +44,19 @@ def source_digest(*relative: str) -> str:
     return h.hexdigest()
 
 
-def write_atomic(path: Path, data) -> int:
-    """Write ``data`` (bytes or a buffer) to ``path`` via a same-directory temp file, fsync, rename.
+@contextlib.contextmanager
+def atomic_file(path: Path):
+    """Open a same-directory temp file for writing; on a clean exit fsync it and rename it to ``path``.
 
     On any exception, KeyboardInterrupt included, the temp file is removed and ``path`` is untouched.
-    Returns the number of bytes written.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
-            size = f.tell()
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -70,6 +69,13 @@ def write_atomic(path: Path, data) -> int:
             os.close(fd)
     except OSError:
         pass
+
+
+def write_atomic(path: Path, data) -> int:
+    """Write ``data`` (bytes or a buffer) to ``path`` atomically (see ``atomic_file``); returns its size."""
+    with atomic_file(path) as f:
+        f.write(data)
+        size = f.tell()
     return size
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import onnx
 
-from .pipeline import PROTO_LIMIT, _big, run
-from .weights import put_back, set_aside
+from .pipeline import PROTO_LIMIT, run
+from .weights import put_back, set_aside, take_back
 
 
 def fuse_file(in_path, out_path, passes: Sequence[str], log: Callable[[str], None] | None = print) -> dict:
@@ -20,13 +20,70 @@ def fuse_file(in_path, out_path, passes: Sequence[str], log: Callable[[str], Non
     aside = set_aside(model)
     fused, report = run(model, passes, log=log)
     del model
-    put_back(fused, aside)
-    if aside and not _big(fused):
-        # The graph was fully checked with the weights standing in as inputs; this confirms
-        # the restored initializers fit it (over 2 GB the file is checked by path in writing).
-        onnx.checker.check_model(fused)
-    write_atomic(fused, out_path)
+    if sum(len(t.raw_data) for t in aside.values()) + sum(len(t.raw_data) for t in fused.graph.initializer) \
+            > PROTO_LIMIT:
+        put_back(fused, aside)
+        write_atomic(fused, out_path)
+    else:
+        # The graph was fully checked with the weights standing in as inputs; the weights go
+        # back in as the file is written, one at a time, in place of those inputs.
+        tensors = take_back(fused, aside)
+        path = out_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write_streamed(fused, tensors, f)
+                f.flush()
+                os.fsync(f.fileno())
+            (path.parent / (path.name + ".data")).unlink(missing_ok=True)
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
     return report
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+_GRAPH_FIELD = 7          # ModelProto.graph
+_INITIALIZER_FIELD = 5    # GraphProto.initializer
+
+
+def _field(number: int, length: int) -> bytes:
+    return _varint(number << 3 | 2) + _varint(length)     # wire type 2: length-delimited
+
+
+def write_streamed(head: onnx.ModelProto, tensors: Callable[[], Iterable[onnx.TensorProto]], f) -> None:
+    """Write ``head`` with the initializers ``tensors()`` yields appended to its graph, to ``f``.
+
+    ``model.SerializeToString()`` would hold two extra copies of every weight (the proto and
+    its bytes). Protobuf lets a message's fields come in any order, and a repeated field's
+    entries may be spread out, so the file is written as the model without its graph, then
+    the graph field: the graph's own bytes followed by one initializer entry per tensor,
+    each serialized when it is written. ``tensors`` is called twice (sizes, then bytes).
+    """
+    rest = onnx.ModelProto()
+    rest.CopyFrom(head)
+    rest.ClearField("graph")
+    graph = head.graph.SerializeToString()
+    sizes = [t.ByteSize() for t in tensors()]
+    graph_len = len(graph) + sum(len(_field(_INITIALIZER_FIELD, n)) + n for n in sizes)
+    f.write(rest.SerializeToString())
+    f.write(_field(_GRAPH_FIELD, graph_len))
+    f.write(graph)
+    for size, t in zip(sizes, tensors()):
+        data = t.SerializeToString()
+        if len(data) != size:
+            raise RuntimeError(f"initializer {t.name!r} serialized to {len(data)} bytes, {size} expected")
+        f.write(_field(_INITIALIZER_FIELD, size))
+        f.write(data)
 
 
 def write_atomic(model: onnx.ModelProto, path: Path) -> None:

@@ -55,3 +55,25 @@ def put_back(model: onnx.ModelProto, aside: dict[str, onnx.TensorProto]) -> None
         raise RuntimeError(f"surgery dropped weight input(s) {sorted(missing)[:3]}: cannot restore them")
     for name in list(aside):
         model.graph.initializer.append(aside.pop(name))
+
+
+def take_back(model: onnx.ModelProto, aside: dict[str, onnx.TensorProto]):
+    """Drop the stand-in inputs from ``model`` (in place) and return a callable yielding the weights
+    they stood for, for ``write_streamed`` to append as initializers. Each stand-in must still
+    have its weight's type and shape: the passes may rewire a weight, never change it."""
+    if not aside:
+        return lambda: iter(())
+    stand_ins = {v.name: v for v in model.graph.input if v.name in aside}
+    missing = set(aside) - set(stand_ins)
+    if missing:
+        raise RuntimeError(f"surgery dropped weight input(s) {sorted(missing)[:3]}: cannot restore them")
+    for name, v in stand_ins.items():
+        t, tt = aside[name], v.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+        if tt.elem_type != t.data_type or dims != list(t.dims):
+            raise RuntimeError(f"weight input {name!r} changed during surgery: "
+                               f"{tt.elem_type} {dims} vs its tensor's {t.data_type} {list(t.dims)}")
+    kept = [v for v in model.graph.input if v.name not in aside]
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    return lambda: iter(aside.values())

@@ -201,3 +201,34 @@ def test_weights_set_aside_during_surgery_come_back_unchanged(export_tiny, tmp_p
     surgery.fuse_file(pack.path, tmp_path / "f.onnx", ["rmsnorm", "rope"], log=None)
     fused = onnx.load(tmp_path / "f.onnx")
     assert {t.name: t.raw_data for t in fused.graph.initializer if t.name in aside} == {n: before[n] for n in aside}
+    assert [i.name for i in fused.graph.input] == [i.name for i in onnx.load(pack.path).graph.input]
+
+
+def test_streamed_write_is_the_model_with_its_weights_appended(export_tiny, tmp_path):
+    """write_streamed: the model without some initializers, then those initializers one at a
+    time, parses back to the very model that has them all."""
+    import onnx
+    from surgery.fileio import write_streamed
+    [pack] = export_tiny("tiny-llama", "float32")
+    model = onnx.load(pack.path)
+    head = onnx.ModelProto()
+    head.CopyFrom(model)
+    tail = list(head.graph.initializer)[-7:]
+    del head.graph.initializer[-7:]
+    with open(tmp_path / "s.onnx", "wb") as f:
+        write_streamed(head, lambda: iter(tail), f)
+    assert onnx.load(tmp_path / "s.onnx") == model
+
+
+def test_a_weight_whose_stand_in_changed_is_not_written_back(export_tiny, monkeypatch):
+    import onnx
+    import surgery.weights
+    from surgery.weights import set_aside, take_back
+    monkeypatch.setattr(surgery.weights, "MIN_BYTES", 1)
+    [pack] = export_tiny("tiny-llama", "float32")
+    model = onnx.load(pack.path)
+    aside = set_aside(model)
+    stand_in = next(v for v in model.graph.input if v.name in aside)
+    stand_in.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    with pytest.raises(RuntimeError, match=f"weight input '{stand_in.name}' changed during surgery"):
+        take_back(model, aside)

@@ -219,11 +219,12 @@ def test_timing_cache(built, tiny, fast_profile, backend, tmp_path):
 def test_build_raising_midway_leaves_nothing(tiny, fast_profile, backend, tmp_path, monkeypatch):
     trt = backend.module
 
-    def boom(self, network, config):
+    def boom(self, *args):
         raise RuntimeError("builder exploded")
 
+    streamed = hasattr(trt.Builder, "build_serialized_network_to_stream")
     with monkeypatch.context() as m:
-        m.setattr(trt.Builder, "build_serialized_network", boom)
+        m.setattr(trt.Builder, "build_serialized_network_to_stream" if streamed else "build_serialized_network", boom)
         with pytest.raises(RuntimeError, match="builder exploded"):
             build_trt.build_engine(tiny["onnx"], tmp_path / "decoder.plan", fast_profile, tiny["contract"],
                                    backend, None, log=lambda *_: None)

@@ -23,7 +23,7 @@ from .errors import BuildError
 from .memory import memory_record
 from .network import allow_decomposed_attention, check_network_inputs, network_summary, parse
 from .options import configure, load_timing_cache, save_timing_cache, timing_cache_supported
-from ..manifest import write_atomic
+from ..manifest import atomic_file
 from .shapes import dims, shapes_for
 from .trtexec import trtexec_command
 
@@ -70,6 +70,28 @@ def _attach_progress_monitor(trt, config, log: Log, pending: Pending):
     return None
 
 
+def _build_into(trt, builder, network, config, f) -> bool:
+    """Build and write the plan to the open file ``f``; False when the builder failed.
+
+    Streamed where the builder can (TensorRT 10.x, TensorRT-RTX): the serialized plan, as large
+    as the weights once per optimization profile, is then never held in host memory whole.
+    """
+    if hasattr(builder, "build_serialized_network_to_stream") and hasattr(trt, "IStreamWriter"):
+        class FileWriter(trt.IStreamWriter):
+            def __init__(self):
+                trt.IStreamWriter.__init__(self)
+
+            def write(self, data) -> int:
+                return f.write(data)
+
+        return bool(builder.build_serialized_network_to_stream(network, config, FileWriter()))
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        return False
+    f.write(serialized)
+    return True
+
+
 def build_engine(onnx_path: Path, plan_path: Path, profile: Profile, contract: dict, backend: Backend,
                  timing_cache: Path | None, log: Log = print) -> dict:
     """Parse ``onnx_path``, build one optimization profile per ShapeProfile, write ``plan_path`` atomically.
@@ -102,21 +124,21 @@ def build_engine(onnx_path: Path, plan_path: Path, profile: Profile, contract: d
     monitor = _attach_progress_monitor(trt, config, log, pending)
 
     t0 = time.perf_counter()
-    serialized = builder.build_serialized_network(network, config)
+    with atomic_file(plan_path) as f:
+        built = _build_into(trt, builder, network, config, f)
+        if pending.exc is not None:
+            raise pending.exc           # e.g. KeyboardInterrupt during the build: it cancelled the build
+        if not built:
+            errors = logger.errors[-8:] or ["(the builder logged no error)"]
+            raise BuildError(f"{onnx_path}: {backend.name} engine build failed:\n  " + "\n  ".join(errors))
+        plan_bytes = f.tell()
     build_seconds = time.perf_counter() - t0
-    if pending.exc is not None:
-        raise pending.exc           # e.g. KeyboardInterrupt during the build: it cancelled the build
-    if serialized is None:
-        errors = logger.errors[-8:] or ["(the builder logged no error)"]
-        raise BuildError(f"{onnx_path}: {backend.name} engine build failed:\n  " + "\n  ".join(errors))
-
-    plan_bytes = write_atomic(plan_path, serialized)
     log(f"[build] wrote {plan_path} ({plan_bytes} bytes, {build_seconds:.1f} s)")
 
     if tc_record.get("used"):
         tc_record["saved_bytes"] = save_timing_cache(config, timing_cache)
 
-    memory = memory_record(trt, backend, onnx_path, serialized, logger, [sp.name for sp in profile.shapes])
+    memory = memory_record(trt, backend, onnx_path, plan_path, logger, [sp.name for sp in profile.shapes])
 
     argv, tool_notes = trtexec_command(backend, onnx_path, plan_path, profile, shapes,
                                        timing_cache if tc_record.get("used") else None)

@@ -78,7 +78,7 @@ def engine_memory(trt, plan_bytes, logger, n_profiles: int) -> dict:
     return out
 
 
-def memory_record(trt, backend: Backend, onnx_path: Path, serialized, logger, profile_names: list[str]) -> dict:
+def memory_record(trt, backend: Backend, onnx_path: Path, plan_path: Path, logger, profile_names: list[str]) -> dict:
     """The build record's "memory": ONNX weights, the builder's log figures and, where the backend
     can deserialize here, the engine's; every figure it cannot get is null with the reason."""
     memory: dict[str, Any] = {"weights_bytes_onnx": onnx_weight_bytes(onnx_path),
@@ -87,7 +87,7 @@ def memory_record(trt, backend: Backend, onnx_path: Path, serialized, logger, pr
         memory["builder_reported_why"] = "the builder logged no memory figures"
     if backend.can_run:
         try:
-            memory.update(engine_memory(trt, serialized, logger, len(profile_names)))
+            memory.update(engine_memory(trt, Path(plan_path).read_bytes(), logger, len(profile_names)))
         except Exception as e:  # the plan is built; the figures are a bonus
             memory.update(device_memory_size=None, device_memory_size_per_profile=None,
                           engine_memory_why=f"deserialization failed: {e}")
