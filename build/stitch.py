@@ -38,7 +38,9 @@ class Piece:
     opsets: dict[str, int]
 
 
-def trace(module: torch.nn.Module, args: tuple, dynamic_shapes, names: tuple[list[str], list[str]]) -> Piece:
+def trace(module: torch.nn.Module, args: tuple, dynamic_shapes, names: tuple[list[str], list[str]]) -> ir.Model:
+    """One torch.onnx.export call; returns the model with its weights lifted to graph inputs and
+    the exporter's pattern rewrites applied."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(module, args, f=None, dynamo=True, opset_version=OPSET,
@@ -48,19 +50,72 @@ def trace(module: torch.nn.Module, args: tuple, dynamic_shapes, names: tuple[lis
     model = program.model
     kv_write.adopt(model)
     graph = model.graph
-    weights = {}
     # Lift initializers to graph inputs so each copy can be bound to other tensors.
     for name in list(graph.initializers):
         value = graph.initializers.pop(name)
-        weights[name] = value.const_value
+        value.meta["weight"] = value.const_value
         value.const_value = None
         graph.inputs.append(value)
-    # Optimized here, once per piece and with the weights as inputs (so nothing derived
-    # from this copy's weights is folded in): the optimizer's pattern rewrites cost
-    # seconds per layer on a whole stack, and only the piece needs them.
+    # Optimized here, once and with the weights as inputs (so nothing derived from this
+    # copy's weights is folded in): the optimizer's pattern rewrites cost seconds per layer
+    # on a whole stack, and only the pieces need them.
     onnxscript.optimizer.optimize_ir(model)
+    return model
+
+
+class _SideBySide(torch.nn.Module):
+    """Several pieces in one module, so that one export call traces them all.
+
+    Each call of the exporter costs seconds of fixed work (building its operator registry,
+    decompositions) whatever the size of the module; the pieces are independent
+    computations, so the traced graph is their disjoint union and ``split`` takes it apart.
+    """
+
+    def __init__(self, parts: dict[str, torch.nn.Module], arity: dict[str, int]):
+        super().__init__()
+        self.parts = torch.nn.ModuleDict(parts)
+        self.arity = arity
+
+    def forward(self, *args):
+        outputs, i = [], 0
+        for name, part in self.parts.items():
+            result = part(*args[i:i + self.arity[name]])
+            i += self.arity[name]
+            outputs += list(result) if isinstance(result, tuple) else [result]
+        return tuple(outputs)
+
+
+def split(model: ir.Model, piece: str, inputs: list[str], outputs: list[str]) -> Piece:
+    """The piece of a side-by-side trace that computes ``outputs`` from ``inputs``, with its weights
+    (the graph inputs named ``parts.<piece>.*``) after them under their names within the piece."""
+    proto = ir.serde.serialize_model(model)
+    copy = ir.serde.deserialize_model(proto)
+    graph = copy.graph
+    kept = [v for v in graph.outputs if v.name in outputs]
+    graph.outputs.clear()
+    graph.outputs.extend(kept)
+    common_passes.RemoveUnusedNodesPass()(copy)
+    prefix = f"parts.{piece}."
+    by_name = {v.name: v for v in graph.inputs}
+    original = {v.name: v for v in model.graph.inputs}
+    data = [by_name[n] for n in inputs]
+    weights = [v for v in graph.inputs if v.name.startswith(prefix) and v.uses()]
+    graph.inputs.clear()
+    graph.inputs.extend(data + weights)
+    # The tracer may take a size from any input with the same value: a node of this piece
+    # reading another piece's input would leave the copy dangling.
+    known = set(graph.inputs) | set(graph.initializers.values())
+    for node in graph:
+        known.update(node.outputs)
+        strays = [v.name for v in node.inputs if v is not None and v not in known]
+        if strays:
+            raise RuntimeError(f"traced piece {piece!r}: node {node.name} reads {strays}, not an input of the piece")
+    values = {}
+    for v in weights:
+        values[v.name[len(prefix):]] = original[v.name].meta["weight"]
+        v.name = v.name[len(prefix):]
     proto = ir.serde.serialize_graph(graph)
-    return Piece(proto, list(weights), weights, dict(model.functions), dict(model.opset_imports))
+    return Piece(proto, list(values), values, dict(copy.functions), dict(copy.opset_imports))
 
 
 class Stitcher:
@@ -151,11 +206,6 @@ def torch_to_ir(t: torch.Tensor, name: str) -> ir.Tensor:
     return ir.Tensor(t.numpy(), name=name)
 
 
-def _io(inputs: list[str], outputs: list[str]) -> tuple[list[str], list[str]]:
-    # Names no tracer-generated value takes ("cos" would clash with aten.cos's output).
-    return [f"piece_in_{n}" for n in inputs], [f"piece_out_{n}" for n in outputs]
-
-
 # Traced pieces depend on the architecture, dtype, batch and cache layout, never on
 # the weights (every copy is bound to its own), so one process traces each piece once:
 # packs of one export, and repeated exports (tests, benchmarks), reuse them.
@@ -179,10 +229,12 @@ def trace_pieces(cfg: DecoderConfig, spec: StackSpec, dtype: torch.dtype, batch:
     x = torch.randn(batch, n, cfg.hidden_size).to(dtype)
     key = (cfg, dtype, batch)
 
-    def rotary_piece():
-        return trace(rotary, (pos,), ({1: dyn},), _io(["position_ids"], ["cos", "sin"]))
+    def rotary_part():
+        # Sizes unlike the layer's, so the tracer cannot take one piece's axis from the other's input.
+        positions = torch.arange(7, 11).expand(batch, 4).contiguous()
+        return rotary, (positions,), ({1: dyn},), ["position_ids"], ["cos", "sin"]
 
-    def layer_piece():
+    def layer_part():
         with torch.device("meta"):
             layer = DecoderLayer(cfg)
         layer.load_state_dict({k: v.to(dtype) for k, v in first_layer_weights().items()}, assign=True)
@@ -201,21 +253,28 @@ def trace_pieces(cfg: DecoderConfig, spec: StackSpec, dtype: torch.dtype, batch:
             past = torch.randn(kv).to(dtype)
             mask = torch.zeros(batch, 1, n, last + n, dtype=dtype)
             args = (x, mask, cos, sin, past, past.clone())
-        return trace(step, args, tuple(dims), _io(names, ["y", "k", "v"]))
+        return step, args, tuple(dims), names, ["y", "k", "v"]
 
-    def norm_piece():
+    def norm_part():
         norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps).to(dtype)
-        return trace(norm, (x,), ({1: dyn},), _io(["x"], ["y"]))
+        return norm, (torch.randn(batch, 6, cfg.hidden_size).to(dtype),), ({1: dyn},), ["x"], ["y"]
 
-    wanted = {"rotary": (key, rotary_piece), "layer": (key + (spec.kv_format, spec.kv_io), layer_piece)}
+    wanted = {"rotary": (key, rotary_part), "layer": (key + (spec.kv_format, spec.kv_io), layer_part)}
     if spec.final_norm:
-        wanted["norm"] = (key, norm_piece)
-    pieces = {}
-    for name, (k, make) in wanted.items():
-        if (name, k) not in _PIECES:
-            _PIECES[name, k] = make()
-        pieces[name] = _PIECES[name, k]
-    return pieces
+        wanted["norm"] = (key, norm_part)
+    missing = {name: make() for name, (k, make) in wanted.items() if (name, k) not in _PIECES}
+    if missing:
+        module = _SideBySide({name: m for name, (m, *_) in missing.items()},
+                             {name: len(args) for name, (_, args, *_) in missing.items()})
+        names = {name: ([f"piece_in_{name}_{i}" for i in ins], [f"piece_out_{name}_{o}" for o in outs])
+                 for name, (_, _, _, ins, outs) in missing.items()}
+        model = trace(module, tuple(a for _, args, *_ in missing.values() for a in args),
+                      # forward(*args): one argument, the tuple of every piece's inputs
+                      (tuple(d for _, _, dims, *_ in missing.values() for d in dims),),
+                      ([n for ins, _ in names.values() for n in ins], [n for _, outs in names.values() for n in outs]))
+        for name, (ins, outs) in names.items():
+            _PIECES[name, wanted[name][0]] = split(model, name, ins, outs)
+    return {name: _PIECES[name, k] for name, (k, _) in wanted.items()}
 
 
 def finish(model: ir.Model) -> None:

@@ -86,16 +86,18 @@ def test_interrupted_export_leaves_no_artifact_and_no_claim(tmp_path, capsys, mo
 
 
 def test_failed_save_leaves_no_temporary_files(tmp_path, monkeypatch):
-    """export_pack writes to a temporary directory and renames: a failure leaves nothing."""
-    import onnx_ir
+    """export_pack writes to a temporary directory and renames: a failure halfway through the
+    file leaves nothing."""
+    import surgery.fileio
     from build.decoder import pack_specs
     from build.export import export_pack
     from build.models import resolve
 
-    def broken_save(*a, **kw):
+    def broken_write(head, tensors, f):
+        f.write(b"the first bytes of a model")
         raise OSError("disk full")
 
-    monkeypatch.setattr(onnx_ir, "save", broken_save)
+    monkeypatch.setattr(surgery.fileio, "write_streamed", broken_write)
     source = resolve("tiny-llama")
     with pytest.raises(OSError, match="disk full"):
         export_pack(source, pack_specs(source.config, 0)[0], "float32", 1, tmp_path / "decoder.onnx")
