@@ -150,3 +150,15 @@ def dir_bytes(d: Path) -> int:
 
 def mib(b) -> str:
     return "—" if b is None else f"{b / 2**20:.1f}"
+
+
+def write_results(stem: str, result: dict, lines: list[str]) -> str:
+    """bench/results/<stem>-<date>.json (``result``) and .md (``lines``); returns the table, printed."""
+    results = ROOT / "bench" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    base = results / f"{stem}-{result['date']}"
+    table = "\n".join(lines) + "\n"
+    base.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    base.with_suffix(".md").write_text(table)
+    print(table)
+    return table

@@ -12,7 +12,6 @@ TensorRT engine has. Writes bench/results/kv_io-<date>.json and .md and prints t
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -20,9 +19,7 @@ from pathlib import Path
 
 import onnx
 
-from bench.common import ROOT, loadavg, machine_info
-
-RESULTS = ROOT / "bench" / "results"
+from bench.common import loadavg, machine_info, write_results
 
 POINTS = (302, 2048)
 
@@ -94,12 +91,7 @@ def main(argv=None) -> int:
              "| kv_io | lastSum | KV bytes written | ORT median ms | ORT min ms |", "|---|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['kv_io']} | {r['lastSum']} | {r['kv_bytes_written']:,} | {r['median_ms']} | {r['min_ms']} |")
-    table = "\n".join(lines) + "\n"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"kv_io-{result['date']}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(table)
-    print(table)
+    write_results("kv_io", result, lines)
     return 0
 
 

@@ -152,16 +152,20 @@ def section_peers(ctx) -> dict:
         rows.append(peer_row(f"kvplan export ({prof})", res, None, tgt / "decoder.onnx", note))
         rows[-1]["output_bytes"] = (tgt / "decoder.onnx").stat().st_size if (tgt / "decoder.onnx").exists() else None
         if res.get("rc") == 0:
-            rows.append({"peer": f"kvplan fused rmsnorm,rope ({prof})", "run": {"rc": 0}, "graph": str(tgt / "decoder.fused.onnx"),
+            from build import profiles
+            passes = ",".join(profiles.load(prof).passes)
+            rows.append({"peer": f"kvplan fused {passes} ({prof})", "run": {"rc": 0}, "graph": str(tgt / "decoder.fused.onnx"),
                          "output_bytes": (tgt / "decoder.fused.onnx").stat().st_size,
-                         "stats": onnx_stats(tgt / "decoder.fused.onnx"), "notes": "surgery stage output"})
-            att = tgt / "decoder.attn.onnx"
-            r2 = measure([PY, "-m", "surgery", str(tgt / "decoder.onnx"), "-o", str(att), "--passes",
-                          "rmsnorm,rope,attention"], log_file=logs / f"kvplan-attn-{prof}.log")
-            rows.append(peer_row(f"kvplan fused rmsnorm,rope,attention ({prof})", r2, None, att,
-                                 "`python -m surgery decoder.onnx --passes rmsnorm,rope,attention`"))
+                         "stats": onnx_stats(tgt / "decoder.fused.onnx"), "notes": "surgery stage output (the profile's passes)"})
+            # The other variant, with or without the attention pass, for comparison.
+            other = "rmsnorm,rope" if "attention" in passes else "rmsnorm,rope,attention"
+            alt = tgt / "decoder.alt.onnx"
+            r2 = measure([PY, "-m", "surgery", str(tgt / "decoder.onnx"), "-o", str(alt), "--passes", other],
+                         log_file=logs / f"kvplan-alt-{prof}.log")
+            rows.append(peer_row(f"kvplan fused {other} ({prof})", r2, None, alt,
+                                 f"`python -m surgery decoder.onnx --passes {other}`"))
             if "output_bytes" in rows[-1]:
-                rows[-1]["output_bytes"] = att.stat().st_size
+                rows[-1]["output_bytes"] = alt.stat().st_size
     # Optimum (optimum-onnx): fp32 on CPU; fp16 export requires a CUDA device, so it is attempted to record why.
     if (PEERS_VENV / "bin" / "optimum-cli").exists():
         for dtype in ("fp32", "fp16"):

@@ -32,7 +32,7 @@ DROPPED_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node")
 class Piece:
     """A traced module as a reusable graph: weights lifted out to named inputs."""
     graph_proto: object              # onnx.GraphProto; deserialized afresh for each copy
-    weight_names: list[str]          # the piece's own parameter names (e.g. "self_attn.q_proj.weight")
+    weight_names: list[str]          # the piece's own parameter names (e.g. "layer.self_attn.q_proj.weight")
     weights: dict[str, ir.Tensor]    # the traced module's own values (used where no override is given)
     functions: dict                  # ONNX functions the piece calls
     opsets: dict[str, int]

@@ -242,15 +242,20 @@ def test_fp16_packs_kv_format_1_through_the_pipeline_cli(tmp_path, capsys):
     assert validation["task"]["stacks"]["onnxrt-fused"]["agreement"] >= 0.95
 
 
-def test_delta_kv_io_is_validated_on_the_new_rows_and_over_many_steps(tmp_path, capsys):
-    """kv_io = "delta": each point compares present_* with the reference's new rows, and the
-    multi-step check appends them to the host-side cache step after step."""
-    profile = write_profile(tmp_path, "vdelta", "float32", kv_io="delta")
+def validate_kv_io(tmp_path, capsys, kv_io: str) -> tuple[dict, str]:
+    """Export, fuse and validate tiny-llama (float32) with ``kv_io``; the validation record and the output."""
+    profile = write_profile(tmp_path, f"v{kv_io}", "float32", kv_io=kv_io)
     rc = engines_main(["--model", "tiny-llama", "--profile", str(profile), "--out", str(tmp_path / "e"),
                        "--stop-after", "surgery", "--validate"])
     out = capsys.readouterr().out
     assert rc == 0, out
-    validation = load_manifest(tmp_path / "e" / "tiny-llama" / "vdelta")["validation"]
+    return load_manifest(tmp_path / "e" / "tiny-llama" / f"v{kv_io}")["validation"], out
+
+
+def test_delta_kv_io_is_validated_on_the_new_rows_and_over_many_steps(tmp_path, capsys):
+    """kv_io = "delta": each point compares present_* with the reference's new rows, and the
+    multi-step check appends them to the host-side cache step after step."""
+    validation, out = validate_kv_io(tmp_path, capsys, "delta")
     assert validation["status"] == "pass"
     assert "present_key0" in out
     assert validation["task"]["stacks"]["onnxrt-fused"]["agreement"] == 1.0
@@ -260,12 +265,7 @@ def test_inplace_kv_io_is_validated_on_the_whole_buffer_and_over_many_steps(tmp_
     """kv_io = "inplace": each point feeds a buffer whose rows past lastSum + N hold stale data;
     the reference writes its rows into the same buffer, so every output row is compared (the
     untouched ones included), and the multi-step check carries the buffer step after step."""
-    profile = write_profile(tmp_path, "vinplace", "float32", kv_io="inplace")
-    rc = engines_main(["--model", "tiny-llama", "--profile", str(profile), "--out", str(tmp_path / "e"),
-                       "--stop-after", "surgery", "--validate"])
-    out = capsys.readouterr().out
-    assert rc == 0, out
-    validation = load_manifest(tmp_path / "e" / "tiny-llama" / "vinplace")["validation"]
+    validation, out = validate_kv_io(tmp_path, capsys, "inplace")
     assert validation["status"] == "pass"
     assert all(p["passed"] for p in validation["pairs"].values())
     # The buffer (24 rows, the profile's largest step) bounds the steps: 8 prompt tokens + 16.

@@ -1,0 +1,83 @@
+"""Engine-build memory per optimization profile: peak RSS of building one fused graph with the
+first 1, 2, ... optimization profiles of a build profile.
+
+    python -m bench.engine_memory [--model minicpmo26-tts] [--profile fp16]
+
+Exports and fuses the model once (``--stop-after surgery`` into a temporary target), then builds
+the plan in a fresh process per profile count (``bench.engine_memory --build K``) so each peak
+RSS (getrusage in a helper process) is that build's alone. Writes
+bench/results/engine_memory-<date>.json and .md and prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import loadavg, machine_info, measure, write_results
+
+
+def build_with(target: Path, model: str, profile_name: str, count: int) -> None:
+    """Build ``target``/decoder.fused.onnx with the profile's first ``count`` optimization profiles."""
+    from build import profiles
+    from build.backend import select_backend
+    from build.decoder import pack_specs
+    from build.export import io_contract
+    from build.models import resolve
+    from build.trt import build_engine
+    source = resolve(model)
+    profile = profiles.load(profile_name)
+    profile = dataclasses.replace(profile, shapes=profile.shapes[:count])
+    [spec] = pack_specs(source.config, 0, profile.kv_format, profile.kv_io, profile.cache_len)
+    record = build_engine(target / "decoder.fused.onnx", target / f"decoder.{count}.plan", profile,
+                          io_contract(source.config, spec, profile.batch, profile.dtype), select_backend("auto"),
+                          None, log=lambda *_: None)
+    print(json.dumps({"plan_bytes": record["plan_bytes"], "build_seconds": record["build_seconds"]}))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="minicpmo26-tts")
+    p.add_argument("--profile", default="fp16")
+    p.add_argument("--build", type=int, help=argparse.SUPPRESS)      # the child process
+    p.add_argument("--target", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.build:
+        build_with(Path(args.target), args.model, args.profile, args.build)
+        return 0
+    from build import profiles
+    names = [s.name for s in profiles.load(args.profile).shapes]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        res = measure([sys.executable, "-m", "build.engines", "--profile", args.profile, "--model", args.model,
+                       "--out", tmp, "--stop-after", "surgery"])
+        if res.get("rc") != 0:
+            print(res.get("tail"), file=sys.stderr)
+            return 1
+        target = Path(tmp) / args.model / args.profile
+        weights = json.loads((target / "manifest.json").read_text())["stages"]["export"]["weight_bytes"]
+        for count in range(1, len(names) + 1):
+            run = measure([sys.executable, "-m", "bench.engine_memory", "--model", args.model, "--profile",
+                           args.profile, "--build", str(count), "--target", str(target)], keep_output=True)
+            out = [ln for ln in run.pop("_output", "").splitlines() if ln.startswith("{")]
+            rows.append({"profiles": names[:count], "rc": run.get("rc"), "wall_s": run.get("wall_s"),
+                         "peak_rss_mib": run.get("peak_rss_mib"), **(json.loads(out[-1]) if out else {})})
+    result = {"date": time.strftime("%Y-%m-%d"), "model": args.model, "profile": args.profile,
+              "weight_bytes": weights, "machine": machine_info(), "load_after": loadavg(), "rows": rows}
+    lines = [f"# Engine build memory: {args.model}, profile {args.profile} "
+             f"({weights / 2**20:.1f} MiB of weights)", "",
+             "One fresh process per build (parse + build + streamed plan write); peak RSS via getrusage.", "",
+             "| optimization profiles | rc | wall s | build s | peak RSS MiB | plan MiB |", "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {', '.join(r['profiles'])} | {r['rc']} | {r['wall_s']} | {r.get('build_seconds', '—')} "
+                     f"| {r['peak_rss_mib']} | {r.get('plan_bytes', 0) / 2**20:.1f} |")
+    write_results("engine_memory", result, lines)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
