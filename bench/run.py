@@ -278,7 +278,9 @@ def md_graph(sec) -> list[str]:
 def section_engine(ctx, pipe_sec) -> dict:
     model = "tiny-llama" if ctx.quick else "minicpmo26-tts"
     rows = []
-    for variant, extra in (("unfused (--no-surgery)", ["--no-surgery"]), ("fused (rmsnorm, rope)", [])):
+    from build import profiles
+    fused = f"fused ({', '.join(profiles.load('fp16').passes)})"
+    for variant, extra in (("unfused (--no-surgery)", ["--no-surgery"]), (fused, [])):
         out = fresh(ctx.work / "engine" / variant.split()[0])
         pre = measure(engines_cmd("fp16", model, out, "--stop-after", "export"),
                       log_file=ctx.work / "logs" / "engine" / f"{variant.split()[0]}-export.log")
