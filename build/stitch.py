@@ -85,11 +85,14 @@ class _SideBySide(torch.nn.Module):
         return tuple(outputs)
 
 
-def split(model: ir.Model, piece: str, inputs: list[str], outputs: list[str]) -> Piece:
+def split(model: ir.Model, proto, piece: str, inputs: list[str], outputs: list[str]) -> Piece:
     """The piece of a side-by-side trace that computes ``outputs`` from ``inputs``, with its weights
-    (the graph inputs named ``parts.<piece>.*``) after them under their names within the piece."""
-    proto = ir.serde.serialize_model(model)
-    copy = ir.serde.deserialize_model(proto)
+    (the graph inputs named ``parts.<piece>.*``) after them under their names within the piece.
+    ``proto`` is ``model`` serialized (once for all pieces); each piece is cut from its own copy,
+    since deserialized tensors keep pointing into the proto they came from."""
+    private = type(proto)()
+    private.CopyFrom(proto)
+    copy = ir.serde.deserialize_model(private)
     graph = copy.graph
     kept = [v for v in graph.outputs if v.name in outputs]
     graph.outputs.clear()
@@ -272,8 +275,9 @@ def trace_pieces(cfg: DecoderConfig, spec: StackSpec, dtype: torch.dtype, batch:
                       # forward(*args): one argument, the tuple of every piece's inputs
                       (tuple(d for _, _, dims, *_ in missing.values() for d in dims),),
                       ([n for ins, _ in names.values() for n in ins], [n for _, outs in names.values() for n in outs]))
+        proto = ir.serde.serialize_model(model)
         for name, (ins, outs) in names.items():
-            _PIECES[name, wanted[name][0]] = split(model, name, ins, outs)
+            _PIECES[name, wanted[name][0]] = split(model, proto, name, ins, outs)
     return {name: _PIECES[name, k] for name, (k, _) in wanted.items()}
 
 

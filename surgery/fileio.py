@@ -20,26 +20,7 @@ def fuse_file(in_path, out_path, passes: Sequence[str], log: Callable[[str], Non
     aside = set_aside(model)
     fused, report = run(model, passes, log=log)
     del model
-    if sum(len(t.raw_data) for t in aside.values()) + sum(len(t.raw_data) for t in fused.graph.initializer) \
-            > PROTO_LIMIT:
-        put_back(fused, aside)
-        write_atomic(fused, out_path)
-    else:
-        # The graph was fully checked with the weights standing in as inputs; the weights go
-        # back in as the file is written, one at a time, in place of those inputs.
-        tensors = take_back(fused, aside)
-        path = out_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                write_streamed(fused, tensors, f)
-                f.flush()
-                os.fsync(f.fileno())
-            (path.parent / (path.name + ".data")).unlink(missing_ok=True)
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+    write_atomic(fused, out_path, aside)
     return report
 
 
@@ -86,20 +67,25 @@ def write_streamed(head: onnx.ModelProto, tensors: Callable[[], Iterable[onnx.Te
         f.write(data)
 
 
-def write_atomic(model: onnx.ModelProto, path: Path) -> None:
+def write_atomic(model: onnx.ModelProto, path: Path, aside: dict[str, onnx.TensorProto] | None = None) -> None:
     """Write to temporary names in the target directory, then os.replace into place.
 
-    The data file (``<name>.data``, used only above protobuf's comfortable size) lands
-    first, so a graph never appears pointing at a data file that is not there yet.
+    ``aside``: weights standing in ``model`` as inputs (surgery.weights.set_aside); they are
+    written back as initializers. Up to protobuf's comfortable size the file is written with
+    one weight serialized at a time (``write_streamed``); above it the weights go to a data
+    file (``<name>.data``), which lands first, so a graph never appears pointing at a data
+    file that is not there yet.
     """
+    aside = aside or {}
     path.parent.mkdir(parents=True, exist_ok=True)
-    big = sum(len(t.raw_data) for t in model.graph.initializer) > PROTO_LIMIT
+    big = sum(len(t.raw_data) for t in list(model.graph.initializer) + list(aside.values())) > PROTO_LIMIT
     data = path.parent / (path.name + ".data")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     tmp_data = Path(tmp + ".data")
     try:
         if big:
+            os.close(fd)
+            put_back(model, aside)
             # The location recorded in the graph is the final data name; the bytes go to a
             # temporary file that is renamed to it.
             onnx.save(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
@@ -107,14 +93,18 @@ def write_atomic(model: onnx.ModelProto, path: Path) -> None:
             _relocate(tmp, tmp_data.name, data.name)
             os.replace(tmp_data, data)
         else:
-            onnx.save(model, tmp)
-            if data.exists():
-                data.unlink()  # a stale data file from an earlier, larger write
+            # The graph was fully checked with the weights standing in as inputs; they go back
+            # in as the file is written, in place of those inputs.
+            tensors = take_back(model, aside)
+            with os.fdopen(fd, "wb") as f:
+                write_streamed(model, tensors, f)
+                f.flush()
+                os.fsync(f.fileno())
+            data.unlink(missing_ok=True)  # a stale data file from an earlier, larger write
         os.replace(tmp, path)
     finally:
         for p in (Path(tmp), tmp_data):
-            if p.exists():
-                p.unlink()
+            p.unlink(missing_ok=True)
 
 
 def _relocate(graph_path: str, old: str, new: str) -> None:
