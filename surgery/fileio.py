@@ -81,6 +81,8 @@ def write_atomic(model: onnx.ModelProto, path: Path, aside: dict[str, onnx.Tenso
     big = sum(len(t.raw_data) for t in list(model.graph.initializer) + list(aside.values())) > PROTO_LIMIT
     data = path.parent / (path.name + ".data")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # mkstemp creates the file private (0600); the result should have the mode any new file gets.
+    os.fchmod(fd, 0o666 & ~_umask())
     tmp_data = Path(tmp + ".data")
     try:
         if big:
@@ -105,6 +107,12 @@ def write_atomic(model: onnx.ModelProto, path: Path, aside: dict[str, onnx.Tenso
     finally:
         for p in (Path(tmp), tmp_data):
             p.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _relocate(graph_path: str, old: str, new: str) -> None:

@@ -232,3 +232,15 @@ def test_a_weight_whose_stand_in_changed_is_not_written_back(export_tiny, monkey
     stand_in.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
     with pytest.raises(RuntimeError, match=f"weight input '{stand_in.name}' changed during surgery"):
         take_back(model, aside)
+
+
+def test_the_fused_file_gets_the_mode_of_any_new_file(export_tiny, tmp_path):
+    """Written through a private temp file, but landing with the umask's mode, like the export."""
+    import os
+    [pack] = export_tiny("tiny-llama", "float32")
+    old = os.umask(0o022)
+    try:
+        surgery.fuse_file(pack.path, tmp_path / "f.onnx", ["rmsnorm"], log=None)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.onnx").stat().st_mode & 0o777 == 0o644
