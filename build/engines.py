@@ -19,6 +19,7 @@ from . import profiles as profiles_mod
 from .config import ConfigError
 from .decoder import pack_specs
 from .export import ExportError, export_pack, io_contract, pack_file_names
+from .trace_cache import TraceCache, default_dir
 from .manifest import artifact, source_digest
 from .models import DEFAULT_MODEL, ModelError, resolve
 from .pipeline import Pipeline, Stage, peak_rss_mib
@@ -49,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--validate", action="store_true",
                    help="after building, check every stage's numbers (same as python -m build.validate)")
     p.add_argument("--force", action="store_true", help="rebuild every stage even when its inputs are unchanged")
+    p.add_argument("--no-trace-cache", action="store_true",
+                   help="trace the decoder pieces afresh and do not store them (default: reuse traces kept under "
+                        "$KVPLAN_CACHE_DIR, else $XDG_CACHE_HOME/kvplan, else ~/.cache/kvplan)")
     p.add_argument("--inspect", metavar="PLAN_OR_TARGET", type=Path,
                    help="print the layer summary of a built .plan (or of the plan(s) in a target directory) and exit")
     p.add_argument("--list-presets", action="store_true", help="list the model presets and exit")
@@ -84,16 +88,19 @@ def build_stages(source, profile, target: Path, args, log) -> list[Stage]:
 
     def export_build(_):
         entries = []
+        cache = None if getattr(args, "no_trace_cache", False) else TraceCache(default_dir())
         for spec, name in zip(specs, onnx_names):
             log(f"[export] layers {spec.first_layer}..{spec.last_layer - 1}"
                 f"{' + final norm' if spec.final_norm else ''} -> {name}")
-            result = export_pack(source, spec, profile.dtype, profile.batch, target / name, log=log)
+            result = export_pack(source, spec, profile.dtype, profile.batch, target / name, log=log,
+                                 trace_cache=cache)
             log(f"[export] {name}: {result.weight_bytes / 2**20:.1f} MiB of weights in {result.seconds:.1f} s"
                 f"{' (external data)' if result.external_data else ''}, peak RSS {peak_rss_mib():.0f} MiB")
             entries.append(artifact(target, target / name, pack=specs.index(spec),
                                     layers=[spec.first_layer, spec.last_layer], final_norm=spec.final_norm,
                                     io=io_contract(cfg, spec, profile.batch, profile.dtype)))
-        return {"artifacts": entries, "weight_bytes": cfg.weight_count() * _itemsize(profile.dtype)}
+        return {"artifacts": entries, "weight_bytes": cfg.weight_count() * _itemsize(profile.dtype),
+                "trace_cache": cache.record() if cache else "off (--no-trace-cache)"}
 
     stages = [Stage("export", export_inputs, export_build)]
     if passes:

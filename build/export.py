@@ -29,6 +29,7 @@ from .config import DecoderConfig
 from .decoder import StackSpec, pack_specs
 from .models import ModelSource
 from .stitch import Stitcher, finish, torch_to_ir, trace_pieces
+from .trace_cache import TraceCache
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 OPSET = 23
@@ -153,12 +154,21 @@ def _layer_weight_names(cfg: DecoderConfig, layer: int) -> list[str]:
     return [n for n in _stack_tensor_names(cfg, StackSpec(layer, layer + 1, False)) if n.startswith(prefix)]
 
 
-def build_pack_model(source: ModelSource, spec: StackSpec, dtype: str, batch: int) -> tuple[ir.Model, int]:
+def build_pack_model(source: ModelSource, spec: StackSpec, dtype: str, batch: int,
+                     trace_cache: TraceCache | None = None, log=print) -> tuple[ir.Model, int]:
     """The pack's ONNX model (in memory) and its weight bytes."""
     cfg = source.config
     tdtype = TORCH_DTYPES[dtype]
+    t0 = time.perf_counter()
+    hits = len(trace_cache.hits) if trace_cache else 0
     pieces = trace_pieces(cfg, spec, tdtype, batch, lambda: {
-        n.split(".", 2)[2]: t for n, t in source.read_tensors(_layer_weight_names(cfg, spec.first_layer)).items()})
+        n.split(".", 2)[2]: t for n, t in source.read_tensors(_layer_weight_names(cfg, spec.first_layer)).items()},
+        cache=trace_cache, log=log)
+    if trace_cache is not None:
+        loaded = trace_cache.hits[hits:]
+        log(f"[export] traced pieces: {', '.join(pieces)} in {time.perf_counter() - t0:.1f} s"
+            + (f" (from the trace cache: {', '.join(loaded)})" if loaded else "")
+            + f"; cache {trace_cache.directory}")
     contract = io_contract(cfg, spec, batch, dtype)
     inputs = {name: _graph_value(name, info) for name, info in contract["inputs"].items()}
     st = Stitcher(list(inputs.values()))
@@ -196,12 +206,19 @@ def build_pack_model(source: ModelSource, spec: StackSpec, dtype: str, batch: in
 
 
 def export_pack(source: ModelSource, spec: StackSpec, dtype: str, batch: int, path: Path,
-                log=print) -> PackExport:
-    """Export one pack to ``path`` (written to a temporary name, then renamed into place)."""
+                log=print, trace_cache: TraceCache | None = None) -> PackExport:
+    """Export one pack to ``path`` (written to a temporary name, then renamed into place).
+
+    ``trace_cache``: where traced pieces are looked up and stored (build/trace_cache.py); None
+    traces (once per process) without one.
+    """
     t0 = time.perf_counter()
+    notes: list[str] = []       # said after the exporter's stdout is ours again
     with warnings.catch_warnings(), _quiet_exporter():
         warnings.simplefilter("ignore")
-        model, weight_bytes = build_pack_model(source, spec, dtype, batch)
+        model, weight_bytes = build_pack_model(source, spec, dtype, batch, trace_cache, notes.append)
+    for note in notes if log else ():
+        log(note)
     external = weight_bytes > EXTERNAL_DATA_THRESHOLD
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
@@ -23,6 +23,9 @@ import torch
 from .config import DecoderConfig
 from . import kv_write
 from .decoder import DecoderLayer, LayerStep, RMSNorm, RotaryCosSin, StackSpec
+
+if TYPE_CHECKING:
+    from .trace_cache import TraceCache
 
 OPSET = 23
 DROPPED_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node")
@@ -216,10 +219,13 @@ _PIECES: dict[tuple, Piece] = {}
 
 
 def trace_pieces(cfg: DecoderConfig, spec: StackSpec, dtype: torch.dtype, batch: int,
-                 first_layer_weights: Callable[[], dict[str, torch.Tensor]]) -> dict[str, Piece]:
+                 first_layer_weights: Callable[[], dict[str, torch.Tensor]],
+                 cache: "TraceCache | None" = None, log: Callable[[str], None] | None = None) -> dict[str, Piece]:
     """The rotary, layer and (if the pack has it) final-norm pieces, traced at (N=3, lastSum=5).
 
-    ``first_layer_weights()`` is called only when the layer piece must be traced.
+    ``first_layer_weights()`` is called only when the layer piece must be traced. With a
+    ``cache`` (build/trace_cache.py), pieces found there are not traced, and traced ones are
+    stored there.
     """
     dyn = torch.export.Dim.DYNAMIC
     n, last = 3, 5          # distinct, and neither 0 nor 1, so the tracer keeps the axes symbolic
@@ -265,7 +271,18 @@ def trace_pieces(cfg: DecoderConfig, spec: StackSpec, dtype: torch.dtype, batch:
     wanted = {"rotary": (key, rotary_part), "layer": (key + (spec.kv_format, spec.kv_io), layer_part)}
     if spec.final_norm:
         wanted["norm"] = (key, norm_part)
-    missing = {name: make() for name, (k, make) in wanted.items() if (name, k) not in _PIECES}
+    if cache is not None:
+        for name, (k, _) in wanted.items():
+            if (name, k) not in _PIECES:
+                piece = cache.load(name, k, log)
+                if piece is not None:
+                    _PIECES[name, k] = piece
+    # All or nothing: the tracer numbers names across the pieces it traces together, so a
+    # piece traced alone would stitch to a graph with other names than a cold export's.
+    if all((name, k) in _PIECES for name, (k, _) in wanted.items()):
+        missing = {}
+    else:
+        missing = {name: make() for name, (k, make) in wanted.items()}
     if missing:
         module = _SideBySide({name: m for name, (m, *_) in missing.items()},
                              {name: len(args) for name, (_, args, *_) in missing.items()})
@@ -278,6 +295,8 @@ def trace_pieces(cfg: DecoderConfig, spec: StackSpec, dtype: torch.dtype, batch:
         proto = ir.serde.serialize_model(model)
         for name, (ins, outs) in names.items():
             _PIECES[name, wanted[name][0]] = split(model, proto, name, ins, outs)
+            if cache is not None:
+                cache.store(name, wanted[name][0], _PIECES[name, wanted[name][0]], log)
     return {name: _PIECES[name, k] for name, (k, _) in wanted.items()}
 
 

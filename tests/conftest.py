@@ -16,6 +16,20 @@ from build.models import resolve  # noqa: E402
 from build.onnx_stack import Pack  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_trace_cache(tmp_path_factory):
+    """Builds under test (in process or in subprocesses) keep their traces in a directory of
+    this session's, never in the user's cache."""
+    import os
+    old = os.environ.get("KVPLAN_CACHE_DIR")
+    os.environ["KVPLAN_CACHE_DIR"] = str(tmp_path_factory.mktemp("trace-cache"))
+    yield
+    if old is None:
+        os.environ.pop("KVPLAN_CACHE_DIR", None)
+    else:
+        os.environ["KVPLAN_CACHE_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def export_tiny(tmp_path_factory):
     """export_tiny(preset, dtype="float32", kv_format=0, pack=0) -> list[Pack], cached per session."""

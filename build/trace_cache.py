@@ -1,0 +1,162 @@
+"""Traced pieces kept on disk, so a rebuild of an architecture already seen skips the trace.
+
+The trace (build/stitch.py) is most of the export stage's time and the only part that
+needs the exporter at all, yet its result depends on nothing a rebuild usually changes:
+not on the weights (every copy of a piece is bound to its own), only on the
+architecture, dtype, batch, cache layout, kvplan's decoder code and the versions of
+the libraries that produced it. Each piece is one ONNX file named by a digest of all
+of that; any change makes a new name, so an entry is never stale, only unused.
+
+The layer piece was traced with the checkpoint's first layer, and those values are
+never used (every copy binds its layer's weights): they are not stored. The other
+pieces' values (the rotary frequencies, derived from the config) are.
+
+A cache problem never fails a build: an unreadable entry is reported and traced again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+ENV = "KVPLAN_CACHE_DIR"
+FORMAT = 1
+# Stored values ride in the piece's graph as initializers under this prefix.
+_VALUE_PREFIX = "kvplan.cached_value/"
+# Pieces whose traced values are checkpoint data, never used unbound.
+_BOUND_ONLY = ("layer",)
+# kvplan's code that decides what a trace contains.
+_TRACED_SOURCES = ("build/config.py", "build/decoder.py", "build/kv_write.py", "build/stitch.py",
+                   "build/trace_cache.py")
+
+
+def default_dir() -> Path:
+    """$KVPLAN_CACHE_DIR, else $XDG_CACHE_HOME/kvplan, else ~/.cache/kvplan."""
+    if os.environ.get(ENV):
+        return Path(os.environ[ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "kvplan"
+
+
+@dataclass
+class TraceCache:
+    """Pieces under ``root``/traces; ``hits``/``stored``/``problems`` say what this run did."""
+    root: Path
+    hits: list[str] = field(default_factory=list)
+    stored: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def directory(self) -> Path:
+        return self.root / "traces"
+
+    def path(self, piece: str, key: tuple) -> Path:
+        return self.directory / f"{piece}-{digest(piece, key)}.onnx"
+
+    def load(self, piece: str, key: tuple, log: Callable[[str], None] | None = None):
+        """The cached Piece, or None when there is none or it cannot be read (said through ``log``)."""
+        path = self.path(piece, key)
+        if not path.is_file():
+            return None
+        try:
+            result = _read(path)
+        except Exception as e:  # noqa: BLE001 - any unreadable entry is traced again
+            why = f"{path}: unreadable trace cache entry ({type(e).__name__}: {e}); tracing again"
+            self.problems.append(why)
+            if log:
+                log(f"[export] note: {why}")
+            return None
+        self.hits.append(piece)
+        return result
+
+    def store(self, piece: str, key: tuple, value, log: Callable[[str], None] | None = None) -> None:
+        path = self.path(piece, key)
+        try:
+            _write(path, value, keep_values=piece not in _BOUND_ONLY, description={"piece": piece, **_describe(key)})
+        except OSError as e:
+            why = f"{path}: could not write the trace cache ({e}); the build goes on without it"
+            self.problems.append(why)
+            if log:
+                log(f"[export] note: {why}")
+            return
+        self.stored.append(piece)
+
+    def record(self) -> dict:
+        return {"dir": str(self.directory), "hits": self.hits, "stored": self.stored, "problems": self.problems}
+
+
+def digest(piece: str, key: tuple) -> str:
+    import onnx
+    import onnx_ir
+    import onnxscript
+    import torch
+    from .manifest import source_digest
+    ident = {"format": FORMAT, "piece": piece, "key": _describe(key),
+             "versions": {"torch": torch.__version__, "onnxscript": onnxscript.__version__,
+                          "onnx_ir": onnx_ir.__version__, "onnx": onnx.__version__},
+             "source": source_digest(*_TRACED_SOURCES)}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _describe(key: tuple) -> dict:
+    """The piece key (DecoderConfig, torch dtype, batch[, kv_format, kv_io]) as JSON-able data."""
+    cfg, dtype, batch, *layout = key
+    described = {"config": cfg.to_dict(), "dtype": str(dtype), "batch": batch}
+    if layout:
+        described["kv_format"], described["kv_io"] = layout
+    return described
+
+
+def _write(path: Path, piece, keep_values: bool, description: dict) -> None:
+    import onnx
+    import onnx_ir as ir
+    from .manifest import atomic_file
+    model = onnx.ModelProto(ir_version=10, producer_name="kvplan trace cache")
+    model.graph.CopyFrom(piece.graph_proto)
+    for fn in piece.functions.values():
+        model.functions.append(ir.serde.serialize_function(fn))
+    for domain, version in piece.opsets.items():
+        model.opset_import.add(domain=domain, version=version)
+    if keep_values:
+        for name in piece.weight_names:
+            tensor = ir.serde.serialize_tensor(piece.weights[name])
+            tensor.name = _VALUE_PREFIX + name
+            model.graph.initializer.append(tensor)
+    meta = {"kvplan.weight_names": piece.weight_names, "kvplan.key": description}
+    for k, v in meta.items():
+        model.metadata_props.add(key=k, value=json.dumps(v, default=str))
+    with atomic_file(path) as f:
+        f.write(model.SerializeToString())
+
+
+def _read(path: Path):
+    import onnx
+    import onnx_ir as ir
+    from .stitch import Piece
+    model = onnx.ModelProto()
+    model.ParseFromString(path.read_bytes())
+    meta = {p.key: p.value for p in model.metadata_props}
+    weight_names = json.loads(meta["kvplan.weight_names"])
+    graph_inputs = [i.name for i in model.graph.input]
+    if graph_inputs[len(graph_inputs) - len(weight_names):] != weight_names:
+        raise ValueError("its weight inputs are not the graph's last inputs")
+    values = [t for t in model.graph.initializer if t.name.startswith(_VALUE_PREFIX)]
+    kept = [t for t in model.graph.initializer if not t.name.startswith(_VALUE_PREFIX)]
+    weights = {}
+    for t in values:
+        own = onnx.TensorProto()     # detached: the tensor keeps pointing into its proto
+        own.CopyFrom(t)
+        own.name = t.name[len(_VALUE_PREFIX):]
+        weights[own.name] = ir.serde.deserialize_tensor(own)
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    functions = {}
+    for proto in model.functions:
+        fn = ir.serde.deserialize_function(proto)
+        functions[fn.identifier()] = fn
+    graph = onnx.GraphProto()
+    graph.CopyFrom(model.graph)
+    return Piece(graph, weight_names, weights, functions, {o.domain: o.version for o in model.opset_import})
