@@ -421,3 +421,27 @@ def test_inplace_engine_updates_its_buffer_and_matches_onnxruntime(tmp_path, bac
                            log=lambda *_: None)
     rec = build_trt.run_engine_check(tmp_path / "decoder.plan", profile, contract, tmp_path / "decoder.onnx", backend)
     assert rec["ran"] and rec["ok"], json.dumps(rec["profiles"], indent=1)
+
+
+def test_the_parser_reads_the_weights_in_place(built, tiny):
+    """The build hands the parser pointers into a memory map of the ONNX file, not copies."""
+    import onnx
+    record = built["record"]
+    big = sum(len(t.raw_data) for t in onnx.load(tiny["onnx"]).graph.initializer if len(t.raw_data) >= 4096)
+    assert record["weights_mapped_bytes"] == big > 0
+    assert any("memory-mapped" in line for line in built["log"])
+
+
+def test_weights_the_scan_cannot_place_are_read_by_the_parser(tiny, fast_profile, backend, tmp_path, monkeypatch,
+                                                              built):
+    """A scan that disagrees with the graph never reaches the parser: it reads the file itself,
+    says so, and builds the same network."""
+    import build.trt.mapped_weights as mw
+    monkeypatch.setattr(mw, "raw_data_offsets", lambda buf: (_ for _ in ()).throw(ValueError("scan failed")))
+    lines: list[str] = []
+    record = build_trt.build_engine(tiny["onnx"], tmp_path / "decoder.plan", fast_profile, tiny["contract"], backend,
+                                    None, log=lines.append)
+    assert record["weights_mapped_bytes"] == 0
+    assert any("weights not mapped (ValueError: scan failed)" in line for line in lines)
+    assert record["network"] == built["record"]["network"]
+    assert record["plan_bytes"] == built["record"]["plan_bytes"]

@@ -10,6 +10,7 @@ figure that needs a deserialized engine is recorded as null with the reason.
 """
 from __future__ import annotations
 
+import contextlib
 import shlex
 import time
 from pathlib import Path
@@ -107,7 +108,10 @@ def build_engine(onnx_path: Path, plan_path: Path, profile: Profile, contract: d
     logger = make_logger(trt, log, pending)
     t_start = time.perf_counter()
 
-    builder, network, parser = parse(trt, backend, onnx_path, logger)
+    builder, network, parser, weights = parse(trt, backend, onnx_path, logger, log)
+    if weights is not None:
+        log(f"[build] parser reads {weights.mapped_bytes / 2**20:.1f} MiB of weights in place "
+            f"({len(weights.entries)} tensors, memory-mapped)")
     check_network_inputs(network, contract, onnx_path)
     attention = allow_decomposed_attention(trt, network)
     if attention:
@@ -124,7 +128,10 @@ def build_engine(onnx_path: Path, plan_path: Path, profile: Profile, contract: d
     monitor = _attach_progress_monitor(trt, config, log, pending)
 
     t0 = time.perf_counter()
-    with atomic_file(plan_path) as f:
+    # The builder makes its own copy of the weights: the mapped pages it has read need not stay
+    # in this process meanwhile (any it reads again come back from the page cache).
+    releasing = weights.released_while() if weights is not None else contextlib.nullcontext()
+    with atomic_file(plan_path) as f, releasing:
         built = _build_into(trt, builder, network, config, f)
         if pending.exc is not None:
             raise pending.exc           # e.g. KeyboardInterrupt during the build: it cancelled the build
@@ -160,8 +167,9 @@ def build_engine(onnx_path: Path, plan_path: Path, profile: Profile, contract: d
         "memory": memory,
         "network": summary,
         "progress": monitor.summary() if monitor is not None else None,
+        "weights_mapped_bytes": weights.mapped_bytes if weights is not None else 0,
         "trtexec": shlex.join(argv),
         "trtexec_notes": tool_notes,
     }
-    del parser
+    del network, parser, weights      # the parser first: it points into the mapped weights
     return record

@@ -51,7 +51,7 @@ def inspect(path: Path, backend: Backend, log: Log = print, *, onnx: Path | None
             f"no network layer summary")
         result["network"] = None
     else:
-        _, network, _parser = parse(trt, backend, onnx_path, logger)
+        _, network, _parser, _weights = parse(trt, backend, onnx_path, logger)
         rows = layer_table(network)
         summary = network_summary(network)
         result["network"] = {**summary, "layer_table": rows}

@@ -11,15 +11,26 @@ TRT_DTYPES = {"float32": "FLOAT", "float16": "HALF", "bfloat16": "BF16", "int64"
               "bool": "BOOL", "int8": "INT8"}
 
 
-def parse(trt, backend: Backend, onnx_path: Path, logger):
-    """(builder, network, parser) for ``onnx_path``; the parser must outlive the network."""
+def parse(trt, backend: Backend, onnx_path: Path, logger, log=None):
+    """(builder, network, parser, weights) for ``onnx_path``; the parser and ``weights`` (a
+    MappedWeights, or None where the parser copied them) must outlive the network."""
     if not onnx_path.is_file():
         raise BuildError(f"{onnx_path}: no such ONNX file")
     builder = trt.Builder(logger)
     network = builder.create_network(backend.strongly_typed_flag)
     parser = trt.OnnxParser(network, logger)
-    # parse_from_file, not parse(bytes): external data files are found next to the graph.
-    if not parser.parse_from_file(str(onnx_path)):
+    weights, why = _mapped_weights(onnx_path, parser)
+    if weights is None and why and log:
+        log(f"[build] note: {why}; the parser reads the weights itself")
+    if weights is not None:
+        ok = parser.parse_model_proto()
+    else:
+        if why:   # the first parser may hold half a model: start again
+            network = builder.create_network(backend.strongly_typed_flag)
+            parser = trt.OnnxParser(network, logger)
+        # parse_from_file, not parse(bytes): external data files are found next to the graph.
+        ok = parser.parse_from_file(str(onnx_path))
+    if not ok:
         lines = []
         for i in range(parser.num_errors):
             e = parser.get_error(i)
@@ -36,7 +47,24 @@ def parse(trt, backend: Backend, onnx_path: Path, logger):
         raise BuildError(f"{onnx_path}: TensorRT's ONNX parser found no graph ({network.num_inputs} inputs, "
                          f"{network.num_outputs} outputs, {network.num_layers} layers): not an ONNX model, "
                          f"or a corrupted one")
-    return builder, network, parser
+    return builder, network, parser, weights
+
+
+def _mapped_weights(onnx_path: Path, parser):
+    """(MappedWeights loaded into ``parser``, None) or (None, why not; None when not attempted)."""
+    if not hasattr(parser, "load_model_proto"):
+        return None, None
+    from .mapped_weights import MappedWeights
+    try:
+        weights = MappedWeights.open(onnx_path)
+    except Exception as e:  # noqa: BLE001 - e.g. not an ONNX file: the parser's own error says more
+        return None, f"{onnx_path}: weights not mapped ({type(e).__name__}: {e})"
+    if not weights.entries:
+        return None, None       # nothing worth mapping: parse_from_file
+    why = weights.load_into(parser)
+    if why:
+        return None, f"{onnx_path}: weights not mapped ({why})"
+    return weights, None
 
 
 def network_summary(network) -> dict:
