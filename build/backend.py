@@ -105,14 +105,33 @@ def visible_gpus() -> tuple[list[str], str]:
                 return caps, "cuda-python"
     except Exception:
         pass
-    try:  # torch with CUDA, where installed
-        import torch
-        if torch.cuda.is_available():
-            caps = ["%d.%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
-            return caps, "torch.cuda"
-    except Exception:
-        pass
+    caps = _driver_capabilities()
+    if caps:
+        return caps, "CUDA driver API"
     return [], "no CUDA GPU visible"
+
+
+def _driver_capabilities() -> list[str]:
+    """Compute capabilities from the CUDA driver library itself: no nvidia-smi or cuda-python
+    needed, and unlike asking torch, no 300 MB import to find out there is no GPU."""
+    import ctypes
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return []
+    count, major, minor = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+    if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return []
+    caps = []
+    for i in range(count.value):
+        device = ctypes.c_int()
+        if cuda.cuDeviceGet(ctypes.byref(device), i) != 0:
+            continue
+        # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR / _MINOR
+        if cuda.cuDeviceGetAttribute(ctypes.byref(major), 75, device) == 0 and \
+                cuda.cuDeviceGetAttribute(ctypes.byref(minor), 76, device) == 0:
+            caps.append(f"{major.value}.{minor.value}")
+    return caps
 
 
 def rtx_supports(cc: str) -> bool:

@@ -445,3 +445,41 @@ def test_weights_the_scan_cannot_place_are_read_by_the_parser(tiny, fast_profile
     assert any("weights not mapped (ValueError: scan failed)" in line for line in lines)
     assert record["network"] == built["record"]["network"]
     assert record["plan_bytes"] == built["record"]["plan_bytes"]
+
+
+def test_gpu_capabilities_come_from_the_driver_library_without_torch(monkeypatch):
+    """Where neither nvidia-smi nor cuda-python exists, the driver API is asked (attributes 75/76:
+    compute capability major/minor); a machine without libcuda says so without importing torch."""
+    import ctypes
+    import subprocess
+    from build import backend as backend_mod
+
+    class FakeDriver:
+        def cuInit(self, flags):
+            return 0
+
+        def cuDeviceGetCount(self, ref):
+            ref._obj.value = 2
+            return 0
+
+        def cuDeviceGet(self, ref, ordinal):
+            ref._obj.value = ordinal
+            return 0
+
+        def cuDeviceGetAttribute(self, ref, attribute, device):
+            ref._obj.value = {(75, 0): 8, (76, 0): 6, (75, 1): 12, (76, 1): 0}[attribute, device.value]
+            return 0
+
+    monkeypatch.setattr(backend_mod.shutil, "which", lambda name: None)
+    monkeypatch.setitem(sys.modules, "cuda.bindings", None)       # as if cuda-python were not installed
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeDriver())
+    assert backend_mod.visible_gpus() == (["8.6", "12.0"], "CUDA driver API")
+
+    def no_driver(name):
+        raise OSError(f"{name}: cannot open shared object file")
+    monkeypatch.setattr(ctypes, "CDLL", no_driver)
+    probe = "from build.backend import visible_gpus; import sys; print(visible_gpus(), 'torch' in sys.modules)"
+    assert backend_mod.visible_gpus() == ([], "no CUDA GPU visible")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parent.parent).stdout
+    assert out.strip().endswith("False")
