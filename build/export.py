@@ -160,15 +160,15 @@ def build_pack_model(source: ModelSource, spec: StackSpec, dtype: str, batch: in
     cfg = source.config
     tdtype = TORCH_DTYPES[dtype]
     t0 = time.perf_counter()
-    hits = len(trace_cache.hits) if trace_cache else 0
+    hits, stores = (len(trace_cache.hits), len(trace_cache.stored)) if trace_cache else (0, 0)
     pieces = trace_pieces(cfg, spec, tdtype, batch, lambda: {
         n.split(".", 2)[2]: t for n, t in source.read_tensors(_layer_weight_names(cfg, spec.first_layer)).items()},
         cache=trace_cache, log=log)
     if trace_cache is not None:
-        loaded = trace_cache.hits[hits:]
-        log(f"[export] traced pieces: {', '.join(pieces)} in {time.perf_counter() - t0:.1f} s"
-            + (f" (from the trace cache: {', '.join(loaded)})" if loaded else "")
-            + f"; cache {trace_cache.directory}")
+        loaded, stored = trace_cache.hits[hits:], trace_cache.stored[stores:]
+        how = (f"traced in {time.perf_counter() - t0:.1f} s and stored" if stored else
+               "loaded from the trace cache" if loaded else "reused from this process")
+        log(f"[export] pieces {', '.join(pieces)}: {how} ({trace_cache.directory})")
     contract = io_contract(cfg, spec, batch, dtype)
     inputs = {name: _graph_value(name, info) for name, info in contract["inputs"].items()}
     st = Stitcher(list(inputs.values()))

@@ -143,20 +143,19 @@ def _read(path: Path):
     graph_inputs = [i.name for i in model.graph.input]
     if graph_inputs[len(graph_inputs) - len(weight_names):] != weight_names:
         raise ValueError("its weight inputs are not the graph's last inputs")
-    values = [t for t in model.graph.initializer if t.name.startswith(_VALUE_PREFIX)]
-    kept = [t for t in model.graph.initializer if not t.name.startswith(_VALUE_PREFIX)]
     weights = {}
-    for t in values:
-        own = onnx.TensorProto()     # detached: the tensor keeps pointing into its proto
-        own.CopyFrom(t)
-        own.name = t.name[len(_VALUE_PREFIX):]
-        weights[own.name] = ir.serde.deserialize_tensor(own)
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
+    for t in model.graph.initializer:
+        if t.name.startswith(_VALUE_PREFIX):
+            own = onnx.TensorProto()     # its own proto: a deserialized tensor keeps pointing into it
+            own.CopyFrom(t)
+            own.name = t.name[len(_VALUE_PREFIX):]
+            weights[own.name] = ir.serde.deserialize_tensor(own)
+    graph = onnx.GraphProto()
+    graph.CopyFrom(model.graph)
+    del graph.initializer[:]
+    graph.initializer.extend(t for t in model.graph.initializer if not t.name.startswith(_VALUE_PREFIX))
     functions = {}
     for proto in model.functions:
         fn = ir.serde.deserialize_function(proto)
         functions[fn.identifier()] = fn
-    graph = onnx.GraphProto()
-    graph.CopyFrom(model.graph)
     return Piece(graph, weight_names, weights, functions, {o.domain: o.version for o in model.opset_import})

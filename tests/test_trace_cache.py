@@ -103,7 +103,7 @@ def test_the_cli_uses_the_cache_and_records_it(tmp_path, no_memory, monkeypatch,
     assert main(args + ["--out", str(tmp_path / "a")]) == 0
     monkeypatch.setattr(stitch, "_PIECES", {})
     assert main(args + ["--out", str(tmp_path / "b")]) == 0
-    assert "from the trace cache: rotary, layer, norm" in capsys.readouterr().out
+    assert "pieces rotary, layer, norm: loaded from the trace cache" in capsys.readouterr().out
     record = json.loads((tmp_path / "b/tiny-llama/fp32/manifest.json").read_text())["stages"]["export"]["trace_cache"]
     assert record["dir"] == str(tmp_path / "cache" / "traces")
     assert sorted(record["hits"]) == ["layer", "norm", "rotary"] and record["stored"] == []
