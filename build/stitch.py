@@ -213,9 +213,9 @@ def torch_to_ir(t: torch.Tensor, name: str) -> ir.Tensor:
 
 
 # Traced pieces depend on the architecture, dtype, batch and cache layout, never on
-# the weights (every copy is bound to its own), so one process traces each piece once:
-# packs of one export, and repeated exports (tests, benchmarks), reuse them.
-_PIECES: dict[tuple, Piece] = {}
+# the weights (every copy is bound to its own), so one process traces them once per such
+# key: packs of one export, and repeated exports (tests, benchmarks), reuse them.
+_PIECES: dict[tuple, dict[str, Piece]] = {}
 
 
 def trace_pieces(cfg: DecoderConfig, spec: StackSpec, dtype: torch.dtype, batch: int,
@@ -223,9 +223,9 @@ def trace_pieces(cfg: DecoderConfig, spec: StackSpec, dtype: torch.dtype, batch:
                  cache: "TraceCache | None" = None, log: Callable[[str], None] | None = None) -> dict[str, Piece]:
     """The rotary, layer and (if the pack has it) final-norm pieces, traced at (N=3, lastSum=5).
 
-    ``first_layer_weights()`` is called only when the layer piece must be traced. With a
-    ``cache`` (build/trace_cache.py), pieces found there are not traced, and traced ones are
-    stored there.
+    ``first_layer_weights()`` is called only when the pieces must be traced. With a ``cache``
+    (build/trace_cache.py), pieces found there (all three, or none is used) are not traced, and
+    traced ones are stored there.
     """
     dyn = torch.export.Dim.DYNAMIC
     n, last = 3, 5          # distinct, and neither 0 nor 1, so the tracer keeps the axes symbolic
@@ -236,7 +236,7 @@ def trace_pieces(cfg: DecoderConfig, spec: StackSpec, dtype: torch.dtype, batch:
     rotary = RotaryCosSin(cfg, dtype)
     cos, sin = rotary(pos)
     x = torch.randn(batch, n, cfg.hidden_size).to(dtype)
-    key = (cfg, dtype, batch)
+    key = (cfg, dtype, batch, spec.kv_format, spec.kv_io)
 
     def rotary_part():
         # Sizes unlike the layer's, so the tracer cannot take one piece's axis from the other's input.
@@ -268,36 +268,29 @@ def trace_pieces(cfg: DecoderConfig, spec: StackSpec, dtype: torch.dtype, batch:
         norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps).to(dtype)
         return norm, (torch.randn(batch, 6, cfg.hidden_size).to(dtype),), ({1: dyn},), ["x"], ["y"]
 
-    wanted = {"rotary": (key, rotary_part), "layer": (key + (spec.kv_format, spec.kv_io), layer_part)}
-    if spec.final_norm:
-        wanted["norm"] = (key, norm_part)
-    if cache is not None:
-        for name, (k, _) in wanted.items():
-            if (name, k) not in _PIECES:
-                piece = cache.load(name, k, log)
-                if piece is not None:
-                    _PIECES[name, k] = piece
-    # All or nothing: the tracer numbers names across the pieces it traces together, so a
-    # piece traced alone would stitch to a graph with other names than a cold export's.
-    if all((name, k) in _PIECES for name, (k, _) in wanted.items()):
-        missing = {}
-    else:
-        missing = {name: make() for name, (k, make) in wanted.items()}
-    if missing:
-        module = _SideBySide({name: m for name, (m, *_) in missing.items()},
-                             {name: len(args) for name, (_, args, *_) in missing.items()})
+    # One trace makes all three pieces, whatever the pack needs: the tracer numbers names across
+    # everything it traces together, so pieces are only ever used with the companions they were
+    # traced with, and an export's bytes never depend on what was traced or cached before it.
+    parts = {"rotary": rotary_part, "layer": layer_part, "norm": norm_part}
+    pieces = _PIECES.get(key)
+    if pieces is None and cache is not None:
+        pieces = cache.load_set(key, list(parts), log)
+    if pieces is None:
+        made = {name: make() for name, make in parts.items()}
+        module = _SideBySide({name: m for name, (m, *_) in made.items()},
+                             {name: len(args) for name, (_, args, *_) in made.items()})
         names = {name: ([f"piece_in_{name}_{i}" for i in ins], [f"piece_out_{name}_{o}" for o in outs])
-                 for name, (_, _, _, ins, outs) in missing.items()}
-        model = trace(module, tuple(a for _, args, *_ in missing.values() for a in args),
+                 for name, (_, _, _, ins, outs) in made.items()}
+        model = trace(module, tuple(a for _, args, *_ in made.values() for a in args),
                       # forward(*args): one argument, the tuple of every piece's inputs
-                      (tuple(d for _, _, dims, *_ in missing.values() for d in dims),),
+                      (tuple(d for _, _, dims, *_ in made.values() for d in dims),),
                       ([n for ins, _ in names.values() for n in ins], [n for _, outs in names.values() for n in outs]))
         proto = ir.serde.serialize_model(model)
-        for name, (ins, outs) in names.items():
-            _PIECES[name, wanted[name][0]] = split(model, proto, name, ins, outs)
-            if cache is not None:
-                cache.store(name, wanted[name][0], _PIECES[name, wanted[name][0]], log)
-    return {name: _PIECES[name, k] for name, (k, _) in wanted.items()}
+        pieces = {name: split(model, proto, name, ins, outs) for name, (ins, outs) in names.items()}
+        if cache is not None:
+            cache.store_set(key, pieces, log)
+    _PIECES[key] = pieces
+    return {name: pieces[name] for name in ("rotary", "layer", "norm") if name != "norm" or spec.final_norm}
 
 
 def finish(model: ir.Model) -> None:

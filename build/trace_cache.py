@@ -7,9 +7,11 @@ architecture, dtype, batch, cache layout, kvplan's decoder code and the versions
 the libraries that produced it. Each piece is one ONNX file named by a digest of all
 of that; any change makes a new name, so an entry is never stale, only unused.
 
-The layer piece was traced with the checkpoint's first layer, and those values are
-never used (every copy binds its layer's weights): they are not stored. The other
-pieces' values (the rotary frequencies, derived from the config) are.
+The three pieces come from one trace and are stored and loaded together (the tracer's
+names depend on what it traced alongside). The layer piece was traced with the
+checkpoint's first layer, and neither its values nor the norm's are ever used (every
+copy is bound to the checkpoint's tensors): they are not stored. The rotary piece's
+values (its frequencies, derived from the config) are.
 
 A cache problem never fails a build: an unreadable entry is reported and traced again.
 """
@@ -26,8 +28,8 @@ ENV = "KVPLAN_CACHE_DIR"
 FORMAT = 1
 # Stored values ride in the piece's graph as initializers under this prefix.
 _VALUE_PREFIX = "kvplan.cached_value/"
-# Pieces whose traced values are checkpoint data, never used unbound.
-_BOUND_ONLY = ("layer",)
+# Pieces whose traced values are never used: every copy is bound to the checkpoint's tensors.
+_BOUND_ONLY = ("layer", "norm")
 # kvplan's code that decides what a trace contains.
 _TRACED_SOURCES = ("build/config.py", "build/decoder.py", "build/kv_write.py", "build/stitch.py",
                    "build/trace_cache.py")
@@ -56,33 +58,37 @@ class TraceCache:
     def path(self, piece: str, key: tuple) -> Path:
         return self.directory / f"{piece}-{digest(piece, key)}.onnx"
 
-    def load(self, piece: str, key: tuple, log: Callable[[str], None] | None = None):
-        """The cached Piece, or None when there is none or it cannot be read (said through ``log``)."""
-        path = self.path(piece, key)
-        if not path.is_file():
-            return None
-        try:
-            result = _read(path)
-        except Exception as e:  # noqa: BLE001 - any unreadable entry is traced again
-            why = f"{path}: unreadable trace cache entry ({type(e).__name__}: {e}); tracing again"
-            self.problems.append(why)
-            if log:
-                log(f"[export] note: {why}")
-            return None
-        self.hits.append(piece)
-        return result
+    def load_set(self, key: tuple, pieces: list[str], log: Callable[[str], None] | None = None):
+        """{piece: Piece} for every one of ``pieces`` (traced together), or None when any is
+        missing or cannot be read (said through ``log``): they are used together or not at all."""
+        found = {}
+        for piece in pieces:
+            path = self.path(piece, key)
+            if not path.is_file():
+                return None
+            try:
+                found[piece] = _read(path)
+            except Exception as e:  # noqa: BLE001 - any unreadable entry is traced again
+                why = f"{path}: unreadable trace cache entry ({type(e).__name__}: {e}); tracing again"
+                self.problems.append(why)
+                if log:
+                    log(f"[export] note: {why}")
+                return None
+        self.hits += pieces
+        return found
 
-    def store(self, piece: str, key: tuple, value, log: Callable[[str], None] | None = None) -> None:
-        path = self.path(piece, key)
-        try:
-            _write(path, value, keep_values=piece not in _BOUND_ONLY, description={"piece": piece, **_describe(key)})
-        except OSError as e:
-            why = f"{path}: could not write the trace cache ({e}); the build goes on without it"
-            self.problems.append(why)
-            if log:
-                log(f"[export] note: {why}")
-            return
-        self.stored.append(piece)
+    def store_set(self, key: tuple, pieces: dict, log: Callable[[str], None] | None = None) -> None:
+        for piece, value in pieces.items():
+            path = self.path(piece, key)
+            try:
+                _write(path, value, keep_values=piece not in _BOUND_ONLY, description={"piece": piece, **_describe(key)})
+            except Exception as e:  # noqa: BLE001 - a cache problem never fails a build
+                why = f"{path}: could not write the trace cache ({type(e).__name__}: {e}); the build goes on without it"
+                self.problems.append(why)
+                if log:
+                    log(f"[export] note: {why}")
+                continue
+            self.stored.append(piece)
 
     def record(self) -> dict:
         return {"dir": str(self.directory), "hits": self.hits, "stored": self.stored, "problems": self.problems}
@@ -102,12 +108,9 @@ def digest(piece: str, key: tuple) -> str:
 
 
 def _describe(key: tuple) -> dict:
-    """The piece key (DecoderConfig, torch dtype, batch[, kv_format, kv_io]) as JSON-able data."""
-    cfg, dtype, batch, *layout = key
-    described = {"config": cfg.to_dict(), "dtype": str(dtype), "batch": batch}
-    if layout:
-        described["kv_format"], described["kv_io"] = layout
-    return described
+    """The trace key (DecoderConfig, torch dtype, batch, kv_format, kv_io) as JSON-able data."""
+    cfg, dtype, batch, kv_format, kv_io = key
+    return {"config": cfg.to_dict(), "dtype": str(dtype), "batch": batch, "kv_format": kv_format, "kv_io": kv_io}
 
 
 def _write(path: Path, piece, keep_values: bool, description: dict) -> None:

@@ -81,27 +81,27 @@ def write_atomic(model: onnx.ModelProto, path: Path, aside: dict[str, onnx.Tenso
     big = sum(len(t.raw_data) for t in list(model.graph.initializer) + list(aside.values())) > PROTO_LIMIT
     data = path.parent / (path.name + ".data")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    # mkstemp creates the file private (0600); the result should have the mode any new file gets.
-    os.fchmod(fd, 0o666 & ~_umask())
     tmp_data = Path(tmp + ".data")
     try:
+        with os.fdopen(fd, "wb") as f:
+            # mkstemp creates the file private (0600); the result should have the mode any new file gets.
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
+            if not big:
+                # The graph was fully checked with the weights standing in as inputs; they go back
+                # in as the file is written, in place of those inputs.
+                write_streamed(model, take_back(model, aside), f)
+                f.flush()
+                os.fsync(f.fileno())
         if big:
-            os.close(fd)
             put_back(model, aside)
             # The location recorded in the graph is the final data name; the bytes go to a
             # temporary file that is renamed to it.
             onnx.save(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
                       location=tmp_data.name)
             _relocate(tmp, tmp_data.name, data.name)
+            os.chmod(tmp_data, 0o666 & ~_umask())      # onnx creates its data files private
             os.replace(tmp_data, data)
         else:
-            # The graph was fully checked with the weights standing in as inputs; they go back
-            # in as the file is written, in place of those inputs.
-            tensors = take_back(model, aside)
-            with os.fdopen(fd, "wb") as f:
-                write_streamed(model, tensors, f)
-                f.flush()
-                os.fsync(f.fileno())
             data.unlink(missing_ok=True)  # a stale data file from an earlier, larger write
         os.replace(tmp, path)
     finally:
@@ -110,7 +110,15 @@ def write_atomic(model: onnx.ModelProto, path: Path, aside: dict[str, onnx.Tenso
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    # Read, not set-and-restore: os.umask would change it for every thread for a moment.
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 

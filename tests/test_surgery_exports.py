@@ -244,3 +244,22 @@ def test_the_fused_file_gets_the_mode_of_any_new_file(export_tiny, tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "f.onnx").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_fused_file_with_external_data_lands_whole_with_the_usual_mode(export_tiny, tmp_path, monkeypatch):
+    """Above protobuf's comfortable size the weights go to a data file next to the graph."""
+    import os
+    import onnx
+    import surgery.fileio
+    monkeypatch.setattr(surgery.fileio, "PROTO_LIMIT", 1000)
+    [pack] = export_tiny("tiny-llama", "float32")
+    old = os.umask(0o022)
+    try:
+        surgery.fuse_file(pack.path, tmp_path / "f.onnx", ["rmsnorm", "rope"], log=None)
+    finally:
+        os.umask(old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.onnx", "f.onnx.data"]
+    assert {p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {0o644}
+    fused = onnx.load(tmp_path / "f.onnx")
+    onnx.checker.check_model(fused)
+    assert [i.name for i in fused.graph.input] == [i.name for i in onnx.load(pack.path).graph.input]

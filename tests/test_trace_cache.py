@@ -55,7 +55,7 @@ def test_the_layer_entry_holds_no_checkpoint_weights(tmp_path, no_memory):
     entries = {p.name.split("-")[0]: onnx.load(p) for p in cache.directory.glob("*.onnx")}
     stored = {k: [t.name for t in m.graph.initializer if t.name.startswith("kvplan.cached_value/")]
               for k, m in entries.items()}
-    assert stored == {"layer": [], "rotary": ["kvplan.cached_value/inv_freq"], "norm": ["kvplan.cached_value/weight"]}
+    assert stored == {"layer": [], "rotary": ["kvplan.cached_value/inv_freq"], "norm": []}
 
 
 def test_entries_are_keyed_by_dtype_and_cache_layout(tmp_path, no_memory):
@@ -63,10 +63,8 @@ def test_entries_are_keyed_by_dtype_and_cache_layout(tmp_path, no_memory):
     export(tmp_path, "fp32", cache)
     export(tmp_path, "fp16", cache, dtype="float16")
     export(tmp_path, "inplace", cache, kv_io="inplace")
-    # fp32 and fp16: three pieces each; inplace: the layer is new, its rotary and norm are fp32's.
-    assert sorted(p.name.split("-")[0] for p in cache.directory.glob("*.onnx")) == \
-        ["layer", "layer", "layer", "norm", "norm", "rotary", "rotary"]
-    assert len({p.name for p in cache.directory.glob("*.onnx")}) == 7
+    # Three pieces per trace, one trace per key.
+    assert sorted(p.name.split("-")[0] for p in cache.directory.glob("*.onnx")) == ["layer"] * 3 + ["norm"] * 3 + ["rotary"] * 3
 
 
 def test_a_damaged_entry_is_reported_and_every_piece_traced_again(tmp_path, no_memory, monkeypatch):
@@ -86,7 +84,8 @@ def test_a_damaged_entry_is_reported_and_every_piece_traced_again(tmp_path, no_m
     assert any(str(layer) in n and "unreadable trace cache entry" in n for n in notes)
     assert (tmp_path / "again" / "decoder.onnx").read_bytes() == cold.read_bytes()
     monkeypatch.setattr(stitch, "_PIECES", {})
-    assert TraceCache(tmp_path / "cache").load("layer", (source.config, torch.float32, 1, 0, "concat")) is not None
+    key = (source.config, torch.float32, 1, 0, "concat")
+    assert TraceCache(tmp_path / "cache").load_set(key, ["rotary", "layer", "norm"]) is not None
 
 
 def test_an_export_after_another_layout_is_the_cold_exports_bytes(tmp_path, no_memory, monkeypatch):
@@ -116,3 +115,33 @@ def test_no_trace_cache_neither_reads_nor_writes_it(tmp_path, no_memory, monkeyp
     assert not (tmp_path / "cache").exists()
     record = json.loads((tmp_path / "a/tiny-llama/fp32/manifest.json").read_text())["stages"]["export"]["trace_cache"]
     assert record == "off (--no-trace-cache)"
+
+
+def test_a_rebuild_after_another_layout_writes_the_first_builds_bytes(tmp_path, no_memory, monkeypatch):
+    """Pieces are keyed by the whole layout: an inplace export in between, whose rotary and norm
+    compute the same thing, must not change what the concat rebuild loads."""
+    cache = TraceCache(tmp_path / "cache")
+    first = export(tmp_path, "first", cache)
+    monkeypatch.setattr(stitch, "_PIECES", {})
+    export(tmp_path, "between", cache, kv_io="inplace")
+    monkeypatch.setattr(stitch, "_PIECES", {})
+    assert export(tmp_path, "again", cache).read_bytes() == first.read_bytes()
+
+
+def test_a_rebuild_of_several_packs_writes_the_same_bytes(tmp_path, no_memory, monkeypatch):
+    """Packs without the final norm use the same trace as the last pack, which has it."""
+    source = resolve("tiny-llama")
+    specs = pack_specs(source.config, 1)
+
+    def build(name):
+        cache = TraceCache(tmp_path / "cache")
+        paths = [tmp_path / name / f"decoder.pack{i}.onnx" for i in range(len(specs))]
+        for spec, path in zip(specs, paths):
+            export_pack(source, spec, "float16", 1, path, log=None, trace_cache=cache)
+        return [p.read_bytes() for p in paths], cache
+
+    cold, cold_cache = build("cold")
+    assert len(cold) > 1 and sorted(cold_cache.stored) == ["layer", "norm", "rotary"]
+    monkeypatch.setattr(stitch, "_PIECES", {})
+    warm, warm_cache = build("warm")
+    assert not warm_cache.stored and warm == cold

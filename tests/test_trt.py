@@ -483,3 +483,20 @@ def test_gpu_capabilities_come_from_the_driver_library_without_torch(monkeypatch
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parent.parent).stdout
     assert out.strip().endswith("False")
+
+
+def test_a_missing_data_file_is_reported_by_the_parser_not_by_the_mapping(tiny, fast_profile, backend, tmp_path):
+    """Mapping fails on a data file that is not there; the build falls back to the parser, whose
+    error names the file, instead of a traceback from the memory map."""
+    import onnx
+    model = onnx.load(tiny["onnx"])
+    onnx.save(model, tmp_path / "ext.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+              location="ext.onnx.data", size_threshold=0)
+    (tmp_path / "ext.onnx.data").unlink()
+    lines: list[str] = []
+    with pytest.raises(BuildError) as err:
+        build_trt.build_engine(tmp_path / "ext.onnx", tmp_path / "decoder.plan", fast_profile, tiny["contract"],
+                               backend, None, log=lines.append)
+    assert str(tmp_path / "ext.onnx") in str(err.value) and "parser" in str(err.value)
+    assert any("weights not mapped (FileNotFoundError" in line for line in lines)
+    assert not (tmp_path / "decoder.plan").exists()

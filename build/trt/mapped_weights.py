@@ -89,6 +89,7 @@ class MappedWeights:
     maps: dict[str, mmap.mmap] = field(default_factory=dict)
     _addresses: dict[str, int] = field(default_factory=dict)
     _keep: list = field(default_factory=list)
+    releases: int = 0
 
     @classmethod
     def open(cls, onnx_path: Path) -> "MappedWeights":
@@ -143,6 +144,7 @@ class MappedWeights:
 
     def release(self) -> None:
         """Drop the mapped pages from this process; a later read faults them back in from the file."""
+        self.releases += 1
         for m in self.maps.values():
             try:
                 m.madvise(mmap.MADV_DONTNEED)

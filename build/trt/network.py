@@ -20,12 +20,16 @@ def parse(trt, backend: Backend, onnx_path: Path, logger, log=None):
     network = builder.create_network(backend.strongly_typed_flag)
     parser = trt.OnnxParser(network, logger)
     weights, why = _mapped_weights(onnx_path, parser)
-    if weights is None and why and log:
+    ok = why is None and weights is not None and parser.parse_model_proto()
+    if weights is not None and not ok and why is None:
+        why = f"{onnx_path}: the parser failed on the mapped weights"
+    if why and log:
         log(f"[build] note: {why}; the parser reads the weights itself")
-    if weights is not None:
-        ok = parser.parse_model_proto()
-    else:
-        if why:   # the first parser may hold half a model: start again
+    if not ok:
+        if why:
+            # The first parser may hold pointers into the maps: it goes before they do.
+            del parser, network
+            weights = None
             network = builder.create_network(backend.strongly_typed_flag)
             parser = trt.OnnxParser(network, logger)
         # parse_from_file, not parse(bytes): external data files are found next to the graph.
@@ -51,20 +55,20 @@ def parse(trt, backend: Backend, onnx_path: Path, logger, log=None):
 
 
 def _mapped_weights(onnx_path: Path, parser):
-    """(MappedWeights loaded into ``parser``, None) or (None, why not; None when not attempted)."""
+    """(MappedWeights, why not): (loaded into ``parser``, None), (None, None) when there is nothing
+    to map or no API for it, or (whatever part is loaded, the reason) when mapping failed."""
     if not hasattr(parser, "load_model_proto"):
         return None, None
     from .mapped_weights import MappedWeights
+    weights = None
     try:
         weights = MappedWeights.open(onnx_path)
-    except Exception as e:  # noqa: BLE001 - e.g. not an ONNX file: the parser's own error says more
-        return None, f"{onnx_path}: weights not mapped ({type(e).__name__}: {e})"
-    if not weights.entries:
-        return None, None       # nothing worth mapping: parse_from_file
-    why = weights.load_into(parser)
-    if why:
-        return None, f"{onnx_path}: weights not mapped ({why})"
-    return weights, None
+        if not weights.entries:
+            return None, None       # nothing worth mapping: parse_from_file
+        why = weights.load_into(parser)
+    except Exception as e:  # noqa: BLE001 - e.g. not ONNX, or a missing data file: the parser's error says more
+        why = f"{type(e).__name__}: {e}"
+    return weights, (f"{onnx_path}: weights not mapped ({why})" if why else None)
 
 
 def network_summary(network) -> dict:
