@@ -27,7 +27,6 @@ def build_with(target: Path, model: str, profile_name: str, count: int) -> None:
     Imports only what the build needs (no torch: the I/O contract comes from the manifest), so
     the peak is the parser's and the builder's plus a small interpreter.
     """
-    import sys
     from build import profiles
     from build.backend import select_backend
     from build.pipeline import rss_mib
@@ -42,7 +41,8 @@ def build_with(target: Path, model: str, profile_name: str, count: int) -> None:
     record = build_engine(target / "decoder.fused.onnx", target / f"decoder.{count}.plan", profile, entry["io"],
                           backend, None, log=lambda *_: None)
     print(json.dumps({"plan_bytes": record["plan_bytes"], "build_seconds": record["build_seconds"],
-                      "rss_before_mib": round(before, 1) if before else None, "weights_mapped_bytes": record.get("weights_mapped_bytes"),
+                      "rss_before_mib": round(before, 1) if before else None,
+                      "weights_mapped_bytes": record.get("weights_mapped_bytes"),
                       "torch_imported": "torch" in sys.modules}))
 
 

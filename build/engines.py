@@ -88,7 +88,7 @@ def build_stages(source, profile, target: Path, args, log) -> list[Stage]:
 
     def export_build(_):
         entries = []
-        cache = None if getattr(args, "no_trace_cache", False) else TraceCache(default_dir())
+        cache = None if args.no_trace_cache else TraceCache(default_dir())
         for spec, name in zip(specs, onnx_names):
             log(f"[export] layers {spec.first_layer}..{spec.last_layer - 1}"
                 f"{' + final norm' if spec.final_norm else ''} -> {name}")
@@ -198,7 +198,7 @@ def target_state(model: str, profile_name: str, out: Path, backend: str = "auto"
     if manifest is None:
         return TargetState(source, profile, target, None,
                            [Problem("no-manifest", f"{target}: nothing built here (no manifest.json)")])
-    args = argparse.Namespace(no_surgery=no_surgery, stop_after=None, backend=backend)
+    args = argparse.Namespace(no_surgery=no_surgery, stop_after=None, backend=backend, no_trace_cache=False)
     recorded = manifest.get("stages", {})
     problems = []
     if manifest.get("status") != "complete":

@@ -20,14 +20,9 @@ from build.onnx_stack import Pack  # noqa: E402
 def private_trace_cache(tmp_path_factory):
     """Builds under test (in process or in subprocesses) keep their traces in a directory of
     this session's, never in the user's cache."""
-    import os
-    old = os.environ.get("KVPLAN_CACHE_DIR")
-    os.environ["KVPLAN_CACHE_DIR"] = str(tmp_path_factory.mktemp("trace-cache"))
-    yield
-    if old is None:
-        os.environ.pop("KVPLAN_CACHE_DIR", None)
-    else:
-        os.environ["KVPLAN_CACHE_DIR"] = old
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KVPLAN_CACHE_DIR", str(tmp_path_factory.mktemp("trace-cache")))
+        yield
 
 
 @pytest.fixture(scope="session")

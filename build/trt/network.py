@@ -20,18 +20,20 @@ def parse(trt, backend: Backend, onnx_path: Path, logger, log=None):
     network = builder.create_network(backend.strongly_typed_flag)
     parser = trt.OnnxParser(network, logger)
     weights, why = _mapped_weights(onnx_path, parser)
-    ok = why is None and weights is not None and parser.parse_model_proto()
-    if weights is not None and not ok and why is None:
-        why = f"{onnx_path}: the parser failed on the mapped weights"
-    if why and log:
-        log(f"[build] note: {why}; the parser reads the weights itself")
+    ok = False
+    if weights is not None and why is None:
+        ok = parser.parse_model_proto()
+        if not ok:
+            why = f"{onnx_path}: the parser failed on the mapped weights"
+    if why:
+        if log:
+            log(f"[build] note: {why}; the parser reads the weights itself")
+        # The first parser may hold pointers into the maps: it goes before they do.
+        del parser, network
+        weights = None
+        network = builder.create_network(backend.strongly_typed_flag)
+        parser = trt.OnnxParser(network, logger)
     if not ok:
-        if why:
-            # The first parser may hold pointers into the maps: it goes before they do.
-            del parser, network
-            weights = None
-            network = builder.create_network(backend.strongly_typed_flag)
-            parser = trt.OnnxParser(network, logger)
         # parse_from_file, not parse(bytes): external data files are found next to the graph.
         ok = parser.parse_from_file(str(onnx_path))
     if not ok:
