@@ -27,10 +27,10 @@ def build_with(target: Path, model: str, profile_name: str, count: int) -> None:
     Imports only what the build needs (no torch: the I/O contract comes from the manifest), so
     the peak is the parser's and the builder's plus a small interpreter.
     """
-    from build import profiles
-    from build.backend import select_backend
-    from build.pipeline import rss_mib
-    from build.trt import build_engine
+    from kvplan import profiles
+    from kvplan.trt.backend import select_backend
+    from kvplan.pipeline import rss_mib
+    from kvplan.trt import build_engine
     assert "torch" not in sys.modules
     profile = profiles.load(profile_name)
     profile = dataclasses.replace(profile, shapes=profile.shapes[:count])
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     if args.build:
         build_with(Path(args.target), args.model, args.profile, args.build)
         return 0
-    from build import profiles
+    from kvplan import profiles
     names = [s.name for s in profiles.load(args.profile).shapes]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     lines = [f"# Engine build memory: {args.model}, profile {args.profile} "
              f"({weights / 2**20:.1f} MiB of weights)", "",
              "One fresh process per build (parse + build + streamed plan write), which imports the TensorRT "
-             "backend and kvplan's build.trt but not torch (the I/O contract comes from the manifest); peak RSS via "
+             "backend and kvplan.trt but not torch (the I/O contract comes from the manifest); peak RSS via "
              "getrusage. *RSS before* is the process after its imports, just before parsing; the parser reads the "
              "weights in place from a memory map of the ONNX file.", "",
              "| optimization profiles | rc | wall s | build s | RSS before MiB | peak RSS MiB | peak / weights | "

@@ -25,11 +25,11 @@ POINTS = (302, 2048)
 
 
 def export(model: str, dtype: str, kv_io: str, cache_len: int, out: Path) -> Path:
-    import surgery
-    from build import profiles
-    from build.decoder import pack_specs
-    from build.export import export_pack
-    from build.models import resolve
+    from kvplan import surgery
+    from kvplan import profiles
+    from kvplan.decoder import pack_specs
+    from kvplan.export.exporter import export_pack
+    from kvplan.models import resolve
     source = resolve(model)
     [spec] = pack_specs(source.config, 0, 0, kv_io, cache_len)
     export_pack(source, spec, dtype, 1, out / "decoder.onnx")

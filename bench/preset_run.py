@@ -1,10 +1,10 @@
 """python -m bench.preset_run NAME -- BUILD_ENGINES_ARGS...: register an extra preset shape (defined here,
-not in kvplan) into build.models.presets.PRESETS, then run `python -m build.engines` in this process."""
+not in kvplan) into kvplan.models.presets.PRESETS, then run `python -m build.engines` in this process."""
 from __future__ import annotations
 
 import sys
 
-from build.config import DecoderConfig
+from kvplan.config import DecoderConfig
 
 EXTRA_PRESETS = {
     # Llama-3.2-1B's decoder shape (tied embeddings are not part of the decoder export):
@@ -30,9 +30,9 @@ def decoder_params(cfg: DecoderConfig) -> int:
 def main() -> int:
     name, sep, *rest = sys.argv[1:]
     assert sep == "--"
-    from build.models import presets
+    from kvplan.models import presets
     presets.PRESETS[name] = EXTRA_PRESETS[name]
-    from build.engines import main as engines_main
+    from kvplan.target import main as engines_main
     return engines_main(rest)
 
 

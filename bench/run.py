@@ -168,7 +168,7 @@ def section_peers(ctx) -> dict:
         rows.append(peer_row(f"kvplan export ({prof})", res, None, tgt / "decoder.onnx", note))
         rows[-1]["output_bytes"] = (tgt / "decoder.onnx").stat().st_size if (tgt / "decoder.onnx").exists() else None
         if res.get("rc") == 0:
-            from build import profiles
+            from kvplan import profiles
             passes = ",".join(profiles.load(prof).passes)
             rows.append({"peer": f"kvplan fused {passes} ({prof})", "run": {"rc": 0}, "graph": str(tgt / "decoder.fused.onnx"),
                          "output_bytes": (tgt / "decoder.fused.onnx").stat().st_size,
@@ -309,7 +309,7 @@ def md_graph(sec) -> list[str]:
 def section_engine(ctx, pipe_sec) -> dict:
     model = "tiny-llama" if ctx.quick else "minicpmo26-tts"
     rows = []
-    from build import profiles
+    from kvplan import profiles
     fused = f"fused ({', '.join(profiles.load('fp16').passes)})"
     for variant, extra in (("unfused (--no-surgery)", ["--no-surgery"]), (fused, [])):
         out = fresh(ctx.work / "engine" / variant.split()[0])
@@ -390,7 +390,7 @@ def section_scale(ctx) -> dict:
 
 def md_scale(sec) -> list[str]:
     out = ["## Scale: export peak RSS vs weight bytes (fp16, external data)", "",
-           "`--stop-after export` in a subprocess that registers the shape into `build.models.presets.PRESETS` "
+           "`--stop-after export` in a subprocess that registers the shape into `kvplan.models.presets.PRESETS` "
            "(`bench/preset_run.py`; random weights). Peak RSS via getrusage in a fresh helper.", "",
            "| shape | rc | wall s | weights MiB | peak RSS MiB | RSS / weights | external data | files |",
            "|---|---|---:|---:|---:|---:|---|---|"]

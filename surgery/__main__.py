@@ -1,56 +1,6 @@
-"""CLI: python -m surgery IN.onnx -o OUT.onnx [--passes rmsnorm,rope] [--report report.json]"""
-from __future__ import annotations
-
-import argparse
-import json
+"""python -m surgery: kvplan surgery from the repository root."""
 import sys
-from pathlib import Path
 
-from . import PASSES, SurgeryError, fuse_file, summary_lines
-from .opset import OpsetError
+from kvplan.surgery.cli import main
 
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m surgery",
-        description="Fuse RMSNorm and RoPE subgraphs of an exported decoder into ONNX opset-23 "
-                    "RMSNormalization / RotaryEmbedding nodes; every candidate is checked, near misses are reported.")
-    p.add_argument("input", type=Path, help="the ONNX graph to rewrite (external data next to it is loaded too)")
-    p.add_argument("-o", "--output", type=Path, required=True,
-                   help="where to write the fused graph (written to a temporary name, then renamed)")
-    p.add_argument("--passes", default=",".join(PASSES),
-                   help=f"comma-separated passes to run, in registry order (default: {','.join(PASSES)}; "
-                        "an empty string runs only the checks)")
-    p.add_argument("--report", type=Path, help="also write the full report as JSON to this file")
-    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    passes = [p.strip() for p in args.passes.split(",") if p.strip()]
-    unknown = [p for p in passes if p not in PASSES]
-    if unknown:
-        print(f"error: unknown pass {', '.join(map(repr, unknown))} (known passes: {', '.join(PASSES)})",
-              file=sys.stderr)
-        return 2
-    if not args.input.is_file():
-        print(f"error: input file not found: {args.input}", file=sys.stderr)
-        return 2
-    try:
-        report = fuse_file(args.input, args.output, passes, log=None)
-    except (SurgeryError, OpsetError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    if args.report:
-        args.report.parent.mkdir(parents=True, exist_ok=True)
-        args.report.write_text(json.dumps(report, indent=2) + "\n")
-    if not args.quiet:
-        for line in summary_lines(report):
-            print(line)
-        print(f"wrote {args.output}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+sys.exit(main())

@@ -10,10 +10,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from build.decoder import pack_specs  # noqa: E402
-from build.export import export_pack, pack_file_names  # noqa: E402
-from build.models import resolve  # noqa: E402
-from build.onnx_stack import Pack  # noqa: E402
+from kvplan.decoder import pack_specs  # noqa: E402
+from kvplan.export.exporter import export_pack, pack_file_names  # noqa: E402
+from kvplan.models import resolve  # noqa: E402
+from kvplan.validate.onnx_stack import Pack  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)

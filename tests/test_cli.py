@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from build import engines
-from build.engines import main
+from kvplan import target as engines
+from kvplan.cli import build_main as main
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -88,16 +88,16 @@ def test_interrupted_export_leaves_no_artifact_and_no_claim(tmp_path, capsys, mo
 def test_failed_save_leaves_no_temporary_files(tmp_path, monkeypatch):
     """export_pack writes to a temporary directory and renames: a failure halfway through the
     file leaves nothing."""
-    import surgery.fileio
-    from build.decoder import pack_specs
-    from build.export import export_pack
-    from build.models import resolve
+    import kvplan.export.exporter as exporter
+    from kvplan.decoder import pack_specs
+    from kvplan.export.exporter import export_pack
+    from kvplan.models import resolve
 
     def broken_write(head, tensors, f):
         f.write(b"the first bytes of a model")
         raise OSError("disk full")
 
-    monkeypatch.setattr(surgery.fileio, "write_streamed", broken_write)
+    monkeypatch.setattr(exporter, "write_streamed", broken_write)
     source = resolve("tiny-llama")
     with pytest.raises(OSError, match="disk full"):
         export_pack(source, pack_specs(source.config, 0)[0], "float32", 1, tmp_path / "decoder.onnx")
@@ -113,7 +113,7 @@ def test_concurrent_build_of_the_same_target_waits_for_the_first(tmp_path):
     import fcntl
     import threading
     import time
-    from build.manifest import target_lock
+    from kvplan.manifest import target_lock
 
     tmp_path.mkdir(exist_ok=True)
     holder = open(tmp_path / ".kvplan.lock", "a+")

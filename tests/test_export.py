@@ -6,10 +6,10 @@ import onnx
 import pytest
 import torch
 
-from build.export import causal_mask, io_contract
-from build.models import resolve
-from build.onnx_stack import OnnxStack
-from build.reference import HFReference
+from kvplan.export.exporter import causal_mask, io_contract
+from kvplan.models import resolve
+from kvplan.validate.onnx_stack import OnnxStack
+from kvplan.validate.reference import HFReference
 
 DTYPE = {"float32": torch.float32, "float16": torch.float16}
 # fp16: ORT and torch both round every op to fp16 but accumulate differently; over
@@ -203,9 +203,9 @@ class TestDeltaKvIo:
 
 @pytest.fixture(scope="module")
 def export_tiny_delta(tmp_path_factory):
-    from build.decoder import pack_specs
-    from build.export import export_pack
-    from build.onnx_stack import Pack
+    from kvplan.decoder import pack_specs
+    from kvplan.export.exporter import export_pack
+    from kvplan.validate.onnx_stack import Pack
     source = resolve("tiny-llama")
     [spec] = pack_specs(source.config, 0, 0, "delta")
     path = tmp_path_factory.mktemp("delta") / "decoder.onnx"
@@ -215,10 +215,10 @@ def export_tiny_delta(tmp_path_factory):
 
 def test_large_graphs_are_written_with_external_data(tmp_path, monkeypatch):
     """Above protobuf's 2 GB limit weights go to decoder.onnx.data; here the threshold is lowered."""
-    import build.export as export_mod
-    from build.decoder import pack_specs
-    from build.onnx_stack import Pack
-    import surgery
+    import kvplan.export.exporter as export_mod
+    from kvplan.decoder import pack_specs
+    from kvplan.validate.onnx_stack import Pack
+    from kvplan import surgery
     monkeypatch.setattr(export_mod, "EXTERNAL_DATA_THRESHOLD", 0)
     source = resolve("tiny-llama")
     [spec] = pack_specs(source.config, 0)
@@ -235,8 +235,8 @@ def test_large_graphs_are_written_with_external_data(tmp_path, monkeypatch):
 
 def test_stitched_graph_computes_what_the_stack_module_does(export_tiny):
     """The graph is stitched from traced pieces; DecoderStack composes the same pieces eagerly."""
-    from build.decoder import DecoderStack
-    from build.export import example_inputs
+    from kvplan.decoder import DecoderStack
+    from kvplan.export.exporter import example_inputs
     source = resolve("tiny-qwen3")
     [pack] = export_tiny("tiny-qwen3", "float32", 1)
     with torch.device("meta"):
@@ -259,9 +259,9 @@ CACHE_LEN = 320     # rows of the in-place buffer in these tests: holds lastSum 
 
 @pytest.fixture(scope="module")
 def export_tiny_inplace(tmp_path_factory):
-    from build.decoder import pack_specs
-    from build.export import export_pack
-    from build.onnx_stack import Pack
+    from kvplan.decoder import pack_specs
+    from kvplan.export.exporter import export_pack
+    from kvplan.validate.onnx_stack import Pack
     source = resolve("tiny-llama")
     [spec] = pack_specs(source.config, 0, 0, "inplace", CACHE_LEN)
     path = tmp_path_factory.mktemp("inplace") / "decoder.onnx"
@@ -305,7 +305,7 @@ class TestInplaceKvIo:
         assert excess <= 0, f"(N={n}, lastSum={last}): {name} max abs error {err:.3g}"
 
     def test_rows_beyond_the_step_are_left_as_they_were_and_never_read(self, export_tiny_inplace):
-        from build.export import example_inputs, input_names
+        from kvplan.export.exporter import example_inputs, input_names
         spec = export_tiny_inplace[0].spec
         args = example_inputs(resolve("tiny-llama").config, spec, 1, torch.float32, n=3, last=40)
         feed = {k: v.numpy() for k, v in zip(input_names(spec), args)}
@@ -346,7 +346,7 @@ class TestInplaceKvIo:
 
 
 def test_inplace_needs_the_standard_layout_and_a_buffer_the_model_can_fill():
-    from build.decoder import pack_specs
+    from kvplan.decoder import pack_specs
     cfg = resolve("tiny-llama").config
     with pytest.raises(ValueError, match="kv_format 0"):
         pack_specs(cfg, 0, 1, "inplace", 64)
@@ -355,7 +355,7 @@ def test_inplace_needs_the_standard_layout_and_a_buffer_the_model_can_fill():
 
 
 def test_kv_write_refuses_rows_beyond_the_buffer():
-    from build.kv_write import kv_write
+    from kvplan.kv_write import kv_write
     cache, update = torch.zeros(1, 2, 8, 4), torch.ones(1, 2, 3, 4)
     assert kv_write(cache, update, torch.tensor([5]), 2)[0, 0, :, 0].tolist() == [0, 0, 0, 0, 0, 1, 1, 1]
     with pytest.raises(IndexError, match="rows 6..8 do not fit a cache of 8 rows"):
@@ -365,9 +365,9 @@ def test_kv_write_refuses_rows_beyond_the_buffer():
 def test_the_pieces_are_traced_in_one_exporter_call(monkeypatch):
     """The exporter's fixed cost is paid once: rotary, layer and norm are traced side by side and
     split apart, each piece with only its own inputs and weights."""
-    import build.stitch as stitch
-    from build.decoder import DecoderLayer, pack_specs
-    from build.export import _layer_weight_names
+    import kvplan.export.stitch as stitch
+    from kvplan.decoder import DecoderLayer, pack_specs
+    from kvplan.export.exporter import _layer_weight_names
     calls = []
     real_export = torch.onnx.export
     monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: calls.append(1) or real_export(*a, **k))

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 
-from build.trt.mapped_weights import MappedWeights, raw_data_offsets
+from kvplan.trt.mapped_weights import MappedWeights, raw_data_offsets
 
 
 @pytest.fixture(scope="module")

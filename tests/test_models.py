@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from build.config import to_hf_dict
-from build.models import ModelError, resolve
-from build.models.presets import PRESETS, tensor_shapes
-from build.models import safetensors_dir
+from kvplan.config import to_hf_dict
+from kvplan.models import ModelError, resolve
+from kvplan.models.presets import PRESETS, tensor_shapes
+from kvplan.models import safetensors_dir
 
 
 def write_hf_dir(directory: Path, preset: str, shards: int = 2, prefix: str = "model.",
@@ -157,8 +157,8 @@ class TestMiniCPMoDirectory:
     @pytest.fixture
     def checkpoint(self, tmp_path):
         """Tiny MiniCPM-o layout: the TTS decoder under tts.model.*, beside LLM and vision tensors."""
-        from build.config import DecoderConfig
-        import build.models.presets as presets
+        from kvplan.config import DecoderConfig
+        import kvplan.models.presets as presets
         cfg = DecoderConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=4,
                             head_dim=16, vocab_size=32000, family="llama")
         presets.PRESETS["_tiny-tts"] = cfg
@@ -194,10 +194,10 @@ class TestMiniCPMoDirectory:
 
     def test_exported_tts_decoder_matches_transformers(self, checkpoint, tmp_path):
         import numpy as np
-        from build.decoder import pack_specs
-        from build.export import causal_mask, export_pack
-        from build.onnx_stack import OnnxStack, Pack
-        from build.reference import HFReference
+        from kvplan.decoder import pack_specs
+        from kvplan.export.exporter import causal_mask, export_pack
+        from kvplan.validate.onnx_stack import OnnxStack, Pack
+        from kvplan.validate.reference import HFReference
         directory, cfg, _ = checkpoint
         source = resolve(str(directory))
         spec = pack_specs(cfg, 0)[0]

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from build import profiles
-from build.engines import main
+from kvplan import profiles
+from kvplan.cli import build_main as main
 
 pytest.importorskip("tensorrt_rtx", reason="the engines stage needs TensorRT-RTX (pip install 'kvplan[tensorrt-rtx]')")
 
@@ -133,7 +133,7 @@ class TestIncremental:
 
 
 def test_build_killed_midway_leaves_no_plan_and_no_claim(tmp_path, monkeypatch, capsys):
-    import build.trt as build_trt       # engines.py imports build_engine from build.trt at call time
+    import kvplan.target as build_trt   # the target module calls the build_engine it imported
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
@@ -151,7 +151,7 @@ def test_build_killed_midway_leaves_no_plan_and_no_claim(tmp_path, monkeypatch, 
 @pytest.mark.slow
 def test_default_model_builds_and_validates(tmp_path):
     """The README's main job on the full-size default model, then validation at the opt points."""
-    from build.validate import main as validate_main
+    from kvplan.cli import validate_main
     manifest = build(tmp_path, "fp16", "minicpmo26-tts")
     report = manifest["stages"]["surgery"]["artifacts"][0]["report"]["passes"]
     assert {k: v["fused"] for k, v in report.items()} == {"rmsnorm": 41, "rope": 40, "attention": 20}

@@ -5,8 +5,8 @@ import tomllib
 
 import pytest
 
-from build import profiles
-from build.profiles import ProfileError, Range, check_against_model, load, parse
+from kvplan import profiles
+from kvplan.profiles import ProfileError, Range, check_against_model, load, parse
 
 SHIPPED = sorted(p.stem for p in profiles.PROFILES_DIR.glob("*.toml"))
 

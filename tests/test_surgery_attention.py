@@ -13,9 +13,9 @@ from onnx import TensorProto as TP
 from onnx import helper as oh
 from onnx import numpy_helper as nh
 
-import surgery
-from build.export import TORCH_DTYPES, causal_mask, example_inputs, input_names
-from build.models import resolve
+from kvplan import surgery
+from kvplan.export.exporter import TORCH_DTYPES, causal_mask, example_inputs, input_names
+from kvplan.models import resolve
 
 F32, F16 = TP.FLOAT, TP.FLOAT16
 NP = {F32: np.float32, F16: np.float16}

@@ -12,9 +12,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-import surgery
-from build.export import TORCH_DTYPES, example_inputs, input_names
-from build.models import resolve
+from kvplan import surgery
+from kvplan.export.exporter import TORCH_DTYPES, example_inputs, input_names
+from kvplan.models import resolve
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -185,9 +185,9 @@ def test_default_model_fp16_has_41_norms_and_40_rotaries(export_tiny, tmp_path):
 def test_weights_set_aside_during_surgery_come_back_unchanged(export_tiny, tmp_path, monkeypatch):
     """fuse_file keeps MatMul weights out of surgery's protobuf copies and restores them."""
     import onnx
-    import surgery
-    import surgery.weights
-    from surgery.weights import put_back, set_aside
+    from kvplan import surgery
+    import kvplan.surgery.weights
+    from kvplan.surgery.weights import put_back, set_aside
     monkeypatch.setattr(surgery.weights, "MIN_BYTES", 1)     # the tiny model's matrices are small
     [pack] = export_tiny("tiny-llama", "float32")
     model = onnx.load(pack.path)
@@ -208,7 +208,7 @@ def test_streamed_write_is_the_model_with_its_weights_appended(export_tiny, tmp_
     """write_streamed: the model without some initializers, then those initializers one at a
     time, parses back to the very model that has them all."""
     import onnx
-    from surgery.fileio import write_streamed
+    from kvplan.fileio import write_streamed
     [pack] = export_tiny("tiny-llama", "float32")
     model = onnx.load(pack.path)
     head = onnx.ModelProto()
@@ -222,8 +222,8 @@ def test_streamed_write_is_the_model_with_its_weights_appended(export_tiny, tmp_
 
 def test_a_weight_whose_stand_in_changed_is_not_written_back(export_tiny, monkeypatch):
     import onnx
-    import surgery.weights
-    from surgery.weights import set_aside, take_back
+    import kvplan.surgery.weights
+    from kvplan.surgery.weights import set_aside, take_back
     monkeypatch.setattr(surgery.weights, "MIN_BYTES", 1)
     [pack] = export_tiny("tiny-llama", "float32")
     model = onnx.load(pack.path)
@@ -250,7 +250,7 @@ def test_a_fused_file_with_external_data_lands_whole_with_the_usual_mode(export_
     """Above protobuf's comfortable size the weights go to a data file next to the graph."""
     import os
     import onnx
-    import surgery.fileio
+    import kvplan.surgery.fileio
     monkeypatch.setattr(surgery.fileio, "PROTO_LIMIT", 1000)
     [pack] = export_tiny("tiny-llama", "float32")
     old = os.umask(0o022)

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-import surgery
+from kvplan import surgery
 
 transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig  # noqa: E402

@@ -11,7 +11,7 @@ from onnx import TensorProto as TP
 from onnx import helper as oh
 from onnx import numpy_helper as nh
 
-import surgery
+from kvplan import surgery
 
 D, H, S = 8, 2, 5
 F32, F16 = TP.FLOAT, TP.FLOAT16

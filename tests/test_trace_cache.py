@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-import build.stitch as stitch
-from build.decoder import pack_specs
-from build.engines import main
-from build.export import export_pack
-from build.models import resolve
-from build.trace_cache import TraceCache
+import kvplan.export.stitch as stitch
+from kvplan.decoder import pack_specs
+from kvplan.cli import build_main as main
+from kvplan.export.exporter import export_pack
+from kvplan.models import resolve
+from kvplan.export.trace_cache import TraceCache
 
 
 @pytest.fixture

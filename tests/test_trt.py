@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from build import profiles
-from build.backend import BackendError, rtx_supports, select_backend, visible_gpus
-from build.decoder import pack_specs
-from build.export import export_pack, io_contract
-from build.models import resolve
+from kvplan import profiles
+from kvplan.trt.backend import BackendError, rtx_supports, select_backend, visible_gpus
+from kvplan.decoder import pack_specs
+from kvplan.export.exporter import export_pack, io_contract
+from kvplan.models import resolve
 
-build_trt = pytest.importorskip("build.trt")
+build_trt = pytest.importorskip("kvplan.trt")
 BuildError = build_trt.BuildError
 
 
@@ -436,7 +436,7 @@ def test_weights_the_scan_cannot_place_are_read_by_the_parser(tiny, fast_profile
                                                               built):
     """A scan that disagrees with the graph never reaches the parser: it reads the file itself,
     says so, and builds the same network."""
-    import build.trt.mapped_weights as mw
+    import kvplan.trt.mapped_weights as mw
     monkeypatch.setattr(mw, "raw_data_offsets", lambda buf: (_ for _ in ()).throw(ValueError("scan failed")))
     lines: list[str] = []
     record = build_trt.build_engine(tiny["onnx"], tmp_path / "decoder.plan", fast_profile, tiny["contract"], backend,
@@ -452,7 +452,7 @@ def test_gpu_capabilities_come_from_the_driver_library_without_torch(monkeypatch
     compute capability major/minor); a machine without libcuda says so without importing torch."""
     import ctypes
     import subprocess
-    from build import backend as backend_mod
+    from kvplan.trt import backend as backend_mod
 
     class FakeDriver:
         def cuInit(self, flags):
@@ -478,7 +478,7 @@ def test_gpu_capabilities_come_from_the_driver_library_without_torch(monkeypatch
     def no_driver(name):
         raise OSError(f"{name}: cannot open shared object file")
     monkeypatch.setattr(ctypes, "CDLL", no_driver)
-    probe = "from build.backend import visible_gpus; import sys; print(visible_gpus(), 'torch' in sys.modules)"
+    probe = "from kvplan.trt.backend import visible_gpus; import sys; print(visible_gpus(), 'torch' in sys.modules)"
     assert backend_mod.visible_gpus() == ([], "no CUDA GPU visible")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parent.parent).stdout

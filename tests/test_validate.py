@@ -27,15 +27,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from build.config import to_hf_dict
-from build.engines import main as engines_main
-from build.manifest import load_manifest
-from build.models import resolve
-from build.models.presets import tensor_shapes
-from build.profiles import load as load_profile
-from build.validate import main as validate_main
-from build.validation.compare import compare_arrays
-from build.validation.points import parse_kinds, reserve_slots, select_points
+from kvplan.config import to_hf_dict
+from kvplan.cli import build_main as engines_main
+from kvplan.manifest import load_manifest
+from kvplan.models import resolve
+from kvplan.models.presets import tensor_shapes
+from kvplan.profiles import load as load_profile
+from kvplan.cli import validate_main
+from kvplan.validate.compare import compare_arrays
+from kvplan.validate.points import parse_kinds, reserve_slots, select_points
 
 PROFILE = """description = "validation test profile"
 [export]
@@ -134,7 +134,7 @@ def _args(t: dict, *extra: str, model: Path | None = None) -> list[str]:
 
 
 def test_fp32_passes_reports_tensorrt_not_run_and_records_the_manifest(hf_target, capsys):
-    from build.backend import select_backend
+    from kvplan.trt.backend import select_backend
     before = load_manifest(hf_target["target"])
     rc = validate_main(_args(hf_target, "--points", "min,opt,masked"))
     out = capsys.readouterr().out
@@ -274,8 +274,8 @@ def test_inplace_kv_io_is_validated_on_the_whole_buffer_and_over_many_steps(tmp_
 
 
 def test_tensorrt_runner_is_not_used_where_outputs_alias_inputs(tmp_path):
-    from build.decoder import pack_specs
-    from build.validation.runners import make_tensorrt
+    from kvplan.decoder import pack_specs
+    from kvplan.validate.runners import make_tensorrt
     [spec] = pack_specs(resolve("tiny-llama").config, 0, 0, "inplace", 64)
     runner, why = make_tensorrt(tmp_path / "decoder.plan", object(), None, 0, spec)
     assert runner is None and "must share their inputs' memory" in why

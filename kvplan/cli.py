@@ -1,0 +1,195 @@
+"""The command line: ``kvplan build | validate | surgery | inspect | presets``.
+
+Every command parses its flags into the options of the module that does the work
+(``kvplan.target``, ``kvplan.surgery``, ``kvplan.trt``) and catches ``KvplanError``
+once, here: the message on one line and exit 2. Anything else is a bug and keeps its
+traceback. ``python -m build.engines`` and ``python -m build.validate`` from the
+repository root are the ``build`` and ``validate`` commands under their original names.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+from kvplan import profiles as profiles_mod
+from kvplan import target as target_mod
+from kvplan.errors import KvplanError, UserError
+from kvplan.models import DEFAULT_MODEL, resolve
+from kvplan.models.presets import PRESETS
+from kvplan.surgery import cli as surgery_cli
+from kvplan.trt import inspect
+from kvplan.trt.backend import select_backend
+from kvplan.validate.run import ValidateOptions
+
+BACKENDS = ("auto", "tensorrt", "tensorrt-rtx")
+INTERRUPTED = ("interrupted: no partial artifact was kept; the manifest does not claim the interrupted stage")
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _target_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", default=profiles_mod.DEFAULT_PROFILE,
+                   help="build profile: a shipped name (fp16, bf16, fp32, ...) or a path to a .toml "
+                        "(default: %(default)s)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="a preset name (seeded random weights) or a local checkpoint directory: Hugging Face "
+                        "Llama/Mistral/Qwen2/Qwen3, or MiniCPM-o-2_6 (its TTS decoder) (default: %(default)s)")
+    p.add_argument("--out", default="engines", type=Path,
+                   help="output root; artifacts go to OUT/<model>/<profile>/ (default: %(default)s)")
+
+
+def build_parser(prog: str = "kvplan build") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Export a Llama-family decoder stack to ONNX with a flattened KV cache, fuse it, "
+                    "and build TensorRT engines with dynamic-shape profiles for N and lastSum.")
+    _target_flags(p)
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="TensorRT flavour for the engines stage: auto takes tensorrt when importable, "
+                        "else tensorrt_rtx (default: %(default)s)")
+    p.add_argument("--no-surgery", action="store_true",
+                   help="build the engine from the exported graph as is (same as an empty [surgery] passes list)")
+    p.add_argument("--stop-after", choices=target_mod.STAGES[:3], default=None,
+                   help="stop after this stage (default: run every stage)")
+    p.add_argument("--validate", action="store_true",
+                   help="after building, check every stage's numbers (same as kvplan validate)")
+    p.add_argument("--force", action="store_true", help="rebuild every stage even when its inputs are unchanged")
+    p.add_argument("--no-trace-cache", action="store_true",
+                   help="trace the decoder pieces afresh and do not store them (default: reuse traces kept under "
+                        "$KVPLAN_CACHE_DIR, else $XDG_CACHE_HOME/kvplan, else ~/.cache/kvplan)")
+    p.add_argument("--inspect", metavar="PLAN_OR_TARGET", type=Path,
+                   help="print the layer summary of a built .plan (or of the plan(s) in a target directory) and exit")
+    p.add_argument("--list-presets", action="store_true", help="list the model presets and exit")
+    p.add_argument("--print-deps", action="store_true",
+                   help="print, as JSON, the target directory, its manifest and the files the build depends on "
+                        "(profile, model files, kvplan sources) and exit; used by CMakeLists.txt")
+    return p
+
+
+def validate_parser(prog: str = "kvplan validate") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog,
+                                description="Check a built target's ONNX graphs and engines against transformers' "
+                                            "model with Polygraphy; never rebuilds. Exit codes: 0 pass, 1 numeric "
+                                            "mismatch, 2 stale/missing target or bad input, 3 inconclusive.")
+    _target_flags(p)
+    p.add_argument("--backend", default=None, choices=BACKENDS,
+                   help="TensorRT flavour (default: the one that built the engine)")
+    p.add_argument("--no-surgery", action="store_true", help="the target was built with --no-surgery")
+    p.add_argument("--points", default="all",
+                   help="comma list of min, opt, max, masked per optimization profile, or all (default: all)")
+    p.add_argument("--prefill-dtype", choices=("float32", "profile"), default="float32",
+                   help="precision of the prefill that produces the past KV (input data, not under test): "
+                        "float32 (fast on CPU, then rounded to the profile dtype) or the profile's own "
+                        "(default: %(default)s)")
+    p.add_argument("--steps", type=int, default=64, help="decode steps of the token/multi-step checks (default: 64)")
+    p.add_argument("--prompt-tokens", type=int, default=8, help="prompt length of the token check (default: 8)")
+    p.add_argument("--no-task", action="store_true", help="skip the token-agreement and multi-step checks")
+    p.add_argument("--min-agreement", type=float, default=0.95,
+                   help="lowest teacher-forced top-1 agreement that passes (default: %(default)s)")
+    p.add_argument("--full", action="store_true", help="print one table row per output tensor")
+    p.add_argument("--verbose", action="store_true", help="keep Polygraphy's own log")
+    return p
+
+
+def inspect_parser(prog: str = "kvplan inspect") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Print the layer summary of built plans.")
+    p.add_argument("plan", type=Path, help="a .plan file, or a target directory holding plans")
+    p.add_argument("--backend", default="auto", choices=BACKENDS, help="TensorRT flavour (default: %(default)s)")
+    return p
+
+
+def _guarded(run: Callable[[], int]) -> int:
+    """The one place kvplan's errors become exit codes."""
+    try:
+        return run()
+    except KvplanError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(INTERRUPTED, file=sys.stderr)
+        return 130
+
+
+def _inspect(path: Path, backend_name: str) -> int:
+    plans = sorted(path.glob("*.plan")) if path.is_dir() else [path]
+    if not plans or not all(p.exists() for p in plans):
+        raise UserError(f"{path}: no .plan found")
+    backend = select_backend(backend_name)
+    for plan in plans:
+        inspect(plan, backend, log=_log)
+    return 0
+
+
+def _presets() -> int:
+    for name, cfg in PRESETS.items():
+        print(f"{name:20s} {cfg.family:8s} layers={cfg.num_layers} hidden={cfg.hidden_size} "
+              f"heads={cfg.num_heads}/{cfg.num_kv_heads} head_dim={cfg.head_dim}")
+    return 0
+
+
+def _validate_options(args: argparse.Namespace) -> ValidateOptions:
+    return ValidateOptions(points=args.points, prefill_dtype=args.prefill_dtype, steps=args.steps,
+                           prompt_tokens=args.prompt_tokens, no_task=args.no_task,
+                           min_agreement=args.min_agreement, full=args.full, verbose=args.verbose)
+
+
+def _build(args: argparse.Namespace) -> int:
+    if args.list_presets:
+        return _presets()
+    if args.inspect is not None:
+        return _inspect(args.inspect, args.backend)
+    if args.print_deps:
+        profile = profiles_mod.load(args.profile)
+        source = resolve(args.model)
+        target = target_mod.target_dir(args.out, source.name, profile.name)
+        print(json.dumps(target_mod.dependencies(source, profile, target), indent=1))
+        return 0
+    options = target_mod.BuildOptions(backend=args.backend, no_surgery=args.no_surgery, stop_after=args.stop_after,
+                                      no_trace_cache=args.no_trace_cache, force=args.force)
+    target_mod.build(args.model, args.profile, args.out, options, log=_log)
+    if args.validate:
+        return target_mod.validate_target(args.model, args.profile, args.out, ValidateOptions(), log=_log)
+    return 0
+
+
+def build_main(argv: list[str] | None = None, prog: str = "kvplan build") -> int:
+    args = build_parser(prog).parse_args(argv)
+    return _guarded(lambda: _build(args))
+
+
+def validate_main(argv: list[str] | None = None, prog: str = "kvplan validate") -> int:
+    args = validate_parser(prog).parse_args(argv)
+    return _guarded(lambda: target_mod.validate_target(args.model, args.profile, args.out, _validate_options(args),
+                                                       backend=args.backend, no_surgery=args.no_surgery, log=_log))
+
+
+def inspect_main(argv: list[str] | None = None) -> int:
+    args = inspect_parser().parse_args(argv)
+    return _guarded(lambda: _inspect(args.plan, args.backend))
+
+
+COMMANDS = {
+    "build": (build_main, "export, fuse and build engines for a model and profile"),
+    "validate": (validate_main, "check a built target against transformers with Polygraphy"),
+    "surgery": (lambda argv: surgery_cli.main(argv, prog="kvplan surgery"), "fuse one ONNX graph"),
+    "inspect": (inspect_main, "print the layer summary of built plans"),
+    "presets": (lambda argv: _presets(), "list the model presets"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: kvplan {" + ",".join(COMMANDS) + "} [--help | options]\n")
+        for name, (_, what) in COMMANDS.items():
+            print(f"  {name:10s} {what}")
+        known = not argv or argv[0] in ("-h", "--help")
+        if not known:
+            print(f"\nerror: unknown command {argv[0]!r}", file=sys.stderr)
+        return 0 if known else 2
+    return COMMANDS[argv[0]][0](argv[1:])

@@ -1,0 +1,238 @@
+"""kvplan's own Llama-family decoder stack, written for export.
+
+Why not trace transformers' modules: their cache and attention plumbing changes
+between releases, and each change breaks exporters that trace them. This module
+spells every op one stable way (RMSNorm as pow/mean/rsqrt in fp32, RoPE as
+rotate_half on a cos/sin pair computed once per step), which is what the surgery
+passes match. transformers stays the independent reference in the tests.
+
+Parameter names are Hugging Face's (``layers.{i}.self_attn.q_proj.weight``, ...),
+so a checkpoint's tensors load by name.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kvplan.config import DecoderConfig, inv_freq
+from kvplan.kv_write import kv_write
+
+
+@dataclass(frozen=True)
+class StackSpec:
+    """Which slice of the decoder an exported graph covers, and how its cache is laid out."""
+    first_layer: int
+    last_layer: int          # exclusive
+    final_norm: bool
+    kv_format: int = 0       # 0: [B, kv_heads, S, head_dim]; 1: [B, S, kv_heads, head_dim]
+    # "concat": outputs the whole cache (past + new rows, length sumN), the original contract;
+    # "delta": outputs only the N new rows, for runtimes that append into a preallocated buffer;
+    # "inplace": the cache inputs are that buffer (cache_len rows), the step writes its N rows
+    # into it at write_indices and attends over the whole buffer (TensorRT updates it in place).
+    kv_io: str = "concat"
+    cache_len: int = 0       # inplace only: rows of the preallocated buffer
+
+    @property
+    def layers(self) -> range:
+        return range(self.first_layer, self.last_layer)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The variance is taken in fp32 whatever the model dtype: fp16 overflows on
+        # x**2 for activations above ~256.
+        dtype = x.dtype
+        x = x.to(torch.float32)
+        var = x.pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(var + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+    if rotary_dim == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.cfg = cfg
+        self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+
+    def forward(self, x, mask, cos, sin, past_k, past_v, kv_io: str = "concat", write_indices=None):
+        cfg = self.cfg
+        b, n, _ = x.shape
+        d = cfg.head_dim
+        q = self.q_proj(x).view(b, n, cfg.num_heads, d)
+        k = self.k_proj(x).view(b, n, cfg.num_kv_heads, d)
+        v = self.v_proj(x).view(b, n, cfg.num_kv_heads, d).transpose(1, 2)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        q = apply_rotary(q, cos, sin, cfg.rotary_dim)
+        k = apply_rotary(k, cos, sin, cfg.rotary_dim)
+        new_k, new_v = k, v
+        if kv_io == "inplace":
+            # The buffer's rows past lastSum + N hold stale data; the mask hides them.
+            k = kv_write(past_k, k, write_indices, 2)
+            v = kv_write(past_v, v, write_indices, 2)
+        else:
+            # The cache is concatenated explicitly: the exported graph owns its KV I/O.
+            k = torch.cat((past_k, k), dim=2)
+            v = torch.cat((past_v, v), dim=2)
+        out_k, out_v = (new_k, new_v) if kv_io == "delta" else (k, v)
+        rep = cfg.num_heads // cfg.num_kv_heads
+        if rep > 1:
+            s = k.shape[2]
+            k = k[:, :, None].expand(b, cfg.num_kv_heads, rep, s, d).reshape(b, cfg.num_heads, s, d)
+            v = v[:, :, None].expand(b, cfg.num_kv_heads, rep, s, d).reshape(b, cfg.num_heads, s, d)
+        scores = torch.matmul(q, k.transpose(2, 3)) * (d ** -0.5) + mask
+        # Softmax in fp32 as transformers' eager attention does; fp16 sums of
+        # exponentials lose the long tail. Spelled as an explicit cast: the exporter
+        # lowers softmax(dtype=float32) to an fp16 Softmax followed by a Cast.
+        probs = torch.softmax(scores.to(torch.float32), dim=-1).to(q.dtype)
+        out = torch.matmul(probs, v).transpose(1, 2).reshape(b, n, cfg.num_heads * d)
+        return self.o_proj(out), out_k, out_v
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(i, h, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, mask, cos, sin, past_k, past_v, kv_io: str = "concat", write_indices=None):
+        attn, k, v = self.self_attn(self.input_layernorm(x), mask, cos, sin, past_k, past_v, kv_io, write_indices)
+        x = x + attn
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, k, v
+
+
+class RotaryCosSin(nn.Module):
+    """cos/sin [B, 1, N, rotary_dim] for the step's positions, computed once and shared by every layer."""
+
+    def __init__(self, cfg: DecoderConfig, dtype: torch.dtype):
+        super().__init__()
+        freqs, self.attention_scaling = inv_freq(cfg)
+        self.dtype = dtype
+        self.register_buffer("inv_freq", torch.tensor(freqs, dtype=torch.float32), persistent=False)
+
+    def forward(self, position_ids: torch.Tensor):
+        # In fp32, then cast to the model dtype, as transformers does.
+        freqs = position_ids[:, :, None].to(torch.float32) * self.inv_freq[None, None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.attention_scaling).to(self.dtype)[:, None]
+        sin = (emb.sin() * self.attention_scaling).to(self.dtype)[:, None]
+        return cos, sin
+
+
+class LayerStep(nn.Module):
+    """One decoder layer over the cache layout and I/O mode of the export."""
+
+    def __init__(self, layer: DecoderLayer, kv_format: int, kv_io: str = "concat"):
+        super().__init__()
+        self.layer, self.kv_format, self.kv_io = layer, kv_format, kv_io
+
+    def forward(self, x, mask, cos, sin, past_k, past_v, write_indices=None):
+        if self.kv_format == 1:
+            past_k, past_v = past_k.transpose(1, 2), past_v.transpose(1, 2)
+        x, k, v = self.layer(x, mask, cos, sin, past_k, past_v, self.kv_io, write_indices)
+        if self.kv_format == 1:
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+        return x, k, v
+
+
+class DecoderStack(nn.Module):
+    """Layers ``spec.layers`` of the decoder (and the final norm if ``spec.final_norm``).
+
+    forward(hidden_in, attention_mask, position_ids, past_key_in{i}, past_value_in{i}, ...)
+    -> (hidden_out, past_key{i}, past_value{i}, ...), the I/O contract of DESIGN.md;
+    kv_io = "inplace" takes write_indices after position_ids.
+    """
+
+    def __init__(self, cfg: DecoderConfig, spec: StackSpec, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.cfg, self.spec = cfg, spec
+        # ModuleDict keyed by the global layer index, so parameter names match the
+        # checkpoint's ("layers.7.mlp...") in every pack.
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg) for i in spec.layers})
+        if spec.final_norm:
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = RotaryCosSin(cfg, dtype)
+
+    def steps(self):
+        return [LayerStep(layer, self.spec.kv_format, self.spec.kv_io) for layer in self.layers.values()]
+
+    def forward(self, hidden_in, attention_mask, position_ids, *past):
+        write_indices = None
+        if self.spec.kv_io == "inplace":
+            write_indices, *past = past
+        cos, sin = self.rotary(position_ids)
+        x = hidden_in
+        outputs = []
+        for j, step in enumerate(self.steps()):
+            x, k, v = step(x, attention_mask, cos, sin, past[2 * j], past[2 * j + 1], write_indices)
+            outputs += [k, v]
+        if self.spec.final_norm:
+            x = self.norm(x)
+        return (x, *outputs)
+
+
+KV_IO_MODES = ("concat", "delta", "inplace")
+
+
+def pack_specs(cfg: DecoderConfig, pack_size: int, kv_format: int = 0, kv_io: str = "concat",
+               cache_len: int = 0) -> list[StackSpec]:
+    """Split the stack into packs of ``pack_size`` layers (0: one pack); only the last one has the final norm."""
+    if pack_size < 0:
+        raise ValueError(f"decoder_pack_size must be >= 0, got {pack_size}")
+    size = pack_size or cfg.num_layers
+    starts = list(range(0, cfg.num_layers, size))
+    if kv_io not in KV_IO_MODES:
+        raise ValueError(f"kv_io must be one of {', '.join(KV_IO_MODES)}, got {kv_io!r}")
+    if kv_io == "inplace":
+        if kv_format != 0:
+            raise ValueError("kv_io = inplace needs kv_format 0: TensorRT's KV-cache update layer takes "
+                             "the cache as [B, kv_heads, S, head_dim]")
+        if not 0 < cache_len <= cfg.max_position_embeddings:
+            raise ValueError(f"kv_io = inplace needs 0 < cache_len <= max positions ({cfg.max_position_embeddings}), "
+                             f"got {cache_len}")
+    else:
+        cache_len = 0
+    return [StackSpec(s, min(s + size, cfg.num_layers), s + size >= cfg.num_layers, kv_format, kv_io, cache_len)
+            for s in starts]

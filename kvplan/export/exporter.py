@@ -1,0 +1,291 @@
+"""Export: a decoder stack (one pack of layers) to ONNX with a flattened KV cache.
+
+Exporter choice: torch.export-based (``dynamo=True``). It is the maintained
+exporter (the TorchScript one is deprecated), it emits opset 23 directly, so the
+fused ops the surgery stage writes (RMSNormalization, RotaryEmbedding, Attention)
+need no version conversion afterwards, and after constant folding its graphs
+carry weights as initializers with no Constant-node clutter. It traces slowly
+(seconds per layer), so we trace one layer and stitch copies (kvplan/export/stitch.py),
+and we name the graph's dynamic axes N, lastSum and sumN ourselves instead of the
+tracer's private symbols.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+import torch
+
+from kvplan.config import DecoderConfig
+from kvplan.decoder import DecoderStack, StackSpec, pack_specs
+from kvplan.fileio import write_streamed
+from kvplan.models import ModelSource
+from kvplan.export.stitch import Stitcher, finish, torch_to_ir, trace_pieces
+from kvplan.export.trace_cache import TraceCache
+from kvplan.errors import ExportError
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+OPSET = 23
+# protobuf refuses messages over 2 GiB; stay clearly below it.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def input_names(spec: StackSpec) -> list[str]:
+    names = ["hidden_in", "attention_mask", "position_ids"]
+    if spec.kv_io == "inplace":
+        names.append("write_indices")
+    for i in spec.layers:
+        names += [f"past_key_in{i}", f"past_value_in{i}"]
+    return names
+
+
+def output_names(spec: StackSpec) -> list[str]:
+    # delta outputs are named present_*: they are not the next step's past, only its new rows.
+    kind = "present" if spec.kv_io == "delta" else "past"
+    names = ["hidden_out"]
+    for i in spec.layers:
+        names += [f"{kind}_key{i}", f"{kind}_value{i}"]
+    return names
+
+
+def kv_shape(cfg: DecoderConfig, spec: StackSpec, batch: int, length: int | str) -> list:
+    if spec.kv_format == 1:
+        return [batch, length, cfg.num_kv_heads, cfg.head_dim]
+    return [batch, cfg.num_kv_heads, length, cfg.head_dim]
+
+
+def io_contract(cfg: DecoderConfig, spec: StackSpec, batch: int, dtype: str) -> dict[str, dict]:
+    """Name -> {shape, dtype} of every input and output, with symbolic axes as strings.
+
+    kv_io = "inplace": the cache inputs and outputs are the preallocated buffer of
+    ``spec.cache_len`` rows (a static axis: TensorRT's in-place update needs one), the mask
+    covers the whole buffer, and ``write_indices`` [B] says where each row's N new
+    rows go (its lastSum).
+    """
+    inplace = spec.kv_io == "inplace"
+    io = {
+        "inputs": {
+            "hidden_in": {"shape": [batch, "N", cfg.hidden_size], "dtype": dtype},
+            "attention_mask": {"shape": [batch, 1, "N", spec.cache_len if inplace else "sumN"], "dtype": dtype},
+            "position_ids": {"shape": [batch, "N"], "dtype": "int64"},
+        },
+        "outputs": {"hidden_out": {"shape": [batch, "N", cfg.hidden_size], "dtype": dtype}},
+    }
+    if inplace:
+        io["inputs"]["write_indices"] = {"shape": [batch], "dtype": "int64"}
+    out_names = iter(output_names(spec)[1:])
+    past_len = spec.cache_len if inplace else "lastSum"
+    out_len = {"delta": "N", "inplace": spec.cache_len}.get(spec.kv_io, "sumN")
+    for i in spec.layers:
+        for kind in ("key", "value"):
+            io["inputs"][f"past_{kind}_in{i}"] = {"shape": kv_shape(cfg, spec, batch, past_len), "dtype": dtype}
+            io["outputs"][next(out_names)] = {"shape": kv_shape(cfg, spec, batch, out_len), "dtype": dtype}
+    return io
+
+
+def example_inputs(cfg: DecoderConfig, spec: StackSpec, batch: int, dtype: torch.dtype,
+                   n: int, last: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Inputs at (N, lastSum), causal mask; distinct sizes so tracing keeps the axes apart.
+
+    kv_io = "inplace": the past is a buffer of ``spec.cache_len`` rows whose rows from
+    lastSum on are random (stale) data the mask hides.
+    """
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(batch, n, cfg.hidden_size, generator=g).to(dtype)
+    inplace = spec.kv_io == "inplace"
+    mask = causal_mask(batch, n, last, dtype, length=spec.cache_len if inplace else None)
+    pos = torch.arange(last, last + n, dtype=torch.int64).expand(batch, n).contiguous()
+    past = []
+    for _ in spec.layers:
+        for _ in range(2):
+            past.append(torch.randn(kv_shape(cfg, spec, batch, spec.cache_len if inplace else last),
+                                    generator=g).to(dtype))
+    if inplace:
+        return (hidden, mask, pos, torch.full((batch,), last, dtype=torch.int64), *past)
+    return (hidden, mask, pos, *past)
+
+
+def causal_mask(batch: int, n: int, last: int, dtype: torch.dtype, length: int | None = None) -> torch.Tensor:
+    """Additive mask [B, 1, N, length]: 0 where a query may attend, finfo.min elsewhere.
+
+    ``length`` defaults to lastSum + N; a longer one (an in-place buffer) masks the rows
+    past lastSum + N as well.
+    """
+    length = last + n if length is None else length
+    if length < last + n:
+        raise ValueError(f"mask length {length} < lastSum + N = {last + n}")
+    q = torch.arange(last, last + n)[:, None]
+    k = torch.arange(length)[None, :]
+    mask = torch.zeros(n, length, dtype=dtype)
+    mask.masked_fill_(k > q, torch.finfo(dtype).min)
+    return mask.expand(batch, 1, n, length).contiguous()
+
+
+@dataclass
+class PackExport:
+    spec: StackSpec
+    path: Path
+    external_data: bool
+    weight_bytes: int
+    seconds: float
+
+
+IR_DTYPES = {"float32": ir.DataType.FLOAT, "float16": ir.DataType.FLOAT16,
+             "bfloat16": ir.DataType.BFLOAT16, "int64": ir.DataType.INT64}
+
+
+def _graph_value(name: str, info: dict) -> ir.Value:
+    return ir.Value(name=name, type=ir.TensorType(IR_DTYPES[info["dtype"]]), shape=ir.Shape(info["shape"]))
+
+
+def _layer_weight_names(cfg: DecoderConfig, layer: int) -> list[str]:
+    prefix = f"layers.{layer}."
+    return [n for n in _stack_tensor_names(cfg, StackSpec(layer, layer + 1, False)) if n.startswith(prefix)]
+
+
+def build_pack_model(source: ModelSource, spec: StackSpec, dtype: str, batch: int,
+                     trace_cache: TraceCache | None = None, log=print) -> tuple[ir.Model, int]:
+    """The pack's ONNX model (in memory) and its weight bytes."""
+    cfg = source.config
+    tdtype = TORCH_DTYPES[dtype]
+    t0 = time.perf_counter()
+    hits, stores = (len(trace_cache.hits), len(trace_cache.stored)) if trace_cache else (0, 0)
+    pieces = trace_pieces(cfg, spec, tdtype, batch, lambda: {
+        n.split(".", 2)[2]: t for n, t in source.read_tensors(_layer_weight_names(cfg, spec.first_layer)).items()},
+        cache=trace_cache, log=log)
+    if trace_cache is not None:
+        loaded, stored = trace_cache.hits[hits:], trace_cache.stored[stores:]
+        how = (f"traced in {time.perf_counter() - t0:.1f} s and stored" if stored else
+               "loaded from the trace cache" if loaded else "reused from this process")
+        log(f"[export] pieces {', '.join(pieces)}: {how} ({trace_cache.directory})")
+    contract = io_contract(cfg, spec, batch, dtype)
+    inputs = {name: _graph_value(name, info) for name, info in contract["inputs"].items()}
+    st = Stitcher(list(inputs.values()))
+    cos, sin = st.add(pieces["rotary"], "rotary/", [inputs["position_ids"]])
+    x, outputs, weight_bytes = inputs["hidden_in"], {}, 0
+    extra = [inputs["write_indices"]] if spec.kv_io == "inplace" else []
+    for i in spec.layers:
+        tensors = source.read_tensors(_layer_weight_names(cfg, i))
+        # One layer's weights converted at a time: the source's copy of a layer is
+        # dropped before the next one is read.
+        bound = {}
+        for name, t in tensors.items():
+            t = t.to(tdtype)
+            weight_bytes += t.numel() * t.element_size()
+            bound["layer." + name.split(".", 2)[2]] = (name, torch_to_ir(t, name))
+        del tensors
+        x, k, v = st.add(pieces["layer"], f"layers.{i}/", [x, inputs["attention_mask"], cos, sin,
+                                                            inputs[f"past_key_in{i}"], inputs[f"past_value_in{i}"],
+                                                            *extra],
+                         bind=bound.__getitem__)
+        key_name, value_name = output_names(StackSpec(i, i + 1, False, spec.kv_format, spec.kv_io, spec.cache_len))[1:]
+        outputs[key_name], outputs[value_name] = k, v
+    if spec.final_norm:
+        (norm_weight,) = source.read_tensors(["norm.weight"]).values()
+        norm_weight = norm_weight.to(tdtype)
+        weight_bytes += norm_weight.numel() * norm_weight.element_size()
+        (x,) = st.add(pieces["norm"], "norm/", [x], bind=lambda _: ("norm.weight", torch_to_ir(norm_weight, "norm.weight")))
+    outputs = {"hidden_out": x, **outputs}
+    model = st.model(outputs)
+    for name, info in contract["outputs"].items():
+        value = outputs[name]
+        value.shape, value.type = ir.Shape(info["shape"]), ir.TensorType(IR_DTYPES[info["dtype"]])
+    finish(model)
+    return model, weight_bytes
+
+
+def export_pack(source: ModelSource, spec: StackSpec, dtype: str, batch: int, path: Path,
+                log=print, trace_cache: TraceCache | None = None) -> PackExport:
+    """Export one pack to ``path`` (written to a temporary name, then renamed into place).
+
+    ``trace_cache``: where traced pieces are looked up and stored (build/trace_cache.py); None
+    traces (once per process) without one.
+    """
+    t0 = time.perf_counter()
+    notes: list[str] = []       # said after the exporter's stdout is ours again
+    with warnings.catch_warnings(), _quiet_exporter():
+        warnings.simplefilter("ignore")
+        model, weight_bytes = build_pack_model(source, spec, dtype, batch, trace_cache, notes.append)
+    for note in notes if log else ():
+        log(note)
+    external = weight_bytes > EXTERNAL_DATA_THRESHOLD
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        if external:
+            ir.save(model, tmp / path.name, external_data=path.name + ".data")
+        else:
+            _save_streamed(model, tmp / path.name)
+        del model
+        # Data file first: a graph never lands pointing at a data file that is missing.
+        data = tmp / (path.name + ".data")
+        if data.exists():
+            os.replace(data, path.parent / data.name)
+        elif (path.parent / (path.name + ".data")).exists():
+            (path.parent / (path.name + ".data")).unlink()
+        os.replace(tmp / path.name, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return PackExport(spec, path, external, weight_bytes, time.perf_counter() - t0)
+
+
+def _save_streamed(model: ir.Model, path: Path) -> None:
+    """Save with the weights serialized one at a time (see kvplan.fileio.write_streamed): a
+    whole-model serialization holds two more copies of them."""
+    weights = list(model.graph.initializers.values())
+    model.graph.initializers.clear()
+    head = ir.serde.serialize_model(model)
+
+    def tensors():
+        for value in weights:
+            proto = onnx.TensorProto()
+            ir.serde.serialize_tensor_into(proto, value.const_value)
+            proto.name = value.name
+            yield proto
+    with open(path, "wb") as f:
+        write_streamed(head, tensors, f)
+
+
+def _stack_tensor_names(cfg: DecoderConfig, spec: StackSpec) -> list[str]:
+    with torch.device("meta"):
+        stack = DecoderStack(cfg, spec)
+    return list(stack.state_dict())
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter prints its progress banners to stdout; keep our CLI output readable."""
+    buf = io.StringIO()
+    level = logging.getLogger("torch.onnx").level
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(buf):
+            yield
+    except Exception:
+        text = buf.getvalue().strip()
+        if text:
+            print(text)
+        raise
+    finally:
+        logging.getLogger("torch.onnx").setLevel(level)
+
+
+def pack_file_names(n_packs: int, stem: str = "decoder", suffix: str = ".onnx") -> list[str]:
+    """decoder.onnx for one pack; decoder.pack0.onnx, decoder.pack1.onnx, ... otherwise."""
+    if n_packs == 1:
+        return [f"{stem}{suffix}"]
+    return [f"{stem}.pack{i}{suffix}" for i in range(n_packs)]
+
+
+__all__ = ["export_pack", "pack_specs", "io_contract", "input_names", "output_names", "example_inputs",
+           "causal_mask", "kv_shape", "TORCH_DTYPES", "pack_file_names", "PackExport", "ExportError"]

@@ -1,0 +1,297 @@
+"""Trace once, stitch many: build a pack's ONNX graph from three small traced pieces.
+
+Every decoder layer is the same computation with different weights, so tracing
+the whole stack with torch.export costs time proportional to depth (about 2.5 s
+a layer for the default model) for no new information. Instead we trace three
+pieces once: the rotary cos/sin of the step's positions, one decoder layer, and
+the final norm. The pack graph is then assembled from copies of the layer
+piece, each wired to its own cache tensors and bound to its own weights by
+name. The result is the graph a whole-stack trace gives, node for node, in a
+time that does not grow with depth.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import ml_dtypes
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+import onnxscript.optimizer
+import torch
+
+from kvplan.config import DecoderConfig
+from kvplan import kv_write
+from kvplan.decoder import DecoderLayer, LayerStep, RMSNorm, RotaryCosSin, StackSpec
+from kvplan.export.trace_cache import Piece, TraceCache
+
+
+OPSET = 23
+DROPPED_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node")
+
+
+def trace(module: torch.nn.Module, args: tuple, dynamic_shapes, names: tuple[list[str], list[str]]) -> ir.Model:
+    """One torch.onnx.export call; returns the model with its weights lifted to graph inputs and
+    the exporter's pattern rewrites applied."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(module, args, f=None, dynamo=True, opset_version=OPSET,
+                                    input_names=names[0], output_names=names[1],
+                                    dynamic_shapes=dynamic_shapes, optimize=False, verbose=False,
+                                    custom_translation_table=kv_write.TRANSLATIONS)
+    model = program.model
+    kv_write.adopt(model)
+    graph = model.graph
+    # Lift initializers to graph inputs so each copy can be bound to other tensors.
+    for name in list(graph.initializers):
+        value = graph.initializers.pop(name)
+        value.meta["weight"] = value.const_value
+        value.const_value = None
+        graph.inputs.append(value)
+    # Optimized here, once and with the weights as inputs (so nothing derived from this
+    # copy's weights is folded in): the optimizer's pattern rewrites cost seconds per layer
+    # on a whole stack, and only the pieces need them.
+    onnxscript.optimizer.optimize_ir(model)
+    return model
+
+
+class _SideBySide(torch.nn.Module):
+    """Several pieces in one module, so that one export call traces them all.
+
+    Each call of the exporter costs seconds of fixed work (building its operator registry,
+    decompositions) whatever the size of the module; the pieces are independent
+    computations, so the traced graph is their disjoint union and ``split`` takes it apart.
+    """
+
+    def __init__(self, parts: dict[str, torch.nn.Module], arity: dict[str, int]):
+        super().__init__()
+        self.parts = torch.nn.ModuleDict(parts)
+        self.arity = arity
+
+    def forward(self, *args):
+        outputs, i = [], 0
+        for name, part in self.parts.items():
+            result = part(*args[i:i + self.arity[name]])
+            i += self.arity[name]
+            outputs += list(result) if isinstance(result, tuple) else [result]
+        return tuple(outputs)
+
+
+def split(model: ir.Model, proto, piece: str, inputs: list[str], outputs: list[str]) -> Piece:
+    """The piece of a side-by-side trace that computes ``outputs`` from ``inputs``, with its weights
+    (the graph inputs named ``parts.<piece>.*``) after them under their names within the piece.
+    ``proto`` is ``model`` serialized (once for all pieces); each piece is cut from its own copy,
+    since deserialized tensors keep pointing into the proto they came from."""
+    private = type(proto)()
+    private.CopyFrom(proto)
+    copy = ir.serde.deserialize_model(private)
+    graph = copy.graph
+    kept = [v for v in graph.outputs if v.name in outputs]
+    graph.outputs.clear()
+    graph.outputs.extend(kept)
+    common_passes.RemoveUnusedNodesPass()(copy)
+    prefix = f"parts.{piece}."
+    by_name = {v.name: v for v in graph.inputs}
+    original = {v.name: v for v in model.graph.inputs}
+    data = [by_name[n] for n in inputs]
+    weights = [v for v in graph.inputs if v.name.startswith(prefix) and v.uses()]
+    graph.inputs.clear()
+    graph.inputs.extend(data + weights)
+    # The tracer may take a size from any input with the same value: a node of this piece
+    # reading another piece's input would leave the copy dangling.
+    known = set(graph.inputs) | set(graph.initializers.values())
+    for node in graph:
+        known.update(node.outputs)
+        strays = [v.name for v in node.inputs if v is not None and v not in known]
+        if strays:
+            raise RuntimeError(f"traced piece {piece!r}: node {node.name} reads {strays}, not an input of the piece")
+    values = {}
+    for v in weights:
+        values[v.name[len(prefix):]] = original[v.name].meta["weight"]
+        v.name = v.name[len(prefix):]
+    proto = ir.serde.serialize_graph(graph)
+    return Piece(proto, list(values), values, dict(copy.functions), dict(copy.opset_imports))
+
+
+class Stitcher:
+    """Assembles one graph from copies of pieces."""
+
+    def __init__(self, inputs: list[ir.Value]):
+        self.graph = ir.Graph(inputs, [], nodes=[], opset_imports={"": OPSET}, name="kvplan_decoder")
+        self.functions: dict = {}
+        self._weights: dict[int, ir.Value] = {}
+
+    def initializer(self, name: str, tensor: ir.Tensor) -> ir.Value:
+        # One initializer per tensor object: pieces copied several times with the
+        # same weights (the shared rotary) do not duplicate them.
+        key = id(tensor)
+        if key not in self._weights:
+            value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype),
+                             const_value=tensor)
+            self.graph.register_initializer(value)
+            self._weights[key] = value
+        return self._weights[key]
+
+    def add(self, piece: Piece, prefix: str, inputs: list[ir.Value],
+            bind: Callable[[str], tuple[str, ir.Tensor]] | None = None) -> list[ir.Value]:
+        """Copy ``piece`` in, wired to ``inputs``; returns the copy's outputs.
+
+        ``bind(weight_name)`` gives the initializer name and tensor of each of the
+        piece's weights in this copy; without it the traced values are used.
+        """
+        # A private copy of the (weightless) proto: deserialized tensors keep pointing into
+        # it, and renaming them below must not rename the next copy's.
+        proto = type(piece.graph_proto)()
+        proto.CopyFrom(piece.graph_proto)
+        graph = ir.serde.deserialize_graph(proto)
+        n_data = len(graph.inputs) - len(piece.weight_names)
+        if n_data != len(inputs):
+            raise ValueError(f"piece {prefix!r} takes {n_data} inputs, got {len(inputs)}")
+        bound = list(inputs)
+        for name in piece.weight_names:
+            full_name, tensor = bind(name) if bind else (name, piece.weights[name])
+            bound.append(self.initializer(full_name, tensor))
+        for inner, outer in zip(list(graph.inputs), bound):
+            inner.replace_all_uses_with(outer)
+        # Constants the piece's optimizer lifted to initializers travel with each copy
+        # (identical ones are merged when the stitched graph is finished).
+        for name in list(graph.initializers):
+            value = graph.initializers.pop(name)
+            value.name = prefix + name
+            self.graph.register_initializer(value)
+        outputs = list(graph.outputs)
+        graph.outputs.clear()
+        nodes = list(graph)
+        for node in nodes:
+            graph.remove(node, safe=False)
+        for node in nodes:
+            node.name = prefix + (node.name or node.op_type)
+            # Stack traces and FX dumps name this checkout's paths: dropped, so the same model
+            # exports to the same bytes from any directory. The module scope stays.
+            for key in DROPPED_METADATA:
+                node.metadata_props.pop(key, None)
+            for out in node.outputs:
+                out.name = prefix + out.name
+                # Shapes carry the tracer's private symbols; shape inference redoes them
+                # in terms of the graph's N / lastSum / sumN.
+                if out.shape is not None and any(isinstance(d, ir.SymbolicDim) for d in out.shape):
+                    out.shape = None
+            self.graph.append(node)
+        self.functions.update(piece.functions)
+        # A piece with TensorScatter (kv_io = "inplace") raises the whole graph to opset 24.
+        self.graph.opset_imports[""] = max(self.graph.opset_imports[""], piece.opsets.get("", OPSET))
+        return outputs
+
+    def model(self, outputs: dict[str, ir.Value]) -> ir.Model:
+        for name, value in outputs.items():
+            value.name = name
+            self.graph.outputs.append(value)
+        model = ir.Model(self.graph, ir_version=10, producer_name="kvplan", functions=list(self.functions.values()))
+        for fn in self.functions.values():
+            for domain, version in fn.opset_imports.items():
+                self.graph.opset_imports.setdefault(domain, version)
+        return model
+
+
+def torch_to_ir(t: torch.Tensor, name: str) -> ir.Tensor:
+    t = t.detach().contiguous()
+    if t.dtype == torch.bfloat16:
+        return ir.Tensor(t.view(torch.uint16).numpy().view(ml_dtypes.bfloat16), name=name)
+    return ir.Tensor(t.numpy(), name=name)
+
+
+# Traced pieces depend on the architecture, dtype, batch and cache layout, never on
+# the weights (every copy is bound to its own), so one process traces them once per such
+# key: packs of one export, and repeated exports (tests, benchmarks), reuse them.
+_PIECES: dict[tuple, dict[str, Piece]] = {}
+
+
+def trace_pieces(cfg: DecoderConfig, spec: StackSpec, dtype: torch.dtype, batch: int,
+                 first_layer_weights: Callable[[], dict[str, torch.Tensor]],
+                 cache: "TraceCache | None" = None, log: Callable[[str], None] | None = None) -> dict[str, Piece]:
+    """The rotary, layer and (if the pack has it) final-norm pieces, traced at (N=3, lastSum=5).
+
+    ``first_layer_weights()`` is called only when the pieces must be traced. With a ``cache``
+    (build/trace_cache.py), pieces found there (all three, or none is used) are not traced, and
+    traced ones are stored there.
+    """
+    dyn = torch.export.Dim.DYNAMIC
+    n, last = 3, 5          # distinct, and neither 0 nor 1, so the tracer keeps the axes symbolic
+    seq = 2 if spec.kv_format == 0 else 1
+    kv = [batch, cfg.num_kv_heads, last, cfg.head_dim] if spec.kv_format == 0 else \
+        [batch, last, cfg.num_kv_heads, cfg.head_dim]
+    pos = torch.arange(last, last + n).expand(batch, n).contiguous()
+    rotary = RotaryCosSin(cfg, dtype)
+    cos, sin = rotary(pos)
+    x = torch.randn(batch, n, cfg.hidden_size).to(dtype)
+    key = (cfg, dtype, batch, spec.kv_format, spec.kv_io)
+
+    def rotary_part():
+        # Sizes unlike the layer's, so the tracer cannot take one piece's axis from the other's input.
+        positions = torch.arange(7, 11).expand(batch, 4).contiguous()
+        return rotary, (positions,), ({1: dyn},), ["position_ids"], ["cos", "sin"]
+
+    def layer_part():
+        with torch.device("meta"):
+            layer = DecoderLayer(cfg)
+        layer.load_state_dict({k: v.to(dtype) for k, v in first_layer_weights().items()}, assign=True)
+        step = LayerStep(layer.eval(), spec.kv_format, spec.kv_io)
+        names = ["x", "mask", "cos", "sin", "past_k", "past_v"]
+        dims = [{1: dyn}, {2: dyn, 3: dyn}, {2: dyn}, {2: dyn}, {seq: dyn}, {seq: dyn}]
+        if spec.kv_io == "inplace":
+            # The buffer: 11 rows, of which lastSum + N = 8 are written; its length stays
+            # symbolic here and takes the profile's cache_len in the stitched graph.
+            buffer = kv[:seq] + [11] + kv[seq + 1:]
+            past = torch.randn(buffer).to(dtype)
+            mask = torch.zeros(batch, 1, n, 11, dtype=dtype)
+            args = (x, mask, cos, sin, past, past.clone(), torch.full((batch,), last, dtype=torch.int64))
+            names, dims = names + ["write_indices"], dims + [None]
+        else:
+            past = torch.randn(kv).to(dtype)
+            mask = torch.zeros(batch, 1, n, last + n, dtype=dtype)
+            args = (x, mask, cos, sin, past, past.clone())
+        return step, args, tuple(dims), names, ["y", "k", "v"]
+
+    def norm_part():
+        norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps).to(dtype)
+        return norm, (torch.randn(batch, 6, cfg.hidden_size).to(dtype),), ({1: dyn},), ["x"], ["y"]
+
+    # One trace makes all three pieces, whatever the pack needs: the tracer numbers names across
+    # everything it traces together, so pieces are only ever used with the companions they were
+    # traced with, and an export's bytes never depend on what was traced or cached before it.
+    parts = {"rotary": rotary_part, "layer": layer_part, "norm": norm_part}
+    pieces = _PIECES.get(key)
+    if pieces is None and cache is not None:
+        pieces = cache.load_set(key, list(parts), log)
+    if pieces is None:
+        made = {name: make() for name, make in parts.items()}
+        module = _SideBySide({name: m for name, (m, *_) in made.items()},
+                             {name: len(args) for name, (_, args, *_) in made.items()})
+        names = {name: ([f"piece_in_{name}_{i}" for i in ins], [f"piece_out_{name}_{o}" for o in outs])
+                 for name, (_, _, _, ins, outs) in made.items()}
+        model = trace(module, tuple(a for _, args, *_ in made.values() for a in args),
+                      # forward(*args): one argument, the tuple of every piece's inputs
+                      (tuple(d for _, _, dims, *_ in made.values() for d in dims),),
+                      ([n for ins, _ in names.values() for n in ins], [n for _, outs in names.values() for n in outs]))
+        proto = ir.serde.serialize_model(model)
+        pieces = {name: split(model, proto, name, ins, outs) for name, (ins, outs) in names.items()}
+        if cache is not None:
+            cache.store_set(key, pieces, log)
+    _PIECES[key] = pieces
+    return {name: pieces[name] for name in ("rotary", "layer", "norm") if name != "norm" or spec.final_norm}
+
+
+def finish(model: ir.Model) -> None:
+    """What is left to do on the stitched graph: fold what the weights made constant (their
+    transposes for MatMul), lift constants to initializers and tidy up names. No pattern
+    rewrites (each piece had them) and none of the optimizer's fusions: fusing is the
+    surgery stage's job, with its checks and report."""
+    onnxscript.optimizer.fold_constants_ir(model)
+    ir.passes.Sequential(
+        common_passes.RemoveUnusedNodesPass(),
+        common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common_passes.DeduplicateInitializersPass(),
+        common_passes.CommonSubexpressionEliminationPass(),
+        common_passes.RemoveUnusedNodesPass(),
+        common_passes.NameFixPass(),
+    )(model)

@@ -1,0 +1,32 @@
+"""Where a decoder's architecture and weights come from.
+
+``resolve(arg)`` turns the CLI's ``--model`` (a preset name or a checkpoint
+directory) into a :class:`ModelSource`. Each kind of source is one module here,
+registered in ``SOURCES``; the first whose ``accepts`` says yes wins.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from kvplan.models.base import ModelError, ModelSource
+from kvplan.models import presets, minicpmo, hf_dir
+
+# Order matters: a MiniCPM-o directory is also a Hugging Face directory.
+SOURCES = [presets, minicpmo, hf_dir]
+
+DEFAULT_MODEL = presets.DEFAULT
+
+
+def resolve(arg: str) -> ModelSource:
+    for source in SOURCES:
+        if source.accepts(arg):
+            return source.load(arg)
+    path = Path(arg)
+    if path.is_dir():
+        raise ModelError(f"{arg}: no config.json in this directory; expected a Hugging Face checkpoint directory")
+    if path.exists():
+        raise ModelError(f"{arg}: not a directory; --model takes a preset name or a checkpoint directory")
+    raise ModelError(f"unknown model {arg!r}: not a preset ({', '.join(presets.PRESETS)}) and not a directory")
+
+
+__all__ = ["ModelError", "ModelSource", "resolve", "DEFAULT_MODEL", "SOURCES"]

@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from kvplan.config import DecoderConfig
+from kvplan.errors import ModelError
+
+
+@dataclass
+class ModelSource:
+    """A decoder's architecture plus a way to read its weights on demand.
+
+    ``read_tensors(names)`` returns the named tensors (Hugging Face names without the
+    ``model.`` prefix) and nothing else, so exporting a pack reads only that pack's
+    weights.
+    """
+    name: str
+    config: DecoderConfig
+    kind: str
+    read_tensors: Callable[[list[str]], dict[str, torch.Tensor]]
+    # Inputs that identify the weights, for the manifest and incremental builds.
+    fingerprint: dict = field(default_factory=dict)
+    path: Path | None = None
+    # Tensors of the LM head and embeddings, when the source has them (validation).
+    read_lm: Callable[[], dict[str, torch.Tensor]] | None = None
+
+
+def file_fingerprint(path: Path) -> dict:
+    """Identify a (possibly multi-GB) weight file by size and mtime rather than hashing it."""
+    st = path.stat()
+    return {"file": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}

@@ -1,0 +1,65 @@
+"""A local Hugging Face checkpoint directory of a Llama, Mistral, Qwen2 or Qwen3 model."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from kvplan.config import ConfigError, from_hf_dict
+from kvplan.models.base import ModelError, ModelSource
+from kvplan.models.presets import tensor_shapes
+from kvplan.models.safetensors_dir import TensorIndex
+
+
+def accepts(arg: str) -> bool:
+    return (Path(arg) / "config.json").is_file()
+
+
+def read_config(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{path}: invalid JSON ({e})") from None
+
+
+def make_source(directory: Path, cfg_dict: dict, config_file: Path, prefix: str, kind: str,
+                family: str | None = None, lm_names: dict[str, str] | None = None) -> ModelSource:
+    """A ModelSource reading the tensors under ``prefix`` of the directory's safetensors."""
+    try:
+        cfg = from_hf_dict(cfg_dict, str(config_file), family=family)
+    except ConfigError as e:
+        raise ModelError(str(e)) from None
+    index = TensorIndex(directory)
+    shapes = tensor_shapes(cfg)
+    # Check presence and shapes of every decoder tensor up front: a missing tensor
+    # must fail before minutes of export, not in the middle of it.
+    for name in shapes:
+        if prefix + name not in index.where:
+            raise ModelError(f"{directory}: tensor {prefix + name!r} is missing from the checkpoint")
+
+    def read(names):
+        got = index.read([prefix + n for n in names])
+        return {n: got[prefix + n] for n in names}
+
+    read_lm = None
+    if lm_names:
+        available = {k: v for k, v in lm_names.items() if v in index.where}
+        if "lm_head.weight" not in available and cfg.tie_word_embeddings and "embed_tokens.weight" in available:
+            available["lm_head.weight"] = available["embed_tokens.weight"]
+        if "lm_head.weight" in available:
+            def read_lm():
+                got = index.read(sorted(set(available.values())))
+                return {k: got[v] for k, v in available.items()}
+
+    fingerprint = {"kind": kind, "config_sha256": hashlib.sha256(config_file.read_bytes()).hexdigest(),
+                   "prefix": prefix, "shards": index.fingerprint()}
+    return ModelSource(name=directory.resolve().name, config=cfg, kind=kind, read_tensors=read,
+                       fingerprint=fingerprint, path=directory, read_lm=read_lm)
+
+
+def load(arg: str) -> ModelSource:
+    directory = Path(arg)
+    config_file = directory / "config.json"
+    cfg_dict = read_config(config_file)
+    return make_source(directory, cfg_dict, config_file, prefix="model.", kind="hf",
+                       lm_names={"embed_tokens.weight": "model.embed_tokens.weight", "lm_head.weight": "lm_head.weight"})

@@ -1,0 +1,88 @@
+"""Built-in architectures with seeded random weights: always available, no download."""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from kvplan.config import DecoderConfig
+from kvplan.decoder import DecoderStack, StackSpec
+from kvplan.models.base import ModelError, ModelSource
+
+DEFAULT = "minicpmo26-tts"
+
+PRESETS: dict[str, DecoderConfig] = {
+    # MiniCPM-o 2.6's TTS decoder (model.tts.model): a LlamaModel built from
+    # tts_config with LlamaConfig's defaults for everything tts_config leaves out.
+    "minicpmo26-tts": DecoderConfig(
+        hidden_size=768, intermediate_size=3072, num_layers=20, num_heads=12, num_kv_heads=12,
+        head_dim=64, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=4096,
+        vocab_size=32000, family="llama"),
+    "tiny-llama": DecoderConfig(
+        hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
+        head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096,
+        vocab_size=256, family="llama"),
+    "tiny-qwen2": DecoderConfig(
+        hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
+        head_dim=16, rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=4096,
+        qkv_bias=True, vocab_size=256, family="qwen2"),
+    "tiny-qwen3": DecoderConfig(
+        hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
+        head_dim=32, rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=4096,
+        qk_norm=True, vocab_size=256, family="qwen3"),
+    # Qwen2-0.5B's shape, for benchmarks.
+    "qwen2-0.5b-shape": DecoderConfig(
+        hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14, num_kv_heads=2,
+        head_dim=64, rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=32768,
+        qkv_bias=True, vocab_size=151936, family="qwen2"),
+}
+
+SEED = 20261125
+
+
+def accepts(arg: str) -> bool:
+    return arg in PRESETS
+
+
+def _seed_for(name: str) -> int:
+    # Per-tensor seeds: a pack reads its own tensors and gets the same values as a
+    # full-stack read, whatever order they are asked for in.
+    return (SEED + int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")) % 2**31
+
+
+def random_tensor(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    g = torch.Generator().manual_seed(_seed_for(name))
+    if name.endswith("norm.weight"):
+        # Norm gains near 1, as trained models have.
+        return 1.0 + 0.1 * torch.randn(shape, generator=g)
+    if name.endswith(".bias"):
+        return 0.02 * torch.randn(shape, generator=g)
+    return 0.02 * torch.randn(shape, generator=g)
+
+
+def tensor_shapes(cfg: DecoderConfig) -> dict[str, tuple[int, ...]]:
+    """HF names and shapes of the decoder's tensors (no ``model.`` prefix)."""
+    with torch.device("meta"):
+        stack = DecoderStack(cfg, StackSpec(0, cfg.num_layers, True))
+    return {k: tuple(v.shape) for k, v in stack.state_dict().items()}
+
+
+def load(name: str) -> ModelSource:
+    if name not in PRESETS:
+        raise ModelError(f"unknown preset {name!r} (presets: {', '.join(PRESETS)})")
+    cfg = PRESETS[name]
+    shapes = tensor_shapes(cfg)
+
+    def read(names: list[str]) -> dict[str, torch.Tensor]:
+        unknown = [n for n in names if n not in shapes]
+        if unknown:
+            raise ModelError(f"preset {name}: no tensor {unknown[0]!r}")
+        return {n: random_tensor(n, shapes[n]) for n in names}
+
+    def read_lm() -> dict[str, torch.Tensor]:
+        vocab = cfg.vocab_size
+        return {"embed_tokens.weight": random_tensor("embed_tokens.weight", (vocab, cfg.hidden_size)),
+                "lm_head.weight": random_tensor("lm_head.weight", (vocab, cfg.hidden_size))}
+
+    return ModelSource(name=name, config=cfg, kind="preset", read_tensors=read, read_lm=read_lm,
+                       fingerprint={"preset": name, "seed": SEED, "config": cfg.to_dict()})

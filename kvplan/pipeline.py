@@ -1,0 +1,106 @@
+"""Stages run in order over one target directory, each skipped when its inputs are unchanged.
+
+A stage's inputs are everything that determines its outputs: the upstream
+artifacts' hashes, the profile fields it reads, kvplan's source for that stage and
+the library versions. When they hash the same as in the manifest and the recorded
+artifacts are intact on disk, the stage is reported up to date and not run.
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from kvplan.manifest import MANIFEST, SCHEMA, artifacts_intact, digest, load_manifest, now, write_json_atomic
+
+
+@dataclass
+class Stage:
+    name: str
+    # Called with the records of the stages before it (so inputs can name upstream hashes).
+    inputs: Callable[[dict[str, dict]], dict]
+    # Builds the stage's outputs and returns its record: {"artifacts": [...], ...}.
+    build: Callable[[dict[str, dict]], dict]
+
+
+def remove_artifacts(target: Path, entries: list[dict]) -> None:
+    for entry in entries:
+        for e in (entry, entry.get("external_data")):
+            if e:
+                (target / e["path"]).unlink(missing_ok=True)
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mib() -> float | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def release_memory() -> None:
+    """Hand memory a finished stage freed back to the OS before the next stage allocates its own.
+
+    glibc keeps freed heap pages in its arenas; the export's hundreds of MB of weight copies
+    would otherwise stay resident under the engine build's own peak.
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):      # not glibc: nothing to trim
+        pass
+
+
+class Pipeline:
+    def __init__(self, target: Path, header: dict, log=print):
+        self.target, self.header, self.log = target, header, log
+
+    def _write(self, status: str, stages: dict[str, dict]) -> None:
+        write_json_atomic(self.target / MANIFEST, {
+            "schema": SCHEMA, "status": status, "updated": now(), **self.header, "stages": stages})
+
+    def run(self, stages: list[Stage], force: bool = False) -> dict:
+        old = (load_manifest(self.target) or {}).get("stages", {})
+        done: dict[str, dict] = {}
+        rebuilt = []
+        for stage in stages:
+            inputs = stage.inputs(done)
+            key = digest(inputs)
+            prev = old.get(stage.name)
+            if (not force and prev and prev.get("inputs_digest") == key
+                    and artifacts_intact(self.target, prev.get("artifacts", []))):
+                self.log(f"[{stage.name}] up to date ({len(prev.get('artifacts', []))} artifact(s), inputs unchanged)")
+                done[stage.name] = prev
+                continue
+            # From here on the old record of this stage (and everything after it) no
+            # longer describes what is on disk: drop it before touching any file.
+            self._write("building", dict(done))
+            # The old files go too: a rebuild that fails must not leave last time's
+            # plan beside a manifest that no longer vouches for it.
+            if prev:
+                remove_artifacts(self.target, prev.get("artifacts", []))
+            self.log(f"[{stage.name}] building")
+            t0 = time.perf_counter()
+            record = stage.build(done)
+            record.update(inputs_digest=key, inputs=inputs, seconds=round(time.perf_counter() - t0, 3),
+                          process_peak_rss_mib=round(peak_rss_mib(), 1), finished=now())
+            release_memory()
+            done[stage.name] = record
+            rebuilt.append(stage.name)
+            self._write("incomplete", dict(done))
+            rss = rss_mib()
+            self.log(f"[{stage.name}] done in {record['seconds']:.1f} s"
+                     + (f" (process RSS now {rss:.0f} MiB, peak {record['process_peak_rss_mib']:.0f} MiB)" if rss else ""))
+        self._write("complete", done)
+        if not rebuilt:
+            self.log("nothing to do: every stage is up to date (use --force to rebuild)")
+        return {"stages": done, "rebuilt": rebuilt}

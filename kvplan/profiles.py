@@ -1,0 +1,277 @@
+"""Build profiles: TOML data, validated on load.
+
+A profile fixes the export precision and layout, the surgery passes, the
+TensorRT optimization profiles (min/opt/max of N and lastSum, from which every
+input shape is derived) and builder options, and the validation tolerances.
+Every error names the file and the field.
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, asdict
+from pathlib import Path
+from typing import Any
+
+from kvplan.errors import ProfileError
+from kvplan.surgery.registry import PASSES
+
+def _profiles_dir() -> Path:
+    """The shipped profiles: inside the installed package (a wheel carries them as
+    ``kvplan/profiles/``), else the source tree's top-level ``profiles/``."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "profiles"
+    return packaged if packaged.is_dir() else here.parent / "profiles"
+
+
+PROFILES_DIR = _profiles_dir()
+DEFAULT_PROFILE = "fp16"
+
+DTYPES = ("float32", "float16", "bfloat16")
+KV_IO = ("concat", "delta", "inplace")
+HARDWARE_COMPAT = ("none", "ampere_plus", "same_compute_capability")
+
+
+@dataclass(frozen=True)
+class Range:
+    min: int
+    opt: int
+    max: int
+
+    def as_list(self) -> list[int]:
+        return [self.min, self.opt, self.max]
+
+
+@dataclass(frozen=True)
+class ShapeProfile:
+    """One TensorRT optimization profile: ranges of new tokens N and past length lastSum."""
+    name: str
+    N: Range
+    lastSum: Range
+
+    @property
+    def sumN(self) -> Range:
+        return Range(self.N.min + self.lastSum.min, self.N.opt + self.lastSum.opt, self.N.max + self.lastSum.max)
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    atol: float
+    rtol: float
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    source: str
+    dtype: str
+    batch: int = 1
+    kv_format: int = 0
+    kv_io: str = "concat"
+    # kv_io = "inplace": rows of the preallocated cache buffer (0 otherwise)
+    cache_len: int = 0
+    decoder_pack_size: int = 0
+    passes: tuple[str, ...] = ("rmsnorm", "rope")
+    shapes: tuple[ShapeProfile, ...] = ()
+    optimization_level: int = 3
+    workspace_mib: int = 0
+    timing_cache: str = "timing.cache"
+    hardware_compatibility: str = "none"
+    version_compatible: bool = False
+    compute_capabilities: tuple[str, ...] = ()
+    tolerance: Tolerance = Tolerance(1e-4, 1e-4)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def max_sum(self) -> int:
+        return max((s.sumN.max for s in self.shapes), default=0)
+
+
+# Which keys each table may hold; anything else is a typo we refuse rather than ignore.
+_KEYS = {
+    "": {"description", "export", "surgery", "engine", "validate"},
+    "export": {"dtype", "batch", "kv_format", "kv_io", "cache_len", "decoder_pack_size"},
+    "surgery": {"passes"},
+    "engine": {"optimization_level", "workspace_mib", "timing_cache", "hardware_compatibility",
+               "version_compatible", "compute_capabilities", "profiles"},
+    "engine.profiles": {"name", "N", "lastSum"},
+    "validate": {"atol", "rtol"},
+}
+
+
+class _Reader:
+    def __init__(self, source: str):
+        self.source = source
+
+    def fail(self, field: str, msg: str) -> ProfileError:
+        return ProfileError(f"{self.source}: {field}: {msg}")
+
+    def table(self, data: dict, name: str, required: bool = True) -> dict:
+        if name not in data:
+            if required:
+                raise self.fail(name, "missing table")
+            return {}
+        value = data[name]
+        if not isinstance(value, dict):
+            raise self.fail(name, "must be a table")
+        self.known(value, name)
+        return value
+
+    def known(self, table: dict, name: str) -> None:
+        extra = sorted(set(table) - _KEYS[name])
+        if extra:
+            where = f"{name}.{extra[0]}" if name else extra[0]
+            raise self.fail(where, f"unknown field (allowed: {', '.join(sorted(_KEYS[name]))})")
+
+    def get(self, table: dict, key: str, path: str, kind: type | tuple, default: Any = ...):
+        if key not in table:
+            if default is ...:
+                raise self.fail(path, "missing field")
+            return default
+        value = table[key]
+        if isinstance(value, bool) and kind is not bool and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+            raise self.fail(path, f"must be {_kind_name(kind)}, got {value!r}")
+        if not isinstance(value, kind):
+            raise self.fail(path, f"must be {_kind_name(kind)}, got {value!r}")
+        return value
+
+    def range(self, table: dict, key: str, path: str, lowest: int, why: str = "") -> Range:
+        value = self.get(table, key, path, list)
+        if len(value) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise self.fail(path, f"must be [min, opt, max] integers, got {value!r}")
+        lo, opt, hi = value
+        if lo < lowest:
+            raise self.fail(path, f"min {lo} must be >= {lowest}{why}")
+        if not lo <= opt <= hi:
+            raise self.fail(path, f"must satisfy min <= opt <= max, got {value!r}")
+        return Range(lo, opt, hi)
+
+
+def _kind_name(kind) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list"}
+    if isinstance(kind, tuple):
+        return " or ".join(names.get(k, k.__name__) for k in kind)
+    return names.get(kind, kind.__name__)
+
+
+def parse(data: dict, source: str, name: str) -> Profile:
+    r = _Reader(source)
+    r.known(data, "")
+    export = r.table(data, "export")
+    dtype = r.get(export, "dtype", "export.dtype", str)
+    if dtype not in DTYPES:
+        raise r.fail("export.dtype", f"unknown dtype {dtype!r} (one of {', '.join(DTYPES)})")
+    batch = r.get(export, "batch", "export.batch", int, 1)
+    if batch < 1:
+        raise r.fail("export.batch", f"must be >= 1, got {batch}")
+    kv_format = r.get(export, "kv_format", "export.kv_format", int, 0)
+    if kv_format not in (0, 1):
+        raise r.fail("export.kv_format", f"must be 0 ([B, kv_heads, S, head_dim]) or 1 ([B, S, kv_heads, head_dim]), got {kv_format}")
+    kv_io = r.get(export, "kv_io", "export.kv_io", str, "concat")
+    if kv_io not in KV_IO:
+        raise r.fail("export.kv_io", f"unknown mode {kv_io!r} (concat: outputs the whole cache, length sumN; "
+                                     f"delta: outputs only the N new rows; inplace: writes them into a "
+                                     f"preallocated buffer of cache_len rows)")
+    if kv_io == "inplace" and kv_format != 0:
+        raise r.fail("export.kv_io", "inplace needs kv_format = 0: TensorRT's KV-cache update layer takes the "
+                                     "cache as [B, kv_heads, S, head_dim]")
+    cache_len = r.get(export, "cache_len", "export.cache_len", int, 0)
+    if cache_len and kv_io != "inplace":
+        raise r.fail("export.cache_len", f"only means something with kv_io = \"inplace\" (this profile has {kv_io!r})")
+    if cache_len < 0:
+        raise r.fail("export.cache_len", f"must be > 0 (0: the largest N max + lastSum max of the profiles), got {cache_len}")
+    pack = r.get(export, "decoder_pack_size", "export.decoder_pack_size", int, 0)
+    if pack < 0:
+        raise r.fail("export.decoder_pack_size", f"must be >= 0 (0: one pack), got {pack}")
+
+    surgery = r.table(data, "surgery", required=False)
+    passes = r.get(surgery, "passes", "surgery.passes", list, ["rmsnorm", "rope"])
+    if not all(isinstance(p, str) for p in passes):
+        raise r.fail("surgery.passes", f"must be a list of pass names, got {passes!r}")
+    unknown = [p for p in passes if p not in PASSES]
+    if unknown:
+        raise r.fail("surgery.passes", f"unknown pass {unknown[0]!r} (known: {', '.join(PASSES)})")
+
+    engine = r.table(data, "engine")
+    level = r.get(engine, "optimization_level", "engine.optimization_level", int, 3)
+    if not 0 <= level <= 5:
+        raise r.fail("engine.optimization_level", f"must be in 0..5, got {level}")
+    workspace = r.get(engine, "workspace_mib", "engine.workspace_mib", int, 0)
+    if workspace < 0:
+        raise r.fail("engine.workspace_mib", f"must be >= 0 (0: backend default), got {workspace}")
+    hw = r.get(engine, "hardware_compatibility", "engine.hardware_compatibility", str, "none")
+    if hw not in HARDWARE_COMPAT:
+        raise r.fail("engine.hardware_compatibility", f"unknown value {hw!r} (one of {', '.join(HARDWARE_COMPAT)})")
+    ccs = r.get(engine, "compute_capabilities", "engine.compute_capabilities", list, [])
+    for cc in ccs:
+        if not isinstance(cc, str) or not _is_cc(cc):
+            raise r.fail("engine.compute_capabilities", f"entries must be like \"8.6\", got {cc!r}")
+    raw_profiles = r.get(engine, "profiles", "engine.profiles", list)
+    if not raw_profiles:
+        raise r.fail("engine.profiles", "at least one optimization profile is needed")
+    shapes, seen = [], set()
+    for i, p in enumerate(raw_profiles):
+        path = f"engine.profiles[{i}]"
+        if not isinstance(p, dict):
+            raise r.fail(path, "must be a table")
+        r.known(p, "engine.profiles")
+        pname = r.get(p, "name", f"{path}.name", str)
+        if pname in seen:
+            raise r.fail(f"{path}.name", f"duplicate profile name {pname!r}")
+        seen.add(pname)
+        shapes.append(ShapeProfile(pname, r.range(p, "N", f"{path}.N", 1, " (a step needs at least one new token: the attention mask has N query rows)"), r.range(p, "lastSum", f"{path}.lastSum", 0)))
+    if kv_io == "inplace":
+        need = max(s.sumN.max for s in shapes)
+        if not cache_len:
+            cache_len = need
+        elif cache_len < need:
+            worst = max(shapes, key=lambda s: s.sumN.max)
+            raise r.fail("export.cache_len", f"{cache_len} rows cannot hold engine.profiles {worst.name!r}'s "
+                                             f"N max + lastSum max = {need}")
+
+    validate = r.table(data, "validate")
+    atol = float(r.get(validate, "atol", "validate.atol", (int, float)))
+    rtol = float(r.get(validate, "rtol", "validate.rtol", (int, float)))
+    if atol < 0 or rtol < 0:
+        raise r.fail("validate", "atol and rtol must be >= 0")
+
+    return Profile(name=name, source=source, dtype=dtype, batch=batch, kv_format=kv_format, kv_io=kv_io,
+                   cache_len=cache_len, decoder_pack_size=pack, passes=tuple(passes), shapes=tuple(shapes),
+                   optimization_level=level, workspace_mib=workspace,
+                   timing_cache=r.get(engine, "timing_cache", "engine.timing_cache", str, "timing.cache"),
+                   hardware_compatibility=hw,
+                   version_compatible=r.get(engine, "version_compatible", "engine.version_compatible", bool, False),
+                   compute_capabilities=tuple(ccs), tolerance=Tolerance(atol, rtol))
+
+
+def _is_cc(text: str) -> bool:
+    major, _, minor = text.partition(".")
+    return major.isdigit() and minor.isdigit()
+
+
+def load(name_or_path: str) -> Profile:
+    """Load ``profiles/<name>.toml``, or a TOML file given by path."""
+    path = Path(name_or_path)
+    if path.suffix != ".toml":
+        path = PROFILES_DIR / f"{name_or_path}.toml"
+    if not path.is_file():
+        available = ", ".join(sorted(p.stem for p in PROFILES_DIR.glob("*.toml")))
+        raise ProfileError(f"{path}: no such profile (shipped: {available})")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ProfileError(f"{path}: invalid TOML: {e}") from None
+    return parse(data, str(path), path.stem)
+
+
+def check_against_model(profile: Profile, max_positions: int) -> None:
+    """Shape ranges the model cannot serve are refused before anything is built."""
+    if profile.cache_len > max_positions:
+        raise ProfileError(f"{profile.source}: export.cache_len {profile.cache_len} exceeds the model's "
+                           f"max_position_embeddings ({max_positions})")
+    for s in profile.shapes:
+        if s.sumN.max > max_positions:
+            raise ProfileError(
+                f"{profile.source}: engine.profiles {s.name!r}: N max + lastSum max = {s.sumN.max} exceeds "
+                f"the model's max_position_embeddings ({max_positions})")

@@ -1,0 +1,213 @@
+"""Rotary embedding (rotate_half convention) on q and k → one opset-23 ``RotaryEmbedding`` node each.
+
+Matched spelling, x of shape [B, heads, S, D]:
+
+    rot = Concat(Neg(Slice(x, D/2:D)), Slice(x, 0:D/2), axis=-1)
+    y   = Add(Mul(x, cos), Mul(rot, sin))
+    cos = Unsqueeze(g(Cos(Concat(f, f, axis=-1))), axis=1)   g: Cast / Mul by a scalar, in any order
+    sin = likewise with Sin
+
+Choice of caches: the fused node takes the graph's own cos/sin, sliced to their
+first half ([B, S, D/2], no position_ids input), not cos/sin tables baked into
+initializers and indexed by position_ids. The graph's cos/sin already carry the
+model's exact rope scaling (linear, llama3, attention scaling) and precision,
+whatever computed them, so numerics stay bit-identical to the unfused graph and
+no maximum-position cap is baked into the file. The half-slice is only right when
+the last axis is a duplicated Concat(f, f) (cos[..., :D/2] == cos[..., D/2:]),
+so that is verified structurally for every cache before a node is fused.
+Cheaper slice: one Slice per distinct cos/sin tensor, shared by every layer.
+"""
+from __future__ import annotations
+
+import onnx_graphsurgeon as gs
+import numpy as np
+
+from kvplan.surgery.framework import Pass
+from kvplan.surgery.graphutil import (Rejected, sole_consumer, const_value, detach, dtype_name, ints, is_last_axis, last_dim,
+                         onnx_dtype, other_input, producer, producer_op, rank, unique_name)
+
+INT64_MAX = 2**63 - 1
+
+
+def _slice_range(node: gs.Node, x: gs.Tensor, d: int, seen) -> tuple[int, int, int] | None:
+    """(start, end, step) of a Slice over x's last axis, normalised to [0, d]; None if not such a slice."""
+    inputs = node.inputs
+    starts, ends = ints(inputs[1]), ints(inputs[2])
+    axes = ints(inputs[3]) if len(inputs) > 3 and inputs[3].name else [-1]
+    steps = ints(inputs[4]) if len(inputs) > 4 and inputs[4].name else [1]
+    if starts is None or ends is None or axes is None or steps is None:
+        raise Rejected(f"Slice {node.name} has non-constant bounds", seen)
+    if len(axes) != 1 or not is_last_axis(axes[0], x):
+        return None
+
+    def norm(v: int) -> int:
+        if v < 0:
+            v += d
+        return min(max(v, 0), d)
+    return norm(starts[0]), norm(ends[0]), steps[0]
+
+
+class RoPEPass(Pass):
+    name = "rope"
+    summary = "rotate_half rotary embedding on q/k → RotaryEmbedding (opset 23)"
+
+    def candidates(self, graph):
+        # Negating a slice is the distinctive half of rotate_half; interleaved and
+        # reversed-sign variants share it, so they surface as near misses.
+        for n in graph.nodes:
+            if n.op == "Neg" and producer_op(n.inputs[0], "Slice") is not None:
+                yield n
+
+    def __init__(self):
+        self._halves: dict[int, tuple[int, dict]] = {}
+
+    def apply(self, graph):
+        self._halves = {}
+        try:
+            return super().apply(graph)
+        finally:
+            self._halves = {}
+
+    def match(self, graph, neg):
+        s_hi = producer(neg.inputs[0])
+        x = s_hi.inputs[0]
+        seen = [s_hi, neg]
+        d = last_dim(x)
+        if d is None:
+            raise Rejected(f"the head size of {x.name} is not static", seen)
+        hi = _slice_range(s_hi, x, d, seen)
+        if hi is None:
+            return None  # a slice over another axis: not rotary
+        if hi[2] != 1:
+            raise Rejected(f"interleaved rotary (slice step {hi[2]}) is not fused: only the "
+                           "rotate_half convention (interleaved=0) is", seen)
+
+        # --- rotate_half: Concat(-x[D/2:], x[:D/2]) on the last axis ---
+        cat = self._sole(graph, neg.outputs[0], seen, "the negated half")
+        seen.append(cat)
+        if cat.op != "Concat" or not is_last_axis(cat.attrs.get("axis", 0), x) or len(cat.inputs) != 2:
+            raise Rejected(f"the negated half feeds {cat.op}, not a two-input Concat on the last axis "
+                           "(interleaved rotary?)", seen)
+        if cat.inputs[0] is not neg.outputs[0]:
+            raise Rejected("the negated half is the second Concat operand: reversed-sign rotation, "
+                           "not rotate_half", seen)
+        s_lo = producer_op(cat.inputs[1], "Slice")
+        if s_lo is None or s_lo.inputs[0] is not x:
+            raise Rejected("the other Concat operand is not a slice of the same tensor", seen)
+        seen.insert(0, s_lo)
+        lo = _slice_range(s_lo, x, d, seen)
+        if lo is None or lo[2] != 1:
+            raise Rejected("the other half is not a unit-step slice on the last axis", seen)
+        half = d // 2
+        if d % 2 or hi[:2] != (half, d) or lo[:2] != (0, half):
+            if hi[:2] == (0, half) and lo[:2] == (half, d):
+                raise Rejected("the first half is negated instead of the second: not rotate_half", seen)
+            raise Rejected(f"halves {lo[:2]} and {hi[:2]} do not split head size {d} in two", seen)
+        self._sole(graph, s_lo.outputs[0], seen, "the unnegated half")
+
+        # --- y = x * cos + rotate_half(x) * sin ---
+        m_sin = self._sole(graph, cat.outputs[0], seen, "rotate_half(x)")
+        seen.append(m_sin)
+        if m_sin.op != "Mul":
+            raise Rejected(f"rotate_half(x) feeds {m_sin.op}, not Mul(sin)", seen)
+        sin = other_input(m_sin, cat.outputs[0])
+        add = self._sole(graph, m_sin.outputs[0], seen, "rotate_half(x) * sin")
+        seen.append(add)
+        if add.op != "Add":
+            raise Rejected(f"rotate_half(x) * sin feeds {add.op}, not Add", seen)
+        m_cos = producer_op(other_input(add, m_sin.outputs[0]), "Mul")
+        if m_cos is None or x not in m_cos.inputs:
+            raise Rejected("the other addend is not x * cos", seen)
+        seen.insert(-1, m_cos)
+        self._sole(graph, m_cos.outputs[0], seen, "x * cos")
+        cos = other_input(m_cos, x)
+        if cos is x:
+            raise Rejected("x * x is not x * cos", seen)
+
+        # --- the layout and the caches ---
+        if rank(x) != 4:
+            raise Rejected(f"x has rank {rank(x)}, not 4 ([batch, heads, seq, head_dim])", seen)
+        part = producer_op(x, "Slice")
+        if part is not None:
+            src_d = last_dim(part.inputs[0])
+            rng = _slice_range(part, part.inputs[0], src_d, seen) if src_d is not None else None
+            if rng is not None and src_d != d:
+                raise Rejected(f"partial rotary (rotary dim {d} of head dim {src_d}) is not fused", seen + [part])
+        cos_half = self._half_cache(graph, cos, "Cos", d, x, seen)
+        sin_half = self._half_cache(graph, sin, "Sin", d, x, seen)
+
+        def rewrite():
+            y = add.outputs[0]
+            detach([s_hi, neg, s_lo, cat, m_sin, m_cos, add])
+            c, s = self._materialise(graph, cos_half), self._materialise(graph, sin_half)
+            base = add.name.rsplit("/", 1)[0] if "/" in add.name else add.name
+            graph.nodes.append(gs.Node(
+                "RotaryEmbedding", name=unique_name(graph, f"{base}/RotaryEmbedding"),
+                attrs={"interleaved": 0}, inputs=[x, c, s], outputs=[y]))
+        return rewrite
+
+    @staticmethod
+    def _sole(graph, t, seen, what) -> gs.Node:
+        return sole_consumer(t, graph, seen, what, "the rotary pattern")
+
+    def _half_cache(self, graph, t, trig, d, x, seen) -> dict:
+        """Check that t is Unsqueeze(axis 1) of a duplicated cos/sin; return how to slice its first half."""
+        what = trig.lower()
+        if onnx_dtype(t) != onnx_dtype(x):
+            raise Rejected(f"{what} is {dtype_name(onnx_dtype(t))}, x is {dtype_name(onnx_dtype(x))}", seen)
+        node = producer(t)
+        unsq = None
+        path = []
+        while node is not None and node.op != trig:
+            path.append(node.name)
+            if node.op == "Unsqueeze" and unsq is None:
+                axes = ints(node.inputs[1]) if len(node.inputs) > 1 else node.attrs.get("axes")
+                if axes is None or len(axes) != 1 or axes[0] not in (1, -3) or rank(node.outputs[0]) not in (4, None):
+                    raise Rejected(f"{what} is unsqueezed on axes {axes}, not axis 1 ([B, 1, S, D] "
+                                   "against x [B, heads, S, D])", seen)
+                unsq = node
+            elif node.op == "Cast" or node.op == "Identity":
+                pass
+            elif node.op in ("Mul", "Div") and any(
+                    (v := const_value(i)) is not None and v.size == 1 for i in node.inputs):
+                pass  # attention scaling: elementwise by a scalar, commutes with slicing
+            else:
+                raise Rejected(f"{what} is computed by {node.op} ({node.name}), not an elementwise chain "
+                               f"from {trig}", seen)
+            data = [i for i in node.inputs if const_value(i) is None] if node.op in ("Mul", "Div") else node.inputs[:1]
+            if len(data) != 1:
+                raise Rejected(f"{what} path through {node.name} has no single data input", seen)
+            node = producer(data[0])
+        if node is None:
+            raise Rejected(f"{what} does not come from a {trig} node", seen)
+        if unsq is None:
+            raise Rejected(f"{what} has no Unsqueeze(axis 1): its layout cannot be checked", seen)
+        cat = producer_op(node.inputs[0], "Concat")
+        if (cat is None or len(cat.inputs) != 2 or cat.inputs[0] is not cat.inputs[1]
+                or not is_last_axis(cat.attrs.get("axis", 0), cat.outputs[0])):
+            raise Rejected(f"{trig}'s angles are not Concat(f, f) on the last axis, so the first half of "
+                           f"{what} is not the whole of it", seen)
+        full = last_dim(cat.outputs[0])
+        if full is not None and full != d:
+            raise Rejected(f"{what} has last dim {full}, head size is {d}", seen)
+        # Slice the [B, S, D] tensor the Unsqueeze reads: it is the same values without the heads axis.
+        return {"source": unsq.inputs[0], "half": d // 2, "what": what}
+
+    def _materialise(self, graph, spec) -> gs.Tensor:
+        src = spec["source"]
+        key = id(src)
+        if key in self._halves:
+            return self._halves[key][1]
+        half = spec["half"]
+        name = unique_name(graph, f"{src.name}_half")
+        out = gs.Variable(name, dtype=src.dtype,
+                          shape=list(src.shape[:-1]) + [half] if src.shape is not None else None)
+        consts = [gs.Constant(unique_name(graph, f"{name}_{k}"), np.array([v], dtype=np.int64))
+                  for k, v in (("starts", 0), ("ends", half), ("axes", -1))]
+        graph.nodes.append(gs.Node("Slice", name=unique_name(graph, f"{name}/Slice"),
+                                   inputs=[src, *consts], outputs=[out]))
+        self._halves[key] = (src, out)
+        return out
+
+
+PASS = RoPEPass()

@@ -1,0 +1,275 @@
+"""The build target: its stages, what is on disk for it, and how it is built and validated.
+
+A target is one (model, profile) under an output root: ``<out>/<model>/<profile>/``.
+This module owns the stages (export -> surgery -> engines), their inputs (whose digest
+decides whether a stage is current) and the orchestration of a build and a validation.
+It takes plain options, never an argparse namespace: ``kvplan.cli`` parses, this acts.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import onnx
+import onnxscript
+import torch
+
+from kvplan import profiles as profiles_mod
+from kvplan.decoder import pack_specs
+from kvplan.errors import BackendError, KvplanError
+from kvplan.export import export_pack, io_contract, pack_file_names
+from kvplan.export.trace_cache import TraceCache, default_dir
+from kvplan.manifest import artifact, artifacts_intact, digest, load_manifest, target_lock
+from kvplan.models import resolve
+from kvplan.pipeline import Pipeline, Stage, peak_rss_mib
+from kvplan.sources import closure, source_digest
+from kvplan.surgery import fuse_file
+from kvplan.trt import build_engine
+from kvplan.trt.backend import select_backend
+from kvplan.validate.run import ValidateOptions, validate
+
+STAGES = ("export", "surgery", "engines", "validate")
+# Each stage's code is the import closure of its entry module (kvplan.sources).
+STAGE_MODULES = {"export": "kvplan.export", "surgery": "kvplan.surgery", "engines": "kvplan.trt",
+                 "validate": "kvplan.validate.run"}
+REBUILD_HINT = "python -m build.engines"
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """How to build a target, beyond its profile: what the command line adds."""
+    backend: str = "auto"
+    no_surgery: bool = False
+    stop_after: str | None = None
+    no_trace_cache: bool = False
+    force: bool = False
+
+
+def target_dir(out: Path, model_name: str, profile_name: str) -> Path:
+    return out / model_name / profile_name
+
+
+def build_stages(source, profile, target: Path, options: BuildOptions, log) -> list[Stage]:
+    cfg = source.config
+    specs = pack_specs(cfg, profile.decoder_pack_size, profile.kv_format, profile.kv_io, profile.cache_len)
+    onnx_names = pack_file_names(len(specs))
+    passes = [] if options.no_surgery else list(profile.passes)
+
+    def export_inputs(_):
+        return {"model": source.fingerprint, "config": cfg.to_dict(), "dtype": profile.dtype,
+                "batch": profile.batch, "kv_format": profile.kv_format, "kv_io": profile.kv_io,
+                "cache_len": profile.cache_len, "decoder_pack_size": profile.decoder_pack_size,
+                "source": source_digest("kvplan.export"),
+                "torch": torch.__version__, "onnxscript": onnxscript.__version__}
+
+    def export_build(_):
+        entries = []
+        cache = None if options.no_trace_cache else TraceCache(default_dir())
+        for spec, name in zip(specs, onnx_names):
+            log(f"[export] layers {spec.first_layer}..{spec.last_layer - 1}"
+                f"{' + final norm' if spec.final_norm else ''} -> {name}")
+            result = export_pack(source, spec, profile.dtype, profile.batch, target / name, log=log,
+                                 trace_cache=cache)
+            log(f"[export] {name}: {result.weight_bytes / 2**20:.1f} MiB of weights in {result.seconds:.1f} s"
+                f"{' (external data)' if result.external_data else ''}, peak RSS {peak_rss_mib():.0f} MiB")
+            entries.append(artifact(target, target / name, pack=specs.index(spec),
+                                    layers=[spec.first_layer, spec.last_layer], final_norm=spec.final_norm,
+                                    io=io_contract(cfg, spec, profile.batch, profile.dtype)))
+        return {"artifacts": entries, "weight_bytes": cfg.weight_count() * _itemsize(profile.dtype),
+                "trace_cache": cache.record() if cache else "off (--no-trace-cache)"}
+
+    stages = [Stage("export", export_inputs, export_build)]
+    if passes:
+        fused_names = pack_file_names(len(specs), suffix=".fused.onnx")
+
+        def surgery_inputs(done):
+            return {"onnx": [a["sha256"] for a in done["export"]["artifacts"]], "passes": passes,
+                    "source": source_digest("kvplan.surgery"), "onnx_version": onnx.__version__}
+
+        def surgery_build(done):
+            entries, reports = [], []
+            for src_entry, name in zip(done["export"]["artifacts"], fused_names):
+                log(f"[surgery] {src_entry['path']} -> {name} (passes: {', '.join(passes)})")
+                report = fuse_file(target / src_entry["path"], target / name, passes, log=log)
+                reports.append(report)
+                entries.append(artifact(target, target / name, pack=src_entry["pack"], report=report))
+            return {"artifacts": entries}
+
+        stages.append(Stage("surgery", surgery_inputs, surgery_build))
+    if options.stop_after == "export":
+        return stages[:1]
+    if options.stop_after == "surgery":
+        return stages
+
+    backend = select_backend(options.backend)
+    plan_names = pack_file_names(len(specs), suffix=".plan")
+    upstream = "surgery" if passes else "export"
+
+    def engine_inputs(done):
+        return {"onnx": [a["sha256"] for a in done[upstream]["artifacts"]],
+                "engine": {k: v for k, v in profile.to_dict().items()
+                           if k in ("shapes", "optimization_level", "workspace_mib", "hardware_compatibility",
+                                    "version_compatible", "compute_capabilities", "batch")},
+                "backend": backend.name, "backend_version": backend.version,
+                "source": source_digest("kvplan.trt")}
+
+    def engine_build(done):
+        entries = []
+        for spec, src_entry, name in zip(specs, done[upstream]["artifacts"], plan_names):
+            log(f"[engines] {src_entry['path']} -> {name} ({backend.name} {backend.version}, "
+                f"profiles: {', '.join(s.name for s in profile.shapes)})")
+            record = build_engine(target / src_entry["path"], target / name, profile,
+                                  io_contract(cfg, spec, profile.batch, profile.dtype), backend,
+                                  target / profile.timing_cache if profile.timing_cache else None, log=log)
+            entries.append(artifact(target, target / name, pack=src_entry["pack"], build=record))
+        return {"artifacts": entries, "backend": backend.name, "backend_version": backend.version}
+
+    stages.append(Stage("engines", engine_inputs, engine_build))
+    return stages
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Why a built target is not current. ``kind``: no-manifest, status, no-backend, not-built,
+    stale or modified; ``stage`` names the stage it concerns, where there is one."""
+    kind: str
+    message: str
+    stage: str | None = None
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass
+class TargetState:
+    """What is on disk for (model, profile) under an output root, and whether it is current."""
+    source: object
+    profile: object
+    target: Path
+    manifest: dict | None
+    problems: list[Problem]
+
+    @property
+    def fresh(self) -> bool:
+        return self.manifest is not None and not self.problems
+
+
+def target_state(model: str, profile_name: str, out: Path, backend: str = "auto",
+                 no_surgery: bool = False) -> TargetState:
+    """Check a built target against the current inputs without building anything.
+
+    A stage whose recorded inputs differ from what they would be now (model files,
+    profile, kvplan source, library versions) is reported stale, as is a missing or
+    modified artifact.
+    """
+    profile = profiles_mod.load(profile_name)
+    source = resolve(model)
+    target = target_dir(out, source.name, profile.name)
+    manifest = load_manifest(target)
+    if manifest is None:
+        return TargetState(source, profile, target, None,
+                           [Problem("no-manifest", f"{target}: nothing built here (no manifest.json)")])
+    options = BuildOptions(backend=backend, no_surgery=no_surgery)
+    recorded = manifest.get("stages", {})
+    problems = []
+    if manifest.get("status") != "complete":
+        problems.append(Problem("status", f"{target / 'manifest.json'}: status is {manifest.get('status')!r}, "
+                                          f"not 'complete'"))
+    try:
+        stages = build_stages(source, profile, target, options, log=lambda _: None)
+    except BackendError as e:  # no backend here: check the stages that do not need one
+        options = replace(options, stop_after="surgery")
+        stages = build_stages(source, profile, target, options, log=lambda _: None)
+        problems.append(Problem("no-backend", f"engines stage not checked: {e}", "engines"))
+    done: dict[str, dict] = {}
+    for stage in stages:
+        rec = recorded.get(stage.name)
+        if rec is None:
+            problems.append(Problem("not-built", f"stage {stage.name!r} has not been built", stage.name))
+            break
+        if rec.get("inputs_digest") != digest(stage.inputs(done)):
+            problems.append(Problem("stale", f"stage {stage.name!r} is stale: it was built from different inputs "
+                            f"(model, profile, kvplan source or library versions changed); rebuild with "
+                            f"{REBUILD_HINT} --profile {profile_name} --model {model} --out {out}",
+                                    stage.name))
+            break
+        if not artifacts_intact(target, rec.get("artifacts", [])):
+            problems.append(Problem("modified", f"stage {stage.name!r}: an artifact is missing or was modified "
+                                                f"after the build", stage.name))
+            break
+        done[stage.name] = rec
+    return TargetState(source, profile, target, manifest, problems)
+
+
+def dependencies(source, profile, target: Path) -> dict:
+    """The files a target's build reads, for build systems that track dependencies (CMake)."""
+    files = [profile.source]
+    if source.path is not None:
+        files += [str(p.resolve()) for p in sorted(source.path.iterdir())
+                  if p.name == "config.json" or p.suffix == ".safetensors" or p.name.endswith(".index.json")]
+    files += [str(p) for p in closure(*STAGE_MODULES.values())]
+    return {"target": str(target.resolve()), "manifest": str((target / "manifest.json").resolve()),
+            "depends": files}
+
+
+def _itemsize(dtype: str) -> int:
+    return 4 if dtype == "float32" else 2
+
+
+def build(model: str, profile_name: str, out: Path, options: BuildOptions, log: Callable[[str], None]) -> Path:
+    """Build (model, profile) under ``out``, every stage whose inputs changed; returns the target directory."""
+    profile = profiles_mod.load(profile_name)
+    source = resolve(model)
+    profiles_mod.check_against_model(profile, source.config.max_position_embeddings)
+    target = target_dir(out, source.name, profile.name)
+    log(f"kvplan: {source.name} ({source.kind}, {source.config.num_layers} layers, {profile.dtype}) "
+        f"with profile {profile.name} -> {target}")
+    header = {"model": {"name": source.name, "kind": source.kind,
+                        "path": str(source.path) if source.path else None,
+                        "config": source.config.to_dict(), "fingerprint": source.fingerprint},
+              "profile": profile.to_dict(),
+              "stages_requested": options.stop_after or "engines"}
+    t0 = time.perf_counter()
+    with target_lock(target, log=log):
+        stages = build_stages(source, profile, target, options, log)
+        Pipeline(target, header, log=log).run(stages, force=options.force)
+    log(f"kvplan: finished in {time.perf_counter() - t0:.1f} s; manifest: {target / 'manifest.json'}")
+    return target
+
+
+def _blocking(problem: Problem) -> bool:
+    """A target built without engines (--stop-after surgery) or checked on a host without a TensorRT
+    backend is still validated for what it has; anything else (stale, modified) stops us."""
+    return not (problem.stage == "engines" and problem.kind in ("not-built", "no-backend"))
+
+
+def _validation_state(model: str, profile_name: str, out: Path, backend: str | None,
+                      no_surgery: bool) -> tuple[TargetState, str]:
+    profile = profiles_mod.load(profile_name)
+    recorded = (load_manifest(target_dir(out, resolve(model).name, profile.name)) or {}).get("stages", {})
+    backend = backend or recorded.get("engines", {}).get("backend", "auto")
+    no_surgery = no_surgery or ("surgery" not in recorded and "export" in recorded and "engines" in recorded)
+    return target_state(model, profile_name, out, backend=backend, no_surgery=no_surgery), backend
+
+
+class StaleTarget(KvplanError):
+    """The target to validate is missing, stale or incomplete; validation never rebuilds."""
+
+
+def validate_target(model: str, profile_name: str, out: Path, options: ValidateOptions,
+                    backend: str | None = None, no_surgery: bool = False, log: Callable[[str], None] = print) -> int:
+    """Validate what is built for (model, profile) under ``out``; returns the validation exit code
+    (0 pass, 1 mismatch, 3 inconclusive). A stale or incomplete target raises StaleTarget."""
+    state, backend_name = _validation_state(model, profile_name, out, backend, no_surgery)
+    hard = [p for p in state.problems if _blocking(p)]
+    if state.manifest is None or hard:
+        raise StaleTarget(f"target {state.target} is stale or incomplete; nothing was validated or rebuilt: "
+                          + "; ".join(map(str, hard or state.problems)))
+    with target_lock(state.target, log=log):
+        again, _ = _validation_state(model, profile_name, out, backend_name, no_surgery)
+        if [p for p in again.problems if _blocking(p)]:
+            raise StaleTarget(f"target {state.target} changed while waiting for its lock (stale): "
+                              + "; ".join(map(str, again.problems)))
+        return validate(again.source, again.profile, again.target, again.manifest, options, backend_name, log)

@@ -1,0 +1,178 @@
+"""TensorRT backend selection: full TensorRT (``import tensorrt``) or TensorRT-RTX (``import tensorrt_rtx``).
+
+Both share one Python API. The differences that matter to kvplan:
+
+- Strongly typed networks: TensorRT 10.x needs ``NetworkDefinitionCreationFlag.STRONGLY_TYPED``;
+  TensorRT 11 and TensorRT-RTX networks are always strongly typed (the flag may be missing
+  or deprecated there, so it is looked up, never assumed).
+- Running engines: needs a visible CUDA GPU, and for TensorRT-RTX one of its supported
+  compute capabilities (7.5, 8.0, 8.6, 8.9, 12.x; not 9.0 Hopper). TensorRT-RTX builds and
+  serializes engines on a CPU-only machine; it cannot deserialize them there.
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib
+import shutil
+import subprocess
+import warnings
+from dataclasses import dataclass, field
+from types import ModuleType
+
+from kvplan.errors import BackendError
+
+BACKENDS = ("tensorrt", "tensorrt-rtx")
+MODULES = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
+# Compute capabilities TensorRT-RTX runs on (major, minor); any 12.x counts.
+RTX_SUPPORTED_CC = ((7, 5), (8, 0), (8, 6), (8, 9))
+RTX_SUPPORTED_MAJOR = (12,)
+
+INSTALL_HINT = {
+    "tensorrt-rtx": "install it with `pip install 'kvplan[tensorrt-rtx]'` (PyPI package tensorrt-rtx-cu13)",
+    "tensorrt": ("full TensorRT comes from NVIDIA's package index (pip install tensorrt-cu13 where "
+                 "pypi.nvidia.com is reachable, or `pip install 'kvplan[tensorrt]'` there); "
+                 "on a machine without it use --backend tensorrt-rtx "
+                 "(`pip install 'kvplan[tensorrt-rtx]'`)"),
+}
+
+
+@dataclass
+class Backend:
+    name: str                      # "tensorrt" | "tensorrt-rtx"
+    module: ModuleType = field(repr=False)   # the imported trt module
+    version: str
+    strongly_typed_flag: int       # flags value for Builder.create_network
+    can_run: bool                  # engines can be deserialized and executed here
+    why_not_run: str               # "" when can_run
+    gpus: tuple[str, ...] = ()     # compute capabilities seen ("8.6", ...)
+
+    @property
+    def is_rtx(self) -> bool:
+        return self.name == "tensorrt-rtx"
+
+    @property
+    def tool(self) -> str:
+        """The command-line builder/benchmark tool of this backend."""
+        return "tensorrt_rtx" if self.is_rtx else "trtexec"
+
+    def describe(self) -> str:
+        run = "can run engines" if self.can_run else f"cannot run engines ({self.why_not_run})"
+        return f"{self.name} {self.version}: {run}"
+
+
+def _import(name: str) -> ModuleType:
+    modname = MODULES[name]
+    try:
+        return importlib.import_module(modname)
+    except ImportError as e:
+        raise BackendError(f"TensorRT backend {name!r} is not importable (import {modname}: {e}); "
+                           f"{INSTALL_HINT[name]}") from None
+
+
+def _strongly_typed_flag(trt: ModuleType) -> int:
+    flags = getattr(trt, "NetworkDefinitionCreationFlag", None)
+    member = getattr(flags, "STRONGLY_TYPED", None) if flags is not None else None
+    if member is None:
+        return 0        # always strongly typed (TensorRT 11)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")          # deprecated where it is the default
+        return 1 << int(member)
+
+
+def visible_gpus() -> tuple[list[str], str]:
+    """Compute capabilities of the visible CUDA GPUs, and how they were found (or why none)."""
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            out = subprocess.run([smi, "--query-gpu=compute_cap", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=20)
+            caps = [line.strip() for line in out.stdout.splitlines() if line.strip()]
+            if out.returncode == 0 and caps:
+                return caps, "nvidia-smi"
+        except (OSError, subprocess.SubprocessError):
+            pass
+    try:  # cuda-python, where installed
+        # Optional package, imported only here: most hosts do not have it.
+        from cuda.bindings import runtime as cudart  # type: ignore
+        err, count = cudart.cudaGetDeviceCount()
+        if int(err) == 0 and count > 0:
+            caps = []
+            for i in range(count):
+                err, prop = cudart.cudaGetDeviceProperties(i)
+                if int(err) == 0:
+                    caps.append(f"{prop.major}.{prop.minor}")
+            if caps:
+                return caps, "cuda-python"
+    except Exception:
+        pass
+    caps = _driver_capabilities()
+    if caps:
+        return caps, "CUDA driver API"
+    return [], "no CUDA GPU visible"
+
+
+def _driver_capabilities() -> list[str]:
+    """Compute capabilities from the CUDA driver library itself: no nvidia-smi or cuda-python
+    needed, and unlike asking torch, no 300 MB import to find out there is no GPU."""
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return []
+    count, major, minor = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+    if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return []
+    caps = []
+    for i in range(count.value):
+        device = ctypes.c_int()
+        if cuda.cuDeviceGet(ctypes.byref(device), i) != 0:
+            continue
+        # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR / _MINOR
+        if cuda.cuDeviceGetAttribute(ctypes.byref(major), 75, device) == 0 and \
+                cuda.cuDeviceGetAttribute(ctypes.byref(minor), 76, device) == 0:
+            caps.append(f"{major.value}.{minor.value}")
+    return caps
+
+
+def rtx_supports(cc: str) -> bool:
+    major, _, minor = cc.partition(".")
+    try:
+        m, n = int(major), int(minor or 0)
+    except ValueError:
+        return False
+    return (m, n) in RTX_SUPPORTED_CC or m in RTX_SUPPORTED_MAJOR
+
+
+def _runability(name: str) -> tuple[bool, str, tuple[str, ...]]:
+    caps, how = visible_gpus()
+    if not caps:
+        return False, how, ()
+    if name == "tensorrt-rtx":
+        ok = [c for c in caps if rtx_supports(c)]
+        if not ok:
+            return False, (f"TensorRT-RTX does not support the visible GPU(s) (compute capability "
+                           f"{', '.join(caps)}; supported: 7.5, 8.0, 8.6, 8.9, 12.x — not 9.0 Hopper)"), tuple(caps)
+    return True, "", tuple(caps)
+
+
+def select_backend(name: str = "auto") -> Backend:
+    """``auto``: full TensorRT where importable, else TensorRT-RTX. A named backend must import."""
+    if name not in ("auto", *BACKENDS):
+        raise BackendError(f"unknown TensorRT backend {name!r} (one of auto, {', '.join(BACKENDS)})")
+    if name == "auto":
+        errors = []
+        for candidate in BACKENDS:
+            try:
+                module = _import(candidate)
+            except BackendError as e:
+                errors.append(str(e))
+                continue
+            return _make(candidate, module)
+        raise BackendError("no TensorRT backend is importable: " + "; ".join(errors))
+    return _make(name, _import(name))
+
+
+def _make(name: str, module: ModuleType) -> Backend:
+    can_run, why, caps = _runability(name)
+    return Backend(name=name, module=module, version=str(getattr(module, "__version__", "unknown")),
+                   strongly_typed_flag=_strongly_typed_flag(module), can_run=can_run,
+                   why_not_run=why, gpus=caps)

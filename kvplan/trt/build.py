@@ -1,0 +1,175 @@
+"""Build a TensorRT / TensorRT-RTX engine (``.plan``) from an exported decoder ONNX.
+
+One optimization profile per ``ShapeProfile`` of the build profile (every input's
+min/opt/max derived from N and lastSum), strongly typed networks (precision is the
+ONNX graph's dtypes), atomic plan writes, timing-cache reuse where the backend has
+one, and a JSON-serialisable record of what was built.
+
+TensorRT-RTX builds on a CPU-only machine but cannot deserialize engines there; every
+figure that needs a deserialized engine is recorded as null with the reason.
+"""
+from __future__ import annotations
+
+import contextlib
+import shlex
+import time
+from pathlib import Path
+from typing import Any
+
+from kvplan.trt.backend import Backend
+from kvplan.manifest import sha256_file
+from kvplan.profiles import Profile
+from kvplan.trt.callbacks import Log, Pending, make_logger, make_progress_monitor
+from kvplan.trt.errors import BuildError
+from kvplan.trt.memory import memory_record
+from kvplan.trt.network import allow_decomposed_attention, check_network_inputs, network_summary, parse
+from kvplan.trt.options import configure, load_timing_cache, save_timing_cache, timing_cache_supported
+from kvplan.fileio import atomic_file
+from kvplan.trt.shapes import dims, shapes_for
+from kvplan.trt.trtexec import trtexec_command
+
+
+def _add_profiles(builder, config, shapes: dict, profile: Profile, onnx_path: Path, logger) -> dict:
+    """One optimization profile per ShapeProfile, in the profile file's order (index = position);
+    returns the shapes the builder took, per profile and input."""
+    record: dict[str, dict[str, dict[str, list[int]]]] = {}
+    for sp in profile.shapes:
+        opt_profile = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in shapes[sp.name].items():
+            opt_profile.set_shape(name, lo, opt, hi)
+        index = config.add_optimization_profile(opt_profile)
+        if index < 0:
+            raise BuildError(f"{onnx_path}: optimization profile {sp.name!r} was rejected: "
+                             + "; ".join(logger.errors[-3:]))
+        record[sp.name] = {
+            name: dict(zip(("min", "opt", "max"), (dims(s) for s in opt_profile.get_shape(name))))
+            for name in shapes[sp.name]}
+    return record
+
+
+def _attach_timing_cache(config, backend: Backend, timing_cache: Path | None, log: Log) -> dict:
+    record: dict[str, Any] = {"path": str(timing_cache) if timing_cache else None}
+    tc_ok, tc_why = timing_cache_supported(backend)
+    if timing_cache is None:
+        record.update(supported=tc_ok, used=False)
+    elif not tc_ok:
+        record.update(supported=False, used=False, why=tc_why)
+        log(f"[build] note: {tc_why}; not writing {timing_cache.name}")
+    else:
+        _, loaded = load_timing_cache(config, timing_cache, log)
+        record.update(supported=True, used=True, loaded_bytes=loaded)
+        log(f"[build] timing cache: {'reusing ' + str(loaded) + ' bytes from' if loaded else 'new'} {timing_cache}")
+    return record
+
+
+def _attach_progress_monitor(trt, config, log: Log, pending: Pending):
+    if hasattr(trt, "IProgressMonitor") and hasattr(config, "progress_monitor"):
+        monitor = make_progress_monitor(trt, log, pending)
+        config.progress_monitor = monitor
+        return monitor
+    log("[build] note: this backend has no progress monitor; building silently")
+    return None
+
+
+def _build_into(trt, builder, network, config, f) -> bool:
+    """Build and write the plan to the open file ``f``; False when the builder failed.
+
+    Streamed where the builder can (TensorRT 10.x, TensorRT-RTX): the serialized plan, as large
+    as the weights once per optimization profile, is then never held in host memory whole.
+    """
+    if hasattr(builder, "build_serialized_network_to_stream") and hasattr(trt, "IStreamWriter"):
+        class FileWriter(trt.IStreamWriter):
+            def __init__(self):
+                trt.IStreamWriter.__init__(self)
+
+            def write(self, data) -> int:
+                return f.write(data)
+
+        return bool(builder.build_serialized_network_to_stream(network, config, FileWriter()))
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        return False
+    f.write(serialized)
+    return True
+
+
+def build_engine(onnx_path: Path, plan_path: Path, profile: Profile, contract: dict, backend: Backend,
+                 timing_cache: Path | None, log: Log = print) -> dict:
+    """Parse ``onnx_path``, build one optimization profile per ShapeProfile, write ``plan_path`` atomically.
+
+    Returns a JSON-serialisable record of the build. Raises BuildError (naming the file)
+    on parser errors, a contract mismatch or a failed build; on any exception no plan and
+    no temp file are left behind by this call.
+    """
+    trt = backend.module
+    onnx_path, plan_path = Path(onnx_path), Path(plan_path)
+    timing_cache = Path(timing_cache) if timing_cache is not None else None
+    pending = Pending()
+    logger = make_logger(trt, log, pending)
+    t_start = time.perf_counter()
+
+    builder, network, parser, weights = parse(trt, backend, onnx_path, logger, log)
+    if weights is not None:
+        log(f"[build] parser reads {weights.mapped_bytes / 2**20:.1f} MiB of weights in place "
+            f"({len(weights.entries)} tensors, memory-mapped)")
+    check_network_inputs(network, contract, onnx_path)
+    attention = allow_decomposed_attention(trt, network)
+    if attention:
+        log(f"[build] {attention} fused attention layer(s), decomposable where no fused kernel fits")
+    summary = network_summary(network)
+    log(f"[build] {onnx_path.name}: {summary['layers']} layers, {network.num_inputs} inputs, "
+        f"{network.num_outputs} outputs ({backend.name} {backend.version})")
+
+    config = builder.create_builder_config()
+    options, notes = configure(trt, backend, config, profile, log)
+    shapes = shapes_for(contract, profile)
+    profiles_record = _add_profiles(builder, config, shapes, profile, onnx_path, logger)
+    tc_record = _attach_timing_cache(config, backend, timing_cache, log)
+    monitor = _attach_progress_monitor(trt, config, log, pending)
+
+    t0 = time.perf_counter()
+    # The builder makes its own copy of the weights: the mapped pages it has read need not stay
+    # in this process meanwhile (any it reads again come back from the page cache).
+    releasing = weights.released_while() if weights is not None else contextlib.nullcontext()
+    with atomic_file(plan_path) as f, releasing:
+        built = _build_into(trt, builder, network, config, f)
+        if pending.exc is not None:
+            raise pending.exc           # e.g. KeyboardInterrupt during the build: it cancelled the build
+        if not built:
+            errors = logger.errors[-8:] or ["(the builder logged no error)"]
+            raise BuildError(f"{onnx_path}: {backend.name} engine build failed:\n  " + "\n  ".join(errors))
+        plan_bytes = f.tell()
+    build_seconds = time.perf_counter() - t0
+    log(f"[build] wrote {plan_path} ({plan_bytes} bytes, {build_seconds:.1f} s)")
+
+    if tc_record.get("used"):
+        tc_record["saved_bytes"] = save_timing_cache(config, timing_cache)
+
+    memory = memory_record(trt, backend, onnx_path, plan_path, logger, [sp.name for sp in profile.shapes])
+
+    argv, tool_notes = trtexec_command(backend, onnx_path, plan_path, profile, shapes,
+                                       timing_cache if tc_record.get("used") else None)
+    data_file = onnx_path.parent / (onnx_path.name + ".data")
+    record = {
+        "backend": backend.name,
+        "backend_version": backend.version,
+        "onnx": str(onnx_path),
+        "onnx_sha256": sha256_file(onnx_path),
+        "onnx_data_sha256": sha256_file(data_file) if data_file.is_file() else None,
+        "plan": plan_path.name,
+        "plan_bytes": plan_bytes,
+        "build_seconds": round(build_seconds, 3),
+        "total_seconds": round(time.perf_counter() - t_start, 3),
+        "profiles": profiles_record,
+        "options": options,
+        "notes": notes,
+        "timing_cache": tc_record,
+        "memory": memory,
+        "network": summary,
+        "progress": monitor.summary() if monitor is not None else None,
+        "weights_mapped_bytes": weights.mapped_bytes if weights is not None else 0,
+        "trtexec": shlex.join(argv),
+        "trtexec_notes": tool_notes,
+    }
+    del network, parser, weights      # the parser first: it points into the mapped weights
+    return record

@@ -1,0 +1,66 @@
+"""Drive exported packs as a deployment runtime would.
+
+Chains packs (hidden_out of one is hidden_in of the next), carries the flattened
+cache from step to step in the canonical layout (build/cache_io.py converts it at
+each graph's boundary for the delta and inplace modes), and converts kv format 1 to
+and from the canonical [B, kv_heads, S, head_dim] so callers compare against
+transformers' layout. ``pack_feed``/``next_past`` are shared by every backend.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from kvplan import cache_io
+from kvplan.decoder import StackSpec
+
+
+@dataclass
+class Pack:
+    spec: StackSpec
+    path: Path
+
+
+def _layout(t: np.ndarray, kv_format: int) -> np.ndarray:
+    # [B, S, kv, D] <-> [B, kv, S, D]: the same transpose both ways.
+    return np.ascontiguousarray(t.transpose(0, 2, 1, 3)) if kv_format == 1 else t
+
+
+def pack_feed(spec: StackSpec, hidden, mask, position_ids, past: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """Inputs of one pack; ``past`` is the whole stack's [k0, v0, k1, v1, ...] in kv format 0."""
+    return cache_io.graph_feed(spec, hidden, mask, position_ids,
+                               lambda i, kind: _layout(past[2 * i + kind], spec.kv_format))
+
+
+def next_past(spec: StackSpec, kv_outputs: list[np.ndarray], past: list[np.ndarray], n: int) -> list[np.ndarray]:
+    """This pack's layers' cache after a step of ``n`` tokens (kv format 0), from its KV outputs in graph order."""
+    out = []
+    for j, i in enumerate(spec.layers):
+        for kind in range(2):
+            t = _layout(np.asarray(kv_outputs[2 * j + kind]), spec.kv_format)
+            out.append(cache_io.cache_after(spec, t, past[2 * i + kind], n))
+    return out
+
+
+class OnnxStack:
+    def __init__(self, packs: list[Pack], threads: int = 0):
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        # ONNX Runtime warns on every TensorScatter (kv_io = "inplace") that it copies the buffer.
+        opts.log_severity_level = 3
+        self.packs = packs
+        self.sessions = [ort.InferenceSession(str(p.path), opts, providers=["CPUExecutionProvider"]) for p in packs]
+
+    def step(self, hidden: np.ndarray, mask: np.ndarray, position_ids: np.ndarray,
+             past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One call over every pack; ``past`` and the returned cache are [k0, v0, k1, v1, ...] in kv format 0."""
+        new_past: list[np.ndarray] = []
+        for pack, sess in zip(self.packs, self.sessions):
+            outs = sess.run(None, pack_feed(pack.spec, hidden, mask, position_ids, past))
+            hidden = outs[0]
+            new_past += next_past(pack.spec, outs[1:], past, hidden.shape[1])
+        return hidden, new_past

@@ -1,0 +1,105 @@
+"""The independent PyTorch reference: transformers' own model, driven with its own cache.
+
+Nothing here touches kvplan's decoder module: every numeric check compares
+kvplan's exported graphs against this. Only transformers' public API is used
+(config classes, AutoModel, DynamicCache), with a shim for the 4.x/5.x cache
+argument rename.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache
+
+from kvplan.config import to_hf_dict
+from kvplan.models import ModelSource
+from kvplan.models.presets import tensor_shapes
+
+
+def _hf_config(source: ModelSource):
+    d = to_hf_dict(source.config)
+    cfg = AutoConfig.for_model(d.pop("model_type"), **d)
+    # Eager attention: the reference must honour an arbitrary additive mask as given.
+    cfg._attn_implementation = "eager"
+    return cfg
+
+
+@dataclass
+class StepResult:
+    hidden: torch.Tensor
+    past: list[torch.Tensor]        # [k0, v0, k1, v1, ...], [B, kv_heads, sumN, head_dim]
+
+
+class HFReference:
+    """transformers' decoder (``AutoModel``) holding ``source``'s weights in ``dtype``."""
+
+    def __init__(self, source: ModelSource, dtype: torch.dtype = torch.float32, with_lm: bool = False):
+        self.source, self.dtype = source, dtype
+        self.hf_config = _hf_config(source)
+        weights = source.read_tensors(list(tensor_shapes(source.config)))
+        if with_lm:
+            if source.read_lm is None:
+                raise ValueError(f"{source.name}: no LM head in this model source")
+            lm = source.read_lm()
+            model = AutoModelForCausalLM.from_config(self.hf_config)
+            state = {f"model.{k}": v for k, v in weights.items()}
+            state["model.embed_tokens.weight"] = lm["embed_tokens.weight"]
+            state["lm_head.weight"] = lm["lm_head.weight"]
+        else:
+            model = AutoModel.from_config(self.hf_config)
+            state = dict(weights)
+            state["embed_tokens.weight"] = torch.zeros(model.embed_tokens.weight.shape)
+        model.load_state_dict(state, strict=True)
+        # Rotary inverse frequencies stay fp32, as from_pretrained(dtype=float16) leaves
+        # them: a blanket .to(float16) would round them and shift the angle by ~1 rad
+        # at position 4000, which is a bug of the reference, not of the graph under test.
+        keep = {n: b.clone() for n, b in model.named_buffers() if n.endswith("inv_freq")}
+        model = model.to(dtype)
+        for name, buf in keep.items():
+            owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            setattr(owner, name.rsplit(".", 1)[-1], buf)
+        self.model = model.eval()
+        self._cache_kw = "cache" if "cache" in inspect.signature(self.decoder.forward).parameters else "past_key_values"
+
+    @property
+    def decoder(self):
+        return getattr(self.model, "model", self.model) if hasattr(self.model, "lm_head") else self.model
+
+    def new_cache(self):
+        try:
+            return DynamicCache(config=self.hf_config)
+        except TypeError:
+            return DynamicCache()
+
+    @staticmethod
+    def cache_tensors(cache, num_layers: int) -> list[torch.Tensor]:
+        out = []
+        for i in range(num_layers):
+            if hasattr(cache, "layers"):
+                k, v = cache.layers[i].keys, cache.layers[i].values
+            else:
+                k, v = cache.key_cache[i], cache.value_cache[i]
+            out += [k.clone(), v.clone()]
+        return out
+
+    @torch.no_grad()
+    def step(self, hidden: torch.Tensor, mask: torch.Tensor | None, position_ids: torch.Tensor, cache) -> StepResult:
+        """Run N new tokens (embeddings ``hidden``) on top of ``cache`` (updated in place)."""
+        out = self.decoder(inputs_embeds=hidden.to(self.dtype),
+                           attention_mask=None if mask is None else mask.to(self.dtype),
+                           position_ids=position_ids, use_cache=True, **{self._cache_kw: cache})
+        return StepResult(out.last_hidden_state, self.cache_tensors(cache, self.source.config.num_layers))
+
+    @torch.no_grad()
+    def prefill(self, batch: int, length: int, seed: int = 0):
+        """A real prefill of ``length`` random embeddings: returns the filled cache."""
+        cache = self.new_cache()
+        if length == 0:
+            return cache
+        g = torch.Generator().manual_seed(seed)
+        hidden = torch.randn(batch, length, self.source.config.hidden_size, generator=g)
+        pos = torch.arange(length)[None].expand(batch, length)
+        self.step(hidden, None, pos, cache)
+        return cache

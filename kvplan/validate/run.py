@@ -1,0 +1,277 @@
+"""Validation: prove with Polygraphy that every stage preserves the model's numbers.
+
+    python -m build.validate --profile fp16 [--model M] [--out engines] [--points opt]
+
+Checks the artifacts already built under OUT/<model>/<profile>/ (never rebuilds;
+stale or missing artifacts are reported, exit 2), runs transformers' own model,
+ONNX Runtime on the exported and fused graphs and TensorRT on the engine (where
+this machine can run it) on realistic inputs, compares every output, saves the
+inputs and outputs as Polygraphy JSON under <target>/validation/ and records the
+verdict in manifest.json.
+
+Exit codes: 0 pass, 1 numeric mismatch, 2 stale/missing target or bad input,
+3 inconclusive (fewer than two runners could run, e.g. bfloat16 on a CPU-only host).
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from polygraphy.comparator import Comparator, RunResults
+from polygraphy.json import save_json
+from polygraphy.logger import G_LOGGER
+
+from kvplan.decoder import pack_specs
+from kvplan.errors import BackendError, UserError
+from kvplan.export import TORCH_DTYPES, io_contract
+from kvplan.manifest import MANIFEST, load_manifest, now, sha256_file, write_json_atomic
+from kvplan.trt.backend import select_backend
+from kvplan.validate import points as pts
+from kvplan.validate import report, runners as rn
+from kvplan.validate.compare import compare_runs
+from kvplan.validate.onnx_stack import OnnxStack, Pack
+from kvplan.validate.points import parse_kinds
+from kvplan.validate.reference import HFReference
+from kvplan.validate.task import TrtStack, run_task_checks
+
+RECHECK_ENV_RTX = "POLYGRAPHY_USE_TENSORRT_RTX=1"
+
+
+@dataclass(frozen=True)
+class ValidateOptions:
+    """What to check and how hard; the CLI's flags of the same names."""
+    points: str = "all"              # comma list of min, opt, max, masked, or all
+    prefill_dtype: str = "float32"   # float32 | profile: precision of the prefill producing the past KV
+    steps: int = 64                  # decode steps of the token and multi-step checks
+    prompt_tokens: int = 8
+    no_task: bool = False
+    min_agreement: float = 0.95
+    full: bool = False               # one table row per output tensor
+    verbose: bool = False            # keep Polygraphy's own log
+
+    def __post_init__(self):
+        if self.steps < 1 or self.prompt_tokens < 1:
+            raise UserError("--steps and --prompt-tokens must be >= 1")
+        if self.prefill_dtype not in ("float32", "profile"):
+            raise UserError(f"--prefill-dtype: {self.prefill_dtype!r} is not float32 or profile")
+        parse_kinds(self.points)
+
+
+def _artifacts(manifest: dict, stage: str, target: Path) -> list[Path] | None:
+    rec = manifest.get("stages", {}).get(stage)
+    if not rec:
+        return None
+    return [target / a["path"] for a in sorted(rec["artifacts"], key=lambda a: a.get("pack", 0))]
+
+
+def validate(source, profile, target: Path, manifest: dict, options: ValidateOptions, backend_name: str,
+             log=print) -> int:
+    """Compare every built artifact of ``target`` (its ``manifest``) against transformers' model.
+
+    Returns 0 pass, 1 numeric mismatch, 3 inconclusive (fewer than two runners could run).
+    The caller has checked that the target is current and holds its lock.
+    """
+    # Polygraphy's per-runner INFO lines drown the table; scoped so callers keep their own level.
+    quiet = contextlib.nullcontext() if options.verbose else G_LOGGER.verbosity(G_LOGGER.WARNING)
+    with quiet:
+        return _run_checks(options, parse_kinds(options.points), source, profile, target, manifest, backend_name, log)
+
+
+def _run_checks(options, kinds, source, profile, target, manifest, backend_name, log) -> int:
+    t0 = time.perf_counter()
+    cfg = source.config
+    tol = profile.tolerance
+    specs = pack_specs(cfg, profile.decoder_pack_size, profile.kv_format, profile.kv_io, profile.cache_len)
+    exported = _artifacts(manifest, "export", target)
+    fused = _artifacts(manifest, "surgery", target)
+    plans = _artifacts(manifest, "engines", target)
+    backend, backend_error = None, None
+    if plans is not None:
+        try:
+            backend = select_backend(backend_name)
+        except BackendError as e:
+            backend_error = str(e)
+    dtype = TORCH_DTYPES[profile.dtype]
+    log(f"[validate] {source.name} ({cfg.num_layers} layers, {profile.dtype}) profile {profile.name}: {target}")
+    log(f"[validate] tolerance: |got - ref| <= atol + rtol * |ref| with atol={tol.atol:g}, rtol={tol.rtol:g}")
+    ref = HFReference(source, dtype)
+    prefill_ref = None
+    if options.prefill_dtype == "float32" and dtype != torch.float32:
+        prefill_ref = HFReference(source, torch.float32)
+    points = pts.select_points(profile, kinds)
+    need = [s.first_layer for s in specs]
+    t = time.perf_counter()
+    longest = max(p.last for p in points)
+    prefill = pts.Prefill(prefill_ref or ref, profile.batch, longest)
+    log(f"[validate] prefill of {longest} tokens (shared by every point) in {time.perf_counter() - t:.1f} s")
+    data = []
+    for i, point in enumerate(points):
+        t = time.perf_counter()
+        data.append(pts.point_data(ref, point, profile.batch, need, prefill_ref, prefill))
+        log(f"[validate] point {i + 1}/{len(points)} {point.label}{' (reserved slots masked)' if point.masked else ''}"
+            f": prefill + inputs in {time.perf_counter() - t:.1f} s")
+
+    vdir = target / "validation"
+    vdir.mkdir(exist_ok=True)
+    rows, not_run, ran, files, commands = [], {}, set(), [], []
+    for p_index, spec in enumerate(specs):
+        stem = Path(exported[p_index].name).name.removesuffix(".onnx")
+        contract = io_contract(cfg, spec, profile.batch, profile.dtype)
+        for sp_index, sp in enumerate(profile.shapes):
+            group = [d for d in data if d.point.profile_index == sp_index]
+            if not group:
+                continue
+            feeds = [pts.feed_for(d, spec) for d in group]
+            runners = [rn.ReferenceRunner(ref, spec, contract, log=log)]
+            for name, paths in ((rn.EXPORT, exported), (rn.FUSED, fused)):
+                if paths is None:
+                    not_run[name] = "no fused graph in this target (no surgery passes)"
+                    continue
+                runner, why = rn.make_onnxrt(paths[p_index], name)
+                runner and runners.append(runner)
+                why and not_run.setdefault(name, why)
+            runner, why = rn.make_tensorrt(plans[p_index] if plans else None, backend, backend_error, sp_index,
+                                              specs[p_index])
+            runner and runners.append(runner)
+            why and not_run.setdefault(rn.TENSORRT, why)
+            log(f"[validate] pack {p_index} ({stem}), profile {sp.name}: {len(group)} point(s) through "
+                f"{', '.join(r.name for r in runners)}")
+            results = Comparator.run(runners, data_loader=feeds)
+            ran.update(r.name for r in runners)
+            pairs = [(rn.REFERENCE, rn.EXPORT), (rn.REFERENCE, rn.FUSED), (rn.EXPORT, rn.FUSED),
+                     (rn.FUSED, rn.TENSORRT), (rn.REFERENCE, rn.TENSORRT)]
+            rows += compare_runs(results, pairs, [d.point for d in group], p_index, tol.atol, tol.rtol)
+            files += _save(results, feeds, vdir, f"{stem}.{sp.name}", target)
+            commands += _commands(stem, sp_index, sp.name, exported[p_index], fused, plans, p_index, results,
+                                  backend_name, tol, spec.kv_io == "inplace")
+
+    task = {"ran": False, "why": "--no-task"}
+    if not options.no_task:
+        task = _task_checks(options, source, dtype, specs, exported, fused, plans, backend, backend_error, profile,
+                            not_run, log)
+
+    # Report rows point by point (they were produced pack/profile/pair by pair).
+    order = {d.point.label: i for i, d in enumerate(data)}
+    rows.sort(key=lambda s: (s.pack, order[s.point]))
+
+    # Verdict.
+    compared = {s.pair for s in rows}
+    mismatch = [s for s in rows if not s.passed]
+    task_bad = []
+    for name, r in (task.get("stacks") or {}).items():
+        if r.get("ran") and not r["passed_tolerance"]:
+            task_bad.append(f"{name}: multi-step hidden_out over tolerance from step {r['first_step_over_tolerance']}")
+        if r.get("ran") and r["agreement"] < options.min_agreement:
+            task_bad.append(f"{name}: token agreement {100 * r['agreement']:.1f}% < {100 * options.min_agreement:.0f}%")
+    status = "fail" if mismatch or task_bad else ("pass" if compared else "inconclusive")
+
+    print()
+    print(f"runners ({source.name}, profile {profile.name}, {profile.dtype}):")
+    for name in (rn.REFERENCE, rn.EXPORT, rn.FUSED, rn.TENSORRT):
+        print(f"  {name:14s} " + ("ran" if name in ran else f"NOT RUN: {not_run.get(name, 'not available')}"))
+    print()
+    print(report.table(rows, full=options.full) if rows else "no two runners ran: nothing was compared")
+    print()
+    for line in report.task_summary(task):
+        print(line)
+    print()
+    print(f"Polygraphy JSON inputs/outputs: {vdir}")
+    print(f"re-check without kvplan or PyTorch (from {target}):")
+    for c in commands:
+        print(f"  {c}")
+    print()
+    verdict = {"pass": "PASS", "fail": "FAIL", "inconclusive": "INCONCLUSIVE (nothing compared)"}[status]
+    detail = [f"{s.point} pack{s.pack} {s.pair}: {s.output}" for s in mismatch] + task_bad
+    print(f"validation {verdict}" + (": " + "; ".join(detail[:20]) + (" ..." if len(detail) > 20 else "") if detail else ""))
+
+    record = {"status": status, "finished": now(), "seconds": round(time.perf_counter() - t0, 2),
+              "tolerance": {"atol": tol.atol, "rtol": tol.rtol, "rule": "|got - ref| <= atol + rtol * |ref|"},
+              "points": [d.point.label for d in data], "prefill_dtype": "float32" if prefill_ref else profile.dtype,
+              "runners": {n: ({"ran": True} if n in ran else {"ran": False, "why": not_run.get(n, "not available")})
+                          for n in (rn.REFERENCE, rn.EXPORT, rn.FUSED, rn.TENSORRT)},
+              "pairs": report.worst_per_pair(rows), "task": _task_record(task),
+              "files": files, "recheck": commands,
+              "artifacts": {str(p.relative_to(target)): sha256_file(p)
+                            for p in (exported or []) + (fused or []) + (plans or [])}}
+    current = load_manifest(target)
+    if current is None or current.get("stages") != manifest.get("stages"):
+        print("warning: manifest changed during validation; validation record not written", file=sys.stderr)
+    else:
+        current["validation"] = record
+        write_json_atomic(target / MANIFEST, current)
+    return {"pass": 0, "fail": 1, "inconclusive": 3}[status]
+
+
+def _save(results, feeds, vdir: Path, base: str, target: Path) -> list[str]:
+    """inputs.json (Polygraphy data-loader list) and one RunResults file per runner."""
+    inputs = vdir / f"{base}.inputs.json"
+    save_json(feeds, str(inputs), description="validation inputs")
+    written = [inputs]
+    for name, iterations in results:
+        path = vdir / f"{base}.outputs.{name}.json"
+        RunResults([(name, iterations)]).save(str(path))
+        written.append(path)
+    return [str(p.relative_to(target)) for p in written]
+
+
+def _commands(stem, sp_index, sp_name, onnx_path, fused, plans, p_index, results, backend_name, tol,
+              inplace: bool = False) -> list[str]:
+    names = {name for name, _ in results}
+    base = f"validation/{stem}.{sp_name}"
+    inputs = f"{base}.inputs.json"
+    cmds = []
+    graph, graph_runner = (fused[p_index].name, rn.FUSED) if fused else (onnx_path.name, rn.EXPORT)
+    if rn.REFERENCE in names and graph_runner in names:
+        cmds.append(report.recheck_command(graph, ["--onnxrt"], inputs, f"{base}.outputs.{rn.REFERENCE}.json",
+                                           tol.atol, tol.rtol))
+    if plans and not inplace:    # polygraphy run cannot bind in-place outputs to their inputs
+        # The engine is checked against ONNX Runtime on the graph it was built from when that ran here,
+        # else against the PyTorch reference (bfloat16 on a CPU host).
+        want = rn.FUSED if rn.FUSED in names else rn.EXPORT if rn.EXPORT in names else rn.REFERENCE
+        env = RECHECK_ENV_RTX if (backend_name or "").endswith("rtx") or backend_name == "auto" else ""
+        cmds.append(report.recheck_command(plans[p_index].name, ["--model-type", "engine", "--trt",
+                                                                 "--optimization-profile", str(sp_index)],
+                                           inputs, f"{base}.outputs.{want}.json", tol.atol, tol.rtol, env))
+    return cmds
+
+
+def _task_checks(options, source, dtype, specs, exported, fused, plans, backend, backend_error, profile, not_run, log):
+    stacks: dict = {}
+    for name, paths in ((rn.EXPORT, exported), (rn.FUSED, fused)):
+        if paths is None:
+            continue
+        if name in not_run:
+            stacks[name] = not_run[name]
+            continue
+        stacks[name] = OnnxStack([Pack(s, p) for s, p in zip(specs, paths)])
+    with contextlib.ExitStack() as active:
+        trt_runners, why = [], None
+        for i in range(len(specs)):
+            runner, why = rn.make_tensorrt(plans[i] if plans else None, backend, backend_error, 0, specs[i])
+            if runner is None:
+                break
+            trt_runners.append(active.enter_context(runner))
+        stacks[rn.TENSORRT] = why if why else TrtStack(trt_runners, specs, profile)
+        steps = options.steps
+        if profile.kv_io == "inplace":
+            # The prompt and every generated token but the last must fit the buffer.
+            steps = max(1, min(steps, profile.cache_len - options.prompt_tokens + 1))
+            if steps < options.steps:
+                log(f"[validate] task check: {steps} steps, not {options.steps}: the in-place buffer has "
+                    f"{profile.cache_len} rows and the prompt {options.prompt_tokens} tokens")
+        return run_task_checks(source, dtype, stacks, steps, options.prompt_tokens, profile.tolerance, log)
+
+
+def _task_record(task: dict) -> dict:
+    """The manifest keeps the summary, not 64 per-step numbers per stack."""
+    out = {k: v for k, v in task.items() if k != "stacks"}
+    if "stacks" in task:
+        out["stacks"] = {n: {k: v for k, v in r.items() if k != "hidden_max_abs_per_step"}
+                         for n, r in task["stacks"].items()}
+    return out
+
+

@@ -1,0 +1,151 @@
+"""Polygraphy runners for each stage: the PyTorch reference, ONNX Runtime, TensorRT.
+
+A runner that cannot run here is not dropped silently: ``make_*`` return
+``(runner, None)`` or ``(None, why)`` and the report lists the why.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+import onnxruntime as ort
+import polygraphy.config
+from polygraphy.backend.common import BytesFromPath
+from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+from polygraphy.backend.base import BaseRunner
+from polygraphy.common import TensorMetadata
+
+from kvplan.export.exporter import TORCH_DTYPES, output_names
+from kvplan.validate.points import to_feed_value, to_kv_format
+
+REFERENCE, EXPORT, FUSED, TENSORRT = "pytorch", "onnxrt-export", "onnxrt-fused", "tensorrt"
+
+
+def slice_decoder(decoder, spec, num_layers: int):
+    """transformers' decoder restricted to the pack's layers (final norm only in the last pack).
+
+    A shallow copy with its own module table: the layers (and their weights) are shared,
+    and each keeps its ``layer_idx``, so it updates its own slot of the DynamicCache.
+    """
+    if spec.first_layer == 0 and spec.last_layer == num_layers and spec.final_norm:
+        return decoder
+    sub = copy.copy(decoder)
+    sub._modules = dict(decoder._modules)
+    sub._modules["layers"] = torch.nn.ModuleList(list(decoder.layers)[spec.first_layer:spec.last_layer])
+    if not spec.final_norm:
+        sub._modules["norm"] = torch.nn.Identity()
+    return sub
+
+
+class ReferenceRunner(BaseRunner):
+    """transformers' own model with its own DynamicCache, fed the export contract's feed dict.
+
+    Independent of kvplan's decoder module and export wrapper: only the contract's names
+    and layouts are shared.
+    """
+
+    def __init__(self, ref, spec, contract: dict, name: str = REFERENCE, log=None):
+        super().__init__(name=name, prefix="pytorch-runner")
+        self.ref, self.spec, self.contract, self.log = ref, spec, contract, log
+        self.decoder = slice_decoder(ref.decoder, spec, ref.source.config.num_layers)
+
+    def get_input_metadata_impl(self):
+        meta = TensorMetadata()
+        for name, info in self.contract["inputs"].items():
+            shape = [d if isinstance(d, int) else None for d in info["shape"]]
+            meta.add(name, TORCH_DTYPES.get(info["dtype"], torch.int64), shape)
+        return meta
+
+    def _past(self, feed, kind: str, layer: int) -> torch.Tensor:
+        value = feed[f"past_{kind}_in{layer}"]
+        t = value if isinstance(value, torch.Tensor) else torch.from_numpy(value)
+        return to_kv_format(t, self.spec.kv_format)       # format 1 -> 0 is the same transpose
+
+    def infer_impl(self, feed_dict):
+        start = time.perf_counter()
+        as_torch = {k: (v if isinstance(v, torch.Tensor) else torch.from_numpy(v)) for k, v in feed_dict.items()}
+        buffers = None
+        if self.spec.kv_io == "inplace":
+            # Back to the cache the buffer holds (its first lastSum rows) and the step's own mask.
+            n, last = as_torch["hidden_in"].shape[1], int(as_torch["write_indices"][0])
+            if not bool((as_torch["write_indices"] == last).all()):
+                raise ValueError("the reference runner takes one lastSum for the whole batch")
+            buffers = {k: v for k, v in as_torch.items() if k.startswith("past_")}
+            as_torch = {**as_torch, "attention_mask": as_torch["attention_mask"][..., :last + n],
+                        **{k: v[:, :, :last] for k, v in buffers.items()}}
+            feed_dict = as_torch
+        cache = self.ref.new_cache()
+        first = self._past(feed_dict, "key", self.spec.first_layer)
+        # Layers before the pack never run; filling them (even with lastSum = 0) keeps the cache's
+        # length consistent and lets its tensors be read back by index.
+        for i in range(self.spec.first_layer):
+            cache.update(torch.zeros_like(first), torch.zeros_like(first), i)
+        if first.shape[2]:
+            for i in self.spec.layers:
+                cache.update(self._past(feed_dict, "key", i), self._past(feed_dict, "value", i), i)
+        with torch.no_grad():
+            out = self.decoder(inputs_embeds=as_torch["hidden_in"].to(self.ref.dtype),
+                               attention_mask=as_torch["attention_mask"].to(self.ref.dtype),
+                               position_ids=as_torch["position_ids"], use_cache=True,
+                               **{self.ref._cache_kw: cache})
+        past = self.ref.cache_tensors(cache, self.spec.last_layer)[2 * self.spec.first_layer:]
+        if self.spec.kv_io == "delta":      # the graph outputs only the step's new rows
+            n = as_torch["hidden_in"].shape[1]
+            past = [t[:, :, t.shape[2] - n:] for t in past]
+        elif buffers is not None:           # the buffer with the step's rows written, the rest as fed
+            written = []
+            for t, (kind, layer) in zip(past, ((k, i) for i in self.spec.layers for k in ("key", "value"))):
+                buf = buffers[f"past_{kind}_in{layer}"].clone()
+                buf[:, :, :t.shape[2]] = t.to(buf.dtype)
+                written.append(buf)
+            past = written
+        values = [out.last_hidden_state] + [to_kv_format(t, self.spec.kv_format) for t in past]
+        self.inference_time = time.perf_counter() - start
+        if self.log:   # the slow runner on CPU at large shapes: show progress per point
+            n, total = feed_dict["attention_mask"].shape[-2:]
+            self.log(f"[validate]   {self.name}: layers {self.spec.first_layer}..{self.spec.last_layer - 1} "
+                     f"N={n} lastSum={total - n} in {self.inference_time:.1f} s")
+        return OrderedDict((n, to_feed_value(v)) for n, v in zip(output_names(self.spec), values))
+
+
+def make_onnxrt(path: Path, name: str):
+    """ONNX Runtime (CPU) on ``path``; a throwaway session first tells whether it can run here."""
+    # kv_io = "inplace": ONNX Runtime warns on every TensorScatter that it copies the buffer.
+    ort.set_default_logger_severity(3)
+    try:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # e.g. bfloat16: ORT's CPU provider has no bf16 MatMul/Mul kernels
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return None, f"ONNX Runtime {ort.__version__} (CPU) cannot run {path.name}: {first}"
+    return OnnxrtRunner(SessionFromOnnx(str(path), providers=["cpu"]), name=name), None
+
+
+def make_tensorrt(plan: Path | None, backend, backend_error: str | None, profile_index: int, spec=None):
+    """Polygraphy's TrtRunner on the plan, when this machine can run it (GPU + a backend that supports it)."""
+    if plan is None:
+        return None, "no engine in this target (built with --stop-after export/surgery)"
+    if spec is not None and spec.kv_io == "inplace":
+        return None, ("kv_io = inplace: Polygraphy's TrtRunner binds each output to a buffer of its own, and the "
+                      "engine's past_* outputs must share their inputs' memory (build.trt.run_engine_check binds "
+                      "them so on a GPU)")
+    if backend is None:
+        return None, backend_error or "no TensorRT backend importable"
+    if not backend.can_run:
+        return None, f"{backend.name} {backend.version} cannot run engines here: {backend.why_not_run}"
+    if backend.is_rtx:
+        use_rtx()
+    return TrtRunner(EngineFromBytes(BytesFromPath(str(plan))), name=TENSORRT,
+                     optimization_profile=profile_index), None
+
+
+def use_rtx() -> None:
+    """Polygraphy picks tensorrt_rtx over tensorrt from this flag (read at import; set both)."""
+    os.environ["POLYGRAPHY_USE_TENSORRT_RTX"] = "1"
+    polygraphy.config.USE_TENSORRT_RTX = True

@@ -1,0 +1,128 @@
+"""Task-level checks: teacher-forced greedy token agreement and multi-step drift.
+
+One loop serves both: the reference (transformers' CausalLM with its own cache)
+generates greedy tokens; each candidate stack (ONNX Runtime on the exported and
+fused graphs, TensorRT where runnable) is fed the *same* token prefix (teacher
+forcing, so one early flip does not derail every later step) while carrying its
+own flattened cache, and at every step we record whether its top-1 token agrees
+and how far its hidden_out is from the reference's.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from kvplan.export.exporter import causal_mask
+from kvplan.validate.onnx_stack import next_past, pack_feed
+from kvplan.validate.points import as_float32
+from kvplan.validate.reference import HFReference
+
+
+class TrtStack:
+    """Packs as TensorRT engines via Polygraphy's TrtRunner, picking the profile that fits (N, lastSum)."""
+
+    def __init__(self, runners, specs, profile):
+        self.runners, self.specs, self.profile = runners, specs, profile
+        self.active = [None] * len(runners)
+
+    def _profile_for(self, n: int, last: int) -> int:
+        for i, sp in enumerate(self.profile.shapes):
+            if sp.N.min <= n <= sp.N.max and sp.lastSum.min <= last <= sp.lastSum.max:
+                return i
+        raise ValueError(f"(N={n}, lastSum={last}) is outside every optimization profile of the engine")
+
+    def step(self, hidden, mask, pos, past):
+        index = self._profile_for(hidden.shape[1], mask.shape[-1] - hidden.shape[1])
+        new_past = []
+        for j, (runner, spec) in enumerate(zip(self.runners, self.specs)):
+            if self.active[j] != index:
+                runner.set_profile(index)
+                self.active[j] = index
+            outs = runner.infer(pack_feed(spec, hidden, mask, pos, past))
+            values = [np.array(v) for v in outs.values()]
+            hidden = values[0]
+            new_past += next_past(spec, values[1:], past, values[0].shape[1])
+        return hidden, new_past
+
+
+def reference_greedy(ref, prompt: torch.Tensor, steps: int):
+    """Greedy tokens and per-step hidden states (after the final norm) of transformers' model."""
+    cache = ref.new_cache()
+    embed, head = ref.model.get_input_embeddings(), ref.model.lm_head
+    tokens, hiddens, last = [], [], 0
+    inp = prompt
+    with torch.no_grad():
+        for _ in range(steps):
+            n = inp.shape[1]
+            res = ref.step(embed(inp), causal_mask(1, n, last, ref.dtype), torch.arange(last, last + n)[None], cache)
+            hiddens.append(res.hidden[:, -1].float().numpy())
+            token = int(head(res.hidden[:, -1]).argmax(-1))
+            tokens.append(token)
+            last += n
+            inp = torch.tensor([[token]])
+    return tokens, hiddens
+
+
+def teacher_forced(ref, stack, prompt: torch.Tensor, ref_tokens: list[int], ref_hiddens: list, tol) -> dict:
+    """Drive ``stack`` on the reference's token prefix; top-1 agreement and hidden error per step."""
+    cfg = ref.source.config
+    embed, head = ref.model.get_input_embeddings(), ref.model.lm_head
+    np_dtype = {torch.float32: np.float32, torch.float16: np.float16}[ref.dtype]
+    past = [np.zeros((1, cfg.num_kv_heads, 0, cfg.head_dim), np_dtype) for _ in range(2 * cfg.num_layers)]
+    inp, last = prompt, 0
+    agree, errors, exceeded = [], [], []
+    with torch.no_grad():
+        for step, want in enumerate(ref_tokens):
+            n = inp.shape[1]
+            mask = causal_mask(1, n, last, ref.dtype).numpy()
+            hidden, past = stack.step(embed(inp).numpy(), mask, np.arange(last, last + n)[None], past)
+            h = hidden[:, -1]
+            token = int(head(torch.from_numpy(np.ascontiguousarray(h)).to(ref.dtype)).argmax(-1))
+            agree.append(token == want)
+            err = np.abs(as_float32(h) - ref_hiddens[step])
+            errors.append(float(err.max()))
+            exceeded.append(bool((err > tol.atol + tol.rtol * np.abs(ref_hiddens[step])).any()))
+            last += n
+            inp = torch.tensor([[want]])              # teacher forcing: the reference's token
+    first_div = next((i for i, ok in enumerate(agree) if not ok), None)
+    return {"steps": len(agree), "agreement": sum(agree) / len(agree), "first_divergence": first_div,
+            "hidden_max_abs_per_step": errors, "drift": drift(errors),
+            "first_step_over_tolerance": next((i for i, bad in enumerate(exceeded) if bad), None),
+            "passed_tolerance": not any(exceeded)}
+
+
+def drift(errors: list[float]) -> dict:
+    """How the hidden_out error evolves over the steps (a growing error means the cache drifts)."""
+    e = np.asarray(errors)
+    head, tail = e[: max(1, len(e) // 4)], e[-max(1, len(e) // 4):]
+    return {"first": float(e[0]), "last": float(e[-1]), "max": float(e.max()), "max_step": int(e.argmax()),
+            "mean_first_quarter": float(head.mean()), "mean_last_quarter": float(tail.mean())}
+
+
+def run_task_checks(source, dtype: torch.dtype, stacks: dict, steps: int, prompt_len: int, tol, log) -> dict:
+    """Token agreement + multi-step drift for every runnable stack ({name: stack or why-not string})."""
+    if source.read_lm is None:
+        return {"ran": False, "why": f"{source.name}: the model source has no LM head (lm_head.weight)"}
+    if all(isinstance(s, str) for s in stacks.values()):
+        return {"ran": False, "why": "no decoder stack can run here (see the runners above)",
+                "stacks": {n: {"ran": False, "why": s} for n, s in stacks.items()}}
+    t0 = time.perf_counter()
+    ref = HFReference(source, dtype, with_lm=True)
+    vocab = ref.model.lm_head.weight.shape[0]
+    prompt = torch.randint(0, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(7))
+    ref_tokens, ref_hiddens = reference_greedy(ref, prompt, steps)
+    result = {"ran": True, "steps": steps, "prompt_tokens": prompt_len, "mode": "teacher-forced greedy top-1",
+              "stacks": {}}
+    for name, stack in stacks.items():
+        if isinstance(stack, str):
+            result["stacks"][name] = {"ran": False, "why": stack}
+            continue
+        log(f"[validate] task check: {steps} teacher-forced greedy steps through {name}")
+        try:
+            result["stacks"][name] = {"ran": True, **teacher_forced(ref, stack, prompt, ref_tokens, ref_hiddens, tol)}
+        except ValueError as e:       # TensorRT: a step outside the engine's profiles
+            result["stacks"][name] = {"ran": False, "why": str(e)}
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    return result
