@@ -27,7 +27,10 @@ from kvplan.export.trace_cache import Piece, TraceCache
 
 
 OPSET = 23
-DROPPED_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node")
+# Stack traces and FX dumps name this checkout's paths, the namespace and class hierarchy
+# kvplan's Python module layout; the module scope (pkg.torch.onnx.name_scopes) stays.
+DROPPED_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node", "namespace",
+                    "pkg.torch.onnx.class_hierarchy")
 
 
 def trace(module: torch.nn.Module, args: tuple, dynamic_shapes, names: tuple[list[str], list[str]]) -> ir.Model:
@@ -166,8 +169,8 @@ class Stitcher:
             graph.remove(node, safe=False)
         for node in nodes:
             node.name = prefix + (node.name or node.op_type)
-            # Stack traces and FX dumps name this checkout's paths: dropped, so the same model
-            # exports to the same bytes from any directory. The module scope stays.
+            # Dropped so the same model exports to the same bytes from any directory and
+            # whatever kvplan's modules are called (DROPPED_METADATA).
             for key in DROPPED_METADATA:
                 node.metadata_props.pop(key, None)
             for out in node.outputs:
