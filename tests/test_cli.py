@@ -128,3 +128,28 @@ def test_concurrent_build_of_the_same_target_waits_for_the_first(tmp_path):
     holder.close()
     assert waited >= 0.9
     assert messages == [f"another build of {tmp_path} is running (pid 4242); waiting for it to finish"]
+
+
+def test_unknown_surgery_pass_is_refused_when_the_profile_loads(tmp_path, capsys):
+    bad = tmp_path / "typo.toml"
+    bad.write_text((engines.profiles_mod.PROFILES_DIR / "fp16.toml").read_text()
+                   .replace('passes = ["rmsnorm", "rope", "attention"]', 'passes = ["rmsnorm", "rop"]'))
+    code, out, err = run(capsys, "--model", "tiny-llama", "--profile", str(bad), "--out", str(tmp_path / "o"))
+    assert code == 2 and f"{bad}: surgery.passes: unknown pass 'rop'" in err
+    assert "[export]" not in out and files_under(tmp_path / "o") == []
+
+
+def test_backend_and_engine_errors_are_one_line_and_exit_2(tmp_path, capsys):
+    """--inspect on a file that is no plan: BackendError where full TensorRT is not importable (as
+    here), BuildError where it is; either way one line, no traceback."""
+    (tmp_path / "x.plan").write_bytes(b"not a plan")
+    code, _, err = run(capsys, "--backend", "tensorrt", "--inspect", str(tmp_path / "x.plan"))
+    assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+
+
+def test_kvplan_command_lists_its_commands_and_refuses_unknown_ones(capsys):
+    from kvplan.cli import main as kvplan_main
+    assert kvplan_main(["--help"]) == 0
+    listing = capsys.readouterr().out
+    assert all(c in listing for c in ("build", "validate", "surgery", "inspect", "presets"))
+    assert kvplan_main(["bild"]) == 2 and "unknown command 'bild'" in capsys.readouterr().err
