@@ -7,10 +7,39 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from pathlib import Path
 from typing import Callable, Iterable
 
 import onnx
+
+
+# Every temporary a build writes beside an artifact is named .<artifact>.kvplan-tmp-<unique>
+# (files and directories alike), so the next build of the target can find what a killed one
+# left behind.
+TEMP_MARK = ".kvplan-tmp-"
+
+
+def temp_prefix(path: Path) -> str:
+    """The prefix of ``path``'s temporaries, for tempfile's mkstemp/mkdtemp in its directory."""
+    return f".{path.name}{TEMP_MARK}"
+
+
+def remove_stale_temporaries(directory: Path) -> list[str]:
+    """Remove the temporaries of earlier builds in ``directory``; returns their names.
+
+    Only safe while holding the target's lock: no other build of it can be writing then.
+    """
+    removed = []
+    if not directory.is_dir():
+        return removed
+    for entry in sorted(directory.glob(f".*{TEMP_MARK}*")):
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry.name)
+    return removed
 
 
 @contextlib.contextmanager
@@ -20,7 +49,7 @@ def atomic_file(path: Path):
     On any exception, KeyboardInterrupt included, the temp file is removed and ``path`` is untouched.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    tmp = path.parent / f"{temp_prefix(path)}{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
             yield f

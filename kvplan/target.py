@@ -21,6 +21,7 @@ from kvplan.decoder import pack_specs
 from kvplan.errors import BackendError, KvplanError
 from kvplan.export import export_pack, io_contract, pack_file_names
 from kvplan.export.trace_cache import TraceCache, default_dir
+from kvplan.fileio import remove_stale_temporaries
 from kvplan.manifest import artifact, artifacts_intact, digest, load_manifest, target_lock
 from kvplan.models import resolve
 from kvplan.pipeline import Pipeline, Stage, peak_rss_mib
@@ -233,6 +234,9 @@ def build(model: str, profile_name: str, out: Path, options: BuildOptions, log: 
               "stages_requested": options.stop_after or "engines"}
     t0 = time.perf_counter()
     with target_lock(target, log=log):
+        stale = remove_stale_temporaries(target)
+        if stale:
+            log(f"kvplan: removed {len(stale)} temporary file(s) an interrupted earlier build left: {', '.join(stale)}")
         stages = build_stages(source, profile, target, options, log)
         Pipeline(target, header, log=log).run(stages, force=options.force)
     log(f"kvplan: finished in {time.perf_counter() - t0:.1f} s; manifest: {target / 'manifest.json'}")

@@ -60,7 +60,7 @@ def built(tiny, fast_profile, backend):
 
 
 def _leftovers(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir() if p.name.endswith(".plan") or ".tmp-" in p.name)
+    return sorted(p.name for p in directory.iterdir() if p.name.endswith(".plan") or ".kvplan-tmp-" in p.name)
 
 
 # --------------------------------------------------------------------------- backend
@@ -145,7 +145,7 @@ def test_build_writes_plan_and_record(built, tiny, fast_profile, backend):
     assert record["onnx"] == str(tiny["onnx"]) and len(record["onnx_sha256"]) == 64
     assert record["build_seconds"] > 0
     json.dumps(record)                                             # JSON-serialisable
-    assert not [p for p in plan.parent.iterdir() if ".tmp-" in p.name]
+    assert not [p for p in plan.parent.iterdir() if ".kvplan-tmp-" in p.name]
 
     # One optimization profile per ShapeProfile; shapes read back from TensorRT's profiles.
     assert list(record["profiles"]) == ["prefill", "decode"]

@@ -28,7 +28,7 @@ import torch
 
 from kvplan.config import DecoderConfig
 from kvplan.decoder import DecoderStack, StackSpec, pack_specs
-from kvplan.fileio import write_streamed
+from kvplan.fileio import temp_prefix, write_streamed
 from kvplan.models import ModelSource
 from kvplan.export.stitch import Stitcher, finish, torch_to_ir, trace_pieces
 from kvplan.export.trace_cache import TraceCache
@@ -220,7 +220,7 @@ def export_pack(source: ModelSource, spec: StackSpec, dtype: str, batch: int, pa
         log(note)
     external = weight_bytes > EXTERNAL_DATA_THRESHOLD
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path), dir=path.parent))
     try:
         if external:
             ir.save(model, tmp / path.name, external_data=path.name + ".data")

@@ -8,7 +8,7 @@ from typing import Callable, Iterable, Sequence
 
 import onnx
 
-from kvplan.fileio import umask, write_streamed
+from kvplan.fileio import temp_prefix, umask, write_streamed
 from kvplan.surgery.pipeline import PROTO_LIMIT, run
 from kvplan.surgery.weights import put_back, set_aside, take_back
 
@@ -38,7 +38,7 @@ def write_atomic(model: onnx.ModelProto, path: Path, aside: dict[str, onnx.Tenso
     path.parent.mkdir(parents=True, exist_ok=True)
     big = sum(len(t.raw_data) for t in list(model.graph.initializer) + list(aside.values())) > PROTO_LIMIT
     data = path.parent / (path.name + ".data")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), dir=path.parent)
     tmp_data = Path(tmp + ".data")
     try:
         with os.fdopen(fd, "wb") as f:

@@ -19,7 +19,7 @@ from typing import Any
 from kvplan.trt.backend import Backend
 from kvplan.manifest import sha256_file
 from kvplan.profiles import Profile
-from kvplan.trt.callbacks import Log, Pending, make_logger, make_progress_monitor
+from kvplan.trt.callbacks import Log, Pending, interrupts_cancel, make_logger, make_progress_monitor
 from kvplan.trt.errors import BuildError
 from kvplan.trt.memory import memory_record
 from kvplan.trt.network import allow_decomposed_attention, check_network_inputs, network_summary, parse
@@ -71,26 +71,36 @@ def _attach_progress_monitor(trt, config, log: Log, pending: Pending):
     return None
 
 
-def _build_into(trt, builder, network, config, f) -> bool:
-    """Build and write the plan to the open file ``f``; False when the builder failed.
+def _build_into(trt, builder, network, config, f, pending: Pending) -> tuple[bool, int]:
+    """Build and write the plan to the open file ``f``; returns (built, bytes the builder handed over).
 
     Streamed where the builder can (TensorRT 10.x, TensorRT-RTX): the serialized plan, as large
     as the weights once per optimization profile, is then never held in host memory whole.
+    TensorRT ignores an exception raised by the stream writer and a short write alike (a full
+    disk left a truncated plan that the build called a success), so the writer keeps the error
+    for build_engine to raise and counts what it was given, to be checked against the file.
     """
+    handed = 0
     if hasattr(builder, "build_serialized_network_to_stream") and hasattr(trt, "IStreamWriter"):
         class FileWriter(trt.IStreamWriter):
             def __init__(self):
                 trt.IStreamWriter.__init__(self)
 
             def write(self, data) -> int:
-                return f.write(data)
+                nonlocal handed
+                handed += len(data)
+                try:
+                    return f.write(data)
+                except BaseException as e:     # never raise into TensorRT
+                    pending.keep(e)
+                    return 0
 
-        return bool(builder.build_serialized_network_to_stream(network, config, FileWriter()))
+        return bool(builder.build_serialized_network_to_stream(network, config, FileWriter())), handed
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        return False
+        return False, 0
     f.write(serialized)
-    return True
+    return True, serialized.nbytes
 
 
 def build_engine(onnx_path: Path, plan_path: Path, profile: Profile, contract: dict, backend: Backend,
@@ -131,14 +141,17 @@ def build_engine(onnx_path: Path, plan_path: Path, profile: Profile, contract: d
     # The builder makes its own copy of the weights: the mapped pages it has read need not stay
     # in this process meanwhile (any it reads again come back from the page cache).
     releasing = weights.released_while() if weights is not None else contextlib.nullcontext()
-    with atomic_file(plan_path) as f, releasing:
-        built = _build_into(trt, builder, network, config, f)
+    with atomic_file(plan_path) as f, releasing, interrupts_cancel(pending):
+        built, handed = _build_into(trt, builder, network, config, f, pending)
         if pending.exc is not None:
-            raise pending.exc           # e.g. KeyboardInterrupt during the build: it cancelled the build
+            raise pending.exc           # Ctrl-C (it cancelled the build) or the plan write's own error
         if not built:
             errors = logger.errors[-8:] or ["(the builder logged no error)"]
             raise BuildError(f"{onnx_path}: {backend.name} engine build failed:\n  " + "\n  ".join(errors))
         plan_bytes = f.tell()
+        if plan_bytes != handed or plan_bytes == 0:
+            raise BuildError(f"{plan_path}: the plan was not written whole ({plan_bytes} of {handed} bytes); "
+                             f"is the disk full?")
     build_seconds = time.perf_counter() - t0
     log(f"[build] wrote {plan_path} ({plan_bytes} bytes, {build_seconds:.1f} s)")
 

@@ -1,13 +1,19 @@
 """TensorRT callbacks: the ILogger, the IProgressMonitor, and the exception they keep.
 
 Callbacks run inside TensorRT (some on its threads) and must never raise: an exception
-raised while logging (KeyboardInterrupt from Ctrl-C included) is kept in a ``Pending``,
-cancels the build at the next step, and is re-raised by build_engine.
+raised while logging is kept in a ``Pending``, cancels the build at the next step, and is
+re-raised by build_engine. Ctrl-C is taken the same way (``interrupts_cancel``): Python's
+default handler would raise KeyboardInterrupt wherever the interpreter next runs, and
+inside a callback TensorRT's bindings print and swallow it, so the build ran on and
+exited 0.
 """
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 Log = Callable[[str], None]
 
@@ -21,6 +27,24 @@ class Pending:
     def keep(self, exc: BaseException) -> None:
         if self.exc is None:
             self.exc = exc
+
+
+@contextlib.contextmanager
+def interrupts_cancel(pending: Pending) -> Iterator[None]:
+    """While the builder runs, SIGINT only records a KeyboardInterrupt in ``pending``: the progress
+    monitor then cancels the build, and build_engine raises it once the builder returns."""
+    if threading.current_thread() is not threading.main_thread():
+        yield                       # signal handlers can only be set from the main thread
+        return
+
+    def on_sigint(signum, frame):
+        pending.keep(KeyboardInterrupt())
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def make_logger(trt, log: Log, pending: Pending):
