@@ -17,7 +17,7 @@ from typing import Callable
 from kvplan import profiles as profiles_mod
 from kvplan import target as target_mod
 from kvplan.errors import KvplanError, UserError
-from kvplan.models import DEFAULT_MODEL, resolve
+from kvplan.models import DEFAULT_MODEL
 from kvplan.models.presets import PRESETS
 from kvplan.surgery import cli as surgery_cli
 from kvplan.trt import inspect
@@ -41,6 +41,10 @@ def _target_flags(p: argparse.ArgumentParser) -> None:
                         "Llama/Mistral/Qwen2/Qwen3, or MiniCPM-o-2_6 (its TTS decoder) (default: %(default)s)")
     p.add_argument("--out", default="engines", type=Path,
                    help="output root; artifacts go to OUT/<model>/<profile>/ (default: %(default)s)")
+    p.add_argument("--shapes", action="append", default=[], metavar="NAME:N=min,opt,max:lastSum=min,opt,max",
+                   help="size an optimization profile of the build profile (either axis may be left out; a new "
+                        "NAME adds a profile), e.g. prefill:N=1,128,512:lastSum=0,0,1536; repeatable. A shipped "
+                        "profile is otherwise fitted to a model with fewer positions than it is sized for")
 
 
 def build_parser(prog: str = "kvplan build") -> argparse.ArgumentParser:
@@ -144,16 +148,17 @@ def _build(args: argparse.Namespace) -> int:
     if args.inspect is not None:
         return _inspect(args.inspect, args.backend)
     if args.print_deps:
-        profile = profiles_mod.load(args.profile)
-        source = resolve(args.model)
-        target = target_mod.target_dir(args.out, source.name, profile.name)
+        source, profile, target = target_mod.resolve_target(args.model, args.profile, args.out, tuple(args.shapes))
         print(json.dumps(target_mod.dependencies(source, profile, target), indent=1))
         return 0
     options = target_mod.BuildOptions(backend=args.backend, no_surgery=args.no_surgery, stop_after=args.stop_after,
-                                      no_trace_cache=args.no_trace_cache, force=args.force)
+                                      no_trace_cache=args.no_trace_cache, force=args.force,
+                                      shapes=tuple(args.shapes))
     target_mod.build(args.model, args.profile, args.out, options, log=_log)
     if args.validate:
-        return target_mod.validate_target(args.model, args.profile, args.out, ValidateOptions(), log=_log)
+        return target_mod.validate_target(args.model, args.profile, args.out, ValidateOptions(),
+                                          backend=args.backend, no_surgery=args.no_surgery,
+                                          shapes=tuple(args.shapes), log=_log)
     return 0
 
 
@@ -165,7 +170,8 @@ def build_main(argv: list[str] | None = None, prog: str = "kvplan build") -> int
 def validate_main(argv: list[str] | None = None, prog: str = "kvplan validate") -> int:
     args = validate_parser(prog).parse_args(argv)
     return _guarded(lambda: target_mod.validate_target(args.model, args.profile, args.out, _validate_options(args),
-                                                       backend=args.backend, no_surgery=args.no_surgery, log=_log))
+                                                       backend=args.backend, no_surgery=args.no_surgery,
+                                                       shapes=tuple(args.shapes), log=_log))
 
 
 def inspect_main(argv: list[str] | None = None) -> int:

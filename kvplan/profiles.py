@@ -8,7 +8,7 @@ Every error names the file and the field.
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,11 @@ class Profile:
     version_compatible: bool = False
     compute_capabilities: tuple[str, ...] = ()
     tolerance: Tolerance = Tolerance(1e-4, 1e-4)
+    # Loaded by name from the shipped profiles: fitted to a model with fewer positions
+    # (fit_to_model) instead of refused.
+    shipped: bool = False
+    # What fit_to_model and --shapes changed, one line each (printed and kept in the manifest).
+    adjusted: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -253,7 +258,8 @@ def _is_cc(text: str) -> bool:
 def load(name_or_path: str) -> Profile:
     """Load ``profiles/<name>.toml``, or a TOML file given by path."""
     path = Path(name_or_path)
-    if path.suffix != ".toml":
+    shipped = path.suffix != ".toml"
+    if shipped:
         path = PROFILES_DIR / f"{name_or_path}.toml"
     if not path.is_file():
         available = ", ".join(sorted(p.stem for p in PROFILES_DIR.glob("*.toml")))
@@ -262,7 +268,7 @@ def load(name_or_path: str) -> Profile:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ProfileError(f"{path}: invalid TOML: {e}") from None
-    return parse(data, str(path), path.stem)
+    return replace(parse(data, str(path), path.stem), shipped=shipped)
 
 
 def check_against_model(profile: Profile, max_positions: int) -> None:
@@ -275,3 +281,84 @@ def check_against_model(profile: Profile, max_positions: int) -> None:
             raise ProfileError(
                 f"{profile.source}: engine.profiles {s.name!r}: N max + lastSum max = {s.sumN.max} exceeds "
                 f"the model's max_position_embeddings ({max_positions})")
+
+
+def _clamp(r: Range, hi: int) -> Range:
+    return Range(min(r.min, hi), min(max(r.opt, r.min), hi), hi)
+
+
+def _fit_shape(s: ShapeProfile, positions: int, source: str) -> ShapeProfile:
+    """N max + lastSum max <= positions, N first (the step sizes the profile is for), opt points
+    kept inside the clamped ranges."""
+    if s.N.min + s.lastSum.min > positions:
+        raise ProfileError(f"{source}: engine.profiles {s.name!r}: even N min + lastSum min = "
+                           f"{s.N.min + s.lastSum.min} exceeds the model's {positions} positions")
+    n = _clamp(s.N, min(s.N.max, positions - s.lastSum.min))
+    last = _clamp(s.lastSum, min(s.lastSum.max, positions - n.max))
+    return ShapeProfile(s.name, n, last)
+
+
+def fit_to_model(profile: Profile, max_positions: int, keep: tuple[str, ...] = ()) -> Profile:
+    """A shipped profile sized for more positions than the model has is fitted to it; anything
+    else that does not fit is refused (check_against_model). ``keep``: optimization profiles the
+    user sized on the command line, never clamped."""
+    if not profile.shipped or profile.max_sum <= max_positions and profile.cache_len <= max_positions:
+        check_against_model(profile, max_positions)
+        return profile
+    shapes, notes = [], []
+    for s in profile.shapes:
+        fitted = s if s.name in keep else _fit_shape(s, max_positions, profile.source)
+        if fitted != s:
+            notes.append(f"{s.name}: N {s.N.as_list()} -> {fitted.N.as_list()}, lastSum {s.lastSum.as_list()} -> "
+                         f"{fitted.lastSum.as_list()} (the model has {max_positions} positions)")
+        shapes.append(fitted)
+    cache_len = profile.cache_len
+    if cache_len > max_positions:
+        notes.append(f"export.cache_len {cache_len} -> {max_positions} (the model has {max_positions} positions)")
+        cache_len = max_positions
+    fitted = replace(profile, shapes=tuple(shapes), cache_len=cache_len, adjusted=profile.adjusted + tuple(notes))
+    check_against_model(fitted, max_positions)
+    return fitted
+
+
+def parse_shapes(text: str) -> tuple[str, dict[str, Range]]:
+    """One --shapes argument: NAME:N=min,opt,max[:lastSum=min,opt,max], checked like the TOML's."""
+    r = _Reader("--shapes")
+    name, *axes = text.split(":")
+    if not name or not axes:
+        raise r.fail(text, "expected NAME:N=min,opt,max:lastSum=min,opt,max (either axis may be left out)")
+    ranges: dict[str, Range] = {}
+    for axis in axes:
+        key, _, value = axis.partition("=")
+        if key not in ("N", "lastSum") or key in ranges:
+            raise r.fail(f"{name}.{key}", "each of N and lastSum at most once (axes are N and lastSum)")
+        try:
+            numbers = [int(v) for v in value.split(",")]
+        except ValueError:
+            raise r.fail(f"{name}.{key}", f"must be min,opt,max integers, got {value!r}") from None
+        lowest, why = (1, " (a step needs at least one new token)") if key == "N" else (0, "")
+        ranges[key] = r.range({key: numbers}, key, f"{name}.{key}", lowest, why)
+    return name, ranges
+
+
+def with_shapes(profile: Profile, overrides: list[str]) -> Profile:
+    """The profile with --shapes applied: a named optimization profile gets the given axes; a new
+    name adds one (both axes needed)."""
+    if not overrides:
+        return profile
+    shapes = {s.name: s for s in profile.shapes}
+    notes = []
+    for text in overrides:
+        name, ranges = parse_shapes(text)
+        old = shapes.get(name)
+        if old is None and len(ranges) < 2:
+            raise ProfileError(f"--shapes: {name}: no such optimization profile in {profile.source} "
+                               f"({', '.join(shapes)}); a new one needs both N and lastSum")
+        shapes[name] = ShapeProfile(name, ranges.get("N", old.N if old else None),
+                                    ranges.get("lastSum", old.lastSum if old else None))
+        notes.append(f"{name}: N {shapes[name].N.as_list()}, lastSum {shapes[name].lastSum.as_list()} (--shapes)")
+    worst = max(shapes.values(), key=lambda s: s.sumN.max)
+    if profile.kv_io == "inplace" and profile.cache_len < worst.sumN.max:
+        raise ProfileError(f"--shapes: {worst.name}: N max + lastSum max = {worst.sumN.max} does not fit "
+                           f"{profile.source}'s in-place buffer of export.cache_len = {profile.cache_len} rows")
+    return replace(profile, shapes=tuple(shapes.values()), adjusted=profile.adjusted + tuple(notes))

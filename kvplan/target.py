@@ -46,10 +46,20 @@ class BuildOptions:
     stop_after: str | None = None
     no_trace_cache: bool = False
     force: bool = False
+    shapes: tuple[str, ...] = ()     # --shapes overrides, NAME:N=a,b,c:lastSum=a,b,c
 
 
 def target_dir(out: Path, model_name: str, profile_name: str) -> Path:
     return out / model_name / profile_name
+
+
+def resolve_target(model: str, profile_name: str, out: Path, shapes: tuple[str, ...] = ()):
+    """(model source, profile fitted to it with --shapes applied, target directory)."""
+    source = resolve(model)
+    profile = profiles_mod.with_shapes(profiles_mod.load(profile_name), list(shapes))
+    keep = tuple(profiles_mod.parse_shapes(s)[0] for s in shapes)
+    profile = profiles_mod.fit_to_model(profile, source.config.max_position_embeddings, keep)
+    return source, profile, target_dir(out, source.name, profile.name)
 
 
 def build_stages(source, profile, target: Path, options: BuildOptions, log) -> list[Stage]:
@@ -158,21 +168,19 @@ class TargetState:
 
 
 def target_state(model: str, profile_name: str, out: Path, backend: str = "auto",
-                 no_surgery: bool = False) -> TargetState:
+                 no_surgery: bool = False, shapes: tuple[str, ...] = ()) -> TargetState:
     """Check a built target against the current inputs without building anything.
 
     A stage whose recorded inputs differ from what they would be now (model files,
     profile, kvplan source, library versions) is reported stale, as is a missing or
     modified artifact.
     """
-    profile = profiles_mod.load(profile_name)
-    source = resolve(model)
-    target = target_dir(out, source.name, profile.name)
+    source, profile, target = resolve_target(model, profile_name, out, shapes)
     manifest = load_manifest(target)
     if manifest is None:
         return TargetState(source, profile, target, None,
                            [Problem("no-manifest", f"{target}: nothing built here (no manifest.json)")])
-    options = BuildOptions(backend=backend, no_surgery=no_surgery)
+    options = BuildOptions(backend=backend, no_surgery=no_surgery, shapes=shapes)
     recorded = manifest.get("stages", {})
     problems = []
     if manifest.get("status") != "complete":
@@ -193,7 +201,8 @@ def target_state(model: str, profile_name: str, out: Path, backend: str = "auto"
         if rec.get("inputs_digest") != digest(stage.inputs(done)):
             problems.append(Problem("stale", f"stage {stage.name!r} is stale: it was built from different inputs "
                             f"(model, profile, kvplan source or library versions changed); rebuild with "
-                            f"{REBUILD_HINT} --profile {profile_name} --model {model} --out {out}",
+                            f"{REBUILD_HINT} --profile {profile_name} --model {model} --out {out}"
+                            + "".join(f" --shapes {x}" for x in shapes),
                                     stage.name))
             break
         if not artifacts_intact(target, rec.get("artifacts", [])):
@@ -221,10 +230,9 @@ def _itemsize(dtype: str) -> int:
 
 def build(model: str, profile_name: str, out: Path, options: BuildOptions, log: Callable[[str], None]) -> Path:
     """Build (model, profile) under ``out``, every stage whose inputs changed; returns the target directory."""
-    profile = profiles_mod.load(profile_name)
-    source = resolve(model)
-    profiles_mod.check_against_model(profile, source.config.max_position_embeddings)
-    target = target_dir(out, source.name, profile.name)
+    source, profile, target = resolve_target(model, profile_name, out, options.shapes)
+    for note in profile.adjusted:
+        log(f"kvplan: profile {profile.name}: {note}")
     log(f"kvplan: {source.name} ({source.kind}, {source.config.num_layers} layers, {profile.dtype}) "
         f"with profile {profile.name} -> {target}")
     header = {"model": {"name": source.name, "kind": source.kind,
@@ -250,12 +258,12 @@ def _blocking(problem: Problem) -> bool:
 
 
 def _validation_state(model: str, profile_name: str, out: Path, backend: str | None,
-                      no_surgery: bool) -> tuple[TargetState, str]:
-    profile = profiles_mod.load(profile_name)
-    recorded = (load_manifest(target_dir(out, resolve(model).name, profile.name)) or {}).get("stages", {})
+                      no_surgery: bool, shapes: tuple[str, ...]) -> tuple[TargetState, str]:
+    _, _, target = resolve_target(model, profile_name, out, shapes)
+    recorded = (load_manifest(target) or {}).get("stages", {})
     backend = backend or recorded.get("engines", {}).get("backend", "auto")
     no_surgery = no_surgery or ("surgery" not in recorded and "export" in recorded and "engines" in recorded)
-    return target_state(model, profile_name, out, backend=backend, no_surgery=no_surgery), backend
+    return target_state(model, profile_name, out, backend=backend, no_surgery=no_surgery, shapes=shapes), backend
 
 
 class StaleTarget(KvplanError):
@@ -263,16 +271,17 @@ class StaleTarget(KvplanError):
 
 
 def validate_target(model: str, profile_name: str, out: Path, options: ValidateOptions,
-                    backend: str | None = None, no_surgery: bool = False, log: Callable[[str], None] = print) -> int:
+                    backend: str | None = None, no_surgery: bool = False, shapes: tuple[str, ...] = (),
+                    log: Callable[[str], None] = print) -> int:
     """Validate what is built for (model, profile) under ``out``; returns the validation exit code
     (0 pass, 1 mismatch, 3 inconclusive). A stale or incomplete target raises StaleTarget."""
-    state, backend_name = _validation_state(model, profile_name, out, backend, no_surgery)
+    state, backend_name = _validation_state(model, profile_name, out, backend, no_surgery, shapes)
     hard = [p for p in state.problems if _blocking(p)]
     if state.manifest is None or hard:
         raise StaleTarget(f"target {state.target} is stale or incomplete; nothing was validated or rebuilt: "
                           + "; ".join(map(str, hard or state.problems)))
     with target_lock(state.target, log=log):
-        again, _ = _validation_state(model, profile_name, out, backend_name, no_surgery)
+        again, _ = _validation_state(model, profile_name, out, backend_name, no_surgery, shapes)
         if [p for p in again.problems if _blocking(p)]:
             raise StaleTarget(f"target {state.target} changed while waiting for its lock (stale): "
                               + "; ".join(map(str, again.problems)))

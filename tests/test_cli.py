@@ -153,3 +153,19 @@ def test_kvplan_command_lists_its_commands_and_refuses_unknown_ones(capsys):
     listing = capsys.readouterr().out
     assert all(c in listing for c in ("build", "validate", "surgery", "inspect", "presets"))
     assert kvplan_main(["bild"]) == 2 and "unknown command 'bild'" in capsys.readouterr().err
+
+
+def test_a_bad_shapes_override_is_refused_before_anything_is_built(tmp_path, capsys):
+    code, _, err = run(capsys, "--model", "tiny-llama", "--profile", "fp32", "--out", str(tmp_path),
+                       "--shapes", "prefill:N=0,4,8")
+    assert code == 2 and "--shapes: prefill.N: min 0 must be >= 1" in err
+    assert files_under(tmp_path) == []
+
+
+def test_shapes_override_reaches_the_manifest(tmp_path, capsys):
+    code, out, _ = run(capsys, "--model", "tiny-llama", "--profile", "fp32", "--out", str(tmp_path),
+                       "--stop-after", "export", "--shapes", "decode:lastSum=1,8,64")
+    assert code == 0 and "decode: N [1, 1, 1], lastSum [1, 8, 64] (--shapes)" in out
+    manifest = json.loads((tmp_path / "tiny-llama" / "fp32" / "manifest.json").read_text())
+    decode = {s["name"]: s for s in manifest["profile"]["shapes"]}["decode"]
+    assert decode["lastSum"] == {"min": 1, "opt": 8, "max": 64}

@@ -158,3 +158,26 @@ def test_default_model_builds_and_validates(tmp_path):
     assert set(manifest["stages"]["engines"]["artifacts"][0]["build"]["profiles"]) == {"prefill", "decode"}
     assert validate_main(["--profile", "fp16", "--model", "minicpmo26-tts", "--out", str(tmp_path),
                           "--points", "opt", "--no-task"]) == 0
+
+
+def test_a_checkpoint_with_fewer_positions_gets_the_shipped_profile_fitted(tmp_path, capsys):
+    """A Llama checkpoint with 2048 positions (written by transformers) builds with --profile fp16:
+    the build says what it fitted, the manifest records the fitted shapes, and it validates."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kvplan.cli import validate_main
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=96, max_position_embeddings=2048)
+    ckpt = tmp_path / "llama-2048"
+    LlamaForCausalLM(cfg).save_pretrained(ckpt)
+    assert main(["--model", str(ckpt), "--profile", "fp16", "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "profile fp16: prefill: N [1, 303, 512] -> [1, 303, 512], lastSum [0, 0, 3584] -> [0, 0, 1536]" in out
+    manifest = json.loads((tmp_path / "out" / "llama-2048" / "fp16" / "manifest.json").read_text())
+    recorded = {s["name"]: s for s in manifest["profile"]["shapes"]}
+    assert recorded["decode"]["lastSum"] == {"min": 1, "opt": 302, "max": 2047}
+    assert manifest["profile"]["adjusted"] and manifest["status"] == "complete"
+    decode = manifest["stages"]["engines"]["artifacts"][0]["build"]["profiles"]["decode"]
+    assert decode["past_key_in0"]["max"][2] == 2047
+    assert validate_main(["--model", str(ckpt), "--profile", "fp16", "--out", str(tmp_path / "out"),
+                          "--steps", "8"]) == 0

@@ -141,3 +141,79 @@ def test_inplace_buffer_beyond_max_positions():
     with pytest.raises(ProfileError, match=r"p.toml: export.cache_len 8192 exceeds the model's "
                                            r"max_position_embeddings \(4096\)"):
         check_against_model(parse(data, "p.toml", "p"), 4096)
+
+
+# --------------------------------------------------------------------------- fitting to the model
+
+def test_a_shipped_profile_is_fitted_to_a_model_with_fewer_positions():
+    fitted = profiles.fit_to_model(profiles.load("fp16"), 2048)
+    shapes = {s.name: s for s in fitted.shapes}
+    assert shapes["prefill"].N == Range(1, 303, 512) and shapes["prefill"].lastSum == Range(0, 0, 1536)
+    assert shapes["decode"].N == Range(1, 1, 1) and shapes["decode"].lastSum == Range(1, 302, 2047)
+    assert all(s.sumN.max <= 2048 for s in fitted.shapes)
+    assert len(fitted.adjusted) == 2 and "prefill: N [1, 303, 512] -> [1, 303, 512], lastSum [0, 0, 3584] -> " \
+                                           "[0, 0, 1536]" in fitted.adjusted[0]
+
+
+def test_fitting_keeps_opt_points_inside_the_clamped_ranges():
+    fitted = profiles.fit_to_model(profiles.load("fp16"), 256)
+    prefill = {s.name: s for s in fitted.shapes}["prefill"]
+    assert prefill.N == Range(1, 256, 256) and prefill.lastSum == Range(0, 0, 0)
+
+
+def test_a_shipped_profile_that_fits_is_unchanged():
+    profile = profiles.load("fp16")
+    assert profiles.fit_to_model(profile, 4096) is profile
+
+
+def test_a_user_written_profile_that_does_not_fit_is_still_refused(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text((profiles.PROFILES_DIR / "fp16.toml").read_text())
+    with pytest.raises(ProfileError, match=r"mine.toml: engine.profiles 'prefill': N max \+ lastSum max = 4096 "
+                                           r"exceeds the model's max_position_embeddings \(2048\)"):
+        profiles.fit_to_model(profiles.load(str(path)), 2048)
+
+
+def test_a_model_too_short_for_even_the_minimum_is_refused():
+    with pytest.raises(ProfileError, match="even N min \\+ lastSum min = 2 exceeds the model's 1 positions"):
+        profiles.fit_to_model(profiles.load("fp16"), 1)
+
+
+# --------------------------------------------------------------------------- --shapes
+
+def test_shapes_override_sizes_a_named_optimization_profile():
+    profile = profiles.with_shapes(profiles.load("fp16"), ["prefill:N=1,128,512:lastSum=0,0,1536"])
+    prefill = {s.name: s for s in profile.shapes}["prefill"]
+    assert prefill.N == Range(1, 128, 512) and prefill.lastSum == Range(0, 0, 1536)
+    assert profile.adjusted == ("prefill: N [1, 128, 512], lastSum [0, 0, 1536] (--shapes)",)
+
+
+def test_shapes_override_of_one_axis_keeps_the_other():
+    profile = profiles.with_shapes(profiles.load("fp16"), ["decode:lastSum=1,100,1000"])
+    decode = {s.name: s for s in profile.shapes}["decode"]
+    assert decode.N == Range(1, 1, 1) and decode.lastSum == Range(1, 100, 1000)
+
+
+def test_shapes_override_can_add_an_optimization_profile():
+    profile = profiles.with_shapes(profiles.load("fp16"), ["chunk:N=16,32,64:lastSum=0,512,1024"])
+    assert [s.name for s in profile.shapes] == ["prefill", "decode", "chunk"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("prefill", "expected NAME:N=min,opt,max"),
+    ("prefill:N=1,2", r"--shapes: prefill.N: must be \[min, opt, max\] integers"),
+    ("prefill:N=0,1,2", r"--shapes: prefill.N: min 0 must be >= 1"),
+    ("prefill:N=1,5,2", "min <= opt <= max"),
+    ("prefill:M=1,2,3", "axes are N and lastSum"),
+    ("prefill:N=a,b,c", "must be min,opt,max integers"),
+    ("other:N=1,2,3", "no such optimization profile"),
+])
+def test_bad_shapes_overrides_are_refused_like_the_toml(text, message):
+    with pytest.raises(ProfileError, match=message):
+        profiles.with_shapes(profiles.load("fp16"), [text])
+
+
+def test_overridden_shapes_are_not_fitted_but_checked():
+    profile = profiles.with_shapes(profiles.load("fp16"), ["prefill:N=1,128,512:lastSum=0,0,3000"])
+    with pytest.raises(ProfileError, match="'prefill': N max \\+ lastSum max = 3512 exceeds"):
+        profiles.fit_to_model(profile, 2048, keep=("prefill",))
