@@ -2,10 +2,14 @@
 # Install the peer exporters in their own venvs (never in kvplan's): torch's CPU build first so pip
 # does not pull a multi-GB CUDA build. optimum-onnx 0.1 pins transformers 4.x, while
 # onnxruntime-genai 0.18's builder imports transformers 5.x classes (Qwen3_5ForConditionalGeneration)
-# and needs onnx-ir, so each gets its own venv.
+# and needs onnx-ir, so each gets its own venv. Optimum's exporter needs onnx and onnxruntime
+# to fix the graph's dynamic shapes; optimum-onnx does not depend on them, so they are named here.
+# A venv missing any of them is completed rather than trusted because its CLI exists.
 set -euo pipefail
 OPT=${KVPLAN_BENCH_PEERS_VENV:-/tmp/peers}
 GEN=${KVPLAN_BENCH_GENAI_VENV:-/tmp/peers-genai}
-[ -x "$OPT/bin/optimum-cli" ] || { python3 -m venv "$OPT" && "$OPT/bin/pip" install torch==2.13.0 && "$OPT/bin/pip" install optimum-onnx; }
+[ -x "$OPT/bin/python" ] || { python3 -m venv "$OPT" && "$OPT/bin/pip" install torch==2.13.0; }
+"$OPT/bin/python" -c "import optimum.exporters.onnx, onnx, onnxruntime" 2>/dev/null ||
+  "$OPT/bin/pip" install optimum-onnx onnx onnxruntime
 [ -x "$GEN/bin/python" ] && "$GEN/bin/python" -c "import onnxruntime_genai.models.builder" 2>/dev/null || {
   python3 -m venv "$GEN" && "$GEN/bin/pip" install torch==2.13.0 && "$GEN/bin/pip" install onnxruntime-genai onnx-ir transformers onnx; }
