@@ -217,8 +217,12 @@ def dependencies(source, profile, target: Path) -> dict:
     """The files a target's build reads, for build systems that track dependencies (CMake)."""
     files = [profile.source]
     if source.path is not None:
-        files += [str(p.resolve()) for p in sorted(source.path.iterdir())
-                  if p.name == "config.json" or p.suffix == ".safetensors" or p.name.endswith(".index.json")]
+        # The files the model source reads: its config, the index and every shard it names
+        # (wherever in the directory they are), not whatever happens to lie beside them.
+        shards = [source.path / s["file"] for s in source.fingerprint.get("shards", [])]
+        index = source.path / "model.safetensors.index.json"
+        files += [str(p.absolute()) for p in [source.path / "config.json", *([index] if index.exists() else []),
+                                              *shards]]
     files += [str(p) for p in closure(*STAGE_MODULES.values())]
     return {"target": str(target.resolve()), "manifest": str((target / "manifest.json").resolve()),
             "depends": files}

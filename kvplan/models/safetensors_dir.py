@@ -1,13 +1,42 @@
 """Reading selected tensors from a directory of (possibly sharded) safetensors files."""
 from __future__ import annotations
 
+import contextlib
 import json
-from pathlib import Path
+import os
+from pathlib import Path, PurePosixPath
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from kvplan.models.base import ModelError, file_fingerprint
+
+
+def _inside(directory: Path, entry: str, index: Path, name: str) -> Path:
+    """The shard an index entry names, which must lie in the checkpoint directory: an absolute
+    path or one climbing out with '..' is refused. Judged on the name as written, not on where
+    a symlink points (Hugging Face's cache links snapshot files to blobs elsewhere)."""
+    if not isinstance(entry, str) or not entry:
+        raise ModelError(f"{index}: weight_map[{name!r}]: shard must be a file name, got {entry!r}")
+    parts = PurePosixPath(entry.replace(os.sep, "/"))
+    if parts.is_absolute() or ".." in parts.parts or Path(entry).is_absolute():
+        raise ModelError(f"{index}: weight_map[{name!r}]: shard {entry!r} is outside the checkpoint directory "
+                         f"{directory}; shards must be files inside it")
+    return directory / parts
+
+
+@contextlib.contextmanager
+def _open(shard: Path):
+    """safe_open, with a damaged or truncated file reported as the checkpoint's fault."""
+    try:
+        with safe_open(shard, framework="pt") as f:
+            yield f
+    except FileNotFoundError:
+        raise ModelError(f"{shard}: shard file does not exist") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        if isinstance(e, ModelError):
+            raise
+        raise ModelError(f"{shard}: not a readable safetensors file ({e})") from None
 
 
 class TensorIndex:
@@ -20,10 +49,11 @@ class TensorIndex:
         if index.exists():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise ModelError(f"{index}: not a safetensors index ({e})") from None
-            for name, shard in weight_map.items():
-                self.where[name] = directory / shard
+                items = weight_map.items()
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+                raise ModelError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+            for name, shard in items:
+                self.where[name] = _inside(directory, shard, index, name)
         else:
             shards = sorted(directory.glob("*.safetensors"))
             if not shards:
@@ -32,7 +62,7 @@ class TensorIndex:
                         "arbitrary code; convert them to safetensors)") if pickles else ""
                 raise ModelError(f"{directory}: no *.safetensors files{hint}")
             for shard in shards:
-                with safe_open(shard, framework="pt") as f:
+                with _open(shard) as f:
                     for name in f.keys():
                         self.where[name] = shard
 
@@ -44,7 +74,9 @@ class TensorIndex:
         for shard in self.shards():
             if not shard.exists():
                 raise ModelError(f"{shard}: shard listed in model.safetensors.index.json does not exist")
-            out.append(file_fingerprint(shard))
+            # The path inside the directory, not the bare name: a shard in a subdirectory is a
+            # different file from one of the same name beside config.json.
+            out.append({**file_fingerprint(shard), "file": shard.relative_to(self.directory).as_posix()})
         return out
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
@@ -55,13 +87,13 @@ class TensorIndex:
             by_shard.setdefault(self.where[name], []).append(name)
         out = {}
         for shard, shard_names in by_shard.items():
-            try:
-                with safe_open(shard, framework="pt") as f:
-                    present = set(f.keys())
-                    for name in shard_names:
-                        if name not in present:
-                            raise ModelError(f"{shard}: tensor {name!r} is listed in the index but missing from the shard")
+            with _open(shard) as f:
+                present = set(f.keys())
+                for name in shard_names:
+                    if name not in present:
+                        raise ModelError(f"{shard}: tensor {name!r} is listed in the index but missing from the shard")
+                    try:
                         out[name] = f.get_tensor(name)
-            except FileNotFoundError:
-                raise ModelError(f"{shard}: shard file does not exist") from None
+                    except (SafetensorError, OSError, ValueError) as e:
+                        raise ModelError(f"{shard}: tensor {name!r} cannot be read ({e})") from None
         return out
