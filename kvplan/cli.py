@@ -114,6 +114,9 @@ def _guarded(run: Callable[[], int]) -> int:
     except KvplanError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:     # a read-only or full --out, a file that vanished: the message names it
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(INTERRUPTED, file=sys.stderr)
         return 130

@@ -35,6 +35,10 @@ class QuantizeError(KvplanError, ValueError):
     """Quantization settings or inputs that cannot be used; the message names the file and tensor."""
 
 
+class GraphError(KvplanError, ValueError):
+    """An ONNX file that cannot be read, or that holds no graph the stage can work on."""
+
+
 class SurgeryError(KvplanError, RuntimeError):
     """The graph failed a check after surgery; nothing is emitted."""
 

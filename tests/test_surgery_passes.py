@@ -12,6 +12,7 @@ from onnx import helper as oh
 from onnx import numpy_helper as nh
 
 from kvplan import surgery
+from kvplan.errors import GraphError
 
 D, H, S = 8, 2, 5
 F32, F16 = TP.FLOAT, TP.FLOAT16
@@ -302,5 +303,5 @@ def test_fuse_file_writes_atomically_and_returns_report(tmp_path):
 
 
 def test_fuse_file_missing_input_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.onnx"):
+    with pytest.raises(GraphError, match="nope.onnx: no such ONNX file"):
         surgery.fuse_file(tmp_path / "nope.onnx", tmp_path / "out.onnx", ["rmsnorm"], log=None)

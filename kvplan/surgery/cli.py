@@ -43,11 +43,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m surgery") -> int:
         print(f"error: input file not found: {args.input}", file=sys.stderr)
         return 2
     try:
-        report = fuse_file(args.input, args.output, passes, log=None)
+        report = fuse_file(args.input, args.output, passes, log=None, require_match=True)
     except (SurgeryError, OpsetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KvplanError as e:
+    except (KvplanError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.report:

@@ -7,20 +7,37 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import onnx
+from google.protobuf.message import DecodeError
 
+from kvplan.errors import GraphError
 from kvplan.fileio import temp_prefix, umask, write_streamed
 from kvplan.surgery.pipeline import PROTO_LIMIT, run
 from kvplan.surgery.weights import put_back, set_aside, take_back
 
 
-def fuse_file(in_path, out_path, passes: Sequence[str], log: Callable[[str], None] | None = print) -> dict:
+def fuse_file(in_path, out_path, passes: Sequence[str], log: Callable[[str], None] | None = print,
+              require_match: bool = False) -> dict:
+    """Fuse ``in_path`` into ``out_path`` (written atomically); returns the report.
+
+    ``require_match``: a graph in which no pass found its pattern (not a decoder, or one
+    these passes do not know) is refused instead of written with only its opset raised.
+    """
     in_path, out_path = Path(in_path), Path(out_path)
     if not in_path.is_file():
-        raise FileNotFoundError(f"no such ONNX file: {in_path}")
-    model = onnx.load(str(in_path), load_external_data=True)
+        raise GraphError(f"{in_path}: no such ONNX file")
+    try:
+        model = onnx.load(str(in_path), load_external_data=True)
+    except (DecodeError, ValueError, OSError) as e:
+        raise GraphError(f"{in_path}: not a readable ONNX model ({type(e).__name__}: {e})") from None
     aside = set_aside(model)
     fused, report = run(model, passes, log=log)
     del model
+    found = sum(r["fused"] for r in report["passes"].values())
+    if require_match and passes and not found:
+        misses = sum(len(r["near_misses"]) for r in report["passes"].values())
+        raise GraphError(f"{in_path}: no decoder pattern found: {', '.join(passes)} fused nothing in "
+                         f"{report['nodes_before']} nodes ({misses} near miss(es); --report lists them); "
+                         f"nothing written")
     write_atomic(fused, out_path, aside)
     return report
 
