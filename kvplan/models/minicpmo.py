@@ -36,7 +36,10 @@ def load(arg: str) -> ModelSource:
     tts = cfg.get("tts_config")
     if not isinstance(tts, dict):
         raise ModelError(f"{config_file}: MiniCPM-o config without a 'tts_config' object")
-    llama = {**LLAMA_DEFAULTS, **{k: v for k, v in tts.items() if k != "model_type"}}
-    return make_source(directory, llama, config_file, prefix="tts.model.", kind="minicpmo", family="llama")
+    own = {k: v for k, v in tts.items() if k != "model_type"}
+    llama = {**LLAMA_DEFAULTS, **own}
+    # The reference: transformers' LlamaConfig from tts_config itself, with its own defaults.
+    return make_source(directory, llama, config_file, prefix="tts.model.", kind="minicpmo", family="llama",
+                       reference_config={"model_type": "llama", **own})
 
 
