@@ -78,10 +78,10 @@ class HFReference:
         return getattr(self.model, "model", self.model) if hasattr(self.model, "lm_head") else self.model
 
     def new_cache(self):
-        try:
-            return DynamicCache(config=self.hf_config)
-        except TypeError:
-            return DynamicCache()
+        # Full layers, never transformers' sliding-window ones (which keep only the window's
+        # rows): validation feeds the cache as the graphs' past and passes masks over every
+        # row, with the window in the mask, as kvplan's graphs take it.
+        return DynamicCache()
 
     @staticmethod
     def cache_tensors(cache, num_layers: int) -> list[torch.Tensor]:

@@ -26,8 +26,9 @@ class Mistral(Family):
                              vocab_size=256, sliding_window=6, family="mistral")
 
     def switches(self, f: Fields, common):
-        size = f.hf.get("sliding_window", DEFAULT_WINDOW)
-        size = None if size is None else f.int("sliding_window")
+        # Absent: MistralConfig's default; null: no window.
+        size = None if "sliding_window" in f.hf and f.hf["sliding_window"] is None else \
+            f.int("sliding_window", DEFAULT_WINDOW)
         return {"sliding_window": window(f, size, [True] * common["num_layers"], common["max_position_embeddings"])}
 
     def hf_config(self, cfg):

@@ -100,6 +100,9 @@ class Family:
     activations: tuple[str, ...] = ("silu",)
     # config.json's key for the activation.
     act_key: str = "hidden_act"
+    # transformers' config-class defaults for the fields kvplan reads, where they differ from
+    # kvplan's: a config.json that leaves a field out means the class default.
+    defaults: dict[str, Any] = {}
 
     @property
     def tiny(self) -> DecoderConfig:
@@ -108,7 +111,9 @@ class Family:
 
     # --- config.json -> DecoderConfig -------------------------------------------------
     def config(self, hf: dict[str, Any], source: str) -> DecoderConfig:
-        f = Fields(hf, source)
+        if not isinstance(hf, dict):
+            raise ConfigError(f"{source}: not a JSON object")
+        f = Fields({**self.defaults, **hf}, source)
         kwargs = self.common(f)
         kwargs.update(self.switches(f, kwargs))
         try:
