@@ -241,3 +241,40 @@ def test_weight_count_includes_o_and_mlp_biases():
     cfg = dataclasses.replace(FAMILIES["llama"].tiny, qkv_bias=True, o_bias=True, mlp_bias=True)
     assert cfg.weight_count() == sum(int(np.prod(s)) for s in tensor_shapes(cfg).values())
 
+
+class TestGemma2:
+    def test_norm_gains_are_folded_as_one_plus_w(self, checkpoint):
+        directory, source, _, _ = checkpoint("gemma2")
+        from safetensors import safe_open
+        with safe_open(directory / "model.safetensors", framework="pt") as f:
+            stored = f.get_tensor("model.layers.1.pre_feedforward_layernorm.weight")
+        got = source.read_tensors(["layers.1.pre_feedforward_layernorm.weight"])
+        assert torch.equal(got["layers.1.pre_feedforward_layernorm.weight"], 1.0 + stored.float())
+
+    def test_sliding_layers_cap_the_positions_at_the_window(self):
+        from kvplan.models.families import from_hf_dict
+        cfg = hf_config_dict(FAMILIES["gemma2"].tiny) | {"sliding_window": 2048}
+        assert from_hf_dict(cfg, "config.json").max_position_embeddings == 2048
+
+    def test_gemma2_defaults_are_transformers_defaults(self):
+        from kvplan.models.families import from_hf_dict
+        d = {"model_type": "gemma2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+             "num_attention_heads": 4}
+        cfg = from_hf_dict(d, "config.json")
+        ref = transformers.Gemma2Config(**{k: v for k, v in d.items() if k != "model_type"})
+        assert (cfg.head_dim, cfg.attn_softcap, cfg.scale, cfg.max_position_embeddings) == \
+            (ref.head_dim, ref.attn_logit_softcapping, ref.query_pre_attn_scalar ** -0.5, ref.sliding_window)
+
+    def test_another_activation_is_refused_naming_the_field(self, tmp_path):
+        from kvplan.errors import ConfigError
+        from kvplan.models.families import from_hf_dict
+        cfg = hf_config_dict(FAMILIES["gemma2"].tiny) | {"hidden_activation": "relu"}
+        with pytest.raises(ConfigError, match="config.json: hidden_activation 'relu' is not supported for gemma2"):
+            from_hf_dict(cfg, "config.json")
+
+    def test_soft_capped_attention_is_reported_not_fused(self, export_tiny, tmp_path):
+        (pack,) = export_tiny("tiny-gemma2")
+        report = surgery.fuse_file(pack.path, tmp_path / "fused.onnx", ["attention"], log=None)
+        misses = report["passes"]["attention"]["near_misses"]
+        assert len(misses) == PRESETS["tiny-gemma2"].num_layers
+
