@@ -278,3 +278,35 @@ class TestGemma2:
         misses = report["passes"]["attention"]["near_misses"]
         assert len(misses) == PRESETS["tiny-gemma2"].num_layers
 
+
+class TestPhi3:
+    def test_fused_projections_are_split_when_read(self, checkpoint):
+        directory, source, _, _ = checkpoint("phi3")
+        from safetensors import safe_open
+        cfg = source.config
+        with safe_open(directory / "model.safetensors", framework="pt") as f:
+            qkv = f.get_tensor("model.layers.2.self_attn.qkv_proj.weight")
+            gate_up = f.get_tensor("model.layers.2.mlp.gate_up_proj.weight")
+        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        names = [f"layers.2.self_attn.{p}_proj.weight" for p in "qkv"] + \
+                [f"layers.2.mlp.{p}_proj.weight" for p in ("gate", "up")]
+        got = source.read_tensors(names)
+        assert torch.equal(torch.cat([got[n] for n in names[:3]]), qkv) and got[names[1]].shape[0] == kv
+        assert got[names[0]].shape[0] == q
+        assert torch.equal(torch.cat([got[n] for n in names[3:]]), gate_up)
+
+    def test_longrope_caps_positions_at_the_original_context(self):
+        from kvplan.models.families import from_hf_dict
+        d = hf_config_dict(FAMILIES["phi3"].tiny)
+        d["max_position_embeddings"] = 131072
+        d["rope_scaling"] = {k: v for k, v in d["rope_scaling"].items() if k != "factor"}
+        cfg = from_hf_dict(d, "config.json")
+        assert cfg.max_position_embeddings == 4096 and cfg.rope["factor"] == 32.0
+
+    def test_short_factor_of_the_wrong_length_is_refused(self):
+        from kvplan.errors import ConfigError
+        from kvplan.models.families import from_hf_dict
+        d = hf_config_dict(FAMILIES["phi3"].tiny)
+        d["rope_scaling"]["short_factor"] = [1.0, 1.0]
+        with pytest.raises(ConfigError, match=r"config.json: rope_scaling.short_factor must list 6 numbers"):
+            from_hf_dict(d, "config.json")

@@ -5,7 +5,7 @@ Importing this package imports every family module, so the registry is complete.
 from __future__ import annotations
 
 from kvplan.config import DecoderConfig
-from kvplan.models.families import gemma2, llama, mistral, qwen2, qwen3  # noqa: F401  (they register themselves)
+from kvplan.models.families import gemma2, llama, mistral, phi3, qwen2, qwen3  # noqa: F401  (they register themselves)
 from kvplan.models.families.registry import FAMILIES, Family, get, reader
 
 
