@@ -277,6 +277,8 @@ class TestGemma2:
         report = surgery.fuse_file(pack.path, tmp_path / "fused.onnx", ["attention"], log=None)
         misses = report["passes"]["attention"]["near_misses"]
         assert len(misses) == PRESETS["tiny-gemma2"].num_layers
+        assert all(m["reason"].startswith("soft-capped logits") and "Tanh" in m["reason"] for m in misses)
+        assert all(any("tanh" in n.lower() for n in m["nodes"]) for m in misses)
 
 
 class TestPhi3:
