@@ -312,3 +312,33 @@ class TestPhi3:
         d["rope_scaling"]["short_factor"] = [1.0, 1.0]
         with pytest.raises(ConfigError, match=r"config.json: rope_scaling.short_factor must list 6 numbers"):
             from_hf_dict(d, "config.json")
+
+
+class TestConfigErrors:
+    """Bad config.json fields: one line naming the file and the field, never a traceback."""
+
+    def check(self, tmp_path, change, match):
+        from kvplan.errors import ConfigError
+        from kvplan.models.families import from_hf_dict
+        d = hf_config_dict(FAMILIES["llama"].tiny)
+        d = change(d)
+        with pytest.raises(ConfigError, match=match):
+            from_hf_dict(d, "ckpt/config.json")
+
+    def test_a_non_integer_size(self, tmp_path):
+        self.check(tmp_path, lambda d: d | {"hidden_size": "sixty-four"},
+                   r"ckpt/config.json: hidden_size must be an integer, got 'sixty-four'")
+
+    def test_a_fractional_size_is_not_truncated(self, tmp_path):
+        self.check(tmp_path, lambda d: d | {"hidden_size": 64.7}, r"hidden_size must be an integer, got 64.7")
+
+    def test_llama3_rope_without_factor(self, tmp_path):
+        self.check(tmp_path, lambda d: d | {"rope_scaling": {"rope_type": "llama3"}},
+                   r"ckpt/config.json: rope_scaling type 'llama3' needs a positive 'factor'")
+
+    def test_a_rope_type_the_family_does_not_implement(self, tmp_path):
+        self.check(tmp_path, lambda d: d | {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
+                   r"rope_scaling type 'yarn' is not supported for llama")
+
+    def test_a_config_that_is_not_an_object(self, tmp_path):
+        self.check(tmp_path, lambda d: [d], r"ckpt/config.json: not a JSON object")

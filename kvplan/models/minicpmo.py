@@ -22,6 +22,8 @@ def _config(arg: str) -> dict | None:
     if not path.is_file():
         return None
     cfg = read_config(path)
+    if not isinstance(cfg, dict):
+        return None     # not MiniCPM-o; the Hugging Face source names the problem
     return cfg if "tts_config" in cfg or cfg.get("model_type") == "minicpmo" else None
 
 

@@ -5,14 +5,16 @@ Importing this package imports every family module, so the registry is complete.
 from __future__ import annotations
 
 from kvplan.config import DecoderConfig
+from kvplan.errors import ConfigError
 from kvplan.models.families import gemma2, llama, mistral, phi3, qwen2, qwen3  # noqa: F401  (they register themselves)
 from kvplan.models.families.registry import FAMILIES, Family, get, reader
 
 
 def from_hf_dict(hf: dict, source: str, family: str | None = None) -> DecoderConfig:
     """The DecoderConfig of a config.json dict (``source`` names the file in errors)."""
-    name = family or (hf.get("model_type") if isinstance(hf, dict) else None)
-    return get(name, source).config(hf, source)
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{source}: not a JSON object")
+    return get(family or hf.get("model_type"), source).config(hf, source)
 
 
 def hf_config_dict(cfg: DecoderConfig) -> dict:

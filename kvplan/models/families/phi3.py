@@ -42,6 +42,7 @@ def _rows(cfg: DecoderConfig, name: str) -> tuple[str, int, int] | None:
 class Phi3(Family):
     name = "phi3"
     reference_classes = ("Phi3Model", "Phi3ForCausalLM")
+    rope_types = ("default", "longrope", "su", "yarn")     # su, yarn: Phi-3's early names for longrope
     # Phi3Config's defaults.
     defaults = {"rms_norm_eps": 1e-5, "max_position_embeddings": 4096, "original_max_position_embeddings": 4096}
 
@@ -80,8 +81,9 @@ class Phi3(Family):
         return {"rope_params": tuple(sorted(params.items())), "max_position_embeddings": min(max_positions, original)}
 
     def hf_config(self, cfg):
-        # Phi3Config's pad token (32000) would not fit a small vocabulary.
-        d = super().hf_config(cfg) | {"sliding_window": cfg.sliding_window or None, "pad_token_id": None}
+        # Phi3Config's pad and eos tokens (32000) would not fit a small vocabulary.
+        d = super().hf_config(cfg) | {"sliding_window": cfg.sliding_window or None, "pad_token_id": None,
+                                      "eos_token_id": None}
         if cfg.rope_type == "longrope":
             d["original_max_position_embeddings"] = int(cfg.rope["original_max_position_embeddings"])
             d["rope_scaling"]["original_max_position_embeddings"] = d["original_max_position_embeddings"]

@@ -100,6 +100,8 @@ class Family:
     activations: tuple[str, ...] = ("silu",)
     # config.json's key for the activation.
     act_key: str = "hidden_act"
+    # The rope scaling types this family's checkpoints may name.
+    rope_types: tuple[str, ...] = ("default", "linear", "llama3")
     # transformers' config-class defaults for the fields kvplan reads, where they differ from
     # kvplan's: a config.json that leaves a field out means the class default.
     defaults: dict[str, Any] = {}
@@ -129,6 +131,7 @@ class Family:
                           f"(supported: {', '.join(self.activations)})")
         hidden, heads = f.int("hidden_size"), f.int("num_attention_heads")
         rope = f.rope()
+        self.check_rope(f, rope)
         return dict(
             hidden_size=hidden, intermediate_size=f.int("intermediate_size"),
             num_layers=f.int("num_hidden_layers"), num_heads=heads,
@@ -141,6 +144,17 @@ class Family:
             max_position_embeddings=f.int("max_position_embeddings", 4096),
             vocab_size=f.int("vocab_size", 0), tie_word_embeddings=f.bool("tie_word_embeddings"),
             hidden_act=act, family=self.name)
+
+    def check_rope(self, f: Fields, rope: dict[str, Any]) -> None:
+        """Refuse a rope scaling kvplan does not implement, or one missing the parameters it needs."""
+        kind = rope["rope_type"]
+        if kind not in self.rope_types:
+            raise f.error(f"rope_scaling type {kind!r} is not supported for {self.name} "
+                          f"(supported: {', '.join(self.rope_types)})")
+        if kind in ("linear", "llama3"):
+            factor = rope["rope_params"].get("factor")
+            if not isinstance(factor, float) or factor <= 0:
+                raise f.error(f"rope_scaling type {kind!r} needs a positive 'factor', got {factor!r}")
 
     def switches(self, f: Fields, common: dict[str, Any]) -> dict[str, Any]:
         """This family's DecoderConfig fields (biases, norms, ...); refuses what it cannot export."""
