@@ -2,7 +2,7 @@
 
     python -m bench.checkpoint OUT_DIR [--preset minicpmo26-tts] [--dtype float16]
 
-config.json = build.config.to_hf_dict(cfg) (LlamaForCausalLM), model.safetensors with ``model.`` +
+config.json = kvplan.models.families.hf_config_dict(cfg) (LlamaForCausalLM), model.safetensors with ``model.`` +
 decoder tensor names plus model.embed_tokens.weight and lm_head.weight, generation_config.json and a
 tiny word-level tokenizer (tokenizer.json + tokenizer_config.json, built offline with `tokenizers`)
 so that peer exporters that save a tokenizer next to the model do not try the hub.
@@ -34,7 +34,7 @@ def write_tokenizer(out: Path, vocab_size: int) -> None:
 def write_checkpoint(out: Path, preset: str = "minicpmo26-tts", dtype: str = "float16") -> dict:
     import torch
     from safetensors.torch import save_file
-    from kvplan.config import to_hf_dict
+    from kvplan.models.families import hf_config_dict as to_hf_dict
     from kvplan.models import resolve
     from kvplan.models.presets import tensor_shapes
 

@@ -1,8 +1,10 @@
 """The architecture of a Llama-family decoder stack, as kvplan needs it.
 
 One frozen dataclass describes every supported family; families differ only by
-small switches (q/k/v bias, per-head q/k norm), so a new family is a new
-mapping from its config.json, not a new model class.
+switches (biases, per-head q/k norm, the MLP's activation, Gemma 2's sandwich norms,
+attention scale and soft-capping, partial rotary, rope scaling). Which family sets
+which switch from its config.json lives in that family's module
+(kvplan/models/families/), not here.
 """
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ from typing import Any
 from kvplan.errors import ConfigError
 
 
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 
 
 @dataclass(frozen=True)
@@ -27,9 +30,9 @@ class DecoderConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_type: str = "default"
-    # Extra rope-scaling parameters ("factor", "low_freq_factor", ...), as a sorted tuple
-    # of pairs so the dataclass stays hashable and comparable.
-    rope_params: tuple[tuple[str, float], ...] = ()
+    # Extra rope-scaling parameters ("factor", "low_freq_factor", longrope's "short_factor"
+    # list as a tuple, ...), as a sorted tuple of pairs so the dataclass stays hashable.
+    rope_params: tuple[tuple[str, float | tuple[float, ...]], ...] = ()
     partial_rotary_factor: float = 1.0
     max_position_embeddings: int = 4096
     qkv_bias: bool = False
@@ -39,6 +42,19 @@ class DecoderConfig:
     vocab_size: int = 0
     tie_word_embeddings: bool = False
     family: str = "llama"
+    # The MLP is act(gate(x)) * up(x): SwiGLU ("silu") or GeGLU with tanh-gelu (Gemma).
+    hidden_act: str = "silu"
+    # Gemma 2's layer: a norm after attention and one before and after the MLP.
+    sandwich_norm: bool = False
+    # The scale of Q K^T; 0 means head_dim ** -0.5 (Gemma 2: query_pre_attn_scalar ** -0.5).
+    attn_scale: float = 0.0
+    # Attention logit soft-capping (Gemma 2): scores = cap * tanh(scores / cap) before the mask.
+    attn_softcap: float = 0.0
+    # Every layer attends to the last `sliding_window` positions only (0: no window). The
+    # graph is the same either way: the runtime's additive mask expresses the window
+    # (kvplan.export.causal_mask(window=...) writes such masks), so this records it for the
+    # runtime and for validation.
+    sliding_window: int = 0
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
@@ -55,6 +71,15 @@ class DecoderConfig:
             raise ConfigError(f"partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}")
         if self.rotary_dim % 2:
             raise ConfigError(f"rotary dimension {self.rotary_dim} must be even")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
+        if self.sliding_window < 0:
+            raise ConfigError(f"sliding_window must be >= 0, got {self.sliding_window}")
+
+    @property
+    def scale(self) -> float:
+        """The factor Q K^T is multiplied by."""
+        return self.attn_scale or self.head_dim ** -0.5
 
     @property
     def rotary_dim(self) -> int:
@@ -66,7 +91,7 @@ class DecoderConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["rope_params"] = dict(self.rope_params)
+        d["rope_params"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.rope_params}
         return d
 
     def weight_count(self) -> int:
@@ -76,8 +101,14 @@ class DecoderConfig:
         per_layer = h * q + 2 * h * kv + q * h + 3 * h * i + 2 * h
         if self.qkv_bias:
             per_layer += q + 2 * kv
+        if self.o_bias:
+            per_layer += h
+        if self.mlp_bias:
+            per_layer += 2 * i + h
         if self.qk_norm:
             per_layer += 2 * d
+        if self.sandwich_norm:
+            per_layer += 2 * h
         return self.num_layers * per_layer + h
 
 
@@ -109,105 +140,21 @@ def inv_freq(cfg: DecoderConfig) -> tuple[list[float], float]:
                 smooth = (old_ctx / wavelen - low) / (high - low)
                 out.append((1 - smooth) * f / factor + smooth * f)
         return out, 1.0
+    if cfg.rope_type == "longrope":
+        return _longrope(base, params)
     return base, 1.0
 
 
-_FAMILY_SWITCHES = {
-    # family: (q/k/v bias default, per-head q/k norm)
-    "llama": (None, False),
-    "mistral": (False, False),
-    "qwen2": (True, False),
-    "qwen3": (None, True),
-}
-SUPPORTED_FAMILIES = tuple(_FAMILY_SWITCHES)
+def _longrope(base: list[float], params: dict) -> tuple[list[float], float]:
+    """LongRoPE with its short factors (positions up to original_max_position_embeddings).
 
-
-def from_hf_dict(cfg: dict[str, Any], source: str, family: str | None = None) -> DecoderConfig:
-    """Map a Hugging Face config.json dict of a Llama-family decoder to a DecoderConfig.
-
-    ``source`` names the file in error messages.
+    transformers switches to the long factors when a step's largest position passes
+    original_max_position_embeddings; a graph with fixed frequencies cannot, so the
+    families that use longrope cap the model's positions there (kvplan/models/families/phi3.py).
+    ``factor`` is the context extension (max / original max positions), set by the family.
     """
-    family = family or cfg.get("model_type")
-    if family not in _FAMILY_SWITCHES:
-        raise ConfigError(
-            f"{source}: model_type {family!r} is not supported "
-            f"(supported: {', '.join(SUPPORTED_FAMILIES)}, and MiniCPM-o-2_6 checkpoints)")
-
-    def need(key: str) -> Any:
-        if key not in cfg:
-            raise ConfigError(f"{source}: missing field {key!r}")
-        return cfg[key]
-
-    act = cfg.get("hidden_act", "silu")
-    if act != "silu":
-        raise ConfigError(f"{source}: hidden_act {act!r} is not supported (kvplan's MLP is SwiGLU with silu)")
-    hidden = int(need("hidden_size"))
-    heads = int(need("num_attention_heads"))
-    kv_heads = int(cfg.get("num_key_value_heads") or heads)
-    head_dim = int(cfg.get("head_dim") or hidden // heads)
-
-    # transformers 5 moved rope settings into rope_parameters; 4.x used rope_theta + rope_scaling.
-    rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-    rope_type = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
-    theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
-    partial = float(rope.pop("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)))
-    rope_params = tuple(sorted((k, float(v)) for k, v in rope.items() if isinstance(v, (int, float)) and not isinstance(v, bool)))
-
-    bias_default, qk_norm = _FAMILY_SWITCHES[family]
-    if bias_default is None:
-        qkv_bias = bool(cfg.get("attention_bias", False))
-        o_bias = qkv_bias if family == "llama" else False
-    else:
-        qkv_bias, o_bias = bias_default, False
-    try:
-        return DecoderConfig(
-            hidden_size=hidden,
-            intermediate_size=int(need("intermediate_size")),
-            num_layers=int(need("num_hidden_layers")),
-            num_heads=heads,
-            num_kv_heads=kv_heads,
-            head_dim=head_dim,
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=theta,
-            rope_type=rope_type,
-            rope_params=rope_params,
-            partial_rotary_factor=partial,
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
-            qkv_bias=qkv_bias,
-            o_bias=o_bias,
-            mlp_bias=bool(cfg.get("mlp_bias", False)),
-            qk_norm=qk_norm,
-            vocab_size=int(cfg.get("vocab_size", 0)),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            family=family,
-        )
-    except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
-
-
-def to_hf_dict(cfg: DecoderConfig) -> dict[str, Any]:
-    """The config.json a Hugging Face model of this architecture would carry (tests and fixtures)."""
-    d: dict[str, Any] = {
-        "model_type": cfg.family,
-        "architectures": [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                           "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[cfg.family]],
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim,
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "vocab_size": cfg.vocab_size or 32000,
-        "tie_word_embeddings": cfg.tie_word_embeddings,
-        "hidden_act": "silu",
-    }
-    if cfg.rope_type != "default":
-        d["rope_scaling"] = {"rope_type": cfg.rope_type, **cfg.rope}
-    if cfg.family in ("llama", "qwen3"):
-        d["attention_bias"] = cfg.qkv_bias
-    if cfg.family == "llama":
-        d["mlp_bias"] = cfg.mlp_bias
-    return d
+    short = params["short_factor"]
+    factor, original = params["factor"], params["original_max_position_embeddings"]
+    scaling = params.get("attention_factor") or (
+        1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original)))
+    return [f / s for f, s in zip(base, short)], scaling

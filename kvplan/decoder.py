@@ -1,5 +1,11 @@
 """kvplan's own Llama-family decoder stack, written for export.
 
+The family switches (DecoderConfig's fields) pick the variant: GeGLU or SwiGLU, sandwich
+norms, soft-capped logits, biases, q/k norm, partial rotary. Norm gains of the
+(1 + w) kind (Gemma) are folded into the weights when a checkpoint is read
+(kvplan/models/families/gemma2.py), so every norm here is the one spelling the
+rmsnorm pass fuses.
+
 Why not trace transformers' modules: their cache and attention plumbing changes
 between releases, and each change breaks exporters that trace them. This module
 spells every op one stable way (RMSNorm as pow/mean/rsqrt in fp32, RoPE as
@@ -107,7 +113,12 @@ class Attention(nn.Module):
             s = k.shape[2]
             k = k[:, :, None].expand(b, cfg.num_kv_heads, rep, s, d).reshape(b, cfg.num_heads, s, d)
             v = v[:, :, None].expand(b, cfg.num_kv_heads, rep, s, d).reshape(b, cfg.num_heads, s, d)
-        scores = torch.matmul(q, k.transpose(2, 3)) * (d ** -0.5) + mask
+        scores = torch.matmul(q, k.transpose(2, 3)) * cfg.scale
+        if cfg.attn_softcap:
+            # Gemma 2 caps the logits before the mask is added (the order matters: a capped
+            # mask would no longer mask).
+            scores = torch.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
+        scores = scores + mask
         # Softmax in fp32 as transformers' eager attention does; fp16 sums of
         # exponentials lose the long tail. Spelled as an explicit cast: the exporter
         # lowers softmax(dtype=float32) to an fp16 Softmax followed by a Cast.
@@ -123,9 +134,15 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(i, h, bias=cfg.mlp_bias)
+        self.act = cfg.hidden_act
 
     def forward(self, x):
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate = self.gate_proj(x)
+        if self.act == "gelu_pytorch_tanh":
+            gate = nn.functional.gelu(gate, approximate="tanh")     # GeGLU (Gemma)
+        else:
+            gate = nn.functional.silu(gate)                         # SwiGLU
+        return self.down_proj(gate * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
@@ -135,9 +152,19 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.sandwich = cfg.sandwich_norm
+        if cfg.sandwich_norm:
+            # Gemma 2: post_attention_layernorm normalizes the attention output, and the MLP
+            # has its own norms before and after (Hugging Face's names).
+            self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, mask, cos, sin, past_k, past_v, kv_io: str = "concat", write_indices=None):
         attn, k, v = self.self_attn(self.input_layernorm(x), mask, cos, sin, past_k, past_v, kv_io, write_indices)
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(attn)
+            x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+            return x, k, v
         x = x + attn
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, k, v

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from kvplan.config import to_hf_dict
+from kvplan.models.families import hf_config_dict as to_hf_dict
 from kvplan.models import ModelError, resolve
 from kvplan.models.presets import PRESETS, tensor_shapes
 from kvplan.models import safetensors_dir

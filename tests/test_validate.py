@@ -27,7 +27,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from kvplan.config import to_hf_dict
+from kvplan.models.families import hf_config_dict as to_hf_dict
 from kvplan.cli import build_main as engines_main
 from kvplan.manifest import load_manifest
 from kvplan.models import resolve

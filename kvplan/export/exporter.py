@@ -115,11 +115,14 @@ def example_inputs(cfg: DecoderConfig, spec: StackSpec, batch: int, dtype: torch
     return (hidden, mask, pos, *past)
 
 
-def causal_mask(batch: int, n: int, last: int, dtype: torch.dtype, length: int | None = None) -> torch.Tensor:
+def causal_mask(batch: int, n: int, last: int, dtype: torch.dtype, length: int | None = None,
+                window: int = 0) -> torch.Tensor:
     """Additive mask [B, 1, N, length]: 0 where a query may attend, finfo.min elsewhere.
 
     ``length`` defaults to lastSum + N; a longer one (an in-place buffer) masks the rows
-    past lastSum + N as well.
+    past lastSum + N as well. ``window`` (a model's sliding_window, 0: none) also masks the
+    keys ``window`` or more positions behind the query: that is how a runtime gives the
+    graph Mistral's (or Phi-3's) sliding window.
     """
     length = last + n if length is None else length
     if length < last + n:
@@ -127,7 +130,10 @@ def causal_mask(batch: int, n: int, last: int, dtype: torch.dtype, length: int |
     q = torch.arange(last, last + n)[:, None]
     k = torch.arange(length)[None, :]
     mask = torch.zeros(n, length, dtype=dtype)
-    mask.masked_fill_(k > q, torch.finfo(dtype).min)
+    hidden = k > q
+    if window:
+        hidden |= q - k >= window
+    mask.masked_fill_(hidden, torch.finfo(dtype).min)
     return mask.expand(batch, 1, n, length).contiguous()
 
 

@@ -27,6 +27,13 @@ class ModelSource:
     path: Path | None = None
     # Tensors of the LM head and embeddings, when the source has them (validation).
     read_lm: Callable[[], dict[str, torch.Tensor]] | None = None
+    # What the independent reference (transformers) is built from, never from kvplan's reading
+    # of it: the checkpoint's own config (the directory holding config.json, or for presets
+    # and MiniCPM-o's tts_config a config.json dict with its model_type), and the decoder's
+    # tensors in the checkpoint's names and layout (fused projections still fused, norm gains
+    # unfolded), without the ``model.`` prefix.
+    reference_config: Path | dict | None = None
+    read_reference: Callable[[], dict[str, torch.Tensor]] | None = None
 
 
 def file_fingerprint(path: Path) -> dict:

@@ -1,11 +1,12 @@
-"""A local Hugging Face checkpoint directory of a Llama, Mistral, Qwen2 or Qwen3 model."""
+"""A local Hugging Face checkpoint directory of a registered family (kvplan/models/families/)."""
 from __future__ import annotations
 
 import hashlib
 import json
 from pathlib import Path
 
-from kvplan.config import ConfigError, from_hf_dict
+from kvplan.config import ConfigError
+from kvplan.models import families
 from kvplan.models.base import ModelError, ModelSource
 from kvplan.models.presets import tensor_shapes
 from kvplan.models.safetensors_dir import TensorIndex
@@ -23,23 +24,27 @@ def read_config(path: Path) -> dict:
 
 
 def make_source(directory: Path, cfg_dict: dict, config_file: Path, prefix: str, kind: str,
-                family: str | None = None, lm_names: dict[str, str] | None = None) -> ModelSource:
-    """A ModelSource reading the tensors under ``prefix`` of the directory's safetensors."""
+                family: str | None = None, lm_names: dict[str, str] | None = None,
+                reference_config: Path | dict | None = None) -> ModelSource:
+    """A ModelSource reading the tensors under ``prefix`` of the directory's safetensors, through
+    the family's mapping of checkpoint tensors to kvplan's."""
     try:
-        cfg = from_hf_dict(cfg_dict, str(config_file), family=family)
+        cfg = families.from_hf_dict(cfg_dict, str(config_file), family=family)
     except ConfigError as e:
         raise ModelError(str(e)) from None
+    fam = families.get(cfg.family)
     index = TensorIndex(directory)
-    shapes = tensor_shapes(cfg)
-    # Check presence and shapes of every decoder tensor up front: a missing tensor
-    # must fail before minutes of export, not in the middle of it.
-    for name in shapes:
+    # Check presence of every decoder tensor up front: a missing tensor must fail before
+    # minutes of export, not in the middle of it.
+    checkpoint_names = sorted({fam.checkpoint_name(cfg, n) for n in tensor_shapes(cfg)})
+    for name in checkpoint_names:
         if prefix + name not in index.where:
             raise ModelError(f"{directory}: tensor {prefix + name!r} is missing from the checkpoint")
 
-    def read(names):
+    def read_checkpoint(names):
         got = index.read([prefix + n for n in names])
         return {n: got[prefix + n] for n in names}
+    read = families.reader(fam, cfg, read_checkpoint)
 
     read_lm = None
     if lm_names:
@@ -54,7 +59,9 @@ def make_source(directory: Path, cfg_dict: dict, config_file: Path, prefix: str,
     fingerprint = {"kind": kind, "config_sha256": hashlib.sha256(config_file.read_bytes()).hexdigest(),
                    "prefix": prefix, "shards": index.fingerprint()}
     return ModelSource(name=directory.resolve().name, config=cfg, kind=kind, read_tensors=read,
-                       fingerprint=fingerprint, path=directory, read_lm=read_lm)
+                       fingerprint=fingerprint, path=directory, read_lm=read_lm,
+                       reference_config=directory if reference_config is None else reference_config,
+                       read_reference=lambda: read_checkpoint(checkpoint_names))
 
 
 def load(arg: str) -> ModelSource:

@@ -22,6 +22,8 @@ def _config(arg: str) -> dict | None:
     if not path.is_file():
         return None
     cfg = read_config(path)
+    if not isinstance(cfg, dict):
+        return None     # not MiniCPM-o; the Hugging Face source names the problem
     return cfg if "tts_config" in cfg or cfg.get("model_type") == "minicpmo" else None
 
 
@@ -36,7 +38,10 @@ def load(arg: str) -> ModelSource:
     tts = cfg.get("tts_config")
     if not isinstance(tts, dict):
         raise ModelError(f"{config_file}: MiniCPM-o config without a 'tts_config' object")
-    llama = {**LLAMA_DEFAULTS, **{k: v for k, v in tts.items() if k != "model_type"}}
-    return make_source(directory, llama, config_file, prefix="tts.model.", kind="minicpmo", family="llama")
+    own = {k: v for k, v in tts.items() if k != "model_type"}
+    llama = {**LLAMA_DEFAULTS, **own}
+    # The reference: transformers' LlamaConfig from tts_config itself, with its own defaults.
+    return make_source(directory, llama, config_file, prefix="tts.model.", kind="minicpmo", family="llama",
+                       reference_config={"model_type": "llama", **own})
 
 

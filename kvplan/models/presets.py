@@ -8,6 +8,7 @@ import torch
 from kvplan.config import DecoderConfig
 from kvplan.decoder import DecoderStack, StackSpec
 from kvplan.models.base import ModelError, ModelSource
+from kvplan.models.families import FAMILIES, get as get_family
 
 DEFAULT = "minicpmo26-tts"
 
@@ -18,18 +19,9 @@ PRESETS: dict[str, DecoderConfig] = {
         hidden_size=768, intermediate_size=3072, num_layers=20, num_heads=12, num_kv_heads=12,
         head_dim=64, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=4096,
         vocab_size=32000, family="llama"),
-    "tiny-llama": DecoderConfig(
-        hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
-        head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096,
-        vocab_size=256, family="llama"),
-    "tiny-qwen2": DecoderConfig(
-        hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
-        head_dim=16, rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=4096,
-        qkv_bias=True, vocab_size=256, family="qwen2"),
-    "tiny-qwen3": DecoderConfig(
-        hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
-        head_dim=32, rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=4096,
-        qk_norm=True, vocab_size=256, family="qwen3"),
+    # Every registered family's tiny test config: tiny-llama (GQA), tiny-qwen2 (q/k/v bias),
+    # tiny-qwen3 (per-head q/k norm), tiny-mistral (sliding window), ...
+    **{f"tiny-{name}": family.tiny for name, family in FAMILIES.items()},
     # Qwen2-0.5B's shape, for benchmarks.
     "qwen2-0.5b-shape": DecoderConfig(
         hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14, num_kv_heads=2,
@@ -84,5 +76,8 @@ def load(name: str) -> ModelSource:
         return {"embed_tokens.weight": random_tensor("embed_tokens.weight", (vocab, cfg.hidden_size)),
                 "lm_head.weight": random_tensor("lm_head.weight", (vocab, cfg.hidden_size))}
 
+    family = get_family(cfg.family)
     return ModelSource(name=name, config=cfg, kind="preset", read_tensors=read, read_lm=read_lm,
-                       fingerprint={"preset": name, "seed": SEED, "config": cfg.to_dict()})
+                       fingerprint={"preset": name, "seed": SEED, "config": cfg.to_dict()},
+                       reference_config=family.hf_config(cfg),
+                       read_reference=lambda: family.to_checkpoint(cfg, read(list(shapes))))

@@ -112,13 +112,6 @@ def internal(t: gs.Tensor, graph: gs.Graph) -> bool:
     return len(t.outputs) == 1 and t not in graph.outputs
 
 
-def sole_consumer(t: gs.Tensor, graph: gs.Graph, seen: list, what: str, pattern: str) -> gs.Node:
-    """The one node reading ``t``; rejected (naming ``what``) when anything outside ``pattern`` reads it."""
-    if not internal(t, graph):
-        raise Rejected(f"{what} ({t.name}) is used outside {pattern}", seen)
-    return t.outputs[0]
-
-
 def other_input(node: gs.Node, t: gs.Tensor) -> gs.Tensor:
     """For a binary node known to take ``t``, the other operand."""
     a, b = node.inputs

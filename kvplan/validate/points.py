@@ -136,7 +136,7 @@ def point_data(ref, point: Point, batch: int, need_layers: list[int], prefill_re
         past = [torch.zeros(batch, cfg.num_kv_heads, 0, cfg.head_dim, dtype=dtype) for _ in range(2 * cfg.num_layers)]
     g = torch.Generator().manual_seed(point.seed + 1)
     hidden = torch.randn(batch, point.n, cfg.hidden_size, generator=g).to(dtype)
-    mask = causal_mask(batch, point.n, point.last, dtype)
+    mask = causal_mask(batch, point.n, point.last, dtype, window=cfg.sliding_window)
     if point.masked:
         mask = reserve_slots(mask, point.last)
     pos = torch.arange(point.last, point.last + point.n, dtype=torch.int64)[None].expand(batch, point.n).contiguous()

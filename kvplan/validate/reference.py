@@ -1,26 +1,35 @@
 """The independent PyTorch reference: transformers' own model, driven with its own cache.
 
-Nothing here touches kvplan's decoder module: every numeric check compares
-kvplan's exported graphs against this. Only transformers' public API is used
-(config classes, AutoModel, DynamicCache), with a shim for the 4.x/5.x cache
-argument rename.
+Nothing here touches kvplan's decoder module or its reading of the checkpoint: the
+config is the checkpoint's own (``AutoConfig`` on the directory; for presets, the
+config.json their family writes), so a field kvplan drops or misreads shows up as a
+mismatch, and the weights are the checkpoint's own tensors (fused projections still
+fused). The model class is the family's (kvplan/models/families/). Only
+transformers' public API is used (config classes, model classes, DynamicCache), with a
+shim for the 4.x/5.x cache argument rename.
 """
 from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache
+import transformers
+from transformers import AutoConfig, DynamicCache
 
-from kvplan.config import to_hf_dict
 from kvplan.models import ModelSource
-from kvplan.models.presets import tensor_shapes
+from kvplan.models.families import get as get_family
 
 
 def _hf_config(source: ModelSource):
-    d = to_hf_dict(source.config)
-    cfg = AutoConfig.for_model(d.pop("model_type"), **d)
+    if source.reference_config is None:
+        raise ValueError(f"{source.name}: this model source names no reference config")
+    if isinstance(source.reference_config, Path):
+        cfg = AutoConfig.from_pretrained(source.reference_config)
+    else:
+        d = dict(source.reference_config)
+        cfg = AutoConfig.for_model(d.pop("model_type"), **d)
     # Eager attention: the reference must honour an arbitrary additive mask as given.
     cfg._attn_implementation = "eager"
     return cfg
@@ -33,22 +42,23 @@ class StepResult:
 
 
 class HFReference:
-    """transformers' decoder (``AutoModel``) holding ``source``'s weights in ``dtype``."""
+    """transformers' decoder (the family's class) holding ``source``'s weights in ``dtype``."""
 
     def __init__(self, source: ModelSource, dtype: torch.dtype = torch.float32, with_lm: bool = False):
         self.source, self.dtype = source, dtype
         self.hf_config = _hf_config(source)
-        weights = source.read_tensors(list(tensor_shapes(source.config)))
+        decoder_class, lm_class = get_family(source.config.family).reference_classes
+        weights = source.read_reference()
         if with_lm:
             if source.read_lm is None:
                 raise ValueError(f"{source.name}: no LM head in this model source")
             lm = source.read_lm()
-            model = AutoModelForCausalLM.from_config(self.hf_config)
+            model = getattr(transformers, lm_class)(self.hf_config)
             state = {f"model.{k}": v for k, v in weights.items()}
             state["model.embed_tokens.weight"] = lm["embed_tokens.weight"]
             state["lm_head.weight"] = lm["lm_head.weight"]
         else:
-            model = AutoModel.from_config(self.hf_config)
+            model = getattr(transformers, decoder_class)(self.hf_config)
             state = dict(weights)
             state["embed_tokens.weight"] = torch.zeros(model.embed_tokens.weight.shape)
         model.load_state_dict(state, strict=True)
@@ -68,10 +78,10 @@ class HFReference:
         return getattr(self.model, "model", self.model) if hasattr(self.model, "lm_head") else self.model
 
     def new_cache(self):
-        try:
-            return DynamicCache(config=self.hf_config)
-        except TypeError:
-            return DynamicCache()
+        # Full layers, never transformers' sliding-window ones (which keep only the window's
+        # rows): validation feeds the cache as the graphs' past and passes masks over every
+        # row, with the window in the mask, as kvplan's graphs take it.
+        return DynamicCache()
 
     @staticmethod
     def cache_tensors(cache, num_layers: int) -> list[torch.Tensor]:

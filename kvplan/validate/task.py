@@ -56,7 +56,9 @@ def reference_greedy(ref, prompt: torch.Tensor, steps: int):
     with torch.no_grad():
         for _ in range(steps):
             n = inp.shape[1]
-            res = ref.step(embed(inp), causal_mask(1, n, last, ref.dtype), torch.arange(last, last + n)[None], cache)
+            # No mask: transformers builds its own causal (and sliding-window) mask from the
+            # checkpoint's config, independently of kvplan's causal_mask.
+            res = ref.step(embed(inp), None, torch.arange(last, last + n)[None], cache)
             hiddens.append(res.hidden[:, -1].float().numpy())
             token = int(head(res.hidden[:, -1]).argmax(-1))
             tokens.append(token)
@@ -76,7 +78,7 @@ def teacher_forced(ref, stack, prompt: torch.Tensor, ref_tokens: list[int], ref_
     with torch.no_grad():
         for step, want in enumerate(ref_tokens):
             n = inp.shape[1]
-            mask = causal_mask(1, n, last, ref.dtype).numpy()
+            mask = causal_mask(1, n, last, ref.dtype, window=cfg.sliding_window).numpy()
             hidden, past = stack.step(embed(inp).numpy(), mask, np.arange(last, last + n)[None], past)
             h = hidden[:, -1]
             token = int(head(torch.from_numpy(np.ascontiguousarray(h)).to(ref.dtype)).argmax(-1))

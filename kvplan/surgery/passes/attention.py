@@ -38,14 +38,16 @@ definition (the text of the spec and onnx's reference implementation):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from kvplan.surgery.framework import Pass
-from kvplan.surgery.graphutil import (Rejected, sole_consumer, const_value, detach, dtype_name, ints, is_last_axis, onnx_dtype,
-                         other_input, producer, producer_op, rank, unique_name)
+from kvplan.surgery.graphutil import (Rejected, const_value, detach, dtype_name, ints, is_last_axis, onnx_dtype,
+                                     other_input, producer, producer_op, rank, unique_name)
+from kvplan.surgery.pattern import Match
 
 F32 = onnx.TensorProto.FLOAT
 
@@ -61,8 +63,40 @@ def _shape(t: gs.Tensor) -> list | None:
     return list(t.shape) if t.shape is not None else None
 
 
-def _sole(graph, t: gs.Tensor, seen, what) -> gs.Node:
-    return sole_consumer(t, graph, seen, what, "the attention pattern")
+PATTERN = "the attention pattern"
+
+
+@dataclass
+class Softmax:
+    """The softmax and its optional fp32 island: biased -> [Cast] -> x -> Softmax -> [Cast] -> probs -> pv."""
+    node: gs.Node
+    biased: gs.Tensor
+    x: gs.Tensor
+    probs: gs.Tensor
+    pv: gs.Node
+    cast_in: gs.Node | None
+    cast_out: gs.Node | None
+
+
+@dataclass
+class Scores:
+    """scores = MatMul(Q, K^T) [* scale]; biased = scores [+ mask]."""
+    qk_mm: gs.Node
+    scale_node: gs.Node | None
+    scale: float
+    add: gs.Node | None
+    mask: gs.Tensor | None
+    scores: gs.Tensor
+
+
+@dataclass
+class Operands:
+    """Attention's Q, K, V ([B, KV, S, D] after undoing the GQA repetition) and K's transpose."""
+    q: gs.Tensor
+    k: gs.Tensor
+    v: gs.Tensor
+    transpose: gs.Node
+    heads: int
 
 
 class AttentionPass(Pass):
@@ -75,167 +109,198 @@ class AttentionPass(Pass):
                 yield n
 
     def match(self, graph, softmax):
-        seen = [softmax]
-        # --- the softmax and its optional fp32 island ---
+        # pattern: the softmax island, the scores that feed it, Q/K/V behind them;
+        # check: precision, then the mask; rewrite: one Attention node.
+        m = Match(graph, PATTERN, [softmax])
+        sm = self._softmax(m, softmax)
+        if sm is None:
+            return None  # a softmax that neither reads QK^T nor feeds ·V: not attention
+        sc = self._scores(m, sm.biased)
+        ops = self._operands(m, sc.qk_mm, sm.pv)
+        self._precision(m, sm, onnx_dtype(ops.q))
+        m.sole(sm.probs, "the probabilities")
+        if sc.mask is not None:
+            self._mask_broadcasts(m, sc.mask, sc.scores, ops)
+        return lambda: self._rewrite(graph, sm, sc, ops)
+
+    # ---------------------------------------------------------------- pattern
+
+    def _softmax(self, m: Match, softmax: gs.Node) -> Softmax | None:
         x = softmax.inputs[0]
         cast_in = producer_op(x, "Cast")
         biased = cast_in.inputs[0] if cast_in is not None else x
         probs = softmax.outputs[0]
         cast_out = None
-        if len(probs.outputs) == 1 and probs.outputs[0].op == "Cast" and probs not in graph.outputs:
+        if len(probs.outputs) == 1 and probs.outputs[0].op == "Cast" and probs not in m.graph.outputs:
             cast_out = probs.outputs[0]
             probs = cast_out.outputs[0]
         pv = probs.outputs[0] if len(probs.outputs) == 1 else None
-        qk_side = self._score_chain(biased)
-        if qk_side is None and (pv is None or pv.op != "MatMul"):
-            return None  # a softmax that neither reads QK^T nor feeds ·V: not attention
+        if self._score_chain(biased) is None and (pv is None or pv.op != "MatMul"):
+            return None
         if cast_in is not None:
-            seen.insert(0, cast_in)
+            m.before(cast_in)
         if cast_out is not None:
-            seen.append(cast_out)
+            m.after(cast_out)
         if pv is not None:
-            seen.append(pv)
+            m.after(pv)
         axis = softmax.attrs.get("axis", -1)
         if not is_last_axis(axis, softmax.inputs[0]):
-            raise Rejected(f"Softmax over axis {axis}, not the last axis (the only one Attention normalises)", seen)
+            m.reject(f"Softmax over axis {axis}, not the last axis (the only one Attention normalises)")
         if pv is None or pv.op != "MatMul" or pv.inputs[0] is not probs:
-            what = "nothing else" if pv is None else f"{pv.op} ({pv.name})"
-            raise Rejected(f"the probabilities feed {what}, not MatMul(probs, V) alone", seen)
+            if pv is None:
+                readers = ", ".join(f"{n.op} {n.name}" for n in probs.outputs[:3]) or "no node"
+                what = f"{len(probs.outputs)} nodes ({readers})" if probs.outputs else "nothing else"
+            else:
+                what = f"{pv.op} ({pv.name})" if pv.op != "MatMul" else \
+                    f"MatMul ({pv.name}) as its second operand"
+            m.reject(f"the probabilities ({probs.name}) feed {what}, not MatMul(probs, V) alone")
+        return Softmax(softmax, biased, x, probs, pv, cast_in, cast_out)
 
-        # --- scores: [Add(mask)] after [Mul|Div(scale)] after MatMul(Q, Transpose(K)) ---
-        add = producer_op(biased, "Add")
-        mask = None
-        scores = biased
+    def _scores(self, m: Match, biased: gs.Tensor) -> Scores:
+        """[Add(mask)] after [Mul|Div(scale)] after MatMul(Q, Transpose(K))."""
+        add, mask, scores = producer_op(biased, "Add"), None, biased
         if add is not None and (self._is_qk_scaled(add.inputs[0]) or self._is_qk_scaled(add.inputs[1])):
-            seen.insert(0, add)
+            m.before(add)
             scores = add.inputs[0] if self._is_qk_scaled(add.inputs[0]) else add.inputs[1]
             mask = other_input(add, scores)
+        elif add is not None and (tanh := next(filter(None, map(self._softcap, add.inputs)), None)) is not None:
+            m.before(add)
+            m.reject(f"soft-capped logits: {add.name} adds the mask to cap * Tanh(scores / cap) ({tanh.name}); "
+                     "ONNX Attention applies its softcap after adding the mask, which would no longer mask, so "
+                     "the capped attention is left unfused", tanh)
         elif add is not None and any(producer_op(i, "Mul", "Div") is not None for i in add.inputs):
-            seen.insert(0, add)
-            raise Rejected(f"{add.name} adds the mask to something that is not scale * MatMul(Q, K^T)", seen)
+            m.before(add)
+            m.reject(f"{add.name} adds the mask to something that is not scale * MatMul(Q, K^T)")
         scale_node = producer_op(scores, "Mul", "Div")
         if scale_node is None:
             qk_mm = producer_op(scores, "MatMul")
             if qk_mm is None:
-                raise Rejected(f"the softmax input is {self._describe(scores)}, not (Q K^T) * scale [+ mask]", seen)
+                m.reject(f"the softmax input is {self._describe(scores)}, not (Q K^T) * scale [+ mask]")
             scale = 1.0  # no scaling in the graph: Attention must not apply its default 1/sqrt(D)
-            seen.insert(0, qk_mm)
+            m.before(qk_mm)
         else:
-            seen.insert(0, scale_node)
-            data = [i for i in scale_node.inputs if producer_op(i, "MatMul") is not None]
-            if scale_node.op == "Div":
-                data = data[:1] if data and scale_node.inputs[0] is data[0] else []
-            if not data:
-                inner = producer_op(scale_node.inputs[0], "Add") or producer_op(scale_node.inputs[1], "Add")
-                if inner is not None and any(producer_op(i, "MatMul") is not None for i in inner.inputs):
-                    seen.insert(0, inner)
-                    raise Rejected(f"the mask is added before scaling ({inner.name} then {scale_node.name}); "
-                                   "Attention adds attn_mask after scaling QK^T", seen)
-                raise Rejected(f"{scale_node.name} does not scale a MatMul(Q, K^T)", seen)
-            qk_mm = producer(data[0])
-            seen.insert(0, qk_mm)
-            s_t = other_input(scale_node, data[0])
-            sv = const_value(s_t)
-            if sv is None:
-                raise Rejected(f"the scale ({s_t.name}) is not a constant", seen)
-            if sv.size != 1:
-                raise Rejected(f"the scale ({s_t.name}) has shape {list(sv.shape)}, not one value: "
-                               "Attention applies one scale to every head and position", seen)
-            c = float(sv.reshape(-1)[0])
-            scale = 1.0 / c if scale_node.op == "Div" and c != 0 else c
-            if not math.isfinite(scale) or scale <= 0:
-                raise Rejected(f"the scale {c} ({scale_node.op}) is not a finite positive number", seen)
-            _sole(graph, qk_mm.outputs[0], seen, "Q K^T")
+            m.before(scale_node)
+            qk_mm, scale = self._scale(m, scale_node)
+            m.sole(qk_mm.outputs[0], "Q K^T")
         if mask is not None or scale_node is not None:
-            _sole(graph, scores, seen, "the scaled scores")
+            m.sole(scores, "the scaled scores")
         if mask is not None:
-            _sole(graph, biased, seen, "the masked scores")
+            m.sole(biased, "the masked scores")
+        return Scores(qk_mm, scale_node, scale, add, mask, scores)
 
-        # --- Q, K ---
+    def _scale(self, m: Match, scale_node: gs.Node) -> tuple[gs.Node, float]:
+        """The MatMul(Q, K^T) a constant scalar Mul/Div scales, and the scale it applies."""
+        data = [i for i in scale_node.inputs if producer_op(i, "MatMul") is not None]
+        if scale_node.op == "Div":
+            data = data[:1] if data and scale_node.inputs[0] is data[0] else []
+        if not data:
+            inner = producer_op(scale_node.inputs[0], "Add") or producer_op(scale_node.inputs[1], "Add")
+            if inner is not None and any(producer_op(i, "MatMul") is not None for i in inner.inputs):
+                m.before(inner)
+                m.reject(f"the mask is added before scaling ({inner.name} then {scale_node.name}); "
+                         "Attention adds attn_mask after scaling QK^T")
+            m.reject(f"{scale_node.name} does not scale a MatMul(Q, K^T)")
+        qk_mm = m.before(producer(data[0]))
+        s_t = other_input(scale_node, data[0])
+        sv = const_value(s_t)
+        if sv is None:
+            m.reject(f"the scale ({s_t.name}) is not a constant")
+        if sv.size != 1:
+            m.reject(f"the scale ({s_t.name}) has shape {list(sv.shape)}, not one value: "
+                     "Attention applies one scale to every head and position")
+        c = float(sv.reshape(-1)[0])
+        scale = 1.0 / c if scale_node.op == "Div" and c != 0 else c
+        if not math.isfinite(scale) or scale <= 0:
+            m.reject(f"the scale {c} ({scale_node.op}) is not a finite positive number")
+        return qk_mm, scale
+
+    def _operands(self, m: Match, qk_mm: gs.Node, pv: gs.Node) -> Operands:
+        """Q, Transpose(K) and V of the two MatMuls, K and V with their GQA repetition undone."""
         q, kt = qk_mm.inputs
         tr = producer_op(kt, "Transpose")
         if tr is None or tr.attrs.get("perm") not in ([0, 1, 3, 2],):
             perm = tr.attrs.get("perm") if tr is not None else None
-            raise Rejected(f"the second operand of {qk_mm.name} is {self._describe(kt)}"
-                           f"{f' with perm {list(perm)}' if perm is not None else ''}, not Transpose(K, [0, 1, 3, 2])",
-                           seen)
-        seen.insert(0, tr)
-        _sole(graph, kt, seen, "K^T")
-        k4 = tr.inputs[0]
-        v4 = pv.inputs[1]
+            m.reject(f"the second operand of {qk_mm.name} is {self._describe(kt)}"
+                     f"{f' with perm {list(perm)}' if perm is not None else ''}, not Transpose(K, [0, 1, 3, 2])")
+        m.before(tr)
+        m.sole(kt, "K^T")
+        k4, v4 = tr.inputs[0], pv.inputs[1]
         for t, what in ((q, "Q"), (k4, "K"), (v4, "V")):
             if rank(t) != 4:
-                raise Rejected(f"{what} ({t.name}) has rank {rank(t)}, not 4 ([batch, heads, seq, head_dim])", seen)
+                m.reject(f"{what} ({t.name}) has rank {rank(t)}, not 4 ([batch, heads, seq, head_dim])")
         qt = onnx_dtype(q)
         for t, what in ((k4, "K"), (v4, "V")):
             if onnx_dtype(t) != qt:
-                raise Rejected(f"{what} is {dtype_name(onnx_dtype(t))}, Q is {dtype_name(qt)}", seen)
+                m.reject(f"{what} is {dtype_name(onnx_dtype(t))}, Q is {dtype_name(qt)}")
         # Sequence lengths and head sizes need no check: the graph's own MatMuls only run when
         # they agree, and Attention requires the same. Head counts decide the GQA grouping.
-        qs = _shape(q)
-        heads = qs[1]
+        heads = _shape(q)[1]
         if not isinstance(heads, int) or heads <= 0:
-            raise Rejected(f"the number of query heads of {q.name} ({heads}) is not static", seen)
-        k, k_rep = self._unrepeat(graph, k4, heads, "K", seen)
-        v, v_rep = self._unrepeat(graph, v4, heads, "V", seen)
+            m.reject(f"the number of query heads of {q.name} ({heads}) is not static")
+        k, k_rep = self._unrepeat(m.graph, k4, heads, "K", m.nodes)
+        v, v_rep = self._unrepeat(m.graph, v4, heads, "V", m.nodes)
         if k_rep != v_rep:
-            raise Rejected(f"K is repeated {k_rep}x, V {v_rep}x", seen)
+            m.reject(f"K is repeated {k_rep}x, V {v_rep}x")
+        return Operands(q, k, v, tr, heads)
 
-        # --- the softmax precision ---
-        if cast_in is not None:
-            to = cast_in.attrs.get("to")
-            if onnx_dtype(biased) != qt:
-                raise Rejected(f"the scores are {dtype_name(onnx_dtype(biased))} before the softmax cast, "
-                               f"Q is {dtype_name(qt)}", seen)
+    # ---------------------------------------------------------------- checks
+
+    def _precision(self, m: Match, sm: Softmax, qt: int | None) -> None:
+        """An fp32 island casts from Q's dtype to FLOAT and back; without one, the softmax runs in Q's dtype."""
+        if sm.cast_in is not None:
+            to = sm.cast_in.attrs.get("to")
+            if onnx_dtype(sm.biased) != qt:
+                m.reject(f"the scores are {dtype_name(onnx_dtype(sm.biased))} before the softmax cast, "
+                         f"Q is {dtype_name(qt)}")
             if to != F32:
-                raise Rejected(f"the softmax island casts to {dtype_name(to)}, not FLOAT", seen)
-            if cast_out is None or cast_out.attrs.get("to") != qt:
-                got = dtype_name(cast_out.attrs.get("to")) if cast_out is not None else "nothing"
-                raise Rejected(f"the fp32 probabilities are cast to {got}, not back to Q's {dtype_name(qt)}", seen)
-            _sole(graph, x, seen, "the softmax's fp32 input")
-            _sole(graph, softmax.outputs[0], seen, "the fp32 probabilities")
+                m.reject(f"the softmax island casts to {dtype_name(to)}, not FLOAT")
+            if sm.cast_out is None or sm.cast_out.attrs.get("to") != qt:
+                got = dtype_name(sm.cast_out.attrs.get("to")) if sm.cast_out is not None else "nothing"
+                m.reject(f"the fp32 probabilities are cast to {got}, not back to Q's {dtype_name(qt)}")
+            m.sole(sm.x, "the softmax's fp32 input")
+            m.sole(sm.node.outputs[0], "the fp32 probabilities")
         else:
-            if cast_out is not None:
-                raise Rejected(f"the probabilities are cast to {dtype_name(cast_out.attrs.get('to'))} with no cast "
-                               "into the softmax", seen)
-            if onnx_dtype(x) != qt:
-                raise Rejected(f"the softmax runs in {dtype_name(onnx_dtype(x))}, Q is {dtype_name(qt)}", seen)
-        _sole(graph, probs, seen, "the probabilities")
+            if sm.cast_out is not None:
+                m.reject(f"the probabilities are cast to {dtype_name(sm.cast_out.attrs.get('to'))} with no cast "
+                         "into the softmax")
+            if onnx_dtype(sm.x) != qt:
+                m.reject(f"the softmax runs in {dtype_name(onnx_dtype(sm.x))}, Q is {dtype_name(qt)}")
 
-        # --- the mask ---
-        if mask is not None:
-            if onnx_dtype(mask) != qt:
-                raise Rejected(f"the mask ({mask.name}) is {dtype_name(onnx_dtype(mask))}, not Q's "
-                               f"{dtype_name(qt)}", seen)
-            # attn_mask must broadcast to [B, H, N, S] as the Add broadcast it, without enlarging
-            # the scores: batch and head axes 1 or equal (static), sequence axes 1, equal, or
-            # dynamic (the Add then only runs when they agree).
-            ms, ss = _shape(mask), _shape(scores)
-            if ms is None or len(ms) > 4:
-                raise Rejected(f"the mask shape {ms} is not of rank 4 or less", seen)
-            ss = ss if ss is not None and len(ss) == 4 else [None] * 4
-            for axis, (m_d, s_d) in enumerate(zip(ms[::-1], ss[::-1])):
-                axis = 3 - axis
-                if m_d == 1 or _same_dim(m_d, s_d):
-                    continue
-                if axis == 1 and m_d == heads:
-                    continue
-                if axis >= 2 and not (isinstance(m_d, int) and isinstance(s_d, int)):
-                    continue
-                raise Rejected(f"the mask shape {ms} is not known to broadcast into the scores {_shape(scores)} "
-                               f"(axis {axis}: {m_d} against {s_d})", seen)
+    def _mask_broadcasts(self, m: Match, mask: gs.Tensor, scores: gs.Tensor, ops: Operands) -> None:
+        """attn_mask must broadcast to [B, H, N, S] as the Add broadcast it, without enlarging the
+        scores: batch and head axes 1 or equal (static), sequence axes 1, equal, or dynamic (the
+        Add then only runs when they agree)."""
+        qt = onnx_dtype(ops.q)
+        if onnx_dtype(mask) != qt:
+            m.reject(f"the mask ({mask.name}) is {dtype_name(onnx_dtype(mask))}, not Q's {dtype_name(qt)}")
+        ms, ss = _shape(mask), _shape(scores)
+        if ms is None or len(ms) > 4:
+            m.reject(f"the mask shape {ms} is not of rank 4 or less")
+        ss = ss if ss is not None and len(ss) == 4 else [None] * 4
+        for axis, (m_d, s_d) in enumerate(zip(ms[::-1], ss[::-1])):
+            axis = 3 - axis
+            if m_d == 1 or _same_dim(m_d, s_d):
+                continue
+            if axis == 1 and m_d == ops.heads:
+                continue
+            if axis >= 2 and not (isinstance(m_d, int) and isinstance(s_d, int)):
+                continue
+            m.reject(f"the mask shape {ms} is not known to broadcast into the scores {_shape(scores)} "
+                     f"(axis {axis}: {m_d} against {s_d})")
 
-        def rewrite():
-            y = pv.outputs[0]
-            core = [n for n in (qk_mm, tr, scale_node, add if mask is not None else None, cast_in, softmax,
-                                cast_out, pv) if n is not None]
-            detach(core)
-            attrs = {"scale": float(np.float32(scale)), "is_causal": 0}
-            inputs = [q, k, v] + ([mask] if mask is not None else [])
-            base = softmax.name.rsplit("/", 1)[0] if "/" in softmax.name else softmax.name
-            graph.nodes.append(gs.Node("Attention", name=unique_name(graph, f"{base}/Attention"),
-                                       attrs=attrs, inputs=inputs, outputs=[y]))
-        return rewrite
+    # ---------------------------------------------------------------- rewrite
+
+    @staticmethod
+    def _rewrite(graph: gs.Graph, sm: Softmax, sc: Scores, ops: Operands) -> None:
+        y = sm.pv.outputs[0]
+        core = [n for n in (sc.qk_mm, ops.transpose, sc.scale_node, sc.add if sc.mask is not None else None,
+                            sm.cast_in, sm.node, sm.cast_out, sm.pv) if n is not None]
+        detach(core)
+        attrs = {"scale": float(np.float32(sc.scale)), "is_causal": 0}
+        inputs = [ops.q, ops.k, ops.v] + ([sc.mask] if sc.mask is not None else [])
+        base = sm.node.name.rsplit("/", 1)[0] if "/" in sm.node.name else sm.node.name
+        graph.nodes.append(gs.Node("Attention", name=unique_name(graph, f"{base}/Attention"),
+                                   attrs=attrs, inputs=inputs, outputs=[y]))
 
     # ---------------------------------------------------------------- helpers
 
@@ -266,6 +331,14 @@ class AttentionPass(Pass):
                 return None
             t = mm[0]
         return None
+
+    @staticmethod
+    def _softcap(t) -> gs.Node | None:
+        """The Tanh of cap * Tanh(x / cap) (Gemma 2's soft-capped logits) when t is that, else None."""
+        mul = producer_op(t, "Mul")
+        if mul is None:
+            return None
+        return next((n for n in map(lambda i: producer_op(i, "Tanh"), mul.inputs) if n is not None), None)
 
     @staticmethod
     def _describe(t) -> str:

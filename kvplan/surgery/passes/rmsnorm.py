@@ -23,15 +23,15 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from kvplan.surgery.framework import Pass
-from kvplan.surgery.graphutil import (Rejected, sole_consumer, const_value, detach, dtype_name, internal, ints, is_last_axis, last_dim,
-                         onnx_dtype, other_input, producer, producer_op, rank, scalar, unique_name)
+from kvplan.surgery.graphutil import (Rejected, const_value, detach, dtype_name, ints, is_last_axis, last_dim,
+                                     onnx_dtype, other_input, producer, producer_op, rank, scalar, unique_name)
+from kvplan.surgery.pattern import Match
 
 F32 = onnx.TensorProto.FLOAT
 ISLAND_TYPES = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 
 
-def _sole(t: gs.Tensor, graph: gs.Graph, seen: list[gs.Node], what: str) -> gs.Node:
-    return sole_consumer(t, graph, seen, what, "the norm, so the pattern cannot be replaced")
+PATTERN = "the norm, so the pattern cannot be replaced"
 
 
 class RMSNormPass(Pass):
@@ -47,6 +47,7 @@ class RMSNormPass(Pass):
     def match(self, graph, mean):
         sq = producer(mean.inputs[0])
         seen = [sq, mean]
+        m = Match(graph, PATTERN, seen)
         x = sq.inputs[0]
         if sq.op == "Pow":
             if scalar(sq.inputs[1]) != 2.0:
@@ -62,11 +63,10 @@ class RMSNormPass(Pass):
             raise Rejected(f"ReduceMean over axes {list(axes)}, not the last axis only", seen)
         if mean.attrs.get("keepdims", 1) != 1:
             raise Rejected("ReduceMean has keepdims=0", seen)
-        if not internal(sq.outputs[0], graph):
-            raise Rejected("the squared input is used outside the norm", seen)
+        m.sole(sq.outputs[0], "the squared input")
 
         # --- epsilon ---
-        add = _sole(mean.outputs[0], graph, seen, "the mean square")
+        add = m.sole(mean.outputs[0], "the mean square")
         seen.append(add)
         if add.op != "Add":
             raise Rejected(f"the mean square feeds {add.op}, not Add(epsilon)", seen)
@@ -81,7 +81,7 @@ class RMSNormPass(Pass):
             raise Rejected(f"epsilon {eps} is not a finite non-negative number", seen)
 
         # --- 1/sqrt and the normalising product ---
-        norm, inv = self._normalise(graph, add, x, seen)
+        norm, inv = self._normalise(m, add, x)
 
         # --- input dtype and the optional fp32 island ---
         x_type = onnx_dtype(x)
@@ -95,7 +95,7 @@ class RMSNormPass(Pass):
         if island:
             seen.insert(0, cast_in)
         out = norm.outputs[0]
-        nxt = _sole(out, graph, seen, "the normalised value")
+        nxt = m.sole(out, "the normalised value")
         cast_out = None
         if nxt.op == "Cast":
             cast_out = nxt
@@ -106,7 +106,7 @@ class RMSNormPass(Pass):
                 raise Rejected(f"the normalised value is cast to {dtype_name(to)}, but the norm's input is "
                                f"{dtype_name(want)}", seen)
             out = cast_out.outputs[0]
-            nxt = _sole(out, graph, seen, "the cast-back value")
+            nxt = m.sole(out, "the cast-back value")
         elif island:
             raise Rejected(f"the input is cast from {dtype_name(onnx_dtype(X))} to float32 but the result is "
                            f"not cast back (next op: {nxt.op})", seen)
@@ -141,10 +141,11 @@ class RMSNormPass(Pass):
                 attrs={"axis": -1, "epsilon": eps, "stash_type": 1}, inputs=[X, w], outputs=[y]))
         return rewrite
 
-    def _normalise(self, graph, add, x, seen):
+    def _normalise(self, m: Match, add, x):
         """Follow Add(eps) to the product/quotient that normalises x; returns (that node, the nodes between)."""
+        seen = m.nodes
         s = add.outputs[0]
-        first = _sole(s, graph, seen, "the mean square plus epsilon")
+        first = m.sole(s, "the mean square plus epsilon")
         seen.append(first)
         if first.op == "Pow":
             if scalar(first.inputs[1]) != -0.5:
@@ -152,7 +153,7 @@ class RMSNormPass(Pass):
             chain = [first]
         elif first.op == "Sqrt":
             root = first.outputs[0]
-            nxt = _sole(root, graph, seen, "the root mean square")
+            nxt = m.sole(root, "the root mean square")
             seen.append(nxt)
             if nxt.op == "Div" and nxt.inputs[1] is root and nxt.inputs[0] is x:
                 return nxt, [first]  # x / sqrt(ms + eps)
@@ -165,7 +166,7 @@ class RMSNormPass(Pass):
         else:
             raise Rejected(f"Add(epsilon) feeds {first.op}, not Sqrt or Pow(-0.5)", seen)
         inv = chain[-1].outputs[0]
-        norm = _sole(inv, graph, seen, "the reciprocal root mean square")
+        norm = m.sole(inv, "the reciprocal root mean square")
         seen.append(norm)
         if norm.op != "Mul" or other_input(norm, inv) is not x:
             raise Rejected("the reciprocal root mean square does not multiply the norm's own input", seen)

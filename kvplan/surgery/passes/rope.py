@@ -23,10 +23,12 @@ import onnx_graphsurgeon as gs
 import numpy as np
 
 from kvplan.surgery.framework import Pass
-from kvplan.surgery.graphutil import (Rejected, sole_consumer, const_value, detach, dtype_name, ints, is_last_axis, last_dim,
-                         onnx_dtype, other_input, producer, producer_op, rank, unique_name)
+from kvplan.surgery.graphutil import (Rejected, const_value, detach, dtype_name, ints, is_last_axis, last_dim,
+                                     onnx_dtype, other_input, producer, producer_op, rank, unique_name)
+from kvplan.surgery.pattern import Match
 
 INT64_MAX = 2**63 - 1
+PATTERN = "the rotary pattern"
 
 
 def _slice_range(node: gs.Node, x: gs.Tensor, d: int, seen) -> tuple[int, int, int] | None:
@@ -72,6 +74,7 @@ class RoPEPass(Pass):
         s_hi = producer(neg.inputs[0])
         x = s_hi.inputs[0]
         seen = [s_hi, neg]
+        m = Match(graph, PATTERN, seen)
         d = last_dim(x)
         if d is None:
             raise Rejected(f"the head size of {x.name} is not static", seen)
@@ -83,7 +86,7 @@ class RoPEPass(Pass):
                            "rotate_half convention (interleaved=0) is", seen)
 
         # --- rotate_half: Concat(-x[D/2:], x[:D/2]) on the last axis ---
-        cat = self._sole(graph, neg.outputs[0], seen, "the negated half")
+        cat = m.sole(neg.outputs[0], "the negated half")
         seen.append(cat)
         if cat.op != "Concat" or not is_last_axis(cat.attrs.get("axis", 0), x) or len(cat.inputs) != 2:
             raise Rejected(f"the negated half feeds {cat.op}, not a two-input Concat on the last axis "
@@ -103,15 +106,15 @@ class RoPEPass(Pass):
             if hi[:2] == (0, half) and lo[:2] == (half, d):
                 raise Rejected("the first half is negated instead of the second: not rotate_half", seen)
             raise Rejected(f"halves {lo[:2]} and {hi[:2]} do not split head size {d} in two", seen)
-        self._sole(graph, s_lo.outputs[0], seen, "the unnegated half")
+        m.sole(s_lo.outputs[0], "the unnegated half")
 
         # --- y = x * cos + rotate_half(x) * sin ---
-        m_sin = self._sole(graph, cat.outputs[0], seen, "rotate_half(x)")
+        m_sin = m.sole(cat.outputs[0], "rotate_half(x)")
         seen.append(m_sin)
         if m_sin.op != "Mul":
             raise Rejected(f"rotate_half(x) feeds {m_sin.op}, not Mul(sin)", seen)
         sin = other_input(m_sin, cat.outputs[0])
-        add = self._sole(graph, m_sin.outputs[0], seen, "rotate_half(x) * sin")
+        add = m.sole(m_sin.outputs[0], "rotate_half(x) * sin")
         seen.append(add)
         if add.op != "Add":
             raise Rejected(f"rotate_half(x) * sin feeds {add.op}, not Add", seen)
@@ -119,7 +122,7 @@ class RoPEPass(Pass):
         if m_cos is None or x not in m_cos.inputs:
             raise Rejected("the other addend is not x * cos", seen)
         seen.insert(-1, m_cos)
-        self._sole(graph, m_cos.outputs[0], seen, "x * cos")
+        m.sole(m_cos.outputs[0], "x * cos")
         cos = other_input(m_cos, x)
         if cos is x:
             raise Rejected("x * x is not x * cos", seen)
@@ -146,9 +149,6 @@ class RoPEPass(Pass):
                 attrs={"interleaved": 0}, inputs=[x, c, s], outputs=[y]))
         return rewrite
 
-    @staticmethod
-    def _sole(graph, t, seen, what) -> gs.Node:
-        return sole_consumer(t, graph, seen, what, "the rotary pattern")
 
     def _half_cache(self, graph, t, trig, d, x, seen) -> dict:
         """Check that t is Unsqueeze(axis 1) of a duplicated cos/sin; return how to slice its first half."""
