@@ -46,18 +46,6 @@ def test_the_attention_flag_is_skipped_where_tensorrt_has_no_attention_layer():
     assert network.allow_decomposed_attention(old_trt, net) == 0
 
 
-def test_the_attention_flag_is_set_on_the_installed_backend(tmp_path):
-    """Where the enum exists (TensorRT-RTX here) the real parsed network's attention layers count."""
-    try:
-        backend = backend_mod.select_backend("tensorrt-rtx")
-    except BackendError as e:
-        pytest.skip(str(e))
-    trt = backend.module
-    builder = trt.Builder(trt.Logger(trt.Logger.ERROR))
-    net = builder.create_network(backend.strongly_typed_flag)
-    assert network.allow_decomposed_attention(trt, net) == 0
-
-
 def test_parser_failures_name_what_an_old_tensorrt_lacks(tmp_path):
     class Parser:
         num_errors = 0
@@ -204,3 +192,23 @@ def test_runtime_check_without_a_cuda_runtime_reports_not_run(monkeypatch, tmp_p
     rec = runtime_check.run_engine_check(tmp_path / "missing.plan", profile, _contract("concat"),
                                          tmp_path / "missing.onnx", backend, log=lambda *_: None)
     assert rec["ran"] is False and rec["why"].startswith("no CUDA stream from the CUDA runtime")
+
+
+# --------------------------------------------------------------------------- weight copies
+
+def test_extra_memory_target_is_set_on_the_profiles_after_the_first_and_recorded(tmp_path):
+    """A real TensorRT-RTX build of tiny-llama with the hint; the record says it was set."""
+    from kvplan.export.exporter import export_pack
+    from kvplan.trt import build_engine
+    try:
+        backend = backend_mod.select_backend("tensorrt-rtx")
+    except BackendError as e:
+        pytest.skip(str(e))
+    src = resolve("tiny-llama")
+    [spec] = pack_specs(src.config, 0, 0)
+    export_pack(src, spec, "float16", 1, tmp_path / "decoder.onnx", log=None)
+    profile = dataclasses.replace(profiles.load("fp16"), optimization_level=0)
+    record = build_engine(tmp_path / "decoder.onnx", tmp_path / "decoder.plan", profile,
+                          io_contract(src.config, spec, 1, "float16"), backend, None, log=lambda *_: None,
+                          extra_memory_target=0.0)
+    assert record["options"]["extra_memory_target"] == 0.0 and (tmp_path / "decoder.plan").is_file()

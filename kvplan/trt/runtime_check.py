@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto
+from polygraphy import cuda as pg_cuda
+from polygraphy.datatype import DataType
 
 from kvplan.trt.backend import Backend
 from kvplan.profiles import Profile, ShapeProfile
@@ -113,11 +115,7 @@ class _Device:
     ctypes): works with any torch build, the CPU one included, which only stages host tensors."""
 
     def __init__(self):
-        # Optional at import: only a run on a GPU needs the CUDA runtime library.
-        from polygraphy import cuda
-        from polygraphy.datatype import DataType
-        self.cuda, self.DataType = cuda, DataType
-        self.stream = cuda.Stream()
+        self.stream = pg_cuda.Stream()       # loads libcudart here, not at import
         self.buffers = []
 
     def upload(self, host):
@@ -128,7 +126,7 @@ class _Device:
 
     def alloc(self, shape: tuple, dtype):
         # An empty tensor (lastSum = 0) still gets a valid address.
-        buf = self.cuda.DeviceArray(shape if math.prod(shape) else (1,), self.DataType.from_dtype(dtype))
+        buf = pg_cuda.DeviceArray(shape if math.prod(shape) else (1,), DataType.from_dtype(dtype))
         buf.logical_shape = shape      # the tensor's own shape, (…, 0, …) included
         self.buffers.append(buf)
         return buf
