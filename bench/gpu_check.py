@@ -469,7 +469,7 @@ def tensorrt_check(model: str, tmp: Path, log) -> dict:
             v = subprocess.run([sys.executable, "-m", "build.validate", "--profile", str(tmp / f"{name}.toml"),
                                 "--model", model, "--out", str(tmp / "engines"), "--points", "opt", "--no-task",
                                 "--backend", backend.name], cwd=ROOT, capture_output=True, text=True)
-            entry["validate"] = {"rc": v.returncode, "tail": v.stdout[-2500:] + v.stderr[-800:]}
+            entry["validate"] = {"rc": v.returncode, "tail": v.stdout[-6000:] + v.stderr[-800:]}
     return rec
 
 

@@ -212,3 +212,50 @@ def test_extra_memory_target_is_set_on_the_profiles_after_the_first_and_recorded
                           io_contract(src.config, spec, 1, "float16"), backend, None, log=lambda *_: None,
                           extra_memory_target=0.0)
     assert record["options"]["extra_memory_target"] == 0.0 and (tmp_path / "decoder.plan").is_file()
+
+
+# --------------------------------------------------------------------------- in-place re-check
+
+IN_PLACE_PROFILE = """description = "in-place engine, tiny"
+[export]
+dtype = "float16"
+kv_io = "inplace"
+[surgery]
+passes = []
+[engine]
+optimization_level = 0
+[[engine.profiles]]
+name = "prefill"
+N = [1, 4, 8]
+lastSum = [0, 0, 8]
+[[engine.profiles]]
+name = "decode"
+N = [1, 1, 1]
+lastSum = [1, 8, 15]
+[validate]
+atol = 5e-2
+rtol = 2e-2
+"""
+
+
+def test_validation_of_an_in_place_engine_prints_its_polygraphy_recheck(tmp_path, capsys):
+    """Polygraphy's TensorRT runner binds in-place outputs (>= 0.50.3): the saved inputs and
+    outputs re-check the engine with `polygraphy run` on a GPU host, one line per profile."""
+    from kvplan.cli import build_main, validate_main
+    from kvplan.manifest import load_manifest
+    try:
+        backend_mod.select_backend("auto")
+    except BackendError as e:
+        pytest.skip(str(e))
+    (tmp_path / "inplace.toml").write_text(IN_PLACE_PROFILE)
+    out = tmp_path / "e"
+    args = ["--model", "tiny-llama", "--profile", str(tmp_path / "inplace.toml"), "--out", str(out)]
+    assert build_main(args) == 0
+    rc = validate_main(args + ["--points", "opt", "--no-task"])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    recheck = load_manifest(out / "tiny-llama" / "inplace")["validation"]["recheck"]
+    engine_lines = [c for c in recheck if "--model-type engine" in c]
+    assert [("--optimization-profile 0" in c, "--optimization-profile 1" in c) for c in engine_lines] == \
+        [(True, False), (False, True)]
+    assert all(c in printed for c in engine_lines)
