@@ -276,12 +276,25 @@ def transformers_step(source, dtype, device, shape: Shape):
     hidden = torch.randn(1, shape.n, cfg.hidden_size, generator=g).to(device, dtype)
     pos = torch.arange(shape.last, shape.last + shape.n, device=device)[None]
 
+    held: list = []
+
     def step(module=model):
+        # The tensors this call reads stay referenced until the next call: a CUDA graph captured
+        # from it replays reads of exactly these (the crop below drops the cache's own references).
+        held[:] = _cache_refs(cache)
         with torch.no_grad():
             out = module(inputs_embeds=hidden, position_ids=pos, use_cache=True, **{ref._cache_kw: cache})
         cache.crop(-shape.n)        # back to lastSum rows (transformers 5 crops by a negative count only)
         return out
     return model, step
+
+
+def _cache_refs(cache) -> list:
+    """The tensors a transformers cache holds (5.x: per-layer objects; 4.x: key/value lists)."""
+    if hasattr(cache, "layers"):
+        return [t for layer in cache.layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+                if t is not None]
+    return list(getattr(cache, "key_cache", [])) + list(getattr(cache, "value_cache", []))
 
 
 def timing(source, device, dtype, shapes: list[Shape], modes, impls, steps: int, warmup: int, log) -> list[dict]:
