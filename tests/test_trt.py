@@ -66,15 +66,18 @@ def _leftovers(directory: Path) -> list[str]:
 # --------------------------------------------------------------------------- backend
 
 def test_auto_picks_an_importable_backend(backend):
+    caps, how = visible_gpus()
     try:
         import tensorrt  # noqa: F401
-        expected = "tensorrt"
+        full = True
     except ImportError:
-        expected = "tensorrt-rtx"
-    assert backend.name == expected
+        full = False
+    # Full TensorRT's builder needs a GPU: without one, auto takes TensorRT-RTX.
+    if not full or not caps:
+        assert backend.name == "tensorrt-rtx"
+    assert backend.can_build
     assert backend.version and backend.module is not None
     assert isinstance(backend.strongly_typed_flag, int)
-    caps, how = visible_gpus()
     if not caps:
         assert backend.can_run is False
         assert backend.why_not_run == "no CUDA GPU visible"
@@ -396,17 +399,6 @@ def test_engine_check_inputs_for_an_inplace_buffer(fast_profile):
     mask = inputs["attention_mask"]
     assert mask.shape == (1, 1, 1, 4096)
     assert mask[0, 0, 0, 302].item() == 0 and mask[0, 0, 0, 303].item() < -1e4
-
-
-def test_inplace_outputs_are_bound_to_their_inputs():
-    _, contract = _inplace_contract()
-
-    class EngineWithoutAliasQuery:
-        pass
-    alias = build_trt.runtime_check._aliased_input
-    assert alias(EngineWithoutAliasQuery(), "past_value3", contract) == "past_value_in3"
-    assert alias(EngineWithoutAliasQuery(), "hidden_out", contract) is None
-    assert alias(EngineWithoutAliasQuery(), "past_key0", {"inputs": {}}) is None
 
 
 @pytest.mark.gpu

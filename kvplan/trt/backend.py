@@ -7,12 +7,18 @@ Both share one Python API. The differences that matter to kvplan:
   or deprecated there, so it is looked up, never assumed).
 - Running engines: needs a visible CUDA GPU, and for TensorRT-RTX one of its supported
   compute capabilities (7.5, 8.0, 8.6, 8.9, 12.x; not 9.0 Hopper). TensorRT-RTX builds and
-  serializes engines on a CPU-only machine; it cannot deserialize them there.
+  serializes engines on a CPU-only machine; it cannot deserialize them there. Full TensorRT's
+  builder needs a GPU too.
+- Versions: the ONNX parser of full TensorRT gained what kvplan's fused and in-place graphs
+  use in 10.14 (Attention) and 10.15 (RMSNormalization, RotaryEmbedding, TensorScatter and the
+  KV-cache update layer, ``get_aliased_input_tensor``); ``Backend.lacks`` names what an older
+  one does not have.
 """
 from __future__ import annotations
 
 import ctypes
 import importlib
+import re
 import shutil
 import subprocess
 import warnings
@@ -26,6 +32,16 @@ MODULES = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
 # Compute capabilities TensorRT-RTX runs on (major, minor); any 12.x counts.
 RTX_SUPPORTED_CC = ((7, 5), (8, 0), (8, 6), (8, 9))
 RTX_SUPPORTED_MAJOR = (12,)
+
+# What kvplan's graphs need of full TensorRT, and the release that added it. TensorRT-RTX has
+# them all from the floor pyproject.toml sets (1.7, the release kvplan is tested with).
+FEATURES = (
+    ("Attention, the attention pass's fused layer (trt.LayerType.ATTENTION_INPUT)", (10, 14)),
+    ("RMSNormalization, the rmsnorm pass's layer", (10, 15)),
+    ("RotaryEmbedding, the rope pass's layer", (10, 15)),
+    ("TensorScatter as the KV-cache update layer (kv_io = inplace)", (10, 15)),
+    ("ICudaEngine.get_aliased_input_tensor, to bind in-place outputs (kv_io = inplace)", (10, 15)),
+)
 
 INSTALL_HINT = {
     "tensorrt-rtx": "install it with `pip install 'kvplan[tensorrt-rtx]'` (PyPI package tensorrt-rtx-cu13)",
@@ -45,6 +61,8 @@ class Backend:
     can_run: bool                  # engines can be deserialized and executed here
     why_not_run: str               # "" when can_run
     gpus: tuple[str, ...] = ()     # compute capabilities seen ("8.6", ...)
+    lacks: tuple[str, ...] = ()    # FEATURES this version does not have
+    can_build: bool = True         # full TensorRT's builder needs a CUDA GPU; TensorRT-RTX's does not
 
     @property
     def is_rtx(self) -> bool:
@@ -57,7 +75,24 @@ class Backend:
 
     def describe(self) -> str:
         run = "can run engines" if self.can_run else f"cannot run engines ({self.why_not_run})"
-        return f"{self.name} {self.version}: {run}"
+        lacks = f"; lacks {'; '.join(self.lacks)}" if self.lacks else ""
+        return f"{self.name} {self.version}: {run}{lacks}"
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """"10.13.0.35" -> (10, 13, 0, 35), "11.0.0b1" -> (11, 0, 0); "unknown" -> ()."""
+    m = re.match(r"\d+(?:\.\d+)*", version)
+    return tuple(int(x) for x in m.group(0).split(".")) if m else ()
+
+
+def lacking(name: str, version: str) -> tuple[str, ...]:
+    """The FEATURES a backend of this version lacks (full TensorRT only: see FEATURES)."""
+    if name != "tensorrt":
+        return ()
+    have = version_tuple(version)
+    if not have:
+        return ()      # an unparsable version is not guessed at
+    return tuple(f"{what} (TensorRT {since[0]}.{since[1]})" for what, since in FEATURES if have[:2] < since)
 
 
 def _import(name: str) -> ModuleType:
@@ -142,8 +177,8 @@ def rtx_supports(cc: str) -> bool:
     return (m, n) in RTX_SUPPORTED_CC or m in RTX_SUPPORTED_MAJOR
 
 
-def _runability(name: str) -> tuple[bool, str, tuple[str, ...]]:
-    caps, how = visible_gpus()
+def _runability(name: str, gpus: tuple[list[str], str] | None = None) -> tuple[bool, str, tuple[str, ...]]:
+    caps, how = gpus if gpus is not None else visible_gpus()
     if not caps:
         return False, how, ()
     if name == "tensorrt-rtx":
@@ -155,24 +190,33 @@ def _runability(name: str) -> tuple[bool, str, tuple[str, ...]]:
 
 
 def select_backend(name: str = "auto") -> Backend:
-    """``auto``: full TensorRT where importable, else TensorRT-RTX. A named backend must import."""
+    """A named backend must import. ``auto`` takes, of the importable ones, one whose builder can
+    run here (full TensorRT's needs a GPU), then one that lacks none of FEATURES, then one that
+    can run engines here, then full TensorRT."""
     if name not in ("auto", *BACKENDS):
         raise BackendError(f"unknown TensorRT backend {name!r} (one of auto, {', '.join(BACKENDS)})")
-    if name == "auto":
-        errors = []
-        for candidate in BACKENDS:
-            try:
-                module = _import(candidate)
-            except BackendError as e:
-                errors.append(str(e))
-                continue
-            return _make(candidate, module)
+    gpus = visible_gpus()
+    if name != "auto":
+        return _make(name, _import(name), gpus)
+    made, errors = [], []
+    for candidate in BACKENDS:
+        try:
+            made.append(_make(candidate, _import(candidate), gpus))
+        except BackendError as e:
+            errors.append(str(e))
+    if not made:
         raise BackendError("no TensorRT backend is importable: " + "; ".join(errors))
-    return _make(name, _import(name))
+    best = max(made, key=lambda b: (b.can_build, not b.lacks, b.can_run, not b.is_rtx))
+    if not best.can_build:
+        raise BackendError(f"{best.name} {best.version} is installed but its builder needs a CUDA GPU "
+                           f"({best.why_not_run}); to build on this machine, {INSTALL_HINT['tensorrt-rtx']}")
+    return best
 
 
-def _make(name: str, module: ModuleType) -> Backend:
-    can_run, why, caps = _runability(name)
-    return Backend(name=name, module=module, version=str(getattr(module, "__version__", "unknown")),
+def _make(name: str, module: ModuleType, gpus: tuple[list[str], str] | None = None) -> Backend:
+    can_run, why, caps = _runability(name, gpus)
+    version = str(getattr(module, "__version__", "unknown"))
+    return Backend(name=name, module=module, version=version,
                    strongly_typed_flag=_strongly_typed_flag(module), can_run=can_run,
-                   why_not_run=why, gpus=caps)
+                   why_not_run=why, gpus=caps, lacks=lacking(name, version),
+                   can_build=name == "tensorrt-rtx" or bool(caps))

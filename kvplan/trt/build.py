@@ -23,20 +23,30 @@ from kvplan.trt.callbacks import Log, Pending, interrupts_cancel, make_logger, m
 from kvplan.trt.errors import BuildError
 from kvplan.trt.memory import memory_record
 from kvplan.trt.network import allow_decomposed_attention, check_network_inputs, network_summary, parse
+from kvplan.trt.plan_io import host_code_allowed
 from kvplan.trt.options import configure, load_timing_cache, save_timing_cache, timing_cache_supported
 from kvplan.fileio import atomic_file
 from kvplan.trt.shapes import dims, shapes_for
 from kvplan.trt.trtexec import trtexec_command
 
 
-def _add_profiles(builder, config, shapes: dict, profile: Profile, onnx_path: Path, logger) -> dict:
+def _add_profiles(builder, config, shapes: dict, profile: Profile, onnx_path: Path, logger,
+                  extra_memory_target: float | None = None) -> dict:
     """One optimization profile per ShapeProfile, in the profile file's order (index = position);
-    returns the shapes the builder took, per profile and input."""
+    returns the shapes the builder took, per profile and input.
+
+    ``extra_memory_target`` (0..1, None: unset) is the builder's hint for the weight memory each
+    profile after the first may add. TensorRT-RTX 1.7 builds the same plan size with 0.0 as without
+    (bench/weight_copies.py), so it is not set by default."""
     record: dict[str, dict[str, dict[str, list[int]]]] = {}
-    for sp in profile.shapes:
+    for k, sp in enumerate(profile.shapes):
         opt_profile = builder.create_optimization_profile()
         for name, (lo, opt, hi) in shapes[sp.name].items():
             opt_profile.set_shape(name, lo, opt, hi)
+        if k and extra_memory_target is not None:
+            if not hasattr(opt_profile, "extra_memory_target"):
+                raise BuildError(f"{onnx_path}: this TensorRT has no IOptimizationProfile.extra_memory_target")
+            opt_profile.extra_memory_target = float(extra_memory_target)
         index = config.add_optimization_profile(opt_profile)
         if index < 0:
             raise BuildError(f"{onnx_path}: optimization profile {sp.name!r} was rejected: "
@@ -104,7 +114,7 @@ def _build_into(trt, builder, network, config, f, pending: Pending) -> tuple[boo
 
 
 def build_engine(onnx_path: Path, plan_path: Path, profile: Profile, contract: dict, backend: Backend,
-                 timing_cache: Path | None, log: Log = print) -> dict:
+                 timing_cache: Path | None, log: Log = print, *, extra_memory_target: float | None = None) -> dict:
     """Parse ``onnx_path``, build one optimization profile per ShapeProfile, write ``plan_path`` atomically.
 
     Returns a JSON-serialisable record of the build. Raises BuildError (naming the file)
@@ -113,6 +123,10 @@ def build_engine(onnx_path: Path, plan_path: Path, profile: Profile, contract: d
     """
     trt = backend.module
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
+    if not backend.can_build:
+        raise BuildError(f"{onnx_path}: {backend.name} {backend.version} cannot build here: its builder needs a "
+                         f"CUDA GPU ({backend.why_not_run}); TensorRT-RTX builds on a CPU-only machine "
+                         f"(--backend tensorrt-rtx)")
     timing_cache = Path(timing_cache) if timing_cache is not None else None
     pending = Pending()
     logger = make_logger(trt, log, pending)
@@ -133,7 +147,9 @@ def build_engine(onnx_path: Path, plan_path: Path, profile: Profile, contract: d
     config = builder.create_builder_config()
     options, notes = configure(trt, backend, config, profile, log)
     shapes = shapes_for(contract, profile)
-    profiles_record = _add_profiles(builder, config, shapes, profile, onnx_path, logger)
+    profiles_record = _add_profiles(builder, config, shapes, profile, onnx_path, logger, extra_memory_target)
+    if extra_memory_target is not None:
+        options["extra_memory_target"] = float(extra_memory_target)
     tc_record = _attach_timing_cache(config, backend, timing_cache, log)
     monitor = _attach_progress_monitor(trt, config, log, pending)
 
@@ -158,7 +174,8 @@ def build_engine(onnx_path: Path, plan_path: Path, profile: Profile, contract: d
     if tc_record.get("used"):
         tc_record["saved_bytes"] = save_timing_cache(config, timing_cache)
 
-    memory = memory_record(trt, backend, onnx_path, plan_path, logger, [sp.name for sp in profile.shapes])
+    memory = memory_record(trt, backend, onnx_path, plan_path, logger, [sp.name for sp in profile.shapes],
+                           host_code_allowed(options))
 
     argv, tool_notes = trtexec_command(backend, onnx_path, plan_path, profile, shapes,
                                        timing_cache if tc_record.get("used") else None)

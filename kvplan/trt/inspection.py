@@ -11,20 +11,27 @@ from kvplan.trt.callbacks import Log, Pending, make_logger
 from kvplan.trt.errors import BuildError
 from kvplan.manifest import load_manifest
 from kvplan.trt.network import layer_table, network_summary, parse
-from kvplan.trt.plan_io import deserialize
+from kvplan.trt.plan_io import deserialize, host_code_allowed
+
+
+def _build_record(plan: Path) -> dict:
+    """The target manifest's build record of ``plan`` ({} where there is none)."""
+    manifest = load_manifest(plan.parent) or {}
+    for entry in manifest.get("stages", {}).get("engines", {}).get("artifacts", []):
+        if entry.get("path") == plan.name:
+            return entry.get("build") or {}
+    return {}
 
 
 def _onnx_for_plan(plan: Path) -> Path | None:
     """The graph a plan was built from: as the target's manifest records it, else by file name
     (the fused graph of the same pack before the exported one)."""
-    manifest = load_manifest(plan.parent) or {}
-    for entry in manifest.get("stages", {}).get("engines", {}).get("artifacts", []):
-        source = entry.get("build", {}).get("onnx")
-        if entry.get("path") == plan.name and source:
-            p = Path(source)
-            p = p if p.is_absolute() else plan.parent / p
-            if p.is_file():
-                return p
+    source = _build_record(plan).get("onnx")
+    if source:
+        p = Path(source)
+        p = p if p.is_absolute() else plan.parent / p
+        if p.is_file():
+            return p
     stem = plan.name[:-len(".plan")] if plan.name.endswith(".plan") else plan.stem
     for cand in (plan.parent / f"{stem}.fused.onnx", plan.parent / f"{stem}.onnx"):
         if cand.is_file():
@@ -75,7 +82,8 @@ def inspect(path: Path, backend: Backend, log: Log = print, *, onnx: Path | None
         result["engine"] = None
         result["engine_why"] = why
     else:
-        _runtime, engine = deserialize(trt, logger, path.read_bytes(), f"{path}: could not deserialize the plan: ")
+        _runtime, engine = deserialize(trt, logger, path.read_bytes(), f"{path}: could not deserialize the plan: ",
+                                       host_code_allowed(_build_record(path).get("options")))
         inspector = engine.create_engine_inspector()
         info = inspector.get_engine_information(trt.LayerInformationFormat.JSON)
         try:

@@ -62,9 +62,9 @@ def memory_from_log(messages: list[tuple[str, str]], profile_names: list[str]) -
             "source": "the builder's log (estimates from the build, no engine needed)"}
 
 
-def engine_memory(trt, plan_bytes, logger, n_profiles: int) -> dict:
+def engine_memory(trt, plan_bytes, logger, n_profiles: int, host_code: bool = False) -> dict:
     _runtime, engine = deserialize(trt, logger, plan_bytes,
-                                   "the runtime could not deserialize the plan it just built: ")
+                                   "the runtime could not deserialize the plan it just built: ", host_code)
     out: dict[str, Any] = {}
     size = getattr(engine, "device_memory_size_v2", None)
     if size is None:
@@ -78,16 +78,18 @@ def engine_memory(trt, plan_bytes, logger, n_profiles: int) -> dict:
     return out
 
 
-def memory_record(trt, backend: Backend, onnx_path: Path, plan_path: Path, logger, profile_names: list[str]) -> dict:
+def memory_record(trt, backend: Backend, onnx_path: Path, plan_path: Path, logger, profile_names: list[str],
+                  host_code: bool = False) -> dict:
     """The build record's "memory": ONNX weights, the builder's log figures and, where the backend
-    can deserialize here, the engine's; every figure it cannot get is null with the reason."""
+    can deserialize here, the engine's; every figure it cannot get is null with the reason.
+    ``host_code``: the plan is version compatible (plan_io.host_code_allowed)."""
     memory: dict[str, Any] = {"weights_bytes_onnx": onnx_weight_bytes(onnx_path),
                               "builder_reported": memory_from_log(logger.messages, profile_names)}
     if memory["builder_reported"] is None:
         memory["builder_reported_why"] = "the builder logged no memory figures"
     if backend.can_run:
         try:
-            memory.update(engine_memory(trt, Path(plan_path).read_bytes(), logger, len(profile_names)))
+            memory.update(engine_memory(trt, Path(plan_path).read_bytes(), logger, len(profile_names), host_code))
         except Exception as e:  # the plan is built; the figures are a bonus
             memory.update(device_memory_size=None, device_memory_size_per_profile=None,
                           engine_memory_why=f"deserialization failed: {e}")

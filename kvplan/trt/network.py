@@ -48,6 +48,9 @@ def parse(trt, backend: Backend, onnx_path: Path, logger, log=None):
             lines.append(f"{e.code().name}{where}: {e.desc()}")
         if not lines:
             lines = logger.errors[-5:] or ["(no parser errors reported)"]
+        if backend.lacks:
+            lines.append(f"{backend.name} {backend.version} lacks: " + "; ".join(backend.lacks)
+                         + " (build without those surgery passes / kv_io, or use a newer TensorRT)")
         raise BuildError(f"{onnx_path}: TensorRT's ONNX parser failed:\n  " + "\n  ".join(lines))
     if network.num_inputs == 0 or network.num_outputs == 0 or network.num_layers == 0:
         # Arbitrary bytes can decode as an (empty) protobuf message: the parser then "succeeds".
@@ -140,11 +143,17 @@ def allow_decomposed_attention(trt, network) -> int:
     kernel for some cases (every fp32 attention, for one), where the build then
     fails outright. With the flag the builder still picks the fused kernel where
     one exists. Returns the number of attention layers.
+
+    TensorRT before 10.14 has no attention layer (its parser leaves Attention nodes unparsed),
+    so there is nothing to flag there.
     """
+    attention = getattr(trt.LayerType, "ATTENTION_INPUT", None)
+    if attention is None:
+        return 0
     count = 0
     for i in range(network.num_layers):
         layer = network.get_layer(i)
-        if layer.type == trt.LayerType.ATTENTION_INPUT:
+        if layer.type == attention:
             layer.__class__ = trt.IAttentionInputLayer
             layer.attention.decomposable = True
             count += 1

@@ -3,7 +3,9 @@ with ONNX Runtime on the source ONNX (the half without a GPU: inputs and referen
 
 torch is imported inside the functions that use it, the only function-local imports of the
 engine stage: building and inspecting engines must work in a process without it (it costs
-300 MB and a second to import, and bench.engine_memory measures the builder alone).
+300 MB and a second to import, and bench.engine_memory measures the builder alone). torch
+stages host tensors only: device memory and the stream come from the CUDA runtime through
+Polygraphy's wrapper, so any torch build serves, the CPU one included.
 """
 from __future__ import annotations
 
@@ -16,12 +18,14 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto
+from polygraphy import cuda as pg_cuda
+from polygraphy.datatype import DataType
 
 from kvplan.trt.backend import Backend
 from kvplan.profiles import Profile, ShapeProfile
 from kvplan.trt.callbacks import Log, Pending, make_logger
 from kvplan.trt.errors import BuildError
-from kvplan.trt.plan_io import deserialize
+from kvplan.trt.plan_io import deserialize, host_code_allowed
 from kvplan.trt.shapes import shapes_for
 
 
@@ -85,82 +89,127 @@ def _ort_run(onnx_path: Path, inputs: dict) -> dict:
     return result
 
 
-def _aliased_input(engine, output: str, contract: dict) -> str | None:
-    """The input an output shares memory with (kv_io = "inplace": past_key{i} <- past_key_in{i})."""
-    if hasattr(engine, "get_aliased_input_tensor"):
-        name = engine.get_aliased_input_tensor(output)
-        if name:
-            return name
-    match = re.fullmatch(r"past_(key|value)(\d+)", output)
-    if "write_indices" in contract["inputs"] and match:
-        return f"past_{match[1]}_in{match[2]}"
-    return None
+def aliased_input(engine, output: str, contract: dict, plan_path: Path) -> str | None:
+    """The input an output shares memory with (kv_io = "inplace": past_key{i} <- past_key_in{i}).
+
+    The engine's own answer, never a guess from the names: binding an output to an input the
+    engine does not alias it with is undefined behaviour, and would hide a graph whose cache
+    write did not become TensorRT's KV-cache update layer.
+    """
+    inplace = "write_indices" in contract["inputs"]
+    get = getattr(engine, "get_aliased_input_tensor", None)
+    if get is None:
+        if inplace:
+            raise BuildError(f"{plan_path}: this TensorRT has no ICudaEngine.get_aliased_input_tensor (TensorRT "
+                             f"10.15 and later): the in-place outputs cannot be bound to their inputs")
+        return None
+    source = get(output) or None
+    if source is None and inplace and re.fullmatch(r"past_(key|value)\d+", output):
+        raise BuildError(f"{plan_path}: output {output} aliases no input: the engine has no KV-cache update layer "
+                         f"for it, so it would not write the in-place buffer")
+    return source
+
+
+class _Device:
+    """Device buffers and one stream through Polygraphy's CUDA runtime wrapper (libcudart via
+    ctypes): works with any torch build, the CPU one included, which only stages host tensors."""
+
+    def __init__(self):
+        self.stream = pg_cuda.Stream()       # loads libcudart here, not at import
+        self.buffers = []
+
+    def upload(self, host):
+        """A device copy of the (contiguous CPU torch) tensor ``host``."""
+        buf = self.alloc(tuple(host.shape), host.dtype)
+        buf.copy_from(host, self.stream)
+        return buf
+
+    def alloc(self, shape: tuple, dtype):
+        # An empty tensor (lastSum = 0) still gets a valid address.
+        buf = pg_cuda.DeviceArray(shape if math.prod(shape) else (1,), DataType.from_dtype(dtype))
+        buf.logical_shape = shape      # the tensor's own shape, (…, 0, …) included
+        self.buffers.append(buf)
+        return buf
+
+    def download(self, buf, dtype):
+        import torch  # lazily: see the module docstring
+        host = torch.empty(buf.logical_shape, dtype=dtype)
+        if host.numel():
+            buf.copy_to(host, self.stream)
+        return host
+
+    def free(self) -> None:
+        for b in self.buffers:
+            b.free()
+        self.buffers = []
+        self.stream.free()
 
 
 def run_engine_check(plan_path: Path, profile: Profile, contract: dict, onnx_path: Path, backend: Backend,
                      log: Log = print) -> dict:
     """Run the plan at every profile's opt shapes on the GPU and compare with ONNX Runtime on ``onnx_path``.
 
-    Without a runnable backend (no GPU, or a GPU the backend does not support) returns
-    ``{"ran": False, "why": ...}``.
+    Without a runnable backend (no GPU, or a GPU the backend does not support) or without a
+    loadable CUDA runtime, returns ``{"ran": False, "why": ...}``.
     """
     if not backend.can_run:
         return {"ran": False, "why": backend.why_not_run}
-    import torch  # lazily: see the module docstring
+    try:
+        device = _Device()
+    except Exception as e:  # noqa: BLE001 - no libcudart, or the runtime refuses the device
+        return {"ran": False, "why": f"no CUDA stream from the CUDA runtime: {type(e).__name__}: {e}"}
+    try:
+        return _run(plan_path, profile, contract, onnx_path, backend, device, log)
+    finally:
+        device.free()
 
+
+def _run(plan_path, profile, contract, onnx_path, backend, device: _Device, log) -> dict:
     trt = backend.module
     pending = Pending()
     logger = make_logger(trt, log, pending)
     _runtime, engine = deserialize(trt, logger, Path(plan_path).read_bytes(),
-                                   f"{plan_path}: could not deserialize the plan: ")
+                                   f"{plan_path}: could not deserialize the plan: ",
+                                   host_code_allowed({"version_compatible": profile.version_compatible}))
     context = engine.create_execution_context()
     if context is None:
         raise BuildError(f"{plan_path}: could not create an execution context: " + "; ".join(logger.errors[-3:]))
-    device = torch.device("cuda")
-    stream = torch.cuda.Stream()
+    stream = device.stream.ptr
     tol = profile.tolerance
     shapes = shapes_for(contract, profile)
     names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
     input_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
     output_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+    aliases = {name: aliased_input(engine, name, contract, plan_path) for name in output_names}
     record: dict[str, Any] = {"ran": True, "plan": str(plan_path), "onnx": str(onnx_path),
                               "atol": tol.atol, "rtol": tol.rtol, "profiles": {}}
     all_ok = True
     for index, sp in enumerate(profile.shapes):
         inputs = _check_inputs(contract, sp, shapes[sp.name], profile.dtype, seed=index)
-        keep = []  # device buffers alive until the stream is done
-        with torch.cuda.stream(stream):
-            if not context.set_optimization_profile_async(index, stream.cuda_stream):
-                raise BuildError(f"{plan_path}: could not select optimization profile {index} ({sp.name})")
-            for name in input_names:
-                host = inputs[name]
-                if not context.set_input_shape(name, tuple(host.shape)):
-                    raise BuildError(f"{plan_path}: profile {sp.name}: input {name} shape {tuple(host.shape)} refused")
-                dev = host.to(device=device, dtype=_torch_dtype(trt, engine.get_tensor_dtype(name)))
-                if dev.numel() == 0:      # empty past (lastSum = 0): give TensorRT a valid address anyway
-                    dev = torch.empty(1, dtype=host.dtype, device=device)
-                keep.append(dev)
-                context.set_tensor_address(name, dev.data_ptr())
-            outputs = {}
-            for name in output_names:
-                shape = tuple(context.get_tensor_shape(name))
-                dt = _torch_dtype(trt, engine.get_tensor_dtype(name))
-                source = _aliased_input(engine, name, contract)
-                if source is not None:
-                    # The KV-cache update layer writes into its cache input: the output is bound
-                    # to that input's own memory (the ORT reference reads the host copy).
-                    outputs[name] = keep[input_names.index(source)]
-                    context.set_tensor_address(name, outputs[name].data_ptr())
-                    continue
-                buf = torch.empty(shape, dtype=dt, device=device)
-                alloc = buf if buf.numel() else torch.empty(1, dtype=dt, device=device)
-                keep.append(alloc)
-                outputs[name] = buf
-                context.set_tensor_address(name, alloc.data_ptr())
-            if not context.execute_async_v3(stream.cuda_stream):
-                raise BuildError(f"{plan_path}: profile {sp.name}: execution failed: " + "; ".join(logger.errors[-3:]))
-        stream.synchronize()
-        got = {n: t.float().cpu().numpy() for n, t in outputs.items()}
+        if not context.set_optimization_profile_async(index, stream):
+            raise BuildError(f"{plan_path}: could not select optimization profile {index} ({sp.name})")
+        bound = {}
+        for name in input_names:
+            host = inputs[name].to(_torch_dtype(trt, engine.get_tensor_dtype(name))).contiguous()
+            if not context.set_input_shape(name, tuple(host.shape)):
+                raise BuildError(f"{plan_path}: profile {sp.name}: input {name} shape {tuple(host.shape)} refused")
+            bound[name] = device.upload(host)
+            context.set_tensor_address(name, bound[name].ptr)
+        outputs = {}
+        for name in output_names:
+            dt = _torch_dtype(trt, engine.get_tensor_dtype(name))
+            if aliases[name] is not None:
+                # The KV-cache update layer writes into its cache input: the output is bound to
+                # that input's own memory (the ORT reference reads the host copy).
+                outputs[name] = (bound[aliases[name]], dt)
+            else:
+                outputs[name] = (device.alloc(tuple(context.get_tensor_shape(name)), dt), dt)
+            context.set_tensor_address(name, outputs[name][0].ptr)
+        if not context.execute_async_v3(stream):
+            raise BuildError(f"{plan_path}: profile {sp.name}: execution failed: " + "; ".join(logger.errors[-3:]))
+        got_t = {n: device.download(buf, dt) for n, (buf, dt) in outputs.items()}
+        device.stream.synchronize()
+        got = {n: t.float().numpy() for n, t in got_t.items()}
         try:
             want = _ort_run(Path(onnx_path), inputs)
         except Exception as e:  # e.g. bfloat16 graphs on ONNX Runtime's CPU EP

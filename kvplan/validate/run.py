@@ -147,7 +147,7 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
             rows += compare_runs(results, pairs, [d.point for d in group], p_index, tol.atol, tol.rtol)
             files += _save(results, feeds, vdir, f"{stem}.{sp.name}", target)
             commands += _commands(stem, sp_index, sp.name, exported[p_index], fused, plans, p_index, results,
-                                  backend_name, tol, spec.kv_io == "inplace")
+                                  backend_name, tol)
 
     task = {"ran": False, "why": "--no-task"}
     if not options.no_task:
@@ -218,8 +218,7 @@ def _save(results, feeds, vdir: Path, base: str, target: Path) -> list[str]:
     return [str(p.relative_to(target)) for p in written]
 
 
-def _commands(stem, sp_index, sp_name, onnx_path, fused, plans, p_index, results, backend_name, tol,
-              inplace: bool = False) -> list[str]:
+def _commands(stem, sp_index, sp_name, onnx_path, fused, plans, p_index, results, backend_name, tol) -> list[str]:
     names = {name for name, _ in results}
     base = f"validation/{stem}.{sp_name}"
     inputs = f"{base}.inputs.json"
@@ -228,7 +227,7 @@ def _commands(stem, sp_index, sp_name, onnx_path, fused, plans, p_index, results
     if rn.REFERENCE in names and graph_runner in names:
         cmds.append(report.recheck_command(graph, ["--onnxrt"], inputs, f"{base}.outputs.{rn.REFERENCE}.json",
                                            tol.atol, tol.rtol))
-    if plans and not inplace:    # polygraphy run cannot bind in-place outputs to their inputs
+    if plans:    # in-place outputs too: polygraphy run binds them to their inputs (Polygraphy >= 0.50.3)
         # The engine is checked against ONNX Runtime on the graph it was built from when that ran here,
         # else against the PyTorch reference (bfloat16 on a CPU host).
         want = rn.FUSED if rn.FUSED in names else rn.EXPORT if rn.EXPORT in names else rn.REFERENCE

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 import onnxruntime as ort
+import polygraphy
 import polygraphy.config
 from polygraphy.backend.common import BytesFromPath
 from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
@@ -21,6 +22,7 @@ from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
 
 from kvplan.export.exporter import TORCH_DTYPES, output_names
+from kvplan.trt.backend import version_tuple
 from kvplan.validate.points import to_feed_value, to_kv_format
 
 REFERENCE, EXPORT, FUSED, TENSORRT = "pytorch", "onnxrt-export", "onnxrt-fused", "tensorrt"
@@ -127,14 +129,19 @@ def make_onnxrt(path: Path, name: str):
     return OnnxrtRunner(SessionFromOnnx(str(path), providers=["cpu"]), name=name), None
 
 
-def make_tensorrt(plan: Path | None, backend, backend_error: str | None, profile_index: int, spec=None):
+# Polygraphy's TrtRunner binds an output the engine aliases to an input (get_aliased_input_tensor,
+# kv_io = "inplace") to that input's device buffer from this release on.
+POLYGRAPHY_ALIASING = (0, 50, 3)
+
+
+def make_tensorrt(plan: Path | None, backend, backend_error: str | None, profile_index: int, spec=None,
+                  polygraphy_version: str = polygraphy.__version__):
     """Polygraphy's TrtRunner on the plan, when this machine can run it (GPU + a backend that supports it)."""
     if plan is None:
         return None, "no engine in this target (built with --stop-after export/surgery)"
-    if spec is not None and spec.kv_io == "inplace":
-        return None, ("kv_io = inplace: Polygraphy's TrtRunner binds each output to a buffer of its own, and the "
-                      "engine's past_* outputs must share their inputs' memory (build.trt.run_engine_check binds "
-                      "them so on a GPU)")
+    if spec is not None and spec.kv_io == "inplace" and version_tuple(polygraphy_version) < POLYGRAPHY_ALIASING:
+        return None, (f"kv_io = inplace: Polygraphy {polygraphy_version} binds every output to a buffer of its own; "
+                      f"in-place outputs share their inputs' memory, which Polygraphy binds from 0.50.3 on")
     if backend is None:
         return None, backend_error or "no TensorRT backend importable"
     if not backend.can_run:

@@ -14,36 +14,67 @@ import time
 import numpy as np
 import torch
 
-from kvplan.export.exporter import causal_mask
-from kvplan.validate.onnx_stack import next_past, pack_feed
+from kvplan import cache_io
+from kvplan.export.exporter import causal_mask, output_names
 from kvplan.validate.points import as_float32
 from kvplan.validate.reference import HFReference
 
 
+def tightest_profile(shapes, n: int, last: int) -> int:
+    """Index of the optimization profile a runtime would pick for a step of ``n`` tokens after
+    ``last``: of those whose ranges hold it, the narrowest (the decode profile for N = 1, although
+    the prefill profile's ranges hold every decode step too); the first of equals."""
+    fitting = [i for i, sp in enumerate(shapes)
+               if sp.N.min <= n <= sp.N.max and sp.lastSum.min <= last <= sp.lastSum.max]
+    if not fitting:
+        raise ValueError(f"(N={n}, lastSum={last}) is outside every optimization profile of the engine")
+
+    def area(i: int) -> int:
+        sp = shapes[i]
+        return (sp.N.max - sp.N.min + 1) * (sp.lastSum.max - sp.lastSum.min + 1)
+
+    return min(fitting, key=lambda i: (area(i), i))
+
+
+def _layout(t, kv_format: int):
+    # [B, S, kv, D] <-> [B, kv, S, D], for numpy arrays and (bfloat16) torch tensors alike.
+    if kv_format != 1:
+        return t
+    if isinstance(t, torch.Tensor):
+        return t.transpose(1, 2).contiguous()
+    return np.ascontiguousarray(t.transpose(0, 2, 1, 3))
+
+
+def _host(value):
+    """A runner's output on the host: numpy stays numpy; torch (bfloat16, which numpy lacks) stays torch."""
+    return value.cpu() if isinstance(value, torch.Tensor) else np.asarray(value)
+
+
 class TrtStack:
-    """Packs as TensorRT engines via Polygraphy's TrtRunner, picking the profile that fits (N, lastSum)."""
+    """Packs as TensorRT engines via Polygraphy's TrtRunner, on the profile a runtime would pick
+    for each step (tightest_profile); outputs are read by name, not by the engine's order."""
 
     def __init__(self, runners, specs, profile):
         self.runners, self.specs, self.profile = runners, specs, profile
         self.active = [None] * len(runners)
 
-    def _profile_for(self, n: int, last: int) -> int:
-        for i, sp in enumerate(self.profile.shapes):
-            if sp.N.min <= n <= sp.N.max and sp.lastSum.min <= last <= sp.lastSum.max:
-                return i
-        raise ValueError(f"(N={n}, lastSum={last}) is outside every optimization profile of the engine")
-
     def step(self, hidden, mask, pos, past):
-        index = self._profile_for(hidden.shape[1], mask.shape[-1] - hidden.shape[1])
+        n = hidden.shape[1]
+        index = tightest_profile(self.profile.shapes, n, mask.shape[-1] - n)
         new_past = []
         for j, (runner, spec) in enumerate(zip(self.runners, self.specs)):
             if self.active[j] != index:
                 runner.set_profile(index)
                 self.active[j] = index
-            outs = runner.infer(pack_feed(spec, hidden, mask, pos, past))
-            values = [np.array(v) for v in outs.values()]
-            hidden = values[0]
-            new_past += next_past(spec, values[1:], past, values[0].shape[1])
+            feed = cache_io.graph_feed(spec, hidden, mask, pos, lambda i, kind: _layout(past[2 * i + kind],
+                                                                                         spec.kv_format))
+            outs = runner.infer(feed)
+            names = output_names(spec)
+            hidden = _host(outs[names[0]])
+            for k, name in enumerate(names[1:]):
+                i, kind = spec.layers[k // 2], k % 2
+                t = _layout(_host(outs[name]), spec.kv_format)
+                new_past.append(cache_io.cache_after(spec, t, past[2 * i + kind], n))
         return hidden, new_past
 
 
@@ -71,17 +102,20 @@ def teacher_forced(ref, stack, prompt: torch.Tensor, ref_tokens: list[int], ref_
     """Drive ``stack`` on the reference's token prefix; top-1 agreement and hidden error per step."""
     cfg = ref.source.config
     embed, head = ref.model.get_input_embeddings(), ref.model.lm_head
-    np_dtype = {torch.float32: np.float32, torch.float16: np.float16}[ref.dtype]
-    past = [np.zeros((1, cfg.num_kv_heads, 0, cfg.head_dim), np_dtype) for _ in range(2 * cfg.num_layers)]
+    # numpy has no bfloat16: a bf16 stack is fed torch tensors (Polygraphy takes both).
+    host = (lambda t: t) if ref.dtype == torch.bfloat16 else (lambda t: t.numpy())
+    past = [host(torch.zeros((1, cfg.num_kv_heads, 0, cfg.head_dim), dtype=ref.dtype))
+            for _ in range(2 * cfg.num_layers)]
     inp, last = prompt, 0
     agree, errors, exceeded = [], [], []
     with torch.no_grad():
         for step, want in enumerate(ref_tokens):
             n = inp.shape[1]
-            mask = causal_mask(1, n, last, ref.dtype, window=cfg.sliding_window).numpy()
-            hidden, past = stack.step(embed(inp).numpy(), mask, np.arange(last, last + n)[None], past)
+            mask = host(causal_mask(1, n, last, ref.dtype, window=cfg.sliding_window))
+            hidden, past = stack.step(host(embed(inp)), mask, host(torch.arange(last, last + n)[None]), past)
             h = hidden[:, -1]
-            token = int(head(torch.from_numpy(np.ascontiguousarray(h)).to(ref.dtype)).argmax(-1))
+            h = h if isinstance(h, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(h))
+            token = int(head(h.to(ref.dtype)).argmax(-1))
             agree.append(token == want)
             err = np.abs(as_float32(h) - ref_hiddens[step])
             errors.append(float(err.max()))

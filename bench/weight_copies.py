@@ -1,0 +1,135 @@
+"""One weight copy per plan: what each builder route does to the default model's plan.
+
+    python -m bench.weight_copies [--model minicpmo26-tts] [--profile fp16]
+
+TensorRT-RTX stores the weights once per optimization profile. Exports and fuses the model once
+(``--stop-after surgery`` into a temporary target), then builds the fused graph in a fresh
+process per route (``--route R``; no torch there) and records the plan bytes, the builder's
+"Total Weights Memory" line and the build's peak RSS (getrusage of the child):
+
+- ``two-profiles``: the profile as shipped (prefill + decode), the baseline;
+- ``extra-memory-0`` / ``extra-memory-0.5``: IOptimizationProfile.extra_memory_target on the
+  profiles after the first;
+- ``weight-streaming``: BuilderFlag.WEIGHT_STREAMING;
+- ``strip-refit``: BuilderFlag.STRIP_PLAN + REFIT_IDENTICAL (weights left out of the plan);
+- ``one-profile-decode-opt``: one profile spanning both ranges, with the decode profile's opt
+  shapes (N 1, lastSum 302).
+
+Writes bench/results/weight_copies-<date>.json and .md.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import loadavg, machine_info, measure, write_results
+
+ROUTES = ("two-profiles", "extra-memory-0", "extra-memory-0.5", "weight-streaming", "strip-refit",
+          "one-profile-decode-opt")
+
+
+def _profile_for(route: str, profile):
+    if route != "one-profile-decode-opt":
+        return profile
+    prefill, decode = profile.shapes
+    wide = dataclasses.replace(decode, name="one", N=dataclasses.replace(prefill.N, opt=decode.N.opt),
+                               lastSum=dataclasses.replace(decode.lastSum, min=prefill.lastSum.min))
+    return dataclasses.replace(profile, shapes=(wide,))
+
+
+def build_route(target: Path, profile_name: str, route: str) -> None:
+    """The child: build ``target``/decoder.fused.onnx one way and print one JSON line."""
+    from kvplan import profiles
+    from kvplan.trt import build as trt_build
+    from kvplan.trt.backend import select_backend
+    profile = _profile_for(route, profiles.load(profile_name))
+    manifest = json.loads((target / "manifest.json").read_text())
+    [entry] = manifest["stages"]["export"]["artifacts"]
+    backend = select_backend("auto")
+    flags = {"weight-streaming": ("WEIGHT_STREAMING",), "strip-refit": ("STRIP_PLAN", "REFIT_IDENTICAL")}.get(route, ())
+    if flags:
+        configure = trt_build.configure
+
+        def with_flags(trt, backend_, config, profile_, log):
+            opts, notes = configure(trt, backend_, config, profile_, log)
+            for flag in flags:
+                config.set_flag(getattr(trt.BuilderFlag, flag))
+            return {**opts, "flags": list(flags)}, notes
+        trt_build.configure = with_flags
+    emt = float(route.removeprefix("extra-memory-")) if route.startswith("extra-memory-") else None
+    out = {"route": route}
+    try:
+        record = trt_build.build_engine(target / "decoder.fused.onnx", target / f"{route}.plan", profile, entry["io"],
+                                        backend, None, log=lambda *_: None, extra_memory_target=emt)
+    except Exception as e:  # noqa: BLE001 - a route the builder refuses is a result too
+        out["error"] = " ".join(str(e).split())[:600]
+    else:
+        reported = record["memory"]["builder_reported"] or {}
+        out.update(plan_bytes=record["plan_bytes"], builder_weights_bytes=reported.get("total_weights_memory_bytes"),
+                   profiles=record["profiles"], build_seconds=record["build_seconds"])
+        (target / f"{route}.plan").unlink()
+    print(json.dumps(out))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="minicpmo26-tts")
+    p.add_argument("--profile", default="fp16")
+    p.add_argument("--routes", default=",".join(ROUTES))
+    p.add_argument("--route", help=argparse.SUPPRESS)        # the child process
+    p.add_argument("--target", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.route:
+        build_route(Path(args.target), args.profile, args.route)
+        return 0
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        res = measure([sys.executable, "-m", "build.engines", "--profile", args.profile, "--model", args.model,
+                       "--out", tmp, "--stop-after", "surgery"])
+        if res.get("rc") != 0:
+            print(res.get("tail"), file=sys.stderr)
+            return 1
+        target = Path(tmp) / args.model / args.profile
+        weights = json.loads((target / "manifest.json").read_text())["stages"]["export"]["weight_bytes"]
+        for route in args.routes.split(","):
+            run = measure([sys.executable, "-m", "bench.weight_copies", "--profile", args.profile, "--route", route,
+                           "--target", str(target)], keep_output=True)
+            out = [ln for ln in run.pop("_output", "").splitlines() if ln.startswith("{")]
+            rows.append({"rc": run.get("rc"), "peak_rss_mib": run.get("peak_rss_mib"),
+                         **(json.loads(out[-1]) if out else {"route": route, "error": "no result line"})})
+            print(json.dumps(rows[-1])[:300], flush=True)
+    result = {"date": time.strftime("%Y-%m-%d"), "model": args.model, "profile": args.profile,
+              "weight_bytes": weights, "machine": machine_info(), "load_after": loadavg(), "rows": rows}
+    write_results("weight_copies", result, table(result))
+    return 0
+
+
+def table(result: dict) -> list[str]:
+    weights = result["weight_bytes"]
+    lines = [f"# One weight copy per plan: {result['model']}, profile {result['profile']} "
+             f"({weights / 2**20:.1f} MiB of weights)", "",
+             "One fresh process per route (parse + build + streamed plan write, no torch); peak RSS via getrusage; "
+             "*builder weights* is the builder's `Total Weights Memory` log line.", "",
+             "| route | plan MiB | plan / weights | builder weights MiB | peak RSS MiB | optimization profiles "
+             "(opt shapes) | result |", "|---|---:|---:|---:|---:|---|---|"]
+    for r in result["rows"]:
+        if "plan_bytes" in r:
+            opts = ", ".join(f"{name} N {shapes['hidden_in']['opt'][1]} lastSum {shapes['past_key_in0']['opt'][2]}"
+                             for name, shapes in r["profiles"].items())
+            bw = r.get("builder_weights_bytes")
+            lines.append(f"| {r['route']} | {r['plan_bytes'] / 2**20:.1f} | {r['plan_bytes'] / weights:.2f}× | "
+                         f"{bw / 2**20:.1f} | {r['peak_rss_mib']} | {opts} | built |" if bw is not None else
+                         f"| {r['route']} | {r['plan_bytes'] / 2**20:.1f} | {r['plan_bytes'] / weights:.2f}× | — | "
+                         f"{r['peak_rss_mib']} | {opts} | built |")
+        else:
+            lines.append(f"| {r['route']} | — | — | — | {r.get('peak_rss_mib')} | — | {r.get('error', '')} |")
+    return lines
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
