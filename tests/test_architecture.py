@@ -53,8 +53,12 @@ def _module_level_imports(path: Path, name: str) -> set[str]:
                 base = sub.module or ""
                 if sub.level:
                     base = ".".join(package[:len(package) - sub.level + 1] + ([sub.module] if sub.module else []))
-                found.add(base)
-                found.update(f"{base}.{a.name}" for a in sub.names)
+                submodules = {f"{base}.{a.name}" for a in sub.names} & set(_modules())
+                # `from pkg import submodule` depends on the submodule, not on pkg's own code
+                # beyond what Python runs anyway.
+                found.update(submodules or {base})
+                if len(submodules) < len(sub.names):
+                    found.add(base)
     return {m for m in found if sources.module_file(m) is not None and m != name}
 
 
