@@ -26,6 +26,18 @@ def _hf_config(source: ModelSource):
     return cfg
 
 
+def _read_as(source: ModelSource, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The decoder's tensors in ``dtype``, read one layer at a time: the source's own dtype
+    (float32 for presets) is never held for the whole model next to the converted copy."""
+    groups: dict[str, list[str]] = {}
+    for name in tensor_shapes(source.config):
+        groups.setdefault(".".join(name.split(".")[:2]) if name.startswith("layers.") else name, []).append(name)
+    out: dict[str, torch.Tensor] = {}
+    for names in groups.values():
+        out.update((k, v.to(dtype)) for k, v in source.read_tensors(names).items())
+    return out
+
+
 @dataclass
 class StepResult:
     hidden: torch.Tensor
@@ -38,20 +50,23 @@ class HFReference:
     def __init__(self, source: ModelSource, dtype: torch.dtype = torch.float32, with_lm: bool = False):
         self.source, self.dtype = source, dtype
         self.hf_config = _hf_config(source)
-        weights = source.read_tensors(list(tensor_shapes(source.config)))
+        weights = _read_as(source, dtype)
         if with_lm:
             if source.read_lm is None:
                 raise ValueError(f"{source.name}: no LM head in this model source")
             lm = source.read_lm()
-            model = AutoModelForCausalLM.from_config(self.hf_config)
+            model = AutoModelForCausalLM.from_config(self.hf_config, dtype=dtype)
             state = {f"model.{k}": v for k, v in weights.items()}
-            state["model.embed_tokens.weight"] = lm["embed_tokens.weight"]
-            state["lm_head.weight"] = lm["lm_head.weight"]
+            state["model.embed_tokens.weight"] = lm["embed_tokens.weight"].to(dtype)
+            state["lm_head.weight"] = lm["lm_head.weight"].to(dtype)
         else:
-            model = AutoModel.from_config(self.hf_config)
+            model = AutoModel.from_config(self.hf_config, dtype=dtype)
             state = dict(weights)
-            state["embed_tokens.weight"] = torch.zeros(model.embed_tokens.weight.shape)
-        model.load_state_dict(state, strict=True)
+            state["embed_tokens.weight"] = torch.zeros(model.embed_tokens.weight.shape, dtype=dtype)
+        del weights
+        # assign: the modules take these tensors as their parameters (no second copy of the weights).
+        model.load_state_dict(state, strict=True, assign=True)
+        del state
         # Rotary inverse frequencies stay fp32, as from_pretrained(dtype=float16) leaves
         # them: a blanket .to(float16) would round them and shift the angle by ~1 rad
         # at position 4000, which is a bug of the reference, not of the graph under test.
