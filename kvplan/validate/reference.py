@@ -13,6 +13,11 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache
 
+try:                                   # transformers 5.x
+    from transformers.initialization import no_init_weights
+except ImportError:                    # 4.x
+    from transformers.modeling_utils import no_init_weights
+
 from kvplan.config import to_hf_dict
 from kvplan.models import ModelSource
 from kvplan.models.presets import tensor_shapes
@@ -55,12 +60,15 @@ class HFReference:
             if source.read_lm is None:
                 raise ValueError(f"{source.name}: no LM head in this model source")
             lm = source.read_lm()
-            model = AutoModelForCausalLM.from_config(self.hf_config, dtype=dtype)
+            with no_init_weights():      # every parameter is replaced below: never write random ones
+                model = AutoModelForCausalLM.from_config(self.hf_config, dtype=dtype)
             state = {f"model.{k}": v for k, v in weights.items()}
-            state["model.embed_tokens.weight"] = lm["embed_tokens.weight"].to(dtype)
-            state["lm_head.weight"] = lm["lm_head.weight"].to(dtype)
+            # Popped as converted: one vocabulary-sized matrix in the source dtype at a time.
+            state["model.embed_tokens.weight"] = lm.pop("embed_tokens.weight").to(dtype)
+            state["lm_head.weight"] = lm.pop("lm_head.weight").to(dtype)
         else:
-            model = AutoModel.from_config(self.hf_config, dtype=dtype)
+            with no_init_weights():
+                model = AutoModel.from_config(self.hf_config, dtype=dtype)
             state = dict(weights)
             state["embed_tokens.weight"] = torch.zeros(model.embed_tokens.weight.shape, dtype=dtype)
         del weights
