@@ -23,13 +23,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnx.numpy_helper
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from kvplan.models.families import hf_config_dict as to_hf_dict
 from kvplan.cli import build_main as engines_main
-from kvplan.manifest import load_manifest
+from kvplan.manifest import load_manifest, sha256_file
 from kvplan.models import resolve
 from kvplan.models.presets import tensor_shapes
 from kvplan.profiles import load as load_profile
@@ -327,3 +329,92 @@ def test_comparison_uses_atol_plus_rtol_and_names_the_worst_element():
     assert not bad.passed and bad.worst_index == (1, 1) and bad.max_abs == pytest.approx(0.2)
     nan = compare_arrays(want, np.full_like(want, np.nan), 1.0, 1.0, point="p", pack=0, pair="a vs b", output="x")
     assert not nan.passed
+
+
+# ------------------------------------------------- wrong graphs must fail (tiny models)
+
+@pytest.fixture(scope="module")
+def fused_target(tmp_path_factory):
+    """tiny-llama, float32, exported and fused (no engine): the graphs the wrong-graph tests corrupt."""
+    root = tmp_path_factory.mktemp("validate-wrong")
+    profile = write_profile(root / "profiles", "vwrong", "float32")
+    out = root / "engines"
+    assert engines_main(["--model", "tiny-llama", "--profile", str(profile), "--out", str(out),
+                         "--stop-after", "surgery"]) == 0
+    return {"profile": profile, "out": out}
+
+
+def rewrite_graph(fused_target, tmp_path, edit) -> list[str]:
+    """A copy of the target whose fused graph ``edit`` changed, recorded in the manifest as if the
+    surgery stage had written it (a pass with a bug): validation args for the copy."""
+    out = tmp_path / "engines"
+    shutil.copytree(fused_target["out"], out)
+    target = out / "tiny-llama" / "vwrong"
+    path = target / "decoder.fused.onnx"
+    model = onnx.load(str(path))
+    edit(model)
+    onnx.save(model, str(path))
+    manifest = json.loads((target / "manifest.json").read_text())
+    for entry in manifest["stages"]["surgery"]["artifacts"]:
+        if entry["path"] == path.name:
+            entry["bytes"], entry["sha256"] = path.stat().st_size, sha256_file(path)
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    return ["--model", "tiny-llama", "--profile", str(fused_target["profile"]), "--out", str(out),
+            "--points", "opt", "--no-task"]
+
+
+def test_a_perturbed_weight_in_the_fused_graph_fails_against_the_reference_and_the_exported_graph(
+        fused_target, tmp_path, capsys):
+    def perturb(model):
+        [init] = [t for t in model.graph.initializer if t.name == "layers.2.post_attention_layernorm.weight"]
+        values = onnx.numpy_helper.to_array(init) + np.float32(0.05)
+        init.CopyFrom(onnx.numpy_helper.from_array(values, init.name))
+
+    rc = validate_main(rewrite_graph(fused_target, tmp_path, perturb))
+    out = capsys.readouterr().out
+    assert rc == 1, out
+    failing = out[out.index("failing tensors"):]
+    # Layer 2's MLP input changes what leaves layer 2: hidden_out and layer 3's cache, not layers 0-2's.
+    assert "hidden_out" in failing and "past_key3" in failing
+    assert not any(f"past_{kind}{i} " in failing for kind in ("key", "value") for i in range(3))
+    record = load_manifest(tmp_path / "engines" / "tiny-llama" / "vwrong")["validation"]
+    assert record["pairs"]["pytorch vs onnxrt-export"]["passed"]
+    assert not record["pairs"]["pytorch vs onnxrt-fused"]["passed"]
+
+
+def test_a_swapped_cache_tensor_in_the_fused_graph_fails_and_names_both_tensors(fused_target, tmp_path, capsys):
+    def swap(model):
+        # The graph computes what it did, but its past_key0 output carries layer 1's keys and back.
+        names = {"past_key0": "past_key1", "past_key1": "past_key0"}
+        for node in model.graph.node:
+            for i, name in enumerate(node.output):
+                node.output[i] = names.get(name, name)
+            for i, name in enumerate(node.input):
+                node.input[i] = names.get(name, name)
+
+    rc = validate_main(rewrite_graph(fused_target, tmp_path, swap))
+    out = capsys.readouterr().out
+    assert rc == 1, out
+    record = load_manifest(tmp_path / "engines" / "tiny-llama" / "vwrong")["validation"]
+    failing = record["pairs"]["pytorch vs onnxrt-fused"]["failing_tensors"]
+    assert any(t.endswith(" past_key0") for t in failing) and any(t.endswith(" past_key1") for t in failing)
+    assert not any("hidden_out" in t or "past_value" in t for t in failing)
+    assert record["pairs"]["pytorch vs onnxrt-export"]["passed"]
+
+
+def test_the_report_gives_each_phase_its_time_and_peak_memory(fused_target, tmp_path, capsys):
+    out = tmp_path / "engines"
+    shutil.copytree(fused_target["out"], out)
+    rc = validate_main(["--model", "tiny-llama", "--profile", str(fused_target["profile"]), "--out", str(out),
+                        "--points", "opt", "--steps", "4"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "time and memory per phase" in text
+    record = load_manifest(out / "tiny-llama" / "vwrong")["validation"]
+    names = [p["name"] for p in record["phases"]]
+    assert names == ["prefill", "reference", "points", "pytorch", "onnxrt-export", "onnxrt-fused", "task check"]
+    if sys.platform == "linux":
+        assert all(p["peak_rss_mib"] > 0 for p in record["phases"])
+        assert record["peak_rss_mib"] >= max(p["peak_rss_mib"] for p in record["phases"])
+    # Nothing of the spill directory is left behind.
+    assert not [p for p in (out / "tiny-llama" / "vwrong" / "validation").iterdir() if p.name.startswith(".")]

@@ -62,6 +62,20 @@ def compare_arrays(want, got, atol: float, rtol: float, **where) -> OutputStats:
                        passed=bool(excess.max() <= 0) and not nan, note="NaN in output" if nan else "")
 
 
+def compare_point(want, got, point, pack: int, pair: str, atol: float, rtol: float) -> list[OutputStats]:
+    """Every output of one point: ``want`` (the reference side) against ``got``, both {name: array}."""
+    rows = []
+    for output in want.keys():
+        where = dict(point=point.label, pack=pack, pair=pair, output=output)
+        if output not in got:
+            rows.append(OutputStats(**where, max_abs=float("inf"), mean_abs=float("inf"), max_rel=float("inf"),
+                                    worst_index=(), worst_values=(), atol=atol, rtol=rtol, passed=False,
+                                    note=f"{pair.split(' vs ')[-1]} has no output {output}"))
+            continue
+        rows.append(compare_arrays(want[output], got[output], atol, rtol, **where))
+    return rows
+
+
 def compare_runs(run_results, pairs: list[tuple[str, str]], points: list, pack: int,
                  atol: float, rtol: float) -> list[OutputStats]:
     """Every output of every iteration (point) for each (reference, candidate) runner pair."""
@@ -71,12 +85,5 @@ def compare_runs(run_results, pairs: list[tuple[str, str]], points: list, pack: 
         if ref_name not in by_runner or cand_name not in by_runner:
             continue
         for point, want, got in zip(points, by_runner[ref_name], by_runner[cand_name]):
-            for output in want.keys():
-                where = dict(point=point.label, pack=pack, pair=f"{ref_name} vs {cand_name}", output=output)
-                if output not in got:
-                    rows.append(OutputStats(**where, max_abs=float("inf"), mean_abs=float("inf"),
-                                            max_rel=float("inf"), worst_index=(), worst_values=(), atol=atol,
-                                            rtol=rtol, passed=False, note=f"{cand_name} has no output {output}"))
-                    continue
-                rows.append(compare_arrays(want[output], got[output], atol, rtol, **where))
+            rows += compare_point(want, got, point, pack, f"{ref_name} vs {cand_name}", atol, rtol)
     return rows

@@ -45,21 +45,55 @@ def next_past(spec: StackSpec, kv_outputs: list[np.ndarray], past: list[np.ndarr
     return out
 
 
+def session_options(threads: int = 0) -> ort.SessionOptions:
+    """The options every validation session uses.
+
+    No memory arena: ONNX Runtime's CPU arena keeps the largest point's activations (and, for
+    fp16 graphs, the float32 weight casts it computes per run) reserved for the session's
+    life; without it they are freed after each run.
+    """
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.enable_cpu_mem_arena = False
+    # ONNX Runtime warns on every TensorScatter (kv_io = "inplace") that it copies the buffer.
+    opts.log_severity_level = 3
+    return opts
+
+
+def session(path: Path, threads: int = 0) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+
+
 class OnnxStack:
+    """Every pack's session, created on the first step. Only one stack is alive at a time: starting
+    one releases the sessions of the one before (each holds a copy of the model's weights, and the
+    task check drives the stacks one after the other)."""
+
+    _live: "OnnxStack | None" = None
+
     def __init__(self, packs: list[Pack], threads: int = 0):
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        # ONNX Runtime warns on every TensorScatter (kv_io = "inplace") that it copies the buffer.
-        opts.log_severity_level = 3
-        self.packs = packs
-        self.sessions = [ort.InferenceSession(str(p.path), opts, providers=["CPUExecutionProvider"]) for p in packs]
+        self.packs, self.threads = packs, threads
+        self.sessions: list[ort.InferenceSession] | None = None
+
+    def _open(self) -> list[ort.InferenceSession]:
+        if self.sessions is None:
+            if OnnxStack._live is not None and OnnxStack._live is not self:
+                OnnxStack._live.release()
+            self.sessions = [session(p.path, self.threads) for p in self.packs]
+            OnnxStack._live = self
+        return self.sessions
+
+    def release(self) -> None:
+        self.sessions = None
+        if OnnxStack._live is self:
+            OnnxStack._live = None
 
     def step(self, hidden: np.ndarray, mask: np.ndarray, position_ids: np.ndarray,
              past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         """One call over every pack; ``past`` and the returned cache are [k0, v0, k1, v1, ...] in kv format 0."""
         new_past: list[np.ndarray] = []
-        for pack, sess in zip(self.packs, self.sessions):
+        for pack, sess in zip(self.packs, self._open()):
             outs = sess.run(None, pack_feed(pack.spec, hidden, mask, position_ids, past))
             hidden = outs[0]
             new_past += next_past(pack.spec, outs[1:], past, hidden.shape[1])

@@ -81,14 +81,9 @@ def reserve_slots(mask: torch.Tensor, last: int) -> torch.Tensor:
     return mask
 
 
-@dataclass
-class PointData:
-    """Everything the runners of every pack need for one point, in the canonical KV layout."""
-    point: Point
-    hidden: list[torch.Tensor]        # hidden state entering layer i (index = layer), [B, N, hidden]
-    mask: torch.Tensor
-    position_ids: torch.Tensor
-    past: list[torch.Tensor]          # [k0, v0, k1, v1, ...] in [B, kv_heads, lastSum, head_dim]
+# Attention scores of one prefill chunk stay under this many bytes (eager attention
+# materializes [B, heads, chunk, length] in float32, a few times over).
+CHUNK_SCORE_BYTES = 64 << 20
 
 
 class Prefill:
@@ -96,58 +91,96 @@ class Prefill:
 
     The decoder is causal, so the cache of the first L tokens of a longer prefill is
     exactly the cache of a prefill of those L tokens: slicing it replaces one
-    multi-minute CPU prefill per point by one in all.
+    multi-minute CPU prefill per point by one in all. It runs in chunks of tokens, each
+    on top of the cache of the ones before (a real prefill all the same, whose attention
+    scores never span the whole square), and the cache is kept once, in ``dtype``: the
+    points' past KV are views of it.
     """
 
-    def __init__(self, ref, batch: int, length: int, seed: int = 0):
+    def __init__(self, ref, batch: int, length: int, dtype: torch.dtype, seed: int = 0, log=None):
         cfg = ref.source.config
-        cache = ref.prefill(batch, length, seed=seed)
-        self.past = ref.cache_tensors(cache, cfg.num_layers) if length else [
-            torch.zeros(batch, cfg.num_kv_heads, 0, cfg.head_dim, dtype=ref.dtype) for _ in range(2 * cfg.num_layers)]
+        self.batch, self.length = batch, length
+        if not length:
+            self.past = [torch.zeros(batch, cfg.num_kv_heads, 0, cfg.head_dim, dtype=dtype)
+                         for _ in range(2 * cfg.num_layers)]
+            return
+        g = torch.Generator().manual_seed(seed)
+        hidden = torch.randn(batch, length, cfg.hidden_size, generator=g)
+        pos = torch.arange(length)[None].expand(batch, length)
+        chunk = max(16, CHUNK_SCORE_BYTES // (4 * batch * cfg.num_heads * length))
+        cache = ref.new_cache()
+        for start in range(0, length, chunk):
+            stop = min(length, start + chunk)
+            ref.step(hidden[:, start:stop], causal_mask(batch, stop - start, start, ref.dtype), pos[:, start:stop],
+                     cache)
+        self.past = []
+        for i in range(cfg.num_layers):       # converted layer by layer: one layer's float32 twin at a time
+            self.past += [t.to(dtype) for t in _layer_kv(cache, i)]
+            _drop_layer(cache, i)
 
-    def first(self, last: int) -> list[torch.Tensor]:
-        return [t[:, :, :last].clone() for t in self.past]
+    def view(self, i: int, kind: int, last: int) -> torch.Tensor:
+        """Layer ``i``'s key (kind 0) or value (1) over the first ``last`` positions (no copy)."""
+        return self.past[2 * i + kind][:, :, :last]
 
 
-def point_data(ref, point: Point, batch: int, need_layers: list[int], prefill_ref=None,
-               prefill: Prefill | None = None) -> PointData:
-    """Real prefill of ``lastSum`` tokens, then N fresh embeddings on top of it.
+def _layer_kv(cache, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if hasattr(cache, "layers"):
+        return cache.layers[i].keys, cache.layers[i].values
+    return cache.key_cache[i], cache.value_cache[i]
 
-    ``prefill``: a shared longer prefill to take the first lastSum positions from
-    (otherwise one is run for this point).
+
+def _drop_layer(cache, i: int) -> None:
+    """Free a layer's tensors in transformers' DynamicCache (either of its layouts)."""
+    if hasattr(cache, "layers"):
+        cache.layers[i].keys = cache.layers[i].values = None
+    else:
+        cache.key_cache[i] = cache.value_cache[i] = None
+
+
+@dataclass
+class PointData:
+    """What the runners of every pack need for one point; its past KV are views of the shared prefill."""
+    point: Point
+    hidden: dict[int, torch.Tensor]   # hidden state entering layer i, for each pack's first layer i
+    mask: torch.Tensor
+    position_ids: torch.Tensor
+    prefill: Prefill
+
+    def past(self, i: int, kind: int) -> torch.Tensor:
+        return self.prefill.view(i, kind, self.point.last)
+
+
+def point_data(ref, point: Point, batch: int, need_layers: list[int], prefill: Prefill) -> PointData:
+    """N fresh embeddings on top of the first lastSum positions of the shared real prefill.
 
     ``need_layers``: layers whose incoming hidden state is needed (pack starts);
-    anything past layer 0 costs one extra full forward with output_hidden_states.
-    ``prefill_ref``: a float32 twin of ``ref`` for the prefill. The past KV is input
-    data here, not something under test, and torch's fp16/bf16 CPU kernels make a
-    3584-token prefill of the default model take many minutes; the float32 cache
-    rounded to the profile dtype is what a well-behaved fp16 prefill approximates.
+    anything past layer 0 costs one full forward of ``ref`` with output_hidden_states.
+    The prefill may run in float32 (``--prefill-dtype``): the past KV is input data here,
+    not something under test, and torch's fp16/bf16 CPU kernels make a 3584-token
+    prefill of the default model take many minutes; the float32 cache rounded to the
+    profile dtype is what a well-behaved fp16 prefill approximates.
     """
     cfg = ref.source.config
     dtype = ref.dtype
-    prefill_ref = prefill_ref or ref
-    prefill = prefill or Prefill(prefill_ref, batch, point.last, seed=point.seed)
-    cache = ref.new_cache()
-    if point.last:
-        past = [t.to(dtype) for t in prefill.first(point.last)]
-        for i in range(cfg.num_layers):
-            cache.update(past[2 * i].clone(), past[2 * i + 1].clone(), i)
-    else:
-        past = [torch.zeros(batch, cfg.num_kv_heads, 0, cfg.head_dim, dtype=dtype) for _ in range(2 * cfg.num_layers)]
     g = torch.Generator().manual_seed(point.seed + 1)
     hidden = torch.randn(batch, point.n, cfg.hidden_size, generator=g).to(dtype)
     mask = causal_mask(batch, point.n, point.last, dtype, window=cfg.sliding_window)
     if point.masked:
         mask = reserve_slots(mask, point.last)
     pos = torch.arange(point.last, point.last + point.n, dtype=torch.int64)[None].expand(batch, point.n).contiguous()
-    states = [hidden]
+    states = {0: hidden}
     if any(i > 0 for i in need_layers):
+        cache = ref.new_cache()
+        if point.last:
+            for i in range(cfg.num_layers):
+                cache.update(prefill.view(i, 0, point.last), prefill.view(i, 1, point.last), i)
         with torch.no_grad():
             out = ref.decoder(inputs_embeds=hidden, attention_mask=mask, position_ids=pos, use_cache=True,
                               output_hidden_states=True, **{ref._cache_kw: cache})
         # hidden_states[i] enters layer i; the last entry is after the final norm.
-        states = list(out.hidden_states[:cfg.num_layers])
-    return PointData(point, states, mask, pos, past)
+        states = {i: out.hidden_states[i] for i in need_layers}
+        del out, cache
+    return PointData(point, states, mask, pos, prefill)
 
 
 def to_feed_value(t: torch.Tensor):
@@ -164,7 +197,7 @@ def feed_for(data: PointData, spec) -> OrderedDict:
     """The pack's contract inputs, in the graph's input order (kv_io = "inplace": the cache in
     a buffer of cache_len rows, see build/cache_io.py)."""
     feed = cache_io.graph_feed(spec, data.hidden[spec.first_layer], data.mask, data.position_ids,
-                               lambda i, kind: to_kv_format(data.past[2 * i + kind], spec.kv_format))
+                               lambda i, kind: to_kv_format(data.past(i, kind), spec.kv_format))
     return OrderedDict((name, to_feed_value(feed[name])) for name in input_names(spec))
 
 

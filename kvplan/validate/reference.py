@@ -18,6 +18,11 @@ import torch
 import transformers
 from transformers import AutoConfig, DynamicCache
 
+try:                                   # transformers 5.x
+    from transformers.initialization import no_init_weights
+except ImportError:                    # 4.x
+    from transformers.modeling_utils import no_init_weights
+
 from kvplan.models import ModelSource
 from kvplan.models.families import get as get_family
 
@@ -49,19 +54,27 @@ class HFReference:
         self.hf_config = _hf_config(source)
         decoder_class, lm_class = get_family(source.config.family).reference_classes
         weights = source.read_reference()
+        for name in list(weights):       # converted one at a time: never two copies of the model
+            weights[name] = weights[name].to(dtype)
         if with_lm:
             if source.read_lm is None:
                 raise ValueError(f"{source.name}: no LM head in this model source")
             lm = source.read_lm()
-            model = getattr(transformers, lm_class)(self.hf_config)
+            with no_init_weights():      # every parameter is replaced below: never write random ones
+                model = getattr(transformers, lm_class)._from_config(self.hf_config, dtype=dtype)
             state = {f"model.{k}": v for k, v in weights.items()}
-            state["model.embed_tokens.weight"] = lm["embed_tokens.weight"]
-            state["lm_head.weight"] = lm["lm_head.weight"]
+            # Popped as converted: one vocabulary-sized matrix in the source dtype at a time.
+            state["model.embed_tokens.weight"] = lm.pop("embed_tokens.weight").to(dtype)
+            state["lm_head.weight"] = lm.pop("lm_head.weight").to(dtype)
         else:
-            model = getattr(transformers, decoder_class)(self.hf_config)
+            with no_init_weights():
+                model = getattr(transformers, decoder_class)._from_config(self.hf_config, dtype=dtype)
             state = dict(weights)
-            state["embed_tokens.weight"] = torch.zeros(model.embed_tokens.weight.shape)
-        model.load_state_dict(state, strict=True)
+            state["embed_tokens.weight"] = torch.zeros(model.embed_tokens.weight.shape, dtype=dtype)
+        del weights
+        # assign: the modules take these tensors as their parameters (no second copy of the weights).
+        model.load_state_dict(state, strict=True, assign=True)
+        del state
         # Rotary inverse frequencies stay fp32, as from_pretrained(dtype=float16) leaves
         # them: a blanket .to(float16) would round them and shift the angle by ~1 rad
         # at position 4000, which is a bug of the reference, not of the graph under test.

@@ -102,3 +102,20 @@ def task_summary(task: dict) -> list[str]:
                      f"max {_fmt(d['max'])} at step {d['max_step']}, mean first/last quarter "
                      f"{_fmt(d['mean_first_quarter'])}/{_fmt(d['mean_last_quarter'])}{over}")
     return lines
+
+
+def phase_table(meter, weight_bytes: int) -> list[str]:
+    """Per phase: wall time and the process's peak RSS during it (and that peak over the weight bytes)."""
+    def mib(x):
+        return "-" if x is None else f"{x / 2**20:.0f} MiB"
+
+    def ratio(x):
+        return "" if x is None or not weight_bytes else f" ({x / weight_bytes:.1f}x weights)"
+
+    phases = meter.merged()
+    width = max([len(p.name) for p in phases] + [5])
+    lines = [f"time and memory per phase (weights {mib(weight_bytes)}):"]
+    lines += [f"  {p.name:{width}s} {p.seconds:7.1f} s  peak RSS {mib(p.peak)}{ratio(p.peak)}" for p in phases]
+    total = sum(p.seconds for p in meter.phases)
+    lines.append(f"  {'total':{width}s} {total:7.1f} s  peak RSS {mib(meter.peak)}{ratio(meter.peak)}")
+    return lines

@@ -15,30 +15,35 @@ Exit codes: 0 pass, 1 numeric mismatch, 2 stale/missing target or bad input,
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from polygraphy.comparator import Comparator, RunResults
-from polygraphy.json import save_json
 from polygraphy.logger import G_LOGGER
 
 from kvplan.decoder import pack_specs
 from kvplan.errors import BackendError, UserError
 from kvplan.export import TORCH_DTYPES, io_contract
 from kvplan.manifest import MANIFEST, load_manifest, now, sha256_file, write_json_atomic
+from kvplan.models.presets import tensor_shapes
+from kvplan.pipeline import release_memory
 from kvplan.trt.backend import select_backend
 from kvplan.validate import points as pts
-from kvplan.validate import report, runners as rn
-from kvplan.validate.compare import compare_runs
+from kvplan.validate import report, runners as rn, stream
+from kvplan.validate.meter import Meter
 from kvplan.validate.onnx_stack import OnnxStack, Pack
 from kvplan.validate.points import parse_kinds
 from kvplan.validate.reference import HFReference
 from kvplan.validate.task import TrtStack, run_task_checks
 
 RECHECK_ENV_RTX = "POLYGRAPHY_USE_TENSORRT_RTX=1"
+# (reference, candidate) runner pairs compared on every output of every point.
+PAIRS = [(rn.REFERENCE, rn.EXPORT), (rn.REFERENCE, rn.FUSED), (rn.EXPORT, rn.FUSED),
+         (rn.FUSED, rn.TENSORRT), (rn.REFERENCE, rn.TENSORRT)]
+PAIR_ORDER = {f"{a} vs {b}": i for i, (a, b) in enumerate(PAIRS)}
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,7 @@ def validate(source, profile, target: Path, manifest: dict, options: ValidateOpt
 
 def _run_checks(options, kinds, source, profile, target, manifest, backend_name, log) -> int:
     t0 = time.perf_counter()
+    meter = Meter()
     cfg = source.config
     tol = profile.tolerance
     specs = pack_specs(cfg, profile.decoder_pack_size, profile.kv_format, profile.kv_io, profile.cache_len)
@@ -98,22 +104,26 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
     dtype = TORCH_DTYPES[profile.dtype]
     log(f"[validate] {source.name} ({cfg.num_layers} layers, {profile.dtype}) profile {profile.name}: {target}")
     log(f"[validate] tolerance: |got - ref| <= atol + rtol * |ref| with atol={tol.atol:g}, rtol={tol.rtol:g}")
-    ref = HFReference(source, dtype)
-    prefill_ref = None
-    if options.prefill_dtype == "float32" and dtype != torch.float32:
-        prefill_ref = HFReference(source, torch.float32)
     points = pts.select_points(profile, kinds)
     need = [s.first_layer for s in specs]
-    t = time.perf_counter()
     longest = max(p.last for p in points)
-    prefill = pts.Prefill(prefill_ref or ref, profile.batch, longest)
-    log(f"[validate] prefill of {longest} tokens (shared by every point) in {time.perf_counter() - t:.1f} s")
+    fp32_prefill = options.prefill_dtype == "float32" and dtype != torch.float32
+    with meter.phase("prefill"):
+        # The float32 twin only lives for the prefill; its cache is kept once, in the profile dtype.
+        prefill_ref = HFReference(source, torch.float32 if fp32_prefill else dtype)
+        prefill = pts.Prefill(prefill_ref, profile.batch, longest, dtype)
+        del prefill_ref
+        release_memory()
+    log(f"[validate] prefill of {longest} tokens (shared by every point) in {meter.phases[-1].seconds:.1f} s")
+    with meter.phase("reference"):
+        ref = HFReference(source, dtype)
     data = []
-    for i, point in enumerate(points):
-        t = time.perf_counter()
-        data.append(pts.point_data(ref, point, profile.batch, need, prefill_ref, prefill))
-        log(f"[validate] point {i + 1}/{len(points)} {point.label}{' (reserved slots masked)' if point.masked else ''}"
-            f": prefill + inputs in {time.perf_counter() - t:.1f} s")
+    with meter.phase("points"):
+        for i, point in enumerate(points):
+            t = time.perf_counter()
+            data.append(pts.point_data(ref, point, profile.batch, need, prefill))
+            log(f"[validate] point {i + 1}/{len(points)} {point.label}"
+                f"{' (reserved slots masked)' if point.masked else ''}: inputs in {time.perf_counter() - t:.1f} s")
 
     vdir = target / "validation"
     vdir.mkdir(exist_ok=True)
@@ -125,38 +135,45 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
             group = [d for d in data if d.point.profile_index == sp_index]
             if not group:
                 continue
-            feeds = [pts.feed_for(d, spec) for d in group]
             runners = [rn.ReferenceRunner(ref, spec, contract, log=log)]
             for name, paths in ((rn.EXPORT, exported), (rn.FUSED, fused)):
                 if paths is None:
                     not_run[name] = "no fused graph in this target (no surgery passes)"
                     continue
+                if name in not_run:          # it failed to start for an earlier pack or profile
+                    continue
                 runner, why = rn.make_onnxrt(paths[p_index], name)
                 runner and runners.append(runner)
                 why and not_run.setdefault(name, why)
             runner, why = rn.make_tensorrt(plans[p_index] if plans else None, backend, backend_error, sp_index,
-                                              specs[p_index])
+                                           specs[p_index])
             runner and runners.append(runner)
             why and not_run.setdefault(rn.TENSORRT, why)
             log(f"[validate] pack {p_index} ({stem}), profile {sp.name}: {len(group)} point(s) through "
-                f"{', '.join(r.name for r in runners)}")
-            results = Comparator.run(runners, data_loader=feeds)
-            ran.update(r.name for r in runners)
-            pairs = [(rn.REFERENCE, rn.EXPORT), (rn.REFERENCE, rn.FUSED), (rn.EXPORT, rn.FUSED),
-                     (rn.FUSED, rn.TENSORRT), (rn.REFERENCE, rn.TENSORRT)]
-            rows += compare_runs(results, pairs, [d.point for d in group], p_index, tol.atol, tol.rtol)
-            files += _save(results, feeds, vdir, f"{stem}.{sp.name}", target)
-            commands += _commands(stem, sp_index, sp.name, exported[p_index], fused, plans, p_index, results,
+                f"{', '.join(r.name for r in runners)}, one runner at a time")
+            graphs = {name: paths[p_index] for name, paths in ((rn.EXPORT, exported), (rn.FUSED, fused)) if paths}
+            group_rows, names, written = stream.run_group(
+                runners, group, lambda d: pts.feed_for(d, spec), vdir, f"{stem}.{sp.name}", PAIRS, p_index,
+                tol, meter, not_run, log,
+                why_not=lambda r, e: rn.onnxrt_why_not(graphs[r.name], e) if r.name in graphs else None)
+            rows += group_rows
+            ran.update(names)
+            files += [str(w.relative_to(target)) for w in written]
+            commands += _commands(stem, sp_index, sp.name, exported[p_index], fused, plans, p_index, names,
                                   backend_name, tol)
+    del ref
+    release_memory()
 
     task = {"ran": False, "why": "--no-task"}
     if not options.no_task:
-        task = _task_checks(options, source, dtype, specs, exported, fused, plans, backend, backend_error, profile,
-                            not_run, log)
+        with meter.phase("task check"):
+            task = _task_checks(options, source, dtype, specs, exported, fused, plans, backend, backend_error,
+                                profile, not_run, log)
+        release_memory()
 
-    # Report rows point by point (they were produced pack/profile/pair by pair).
+    # Report rows point by point (they were produced pack/profile/runner by runner).
     order = {d.point.label: i for i, d in enumerate(data)}
-    rows.sort(key=lambda s: (s.pack, order[s.point]))
+    rows.sort(key=lambda s: (s.pack, order[s.point], PAIR_ORDER.get(s.pair, 99)))
 
     # Verdict.
     compared = {s.pair for s in rows}
@@ -179,6 +196,10 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
     for line in report.task_summary(task):
         print(line)
     print()
+    weight_bytes = sum(math.prod(s) for s in tensor_shapes(cfg).values()) * torch.finfo(dtype).bits // 8
+    for line in report.phase_table(meter, weight_bytes):
+        print(line)
+    print()
     print(f"Polygraphy JSON inputs/outputs: {vdir}")
     print(f"re-check without kvplan or PyTorch (from {target}):")
     for c in commands:
@@ -190,10 +211,13 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
 
     record = {"status": status, "finished": now(), "seconds": round(time.perf_counter() - t0, 2),
               "tolerance": {"atol": tol.atol, "rtol": tol.rtol, "rule": "|got - ref| <= atol + rtol * |ref|"},
-              "points": [d.point.label for d in data], "prefill_dtype": "float32" if prefill_ref else profile.dtype,
+              "points": [d.point.label for d in data], "prefill_dtype": "float32" if fp32_prefill else profile.dtype,
               "runners": {n: ({"ran": True} if n in ran else {"ran": False, "why": not_run.get(n, "not available")})
                           for n in (rn.REFERENCE, rn.EXPORT, rn.FUSED, rn.TENSORRT)},
               "pairs": report.worst_per_pair(rows), "task": _task_record(task),
+              "phases": [p.to_dict() for p in meter.merged()],
+              "peak_rss_mib": None if meter.peak is None else round(meter.peak / 2**20, 1),
+              "weight_mib": round(weight_bytes / 2**20, 1),
               "files": files, "recheck": commands,
               "artifacts": {str(p.relative_to(target)): sha256_file(p)
                             for p in (exported or []) + (fused or []) + (plans or [])}}
@@ -206,20 +230,7 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
     return {"pass": 0, "fail": 1, "inconclusive": 3}[status]
 
 
-def _save(results, feeds, vdir: Path, base: str, target: Path) -> list[str]:
-    """inputs.json (Polygraphy data-loader list) and one RunResults file per runner."""
-    inputs = vdir / f"{base}.inputs.json"
-    save_json(feeds, str(inputs), description="validation inputs")
-    written = [inputs]
-    for name, iterations in results:
-        path = vdir / f"{base}.outputs.{name}.json"
-        RunResults([(name, iterations)]).save(str(path))
-        written.append(path)
-    return [str(p.relative_to(target)) for p in written]
-
-
-def _commands(stem, sp_index, sp_name, onnx_path, fused, plans, p_index, results, backend_name, tol) -> list[str]:
-    names = {name for name, _ in results}
+def _commands(stem, sp_index, sp_name, onnx_path, fused, plans, p_index, names, backend_name, tol) -> list[str]:
     base = f"validation/{stem}.{sp_name}"
     inputs = f"{base}.inputs.json"
     cmds = []

@@ -16,13 +16,14 @@ import onnxruntime as ort
 import polygraphy
 import polygraphy.config
 from polygraphy.backend.common import BytesFromPath
-from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+from polygraphy.backend.onnxrt import OnnxrtRunner
 from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
 
 from kvplan.export.exporter import TORCH_DTYPES, output_names
 from kvplan.trt.backend import version_tuple
+from kvplan.validate.onnx_stack import session as onnx_session
 from kvplan.validate.points import to_feed_value, to_kv_format
 
 REFERENCE, EXPORT, FUSED, TENSORRT = "pytorch", "onnxrt-export", "onnxrt-fused", "tensorrt"
@@ -116,17 +117,17 @@ class ReferenceRunner(BaseRunner):
 
 
 def make_onnxrt(path: Path, name: str):
-    """ONNX Runtime (CPU) on ``path``; a throwaway session first tells whether it can run here."""
+    """ONNX Runtime (CPU) on ``path``. The session is created when the runner activates and freed
+    when it deactivates, so only the running graph's weights are in memory; whether the graph can
+    run here (bfloat16 cannot) shows at activation: ``onnxrt_why_not`` words it."""
     # kv_io = "inplace": ONNX Runtime warns on every TensorScatter that it copies the buffer.
     ort.set_default_logger_severity(3)
-    try:
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    except Exception as e:  # e.g. bfloat16: ORT's CPU provider has no bf16 MatMul/Mul kernels
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return None, f"ONNX Runtime {ort.__version__} (CPU) cannot run {path.name}: {first}"
-    return OnnxrtRunner(SessionFromOnnx(str(path), providers=["cpu"]), name=name), None
+    return OnnxrtRunner(lambda: onnx_session(path), name=name), None
+
+
+def onnxrt_why_not(path: Path, error: Exception) -> str:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f"ONNX Runtime {ort.__version__} (CPU) cannot run {path.name}: {first}"
 
 
 # Polygraphy's TrtRunner binds an output the engine aliases to an input (get_aliased_input_tensor,

@@ -1,0 +1,93 @@
+"""Wall time and peak resident memory of each validation phase.
+
+Linux keeps a process's peak RSS (VmHWM) and lets the process reset it
+(``/proc/self/clear_refs`` with "5"), so each phase's own peak is read exactly,
+not sampled. Elsewhere the phases report time only.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+_STATUS = Path("/proc/self/status")
+_CLEAR = Path("/proc/self/clear_refs")
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        m = re.search(rf"^{field}:\s+(\d+) kB", _STATUS.read_text(), re.M)
+    except OSError:
+        return None
+    return int(m.group(1)) if m else None
+
+
+def rss_bytes() -> int | None:
+    kib = _status_kib("VmRSS")
+    return None if kib is None else kib << 10
+
+
+def peak_bytes() -> int | None:
+    kib = _status_kib("VmHWM")
+    return None if kib is None else kib << 10
+
+
+def _reset_peak() -> bool:
+    try:
+        _CLEAR.write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+@dataclass
+class Phase:
+    name: str
+    seconds: float
+    peak: int | None        # bytes; None where the OS does not say
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "seconds": round(self.seconds, 2),
+                "peak_rss_mib": None if self.peak is None else round(self.peak / 2**20, 1)}
+
+
+class Meter:
+    """Phases in the order they ran; a phase's name may repeat (one per pack, say) and is summed in ``merged``."""
+
+    def __init__(self):
+        self.phases: list[Phase] = []
+        self._peak_before = peak_bytes()     # imports and whatever ran before validation
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        before = peak_bytes()
+        resettable = _reset_peak()
+        if before is not None:
+            self._peak_before = max(self._peak_before or 0, before)
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            peak = peak_bytes() if resettable else None
+            self.phases.append(Phase(name, time.perf_counter() - t, peak))
+
+    @property
+    def peak(self) -> int | None:
+        """Peak RSS of the whole process so far (before and during every phase)."""
+        now = peak_bytes()
+        known = [p.peak for p in self.phases if p.peak is not None] + [x for x in (self._peak_before, now) if x]
+        return max(known) if known else None
+
+    def merged(self) -> list[Phase]:
+        """One row per phase name, in first-seen order: total time, highest peak."""
+        out: dict[str, Phase] = {}
+        for p in self.phases:
+            if p.name not in out:
+                out[p.name] = Phase(p.name, 0.0, None)
+            m = out[p.name]
+            m.seconds += p.seconds
+            if p.peak is not None:
+                m.peak = max(m.peak or 0, p.peak)
+        return list(out.values())

@@ -1,0 +1,88 @@
+"""Validation in bounded memory: the pieces that make it so, each checked on its own (no build)."""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import torch
+from polygraphy.comparator import RunResults
+from polygraphy.json import save_json
+
+from kvplan.models import resolve
+from kvplan.validate import points as pts
+from kvplan.validate import polyjson
+from kvplan.validate.meter import Meter
+from kvplan.validate.reference import HFReference
+
+
+def _feeds():
+    g = np.random.default_rng(0)
+    return [OrderedDict(hidden_in=g.standard_normal((1, n, 8)).astype(np.float16),
+                        position_ids=np.arange(n, dtype=np.int64)[None]) for n in (1, 3)]
+
+
+def test_inputs_written_one_feed_at_a_time_are_the_text_save_json_writes(tmp_path):
+    feeds = _feeds()
+    save_json(feeds, str(tmp_path / "whole.json"))
+    writer = polyjson.inputs_writer(tmp_path / "streamed.json")
+    for feed in feeds:
+        writer.append(feed)
+    writer.close()
+    assert (tmp_path / "streamed.json").read_bytes() == (tmp_path / "whole.json").read_bytes()
+
+
+def test_outputs_written_one_iteration_at_a_time_are_the_text_run_results_save_writes(tmp_path):
+    iterations = [polyjson.iteration(f, "onnxrt-fused", 0.25) for f in _feeds()]
+    RunResults([("onnxrt-fused", iterations)]).save(str(tmp_path / "whole.json"))
+    writer = polyjson.outputs_writer(tmp_path / "streamed.json", "onnxrt-fused")
+    for it in iterations:
+        writer.append(it)
+    writer.close()
+    assert (tmp_path / "streamed.json").read_bytes() == (tmp_path / "whole.json").read_bytes()
+    loaded = RunResults.load(str(tmp_path / "streamed.json"))
+    assert np.array_equal(loaded["onnxrt-fused"][1]["hidden_in"], iterations[1]["hidden_in"])
+
+
+def test_an_aborted_json_file_leaves_nothing_under_its_name(tmp_path):
+    writer = polyjson.inputs_writer(tmp_path / "x.json")
+    writer.append(_feeds()[0])
+    writer.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_chunked_prefill_is_the_prefill_of_the_whole_prompt(monkeypatch):
+    ref = HFReference(resolve("tiny-llama"), torch.float32)
+    whole = ref.cache_tensors(ref.prefill(1, 40), ref.source.config.num_layers)
+    monkeypatch.setattr(pts, "CHUNK_SCORE_BYTES", 4 * 4 * 40 * 16)      # 16-token chunks: three of them
+    chunked = pts.Prefill(ref, 1, 40, torch.float32)
+    assert len(chunked.past) == len(whole)
+    for a, b in zip(chunked.past, whole):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+    # Points take views of the first lastSum positions, not copies.
+    assert chunked.view(1, 0, 7).data_ptr() == chunked.past[2].data_ptr() and chunked.view(1, 0, 7).shape[2] == 7
+
+
+def test_the_reference_holds_one_copy_of_the_weights_in_its_dtype():
+    source = resolve("tiny-llama")
+    ref = HFReference(source, torch.float16)
+    params = list(ref.model.parameters())
+    assert {p.dtype for p in params} == {torch.float16}
+    decoder = dict(ref.model.named_parameters())
+    want = source.read_tensors(["layers.1.mlp.up_proj.weight"])["layers.1.mlp.up_proj.weight"]
+    assert torch.equal(decoder["layers.1.mlp.up_proj.weight"], want.to(torch.float16))
+    # Rotary frequencies stay float32 (rounding them would be a bug of the reference).
+    assert all(b.dtype == torch.float32 for n, b in ref.model.named_buffers() if n.endswith("inv_freq"))
+
+
+def test_each_phase_reports_its_own_peak():
+    meter = Meter()
+    with meter.phase("big"):
+        block = bytearray(64 << 20)
+        block[::4096] = b"\x01" * len(block[::4096])       # touch every page
+        del block
+    with meter.phase("small"):
+        pass
+    big, small = meter.phases
+    if big.peak is not None:
+        assert big.peak - small.peak > 48 << 20
+        assert meter.peak >= big.peak
