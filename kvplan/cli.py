@@ -66,6 +66,9 @@ def build_parser(prog: str = "kvplan build") -> argparse.ArgumentParser:
     p.add_argument("--no-trace-cache", action="store_true",
                    help="trace the decoder pieces afresh and do not store them (default: reuse traces kept under "
                         "$KVPLAN_CACHE_DIR, else $XDG_CACHE_HOME/kvplan, else ~/.cache/kvplan)")
+    p.add_argument("--allow-nonfinite-weights", action="store_true",
+                   help="export weights holding NaN or infinite values instead of refusing them (validation will "
+                        "still fail on their outputs)")
     p.add_argument("--inspect", metavar="PLAN_OR_TARGET", type=Path,
                    help="print the layer summary of a built .plan (or of the plan(s) in a target directory) and exit")
     p.add_argument("--list-presets", action="store_true", help="list the model presets and exit")
@@ -156,7 +159,7 @@ def _build(args: argparse.Namespace) -> int:
         return 0
     options = target_mod.BuildOptions(backend=args.backend, no_surgery=args.no_surgery, stop_after=args.stop_after,
                                       no_trace_cache=args.no_trace_cache, force=args.force,
-                                      shapes=tuple(args.shapes))
+                                      shapes=tuple(args.shapes), allow_nonfinite=args.allow_nonfinite_weights)
     target_mod.build(args.model, args.profile, args.out, options, log=_log)
     if args.validate:
         return target_mod.validate_target(args.model, args.profile, args.out, ValidateOptions(),

@@ -47,6 +47,7 @@ class BuildOptions:
     no_trace_cache: bool = False
     force: bool = False
     shapes: tuple[str, ...] = ()     # --shapes overrides, NAME:N=a,b,c:lastSum=a,b,c
+    allow_nonfinite: bool = False    # export weights holding NaN/inf instead of refusing them
 
 
 def target_dir(out: Path, model_name: str, profile_name: str) -> Path:
@@ -72,6 +73,7 @@ def build_stages(source, profile, target: Path, options: BuildOptions, log) -> l
         return {"model": source.fingerprint, "config": cfg.to_dict(), "dtype": profile.dtype,
                 "batch": profile.batch, "kv_format": profile.kv_format, "kv_io": profile.kv_io,
                 "cache_len": profile.cache_len, "decoder_pack_size": profile.decoder_pack_size,
+                "allow_nonfinite": options.allow_nonfinite,
                 "source": source_digest("kvplan.export"),
                 "torch": torch.__version__, "onnxscript": onnxscript.__version__}
 
@@ -82,7 +84,7 @@ def build_stages(source, profile, target: Path, options: BuildOptions, log) -> l
             log(f"[export] layers {spec.first_layer}..{spec.last_layer - 1}"
                 f"{' + final norm' if spec.final_norm else ''} -> {name}")
             result = export_pack(source, spec, profile.dtype, profile.batch, target / name, log=log,
-                                 trace_cache=cache)
+                                 trace_cache=cache, allow_nonfinite=options.allow_nonfinite)
             log(f"[export] {name}: {result.weight_bytes / 2**20:.1f} MiB of weights in {result.seconds:.1f} s"
                 f"{' (external data)' if result.external_data else ''}, peak RSS {peak_rss_mib():.0f} MiB")
             entries.append(artifact(target, target / name, pack=specs.index(spec),

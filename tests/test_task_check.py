@@ -67,3 +67,22 @@ def test_teacher_forced_run_through_the_tensorrt_stack(dtype, name):
     assert r["agreement"] == 1.0 and r["passed_tolerance"]
     assert max(r["hidden_max_abs_per_step"]) == 0.0      # the same model on the same inputs
     assert runner.selected == [0, 1]                     # switched once to prefill, once to decode
+
+
+class NaNRunner(EngineOrderRunner):
+    """A stack whose hidden_out is NaN: what a graph built from NaN weights produces."""
+
+    def infer(self, feed):
+        out = super().infer(feed)
+        out["hidden_out"] = torch.full_like(torch.as_tensor(out["hidden_out"]), float("nan")).numpy()
+        return out
+
+
+def test_nan_outputs_never_count_as_agreement_or_within_tolerance():
+    source, profile, _, runner = _stack(torch.float16, "float16")
+    stack = TrtStack([NaNRunner(runner.inner)], pack_specs(source.config, 0, 0), profile)
+    result = run_task_checks(source, torch.float16, {"tensorrt": stack}, steps=4, prompt_len=3,
+                             tol=profile.tolerance, log=lambda *_: None)
+    r = result["stacks"]["tensorrt"]
+    assert r["ran"] and r["agreement"] == 0.0 and not r["passed_tolerance"]
+    assert r["first_step_over_tolerance"] == 0 and r["first_divergence"] == 0

@@ -30,6 +30,7 @@ from kvplan.config import DecoderConfig
 from kvplan.decoder import DecoderStack, StackSpec, pack_specs
 from kvplan.fileio import temp_prefix, write_streamed
 from kvplan.models import ModelSource
+from kvplan.models.presets import tensor_shapes
 from kvplan.export.stitch import Stitcher, finish, torch_to_ir, trace_pieces
 from kvplan.export.trace_cache import TraceCache
 from kvplan.errors import ExportError
@@ -159,15 +160,38 @@ def _layer_weight_names(cfg: DecoderConfig, layer: int) -> list[str]:
     return [n for n in _stack_tensor_names(cfg, StackSpec(layer, layer + 1, False)) if n.startswith(prefix)]
 
 
+def checked_weight(source: ModelSource, name: str, t: torch.Tensor, shape: tuple[int, ...],
+                   allow_nonfinite: bool = False) -> torch.Tensor:
+    """``t`` if it can stand for the decoder weight ``name``: floating point (an integer or bool
+    tensor cast to the profile's dtype would export silently wrong numbers), the shape the
+    architecture needs (checked here, where every tensor is bound, so a warm trace cache that
+    skips the trace cannot skip it), and finite unless ``allow_nonfinite``."""
+    where = source.path or source.name
+    if not t.is_floating_point():
+        raise ExportError(f"{where}: tensor {name!r} has dtype {str(t.dtype).removeprefix('torch.')}; decoder "
+                          f"weights must be floating point (an integer tensor is not cast)")
+    if tuple(t.shape) != tuple(shape):
+        raise ExportError(f"{where}: tensor {name!r} has shape {list(t.shape)}, the architecture needs {list(shape)}")
+    if not allow_nonfinite:
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise ExportError(f"{where}: tensor {name!r} holds {bad} NaN or infinite value(s) of {t.numel()}; "
+                              f"--allow-nonfinite-weights exports it anyway")
+    return t
+
+
 def build_pack_model(source: ModelSource, spec: StackSpec, dtype: str, batch: int,
-                     trace_cache: TraceCache | None = None, log=print) -> tuple[ir.Model, int]:
+                     trace_cache: TraceCache | None = None, log=print,
+                     allow_nonfinite: bool = False) -> tuple[ir.Model, int]:
     """The pack's ONNX model (in memory) and its weight bytes."""
     cfg = source.config
+    shapes = tensor_shapes(cfg)
     tdtype = TORCH_DTYPES[dtype]
     t0 = time.perf_counter()
     hits, stores = (len(trace_cache.hits), len(trace_cache.stored)) if trace_cache else (0, 0)
     pieces = trace_pieces(cfg, spec, tdtype, batch, lambda: {
-        n.split(".", 2)[2]: t for n, t in source.read_tensors(_layer_weight_names(cfg, spec.first_layer)).items()},
+        n.split(".", 2)[2]: checked_weight(source, n, t, shapes[n], allow_nonfinite)
+        for n, t in source.read_tensors(_layer_weight_names(cfg, spec.first_layer)).items()},
         cache=trace_cache, log=log)
     if trace_cache is not None:
         loaded, stored = trace_cache.hits[hits:], trace_cache.stored[stores:]
@@ -186,7 +210,7 @@ def build_pack_model(source: ModelSource, spec: StackSpec, dtype: str, batch: in
         # dropped before the next one is read.
         bound = {}
         for name, t in tensors.items():
-            t = t.to(tdtype)
+            t = checked_weight(source, name, t, shapes[name], allow_nonfinite).to(tdtype)
             weight_bytes += t.numel() * t.element_size()
             bound["layer." + name.split(".", 2)[2]] = (name, torch_to_ir(t, name))
         del tensors
@@ -198,7 +222,7 @@ def build_pack_model(source: ModelSource, spec: StackSpec, dtype: str, batch: in
         outputs[key_name], outputs[value_name] = k, v
     if spec.final_norm:
         (norm_weight,) = source.read_tensors(["norm.weight"]).values()
-        norm_weight = norm_weight.to(tdtype)
+        norm_weight = checked_weight(source, "norm.weight", norm_weight, shapes["norm.weight"], allow_nonfinite).to(tdtype)
         weight_bytes += norm_weight.numel() * norm_weight.element_size()
         (x,) = st.add(pieces["norm"], "norm/", [x], bind=lambda _: ("norm.weight", torch_to_ir(norm_weight, "norm.weight")))
     outputs = {"hidden_out": x, **outputs}
@@ -211,7 +235,7 @@ def build_pack_model(source: ModelSource, spec: StackSpec, dtype: str, batch: in
 
 
 def export_pack(source: ModelSource, spec: StackSpec, dtype: str, batch: int, path: Path,
-                log=print, trace_cache: TraceCache | None = None) -> PackExport:
+                log=print, trace_cache: TraceCache | None = None, allow_nonfinite: bool = False) -> PackExport:
     """Export one pack to ``path`` (written to a temporary name, then renamed into place).
 
     ``trace_cache``: where traced pieces are looked up and stored (build/trace_cache.py); None
@@ -221,7 +245,7 @@ def export_pack(source: ModelSource, spec: StackSpec, dtype: str, batch: int, pa
     notes: list[str] = []       # said after the exporter's stdout is ours again
     with warnings.catch_warnings(), _quiet_exporter():
         warnings.simplefilter("ignore")
-        model, weight_bytes = build_pack_model(source, spec, dtype, batch, trace_cache, notes.append)
+        model, weight_bytes = build_pack_model(source, spec, dtype, batch, trace_cache, notes.append, allow_nonfinite)
     for note in notes if log else ():
         log(note)
     external = weight_bytes > EXTERNAL_DATA_THRESHOLD
