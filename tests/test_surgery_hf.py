@@ -127,3 +127,37 @@ def test_hf_traced_fused_matches_unfused_in_onnxruntime(hf_graph, hf_fused, n, l
     for want, got in zip(ref.run(None, feeds), fused.run(None, feeds)):
         assert got.shape == want.shape
         assert float(np.abs(got - want).max()) <= 1e-4
+
+
+def _export(impl: str, path) -> None:
+    cfg = LlamaConfig(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=LAYERS,
+                      num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM,
+                      rms_norm_eps=1e-5, max_position_embeddings=512, vocab_size=32)
+    cfg._attn_implementation = impl
+    torch.manual_seed(0)
+    ins, outs = names()
+    dyn = {"hidden_in": {1: "N"}, "attention_mask": {2: "N", 3: "sumN"}, "position_ids": {1: "N"},
+           "hidden_out": {1: "N"}}
+    dyn.update({k: {2: "lastSum"} for k in ins[3:]})
+    dyn.update({k: {2: "sumN"} for k in outs[1:]})
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(HFStack(cfg).eval(), inputs(3, 5), str(path), dynamo=False, opset_version=17,
+                          input_names=ins, output_names=outs, dynamic_axes=dyn)
+
+
+@pytest.mark.parametrize("impl, breaks", [
+    ("eager", r"the probabilities \(/layers\.\d/self_attn/Cast_4_output_0\) feed Cast \(/layers\.\d/self_attn/Cast_5\)"),
+    ("sdpa", r"the second operand of /layers\.\d/self_attn/MatMul is Mul \(/layers\.\d/self_attn/Mul_9\)"),
+])
+def test_transformers_attention_that_is_not_fused_names_the_node_that_breaks_the_pattern(tmp_path, impl, breaks):
+    """transformers' eager attention casts the fp32 softmax back (a Cast chain before ·V) and sdpa
+    scales q and k by sqrt(scale) each; neither is the pattern the attention pass proves exact, so
+    each layer is a near miss that names the node and the tensor where the pattern breaks."""
+    import re
+    _export(impl, tmp_path / f"{impl}.onnx")
+    _, report = surgery.run(onnx.load(tmp_path / f"{impl}.onnx"), ["rmsnorm", "rope", "attention"], log=None)
+    attention = report["passes"]["attention"]
+    assert attention["fused"] == 0 and len(attention["near_misses"]) == LAYERS
+    assert all(re.search(breaks, m["reason"]) for m in attention["near_misses"]), attention["near_misses"]
+    assert report["passes"]["rmsnorm"]["fused"] == 2 * LAYERS + 1 and report["passes"]["rope"]["fused"] == 2 * LAYERS
