@@ -16,6 +16,7 @@ import onnxruntime as ort
 
 from kvplan import cache_io
 from kvplan.decoder import StackSpec
+from kvplan.validate.ort_session import session_options
 
 
 @dataclass
@@ -47,11 +48,7 @@ def next_past(spec: StackSpec, kv_outputs: list[np.ndarray], past: list[np.ndarr
 
 class OnnxStack:
     def __init__(self, packs: list[Pack], threads: int = 0):
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        # ONNX Runtime warns on every TensorScatter (kv_io = "inplace") that it copies the buffer.
-        opts.log_severity_level = 3
+        opts = session_options(threads)
         self.packs = packs
         self.sessions = [ort.InferenceSession(str(p.path), opts, providers=["CPUExecutionProvider"]) for p in packs]
 

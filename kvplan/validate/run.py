@@ -31,7 +31,7 @@ from kvplan.export import TORCH_DTYPES, io_contract
 from kvplan.manifest import MANIFEST, load_manifest, now, sha256_file, write_json_atomic
 from kvplan.trt.backend import select_backend
 from kvplan.validate import points as pts
-from kvplan.validate import report, runners as rn
+from kvplan.validate import quantized, report, runners as rn
 from kvplan.validate.compare import compare_runs
 from kvplan.validate.onnx_stack import OnnxStack, Pack
 from kvplan.validate.points import parse_kinds
@@ -87,6 +87,8 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
     tol = profile.tolerance
     specs = pack_specs(cfg, profile.decoder_pack_size, profile.kv_format, profile.kv_io, profile.cache_len)
     exported = _artifacts(manifest, "export", target)
+    # An int4 target: its graphs are the quantize stage's, and the reference carries their weights.
+    source, exported = quantized.faithfulness_inputs(source, manifest, target, exported)
     fused = _artifacts(manifest, "surgery", target)
     plans = _artifacts(manifest, "engines", target)
     backend, backend_error = None, None

@@ -15,12 +15,13 @@ import torch
 import onnxruntime as ort
 import polygraphy.config
 from polygraphy.backend.common import BytesFromPath
-from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+from polygraphy.backend.onnxrt import OnnxrtRunner
 from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
 
 from kvplan.export.exporter import TORCH_DTYPES, output_names
+from kvplan.validate.ort_session import session_options
 from kvplan.validate.points import to_feed_value, to_kv_format
 
 REFERENCE, EXPORT, FUSED, TENSORRT = "pytorch", "onnxrt-export", "onnxrt-fused", "tensorrt"
@@ -118,13 +119,13 @@ def make_onnxrt(path: Path, name: str):
     # kv_io = "inplace": ONNX Runtime warns on every TensorScatter that it copies the buffer.
     ort.set_default_logger_severity(3)
     try:
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
     except Exception as e:  # e.g. bfloat16: ORT's CPU provider has no bf16 MatMul/Mul kernels
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return None, f"ONNX Runtime {ort.__version__} (CPU) cannot run {path.name}: {first}"
-    return OnnxrtRunner(SessionFromOnnx(str(path), providers=["cpu"]), name=name), None
+    # Our own session (not SessionFromOnnx): int4 graphs need session_options()'s accuracy level.
+    return OnnxrtRunner(lambda: ort.InferenceSession(str(path), session_options(),
+                                                     providers=["CPUExecutionProvider"]), name=name), None
 
 
 def make_tensorrt(plan: Path | None, backend, backend_error: str | None, profile_index: int, spec=None):
