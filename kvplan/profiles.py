@@ -81,7 +81,7 @@ class Quantize:
     linears: tuple[str, ...] = LINEARS
     calibration: str = "synthetic"
     samples: int = 4
-    tokens: int = 128
+    tokens: int = 64
     seed: int = 0
     clip: bool = True
 
@@ -301,7 +301,7 @@ def _quantize(r: _Reader, data: dict, source: str, compute_capabilities: list[st
         path = Path(calibration)
         calibration = str(path if path.is_absolute() else (Path(source).parent / path).resolve())
     samples = r.get(q, "samples", "quantize.samples", int, 4)
-    tokens = r.get(q, "tokens", "quantize.tokens", int, 128)
+    tokens = r.get(q, "tokens", "quantize.tokens", int, 64)
     for field, value in (("samples", samples), ("tokens", tokens)):
         if value < 1:
             raise r.fail(f"quantize.{field}", f"must be >= 1, got {value}")

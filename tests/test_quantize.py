@@ -23,6 +23,7 @@ from kvplan.profiles import Quantize
 from kvplan.quantize import dequantized_source
 from kvplan.quantize.graph import quantize_graph
 from kvplan.quantize.rtn import quantize_linear
+from kvplan.quantize.awq import quantize_awq
 from kvplan.quantize.stage import quantize_rtn
 from kvplan.surgery import fuse_file
 from kvplan.validate.ort_session import session_options
@@ -226,3 +227,117 @@ def test_quantize_stage_is_skipped_when_unchanged_and_rebuilt_when_its_group_siz
     manifest = build(tmp_path, path, "tiny-llama", "--stop-after", "quantize")
     assert "[export] up to date" in capsys.readouterr().out
     assert manifest["stages"]["quantize"]["group_size"] == 64
+
+
+# --- AWQ -------------------------------------------------------------------------------------
+
+def relative_error(source, quantized, seed: int = 123) -> float:
+    """|hidden_out(int4 weights) - hidden_out(full precision)| / |hidden_out(full precision)|, fp32,
+    on inputs the calibration never saw."""
+    cfg = source.config
+    inputs = example_inputs(cfg, StackSpec(0, cfg.num_layers, True), 1, torch.float32, 64, 0, seed=seed)
+    with torch.no_grad():
+        ref = torch_stack(source, torch.float32)(*inputs)[0]
+        got = torch_stack(dequantized_source(source, quantized), torch.float32)(*inputs)[0]
+    return float((got - ref).norm() / ref.norm())
+
+
+@pytest.fixture(scope="module")
+def outliers_awq():
+    source = resolve("tiny-llama-outliers")
+    return source, quantize_awq(source, Quantize(method="awq", group_size=32), log=lambda _: None)
+
+
+def test_awq_beats_rtn_on_the_outlier_preset(outliers_awq):
+    source, awq = outliers_awq
+    rtn = quantize_rtn(source, Quantize(method="rtn", group_size=32), log=lambda _: None)
+    assert relative_error(source, awq) < 0.7 * relative_error(source, rtn)
+
+
+def test_awq_searches_twenty_alphas_and_folds_into_the_norms(outliers_awq):
+    from kvplan.quantize.awq import ALPHAS
+    source, awq = outliers_awq
+    assert len(ALPHAS) == 20 and ALPHAS[0] == 0 and ALPHAS[-1] < 1
+    # No GQA here, so v -> o is a scaling group as well.
+    assert set(awq.record["alpha"]["0"]) == {"input_layernorm", "v_proj", "post_attention_layernorm", "up_proj"}
+    assert {n for n in awq.replaced} == {f"layers.{i}.{norm}.weight" for i in range(2)
+                                         for norm in ("input_layernorm", "post_attention_layernorm")}
+
+
+def test_awq_with_gqa_shares_no_scale_between_v_and_o():
+    from kvplan.quantize.awq import scaling_groups
+    groups = dict(scaling_groups(resolve("tiny-llama").config, profiles.LINEARS))
+    assert "v_proj" not in groups and groups["up_proj"] == ["down_proj"]
+
+
+def test_awq_scale_folding_is_exact_in_full_precision():
+    from kvplan.decoder import DecoderLayer
+    from kvplan.quantize.awq import _fold, scaling_groups
+    source = resolve("tiny-llama-outliers")
+    cfg = source.config
+    layer = DecoderLayer(cfg)
+    layer.load_state_dict({n.split(".", 2)[2]: t for n, t in source.read_tensors(
+        [n for n in tensor_shapes(cfg) if n.startswith("layers.0.")]).items()})
+    x = torch.randn(2, 5, cfg.hidden_size)
+    mask = torch.zeros(2, 1, 5, 5)
+    cos, sin = torch.ones(2, 1, 5, cfg.head_dim), torch.zeros(2, 1, 5, cfg.head_dim)
+    past = [torch.zeros(2, cfg.num_kv_heads, 0, cfg.head_dim)] * 2
+    with torch.no_grad():
+        before = layer(x, mask, cos, sin, *past)[0]
+        for i, (prev, group) in enumerate(scaling_groups(cfg, profiles.LINEARS)):
+            _fold(layer, prev, group, torch.rand(cfg.hidden_size if group != ["down_proj"] else
+                                                 cfg.intermediate_size, generator=torch.Generator().manual_seed(i)) + 0.5)
+        after = layer(x, mask, cos, sin, *past)[0]
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+
+
+def test_awq_int4_graph_matches_pytorch_on_its_dequantized_weights(outliers_awq, tmp_path):
+    source, awq = outliers_awq
+    cfg = source.config
+    spec = StackSpec(0, cfg.num_layers, True)
+    from kvplan.export import export_pack
+    export_pack(source, spec, "float16", 1, tmp_path / "decoder.onnx", log=None)
+    quantize_graph(tmp_path / "decoder.onnx", tmp_path / "decoder.int4.onnx", awq, source.read_tensors)
+    inputs = example_inputs(cfg, spec, 1, torch.float16, 7, 9, seed=4)
+    with torch.no_grad():
+        want = torch_stack(dequantized_source(source, awq))(*inputs)[0].float().numpy()
+    got = run_ort(tmp_path / "decoder.int4.onnx", inputs)[0]
+    np.testing.assert_allclose(got.astype(np.float32), want, atol=2e-2, rtol=1e-2)
+
+
+# --- calibration -----------------------------------------------------------------------------
+
+def test_calibration_file_of_the_wrong_hidden_size_is_refused_naming_file_and_tensor(tmp_path):
+    from safetensors.torch import save_file
+    from kvplan.quantize.calibration import calibration_hidden
+    path = tmp_path / "calib.safetensors"
+    save_file({"hidden_states": torch.randn(2, 8, 32)}, str(path))
+    with pytest.raises(QuantizeError, match=rf"{re.escape(str(path))}: tensor 'hidden_states' is .* \[2, 8, 32\]; "
+                                            r"expected float \[samples, tokens, 64\]"):
+        calibration_hidden(resolve("tiny-llama"), Quantize(method="awq", calibration=str(path)))
+
+
+def test_calibration_token_ids_are_embedded_with_the_models_own_embedding(tmp_path):
+    from safetensors.torch import save_file
+    from kvplan.quantize.calibration import calibration_hidden
+    source = resolve("tiny-llama")
+    ids = torch.randint(0, 256, (3, 10))
+    path = tmp_path / "ids.safetensors"
+    save_file({"input_ids": ids}, str(path))
+    hidden = calibration_hidden(source, Quantize(method="awq", calibration=str(path), samples=2, tokens=6))
+    torch.testing.assert_close(hidden, source.read_lm()["embed_tokens.weight"][ids[:2, :6]])
+
+
+def test_changed_calibration_file_requantizes_and_an_unchanged_one_does_not(tmp_path, capsys):
+    from safetensors.torch import save_file
+    calib = tmp_path / "calib.safetensors"
+    save_file({"hidden_states": torch.randn(2, 16, 64)}, str(calib))
+    path = write_profile(tmp_path, group_size="32", calibration=f'"{calib}"', samples="2", tokens="16")
+    first = build(tmp_path, path, "tiny-llama", "--stop-after", "quantize")["stages"]["quantize"]
+    capsys.readouterr()
+    build(tmp_path, path, "tiny-llama", "--stop-after", "quantize")
+    assert "[quantize] up to date" in capsys.readouterr().out
+    save_file({"hidden_states": torch.randn(2, 16, 64) * 3}, str(calib))
+    second = build(tmp_path, path, "tiny-llama", "--stop-after", "quantize")["stages"]["quantize"]
+    assert "[quantize] building" in capsys.readouterr().out
+    assert first["inputs_digest"] != second["inputs_digest"]

@@ -32,6 +32,23 @@ def fake_quantize_t(w_t: torch.Tensor, group_size: int, amax: torch.Tensor | Non
     return (q * scale).reshape(k, n)
 
 
+def fake_quantize_rows(w: torch.Tensor, group_size: int, amax: torch.Tensor | None = None,
+                       error: bool = False) -> torch.Tensor:
+    """``fake_quantize_t`` in the torch layout: W [N, K] with each row's groups contiguous (no
+    transposed copy: the searches call it dozens of times per weight). ``amax`` is [N, K/G].
+    ``error``: return Q(W) - W instead (what the searches need), computed in the same buffer."""
+    n, k = w.shape
+    grouped = w.reshape(n, k // group_size, group_size)
+    if amax is None:
+        lo, hi = torch.aminmax(grouped, dim=-1)          # one pass, no |W| copy
+        amax = torch.maximum(hi, -lo)
+    scale = torch.where(amax > 0, amax / INT4_MAX, torch.ones_like(amax)).unsqueeze(-1)
+    out = (grouped / scale).round_().clamp_(INT4_MIN, INT4_MAX).mul_(scale)
+    if error:
+        out.sub_(grouped)
+    return out.reshape(n, k)
+
+
 def quantize_linear(name: str, weight: torch.Tensor, group_size: int) -> QuantLinear:
     """A torch weight [out, in] to its int4 form (graph layout, see kvplan.quantize.weights)."""
     check_group(name, weight.shape[1], group_size)

@@ -10,6 +10,7 @@ from kvplan.errors import QuantizeError
 from kvplan.manifest import artifact, sha256_file
 from kvplan.pipeline import peak_rss_mib
 from kvplan.profiles import Quantize
+from kvplan.quantize.awq import quantize_awq
 from kvplan.quantize.graph import quantize_graph
 from kvplan.quantize.linears import check_groups, weight_name
 from kvplan.quantize.rtn import quantize_linear
@@ -69,7 +70,6 @@ def quantize_source(source, settings: Quantize, log: Callable[[str], None] = pri
         return imported.quantized(log)
     if settings.method == "rtn":
         return quantize_rtn(source, settings, log)
-    from kvplan.quantize.awq import quantize_awq       # noqa: E402 (awq pulls calibration + decoder)
     return quantize_awq(source, settings, log)
 
 
