@@ -341,3 +341,23 @@ def test_changed_calibration_file_requantizes_and_an_unchanged_one_does_not(tmp_
     second = build(tmp_path, path, "tiny-llama", "--stop-after", "quantize")["stages"]["quantize"]
     assert "[quantize] building" in capsys.readouterr().out
     assert first["inputs_digest"] != second["inputs_digest"]
+
+
+# --- validation ------------------------------------------------------------------------------
+
+def test_validation_of_an_int4_target_checks_faithfulness_and_reports_quality(tmp_path, capsys):
+    pytest.importorskip("tensorrt_rtx")
+    path = write_profile(tmp_path, method='"rtn"', group_size="32")
+    build(tmp_path, path)
+    from kvplan.cli import validate_main
+    assert validate_main(["--model", "tiny-llama", "--profile", path, "--out", str(tmp_path), "--points", "opt",
+                          "--steps", "4"]) == 0
+    record = json.loads((tmp_path / "tiny-llama" / "int4" / "manifest.json").read_text())["validation"]
+    assert record["status"] == "pass"
+    # The compared graph is the int4 one, against transformers on its dequantized weights.
+    assert "decoder.int4.onnx" in record["artifacts"]
+    assert record["runners"]["onnxrt-export"]["ran"]
+    quality = record["quality"]
+    assert quality["method"] == "rtn" and {p["point"] for p in quality["points"]} >= {"decode/opt N=1 lastSum=302"}
+    assert all(0 < p["hidden_out_rel_error"] < 0.25 for p in quality["points"])
+    assert "quality (rtn int4 against the full-precision model" in capsys.readouterr().out

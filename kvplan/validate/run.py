@@ -88,7 +88,10 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
     specs = pack_specs(cfg, profile.decoder_pack_size, profile.kv_format, profile.kv_io, profile.cache_len)
     exported = _artifacts(manifest, "export", target)
     # An int4 target: its graphs are the quantize stage's, and the reference carries their weights.
+    original = source
     source, exported = quantized.faithfulness_inputs(source, manifest, target, exported)
+    quant = quantized.quantize_record(manifest)
+    quality = []
     fused = _artifacts(manifest, "surgery", target)
     plans = _artifacts(manifest, "engines", target)
     backend, backend_error = None, None
@@ -101,6 +104,7 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
     log(f"[validate] {source.name} ({cfg.num_layers} layers, {profile.dtype}) profile {profile.name}: {target}")
     log(f"[validate] tolerance: |got - ref| <= atol + rtol * |ref| with atol={tol.atol:g}, rtol={tol.rtol:g}")
     ref = HFReference(source, dtype)
+    ref_fp = quantized.full_precision_reference(original, dtype) if quant else None
     prefill_ref = None
     if options.prefill_dtype == "float32" and dtype != torch.float32:
         prefill_ref = HFReference(source, torch.float32)
@@ -129,6 +133,8 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
                 continue
             feeds = [pts.feed_for(d, spec) for d in group]
             runners = [rn.ReferenceRunner(ref, spec, contract, log=log)]
+            if quant:
+                runners.append(quantized.quality_runner(ref_fp, spec, contract, log))
             for name, paths in ((rn.EXPORT, exported), (rn.FUSED, fused)):
                 if paths is None:
                     not_run[name] = "no fused graph in this target (no surgery passes)"
@@ -147,6 +153,8 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
             pairs = [(rn.REFERENCE, rn.EXPORT), (rn.REFERENCE, rn.FUSED), (rn.EXPORT, rn.FUSED),
                      (rn.FUSED, rn.TENSORRT), (rn.REFERENCE, rn.TENSORRT)]
             rows += compare_runs(results, pairs, [d.point for d in group], p_index, tol.atol, tol.rtol)
+            if quant and spec.final_norm:
+                quality += quantized.quality_rows(results, [d.point for d in group], rn.EXPORT)
             files += _save(results, feeds, vdir, f"{stem}.{sp.name}", target)
             commands += _commands(stem, sp_index, sp.name, exported[p_index], fused, plans, p_index, results,
                                   backend_name, tol, spec.kv_io == "inplace")
@@ -155,6 +163,10 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
     if not options.no_task:
         task = _task_checks(options, source, dtype, specs, exported, fused, plans, backend, backend_error, profile,
                             not_run, log)
+
+    quality_task = {"ran": False, "why": "not an int4 target" if not quant else "--no-task"}
+    if quant and not options.no_task:
+        quality_task = quantized.quality_task(original, dtype, specs, exported, options, profile.tolerance, log)
 
     # Report rows point by point (they were produced pack/profile/pair by pair).
     order = {d.point.label: i for i, d in enumerate(data)}
@@ -181,6 +193,10 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
     for line in report.task_summary(task):
         print(line)
     print()
+    if quant:
+        for line in quantized.summary(quant.get("method", "int4"), quality, quality_task):
+            print(line)
+        print()
     print(f"Polygraphy JSON inputs/outputs: {vdir}")
     print(f"re-check without kvplan or PyTorch (from {target}):")
     for c in commands:
@@ -196,6 +212,8 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
               "runners": {n: ({"ran": True} if n in ran else {"ran": False, "why": not_run.get(n, "not available")})
                           for n in (rn.REFERENCE, rn.EXPORT, rn.FUSED, rn.TENSORRT)},
               "pairs": report.worst_per_pair(rows), "task": _task_record(task),
+              **({"quality": {"method": quant.get("method"), "points": quality,
+                              "task": _task_record(quality_task)}} if quant else {}),
               "files": files, "recheck": commands,
               "artifacts": {str(p.relative_to(target)): sha256_file(p)
                             for p in (exported or []) + (fused or []) + (plans or [])}}
