@@ -205,3 +205,15 @@ def test_a_failed_import_leaves_no_int4_graph(tmp_path):
         build(tmp_path, tmp_path / "ckpt")
     target = tmp_path / "out" / "ckpt" / "fp16"
     assert not (target / "decoder.int4.onnx").exists() and not (target / "decoder.onnx").exists()
+
+
+def test_int4_checkpoint_refuses_a_compute_capability_that_cannot_run_int4(tmp_path):
+    from kvplan import profiles
+    from kvplan.target import BuildOptions, build as build_target
+    write_checkpoint(tmp_path / "ckpt", "awq", symmetric=True)
+    profile = tmp_path / "sm75.toml"
+    profile.write_text((profiles.PROFILES_DIR / "fp16.toml").read_text()
+                       .replace("compute_capabilities = []", 'compute_capabilities = ["7.5"]'))
+    with pytest.raises(QuantizeError, match=r"engine.compute_capabilities: 7.5 cannot run int4"):
+        build_target(str(tmp_path / "ckpt"), str(profile), tmp_path / "out", BuildOptions(stop_after="quantize"),
+                     log=lambda _: None)

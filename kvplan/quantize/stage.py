@@ -9,7 +9,7 @@ from typing import Callable
 from kvplan.errors import QuantizeError
 from kvplan.manifest import artifact, sha256_file
 from kvplan.pipeline import peak_rss_mib
-from kvplan.profiles import Quantize
+from kvplan.profiles import NO_INT4_CCS, Quantize
 from kvplan.quantize.awq import quantize_awq
 from kvplan.quantize.graph import quantize_graph
 from kvplan.quantize.linears import check_groups, weight_name
@@ -52,6 +52,10 @@ def quantize_inputs(source, profile) -> dict | None:
             raise QuantizeError(f"{profile.source}: quantize.method = {settings.method!r}: {source.path} is already "
                                 f"quantized ({imported.method}); its own int4 values are used, never requantized "
                                 f"(set method = \"none\")")
+        blocked = [cc for cc in profile.compute_capabilities if cc in NO_INT4_CCS]
+        if blocked:
+            raise QuantizeError(f"{profile.source}: engine.compute_capabilities: {', '.join(blocked)} cannot run "
+                                f"int4 weight-only layers, and {source.path} is an int4 checkpoint")
         return {"method": f"import-{imported.method}", "group_size": imported.group_size, "dtype": profile.dtype}
     if not settings.enabled:
         return None

@@ -7,15 +7,15 @@ consecutive input channels share a scale, which is DequantizeLinear's blocked fo
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save
+from safetensors.torch import save_file
 
 from kvplan.errors import QuantizeError
-from kvplan.fileio import atomic_file
 from kvplan.models.base import ModelSource
 
 INT4_MIN, INT4_MAX = -8, 7
@@ -74,8 +74,13 @@ class Quantized:
                 tensors[f"{name}.perm"] = ql.perm.contiguous()
         for name, t in self.replaced.items():
             tensors[f"{name}.replaced"] = t.contiguous()
-        with atomic_file(path) as f:
-            f.write(save(tensors, metadata=meta))
+        # Written by safetensors itself (no whole-file bytes object in memory), then renamed into place.
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            save_file(tensors, str(tmp), metadata=meta)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path: Path) -> "Quantized":
