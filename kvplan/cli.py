@@ -58,7 +58,7 @@ def build_parser(prog: str = "kvplan build") -> argparse.ArgumentParser:
                         "else tensorrt_rtx (default: %(default)s)")
     p.add_argument("--no-surgery", action="store_true",
                    help="build the engine from the exported graph as is (same as an empty [surgery] passes list)")
-    p.add_argument("--stop-after", choices=target_mod.STAGES[:3], default=None,
+    p.add_argument("--stop-after", choices=target_mod.STAGES[:-1], default=None,
                    help="stop after this stage (default: run every stage)")
     p.add_argument("--validate", action="store_true",
                    help="after building, check every stage's numbers (same as kvplan validate)")

@@ -59,6 +59,37 @@ class Tolerance:
     rtol: float
 
 
+QUANTIZE_METHODS = ("none", "rtn", "awq")
+QUANTIZE_BITS = (4,)
+GROUP_SIZES = (32, 64, 128)
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Compute capabilities TensorRT-RTX cannot compile int4 weight-only layers for.
+NO_INT4_CCS = ("7.5",)
+
+
+@dataclass(frozen=True)
+class Quantize:
+    """``[quantize]``: int4 weight-only quantization of the decoder's linears (kvplan.quantize).
+
+    ``calibration`` (awq): "synthetic" (seeded random hidden states) or a safetensors file,
+    relative to the profile's directory, holding ``hidden_states`` [samples, tokens, hidden]
+    or ``input_ids`` [samples, tokens]; ``samples`` x ``tokens`` of it are used.
+    """
+    method: str = "none"
+    bits: int = 4
+    group_size: int = 128
+    linears: tuple[str, ...] = LINEARS
+    calibration: str = "synthetic"
+    samples: int = 4
+    tokens: int = 64
+    seed: int = 0
+    clip: bool = True
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+
 @dataclass(frozen=True)
 class Profile:
     name: str
@@ -79,6 +110,7 @@ class Profile:
     version_compatible: bool = False
     compute_capabilities: tuple[str, ...] = ()
     tolerance: Tolerance = Tolerance(1e-4, 1e-4)
+    quantize: Quantize = Quantize()
     # Loaded by name from the shipped profiles: fitted to a model with fewer positions
     # (fit_to_model) instead of refused.
     shipped: bool = False
@@ -95,7 +127,8 @@ class Profile:
 
 # Which keys each table may hold; anything else is a typo we refuse rather than ignore.
 _KEYS = {
-    "": {"description", "export", "surgery", "engine", "validate"},
+    "": {"description", "export", "quantize", "surgery", "engine", "validate"},
+    "quantize": {"method", "bits", "group_size", "linears", "calibration", "samples", "tokens", "seed", "clip"},
     "export": {"dtype", "batch", "kv_format", "kv_io", "cache_len", "decoder_pack_size"},
     "surgery": {"passes"},
     "engine": {"optimization_level", "workspace_mib", "timing_cache", "hardware_compatibility",
@@ -241,13 +274,51 @@ def parse(data: dict, source: str, name: str) -> Profile:
     if atol < 0 or rtol < 0:
         raise r.fail("validate", "atol and rtol must be >= 0")
 
-    return Profile(name=name, source=source, dtype=dtype, batch=batch, kv_format=kv_format, kv_io=kv_io,
+    quantize = _quantize(r, data, source, compute_capabilities=ccs)
+
+    return Profile(name=name, source=source, dtype=dtype, quantize=quantize, batch=batch, kv_format=kv_format, kv_io=kv_io,
                    cache_len=cache_len, decoder_pack_size=pack, passes=tuple(passes), shapes=tuple(shapes),
                    optimization_level=level, workspace_mib=workspace,
                    timing_cache=r.get(engine, "timing_cache", "engine.timing_cache", str, "timing.cache"),
                    hardware_compatibility=hw,
                    version_compatible=r.get(engine, "version_compatible", "engine.version_compatible", bool, False),
                    compute_capabilities=tuple(ccs), tolerance=Tolerance(atol, rtol))
+
+
+def _quantize(r: _Reader, data: dict, source: str, compute_capabilities: list[str]) -> Quantize:
+    q = r.table(data, "quantize", required=False)
+    method = r.get(q, "method", "quantize.method", str, "none")
+    if method not in QUANTIZE_METHODS:
+        raise r.fail("quantize.method", f"unknown method {method!r} (one of {', '.join(QUANTIZE_METHODS)})")
+    bits = r.get(q, "bits", "quantize.bits", int, 4)
+    if bits not in QUANTIZE_BITS:
+        raise r.fail("quantize.bits", f"{bits} bits are not supported (int4 weight-only: 4)")
+    group = r.get(q, "group_size", "quantize.group_size", int, 128)
+    if group not in GROUP_SIZES:
+        raise r.fail("quantize.group_size", f"must be one of {', '.join(map(str, GROUP_SIZES))}, got {group}")
+    linears = r.get(q, "linears", "quantize.linears", list, list(LINEARS))
+    bad = [x for x in linears if x not in LINEARS]
+    if bad or not linears:
+        raise r.fail("quantize.linears", f"unknown linear {bad[0]!r} (known: {', '.join(LINEARS)})" if bad
+                     else "must name at least one linear")
+    calibration = r.get(q, "calibration", "quantize.calibration", str, "synthetic")
+    if calibration != "synthetic":
+        path = Path(calibration)
+        calibration = str(path if path.is_absolute() else (Path(source).parent / path).resolve())
+    samples = r.get(q, "samples", "quantize.samples", int, 4)
+    tokens = r.get(q, "tokens", "quantize.tokens", int, 64)
+    for field, value in (("samples", samples), ("tokens", tokens)):
+        if value < 1:
+            raise r.fail(f"quantize.{field}", f"must be >= 1, got {value}")
+    if method != "none":
+        blocked = [cc for cc in compute_capabilities if cc in NO_INT4_CCS]
+        if blocked:
+            raise r.fail("engine.compute_capabilities", f"{', '.join(blocked)} cannot run int4 weight-only "
+                                                        f"layers (TensorRT-RTX refuses them); drop them or set "
+                                                        f"quantize.method = \"none\"")
+    return Quantize(method=method, bits=bits, group_size=group, linears=tuple(linears), calibration=calibration,
+                    samples=samples, tokens=tokens, seed=r.get(q, "seed", "quantize.seed", int, 0),
+                    clip=r.get(q, "clip", "quantize.clip", bool, True))
 
 
 def _is_cc(text: str) -> bool:

@@ -23,7 +23,8 @@ from kvplan.export import export_pack, io_contract, pack_file_names
 from kvplan.export.trace_cache import TraceCache, default_dir
 from kvplan.fileio import remove_stale_temporaries
 from kvplan.manifest import artifact, artifacts_intact, digest, load_manifest, target_lock
-from kvplan.models import resolve
+from kvplan.quantize.checkpoint import resolve
+from kvplan.quantize.stage import quantize_inputs, run_quantize
 from kvplan.pipeline import Pipeline, Stage, peak_rss_mib
 from kvplan.sources import closure, source_digest
 from kvplan.surgery import fuse_file
@@ -31,9 +32,10 @@ from kvplan.trt import build_engine
 from kvplan.trt.backend import select_backend
 from kvplan.validate.run import ValidateOptions, validate
 
-STAGES = ("export", "surgery", "engines", "validate")
+STAGES = ("export", "quantize", "surgery", "engines", "validate")
 # Each stage's code is the import closure of its entry module (kvplan.sources).
-STAGE_MODULES = {"export": "kvplan.export", "surgery": "kvplan.surgery", "engines": "kvplan.trt",
+STAGE_MODULES = {"export": "kvplan.export", "quantize": "kvplan.quantize.stage", "surgery": "kvplan.surgery",
+                 "engines": "kvplan.trt",
                  "validate": "kvplan.validate.run"}
 REBUILD_HINT = "python -m build.engines"
 
@@ -94,16 +96,33 @@ def build_stages(source, profile, target: Path, options: BuildOptions, log) -> l
                 "trace_cache": cache.record() if cache else "off (--no-trace-cache)"}
 
     stages = [Stage("export", export_inputs, export_build)]
+    graphs = "export"            # the stage whose graphs surgery (or the engines) read
+    quantize = quantize_inputs(source, profile)
+    if quantize is not None:
+        int4_names = pack_file_names(len(specs), suffix=".int4.onnx")
+
+        def quantize_stage_inputs(done):
+            return {"onnx": [a["sha256"] for a in done["export"]["artifacts"]], **quantize,
+                    "source": source_digest("kvplan.quantize.stage"), "torch": torch.__version__}
+
+        def quantize_build(done):
+            return run_quantize(source, profile, target, [target / a["path"] for a in done["export"]["artifacts"]],
+                                int4_names, log=log)
+
+        stages.append(Stage("quantize", quantize_stage_inputs, quantize_build))
+        graphs = "quantize"
+    if options.stop_after == "quantize":
+        return stages
     if passes:
         fused_names = pack_file_names(len(specs), suffix=".fused.onnx")
 
         def surgery_inputs(done):
-            return {"onnx": [a["sha256"] for a in done["export"]["artifacts"]], "passes": passes,
+            return {"onnx": [a["sha256"] for a in _graph_artifacts(done[graphs])], "passes": passes,
                     "source": source_digest("kvplan.surgery"), "onnx_version": onnx.__version__}
 
         def surgery_build(done):
             entries, reports = [], []
-            for src_entry, name in zip(done["export"]["artifacts"], fused_names):
+            for src_entry, name in zip(_graph_artifacts(done[graphs]), fused_names):
                 log(f"[surgery] {src_entry['path']} -> {name} (passes: {', '.join(passes)})")
                 report = fuse_file(target / src_entry["path"], target / name, passes, log=log)
                 reports.append(report)
@@ -118,10 +137,10 @@ def build_stages(source, profile, target: Path, options: BuildOptions, log) -> l
 
     backend = select_backend(options.backend)
     plan_names = pack_file_names(len(specs), suffix=".plan")
-    upstream = "surgery" if passes else "export"
+    upstream = "surgery" if passes else graphs
 
     def engine_inputs(done):
-        return {"onnx": [a["sha256"] for a in done[upstream]["artifacts"]],
+        return {"onnx": [a["sha256"] for a in _graph_artifacts(done[upstream])],
                 "engine": {k: v for k, v in profile.to_dict().items()
                            if k in ("shapes", "optimization_level", "workspace_mib", "hardware_compatibility",
                                     "version_compatible", "compute_capabilities", "batch")},
@@ -130,7 +149,7 @@ def build_stages(source, profile, target: Path, options: BuildOptions, log) -> l
 
     def engine_build(done):
         entries = []
-        for spec, src_entry, name in zip(specs, done[upstream]["artifacts"], plan_names):
+        for spec, src_entry, name in zip(specs, _graph_artifacts(done[upstream]), plan_names):
             log(f"[engines] {src_entry['path']} -> {name} ({backend.name} {backend.version}, "
                 f"profiles: {', '.join(s.name for s in profile.shapes)})")
             record = build_engine(target / src_entry["path"], target / name, profile,
@@ -141,6 +160,11 @@ def build_stages(source, profile, target: Path, options: BuildOptions, log) -> l
 
     stages.append(Stage("engines", engine_inputs, engine_build))
     return stages
+
+
+def _graph_artifacts(record: dict) -> list[dict]:
+    """A stage's ONNX graphs, pack by pack (the quantize stage also records its weights file)."""
+    return [a for a in record["artifacts"] if "pack" in a]
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,12 @@ PRESETS: dict[str, DecoderConfig] = {
     # Every registered family's tiny test config: tiny-llama (GQA), tiny-qwen2 (q/k/v bias),
     # tiny-qwen3 (per-head q/k norm), tiny-mistral (sliding window), ...
     **{f"tiny-{name}": family.tiny for name, family in FAMILIES.items()},
+    # Llama with a few large-magnitude activation channels (as trained LLMs have: OUTLIERS below),
+    # where activation-aware quantization (AWQ) measurably beats round to nearest.
+    "tiny-llama-outliers": DecoderConfig(
+        hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4, num_kv_heads=4,
+        head_dim=32, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096,
+        vocab_size=256, family="llama"),
     # Qwen2-0.5B's shape, for benchmarks.
     "qwen2-0.5b-shape": DecoderConfig(
         hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14, num_kv_heads=2,
@@ -38,6 +44,9 @@ PRESETS: dict[str, DecoderConfig] = {
 }
 
 SEED = 20261125
+# preset: (channels, gain): the norm gains of that many hidden channels are that large, so the
+# normalised inputs of q/k/v and gate/up carry a few outlier channels.
+OUTLIERS = {"tiny-llama-outliers": (4, 30.0)}
 
 
 def accepts(arg: str) -> bool:
@@ -60,6 +69,15 @@ def random_tensor(name: str, shape: tuple[int, ...]) -> torch.Tensor:
     return 0.02 * torch.randn(shape, generator=g)
 
 
+def _with_outliers(preset: str, name: str, t: torch.Tensor) -> torch.Tensor:
+    if preset not in OUTLIERS or not name.endswith("layernorm.weight"):
+        return t
+    count, gain = OUTLIERS[preset]
+    channels = torch.randperm(t.shape[0], generator=torch.Generator().manual_seed(SEED))[:count]
+    t[channels] *= gain
+    return t
+
+
 def tensor_shapes(cfg: DecoderConfig) -> dict[str, tuple[int, ...]]:
     """HF names and shapes of the decoder's tensors (no ``model.`` prefix)."""
     with torch.device("meta"):
@@ -77,7 +95,7 @@ def load(name: str) -> ModelSource:
         unknown = [n for n in names if n not in shapes]
         if unknown:
             raise ModelError(f"preset {name}: no tensor {unknown[0]!r}")
-        return {n: random_tensor(n, shapes[n]) for n in names}
+        return {n: _with_outliers(name, n, random_tensor(n, shapes[n])) for n in names}
 
     def read_lm() -> dict[str, torch.Tensor]:
         vocab = cfg.vocab_size

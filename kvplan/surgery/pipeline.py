@@ -48,7 +48,8 @@ def run(model: onnx.ModelProto, passes: Sequence[str], log: Callable[[str], None
         # Fold first: TorchScript graphs compute slice bounds from Shape/Gather chains and
         # alias weights through Identity; folded, the patterns read plain constants.
         with _quiet_ort():
-            graph.fold_constants(fold_shapes=True, size_threshold=FOLD_SIZE_THRESHOLD, error_ok=True)
+            graph.fold_constants(fold_shapes=True, size_threshold=FOLD_SIZE_THRESHOLD, error_ok=True,
+                                 should_exclude_node=_keeps_int4)
         graph.cleanup().toposort()
     for name in names:
         reports[name] = PASSES[name].apply(graph)
@@ -64,6 +65,12 @@ def run(model: onnx.ModelProto, passes: Sequence[str], log: Callable[[str], None
         for line in summary_lines(report):
             log(f"surgery: {line}")
     return out, report
+
+
+def _keeps_int4(node) -> bool:
+    # A DequantizeLinear of int4 weights folded into a float constant would undo the
+    # quantization (small ones fall under the size threshold): never fold it.
+    return node.op == "DequantizeLinear"
 
 
 @contextlib.contextmanager

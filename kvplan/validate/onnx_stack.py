@@ -16,6 +16,7 @@ import onnxruntime as ort
 
 from kvplan import cache_io
 from kvplan.decoder import StackSpec
+from kvplan.validate.ort_session import session
 
 
 @dataclass
@@ -43,26 +44,6 @@ def next_past(spec: StackSpec, kv_outputs: list[np.ndarray], past: list[np.ndarr
             t = _layout(np.asarray(kv_outputs[2 * j + kind]), spec.kv_format)
             out.append(cache_io.cache_after(spec, t, past[2 * i + kind], n))
     return out
-
-
-def session_options(threads: int = 0) -> ort.SessionOptions:
-    """The options every validation session uses.
-
-    No memory arena: ONNX Runtime's CPU arena keeps the largest point's activations (and, for
-    fp16 graphs, the float32 weight casts it computes per run) reserved for the session's
-    life; without it they are freed after each run.
-    """
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    opts.enable_cpu_mem_arena = False
-    # ONNX Runtime warns on every TensorScatter (kv_io = "inplace") that it copies the buffer.
-    opts.log_severity_level = 3
-    return opts
-
-
-def session(path: Path, threads: int = 0) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
 
 
 class OnnxStack:

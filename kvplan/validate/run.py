@@ -32,7 +32,7 @@ from kvplan.models.presets import tensor_shapes
 from kvplan.pipeline import release_memory
 from kvplan.trt.backend import select_backend
 from kvplan.validate import points as pts
-from kvplan.validate import report, runners as rn, stream
+from kvplan.validate import quantized, report, runners as rn, stream
 from kvplan.validate.meter import Meter
 from kvplan.validate.onnx_stack import OnnxStack, Pack
 from kvplan.validate.points import parse_kinds
@@ -93,6 +93,11 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
     tol = profile.tolerance
     specs = pack_specs(cfg, profile.decoder_pack_size, profile.kv_format, profile.kv_io, profile.cache_len)
     exported = _artifacts(manifest, "export", target)
+    # An int4 target: its graphs are the quantize stage's, and the reference carries their weights.
+    original = source
+    source, exported = quantized.faithfulness_inputs(source, manifest, target, exported)
+    quant = quantized.quantize_record(manifest)
+    quality = []
     fused = _artifacts(manifest, "surgery", target)
     plans = _artifacts(manifest, "engines", target)
     backend, backend_error = None, None
@@ -117,6 +122,8 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
     log(f"[validate] prefill of {longest} tokens (shared by every point) in {meter.phases[-1].seconds:.1f} s")
     with meter.phase("reference"):
         ref = HFReference(source, dtype)
+        # int4 targets: the full-precision model too, for the quality figures (not the verdict).
+        ref_fp = quantized.full_precision_reference(original, dtype) if quant else None
     data = []
     with meter.phase("points"):
         for i, point in enumerate(points):
@@ -136,6 +143,8 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
             if not group:
                 continue
             runners = [rn.ReferenceRunner(ref, spec, contract, log=log)]
+            if quant:
+                runners.append(quantized.quality_runner(ref_fp, spec, contract, log))
             for name, paths in ((rn.EXPORT, exported), (rn.FUSED, fused)):
                 if paths is None:
                     not_run[name] = "no fused graph in this target (no surgery passes)"
@@ -158,10 +167,13 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
                 why_not=lambda r, e: rn.onnxrt_why_not(graphs[r.name], e) if r.name in graphs else None)
             rows += group_rows
             ran.update(names)
+            if quant and spec.final_norm and rn.EXPORT in names and quantized.QUALITY_RUNNER in names:
+                quality += quantized.quality_rows_from_files(vdir, f"{stem}.{sp.name}", [d.point for d in group],
+                                                             rn.EXPORT)
             files += [str(w.relative_to(target)) for w in written]
             commands += _commands(stem, sp_index, sp.name, exported[p_index], fused, plans, p_index, names,
                                   backend_name, tol)
-    del ref
+    del ref, ref_fp
     release_memory()
 
     task = {"ran": False, "why": "--no-task"}
@@ -169,6 +181,12 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
         with meter.phase("task check"):
             task = _task_checks(options, source, dtype, specs, exported, fused, plans, backend, backend_error,
                                 profile, not_run, log)
+        release_memory()
+
+    quality_task = {"ran": False, "why": "not an int4 target" if not quant else "--no-task"}
+    if quant and not options.no_task:
+        with meter.phase("quality task check"):
+            quality_task = quantized.quality_task(original, dtype, specs, exported, options, profile.tolerance, log)
         release_memory()
 
     # Report rows point by point (they were produced pack/profile/runner by runner).
@@ -200,6 +218,10 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
     for line in report.phase_table(meter, weight_bytes):
         print(line)
     print()
+    if quant:
+        for line in quantized.summary(quant.get("method", "int4"), quality, quality_task):
+            print(line)
+        print()
     print(f"Polygraphy JSON inputs/outputs: {vdir}")
     print(f"re-check without kvplan or PyTorch (from {target}):")
     for c in commands:
@@ -218,6 +240,8 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
               "phases": [p.to_dict() for p in meter.merged()],
               "peak_rss_mib": None if meter.peak is None else round(meter.peak / 2**20, 1),
               "weight_mib": round(weight_bytes / 2**20, 1),
+              **({"quality": {"method": quant.get("method"), "points": quality,
+                              "task": _task_record(quality_task)}} if quant else {}),
               "files": files, "recheck": commands,
               "artifacts": {str(p.relative_to(target)): sha256_file(p)
                             for p in (exported or []) + (fused or []) + (plans or [])}}

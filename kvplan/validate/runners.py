@@ -23,7 +23,7 @@ from polygraphy.common import TensorMetadata
 
 from kvplan.export.exporter import TORCH_DTYPES, output_names
 from kvplan.trt.backend import version_tuple
-from kvplan.validate.onnx_stack import session as onnx_session
+from kvplan.validate.ort_session import session as onnx_session
 from kvplan.validate.points import to_feed_value, to_kv_format
 
 REFERENCE, EXPORT, FUSED, TENSORRT = "pytorch", "onnxrt-export", "onnxrt-fused", "tensorrt"

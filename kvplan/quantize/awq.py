@@ -1,0 +1,197 @@
+"""AWQ (Lin et al. 2023, activation-aware weight quantization) on kvplan's own decoder layer.
+
+Layer by layer, on cached layer inputs (never the whole model's activations at once):
+1. The fp32 layer runs on the cached inputs; each linear's input is captured.
+2. Per scaling group, per-input-channel scales s = mean|x|^alpha (normalised so
+   max(s)·min(s) = 1) are searched over 20 alphas in [0, 1), minimising the output MSE of the
+   group's quantized linears, W·diag(s) quantized and x/s fed to it. alpha = 0 is RTN, so the
+   chosen scales never do worse than RTN on the calibration data. The groups are the paper's:
+   input_layernorm -> q/k/v, post_attention_layernorm -> gate/up, up -> down, and v -> o only
+   without GQA (with GQA, v's rows do not map one to one onto o's input channels).
+3. The scales are folded exactly: W·diag(s) into the group's linears, 1/s into the norm gain or
+   the preceding linear's rows (and bias). In full precision the layer computes what it did.
+4. Per-group clipping search: for each linear but q and k (whose errors the softmax amplifies,
+   as AutoAWQ also leaves them), each group's amax shrunk by 0..45 % in 5 % steps, the one with the
+   least output error of that group kept.
+5. The next layer is calibrated on this layer's outputs with its weights quantized.
+
+Cost per layer: 20 alpha trials and 10 clip trials, each about one matmul of the captured
+tokens by every weight. Memory: one layer's fp32 copy, the calibration activations (and their
+captures, a few times samples x tokens x intermediate floats), and the int4 results so far
+(1 byte per weight, as int8).
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+from kvplan.decoder import DecoderLayer, RotaryCosSin
+from kvplan.models.presets import tensor_shapes
+from kvplan.profiles import Quantize
+from kvplan.quantize.calibration import calibration_hidden
+from kvplan.quantize.linears import MODULES, check_groups, weight_name
+from kvplan.quantize.rtn import fake_quantize_rows, quantize_t
+from kvplan.quantize.weights import Quantized
+
+ALPHAS = [i / 20 for i in range(20)]
+CLIP_RATIOS = [1 - i / 20 for i in range(10)]
+NO_CLIP = ("q_proj", "k_proj")
+
+
+def _module(layer: DecoderLayer, linear: str) -> torch.nn.Linear:
+    part, name = MODULES[linear].split(".")
+    return getattr(getattr(layer, part), name)
+
+
+def scaling_groups(cfg, linears) -> list[tuple[str, list[str]]]:
+    """(what the scales fold into, the linears sharing them), for the groups holding a quantized linear."""
+    groups = [("input_layernorm", ["q_proj", "k_proj", "v_proj"])]
+    if cfg.num_heads == cfg.num_kv_heads:
+        groups.append(("v_proj", ["o_proj"]))
+    groups += [("post_attention_layernorm", ["gate_proj", "up_proj"]), ("up_proj", ["down_proj"])]
+    return [(prev, group) for prev, group in groups if any(g in linears for g in group)]
+
+
+def _capture(layer: DecoderLayer, x, mask, cos, sin, past) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The layer's output on ``x`` and every linear's input (flattened to [tokens, in])."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = []
+    for linear in MODULES:
+        def hook(_, args, linear=linear):
+            seen[linear] = args[0].reshape(-1, args[0].shape[-1]).detach()
+        hooks.append(_module(layer, linear).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            out, _, _ = layer(x, mask, cos, sin, *past)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out, seen
+
+
+def search_scales(x: torch.Tensor, weights: list[torch.Tensor], quantized: list[bool],
+                  group_size: int) -> tuple[torch.Tensor, list[float]]:
+    """The per-input-channel scales of one group, and the loss per alpha (ALPHAS' order).
+
+    The output error of a trial is (x / s) @ (Q(W·s) - W·s)^T: no reference product needed.
+    """
+    x_mean = x.abs().mean(0)
+    best, best_loss, losses = None, float("inf"), []
+    for alpha in ALPHAS:
+        s = x_mean.pow(alpha).clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        xs = x / s
+        loss = 0.0
+        for w, q in zip(weights, quantized):
+            if q:
+                err = fake_quantize_rows(w * s, group_size, error=True)
+                loss += float((xs @ err.t()).pow_(2).mean())
+        losses.append(loss)
+        if loss < best_loss:
+            best, best_loss = s, loss
+    return best, losses
+
+
+def search_clip(x: torch.Tensor, w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Per-group amax [K/G, N] of W^T minimising each group's own output error on ``x``.
+
+    The error of group g on output n over all tokens is dW_g[n] H_g dW_g[n]^T with
+    H_g = X_g^T X_g / tokens ([G, G] per group, computed once), so every calibration token
+    counts at a cost of N x K x G per trial, independent of the number of tokens.
+    """
+    n, k = w.shape
+    groups = k // group_size
+    xg = x.reshape(-1, groups, group_size).transpose(0, 1)            # [K/G, tokens, G]
+    gram = torch.bmm(xg.transpose(1, 2), xg) / x.shape[0]              # [K/G, G, G]
+    amax = w.reshape(n, groups, group_size).abs().amax(-1)            # [N, K/G]
+    best_err = torch.full((groups, n), float("inf"))
+    best = amax.t().contiguous()
+    for ratio in CLIP_RATIOS:
+        trial = amax * ratio
+        diff = fake_quantize_rows(w, group_size, trial, error=True).reshape(n, groups, group_size).transpose(0, 1)
+        err = (torch.bmm(diff, gram) * diff).sum(-1)                     # [K/G, N]
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, trial.t(), best)
+    return best                                                       # [K/G, N], W^T's groups
+
+
+def _fold(layer: DecoderLayer, prev: str, group: list[str], s: torch.Tensor) -> None:
+    with torch.no_grad():
+        for linear in group:
+            _module(layer, linear).weight.mul_(s)
+        if prev.endswith("layernorm"):
+            getattr(layer, prev).weight.div_(s)
+        else:
+            m = _module(layer, prev)
+            m.weight.div_(s[:, None])
+            if m.bias is not None:
+                m.bias.div_(s)
+
+
+def quantize_awq(source, settings: Quantize, log: Callable[[str], None] = print) -> Quantized:
+    cfg = source.config
+    check_groups(cfg, settings.linears, settings.group_size, source.name)
+    g = settings.group_size
+    x = calibration_hidden(source, settings)
+    samples, tokens = x.shape[:2]
+    log(f"[quantize] awq: {cfg.num_layers} layers, calibration {samples} x {tokens} tokens "
+        f"({settings.calibration}), group {g}")
+    pos = torch.arange(tokens).expand(samples, tokens)
+    cos, sin = RotaryCosSin(cfg, torch.float32)(pos)
+    mask = torch.full((tokens, tokens), torch.finfo(torch.float32).min).triu(1).expand(samples, 1, tokens, tokens)
+    past = [torch.zeros(samples, cfg.num_kv_heads, 0, cfg.head_dim)] * 2
+    groups = scaling_groups(cfg, settings.linears)
+    out = Quantized(record={"method": "awq", "group_size": g, "linears": list(settings.linears),
+                            "calibration": {"source": settings.calibration, "samples": samples, "tokens": tokens,
+                                            "seed": settings.seed}, "alpha": {}, "clip": settings.clip})
+    t0 = time.perf_counter()
+    for i in range(cfg.num_layers):
+        prefix = f"layers.{i}."
+        with torch.device("meta"):
+            layer = DecoderLayer(cfg)
+        weights = {n.removeprefix(prefix): t.to(torch.float32)
+                   for n, t in source.read_tensors(_layer_names(cfg, i)).items()}
+        layer.load_state_dict(weights, assign=True)
+        layer.eval()
+        before = {n: t.clone() for n, t in weights.items() if _foldable(n)}
+        del weights
+        _, seen = _capture(layer, x, mask, cos, sin, past)
+        alphas = {}
+        for prev, group in groups:
+            ws = [_module(layer, m).weight.detach() for m in group]
+            s, losses = search_scales(seen[group[0]], ws, [m in settings.linears for m in group], g)
+            alphas[prev] = ALPHAS[losses.index(min(losses))]
+            _fold(layer, prev, group, s)
+        out.record["alpha"][str(i)] = alphas
+        # Inputs as the scaled layer sees them (x / s), for the clipping search.
+        _, seen = _capture(layer, x, mask, cos, sin, past)
+        with torch.no_grad():
+            for linear in settings.linears:
+                m = _module(layer, linear)
+                w = m.weight.detach()
+                amax = search_clip(seen[linear], w, g) if settings.clip and linear not in NO_CLIP else None
+                ql = quantize_t(w.t().contiguous(), g, amax)
+                out.linears[weight_name(i, linear)] = ql
+                m.weight.copy_(ql.dequantized())
+        del seen
+        for name, t in before.items():
+            now = layer.state_dict()[name]
+            if prefix + name not in out.linears and not torch.equal(now, t):
+                out.replaced[prefix + name] = now.clone()
+        x, _ = _capture(layer, x, mask, cos, sin, past)
+        log(f"[quantize] awq: layer {i + 1}/{cfg.num_layers} (alpha {', '.join(f'{k} {v:.2f}' for k, v in alphas.items())}) "
+            f"{time.perf_counter() - t0:.1f} s")
+        del layer
+    return out
+
+
+def _layer_names(cfg, i: int) -> list[str]:
+    return [n for n in tensor_shapes(cfg) if n.startswith(f"layers.{i}.")]
+
+
+def _foldable(name: str) -> bool:
+    """Tensors scale folding may change: norm gains, the linears and their biases."""
+    return name.endswith("layernorm.weight") or "_proj." in name

@@ -1,0 +1,214 @@
+"""Rewrite an exported graph's linears into the int4 form TensorRT-RTX and ONNX Runtime share.
+
+    x @ W^T   ->   MatMul(x, DequantizeLinear(q INT4 [K, N], scale [K/G, N], axis=0, block_size=G))
+
+no zero-point input, no ``output_dtype``, nothing between the DequantizeLinear and the MatMul
+(TensorRT-RTX fuses exactly this into one int4 layer and keeps the weights int4 in the plan;
+it refuses non-zero zero points and UINT4). The scale has the graph's float dtype.
+
+Two additions, both on the activation side so the DQ -> MatMul pair stays untouched:
+- an asymmetric checkpoint's zero points (QuantLinear.correction = (8 - z) * s per group)
+  add ``ReduceSum(x per group of G) @ correction``; with q - 8 stored as INT4 this is
+  W^T = (q - z) * s exactly, with no zero point clamped.
+- GPTQ desc_act (QuantLinear.perm): ``Gather(x, perm, axis=-1)`` puts x's channels in the
+  order of the weight's rows.
+
+The linears are found by value: the quantize stage reads the same source tensors the export
+bound, so each one's W^T in the graph dtype is byte-identical to one initializer (the
+exporter's constant folding turned the traced Transpose into it and renamed it).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnx_ir as ir
+import torch
+
+from kvplan.errors import QuantizeError
+from kvplan.fileio import write_streamed
+from kvplan.quantize.weights import Quantized
+
+NP_DTYPES = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16,
+             ir.DataType.BFLOAT16: ml_dtypes.bfloat16}
+# protobuf refuses messages over 2 GiB (as the exporter: above this, external data).
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def _key(array: np.ndarray) -> tuple:
+    return (array.shape, hashlib.sha1(np.ascontiguousarray(array).view(np.uint8)).hexdigest())
+
+
+def _to_np(t: torch.Tensor, dtype) -> np.ndarray:
+    # Through torch's own dtype so the bytes are the export's (Tensor.to rounding).
+    if dtype is ml_dtypes.bfloat16:
+        return t.to(torch.bfloat16).view(torch.uint16).numpy().view(ml_dtypes.bfloat16)
+    return t.to({np.float32: torch.float32, np.float16: torch.float16}[dtype]).numpy()
+
+
+def _const(name: str, array: np.ndarray) -> ir.Value:
+    tensor = ir.Tensor(array, name=name)
+    return ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+
+
+class _Rewriter:
+    def __init__(self, model: ir.Model, path: Path):
+        self.model, self.graph, self.path = model, model.graph, path
+        self.by_key: dict[tuple, list[ir.Value]] = {}
+        for value in self.graph.initializers.values():
+            if value.const_value is not None and len(value.shape) == 2:
+                self.by_key.setdefault(_key(value.const_value.numpy()), []).append(value)
+
+    def find(self, name: str, original_t: torch.Tensor, dtype_hint=None) -> ir.Value:
+        """The initializer holding ``original_t`` (a linear's W^T) in the graph's dtype."""
+        found = []
+        for np_dtype in ([dtype_hint] if dtype_hint else NP_DTYPES.values()):
+            found = self.by_key.get(_key(_to_np(original_t, np_dtype)), [])
+            if found:
+                break
+        if len(found) != 1:
+            why = "no initializer holds it" if not found else \
+                f"{len(found)} initializers hold the same values, so which is which is ambiguous"
+            raise QuantizeError(f"{self.path}: tensor {name!r}: cannot find its MatMul weight ({why})")
+        return found[0]
+
+    def linear(self, name: str, weight: ir.Value, ql) -> None:
+        users = list(weight.uses())
+        if not users or any(u.node.op_type != "MatMul" or u.idx != 1 for u in users):
+            raise QuantizeError(f"{self.path}: tensor {name!r}: its initializer {weight.name} is not only the "
+                                f"weight input of MatMul nodes")
+        k, n = ql.q.shape
+        if tuple(weight.shape) != (k, n):
+            raise QuantizeError(f"{self.path}: tensor {name!r}: graph weight {list(weight.shape)} is not the "
+                                f"quantized [{k}, {n}]")
+        np_dtype = NP_DTYPES[weight.dtype]
+        base = name.removesuffix(".weight")
+        q = _const(f"{base}.qweight", ql.q.numpy().astype(ml_dtypes.int4))
+        scale = _const(f"{base}.scales", _to_np(ql.scale, np_dtype))
+        for v in (q, scale):
+            self.graph.register_initializer(v)
+        for use in users:
+            mm = use.node
+            dq = ir.node("DequantizeLinear", [q, scale], attributes={"axis": 0, "block_size": ql.group_size},
+                         name=f"{mm.name}/dequantize")
+            dq.outputs[0].name = f"{base}.dequantized" if len(users) == 1 else f"{mm.name}/dequantized"
+            dq.outputs[0].dtype, dq.outputs[0].shape = weight.dtype, ir.Shape([k, n])
+            extra = [dq]
+            x = mm.inputs[0]
+            if ql.perm is not None:
+                perm = _const(f"{base}.perm", ql.perm.to(torch.int64).numpy())
+                self.graph.register_initializer(perm)
+                gather = ir.node("Gather", [x, perm], attributes={"axis": -1}, name=f"{mm.name}/permute")
+                gather.outputs[0].name = f"{mm.name}/permuted"
+                x = gather.outputs[0]
+                mm.replace_input_with(0, x)
+                extra.insert(0, gather)
+            self.graph.insert_before(mm, extra)
+            mm.replace_input_with(1, dq.outputs[0])
+            if ql.correction is not None:
+                self._correction(base, mm, x, ql, np_dtype)
+        self.graph.initializers.pop(weight.name)
+
+    def _correction(self, base: str, mm: ir.Node, x: ir.Value, ql, np_dtype) -> None:
+        k, n = ql.q.shape
+        groups = k // ql.group_size
+        corr = _const(f"{base}.zero_correction", _to_np(ql.correction, np_dtype))
+        shape = _const(f"{base}.group_shape", np.array([0, 0, groups, ql.group_size], dtype=np.int64))
+        axes = _const(f"{base}.group_axes", np.array([-1], dtype=np.int64))
+        for v in (corr, shape, axes):
+            self.graph.register_initializer(v)
+        reshape = ir.node("Reshape", [x, shape], name=f"{mm.name}/groups")
+        summed = ir.node("ReduceSum", [reshape.outputs[0], axes], attributes={"keepdims": 0},
+                         name=f"{mm.name}/group_sums")
+        term = ir.node("MatMul", [summed.outputs[0], corr], name=f"{mm.name}/zero_point")
+        out = mm.outputs[0]
+        add = ir.node("Add", [out, term.outputs[0]], name=f"{mm.name}/with_zero_point")
+        for node, suffix in ((reshape, "groups"), (summed, "group_sums"), (term, "zero_point"),
+                             (add, "with_zero_point")):
+            node.outputs[0].name = f"{mm.name}/{suffix}"
+        for use in list(out.uses()):
+            if use.node is not add:
+                use.node.replace_input_with(use.idx, add.outputs[0])
+        if out in self.graph.outputs:
+            raise QuantizeError(f"{self.path}: {mm.name}: a graph output cannot take a zero-point correction")
+        self.graph.insert_after(mm, [reshape, summed, term, add])
+
+    def replace(self, name: str, original: torch.Tensor, new: torch.Tensor, linear: bool) -> None:
+        if linear:
+            value = self.find(name, original.t())
+            value.const_value = ir.Tensor(_to_np(new.t().contiguous(), NP_DTYPES[value.dtype]), name=value.name)
+            return
+        value = self.graph.initializers.get(name)
+        if value is None:
+            raise QuantizeError(f"{self.path}: tensor {name!r}: no initializer of that name to replace")
+        if tuple(value.shape) != tuple(new.shape):
+            raise QuantizeError(f"{self.path}: tensor {name!r}: replacement {list(new.shape)} is not "
+                                f"{list(value.shape)}")
+        value.const_value = ir.Tensor(_to_np(new, NP_DTYPES[value.dtype]), name=name)
+
+
+def quantize_graph(src: Path, dst: Path, quantized: Quantized, originals) -> dict:
+    """Write ``src`` with ``quantized``'s linears in int4 form and its replaced tensors swapped in, to
+    ``dst`` (atomically). ``originals(names)`` reads the unquantized tensors the export bound."""
+    model = ir.load(str(src))
+    rw = _Rewriter(model, src)
+    names = [n for n in quantized.linears if n in _graph_names(model, quantized)]
+    replaced = [n for n in quantized.replaced]
+    # Locate every weight before changing anything: a failure leaves nothing half-rewritten.
+    located = {}
+    for name in names:
+        (orig,) = originals([name]).values()
+        located[name] = rw.find(name, orig.to(torch.float32).t().contiguous())
+    originals_replaced = originals([n for n in replaced if n.endswith("_proj.weight")]) if replaced else {}
+    for name in replaced:
+        if name in originals_replaced:
+            rw.replace(name, originals_replaced[name].to(torch.float32), quantized.replaced[name], linear=True)
+        elif name.endswith(".bias") and name not in model.graph.initializers:
+            raise QuantizeError(f"{src}: tensor {name!r}: no initializer of that name to replace")
+        else:
+            rw.replace(name, None, quantized.replaced[name], linear=False)
+    for name in names:
+        rw.linear(name, located[name], quantized.linears[name])
+    model.graph.sort()
+    save(model, dst)
+    return {"linears": len(names), "replaced": len(replaced)}
+
+
+def _graph_names(model: ir.Model, quantized: Quantized) -> set[str]:
+    # A pack holds some layers only: its linears are those of the layers it has norms for.
+    layers = {n.split(".")[1] for n in model.graph.initializers if n.startswith("layers.")}
+    return {n for n in quantized.linears if n.split(".")[1] in layers}
+
+
+def save(model: ir.Model, path: Path) -> None:
+    """Write ``model`` to ``path`` atomically, weights serialized one at a time (external data when big)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    weights = list(model.graph.initializers.values())
+    total = sum(v.const_value.nbytes for v in weights)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        if total > EXTERNAL_DATA_THRESHOLD:
+            ir.save(model, tmp / path.name, external_data=path.name + ".data")
+            os.replace(tmp / (path.name + ".data"), path.parent / (path.name + ".data"))
+        else:
+            model.graph.initializers.clear()
+            head = ir.serde.serialize_model(model)
+
+            def tensors():
+                for value in weights:
+                    proto = onnx.TensorProto()
+                    ir.serde.serialize_tensor_into(proto, value.const_value)
+                    proto.name = value.name
+                    yield proto
+            with open(tmp / path.name, "wb") as f:
+                write_streamed(head, tensors, f)
+        os.replace(tmp / path.name, path)
+    finally:
+        for p in tmp.iterdir() if tmp.exists() else ():
+            p.unlink()
+        tmp.rmdir() if tmp.exists() else None

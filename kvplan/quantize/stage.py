@@ -1,0 +1,97 @@
+"""The quantize stage's work: quantize a model source's linears (rtn or awq), or take an imported
+checkpoint's own int4 values, and rewrite the exported graphs with them."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+from kvplan.errors import QuantizeError
+from kvplan.manifest import artifact, sha256_file
+from kvplan.pipeline import peak_rss_mib
+from kvplan.profiles import NO_INT4_CCS, Quantize
+from kvplan.quantize.awq import quantize_awq
+from kvplan.quantize.graph import quantize_graph
+from kvplan.quantize.linears import check_groups, weight_name
+from kvplan.quantize.rtn import quantize_linear
+from kvplan.quantize.weights import Quantized
+
+
+def quantize_rtn(source, settings: Quantize, log: Callable[[str], None] = print) -> Quantized:
+    """Round to nearest, one layer's tensors read at a time."""
+    cfg = source.config
+    check_groups(cfg, settings.linears, settings.group_size, source.name)
+    out = Quantized(record={"method": "rtn", "group_size": settings.group_size, "linears": list(settings.linears)})
+    t0 = time.perf_counter()
+    for layer in range(cfg.num_layers):
+        names = [weight_name(layer, linear) for linear in settings.linears]
+        for name, w in source.read_tensors(names).items():
+            out.linears[name] = quantize_linear(name, w, settings.group_size)
+        log(f"[quantize] rtn: layer {layer + 1}/{cfg.num_layers} ({time.perf_counter() - t0:.1f} s)")
+    return out
+
+
+QUANTIZED_WEIGHTS = "quantized.safetensors"
+
+
+def _calibration_digest(settings: Quantize) -> str | None:
+    if settings.method != "awq" or settings.calibration == "synthetic":
+        return None
+    path = Path(settings.calibration)
+    if not path.is_file():
+        raise QuantizeError(f"quantize.calibration: {path}: no such file")
+    return sha256_file(path)
+
+
+def quantize_inputs(source, profile) -> dict | None:
+    """What the quantize stage's outputs depend on, or None when the target has no quantize stage."""
+    settings = profile.quantize
+    imported = getattr(source, "checkpoint", None)
+    if imported is not None:
+        if settings.enabled:
+            raise QuantizeError(f"{profile.source}: quantize.method = {settings.method!r}: {source.path} is already "
+                                f"quantized ({imported.method}); its own int4 values are used, never requantized "
+                                f"(set method = \"none\")")
+        blocked = [cc for cc in profile.compute_capabilities if cc in NO_INT4_CCS]
+        if blocked:
+            raise QuantizeError(f"{profile.source}: engine.compute_capabilities: {', '.join(blocked)} cannot run "
+                                f"int4 weight-only layers, and {source.path} is an int4 checkpoint")
+        return {"method": f"import-{imported.method}", "group_size": imported.group_size, "dtype": profile.dtype}
+    if not settings.enabled:
+        return None
+    check_groups(source.config, settings.linears, settings.group_size, profile.source)
+    inputs = {"method": settings.method, "bits": settings.bits, "group_size": settings.group_size,
+              "linears": list(settings.linears), "dtype": profile.dtype}
+    if settings.method == "awq":
+        inputs.update(calibration=settings.calibration, calibration_sha256=_calibration_digest(settings),
+                      samples=settings.samples, tokens=settings.tokens, seed=settings.seed, clip=settings.clip)
+    return inputs
+
+
+def quantize_source(source, settings: Quantize, log: Callable[[str], None] = print) -> Quantized:
+    imported = getattr(source, "checkpoint", None)
+    if imported is not None:
+        return imported.quantized(log)
+    if settings.method == "rtn":
+        return quantize_rtn(source, settings, log)
+    return quantize_awq(source, settings, log)
+
+
+def run_quantize(source, profile, target: Path, graphs: list[Path], names: list[str], log=print) -> dict:
+    """The stage: quantize, write the weights file (what validation's reference dequantizes) and
+    each pack's int4 graph."""
+    t0 = time.perf_counter()
+    quantized = quantize_source(source, profile.quantize, log)
+    seconds = time.perf_counter() - t0
+    weights = target / QUANTIZED_WEIGHTS
+    quantized.save(weights)
+    entries = []
+    for pack, (src, name) in enumerate(zip(graphs, names)):
+        counts = quantize_graph(src, target / name, quantized, source.read_tensors)
+        log(f"[quantize] {src.name} -> {name}: {counts['linears']} linears int4, {counts['replaced']} tensors "
+            f"replaced")
+        entries.append(artifact(target, target / name, pack=pack, **counts))
+    entries.append(artifact(target, weights, role="weights"))
+    log(f"[quantize] {quantized.record.get('method')} in {seconds:.1f} s, peak RSS {peak_rss_mib():.0f} MiB")
+    return {"artifacts": entries, "seconds": round(seconds, 2), "peak_rss_mib": round(peak_rss_mib()),
+            **quantized.record}

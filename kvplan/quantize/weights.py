@@ -1,0 +1,131 @@
+"""The result of quantization: per linear its int4 values and scales, plus the full-precision
+tensors that quantization changed (AWQ folds its scales into norms and preceding linears).
+
+Layout is the graph's: a linear ``y = x W^T`` (torch weight [out, in]) becomes
+``y = x @ DQ(q, scale)`` with ``q`` [K = in, N = out] and ``scale`` [K/G, N], so groups of G
+consecutive input channels share a scale, which is DequantizeLinear's blocked form on axis 0.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from kvplan.errors import QuantizeError
+from kvplan.models.base import ModelSource
+from kvplan.models import families
+from kvplan.models.presets import tensor_shapes
+
+INT4_MIN, INT4_MAX = -8, 7
+
+
+@dataclass
+class QuantLinear:
+    """One linear, exactly: W^T[k, n] = q[k, n] * scale[k // G, n] + correction[k // G, n].
+
+    ``q`` int8 holding int4 values in [-8, 7]; ``scale`` float32. ``correction`` (imported
+    asymmetric checkpoints only) is ((8 - z) * s) per group, the part of a non-zero zero point
+    that does not fit TensorRT's symmetric int4 (kvplan.quantize.graph adds it as a
+    per-group sum of x times it). ``perm`` (GPTQ desc_act only): the graph's K rows are the
+    input channels in this order, so x is gathered by it first.
+    """
+    q: torch.Tensor
+    scale: torch.Tensor
+    group_size: int
+    correction: torch.Tensor | None = None
+    perm: torch.Tensor | None = None
+
+    def dequantized_t(self) -> torch.Tensor:
+        """W^T [K, N] in float32, rows in the graph's order (``perm`` applied)."""
+        g = self.group_size
+        w = self.q.to(torch.float32) * self.scale.repeat_interleave(g, 0)
+        if self.correction is not None:
+            w = w + self.correction.repeat_interleave(g, 0)
+        return w
+
+    def dequantized(self) -> torch.Tensor:
+        """The torch weight [out, in] (float32) that this int4 form computes."""
+        w_t = self.dequantized_t()
+        if self.perm is not None:
+            w_t = torch.empty_like(w_t).index_copy_(0, self.perm, w_t)
+        return w_t.t().contiguous()
+
+
+@dataclass
+class Quantized:
+    """Every quantized linear by its tensor name (``layers.3.mlp.up_proj.weight``) and every
+    full-precision tensor quantization replaced (norm weights, biases, unquantized linears
+    that AWQ scaled), with how they were made."""
+    linears: dict[str, QuantLinear] = field(default_factory=dict)
+    replaced: dict[str, torch.Tensor] = field(default_factory=dict)
+    record: dict = field(default_factory=dict)
+
+    def save(self, path: Path) -> None:
+        tensors, meta = {}, {}
+        for name, ql in self.linears.items():
+            tensors[f"{name}.q"] = ql.q.contiguous()
+            tensors[f"{name}.scale"] = ql.scale.contiguous()
+            meta[name] = str(ql.group_size)
+            if ql.correction is not None:
+                tensors[f"{name}.correction"] = ql.correction.contiguous()
+            if ql.perm is not None:
+                tensors[f"{name}.perm"] = ql.perm.contiguous()
+        for name, t in self.replaced.items():
+            tensors[f"{name}.replaced"] = t.contiguous()
+        # Written by safetensors itself (no whole-file bytes object in memory), then renamed into place.
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            save_file(tensors, str(tmp), metadata=meta)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @classmethod
+    def load(cls, path: Path) -> "Quantized":
+        out = cls()
+        with safe_open(str(path), framework="pt") as f:
+            groups = f.metadata() or {}
+            keys = set(f.keys())
+            for name, g in groups.items():
+                out.linears[name] = QuantLinear(
+                    f.get_tensor(f"{name}.q"), f.get_tensor(f"{name}.scale"), int(g),
+                    f.get_tensor(f"{name}.correction") if f"{name}.correction" in keys else None,
+                    f.get_tensor(f"{name}.perm") if f"{name}.perm" in keys else None)
+            for key in keys:
+                if key.endswith(".replaced"):
+                    out.replaced[key.removesuffix(".replaced")] = f.get_tensor(key)
+        return out
+
+
+def dequantized_source(source: ModelSource, quantized: Quantized) -> ModelSource:
+    """``source`` with every quantized linear read as its dequantized weight and every replaced
+    tensor as its replacement: the PyTorch model the int4 graph computes exactly (faithfulness)."""
+    def read(names: list[str]) -> dict[str, torch.Tensor]:
+        plain = [n for n in names if n not in quantized.linears and n not in quantized.replaced]
+        got = source.read_tensors(plain) if plain else {}
+        for n in names:
+            if n in quantized.linears:
+                got[n] = quantized.linears[n].dequantized()
+            elif n in quantized.replaced:
+                got[n] = quantized.replaced[n].to(torch.float32)
+        return {n: got[n] for n in names}
+
+    def read_reference() -> dict[str, torch.Tensor]:
+        # transformers reads the checkpoint's own layout (fused projections, unfolded gains):
+        # the dequantized weights are mapped back into it by the family.
+        family = families.get(source.config.family)
+        return family.to_checkpoint(source.config, read(list(tensor_shapes(source.config))))
+
+    return ModelSource(name=source.name, config=source.config, kind=source.kind, read_tensors=read,
+                       fingerprint=source.fingerprint, path=source.path, read_lm=source.read_lm,
+                       reference_config=source.reference_config, read_reference=read_reference)
+
+
+def check_group(name: str, in_features: int, group_size: int) -> None:
+    if in_features % group_size:
+        raise QuantizeError(f"tensor {name!r}: group_size {group_size} does not divide its input size "
+                            f"{in_features}")
