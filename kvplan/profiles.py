@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from kvplan.errors import ProfileError
+from kvplan.quantize.settings import (GROUP_SIZES, LINEARS, NO_INT4_CCS, QUANTIZE_BITS, QUANTIZE_METHODS,
+                                      Quantize)
 from kvplan.surgery.registry import PASSES
 
 def _profiles_dir() -> Path:
@@ -57,37 +59,6 @@ class ShapeProfile:
 class Tolerance:
     atol: float
     rtol: float
-
-
-QUANTIZE_METHODS = ("none", "rtn", "awq")
-QUANTIZE_BITS = (4,)
-GROUP_SIZES = (32, 64, 128)
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# Compute capabilities TensorRT-RTX cannot compile int4 weight-only layers for.
-NO_INT4_CCS = ("7.5",)
-
-
-@dataclass(frozen=True)
-class Quantize:
-    """``[quantize]``: int4 weight-only quantization of the decoder's linears (kvplan.quantize).
-
-    ``calibration`` (awq): "synthetic" (seeded random hidden states) or a safetensors file,
-    relative to the profile's directory, holding ``hidden_states`` [samples, tokens, hidden]
-    or ``input_ids`` [samples, tokens]; ``samples`` x ``tokens`` of it are used.
-    """
-    method: str = "none"
-    bits: int = 4
-    group_size: int = 128
-    linears: tuple[str, ...] = LINEARS
-    calibration: str = "synthetic"
-    samples: int = 4
-    tokens: int = 64
-    seed: int = 0
-    clip: bool = True
-
-    @property
-    def enabled(self) -> bool:
-        return self.method != "none"
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ import torch
 
 from kvplan.decoder import DecoderLayer, RotaryCosSin
 from kvplan.models.presets import tensor_shapes
-from kvplan.profiles import Quantize
+from kvplan.quantize.settings import Quantize
 from kvplan.quantize.calibration import calibration_hidden
 from kvplan.quantize.linears import MODULES, check_groups, weight_name
 from kvplan.quantize.rtn import fake_quantize_rows, quantize_t

@@ -19,7 +19,7 @@ from safetensors import safe_open
 
 from kvplan.errors import QuantizeError
 from kvplan.models.safetensors_dir import TensorIndex
-from kvplan.profiles import Quantize
+from kvplan.quantize.settings import Quantize
 
 HIDDEN, IDS = "hidden_states", "input_ids"
 MINICPMO_EMBEDDING = "tts.emb_text.weight"

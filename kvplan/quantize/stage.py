@@ -9,7 +9,7 @@ from typing import Callable
 from kvplan.errors import QuantizeError
 from kvplan.manifest import artifact, sha256_file
 from kvplan.pipeline import peak_rss_mib
-from kvplan.profiles import NO_INT4_CCS, Quantize
+from kvplan.quantize.settings import NO_INT4_CCS, Quantize
 from kvplan.quantize.awq import quantize_awq
 from kvplan.quantize.graph import quantize_graph
 from kvplan.quantize.linears import check_groups, weight_name
