@@ -88,7 +88,7 @@ def validate(source, profile, target: Path, manifest: dict, options: ValidateOpt
 
 def _run_checks(options, kinds, source, profile, target, manifest, backend_name, log) -> int:
     t0 = time.perf_counter()
-    meter = Meter()
+    meter = Meter(log)
     cfg = source.config
     tol = profile.tolerance
     specs = pack_specs(cfg, profile.decoder_pack_size, profile.kv_format, profile.kv_io, profile.cache_len)
