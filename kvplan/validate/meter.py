@@ -56,7 +56,8 @@ class Phase:
 class Meter:
     """Phases in the order they ran; a phase's name may repeat (one per pack, say) and is summed in ``merged``."""
 
-    def __init__(self):
+    def __init__(self, log=None):
+        self.log = log
         self.phases: list[Phase] = []
         self._peak_before = peak_bytes()     # imports and whatever ran before validation
 
@@ -72,6 +73,9 @@ class Meter:
         finally:
             peak = peak_bytes() if resettable else None
             self.phases.append(Phase(name, time.perf_counter() - t, peak))
+            if self.log:     # as it ends: a run stopped later still tells where its time and memory went
+                self.log(f"[validate] phase {name}: {self.phases[-1].seconds:.1f} s"
+                         + ("" if peak is None else f", peak RSS {peak / 2**20:.0f} MiB"))
 
     @property
     def peak(self) -> int | None:

@@ -18,6 +18,7 @@ import torch
 
 from kvplan import cache_io
 from kvplan.export.exporter import causal_mask, input_names
+from kvplan.pipeline import release_memory
 
 KINDS = ("min", "opt", "max", "masked")
 
@@ -113,6 +114,9 @@ class Prefill:
             stop = min(length, start + chunk)
             ref.step(hidden[:, start:stop], causal_mask(batch, stop - start, start, ref.dtype), pos[:, start:stop],
                      cache)
+            # Each chunk regrows every layer's cache (a concatenation); hand the old buffers back to the OS
+            # rather than let the heap fragment around them.
+            release_memory()
         self.past = []
         for i in range(cfg.num_layers):       # converted layer by layer: one layer's float32 twin at a time
             self.past += [t.to(dtype) for t in _layer_kv(cache, i)]

@@ -88,7 +88,7 @@ def validate(source, profile, target: Path, manifest: dict, options: ValidateOpt
 
 def _run_checks(options, kinds, source, profile, target, manifest, backend_name, log) -> int:
     t0 = time.perf_counter()
-    meter = Meter()
+    meter = Meter(log)
     cfg = source.config
     tol = profile.tolerance
     specs = pack_specs(cfg, profile.decoder_pack_size, profile.kv_format, profile.kv_io, profile.cache_len)
@@ -134,47 +134,69 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
 
     vdir = target / "validation"
     vdir.mkdir(exist_ok=True)
-    rows, not_run, ran, files, commands = [], {}, set(), [], []
+    not_run: dict[str, str] = {}
+    for name, paths in ((rn.EXPORT, exported), (rn.FUSED, fused)):
+        if paths is None:
+            not_run[name] = "no fused graph in this target (no surgery passes)"
+    stems = [Path(p.name).name.removesuffix(".onnx") for p in exported]
+    jobs = [[stream.Job(p_index, f"{stems[p_index]}.{sp.name}", group, lambda d, spec=spec: pts.feed_for(d, spec))
+             for sp_index, sp in enumerate(profile.shapes)
+             if (group := [d for d in data if d.point.profile_index == sp_index])]
+            for p_index, spec in enumerate(specs)]
+    graphs = {(name, i): paths[i] for name, paths in ((rn.EXPORT, exported), (rn.FUSED, fused)) if paths
+              for i in range(len(specs))}
+    streamer = stream.Streamer(vdir, PAIRS, tol, meter, not_run, log,
+                               why_not=lambda r, e: rn.onnxrt_why_not(r.kvplan_graph, e)
+                               if hasattr(r, "kvplan_graph") else None)
+    try:
+        # Runner by runner (each over every pack and profile): only one runner's weights are ever in
+        # memory, and the reference model is freed before ONNX Runtime starts.
+        trt_here = rn.make_tensorrt(plans[0] if plans else None, backend, backend_error, 0, specs[0])[0]
+        later = {rn.EXPORT, rn.FUSED} | ({rn.TENSORRT} if trt_here is not None else set())
+        for p_index, spec in enumerate(specs):
+            log(f"[validate] pack {p_index} ({stems[p_index]}): {len(data)} point(s) through {rn.REFERENCE}")
+            contract = io_contract(cfg, spec, profile.batch, profile.dtype)
+            streamer.run(rn.ReferenceRunner(ref, spec, contract, log=log), jobs[p_index], later)
+            if quant and spec.final_norm:     # int4: the full-precision model, for the quality figures
+                streamer.run(quantized.quality_runner(ref_fp, spec, contract, log), jobs[p_index], set())
+        del ref, ref_fp
+        release_memory()
+        for name in (rn.EXPORT, rn.FUSED):
+            later.discard(name)
+            for p_index in range(len(specs)):
+                if name in not_run:          # no such graph, or it failed to start for an earlier pack
+                    break
+                runner, _ = rn.make_onnxrt(graphs[(name, p_index)], name)
+                runner.kvplan_graph = graphs[(name, p_index)]
+                log(f"[validate] pack {p_index} ({stems[p_index]}): {len(data)} point(s) through {name}")
+                streamer.run(runner, jobs[p_index], later)
+                release_memory()
+        for p_index, spec in enumerate(specs):
+            for job in jobs[p_index]:
+                sp_index = job.group[0].point.profile_index
+                runner, why = rn.make_tensorrt(plans[p_index] if plans else None, backend, backend_error,
+                                               sp_index, spec)
+                if runner is None:
+                    not_run.setdefault(rn.TENSORRT, why)
+                    continue
+                log(f"[validate] {job.base}: {len(job.group)} point(s) through {rn.TENSORRT}")
+                streamer.run(runner, [job], set())
+    finally:
+        streamer.close()
+    rows = streamer.rows
+    ran = {n for names in streamer.ran.values() for n in names}
     for p_index, spec in enumerate(specs):
-        stem = Path(exported[p_index].name).name.removesuffix(".onnx")
-        contract = io_contract(cfg, spec, profile.batch, profile.dtype)
-        for sp_index, sp in enumerate(profile.shapes):
-            group = [d for d in data if d.point.profile_index == sp_index]
-            if not group:
-                continue
-            runners = [rn.ReferenceRunner(ref, spec, contract, log=log)]
-            if quant:
-                runners.append(quantized.quality_runner(ref_fp, spec, contract, log))
-            for name, paths in ((rn.EXPORT, exported), (rn.FUSED, fused)):
-                if paths is None:
-                    not_run[name] = "no fused graph in this target (no surgery passes)"
-                    continue
-                if name in not_run:          # it failed to start for an earlier pack or profile
-                    continue
-                runner, why = rn.make_onnxrt(paths[p_index], name)
-                runner and runners.append(runner)
-                why and not_run.setdefault(name, why)
-            runner, why = rn.make_tensorrt(plans[p_index] if plans else None, backend, backend_error, sp_index,
-                                           specs[p_index])
-            runner and runners.append(runner)
-            why and not_run.setdefault(rn.TENSORRT, why)
-            log(f"[validate] pack {p_index} ({stem}), profile {sp.name}: {len(group)} point(s) through "
-                f"{', '.join(r.name for r in runners)}, one runner at a time")
-            graphs = {name: paths[p_index] for name, paths in ((rn.EXPORT, exported), (rn.FUSED, fused)) if paths}
-            group_rows, names, written = stream.run_group(
-                runners, group, lambda d: pts.feed_for(d, spec), vdir, f"{stem}.{sp.name}", PAIRS, p_index,
-                tol, meter, not_run, log,
-                why_not=lambda r, e: rn.onnxrt_why_not(graphs[r.name], e) if r.name in graphs else None)
-            rows += group_rows
-            ran.update(names)
-            if quant and spec.final_norm and rn.EXPORT in names and quantized.QUALITY_RUNNER in names:
-                quality += quantized.quality_rows_from_files(vdir, f"{stem}.{sp.name}", [d.point for d in group],
-                                                             rn.EXPORT)
-            files += [str(w.relative_to(target)) for w in written]
-            commands += _commands(stem, sp_index, sp.name, exported[p_index], fused, plans, p_index, names,
-                                  backend_name, tol)
-    del ref, ref_fp
-    release_memory()
+        for job in jobs[p_index] if quant and spec.final_norm else ():
+            if {rn.EXPORT, quantized.QUALITY_RUNNER} <= set(streamer.ran.get(job.base, [])):
+                quality += quantized.quality_rows_from_files(vdir, job.base, [d.point for d in job.group], rn.EXPORT)
+    files, commands = [], []
+    for p_index, spec in enumerate(specs):
+        for job in jobs[p_index]:
+            sp_index = job.group[0].point.profile_index
+            files += [str(w.relative_to(target)) for w in streamer.written.get(job.base, [])]
+            commands += _commands(stems[p_index], sp_index, profile.shapes[sp_index].name, exported[p_index],
+                                  fused, plans, p_index, set(streamer.ran.get(job.base, [])), backend_name, tol,
+                                  spec.kv_io == "inplace")
 
     task = {"ran": False, "why": "--no-task"}
     if not options.no_task:
