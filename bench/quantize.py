@@ -27,7 +27,7 @@ from kvplan.export import example_inputs
 from kvplan.models import resolve
 from kvplan.models.presets import tensor_shapes
 from kvplan.profiles import Quantize
-from kvplan.quantize import Quantized, dequantized_source
+from kvplan.quantize.weights import Quantized, dequantized_source
 from kvplan.quantize.awq import quantize_awq
 from kvplan.quantize.stage import quantize_rtn
 

@@ -35,6 +35,7 @@ def configured(tmp_path_factory):
     return build_dir, out
 
 
+@pytest.mark.slow  # configures and builds with CMake: about 40 s together
 def test_build_makes_the_engine_and_a_second_build_does_nothing(configured):
     build_dir, out = configured
     first = cmake("--build", str(build_dir), cwd=ROOT)
@@ -47,6 +48,7 @@ def test_build_makes_the_engine_and_a_second_build_does_nothing(configured):
     assert plan.stat().st_mtime_ns == mtime
 
 
+@pytest.mark.slow  # configures and builds with CMake: about 40 s together
 def test_changed_profile_reruns_only_that_target(configured, tmp_path):
     build_dir, out = configured
     profile = ROOT / "profiles" / "fp32.toml"

@@ -106,6 +106,7 @@ def _wait_for(proc: subprocess.Popen, marker: str, seen: list[str], timeout: flo
     raise AssertionError(f"the build ended before {marker!r}:\n{''.join(seen)}")
 
 
+@pytest.mark.slow  # a real signal to a real build in a subprocess: about 25 s each
 def test_ctrl_c_during_the_engine_build_cancels_it_and_exits_130(tmp_path):
     _backend()
     proc = _start_build(tmp_path / "out", tmp_path / "cache")
@@ -123,6 +124,7 @@ def test_ctrl_c_during_the_engine_build_cancels_it_and_exits_130(tmp_path):
     assert manifest["status"] != "complete" and "engines" not in manifest["stages"]
 
 
+@pytest.mark.slow  # a real signal to a real build in a subprocess: about 25 s each
 def test_the_next_build_removes_what_a_killed_build_left(tmp_path):
     """kill -9 while the plan's temporary file is being written; the rebuild removes it."""
     _backend()

@@ -134,6 +134,7 @@ def cpu_report(tmp_path_factory):
     return result, out
 
 
+@pytest.mark.slow  # a real CPU measurement and two cold exports: about 45 s
 def test_the_report_holds_the_measurement_and_names_the_machine(cpu_report):
     result, out = cpu_report
     assert result["errors"] == {}
@@ -151,6 +152,7 @@ def test_the_report_holds_the_measurement_and_names_the_machine(cpu_report):
     assert "Device-to-device copy:" in md
 
 
+@pytest.mark.slow  # a real CPU measurement and two cold exports: about 45 s
 def test_exports_match_the_contract_and_onnx_runtime_matches_pytorch(cpu_report):
     result, out = cpu_report
     fp16, bf16 = result["export"]["float16"], result["export"]["bfloat16"]

@@ -20,7 +20,7 @@ from kvplan.export import example_inputs
 from kvplan.models import resolve
 from kvplan.models.presets import tensor_shapes
 from kvplan.profiles import Quantize
-from kvplan.quantize import dequantized_source
+from kvplan.quantize.weights import dequantized_source
 from kvplan.quantize.graph import quantize_graph
 from kvplan.quantize.rtn import quantize_linear
 from kvplan.quantize.awq import quantize_awq

@@ -58,6 +58,7 @@ def test_the_layer_entry_holds_no_checkpoint_weights(tmp_path, no_memory):
     assert stored == {"layer": [], "rotary": ["kvplan.cached_value/inv_freq"], "norm": []}
 
 
+@pytest.mark.slow  # several cold traces: about 20 s each
 def test_entries_are_keyed_by_dtype_and_cache_layout(tmp_path, no_memory):
     cache = TraceCache(tmp_path / "cache")
     export(tmp_path, "fp32", cache)
@@ -88,6 +89,7 @@ def test_a_damaged_entry_is_reported_and_every_piece_traced_again(tmp_path, no_m
     assert TraceCache(tmp_path / "cache").load_set(key, ["rotary", "layer", "norm"]) is not None
 
 
+@pytest.mark.slow  # several cold traces: about 20 s each
 def test_an_export_after_another_layout_is_the_cold_exports_bytes(tmp_path, no_memory, monkeypatch):
     """The rotary piece is shared between layouts; reusing it must not change the inplace graph."""
     export(tmp_path, "concat", None)

@@ -5,7 +5,7 @@
 checkpoint's own int4 values without requantizing them. ``graph`` rewrites the exported
 graph's MatMuls into the one int4 form TensorRT-RTX and ONNX Runtime both accept:
 ``DequantizeLinear(w INT4 [K, N], scale [K/G, N], axis=0, block_size=G) -> MatMul``.
-"""
-from kvplan.quantize.weights import QuantLinear, Quantized, dequantized_source
 
-__all__ = ["QuantLinear", "Quantized", "dequantized_source"]
+Nothing is imported here: the profile loader reads ``kvplan.quantize.settings``, and engine
+builds (which load profiles) must not pull torch in through this package.
+"""

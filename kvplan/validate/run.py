@@ -195,8 +195,7 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
             sp_index = job.group[0].point.profile_index
             files += [str(w.relative_to(target)) for w in streamer.written.get(job.base, [])]
             commands += _commands(stems[p_index], sp_index, profile.shapes[sp_index].name, exported[p_index],
-                                  fused, plans, p_index, set(streamer.ran.get(job.base, [])), backend_name, tol,
-                                  spec.kv_io == "inplace")
+                                  fused, plans, p_index, set(streamer.ran.get(job.base, [])), backend_name, tol)
 
     task = {"ran": False, "why": "--no-task"}
     if not options.no_task:
