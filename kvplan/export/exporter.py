@@ -255,7 +255,7 @@ def export_pack(source: ModelSource, spec: StackSpec, dtype: str, batch: int, pa
         if external:
             ir.save(model, tmp / path.name, external_data=path.name + ".data")
         else:
-            _save_streamed(model, tmp / path.name)
+            save_streamed(model, tmp / path.name)
         del model
         # Data file first: a graph never lands pointing at a data file that is missing.
         data = tmp / (path.name + ".data")
@@ -269,7 +269,7 @@ def export_pack(source: ModelSource, spec: StackSpec, dtype: str, batch: int, pa
     return PackExport(spec, path, external, weight_bytes, time.perf_counter() - t0)
 
 
-def _save_streamed(model: ir.Model, path: Path) -> None:
+def save_streamed(model: ir.Model, path: Path) -> None:
     """Save with the weights serialized one at a time (see kvplan.fileio.write_streamed): a
     whole-model serialization holds two more copies of them."""
     weights = list(model.graph.initializers.values())

@@ -26,12 +26,12 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
-import onnx
 import onnx_ir as ir
 import torch
 
 from kvplan.errors import QuantizeError
-from kvplan.fileio import write_streamed
+from kvplan.export.exporter import save_streamed
+from kvplan.fileio import temp_prefix
 from kvplan.quantize.weights import Quantized
 
 NP_DTYPES = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16,
@@ -190,23 +190,13 @@ def save(model: ir.Model, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     weights = list(model.graph.initializers.values())
     total = sum(v.const_value.nbytes for v in weights)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path), dir=path.parent))
     try:
         if total > EXTERNAL_DATA_THRESHOLD:
             ir.save(model, tmp / path.name, external_data=path.name + ".data")
             os.replace(tmp / (path.name + ".data"), path.parent / (path.name + ".data"))
         else:
-            model.graph.initializers.clear()
-            head = ir.serde.serialize_model(model)
-
-            def tensors():
-                for value in weights:
-                    proto = onnx.TensorProto()
-                    ir.serde.serialize_tensor_into(proto, value.const_value)
-                    proto.name = value.name
-                    yield proto
-            with open(tmp / path.name, "wb") as f:
-                write_streamed(head, tensors, f)
+            save_streamed(model, tmp / path.name)
         os.replace(tmp / path.name, path)
     finally:
         for p in tmp.iterdir() if tmp.exists() else ():
