@@ -162,3 +162,16 @@ def write_results(stem: str, result: dict, lines: list[str]) -> str:
     base.with_suffix(".md").write_text(table)
     print(table)
     return table
+
+
+def fused_target(out: Path, model: str, profile: str) -> tuple[Path, int] | None:
+    """Export and fuse ``model`` with ``profile`` under ``out`` (a fresh process, as users run it);
+    returns (the target directory, its graph's weight bytes), or None (its output printed) if the
+    build failed."""
+    res = measure([sys.executable, "-m", "build.engines", "--profile", profile, "--model", model,
+                   "--out", str(out), "--stop-after", "surgery"])
+    if res.get("rc") != 0:
+        print(res.get("tail"), file=sys.stderr)
+        return None
+    target = Path(out) / model / profile
+    return target, json.loads((target / "manifest.json").read_text())["stages"]["export"]["weight_bytes"]

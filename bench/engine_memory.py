@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import loadavg, machine_info, measure, write_results
+from bench.common import fused_target, loadavg, machine_info, measure, write_results
 
 
 def build_with(target: Path, model: str, profile_name: str, count: int) -> None:
@@ -60,13 +60,10 @@ def main(argv=None) -> int:
     names = [s.name for s in profiles.load(args.profile).shapes]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        res = measure([sys.executable, "-m", "build.engines", "--profile", args.profile, "--model", args.model,
-                       "--out", tmp, "--stop-after", "surgery"])
-        if res.get("rc") != 0:
-            print(res.get("tail"), file=sys.stderr)
+        built = fused_target(Path(tmp), args.model, args.profile)
+        if built is None:
             return 1
-        target = Path(tmp) / args.model / args.profile
-        weights = json.loads((target / "manifest.json").read_text())["stages"]["export"]["weight_bytes"]
+        target, weights = built
         for count in range(1, len(names) + 1):
             run = measure([sys.executable, "-m", "bench.engine_memory", "--model", args.model, "--profile",
                            args.profile, "--build", str(count), "--target", str(target)], keep_output=True)

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import loadavg, machine_info, measure, write_results
+from bench.common import fused_target, loadavg, machine_info, measure, write_results
 
 ROUTES = ("two-profiles", "extra-memory-0", "extra-memory-0.5", "weight-streaming", "strip-refit",
           "one-profile-decode-opt")
@@ -89,13 +89,10 @@ def main(argv=None) -> int:
         return 0
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        res = measure([sys.executable, "-m", "build.engines", "--profile", args.profile, "--model", args.model,
-                       "--out", tmp, "--stop-after", "surgery"])
-        if res.get("rc") != 0:
-            print(res.get("tail"), file=sys.stderr)
+        built = fused_target(Path(tmp), args.model, args.profile)
+        if built is None:
             return 1
-        target = Path(tmp) / args.model / args.profile
-        weights = json.loads((target / "manifest.json").read_text())["stages"]["export"]["weight_bytes"]
+        target, weights = built
         for route in args.routes.split(","):
             run = measure([sys.executable, "-m", "bench.weight_copies", "--profile", args.profile, "--route", route,
                            "--target", str(target)], keep_output=True)
