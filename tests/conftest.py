@@ -14,6 +14,7 @@ from kvplan.decoder import pack_specs  # noqa: E402
 from kvplan.export.exporter import export_pack, pack_file_names  # noqa: E402
 from kvplan.models import resolve  # noqa: E402
 from kvplan.validate.onnx_stack import Pack  # noqa: E402
+from kvplan.trt.backend import BackendError, select_backend  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -44,3 +45,12 @@ def export_tiny(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def backend():
+    """The TensorRT backend builds use here (skipped, with the reason, where none imports)."""
+    try:
+        return select_backend("auto")
+    except BackendError as e:
+        pytest.skip(f"no TensorRT backend: {e}")

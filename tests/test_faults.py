@@ -24,16 +24,8 @@ from kvplan.errors import BuildError
 from kvplan.export import export_pack, io_contract
 from kvplan.fileio import TEMP_MARK
 from kvplan.models import resolve
-from kvplan.trt.backend import BackendError, select_backend
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _backend():
-    try:
-        return select_backend("auto")
-    except BackendError as e:
-        pytest.skip(f"no TensorRT backend: {e}")
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +65,7 @@ def _leftovers(directory: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("short", [False, True], ids=["write-raises", "short-write"])
-def test_a_plan_the_disk_could_not_hold_never_carries_its_name(tiny, tmp_path, monkeypatch, short):
+def test_a_plan_the_disk_could_not_hold_never_carries_its_name(tiny, tmp_path, monkeypatch, short, backend):
     real = trt_build.atomic_file
 
     @contextlib.contextmanager
@@ -84,7 +76,7 @@ def test_a_plan_the_disk_could_not_hold_never_carries_its_name(tiny, tmp_path, m
     monkeypatch.setattr(trt_build, "atomic_file", filling_up)
     with pytest.raises((OSError, BuildError)) as caught:
         trt_build.build_engine(tiny["onnx"], tmp_path / "decoder.plan", tiny["profile"], tiny["contract"],
-                               _backend(), None, log=lambda *_: None)
+                               backend, None, log=lambda *_: None)
     assert "No space left" in str(caught.value) or "not written whole" in str(caught.value)
     assert _leftovers(tmp_path) == []
 
@@ -107,8 +99,7 @@ def _wait_for(proc: subprocess.Popen, marker: str, seen: list[str], timeout: flo
 
 
 @pytest.mark.slow  # a real signal to a real build in a subprocess: about 25 s each
-def test_ctrl_c_during_the_engine_build_cancels_it_and_exits_130(tmp_path):
-    _backend()
+def test_ctrl_c_during_the_engine_build_cancels_it_and_exits_130(tmp_path, backend):
     proc = _start_build(tmp_path / "out", tmp_path / "cache")
     seen: list[str] = []
     _wait_for(proc, "[engines] building", seen)
@@ -125,9 +116,8 @@ def test_ctrl_c_during_the_engine_build_cancels_it_and_exits_130(tmp_path):
 
 
 @pytest.mark.slow  # a real signal to a real build in a subprocess: about 25 s each
-def test_the_next_build_removes_what_a_killed_build_left(tmp_path):
+def test_the_next_build_removes_what_a_killed_build_left(tmp_path, backend):
     """kill -9 while the plan's temporary file is being written; the rebuild removes it."""
-    _backend()
     target = tmp_path / "out" / "tiny-llama" / "fp32"
     proc = _start_build(tmp_path / "out", tmp_path / "cache")
     seen: list[str] = []

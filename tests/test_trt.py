@@ -19,18 +19,6 @@ build_trt = pytest.importorskip("kvplan.trt")
 BuildError = build_trt.BuildError
 
 
-def _backend_or_skip():
-    try:
-        return select_backend("auto")
-    except BackendError as e:
-        pytest.skip(f"no TensorRT backend: {e}")
-
-
-@pytest.fixture(scope="session")
-def backend():
-    return _backend_or_skip()
-
-
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """tiny-llama, float16, kv_format 0, exported once."""
