@@ -88,7 +88,8 @@ def validate_parser(prog: str = "kvplan validate") -> argparse.ArgumentParser:
                    help="TensorRT flavour (default: the one that built the engine)")
     p.add_argument("--no-surgery", action="store_true", help="the target was built with --no-surgery")
     p.add_argument("--points", default="all",
-                   help="comma list of min, opt, max, masked per optimization profile, or all (default: all)")
+                   help="comma list of min, opt, max, masked, batch (a profile with a batch range: rows of "
+                        "different lengths) per optimization profile, or all (default: all)")
     p.add_argument("--prefill-dtype", choices=("float32", "profile"), default="float32",
                    help="precision of the prefill that produces the past KV (input data, not under test): "
                         "float32 (fast on CPU, then rounded to the profile dtype) or the profile's own "
