@@ -172,7 +172,9 @@ class _Reader:
 
 def _batch(r: _Reader, export: dict) -> int | Range:
     """export.batch: an integer (a static batch axis) or [min, opt, max] (a dynamic one, "B")."""
-    value = r.get(export, "batch", "export.batch", (int, list), 1)
+    value = export.get("batch", 1)
+    if isinstance(value, bool) or not isinstance(value, (int, list)):
+        raise r.fail("export.batch", f"must be an integer or [min, opt, max], got {value!r}")
     if isinstance(value, list):
         return r.range(export, "batch", "export.batch", 1)
     if value < 1:
