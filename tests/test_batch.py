@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -259,6 +260,39 @@ def test_a_batch_of_rows_of_different_lengths_passes_validation(targets, kv_io, 
     assert len(inputs) == 2
 
 
+@pytest.mark.slow
+def test_a_batch_point_passes_in_delta_mode_over_two_packs_in_kv_format_1(tmp_path, capsys):
+    """The second pack's hidden_in comes from transformers run row by row on each row's own past."""
+    profile = write_profile(tmp_path / "profiles", "bdelta", kv_io="delta",
+                            batch="batch = [1, 2, 4]\ndecoder_pack_size = 2\nkv_format = 1")
+    out = tmp_path / "engines"
+    assert engines_main(["--model", "tiny-llama", "--profile", str(profile), "--out", str(out),
+                         "--stop-after", "surgery"]) == 0
+    rc = validate_main(validate_args({"profile": profile}, out))
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    record = load_manifest(out / "tiny-llama" / "bdelta")["validation"]
+    assert "decode/batch N=1 lastSum=8 B=2 rows=8,4" in record["points"]
+    assert "validation/decoder.pack1.decode.inputs.json" in record["files"]
+
+
+@pytest.mark.slow
+def test_the_saved_batch_point_rechecks_with_the_polygraphy_cli(targets):
+    """The printed re-check command, batch-2 feed included, passes without kvplan (slow: the
+    Polygraphy CLI starts in ~10 s)."""
+    t = targets("concat")
+    assert validate_main(validate_args(t)) == 0
+    [command] = [c for c in load_manifest(t["target"])["validation"]["recheck"]
+                 if "--onnxrt" in c and "decoder.prefill." in c]
+    parts = shlex.split(command)
+    script = Path(sys.executable).parent / "polygraphy"
+    if not script.exists():
+        pytest.skip("the polygraphy command-line tool is not installed")
+    done = subprocess.run([sys.executable, str(script), *parts[1:]], cwd=t["target"], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and "PASSED" in done.stdout + done.stderr, done.stdout[-2000:] + done.stderr[-2000:]
+
+
 @pytest.mark.parametrize("kv_io, bug", [("concat", row0_mask_for_every_row),
                                         pytest.param("inplace", row0_write_index_for_every_row,
                                                      marks=pytest.mark.slow)])
@@ -276,27 +310,55 @@ def test_a_graph_that_mixes_rows_fails_only_the_batch_point(targets, tmp_path, c
 
 # ----------------------------------------------------------------- TensorRT
 
-def test_engine_optimization_profiles_carry_the_batch_range(targets, backend, tmp_path):
-    """A real TensorRT-RTX build of the dynamic graph: the shapes read back from each of its
-    optimization profiles have B = (1, 2, 4) on every input."""
+def build_dynamic_engine(targets, backend, directory: Path) -> tuple[dict, dict, Path]:
+    """The concat target's fused graph built at optimization level 0: (record, contract, plan)."""
     import kvplan.trt as build_trt       # tensorrt: the engine path only
     t = targets("concat")
     profile = profiles.load(str(t["profile"]))
     cfg = resolve("tiny-llama").config
     [spec] = pack_specs(cfg, 0, 0)
     contract = io_contract(cfg, spec, profile.batch_dim, profile.dtype)
-    onnx_path = tmp_path / "decoder.fused.onnx"
+    onnx_path = directory / "decoder.fused.onnx"
     shutil.copy(t["fused"], onnx_path)
-    record = build_trt.build_engine(onnx_path, tmp_path / "decoder.plan", profile, contract, backend, None,
+    record = build_trt.build_engine(onnx_path, directory / "decoder.plan", profile, contract, backend, None,
                                     log=lambda *_: None)
-    assert (tmp_path / "decoder.plan").stat().st_size == record["plan_bytes"] > 0
+    return record, contract, directory / "decoder.plan"
+
+
+def test_engine_optimization_profiles_carry_the_batch_range(targets, backend, tmp_path):
+    """A real TensorRT-RTX build of the dynamic graph: the shapes read back from each of its
+    optimization profiles have B = (1, 2, 4) on every input."""
+    record, contract, plan = build_dynamic_engine(targets, backend, tmp_path)
+    assert plan.stat().st_size == record["plan_bytes"] > 0
     assert list(record["profiles"]) == ["prefill", "decode"]
     for per_input in record["profiles"].values():
         assert set(per_input) == set(contract["inputs"])
         for name, shapes in per_input.items():
             assert [shapes[k][0] for k in ("min", "opt", "max")] == [1, 2, 4], name
-    assert record["network"]["inputs"]["hidden_in"]["shape"] == [-1, -1, cfg.hidden_size]
+    assert record["network"]["inputs"]["hidden_in"]["shape"] == [-1, -1, 64]
     assert "--maxShapes=hidden_in:4x8x64," in record["trtexec"]
+
+
+@pytest.mark.gpu
+def test_the_engine_itself_holds_the_batch_range_and_runs_at_batch_2(targets, backend, tmp_path):
+    """On a GPU: the deserialized engine's profile shapes (get_tensor_profile_shape) carry B = (1, 2, 4)
+    on every input, and it matches ONNX Runtime at every profile's opt shapes (B = 2)."""
+    if not backend.can_run:
+        pytest.skip(f"needs a CUDA GPU the backend can run engines on: {backend.why_not_run}")
+    import kvplan.trt as build_trt       # tensorrt: the engine path only
+    from kvplan.trt.callbacks import Pending, make_logger
+    from kvplan.trt.plan_io import deserialize
+    record, contract, plan = build_dynamic_engine(targets, backend, tmp_path)
+    trt = backend.module
+    _runtime, engine = deserialize(trt, make_logger(trt, lambda msg: None, Pending()), plan.read_bytes(), "")
+    assert engine.num_optimization_profiles == 2
+    for k in range(2):
+        for name in contract["inputs"]:
+            lo, opt, hi = engine.get_tensor_profile_shape(name, k)
+            assert (lo[0], opt[0], hi[0]) == (1, 2, 4), (k, name)
+    profile = profiles.load(str(targets("concat")["profile"]))
+    rec = build_trt.run_engine_check(plan, profile, contract, tmp_path / "decoder.fused.onnx", backend)
+    assert rec["ran"] and rec["ok"], json.dumps(rec["profiles"], indent=1)
 
 
 # ----------------------------------------------------------------- static batch

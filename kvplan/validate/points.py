@@ -232,12 +232,13 @@ def point_data(ref, point: Point, batch: int, need_layers: list[int], prefill: P
         mask = causal_mask(batch, point.n, point.last, dtype, window=cfg.sliding_window)
         if point.masked:
             mask = reserve_slots(mask, point.last)
-        pos = torch.arange(point.last, point.last + point.n, dtype=torch.int64)[None].expand(batch, point.n).contiguous()
+        pos = torch.arange(point.last, point.last + point.n, dtype=torch.int64)[None]
+        pos = pos.expand(batch, point.n).contiguous()
     states = {0: hidden}
     if any(i > 0 for i in need_layers):
         if point.rows:
             rows = [_states(ref, prefill, hidden[b:b + 1], _own_columns(mask[b:b + 1], own, point.last),
-                            pos[b:b + 1], own, need_layers, b) for b, own in enumerate(point.rows)]
+                            pos[b:b + 1], own, need_layers, slice(b, b + 1)) for b, own in enumerate(point.rows)]
             states = {i: torch.cat([r[i] for r in rows]) for i in need_layers}
         else:
             states = _states(ref, prefill, hidden, mask, pos, point.last, need_layers, slice(0, batch))
@@ -249,7 +250,7 @@ def _own_columns(mask: torch.Tensor, own: int, last: int) -> torch.Tensor:
     return torch.cat([mask[..., :own], mask[..., last:]], dim=-1)
 
 
-def _states(ref, prefill: Prefill, hidden, mask, pos, last: int, need_layers: list[int], rows) -> dict:
+def _states(ref, prefill: Prefill, hidden, mask, pos, last: int, need_layers: list[int], rows: slice) -> dict:
     """The hidden states entering ``need_layers`` (``ref``'s forward on the prefill's ``rows``,
     first ``last`` positions)."""
     cfg = ref.source.config
