@@ -43,7 +43,8 @@ def _target_flags(p: argparse.ArgumentParser) -> None:
                    help="output root; artifacts go to OUT/<model>/<profile>/ (default: %(default)s)")
     p.add_argument("--shapes", action="append", default=[], metavar="NAME:N=min,opt,max:lastSum=min,opt,max",
                    help="size an optimization profile of the build profile (either axis may be left out; a new "
-                        "NAME adds a profile), e.g. prefill:N=1,128,512:lastSum=0,0,1536; repeatable. A shipped "
+                        "NAME adds a profile), e.g. prefill:N=1,128,512:lastSum=0,0,1536; repeatable; B=1,2,4 gives "
+                        "every optimization profile that batch range (a dynamic batch axis). A shipped "
                         "profile is otherwise fitted to a model with fewer positions than it is sized for")
 
 

@@ -406,14 +406,35 @@ def parse_shapes(text: str) -> tuple[str, dict[str, Range]]:
     return name, ranges
 
 
+def parse_batch(text: str) -> Range | None:
+    """``--shapes B=min,opt,max``: a batch range for every optimization profile (a dynamic batch
+    axis, as ``export.batch = [min, opt, max]``); None for the NAME:... form."""
+    prefix = f"{BATCH_AXIS}="
+    if not text.startswith(prefix):
+        return None
+    r = _Reader("--shapes")
+    try:
+        numbers = [int(v) for v in text[len(prefix):].split(",")]
+    except ValueError:
+        raise r.fail(BATCH_AXIS, f"must be min,opt,max integers, got {text[len(prefix):]!r}") from None
+    return r.range({BATCH_AXIS: numbers}, BATCH_AXIS, BATCH_AXIS, 1)
+
+
 def with_shapes(profile: Profile, overrides: list[str]) -> Profile:
     """The profile with --shapes applied: a named optimization profile gets the given axes; a new
-    name adds one (both axes needed)."""
+    name adds one (both axes needed); ``B=min,opt,max`` sets the batch range."""
     if not overrides:
         return profile
     shapes = {s.name: s for s in profile.shapes}
     notes = []
+    batch = profile.batch
     for text in overrides:
+        rng = parse_batch(text)
+        if rng is not None:
+            batch = rng
+            notes.append(f"batch {profile.batch if isinstance(profile.batch, int) else profile.batch.as_list()} -> "
+                         f"{rng.as_list()} (--shapes)")
+            continue
         name, ranges = parse_shapes(text)
         old = shapes.get(name)
         if old is None and len(ranges) < 2:
@@ -426,4 +447,4 @@ def with_shapes(profile: Profile, overrides: list[str]) -> Profile:
     if profile.kv_io == "inplace" and profile.cache_len < worst.sumN.max:
         raise ProfileError(f"--shapes: {worst.name}: N max + lastSum max = {worst.sumN.max} does not fit "
                            f"{profile.source}'s in-place buffer of export.cache_len = {profile.cache_len} rows")
-    return replace(profile, shapes=tuple(shapes.values()), adjusted=profile.adjusted + tuple(notes))
+    return replace(profile, batch=batch, shapes=tuple(shapes.values()), adjusted=profile.adjusted + tuple(notes))

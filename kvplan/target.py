@@ -60,7 +60,7 @@ def resolve_target(model: str, profile_name: str, out: Path, shapes: tuple[str, 
     """(model source, profile fitted to it with --shapes applied, target directory)."""
     source = resolve(model)
     profile = profiles_mod.with_shapes(profiles_mod.load(profile_name), list(shapes))
-    keep = tuple(profiles_mod.parse_shapes(s)[0] for s in shapes)
+    keep = tuple(profiles_mod.parse_shapes(s)[0] for s in shapes if profiles_mod.parse_batch(s) is None)
     profile = profiles_mod.fit_to_model(profile, source.config.max_position_embeddings, keep)
     return source, profile, target_dir(out, source.name, profile.name)
 

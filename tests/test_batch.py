@@ -104,6 +104,22 @@ def test_bad_batch_is_refused_naming_file_and_field(tmp_path, value, message):
     assert str(e.value).startswith(f"{path}: export.batch: ") and message in str(e.value)
 
 
+def test_shapes_override_B_gives_a_shipped_profile_a_batch_range(tmp_path):
+    from kvplan.target import resolve_target
+    _, profile, _ = resolve_target("tiny-llama", "fp32", tmp_path, ("B=1,2,4", "decode:lastSum=1,8,64"))
+    assert profile.batch == profiles.Range(1, 2, 4) and profile.batch_dim == "B"
+    assert "batch 1 -> [1, 2, 4] (--shapes)" in profile.adjusted
+    assert {s.name: s for s in profile.shapes}["decode"].lastSum == profiles.Range(1, 8, 64)
+
+
+@pytest.mark.parametrize("text, message", [("B=0,1,2", "--shapes: B: min 0 must be >= 1"),
+                                           ("B=1,x,4", "--shapes: B: must be min,opt,max integers, got '1,x,4'"),
+                                           ("B=4,2,1", "--shapes: B: must satisfy min <= opt <= max")])
+def test_a_bad_B_override_is_refused_like_the_toml(text, message):
+    with pytest.raises(ProfileError, match=message.replace("[", r"\[")):
+        profiles.with_shapes(profiles.load("fp32"), [text])
+
+
 # ----------------------------------------------------------------- shapes (no build)
 
 def test_every_optimization_profile_gets_the_batch_range_on_every_input(tmp_path):
