@@ -6,7 +6,6 @@ row's own past alone. A static batch (the default, 1) keeps today's graphs byte 
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
