@@ -57,16 +57,19 @@ def write_indices(batch: int, last: int) -> np.ndarray:
     return np.full((batch,), last, dtype=np.int64)
 
 
-def graph_feed(spec, hidden, mask, position_ids, past_of) -> dict:
+def graph_feed(spec, hidden, mask, position_ids, past_of, lasts=None) -> dict:
     """The contract inputs of one pack in graph order; ``past_of(layer, kind)`` gives the
-    canonical cache of a layer (kind 0 key, 1 value), already in the pack's kv format."""
+    canonical cache of a layer (kind 0 key, 1 value), already in the pack's kv format.
+    kv_io = "inplace": ``lasts`` (one per batch row) are the rows' own lengths, where each
+    writes its N new rows; by default every row's is lastSum."""
     inplace = spec.kv_io == "inplace"
     feed = {"hidden_in": hidden, "attention_mask": buffer_mask(spec, mask) if inplace else mask,
             "position_ids": position_ids}
     if inplace:
         n = mask.shape[2]
         last = mask.shape[3] - n
-        feed["write_indices"] = write_indices(hidden.shape[0], last)
+        feed["write_indices"] = write_indices(hidden.shape[0], last) if lasts is None else \
+            np.asarray(lasts, dtype=np.int64)
         if isinstance(hidden, torch.Tensor):
             feed["write_indices"] = torch.from_numpy(feed["write_indices"])
     for i in spec.layers:

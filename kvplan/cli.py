@@ -43,7 +43,8 @@ def _target_flags(p: argparse.ArgumentParser) -> None:
                    help="output root; artifacts go to OUT/<model>/<profile>/ (default: %(default)s)")
     p.add_argument("--shapes", action="append", default=[], metavar="NAME:N=min,opt,max:lastSum=min,opt,max",
                    help="size an optimization profile of the build profile (either axis may be left out; a new "
-                        "NAME adds a profile), e.g. prefill:N=1,128,512:lastSum=0,0,1536; repeatable. A shipped "
+                        "NAME adds a profile), e.g. prefill:N=1,128,512:lastSum=0,0,1536; repeatable; B=1,2,4 gives "
+                        "every optimization profile that batch range (a dynamic batch axis). A shipped "
                         "profile is otherwise fitted to a model with fewer positions than it is sized for")
 
 
@@ -88,7 +89,8 @@ def validate_parser(prog: str = "kvplan validate") -> argparse.ArgumentParser:
                    help="TensorRT flavour (default: the one that built the engine)")
     p.add_argument("--no-surgery", action="store_true", help="the target was built with --no-surgery")
     p.add_argument("--points", default="all",
-                   help="comma list of min, opt, max, masked per optimization profile, or all (default: all)")
+                   help="comma list of min, opt, max, masked, batch (a profile with a batch range: rows of "
+                        "different lengths) per optimization profile, or all (default: all)")
     p.add_argument("--prefill-dtype", choices=("float32", "profile"), default="float32",
                    help="precision of the prefill that produces the past KV (input data, not under test): "
                         "float32 (fast on CPU, then rounded to the profile dtype) or the profile's own "

@@ -31,6 +31,8 @@ DEFAULT_PROFILE = "fp16"
 DTYPES = ("float32", "float16", "bfloat16")
 KV_IO = ("concat", "delta", "inplace")
 HARDWARE_COMPAT = ("none", "ampere_plus", "same_compute_capability")
+# The name of a dynamic batch axis in the graphs, the I/O contract and trtexec shape strings.
+BATCH_AXIS = "B"
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,8 @@ class Profile:
     name: str
     source: str
     dtype: str
-    batch: int = 1
+    # An int: a static batch axis of that size; a Range: a dynamic axis "B" over it.
+    batch: int | Range = 1
     kv_format: int = 0
     kv_io: str = "concat"
     # kv_io = "inplace": rows of the preallocated cache buffer (0 otherwise)
@@ -90,6 +93,16 @@ class Profile:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def batch_dim(self) -> int | str:
+        """The graphs' batch axis: its static size, or "B" when ``batch`` is a range."""
+        return BATCH_AXIS if isinstance(self.batch, Range) else self.batch
+
+    @property
+    def batch_range(self) -> Range:
+        """The batch sizes the engines take (min, opt, max); a static batch is one size."""
+        return self.batch if isinstance(self.batch, Range) else Range(self.batch, self.batch, self.batch)
 
     @property
     def max_sum(self) -> int:
@@ -157,6 +170,18 @@ class _Reader:
         return Range(lo, opt, hi)
 
 
+def _batch(r: _Reader, export: dict) -> int | Range:
+    """export.batch: an integer (a static batch axis) or [min, opt, max] (a dynamic one, "B")."""
+    value = export.get("batch", 1)
+    if isinstance(value, bool) or not isinstance(value, (int, list)):
+        raise r.fail("export.batch", f"must be an integer or [min, opt, max], got {value!r}")
+    if isinstance(value, list):
+        return r.range(export, "batch", "export.batch", 1)
+    if value < 1:
+        raise r.fail("export.batch", f"must be >= 1, got {value}")
+    return value
+
+
 def _kind_name(kind) -> str:
     names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list"}
     if isinstance(kind, tuple):
@@ -171,9 +196,7 @@ def parse(data: dict, source: str, name: str) -> Profile:
     dtype = r.get(export, "dtype", "export.dtype", str)
     if dtype not in DTYPES:
         raise r.fail("export.dtype", f"unknown dtype {dtype!r} (one of {', '.join(DTYPES)})")
-    batch = r.get(export, "batch", "export.batch", int, 1)
-    if batch < 1:
-        raise r.fail("export.batch", f"must be >= 1, got {batch}")
+    batch = _batch(r, export)
     kv_format = r.get(export, "kv_format", "export.kv_format", int, 0)
     if kv_format not in (0, 1):
         raise r.fail("export.kv_format", f"must be 0 ([B, kv_heads, S, head_dim]) or 1 ([B, S, kv_heads, head_dim]), got {kv_format}")
@@ -383,14 +406,35 @@ def parse_shapes(text: str) -> tuple[str, dict[str, Range]]:
     return name, ranges
 
 
+def parse_batch(text: str) -> Range | None:
+    """``--shapes B=min,opt,max``: a batch range for every optimization profile (a dynamic batch
+    axis, as ``export.batch = [min, opt, max]``); None for the NAME:... form."""
+    prefix = f"{BATCH_AXIS}="
+    if not text.startswith(prefix):
+        return None
+    r = _Reader("--shapes")
+    try:
+        numbers = [int(v) for v in text[len(prefix):].split(",")]
+    except ValueError:
+        raise r.fail(BATCH_AXIS, f"must be min,opt,max integers, got {text[len(prefix):]!r}") from None
+    return r.range({BATCH_AXIS: numbers}, BATCH_AXIS, BATCH_AXIS, 1)
+
+
 def with_shapes(profile: Profile, overrides: list[str]) -> Profile:
     """The profile with --shapes applied: a named optimization profile gets the given axes; a new
-    name adds one (both axes needed)."""
+    name adds one (both axes needed); ``B=min,opt,max`` sets the batch range."""
     if not overrides:
         return profile
     shapes = {s.name: s for s in profile.shapes}
     notes = []
+    batch = profile.batch
     for text in overrides:
+        rng = parse_batch(text)
+        if rng is not None:
+            batch = rng
+            notes.append(f"batch {profile.batch if isinstance(profile.batch, int) else profile.batch.as_list()} -> "
+                         f"{rng.as_list()} (--shapes)")
+            continue
         name, ranges = parse_shapes(text)
         old = shapes.get(name)
         if old is None and len(ranges) < 2:
@@ -403,4 +447,4 @@ def with_shapes(profile: Profile, overrides: list[str]) -> Profile:
     if profile.kv_io == "inplace" and profile.cache_len < worst.sumN.max:
         raise ProfileError(f"--shapes: {worst.name}: N max + lastSum max = {worst.sumN.max} does not fit "
                            f"{profile.source}'s in-place buffer of export.cache_len = {profile.cache_len} rows")
-    return replace(profile, shapes=tuple(shapes.values()), adjusted=profile.adjusted + tuple(notes))
+    return replace(profile, batch=batch, shapes=tuple(shapes.values()), adjusted=profile.adjusted + tuple(notes))

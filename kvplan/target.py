@@ -60,7 +60,7 @@ def resolve_target(model: str, profile_name: str, out: Path, shapes: tuple[str, 
     """(model source, profile fitted to it with --shapes applied, target directory)."""
     source = resolve(model)
     profile = profiles_mod.with_shapes(profiles_mod.load(profile_name), list(shapes))
-    keep = tuple(profiles_mod.parse_shapes(s)[0] for s in shapes)
+    keep = tuple(profiles_mod.parse_shapes(s)[0] for s in shapes if profiles_mod.parse_batch(s) is None)
     profile = profiles_mod.fit_to_model(profile, source.config.max_position_embeddings, keep)
     return source, profile, target_dir(out, source.name, profile.name)
 
@@ -73,7 +73,7 @@ def build_stages(source, profile, target: Path, options: BuildOptions, log) -> l
 
     def export_inputs(_):
         return {"model": source.fingerprint, "config": cfg.to_dict(), "dtype": profile.dtype,
-                "batch": profile.batch, "kv_format": profile.kv_format, "kv_io": profile.kv_io,
+                "batch": profile.batch_dim, "kv_format": profile.kv_format, "kv_io": profile.kv_io,
                 "cache_len": profile.cache_len, "decoder_pack_size": profile.decoder_pack_size,
                 "allow_nonfinite": options.allow_nonfinite,
                 "source": source_digest("kvplan.export"),
@@ -85,13 +85,13 @@ def build_stages(source, profile, target: Path, options: BuildOptions, log) -> l
         for spec, name in zip(specs, onnx_names):
             log(f"[export] layers {spec.first_layer}..{spec.last_layer - 1}"
                 f"{' + final norm' if spec.final_norm else ''} -> {name}")
-            result = export_pack(source, spec, profile.dtype, profile.batch, target / name, log=log,
+            result = export_pack(source, spec, profile.dtype, profile.batch_dim, target / name, log=log,
                                  trace_cache=cache, allow_nonfinite=options.allow_nonfinite)
             log(f"[export] {name}: {result.weight_bytes / 2**20:.1f} MiB of weights in {result.seconds:.1f} s"
                 f"{' (external data)' if result.external_data else ''}, peak RSS {peak_rss_mib():.0f} MiB")
             entries.append(artifact(target, target / name, pack=specs.index(spec),
                                     layers=[spec.first_layer, spec.last_layer], final_norm=spec.final_norm,
-                                    io=io_contract(cfg, spec, profile.batch, profile.dtype)))
+                                    io=io_contract(cfg, spec, profile.batch_dim, profile.dtype)))
         return {"artifacts": entries, "weight_bytes": cfg.weight_count() * _itemsize(profile.dtype),
                 "trace_cache": cache.record() if cache else "off (--no-trace-cache)"}
 
@@ -153,7 +153,7 @@ def build_stages(source, profile, target: Path, options: BuildOptions, log) -> l
             log(f"[engines] {src_entry['path']} -> {name} ({backend.name} {backend.version}, "
                 f"profiles: {', '.join(s.name for s in profile.shapes)})")
             record = build_engine(target / src_entry["path"], target / name, profile,
-                                  io_contract(cfg, spec, profile.batch, profile.dtype), backend,
+                                  io_contract(cfg, spec, profile.batch_dim, profile.dtype), backend,
                                   target / profile.timing_cache if profile.timing_cache else None, log=log)
             entries.append(artifact(target, target / name, pack=src_entry["pack"], build=record))
         return {"artifacts": entries, "backend": backend.name, "backend_version": backend.version}

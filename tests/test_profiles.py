@@ -86,7 +86,7 @@ def test_unknown_field_is_a_typo_not_ignored():
 def test_wrong_type():
     data = base()
     data["export"]["batch"] = "1"
-    assert error_of(data) == "p.toml: export.batch: must be an integer, got '1'"
+    assert error_of(data) == "p.toml: export.batch: must be an integer or [min, opt, max], got '1'"
 
 
 def test_duplicate_profile_names():

@@ -59,14 +59,16 @@ def output_names(spec: StackSpec) -> list[str]:
     return names
 
 
-def kv_shape(cfg: DecoderConfig, spec: StackSpec, batch: int, length: int | str) -> list:
+def kv_shape(cfg: DecoderConfig, spec: StackSpec, batch: int | str, length: int | str) -> list:
     if spec.kv_format == 1:
         return [batch, length, cfg.num_kv_heads, cfg.head_dim]
     return [batch, cfg.num_kv_heads, length, cfg.head_dim]
 
 
-def io_contract(cfg: DecoderConfig, spec: StackSpec, batch: int, dtype: str) -> dict[str, dict]:
+def io_contract(cfg: DecoderConfig, spec: StackSpec, batch: int | str, dtype: str) -> dict[str, dict]:
     """Name -> {shape, dtype} of every input and output, with symbolic axes as strings.
+
+    ``batch``: the static batch size, or "B" (a profile's batch range: Profile.batch_dim).
 
     kv_io = "inplace": the cache inputs and outputs are the preallocated buffer of
     ``spec.cache_len`` rows (a static axis: TensorRT's in-place update needs one), the mask
@@ -180,7 +182,7 @@ def checked_weight(source: ModelSource, name: str, t: torch.Tensor, shape: tuple
     return t
 
 
-def build_pack_model(source: ModelSource, spec: StackSpec, dtype: str, batch: int,
+def build_pack_model(source: ModelSource, spec: StackSpec, dtype: str, batch: int | str,
                      trace_cache: TraceCache | None = None, log=print,
                      allow_nonfinite: bool = False) -> tuple[ir.Model, int]:
     """The pack's ONNX model (in memory) and its weight bytes."""
@@ -234,9 +236,11 @@ def build_pack_model(source: ModelSource, spec: StackSpec, dtype: str, batch: in
     return model, weight_bytes
 
 
-def export_pack(source: ModelSource, spec: StackSpec, dtype: str, batch: int, path: Path,
+def export_pack(source: ModelSource, spec: StackSpec, dtype: str, batch: int | str, path: Path,
                 log=print, trace_cache: TraceCache | None = None, allow_nonfinite: bool = False) -> PackExport:
     """Export one pack to ``path`` (written to a temporary name, then renamed into place).
+
+    ``batch``: a static batch size, or "B" for a dynamic batch axis (Profile.batch_dim).
 
     ``trace_cache``: where traced pieces are looked up and stored (build/trace_cache.py); None
     traces (once per process) without one.

@@ -207,32 +207,42 @@ def torch_to_ir(t: torch.Tensor, name: str) -> ir.Tensor:
 # the weights (every copy is bound to its own), so one process traces them once per such
 # key: packs of one export, and repeated exports (tests, benchmarks), reuse them.
 _PIECES: dict[tuple, dict[str, Piece]] = {}
+# Rows a dynamic batch axis is traced at: torch.export specialises sizes 0 and 1.
+TRACE_BATCH = 2
 
 
-def trace_pieces(cfg: DecoderConfig, spec: StackSpec, dtype: torch.dtype, batch: int,
+def trace_pieces(cfg: DecoderConfig, spec: StackSpec, dtype: torch.dtype, batch: int | str,
                  first_layer_weights: Callable[[], dict[str, torch.Tensor]],
                  cache: "TraceCache | None" = None, log: Callable[[str], None] | None = None) -> dict[str, Piece]:
     """The rotary, layer and (if the pack has it) final-norm pieces, traced at (N=3, lastSum=5).
 
-    ``first_layer_weights()`` is called only when the pieces must be traced. With a ``cache``
-    (build/trace_cache.py), pieces found there (all three, or none is used) are not traced, and
-    traced ones are stored there.
+    ``batch``: a static batch size, or a name (the profile's "B") for a dynamic batch axis,
+    traced at TRACE_BATCH rows. ``first_layer_weights()`` is called only when the pieces must
+    be traced. With a ``cache`` (build/trace_cache.py), pieces found there (all three, or none
+    is used) are not traced, and traced ones are stored there.
     """
     dyn = torch.export.Dim.DYNAMIC
     n, last = 3, 5          # distinct, and neither 0 nor 1, so the tracer keeps the axes symbolic
+    dynamic_batch = isinstance(batch, str)
+    rows = TRACE_BATCH if dynamic_batch else batch
+
+    def axes(d: dict | None) -> dict | None:
+        # A dynamic batch: axis 0 of every input is symbolic as well.
+        return {0: dyn, **(d or {})} if dynamic_batch else d
+
     seq = 2 if spec.kv_format == 0 else 1
-    kv = [batch, cfg.num_kv_heads, last, cfg.head_dim] if spec.kv_format == 0 else \
-        [batch, last, cfg.num_kv_heads, cfg.head_dim]
-    pos = torch.arange(last, last + n).expand(batch, n).contiguous()
+    kv = [rows, cfg.num_kv_heads, last, cfg.head_dim] if spec.kv_format == 0 else \
+        [rows, last, cfg.num_kv_heads, cfg.head_dim]
+    pos = torch.arange(last, last + n).expand(rows, n).contiguous()
     rotary = RotaryCosSin(cfg, dtype)
     cos, sin = rotary(pos)
-    x = torch.randn(batch, n, cfg.hidden_size).to(dtype)
+    x = torch.randn(rows, n, cfg.hidden_size).to(dtype)
     key = (cfg, dtype, batch, spec.kv_format, spec.kv_io)
 
     def rotary_part():
         # Sizes unlike the layer's, so the tracer cannot take one piece's axis from the other's input.
-        positions = torch.arange(7, 11).expand(batch, 4).contiguous()
-        return rotary, (positions,), ({1: dyn},), ["position_ids"], ["cos", "sin"]
+        positions = torch.arange(7, 11).expand(rows, 4).contiguous()
+        return rotary, (positions,), (axes({1: dyn}),), ["position_ids"], ["cos", "sin"]
 
     def layer_part():
         with torch.device("meta"):
@@ -240,24 +250,24 @@ def trace_pieces(cfg: DecoderConfig, spec: StackSpec, dtype: torch.dtype, batch:
         layer.load_state_dict({k: v.to(dtype) for k, v in first_layer_weights().items()}, assign=True)
         step = LayerStep(layer.eval(), spec.kv_format, spec.kv_io)
         names = ["x", "mask", "cos", "sin", "past_k", "past_v"]
-        dims = [{1: dyn}, {2: dyn, 3: dyn}, {2: dyn}, {2: dyn}, {seq: dyn}, {seq: dyn}]
+        dims = [axes(d) for d in ({1: dyn}, {2: dyn, 3: dyn}, {2: dyn}, {2: dyn}, {seq: dyn}, {seq: dyn})]
         if spec.kv_io == "inplace":
             # The buffer: 11 rows, of which lastSum + N = 8 are written; its length stays
             # symbolic here and takes the profile's cache_len in the stitched graph.
             buffer = kv[:seq] + [11] + kv[seq + 1:]
             past = torch.randn(buffer).to(dtype)
-            mask = torch.zeros(batch, 1, n, 11, dtype=dtype)
-            args = (x, mask, cos, sin, past, past.clone(), torch.full((batch,), last, dtype=torch.int64))
-            names, dims = names + ["write_indices"], dims + [None]
+            mask = torch.zeros(rows, 1, n, 11, dtype=dtype)
+            args = (x, mask, cos, sin, past, past.clone(), torch.full((rows,), last, dtype=torch.int64))
+            names, dims = names + ["write_indices"], dims + [axes(None)]
         else:
             past = torch.randn(kv).to(dtype)
-            mask = torch.zeros(batch, 1, n, last + n, dtype=dtype)
+            mask = torch.zeros(rows, 1, n, last + n, dtype=dtype)
             args = (x, mask, cos, sin, past, past.clone())
         return step, args, tuple(dims), names, ["y", "k", "v"]
 
     def norm_part():
         norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps).to(dtype)
-        return norm, (torch.randn(batch, 6, cfg.hidden_size).to(dtype),), ({1: dyn},), ["x"], ["y"]
+        return norm, (torch.randn(rows, 6, cfg.hidden_size).to(dtype),), (axes({1: dyn}),), ["x"], ["y"]
 
     # One trace makes all three pieces, whatever the pack needs: the tracer numbers names across
     # everything it traces together, so pieces are only ever used with the companions they were

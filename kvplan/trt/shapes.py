@@ -1,23 +1,24 @@
 """Optimization-profile shapes: every contract input's (min, opt, max) from a ShapeProfile."""
 from __future__ import annotations
 
-from kvplan.profiles import Profile
+from kvplan.profiles import BATCH_AXIS, Profile
 from kvplan.trt.errors import BuildError
 
-SYMBOLS = ("N", "lastSum", "sumN")
+SYMBOLS = ("N", "lastSum", "sumN", BATCH_AXIS)
 
 
 def shapes_for(contract: dict, profile: Profile) -> dict[str, dict[str, tuple[tuple[int, ...], ...]]]:
     """profile name -> input name -> (min, opt, max) shapes.
 
     Symbolic axes of the contract (``N``, ``lastSum``, ``sumN``) take the ShapeProfile's
-    ranges, sumN = N + lastSum at each of min/opt/max; integer axes (batch, heads, ...)
-    are fixed.
+    ranges, sumN = N + lastSum at each of min/opt/max; a dynamic batch ``B`` takes the
+    profile's batch range in every optimization profile; integer axes (a static batch,
+    heads, ...) are fixed.
     """
     inputs = contract["inputs"]
     out: dict[str, dict[str, tuple[tuple[int, ...], ...]]] = {}
     for sp in profile.shapes:
-        ranges = {"N": sp.N, "lastSum": sp.lastSum, "sumN": sp.sumN}
+        ranges = {"N": sp.N, "lastSum": sp.lastSum, "sumN": sp.sumN, BATCH_AXIS: profile.batch_range}
         per_input = {}
         for name, info in inputs.items():
             triple = []

@@ -1,11 +1,18 @@
 """Validation points and the data loader that turns them into realistic feed dicts.
 
-A point is (shape profile, which of min/opt/max, N, lastSum, masked). The past
+A point is (shape profile, which of min/opt/max, N, lastSum, masked, batch). The past
 KV is never random: it comes from a real prefill of transformers' model, so the
 cache has the statistics a deployed decoder sees. For multi-pack targets the
 pack's ``hidden_in`` is the reference's hidden state entering the pack's first
 layer (``output_hidden_states``), so each pack is checked on the inputs it would
 really receive.
+
+A profile with a batch range also gets a ``batch`` point per optimization profile: two
+rows (more if the range starts above 2) with different numbers of valid past rows, as a
+runtime batches sequences of different lengths: the past tensor has lastSum rows, a
+shorter row's extra ones are masked out (concat/delta; in-place: its ``write_indices``
+is its own length and the buffer's rows after its step are masked), and its
+position_ids start at its own length.
 """
 from __future__ import annotations
 
@@ -20,29 +27,38 @@ from kvplan import cache_io
 from kvplan.export.exporter import causal_mask, input_names
 from kvplan.pipeline import release_memory
 
-KINDS = ("min", "opt", "max", "masked")
+KINDS = ("min", "opt", "max", "masked", "batch")
 
 
 @dataclass(frozen=True)
 class Point:
     profile: str          # optimization profile name
     profile_index: int
-    kind: str             # min | opt | max | masked
+    kind: str             # min | opt | max | masked | batch
     n: int
-    last: int
+    last: int             # lastSum: the past tensor's rows
     masked: bool = False
+    batch: int = 1
+    # kind "batch": each row's own number of valid past rows (row 0's is ``last``); empty: all ``last``
+    rows: tuple[int, ...] = ()
 
     @property
     def label(self) -> str:
-        return f"{self.profile}/{self.kind} N={self.n} lastSum={self.last}"
+        label = f"{self.profile}/{self.kind} N={self.n} lastSum={self.last}"
+        return label + (f" B={self.batch} rows={','.join(map(str, self.rows))}" if self.rows else "")
 
     @property
     def seed(self) -> int:
         return int.from_bytes(hashlib.sha256(self.label.encode()).digest()[:4], "little") % 2**31
 
+    @property
+    def lasts(self) -> tuple[int, ...]:
+        """Each row's valid past rows."""
+        return self.rows or (self.last,) * self.batch
+
 
 def parse_kinds(text: str) -> tuple[str, ...]:
-    """``--points`` value: comma list of min, opt, max, masked, or all."""
+    """``--points`` value: comma list of min, opt, max, masked, batch, or all."""
     parts = [p.strip() for p in text.split(",") if p.strip()]
     if not parts or parts == ["all"]:
         return KINDS
@@ -54,11 +70,18 @@ def parse_kinds(text: str) -> tuple[str, ...]:
 
 def select_points(profile, kinds: tuple[str, ...]) -> list[Point]:
     """min/opt/max of every optimization profile (a lastSum = 0 min stays in), plus a
-    masked-slot point at opt shapes (at max when opt has fewer than 2 past slots)."""
+    masked-slot point at opt shapes (at max when opt has fewer than 2 past slots), at the
+    smallest batch the profile takes; with a batch range, a ``batch`` point too (batch_point)."""
     points: list[Point] = []
+    batch = profile.batch_range.min
     for index, sp in enumerate(profile.shapes):
         seen = set()
         for kind in kinds:
+            if kind == "batch":
+                point = batch_point(profile, index)
+                if point is not None:
+                    points.append(point)
+                continue
             if kind == "masked":
                 n, last = (sp.N.opt, sp.lastSum.opt) if sp.lastSum.opt >= 2 else (sp.N.max, sp.lastSum.max)
                 if last < 2:
@@ -69,8 +92,28 @@ def select_points(profile, kinds: tuple[str, ...]) -> list[Point]:
             if key in seen:
                 continue
             seen.add(key)
-            points.append(Point(sp.name, index, kind, n, last, kind == "masked"))
+            points.append(Point(sp.name, index, kind, n, last, kind == "masked", batch=batch))
     return points
+
+
+def batch_point(profile, index: int) -> Point | None:
+    """Optimization profile ``index`` at N opt and lastSum opt (max when opt has no past), at batch
+    2 (the range's min when that is larger): row b has lastSum - b * step valid past rows, so
+    every row differs from the others. None for a static batch."""
+    rng = profile.batch_range
+    if rng.max == rng.min:
+        return None
+    sp = profile.shapes[index]
+    last = sp.lastSum.opt if sp.lastSum.opt else sp.lastSum.max
+    batch = max(2, rng.min)
+    step = max(1, last // (2 * (batch - 1)))
+    rows = tuple(max(0, last - b * step) for b in range(batch))
+    return Point(sp.name, index, "batch", sp.N.opt, last, batch=batch, rows=rows)
+
+
+def points_batch(points: list[Point]) -> int:
+    """Rows the shared prefill needs: the largest batch of any point."""
+    return max((p.batch for p in points), default=1)
 
 
 def reserve_slots(mask: torch.Tensor, last: int) -> torch.Tensor:
@@ -143,7 +186,10 @@ def _drop_layer(cache, i: int) -> None:
 
 @dataclass
 class PointData:
-    """What the runners of every pack need for one point; its past KV are views of the shared prefill."""
+    """What the runners of every pack need for one point; its past KV are views of the shared prefill.
+
+    ``mask`` is [B, 1, N, lastSum + N] over the past tensor's rows and then the step's: a row
+    with fewer valid past rows (a ``batch`` point) has the rest masked out (row_mask)."""
     point: Point
     hidden: dict[int, torch.Tensor]   # hidden state entering layer i, for each pack's first layer i
     mask: torch.Tensor
@@ -151,40 +197,74 @@ class PointData:
     prefill: Prefill
 
     def past(self, i: int, kind: int) -> torch.Tensor:
-        return self.prefill.view(i, kind, self.point.last)
+        return self.prefill.view(i, kind, self.point.last)[:self.point.batch]
+
+
+def row_mask(n: int, own: int, last: int, dtype: torch.dtype, window: int = 0) -> torch.Tensor:
+    """[1, 1, N, last + N] for a row with ``own`` <= ``last`` valid past rows: its causal mask over
+    its own past, then the past tensor's rows it does not have masked out, then the N new rows."""
+    mask = causal_mask(1, n, own, dtype, window=window)
+    gap = torch.full((1, 1, n, last - own), torch.finfo(dtype).min, dtype=dtype)
+    return torch.cat([mask[..., :own], gap, mask[..., own:]], dim=-1)
 
 
 def point_data(ref, point: Point, batch: int, need_layers: list[int], prefill: Prefill) -> PointData:
     """N fresh embeddings on top of the first lastSum positions of the shared real prefill.
 
     ``need_layers``: layers whose incoming hidden state is needed (pack starts);
-    anything past layer 0 costs one full forward of ``ref`` with output_hidden_states.
+    anything past layer 0 costs one full forward of ``ref`` with output_hidden_states
+    (row by row for a ``batch`` point: each on its own valid past).
     The prefill may run in float32 (``--prefill-dtype``): the past KV is input data here,
     not something under test, and torch's fp16/bf16 CPU kernels make a 3584-token
     prefill of the default model take many minutes; the float32 cache rounded to the
     profile dtype is what a well-behaved fp16 prefill approximates.
     """
+    if batch != point.batch:
+        raise ValueError(f"point {point.label} is at batch {point.batch}, not {batch}")
     cfg = ref.source.config
     dtype = ref.dtype
     g = torch.Generator().manual_seed(point.seed + 1)
     hidden = torch.randn(batch, point.n, cfg.hidden_size, generator=g).to(dtype)
-    mask = causal_mask(batch, point.n, point.last, dtype, window=cfg.sliding_window)
-    if point.masked:
-        mask = reserve_slots(mask, point.last)
-    pos = torch.arange(point.last, point.last + point.n, dtype=torch.int64)[None].expand(batch, point.n).contiguous()
+    if point.rows:
+        mask = torch.cat([row_mask(point.n, own, point.last, dtype, cfg.sliding_window) for own in point.rows])
+        pos = torch.stack([torch.arange(own, own + point.n, dtype=torch.int64) for own in point.rows])
+    else:
+        mask = causal_mask(batch, point.n, point.last, dtype, window=cfg.sliding_window)
+        if point.masked:
+            mask = reserve_slots(mask, point.last)
+        pos = torch.arange(point.last, point.last + point.n, dtype=torch.int64)[None]
+        pos = pos.expand(batch, point.n).contiguous()
     states = {0: hidden}
     if any(i > 0 for i in need_layers):
-        cache = ref.new_cache()
-        if point.last:
-            for i in range(cfg.num_layers):
-                cache.update(prefill.view(i, 0, point.last), prefill.view(i, 1, point.last), i)
-        with torch.no_grad():
-            out = ref.decoder(inputs_embeds=hidden, attention_mask=mask, position_ids=pos, use_cache=True,
-                              output_hidden_states=True, **{ref._cache_kw: cache})
-        # hidden_states[i] enters layer i; the last entry is after the final norm.
-        states = {i: out.hidden_states[i] for i in need_layers}
-        del out, cache
+        if point.rows:
+            rows = [_states(ref, prefill, hidden[b:b + 1], _own_columns(mask[b:b + 1], own, point.last),
+                            pos[b:b + 1], own, need_layers, slice(b, b + 1)) for b, own in enumerate(point.rows)]
+            states = {i: torch.cat([r[i] for r in rows]) for i in need_layers}
+        else:
+            states = _states(ref, prefill, hidden, mask, pos, point.last, need_layers, slice(0, batch))
     return PointData(point, states, mask, pos, prefill)
+
+
+def _own_columns(mask: torch.Tensor, own: int, last: int) -> torch.Tensor:
+    """A row's mask over its own past and the new rows only (the columns row_mask masked out dropped)."""
+    return torch.cat([mask[..., :own], mask[..., last:]], dim=-1)
+
+
+def _states(ref, prefill: Prefill, hidden, mask, pos, last: int, need_layers: list[int], rows: slice) -> dict:
+    """The hidden states entering ``need_layers`` (``ref``'s forward on the prefill's ``rows``,
+    first ``last`` positions)."""
+    cfg = ref.source.config
+    cache = ref.new_cache()
+    if last:
+        for i in range(cfg.num_layers):
+            cache.update(prefill.view(i, 0, last)[rows], prefill.view(i, 1, last)[rows], i)
+    with torch.no_grad():
+        out = ref.decoder(inputs_embeds=hidden, attention_mask=mask, position_ids=pos, use_cache=True,
+                          output_hidden_states=True, **{ref._cache_kw: cache})
+    # hidden_states[i] enters layer i; the last entry is after the final norm.
+    states = {i: out.hidden_states[i] for i in need_layers}
+    del out, cache
+    return states
 
 
 def to_feed_value(t: torch.Tensor):
@@ -199,9 +279,17 @@ def to_kv_format(t: torch.Tensor, kv_format: int) -> torch.Tensor:
 
 def feed_for(data: PointData, spec) -> OrderedDict:
     """The pack's contract inputs, in the graph's input order (kv_io = "inplace": the cache in
-    a buffer of cache_len rows, see build/cache_io.py)."""
-    feed = cache_io.graph_feed(spec, data.hidden[spec.first_layer], data.mask, data.position_ids,
-                               lambda i, kind: to_kv_format(data.past(i, kind), spec.kv_format))
+    a buffer of cache_len rows, see build/cache_io.py; a ``batch`` point's rows each write at their
+    own length, so their masks cover their own past and step, the rest of the buffer masked)."""
+    mask, lasts = data.mask, None
+    if spec.kv_io == "inplace" and data.point.rows:
+        p = data.point
+        lasts = p.lasts
+        fill = torch.finfo(mask.dtype).min
+        mask = torch.cat([torch.nn.functional.pad(_own_columns(mask[b:b + 1], own, p.last), (0, p.last - own),
+                                                  value=fill) for b, own in enumerate(lasts)])
+    feed = cache_io.graph_feed(spec, data.hidden[spec.first_layer], mask, data.position_ids,
+                               lambda i, kind: to_kv_format(data.past(i, kind), spec.kv_format), lasts)
     return OrderedDict((name, to_feed_value(feed[name])) for name in input_names(spec))
 
 

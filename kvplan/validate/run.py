@@ -49,7 +49,7 @@ PAIR_ORDER = {f"{a} vs {b}": i for i, (a, b) in enumerate(PAIRS)}
 @dataclass(frozen=True)
 class ValidateOptions:
     """What to check and how hard; the CLI's flags of the same names."""
-    points: str = "all"              # comma list of min, opt, max, masked, or all
+    points: str = "all"              # comma list of min, opt, max, masked, batch, or all
     prefill_dtype: str = "float32"   # float32 | profile: precision of the prefill producing the past KV
     steps: int = 64                  # decode steps of the token and multi-step checks
     prompt_tokens: int = 8
@@ -116,7 +116,7 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
     with meter.phase("prefill"):
         # The float32 twin only lives for the prefill; its cache is kept once, in the profile dtype.
         prefill_ref = HFReference(source, torch.float32 if fp32_prefill else dtype)
-        prefill = pts.Prefill(prefill_ref, profile.batch, longest, dtype)
+        prefill = pts.Prefill(prefill_ref, pts.points_batch(points), longest, dtype)
         del prefill_ref
         release_memory()
     log(f"[validate] prefill of {longest} tokens (shared by every point) in {meter.phases[-1].seconds:.1f} s")
@@ -128,7 +128,7 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
     with meter.phase("points"):
         for i, point in enumerate(points):
             t = time.perf_counter()
-            data.append(pts.point_data(ref, point, profile.batch, need, prefill))
+            data.append(pts.point_data(ref, point, point.batch, need, prefill))
             log(f"[validate] point {i + 1}/{len(points)} {point.label}"
                 f"{' (reserved slots masked)' if point.masked else ''}: inputs in {time.perf_counter() - t:.1f} s")
 
@@ -155,7 +155,7 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
         later = {rn.EXPORT, rn.FUSED} | ({rn.TENSORRT} if trt_here is not None else set())
         for p_index, spec in enumerate(specs):
             log(f"[validate] pack {p_index} ({stems[p_index]}): {len(data)} point(s) through {rn.REFERENCE}")
-            contract = io_contract(cfg, spec, profile.batch, profile.dtype)
+            contract = io_contract(cfg, spec, profile.batch_dim, profile.dtype)
             streamer.run(rn.ReferenceRunner(ref, spec, contract, log=log), jobs[p_index], later)
             if quant and spec.final_norm:     # int4: the full-precision model, for the quality figures
                 streamer.run(quantized.quality_runner(ref_fp, spec, contract, log), jobs[p_index], set())

@@ -72,6 +72,57 @@ class ReferenceRunner(BaseRunner):
     def infer_impl(self, feed_dict):
         start = time.perf_counter()
         as_torch = {k: (v if isinstance(v, torch.Tensor) else torch.from_numpy(v)) for k, v in feed_dict.items()}
+        lasts = self._row_lasts(as_torch)
+        values = self._rows(as_torch, lasts) if len(set(lasts)) > 1 else self._step(as_torch)
+        self.inference_time = time.perf_counter() - start
+        if self.log:   # the slow runner on CPU at large shapes: show progress per point
+            n, total = feed_dict["attention_mask"].shape[-2:]
+            self.log(f"[validate]   {self.name}: layers {self.spec.first_layer}..{self.spec.last_layer - 1} "
+                     f"N={n} lastSum={total - n}{'' if len(lasts) == 1 else f' B={len(lasts)}'} "
+                     f"in {self.inference_time:.1f} s")
+        return OrderedDict((n, to_feed_value(v)) for n, v in zip(output_names(self.spec), values))
+
+    def _row_lasts(self, feed) -> list[int]:
+        """Each batch row's own number of valid past rows: where it writes (in-place), else where its
+        positions start (the contract for a batch of rows of different lengths: the past tensor has
+        the longest's rows, a shorter row's extra ones are masked out)."""
+        if self.spec.kv_io == "inplace":
+            return [int(i) for i in feed["write_indices"]]
+        return [int(p) for p in feed["position_ids"][:, 0]]
+
+    def _rows(self, feed, lasts: list[int]) -> list[torch.Tensor]:
+        """Rows of different lengths, each computed on its own valid past alone (no padding), then
+        assembled into the batch's output tensors: concat outputs carry the fed past rows (a
+        pass-through, by contract) and then the row's new ones; delta and in-place outputs are
+        the rows' own."""
+        seq = 2 if self.spec.kv_format == 0 else 1
+        n = feed["hidden_in"].shape[1]
+        total = feed[f"past_key_in{self.spec.first_layer}"].shape[seq]
+        rows = []
+        for b, own in enumerate(lasts):
+            row = {k: v[b:b + 1] for k, v in feed.items()}
+            if self.spec.kv_io != "inplace":
+                mask = row["attention_mask"]
+                if own > total or not bool((mask[..., own:total] <= torch.finfo(mask.dtype).min / 2).all()):
+                    raise ValueError(f"batch row {b}: its positions start at {own}, but the mask does not mask "
+                                     f"out past rows {own}..{total - 1}")
+                row["attention_mask"] = torch.cat([mask[..., :own], mask[..., total:]], dim=-1)
+                row.update({k: v.narrow(seq, 0, own) for k, v in row.items() if k.startswith("past_")})
+            rows.append(self._step(row))
+        out = [torch.cat([r[0] for r in rows])]
+        names = [f"past_{kind}_in{i}" for i in self.spec.layers for kind in ("key", "value")]
+        for j, name in enumerate(names, start=1):
+            if self.spec.kv_io == "concat":
+                parts = [torch.cat([feed[name][b:b + 1].to(r[j].dtype), r[j].narrow(seq, own, n)], dim=seq)
+                         for b, (own, r) in enumerate(zip(lasts, rows))]
+            else:
+                parts = [r[j] for r in rows]
+            out.append(torch.cat(parts))
+        return out
+
+    def _step(self, as_torch) -> list[torch.Tensor]:
+        """hidden_out and the KV outputs (in the pack's kv format) for a batch whose rows share one lastSum."""
+        feed_dict = as_torch
         buffers = None
         if self.spec.kv_io == "inplace":
             # Back to the cache the buffer holds (its first lastSum rows) and the step's own mask.
@@ -107,13 +158,7 @@ class ReferenceRunner(BaseRunner):
                 buf[:, :, :t.shape[2]] = t.to(buf.dtype)
                 written.append(buf)
             past = written
-        values = [out.last_hidden_state] + [to_kv_format(t, self.spec.kv_format) for t in past]
-        self.inference_time = time.perf_counter() - start
-        if self.log:   # the slow runner on CPU at large shapes: show progress per point
-            n, total = feed_dict["attention_mask"].shape[-2:]
-            self.log(f"[validate]   {self.name}: layers {self.spec.first_layer}..{self.spec.last_layer - 1} "
-                     f"N={n} lastSum={total - n} in {self.inference_time:.1f} s")
-        return OrderedDict((n, to_feed_value(v)) for n, v in zip(output_names(self.spec), values))
+        return [out.last_hidden_state] + [to_kv_format(t, self.spec.kv_format) for t in past]
 
 
 def make_onnxrt(path: Path, name: str):

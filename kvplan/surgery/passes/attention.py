@@ -268,8 +268,8 @@ class AttentionPass(Pass):
 
     def _mask_broadcasts(self, m: Match, mask: gs.Tensor, scores: gs.Tensor, ops: Operands) -> None:
         """attn_mask must broadcast to [B, H, N, S] as the Add broadcast it, without enlarging the
-        scores: batch and head axes 1 or equal (static), sequence axes 1, equal, or dynamic (the
-        Add then only runs when they agree)."""
+        scores: batch and head axes 1 or equal (equal ints, or the same symbol: a dynamic batch
+        "B"), sequence axes 1, equal, or dynamic (the Add then only runs when they agree)."""
         qt = onnx_dtype(ops.q)
         if onnx_dtype(mask) != qt:
             m.reject(f"the mask ({mask.name}) is {dtype_name(onnx_dtype(mask))}, not Q's {dtype_name(qt)}")
@@ -389,6 +389,10 @@ class AttentionPass(Pass):
             raise Rejected(f"the number of {what} heads ({s[1]}) is not static", seen + chain)
         for axis, src_axis in ((0, 0), (1, 1), (3, 2), (4, 3)):
             v, d = e[axis], s[src_axis]
+            if v is None and axis == 0:
+                # A dynamic batch: the size is read off an input's shape at run time; that
+                # input's own batch axis says which it is.
+                v = _shape_piece(expand.inputs[1], axis)
             if v == 1 or _same_dim(v, d) or (v is None and axis == 3 and d != 1):
                 continue
             raise Rejected(f"{expand.name} expands {s[:2] + [1] + s[2:]} to {e}: not along the new axis 2 "
@@ -398,8 +402,11 @@ class AttentionPass(Pass):
         # Reshape [B, KV, rep, S, D] -> [B, KV*rep, S, D]: merges axes 1 and 2 and keeps the others.
         r = _values(reshape.inputs[1], 4) or _shape(t4)
         d = s[3] if isinstance(s[3], int) else e[4]
+        # A dynamic batch is read off an input's shape at run time, as in the Expand above.
+        b = r[0] if r is None or len(r) != 4 or r[0] is not None else _shape_piece(reshape.inputs[1], 0)
         ok = (r is not None and len(r) == 4 and r[1] == kv * rep and isinstance(d, int) and r[3] == d
-              and (r[0] == s[0] or r[0] == e[0]) and isinstance(r[0], int) and r[0] > 0
+              and ((b == s[0] or b == e[0]) and isinstance(b, int) and b > 0
+                   or isinstance(b, str) and _same_dim(b, s[0]))
               and (r[2] is None or r[2] == -1 or _same_dim(r[2], s[2])))
         if not ok:
             raise Rejected(f"{reshape.name} reshapes [B, KV, rep, S, D] = {e} to {r}, not [B, {kv * rep}, S, D]",
@@ -426,6 +433,22 @@ def _values(t: gs.Tensor, n: int) -> list | None:
         else:
             return None
     return out if len(out) == n else None
+
+
+def _shape_piece(t: gs.Tensor, index: int):
+    """Piece ``index`` of a Concat shape operand when it is Shape(x, start=k, end=k+1): the dim x
+    has on axis k (a symbol such as "B", or an int); None otherwise."""
+    cat = producer_op(t, "Concat")
+    if cat is None or index >= len(cat.inputs):
+        return None
+    shape = producer_op(cat.inputs[index], "Shape")
+    if shape is None or shape.inputs[0].shape is None:
+        return None
+    dims = list(shape.inputs[0].shape)
+    start = shape.attrs.get("start", 0)
+    end = shape.attrs.get("end", len(dims))
+    start, end = (start + len(dims) if start < 0 else start), (end + len(dims) if end < 0 else end)
+    return dims[start] if end == start + 1 and 0 <= start < len(dims) else None
 
 
 PASS = AttentionPass()
