@@ -32,7 +32,7 @@ class DecoderConfig:
     rope_type: str = "default"
     # Extra rope-scaling parameters ("factor", "low_freq_factor", longrope's "short_factor"
     # list as a tuple, ...), as a sorted tuple of pairs so the dataclass stays hashable.
-    rope_params: tuple[tuple[str, float | tuple[float, ...]], ...] = ()
+    rope_params: tuple[tuple[str, int | float | tuple[float, ...]], ...] = ()
     partial_rotary_factor: float = 1.0
     max_position_embeddings: int = 4096
     qkv_bias: bool = False

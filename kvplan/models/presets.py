@@ -39,7 +39,7 @@ PRESETS: dict[str, DecoderConfig] = {
         hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32, num_kv_heads=8,
         head_dim=64, rms_norm_eps=1e-5, rope_theta=500000.0, rope_type="llama3",
         rope_params=(("factor", 32.0), ("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
-                     ("original_max_position_embeddings", 8192.0)),
+                     ("original_max_position_embeddings", 8192)),
         max_position_embeddings=131072, vocab_size=128256, tie_word_embeddings=True, family="llama"),
 }
 

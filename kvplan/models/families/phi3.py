@@ -55,7 +55,7 @@ class Phi3(Family):
             rms_norm_eps=1e-5, rope_theta=10000.0, rope_type="longrope", partial_rotary_factor=0.75,
             rope_params=(("factor", 32.0),
                          ("long_factor", tuple(1.0 + 2.0 * j for j in range(rotary_half))),
-                         ("original_max_position_embeddings", 4096.0),
+                         ("original_max_position_embeddings", 4096),
                          ("short_factor", tuple(1.0 + 0.25 * j for j in range(rotary_half)))),
             max_position_embeddings=4096, vocab_size=256, family="phi3")
 
