@@ -1,8 +1,12 @@
 """int4 weight-only quantization: the profile section, round to nearest, the graph form, the stage."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
+import shlex
+import subprocess
 from collections import Counter
 from pathlib import Path
 
@@ -345,14 +349,25 @@ def test_changed_calibration_file_requantizes_and_an_unchanged_one_does_not(tmp_
 
 # --- validation ------------------------------------------------------------------------------
 
-def test_validation_of_an_int4_target_checks_faithfulness_and_reports_quality(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def validated_rtn(tmp_path_factory):
+    """tiny-llama built with RTN int4 (group 32) and validated at the opt points: (target, record, stdout)."""
     pytest.importorskip("tensorrt_rtx")
+    tmp_path = tmp_path_factory.mktemp("validated-int4")
     path = write_profile(tmp_path, method='"rtn"', group_size="32")
     build(tmp_path, path)
     from kvplan.cli import validate_main
-    assert validate_main(["--model", "tiny-llama", "--profile", path, "--out", str(tmp_path), "--points", "opt",
-                          "--steps", "4"]) == 0
-    record = json.loads((tmp_path / "tiny-llama" / "int4" / "manifest.json").read_text())["validation"]
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = validate_main(["--model", "tiny-llama", "--profile", path, "--out", str(tmp_path), "--points",
+                              "opt", "--steps", "4"])
+    assert code == 0, buf.getvalue()
+    target = tmp_path / "tiny-llama" / "int4"
+    return target, json.loads((target / "manifest.json").read_text())["validation"], buf.getvalue()
+
+
+def test_validation_of_an_int4_target_checks_faithfulness_and_reports_quality(validated_rtn):
+    _, record, out = validated_rtn
     assert record["status"] == "pass"
     # The compared graph is the int4 one, against transformers on its dequantized weights.
     assert "decoder.int4.onnx" in record["artifacts"]
@@ -360,4 +375,15 @@ def test_validation_of_an_int4_target_checks_faithfulness_and_reports_quality(tm
     quality = record["quality"]
     assert quality["method"] == "rtn" and {p["point"] for p in quality["points"]} >= {"decode/opt N=1 lastSum=302"}
     assert all(0 < p["hidden_out_rel_error"] < 0.25 for p in quality["points"])
-    assert "quality (rtn int4 against the full-precision model" in capsys.readouterr().out
+    assert "quality (rtn int4 against the full-precision model" in out
+
+
+def test_printed_onnx_runtime_recheck_of_an_int4_graph_runs_unfused_and_passes(validated_rtn):
+    # Polygraphy cannot set the int4 accuracy level; the printed command keeps ONNX Runtime from
+    # fusing the int4 MatMuls at all (no int8 activations), and passes at the profile's tolerances.
+    target, record, _ = validated_rtn
+    [cmd] = [c for c in record["recheck"] if "--onnxrt" in c and "decoder.int4" in c]
+    assert "--graph-optimization-level ORT_ENABLE_BASIC" in cmd
+    done = subprocess.run(shlex.split(cmd), cwd=target, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "PASSED" in done.stdout + done.stderr
