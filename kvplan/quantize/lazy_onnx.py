@@ -15,6 +15,7 @@ from pathlib import Path
 
 import onnx
 import onnx_ir as ir
+from google.protobuf.message import DecodeError
 
 from kvplan.errors import QuantizeError
 
@@ -54,6 +55,7 @@ def _varint(f) -> int:
 
 
 def _encode_varint(n: int) -> bytes:
+    # As kvplan.fileio's writer encodes them (kept private there).
     out = bytearray()
     while True:
         byte, n = n & 0x7F, n >> 7
@@ -127,7 +129,11 @@ def load_lazy(path: Path) -> ir.Model:
     except (EOFError, ValueError) as e:
         raise QuantizeError(f"{path}: not a readable ONNX file ({e})") from None
     top += _encode_varint(GRAPH_FIELD << 3 | 2) + _encode_varint(len(graph)) + graph
-    model = ir.serde.deserialize_model(onnx.ModelProto.FromString(bytes(top)))
+    try:
+        proto = onnx.ModelProto.FromString(bytes(top))
+    except DecodeError as e:
+        raise QuantizeError(f"{path}: not a readable ONNX file ({e})") from None
+    model = ir.serde.deserialize_model(proto)
     ir.external_data.set_base_dir(model.graph, path.parent)
     for offset, length, skeleton in lazy:
         value = model.graph.initializers[skeleton.name]
