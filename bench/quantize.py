@@ -10,7 +10,7 @@
   lastSum 302 and 2048 (``bench.ort_latency``, 2 threads; int4 graphs at accuracy level 0, as
   validation runs them, and at ONNX Runtime's default, 4). The int4 targets start from the fp16
   target's export (the same ``[export]`` section); a stage kvplan finds up to date is marked so
-  (its process measured nothing), so a rerun reuses what was built.
+  (its process measured nothing), so a rerun reuses what was built. WORK needs about 12 GB.
 
 - Quality: relative error ||hidden_out(int4 weights) - hidden_out(full precision)|| / ||...||
   of the whole stack in fp32 PyTorch, on inputs the calibration never saw (64 tokens, seed 123),
