@@ -1,7 +1,7 @@
 """ONNX Runtime CPU latency of one decoder graph, with inputs mapped by role.
 
     python -m bench.ort_latency GRAPH.onnx [--threads 2] [--decode-reps 20] [--prefill-reps 5]
-        [--points decode:302,decode:2048,prefill:303] [--hidden 768]
+        [--points decode:302,decode:2048,prefill:303] [--hidden 768] [--int4-accuracy-level 0]
 
 Roles: input embeddings (kvplan's ``hidden_in``) or token ids (``input_ids``: peers include the
 embedding and the LM head), the attention mask (kvplan: additive [B,1,N,sumN]; peers: 2D [B,sumN] of
@@ -120,6 +120,9 @@ def main(argv=None) -> int:
     p.add_argument("--head-dim", type=int, default=64, help="for caches whose last dim is symbolic")
     p.add_argument("--vocab", type=int, default=32000, help="token ids are drawn below min(vocab, 1000)")
     p.add_argument("--points", default="decode:302,decode:2048,prefill:303")
+    p.add_argument("--int4-accuracy-level", type=int, default=None,
+                   help="int4 graphs: session.qdq_matmulnbits_accuracy_level (0: full precision, as kvplan's "
+                        "validation; default: ONNX Runtime's own, 4, int8 activations)")
     a = p.parse_args(argv)
     import onnxruntime as ort
     so = ort.SessionOptions()
@@ -127,10 +130,13 @@ def main(argv=None) -> int:
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
+    if a.int4_accuracy_level is not None:
+        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(a.int4_accuracy_level))
     t0 = time.perf_counter()
     sess = ort.InferenceSession(a.graph, so, providers=["CPUExecutionProvider"])
     load_s = time.perf_counter() - t0
     result = {"graph": a.graph, "threads": a.threads, "load_s": round(load_s, 2),
+              "int4_accuracy_level": a.int4_accuracy_level,
               "inputs": {i.name: role(i.name) for i in sess.get_inputs()}, "points": {}}
     for point in a.points.split(","):
         kind, val = point.split(":")

@@ -1,6 +1,16 @@
 """int4 weight-only figures: quantize time and peak RSS, quality against full precision, sizes.
 
-    python -m bench.quantize [--int4-target DIR] [--fp16-target DIR]
+    python -m bench.quantize --builds WORK          # everything below, building under WORK
+    python -m bench.quantize [--int4-target DIR] [--fp16-target DIR]   # quality rows + two targets' sizes
+
+- Builds (``--builds``): the default model and the Qwen2-0.5B shape, each as fp16, int4 RTN and
+  int4 AWQ (group 128), stage by stage in fresh processes (``bench._measure``): quantize wall time
+  and peak RSS (the ``--stop-after quantize`` process), ONNX and plan bytes, the builder's
+  "Total Weights Memory", the engines stage's peak RSS, and ONNX Runtime CPU decode latency at
+  lastSum 302 and 2048 (``bench.ort_latency``, 2 threads; int4 graphs at accuracy level 0, as
+  validation runs them, and at ONNX Runtime's default, 4). The int4 targets start from the fp16
+  target's export (the same ``[export]`` section); a stage kvplan finds up to date is marked so
+  (its process measured nothing), so a rerun reuses what was built. WORK needs about 12 GB.
 
 - Quality: relative error ||hidden_out(int4 weights) - hidden_out(full precision)|| / ||...||
   of the whole stack in fp32 PyTorch, on inputs the calibration never saw (64 tokens, seed 123),
@@ -13,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -21,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import ROOT, loadavg, log
+from bench.common import ROOT, loadavg, log, measure
 from kvplan.decoder import DecoderStack, StackSpec
 from kvplan.export import example_inputs
 from kvplan.models import resolve
@@ -33,6 +45,9 @@ from kvplan.quantize.stage import quantize_rtn
 
 RESULTS = ROOT / "bench" / "results"
 CASES = [("tiny-llama-outliers", 32), ("minicpmo26-tts", 128)]
+BUILD_MODELS = ("minicpmo26-tts", "qwen2-0.5b-shape")
+TARGETS = {"fp16": "fp16", "rtn": "int4-rtn", "awq": "int4-awq"}
+LATENCY_POINTS = "decode:302,decode:2048"
 
 
 def _child(model: str, method: str, group: int, weights: str | None) -> dict:
@@ -82,6 +97,109 @@ def _sizes(target: Path | None) -> dict | None:
             else None}
 
 
+def _profile(work: Path, method: str) -> str:
+    if method != "rtn":
+        return TARGETS[method]
+    # int4-rtn: the shipped int4-awq profile with method = "rtn" (nothing else differs).
+    path = work / "int4-rtn.toml"
+    text = (ROOT / "profiles" / "int4-awq.toml").read_text()
+    path.write_text(re.sub(r'^method = "awq"$', 'method = "rtn"', text, count=1, flags=re.M))
+    return str(path)
+
+
+def _stage(work: Path, model: str, method: str, stop_after: str | None) -> dict:
+    cmd = [sys.executable, "-m", "build.engines", "--profile", _profile(work, method), "--model", model,
+           "--out", str(work / "targets")] + (["--stop-after", stop_after] if stop_after else [])
+    res = measure(cmd, log_file=work / "logs" / f"{model}-{method}-{stop_after or 'engines'}.log", timeout=3000,
+                  keep_output=True)
+    res["up_to_date"] = f"[{stop_after or 'engines'}] up to date" in res.pop("_output", "")
+    if res.get("rc") != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed (rc {res.get('rc')}):\n{res.get('tail')}")
+    res.pop("tail", None)
+    return res
+
+
+def _latency(graph: Path, level: int | None) -> dict:
+    cmd = [sys.executable, "-m", "bench.ort_latency", str(graph), "--threads", "2", "--points", LATENCY_POINTS]
+    cmd += ["--int4-accuracy-level", str(level)] if level is not None else []
+    load = loadavg()
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        return {"error": done.stderr[-800:], "load_before": load}
+    points = json.loads(done.stdout.strip().splitlines()[-1])["points"]
+    return {p: v.get("median_ms", v.get("error")) for p, v in points.items()} | {"load_before": load,
+                                                                                 "load_after": loadavg()}
+
+
+def _build_row(work: Path, model: str, method: str) -> dict:
+    target = work / "targets" / model / TARGETS[method]
+    fp16 = work / "targets" / model / "fp16"
+    if method != "fp16" and not (target / "manifest.json").exists():
+        shutil.copytree(fp16, target, ignore=shutil.ignore_patterns(".kvplan*"))   # its export only (see below)
+    row = {"model": model, "method": method, "target": str(target), "stages": {}}
+    for stage in (["quantize"] if method != "fp16" else []) + ["surgery", None]:
+        row["stages"][stage or "engines"] = _stage(work, model, method, stage)
+    m = json.loads((target / "manifest.json").read_text())["stages"]
+    build = m["engines"]["artifacts"][0]["build"]
+    fused = target / m["surgery"]["artifacts"][0]["path"]
+    row.update(onnx_bytes=(m.get("quantize") or m["export"])["artifacts"][0]["bytes"],
+               fused_onnx_bytes=m["surgery"]["artifacts"][0]["bytes"], plan_bytes=build.get("plan_bytes"),
+               builder_weights_bytes=(build.get("memory", {}).get("builder_reported") or {}).get(
+                   "total_weights_memory_bytes"),
+               quantize=({k: m["quantize"].get(k) for k in ("seconds", "peak_rss_mib")} if "quantize" in m else None))
+    row["latency_ms"] = ({"level 0": _latency(fused, 0), "level 4 (default)": _latency(fused, None)}
+                         if method != "fp16" else {"fp16": _latency(fused, None)})
+    return row
+
+
+def builds(work: Path) -> list[dict]:
+    rows = []
+    for model in BUILD_MODELS:
+        # One export per model: the int4 targets copy the fp16 target after its export stage (same
+        # [export] section, so kvplan finds it up to date there and builds the rest).
+        _stage(work, model, "fp16", "export")
+        for method in ("rtn", "awq", "fp16"):
+            log(f"build {model} {method}")
+            rows.append(_build_row(work, model, method))
+            (work / "builds.json").write_text(json.dumps(rows, indent=2) + "\n")    # what a failure leaves
+    return rows
+
+
+def _mb(n) -> str:
+    return "-" if n is None else f"{n / 1e6:.1f}"
+
+
+def md_builds(rows: list[dict]) -> list[str]:
+    lines = ["", "## Builds: fp16 vs int4 RTN vs int4 AWQ (group 128)", "",
+             "Each stage in its own process (`python -m build.engines ... --stop-after quantize|surgery`, then the "
+             "engines stage); sizes from the manifests; latency: ONNX Runtime CPU, 2 threads, median ms of 20 decode "
+             "steps on the fused graph (int4: accuracy level 0 / ONNX Runtime's default 4). *cached*: kvplan found "
+             "the stage up to date, so that process measured nothing.", "",
+             "| model | method | quantize s (stage) | quantize process peak RSS MiB | ONNX MB (fused) | plan MB | "
+             "builder weights MB | engines stage peak RSS MiB | decode 302 ms | decode 2048 ms | load avg |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|---|---|"]
+    for r in rows:
+        st = r["stages"]
+        q = st.get("quantize")
+        lat = r["latency_ms"]
+        fmt = {k: f"{v.get('decode:302')}" for k, v in lat.items()}, {k: f"{v.get('decode:2048')}" for k, v in lat.items()}
+        cell = [" / ".join(d.values()) for d in fmt]
+        cached = lambda s: " (cached)" if s and s.get("up_to_date") else ""
+        loads = [s.get("load_before", [None])[0] for s in st.values()]
+        lines.append(f"| {r['model']} | {r['method']} | {(r['quantize'] or {}).get('seconds', '-')}{cached(q)} | "
+                     f"{q.get('peak_rss_mib') if q else '-'}{cached(q)} | {_mb(r['fused_onnx_bytes'])} | "
+                     f"{_mb(r['plan_bytes'])} | {_mb(r['builder_weights_bytes'])} | "
+                     f"{st['engines'].get('peak_rss_mib')}{cached(st['engines'])} | {cell[0]} | {cell[1]} | "
+                     f"{min(loads)}-{max(loads)} |")
+    for model in BUILD_MODELS:
+        by = {r["method"]: r for r in rows if r["model"] == model}
+        if by.get("fp16", {}).get("plan_bytes"):
+            ratios = ", ".join(f"{m} {by[m]['plan_bytes'] / by['fp16']['plan_bytes']:.3f}x" for m in ("rtn", "awq")
+                               if by.get(m, {}).get("plan_bytes"))
+            lines.append(f"\n{model}: int4 plan / fp16 plan: {ratios}")
+    return lines
+
+
 def main(argv=None) -> int:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--child":
         model, method, group, *weights = sys.argv[2:]
@@ -90,16 +208,26 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.quantize")
     p.add_argument("--int4-target", type=Path, help="a built int4-awq target of the default model")
     p.add_argument("--fp16-target", type=Path, help="a built fp16 target of the default model")
+    p.add_argument("--builds", type=Path, metavar="WORK",
+                   help="build and measure fp16/rtn/awq targets of the default model and the Qwen2-0.5B shape "
+                        "under WORK (their targets then give the int4 quality rows' weights)")
     args = p.parse_args(argv)
+    built = builds(args.builds) if args.builds else []
+    if args.builds:
+        args.int4_target = args.int4_target or args.builds / "targets" / "minicpmo26-tts" / "int4-awq"
+        args.fp16_target = args.fp16_target or args.builds / "targets" / "minicpmo26-tts" / "fp16"
     rows = []
-    for model, group in CASES:
+    cases = CASES + ([("qwen2-0.5b-shape", 128)] if args.builds else [])
+    for model, group in cases:
         for method in ("rtn", "awq"):
             weights = None
             if model == "minicpmo26-tts" and method == "awq" and args.int4_target:
                 weights = str(args.int4_target / "quantized.safetensors")      # its AWQ took minutes already
+            if model == "qwen2-0.5b-shape":
+                weights = str(args.builds / "targets" / model / TARGETS[method] / "quantized.safetensors")
             log(f"{model} {method} g{group}" + (f" (weights from {weights})" if weights else ""))
             rows.append(_measure(model, method, group, weights))
-    result = {"date": time.strftime("%Y-%m-%d"), "quality": rows,
+    result = {"date": time.strftime("%Y-%m-%d"), "quality": rows, "builds": built,
               "int4": _sizes(args.int4_target), "fp16": _sizes(args.fp16_target)}
     if result["int4"] and result["fp16"] and result["int4"]["plan_bytes"] and result["fp16"]["plan_bytes"]:
         result["plan_ratio"] = round(result["int4"]["plan_bytes"] / result["fp16"]["plan_bytes"], 3)
@@ -118,6 +246,8 @@ def main(argv=None) -> int:
                          + (f", quantize {s['quantize']}" if s.get("quantize") else ""))
     if "plan_ratio" in result:
         lines.append(f"\nint4 plan / fp16 plan = {result['plan_ratio']}")
+    if built:
+        lines += md_builds(built)
     base.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -1,14 +1,19 @@
 """int4 weight-only quantization: the profile section, round to nearest, the graph form, the stage."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
+import shlex
+import subprocess
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import numpy_helper
 import pytest
 import torch
 
@@ -204,6 +209,33 @@ def build(out: Path, profile: str, model: str = "tiny-llama", *extra: str) -> di
     return json.loads((out / model / Path(profile).stem / "manifest.json").read_text())
 
 
+def test_rewrite_reading_weights_from_the_file_writes_the_same_bytes_as_reading_them_up_front(
+        tiny_rtn, tmp_path, monkeypatch):
+    from kvplan.quantize import lazy_onnx
+    source, quantized, src, _ = tiny_rtn
+    monkeypatch.setattr(lazy_onnx, "LAZY_BYTES", 2 ** 40)        # every weight parsed when loaded
+    quantize_graph(src, tmp_path / "eager.onnx", quantized, source.read_tensors)
+    monkeypatch.setattr(lazy_onnx, "LAZY_BYTES", 0)              # every weight left in the file
+    quantize_graph(src, tmp_path / "lazy.onnx", quantized, source.read_tensors)
+    assert (tmp_path / "lazy.onnx").read_bytes() == (tmp_path / "eager.onnx").read_bytes()
+
+
+def test_lazily_loaded_graph_holds_no_weight_values_until_one_is_read(tiny_rtn, monkeypatch):
+    from kvplan.quantize import lazy_onnx
+    _, _, src, _ = tiny_rtn
+    monkeypatch.setattr(lazy_onnx, "LAZY_BYTES", 1024)
+    model = lazy_onnx.load_lazy(src)
+    full = onnx.load(str(src))
+    big = {t.name for t in full.graph.initializer if t.ByteSize() >= 1024}
+    lazy = {n for n, v in model.graph.initializers.items() if isinstance(v.const_value, lazy_onnx.SourceTensor)}
+    assert big and lazy == big
+    # Each reads back its own values, exactly.
+    for t in full.graph.initializer:
+        if t.name in big:
+            np.testing.assert_array_equal(model.graph.initializers[t.name].const_value.numpy(),
+                                          numpy_helper.to_array(t))
+
+
 def test_rtn_profile_builds_an_int4_tensorrt_rtx_plan_on_cpu(tmp_path):
     pytest.importorskip("tensorrt_rtx")
     manifest = build(tmp_path, write_profile(tmp_path, method='"rtn"', group_size="32"))
@@ -262,6 +294,29 @@ def test_awq_searches_twenty_alphas_and_folds_into_the_norms(outliers_awq):
     assert set(awq.record["alpha"]["0"]) == {"input_layernorm", "v_proj", "post_attention_layernorm", "up_proj"}
     assert {n for n in awq.replaced} == {f"layers.{i}.{norm}.weight" for i in range(2)
                                          for norm in ("input_layernorm", "post_attention_layernorm")}
+
+
+def test_awq_searches_in_row_blocks_compute_the_whole_weights_losses(monkeypatch):
+    from kvplan.quantize import awq
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(48, 64, generator=g) * torch.linspace(0.1, 4, 64)
+    weights = [0.02 * torch.randn(96, 64, generator=g), 0.02 * torch.randn(40, 64, generator=g)]
+    monkeypatch.setattr(awq, "ROWS", 10 ** 6)
+    s_whole, whole = awq.search_scales(x, weights, [True, True], 32)
+    clip_whole = awq.search_clip(x, weights[0], 32)
+    monkeypatch.setattr(awq, "ROWS", 7)
+    s_blocks, blocks = awq.search_scales(x, weights, [True, True], 32)
+    np.testing.assert_allclose(blocks, whole, rtol=1e-5)
+    torch.testing.assert_close(s_blocks, s_whole)
+    torch.testing.assert_close(awq.search_clip(x, weights[0], 32), clip_whole)
+
+
+def test_awq_leaves_torchs_thread_count_as_it_found_it():
+    from kvplan.quantize import awq
+    before = torch.get_num_threads()
+    awq.quantize_awq(resolve("tiny-llama-outliers"), Quantize(method="awq", group_size=32, samples=1, tokens=8),
+                     log=lambda _: None)
+    assert torch.get_num_threads() == before
 
 
 def test_awq_with_gqa_shares_no_scale_between_v_and_o():
@@ -345,14 +400,25 @@ def test_changed_calibration_file_requantizes_and_an_unchanged_one_does_not(tmp_
 
 # --- validation ------------------------------------------------------------------------------
 
-def test_validation_of_an_int4_target_checks_faithfulness_and_reports_quality(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def validated_rtn(tmp_path_factory):
+    """tiny-llama built with RTN int4 (group 32) and validated at the opt points: (target, record, stdout)."""
     pytest.importorskip("tensorrt_rtx")
+    tmp_path = tmp_path_factory.mktemp("validated-int4")
     path = write_profile(tmp_path, method='"rtn"', group_size="32")
     build(tmp_path, path)
     from kvplan.cli import validate_main
-    assert validate_main(["--model", "tiny-llama", "--profile", path, "--out", str(tmp_path), "--points", "opt",
-                          "--steps", "4"]) == 0
-    record = json.loads((tmp_path / "tiny-llama" / "int4" / "manifest.json").read_text())["validation"]
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = validate_main(["--model", "tiny-llama", "--profile", path, "--out", str(tmp_path), "--points",
+                              "opt", "--steps", "4"])
+    assert code == 0, buf.getvalue()
+    target = tmp_path / "tiny-llama" / "int4"
+    return target, json.loads((target / "manifest.json").read_text())["validation"], buf.getvalue()
+
+
+def test_validation_of_an_int4_target_checks_faithfulness_and_reports_quality(validated_rtn):
+    _, record, out = validated_rtn
     assert record["status"] == "pass"
     # The compared graph is the int4 one, against transformers on its dequantized weights.
     assert "decoder.int4.onnx" in record["artifacts"]
@@ -360,4 +426,16 @@ def test_validation_of_an_int4_target_checks_faithfulness_and_reports_quality(tm
     quality = record["quality"]
     assert quality["method"] == "rtn" and {p["point"] for p in quality["points"]} >= {"decode/opt N=1 lastSum=302"}
     assert all(0 < p["hidden_out_rel_error"] < 0.25 for p in quality["points"])
-    assert "quality (rtn int4 against the full-precision model" in capsys.readouterr().out
+    assert "quality (rtn int4 against the full-precision model" in out
+
+
+def test_printed_onnx_runtime_recheck_of_an_int4_graph_runs_unfused_and_passes(validated_rtn):
+    # Polygraphy cannot set the int4 accuracy level; the printed command keeps ONNX Runtime from
+    # fusing the int4 MatMuls at all (no int8 activations), and passes at the profile's tolerances.
+    target, record, _ = validated_rtn
+    cmds = [c for c in record["recheck"] if "--onnxrt" in c]
+    assert cmds and all("decoder.int4" in c and "--graph-optimization-level ORT_ENABLE_BASIC" in c for c in cmds)
+    for cmd in cmds:                  # one per optimization profile
+        done = subprocess.run(shlex.split(cmd), cwd=target, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert "PASSED" in done.stdout + done.stderr

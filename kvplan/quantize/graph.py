@@ -30,8 +30,8 @@ import onnx_ir as ir
 import torch
 
 from kvplan.errors import QuantizeError
-from kvplan.export.exporter import save_streamed
-from kvplan.fileio import temp_prefix
+from kvplan.fileio import temp_prefix, write_streamed
+from kvplan.quantize.lazy_onnx import load_lazy, tensor_proto
 from kvplan.quantize.weights import Quantized
 
 NP_DTYPES = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16,
@@ -54,6 +54,16 @@ def _to_np(t: torch.Tensor, dtype) -> np.ndarray:
 def _const(name: str, array: np.ndarray) -> ir.Value:
     tensor = ir.Tensor(array, name=name)
     return ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+
+
+def _int4_const(name: str, q: torch.Tensor) -> ir.Value:
+    """``q`` (int8 holding int4 values) as an INT4 initializer made when it is written: numpy's
+    int4 takes a byte per value, so making them all up front would hold a second copy of every
+    linear's values."""
+    shape = ir.Shape(list(q.shape))
+    tensor = ir.LazyTensor(lambda: ir.Tensor(q.numpy().astype(ml_dtypes.int4), name=name), ir.DataType.INT4,
+                           shape, name=name)
+    return ir.Value(name=name, shape=shape, type=ir.TensorType(ir.DataType.INT4), const_value=tensor)
 
 
 class _Rewriter:
@@ -88,7 +98,7 @@ class _Rewriter:
                                 f"quantized [{k}, {n}]")
         np_dtype = NP_DTYPES[weight.dtype]
         base = name.removesuffix(".weight")
-        q = _const(f"{base}.qweight", ql.q.numpy().astype(ml_dtypes.int4))
+        q = _int4_const(f"{base}.qweight", ql.q)
         scale = _const(f"{base}.scales", _to_np(ql.scale, np_dtype))
         for v in (q, scale):
             self.graph.register_initializer(v)
@@ -154,8 +164,12 @@ class _Rewriter:
 
 def quantize_graph(src: Path, dst: Path, quantized: Quantized, originals) -> dict:
     """Write ``src`` with ``quantized``'s linears in int4 form and its replaced tensors swapped in, to
-    ``dst`` (atomically). ``originals(names)`` reads the unquantized tensors the export bound."""
-    model = ir.load(str(src))
+    ``dst`` (atomically). ``originals(names)`` reads the unquantized tensors the export bound.
+
+    Memory: ``src``'s large weights stay in the file and are read one at a time (see
+    kvplan.quantize.lazy_onnx), the int4 initializers are made as they are written; what is
+    held is ``quantized`` itself, one byte per weight."""
+    model = load_lazy(src)
     rw = _Rewriter(model, src)
     names = [n for n in quantized.linears if n in _graph_names(model, quantized)]
     replaced = [n for n in quantized.replaced]
@@ -196,9 +210,19 @@ def save(model: ir.Model, path: Path) -> None:
             ir.save(model, tmp / path.name, external_data=path.name + ".data")
             os.replace(tmp / (path.name + ".data"), path.parent / (path.name + ".data"))
         else:
-            save_streamed(model, tmp / path.name)
+            _save_streamed(model, tmp / path.name)
         os.replace(tmp / path.name, path)
     finally:
         for p in tmp.iterdir() if tmp.exists() else ():
             p.unlink()
         tmp.rmdir() if tmp.exists() else None
+
+
+def _save_streamed(model: ir.Model, path: Path) -> None:
+    """The exporter's streamed save (kvplan.fileio.write_streamed: one weight serialized at a time),
+    with weights still in the source file copied from it (kvplan.quantize.lazy_onnx.tensor_proto)."""
+    weights = list(model.graph.initializers.values())
+    model.graph.initializers.clear()
+    head = ir.serde.serialize_model(model)
+    with open(path, "wb") as f:
+        write_streamed(head, lambda: (tensor_proto(value) for value in weights), f)

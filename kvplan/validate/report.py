@@ -78,6 +78,18 @@ def worst_per_pair(rows: list[OutputStats]) -> dict:
     return out
 
 
+# Polygraphy's --onnxrt has no flag for a session config entry, so it cannot set the int4
+# accuracy level kvplan's own sessions use (kvplan.validate.ort_session). ORT_ENABLE_BASIC keeps
+# ONNX Runtime from fusing DequantizeLinear(INT4) -> MatMul into MatMulNBits at all (whose default
+# accuracy level 4 quantizes the activations to int8): the re-check then runs the dequantized
+# weights at the graph's own precision, as accuracy level 0 does.
+INT4_ONNXRT_FLAGS = ["--graph-optimization-level", "ORT_ENABLE_BASIC"]
+
+
+def onnxrt_flags(int4: bool) -> list[str]:
+    return ["--onnxrt", *(INT4_ONNXRT_FLAGS if int4 else [])]
+
+
 def recheck_command(model_file: str, runner_flags: list[str], inputs: str, outputs: str, atol: float,
                     rtol: float, env: str = "") -> str:
     cmd = ["polygraphy", "run", model_file, *runner_flags, "--load-inputs", inputs, "--load-outputs", outputs,

@@ -195,7 +195,8 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
             sp_index = job.group[0].point.profile_index
             files += [str(w.relative_to(target)) for w in streamer.written.get(job.base, [])]
             commands += _commands(stems[p_index], sp_index, profile.shapes[sp_index].name, exported[p_index],
-                                  fused, plans, p_index, set(streamer.ran.get(job.base, [])), backend_name, tol)
+                                  fused, plans, p_index, set(streamer.ran.get(job.base, [])), backend_name, tol,
+                                  int4=bool(quant))
 
     task = {"ran": False, "why": "--no-task"}
     if not options.no_task:
@@ -275,13 +276,15 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
     return {"pass": 0, "fail": 1, "inconclusive": 3}[status]
 
 
-def _commands(stem, sp_index, sp_name, onnx_path, fused, plans, p_index, names, backend_name, tol) -> list[str]:
+def _commands(stem, sp_index, sp_name, onnx_path, fused, plans, p_index, names, backend_name, tol,
+              int4: bool = False) -> list[str]:
     base = f"validation/{stem}.{sp_name}"
     inputs = f"{base}.inputs.json"
     cmds = []
     graph, graph_runner = (fused[p_index].name, rn.FUSED) if fused else (onnx_path.name, rn.EXPORT)
     if rn.REFERENCE in names and graph_runner in names:
-        cmds.append(report.recheck_command(graph, ["--onnxrt"], inputs, f"{base}.outputs.{rn.REFERENCE}.json",
+        cmds.append(report.recheck_command(graph, report.onnxrt_flags(int4), inputs,
+                                           f"{base}.outputs.{rn.REFERENCE}.json",
                                            tol.atol, tol.rtol))
     if plans:    # in-place outputs too: polygraphy run binds them to their inputs (Polygraphy >= 0.50.3)
         # The engine is checked against ONNX Runtime on the graph it was built from when that ran here,
