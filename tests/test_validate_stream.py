@@ -1,6 +1,7 @@
 """Validation in bounded memory: the pieces that make it so, each checked on its own (no build)."""
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 
 import numpy as np
@@ -72,6 +73,20 @@ def test_the_reference_holds_one_copy_of_the_weights_in_its_dtype():
     assert torch.equal(decoder["layers.1.mlp.up_proj.weight"], want.to(torch.float16))
     # Rotary frequencies stay float32 (rounding them would be a bug of the reference).
     assert all(b.dtype == torch.float32 for n, b in ref.model.named_buffers() if n.endswith("inv_freq"))
+
+
+def test_each_phase_reports_its_cpu_time_apart_from_its_wall_time():
+    """On a shared machine the wall time depends on the other jobs; the CPU time is the process's own."""
+    meter = Meter()
+    with meter.phase("busy"):
+        start = time.process_time()
+        while time.process_time() - start < 0.2:
+            pass
+    with meter.phase("waiting"):
+        time.sleep(0.2)
+    busy, waiting = meter.phases
+    assert busy.cpu_seconds >= 0.2 and waiting.cpu_seconds < 0.1 <= waiting.seconds
+    assert busy.to_dict()["cpu_seconds"] >= 0.2
 
 
 def test_each_phase_reports_its_own_peak():
