@@ -205,6 +205,10 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
             files += [str(w.relative_to(target)) for w in streamer.written.get(job.base, [])]
             commands += _commands(target, stems[p_index], sp_index, profile.shapes[sp_index].name, exported[p_index],
                                   fused, plans, p_index, set(streamer.ran.get(job.base, [])), backend_name, tol)
+    # The points' inputs (the shared prefill cache above all) are not needed by the task check.
+    labels = [d.point.label for d in data]
+    del data, jobs, prefill
+    release_memory()
 
     task = {"ran": False, "why": "--no-task"}
     if not options.no_task:
@@ -220,7 +224,7 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
         release_memory()
 
     # Report rows point by point (they were produced pack/profile/runner by runner).
-    order = {d.point.label: i for i, d in enumerate(data)}
+    order = {label: i for i, label in enumerate(labels)}
     rows.sort(key=lambda s: (s.pack, order[s.point], PAIR_ORDER.get(s.pair, 99)))
 
     # Verdict.
@@ -266,7 +270,7 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
 
     record = {"status": status, "finished": now(), "seconds": round(time.perf_counter() - t0, 2),
               "tolerance": {"atol": tol.atol, "rtol": tol.rtol, "rule": "|got - ref| <= atol + rtol * |ref|"},
-              "points": [d.point.label for d in data], "prefill_dtype": "float32" if fp32_prefill else profile.dtype,
+              "points": labels, "prefill_dtype": "float32" if fp32_prefill else profile.dtype,
               "runners": {n: ({"ran": True} if n in ran else {"ran": False, "why": not_run.get(n, "not available")})
                           for n in (rn.REFERENCE, rn.EXPORT, rn.FUSED, rn.TENSORRT)},
               "pairs": report.worst_per_pair(rows), "task": _task_record(task),
