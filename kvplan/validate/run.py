@@ -112,7 +112,9 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
     hashed = (exported or []) + (fused or []) + (plans or [])      # the target's own artifacts
     trt_why = None
     if options.layer_ranges:
-        specs, exported, fused = _layer_ranges(options.layer_ranges, cfg, specs, exported, fused, target, log)
+        with meter.phase("layer ranges"):
+            specs, exported, fused = _layer_ranges(options.layer_ranges, cfg, specs, exported, fused, target, log)
+        release_memory()
         if plans:
             plans, trt_why = None, "--layer-ranges: the engine is the whole stack (validate it without --layer-ranges)"
     dtype = TORCH_DTYPES[profile.dtype]
