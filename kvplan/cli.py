@@ -100,6 +100,10 @@ def validate_parser(prog: str = "kvplan validate") -> argparse.ArgumentParser:
     p.add_argument("--no-task", action="store_true", help="skip the token-agreement and multi-step checks")
     p.add_argument("--min-agreement", type=float, default=0.95,
                    help="lowest teacher-forced top-1 agreement that passes (default: %(default)s)")
+    p.add_argument("--layer-ranges", type=int, default=0, metavar="K",
+                   help="cut the (single-pack) graphs into K layer ranges and compare each, fed the "
+                        "reference's hidden state entering it; ONNX Runtime then holds one range's weights "
+                        "at a time (default: 0, the whole stack)")
     p.add_argument("--full", action="store_true", help="print one table row per output tensor")
     p.add_argument("--verbose", action="store_true", help="keep Polygraphy's own log")
     return p
@@ -147,7 +151,8 @@ def _presets() -> int:
 def _validate_options(args: argparse.Namespace) -> ValidateOptions:
     return ValidateOptions(points=args.points, prefill_dtype=args.prefill_dtype, steps=args.steps,
                            prompt_tokens=args.prompt_tokens, no_task=args.no_task,
-                           min_agreement=args.min_agreement, full=args.full, verbose=args.verbose)
+                           min_agreement=args.min_agreement, full=args.full, verbose=args.verbose,
+                           layer_ranges=args.layer_ranges)
 
 
 def _build(args: argparse.Namespace) -> int:

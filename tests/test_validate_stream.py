@@ -1,6 +1,7 @@
 """Validation in bounded memory: the pieces that make it so, each checked on its own (no build)."""
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 
 import numpy as np
@@ -8,10 +9,12 @@ import torch
 from polygraphy.comparator import RunResults
 from polygraphy.json import save_json
 
+from kvplan.export.exporter import causal_mask
 from kvplan.models import resolve
 from kvplan.validate import points as pts
 from kvplan.validate import polyjson
 from kvplan.validate.meter import Meter
+from kvplan.validate.onnx_stack import OnnxStack
 from kvplan.validate.reference import HFReference
 
 
@@ -74,6 +77,20 @@ def test_the_reference_holds_one_copy_of_the_weights_in_its_dtype():
     assert all(b.dtype == torch.float32 for n, b in ref.model.named_buffers() if n.endswith("inv_freq"))
 
 
+def test_each_phase_reports_its_cpu_time_apart_from_its_wall_time():
+    """On a shared machine the wall time depends on the other jobs; the CPU time is the process's own."""
+    meter = Meter()
+    with meter.phase("busy"):
+        start = time.process_time()
+        while time.process_time() - start < 0.2:
+            pass
+    with meter.phase("waiting"):
+        time.sleep(0.2)
+    busy, waiting = meter.phases
+    assert busy.cpu_seconds >= 0.2 and waiting.cpu_seconds < 0.1 <= waiting.seconds
+    assert busy.to_dict()["cpu_seconds"] >= 0.2
+
+
 def test_each_phase_reports_its_own_peak():
     meter = Meter()
     with meter.phase("big"):
@@ -86,3 +103,20 @@ def test_each_phase_reports_its_own_peak():
     if big.peak is not None:
         assert big.peak - small.peak > 48 << 20
         assert meter.peak >= big.peak
+
+
+def test_onnx_runtime_at_the_basic_level_computes_what_the_folded_level_does(export_tiny):
+    """Validation sessions run the fp16 weights' casts per inference (basic level, the weights held
+    once); the task check folds them once (default level): the same graph, the same numbers up to
+    fp16 rounding."""
+    (pack,) = export_tiny("tiny-llama", "float16")
+    cfg = resolve("tiny-llama").config
+    g = np.random.default_rng(0)
+    hidden = g.standard_normal((1, 3, cfg.hidden_size)).astype(np.float16)
+    past = [g.standard_normal((1, cfg.num_kv_heads, 5, cfg.head_dim)).astype(np.float16)
+            for _ in range(2 * cfg.num_layers)]
+    mask, pos = causal_mask(1, 3, 5, torch.float16).numpy(), np.arange(5, 8)[None]
+    basic = OnnxStack([pack]).step(hidden, mask, pos, past)
+    folded = OnnxStack([pack], fold_casts=True).step(hidden, mask, pos, past)
+    for a, b in zip([basic[0]] + basic[1], [folded[0]] + folded[1]):
+        np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), atol=1e-2, rtol=1e-2)

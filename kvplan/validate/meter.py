@@ -1,5 +1,8 @@
 """Wall time and peak resident memory of each validation phase.
 
+The CPU time the process spent in each phase (all its threads) is recorded beside the wall
+time: on a shared machine the wall time depends on what else runs, the CPU time much less.
+
 Linux keeps a process's peak RSS (VmHWM) and lets the process reset it
 (``/proc/self/clear_refs`` with "5"), so each phase's own peak is read exactly,
 not sampled. Elsewhere the phases report time only.
@@ -47,9 +50,10 @@ class Phase:
     name: str
     seconds: float
     peak: int | None        # bytes; None where the OS does not say
+    cpu_seconds: float = 0.0
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "seconds": round(self.seconds, 2),
+        return {"name": self.name, "seconds": round(self.seconds, 2), "cpu_seconds": round(self.cpu_seconds, 2),
                 "peak_rss_mib": None if self.peak is None else round(self.peak / 2**20, 1)}
 
 
@@ -67,14 +71,15 @@ class Meter:
         resettable = _reset_peak()
         if before is not None:
             self._peak_before = max(self._peak_before or 0, before)
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
             peak = peak_bytes() if resettable else None
-            self.phases.append(Phase(name, time.perf_counter() - t, peak))
+            self.phases.append(Phase(name, time.perf_counter() - t, peak, time.process_time() - cpu))
             if self.log:     # as it ends: a run stopped later still tells where its time and memory went
-                self.log(f"[validate] phase {name}: {self.phases[-1].seconds:.1f} s"
+                self.log(f"[validate] phase {name}: {self.phases[-1].seconds:.1f} s "
+                         f"(CPU {self.phases[-1].cpu_seconds:.1f} s)"
                          + ("" if peak is None else f", peak RSS {peak / 2**20:.0f} MiB"))
 
     @property
@@ -92,6 +97,7 @@ class Meter:
                 out[p.name] = Phase(p.name, 0.0, None)
             m = out[p.name]
             m.seconds += p.seconds
+            m.cpu_seconds += p.cpu_seconds
             if p.peak is not None:
                 m.peak = max(m.peak or 0, p.peak)
         return list(out.values())

@@ -53,15 +53,17 @@ class OnnxStack:
 
     _live: "OnnxStack | None" = None
 
-    def __init__(self, packs: list[Pack], threads: int = 0):
-        self.packs, self.threads = packs, threads
+    def __init__(self, packs: list[Pack], threads: int = 0, fold_casts: bool = False):
+        """``fold_casts``: ONNX Runtime's default optimization level (kvplan/validate/ort_session.py),
+        faster for many small steps, at the price of float32 copies of fp16 weights."""
+        self.packs, self.threads, self.fold_casts = packs, threads, fold_casts
         self.sessions: list[ort.InferenceSession] | None = None
 
     def _open(self) -> list[ort.InferenceSession]:
         if self.sessions is None:
             if OnnxStack._live is not None and OnnxStack._live is not self:
                 OnnxStack._live.release()
-            self.sessions = [session(p.path, self.threads) for p in self.packs]
+            self.sessions = [session(p.path, self.threads, self.fold_casts) for p in self.packs]
             OnnxStack._live = self
         return self.sessions
 

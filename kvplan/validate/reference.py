@@ -27,7 +27,27 @@ from kvplan.models import ModelSource
 from kvplan.models.families import get as get_family
 
 
-def _hf_config(source: ModelSource):
+ATTENTION = ("sdpa", "eager")
+
+
+def attention_for(hf_config, model_class) -> str:
+    """transformers' attention the reference runs: ``sdpa`` where it computes what eager does,
+    else ``eager``.
+
+    Both take the 4D additive float mask as given (transformers passes a 4D mask through
+    untouched, and torch's scaled_dot_product_attention adds a float ``attn_mask`` to the
+    scaled scores before a float32-accumulated softmax, as eager does), so masked slots, a
+    sliding window and rows that see nothing come out the same (tests/test_reference_attention.py).
+    sdpa is several times faster on the CPU at long lastSum. Eager stays where sdpa cannot
+    be exact: soft-capped logits (Gemma 2; transformers' sdpa refuses a softcap) and classes
+    without sdpa support.
+    """
+    if getattr(hf_config, "attn_logit_softcapping", None) or not getattr(model_class, "_supports_sdpa", False):
+        return "eager"
+    return "sdpa"
+
+
+def _hf_config(source: ModelSource, attention: str | None = None):
     if source.reference_config is None:
         raise ValueError(f"{source.name}: this model source names no reference config")
     if isinstance(source.reference_config, Path):
@@ -35,8 +55,12 @@ def _hf_config(source: ModelSource):
     else:
         d = dict(source.reference_config)
         cfg = AutoConfig.for_model(d.pop("model_type"), **d)
-    # Eager attention: the reference must honour an arbitrary additive mask as given.
-    cfg._attn_implementation = "eager"
+    if attention is None:
+        decoder_class = get_family(source.config.family).reference_classes[0]
+        attention = attention_for(cfg, getattr(transformers, decoder_class))
+    if attention not in ATTENTION:
+        raise ValueError(f"reference attention {attention!r}: use one of {', '.join(ATTENTION)}")
+    cfg._attn_implementation = attention
     return cfg
 
 
@@ -49,9 +73,12 @@ class StepResult:
 class HFReference:
     """transformers' decoder (the family's class) holding ``source``'s weights in ``dtype``."""
 
-    def __init__(self, source: ModelSource, dtype: torch.dtype = torch.float32, with_lm: bool = False):
+    def __init__(self, source: ModelSource, dtype: torch.dtype = torch.float32, with_lm: bool = False,
+                 attention: str | None = None):
+        """``attention``: transformers' attention implementation (None: ``attention_for``'s choice)."""
         self.source, self.dtype = source, dtype
-        self.hf_config = _hf_config(source)
+        self.hf_config = _hf_config(source, attention)
+        self.attention = self.hf_config._attn_implementation
         decoder_class, lm_class = get_family(source.config.family).reference_classes
         weights = source.read_reference()
         for name in list(weights):       # converted one at a time: never two copies of the model

@@ -117,7 +117,7 @@ def task_summary(task: dict) -> list[str]:
 
 
 def phase_table(meter, weight_bytes: int) -> list[str]:
-    """Per phase: wall time and the process's peak RSS during it (and that peak over the weight bytes)."""
+    """Per phase: wall and CPU time and the process's peak RSS during it (and that peak over the weight bytes)."""
     def mib(x):
         return "-" if x is None else f"{x / 2**20:.0f} MiB"
 
@@ -126,8 +126,9 @@ def phase_table(meter, weight_bytes: int) -> list[str]:
 
     phases = meter.merged()
     width = max([len(p.name) for p in phases] + [5])
-    lines = [f"time and memory per phase (weights {mib(weight_bytes)}):"]
-    lines += [f"  {p.name:{width}s} {p.seconds:7.1f} s  peak RSS {mib(p.peak)}{ratio(p.peak)}" for p in phases]
-    total = sum(p.seconds for p in meter.phases)
-    lines.append(f"  {'total':{width}s} {total:7.1f} s  peak RSS {mib(meter.peak)}{ratio(meter.peak)}")
+    lines = [f"time and memory per phase (weights {mib(weight_bytes)}; CPU: the process's CPU time, all threads):"]
+    lines += [f"  {p.name:{width}s} {p.seconds:7.1f} s  CPU {p.cpu_seconds:7.1f} s  peak RSS {mib(p.peak)}{ratio(p.peak)}"
+              for p in phases]
+    total, cpu = sum(p.seconds for p in meter.phases), sum(p.cpu_seconds for p in meter.phases)
+    lines.append(f"  {'total':{width}s} {total:7.1f} s  CPU {cpu:7.1f} s  peak RSS {mib(meter.peak)}{ratio(meter.peak)}")
     return lines

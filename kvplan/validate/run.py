@@ -32,7 +32,7 @@ from kvplan.models.presets import tensor_shapes
 from kvplan.pipeline import release_memory
 from kvplan.trt.backend import select_backend
 from kvplan.validate import points as pts
-from kvplan.validate import quantized, report, runners as rn, stream
+from kvplan.validate import quantized, ranges, report, runners as rn, stream
 from kvplan.validate.meter import Meter
 from kvplan.validate.onnx_stack import OnnxStack, Pack
 from kvplan.validate.points import parse_kinds
@@ -57,10 +57,13 @@ class ValidateOptions:
     min_agreement: float = 0.95
     full: bool = False               # one table row per output tensor
     verbose: bool = False            # keep Polygraphy's own log
+    layer_ranges: int = 0            # > 0: compare the single-pack graphs cut into this many layer ranges
 
     def __post_init__(self):
         if self.steps < 1 or self.prompt_tokens < 1:
             raise UserError("--steps and --prompt-tokens must be >= 1")
+        if self.layer_ranges < 0:
+            raise UserError(f"--layer-ranges must be >= 0, got {self.layer_ranges}")
         if self.prefill_dtype not in ("float32", "profile"):
             raise UserError(f"--prefill-dtype: {self.prefill_dtype!r} is not float32 or profile")
         parse_kinds(self.points)
@@ -106,6 +109,14 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
             backend = select_backend(backend_name)
         except BackendError as e:
             backend_error = str(e)
+    hashed = (exported or []) + (fused or []) + (plans or [])      # the target's own artifacts
+    trt_why = None
+    if options.layer_ranges:
+        with meter.phase("layer ranges"):
+            specs, exported, fused = _layer_ranges(options.layer_ranges, cfg, specs, exported, fused, target, log)
+        release_memory()
+        if plans:
+            plans, trt_why = None, "--layer-ranges: the engine is the whole stack (validate it without --layer-ranges)"
     dtype = TORCH_DTYPES[profile.dtype]
     log(f"[validate] {source.name} ({cfg.num_layers} layers, {profile.dtype}) profile {profile.name}: {target}")
     log(f"[validate] tolerance: |got - ref| <= atol + rtol * |ref| with atol={tol.atol:g}, rtol={tol.rtol:g}")
@@ -134,7 +145,7 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
 
     vdir = target / "validation"
     vdir.mkdir(exist_ok=True)
-    not_run: dict[str, str] = {}
+    not_run: dict[str, str] = {rn.TENSORRT: trt_why} if trt_why else {}
     for name, paths in ((rn.EXPORT, exported), (rn.FUSED, fused)):
         if paths is None:
             not_run[name] = "no fused graph in this target (no surgery passes)"
@@ -194,9 +205,13 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
         for job in jobs[p_index]:
             sp_index = job.group[0].point.profile_index
             files += [str(w.relative_to(target)) for w in streamer.written.get(job.base, [])]
-            commands += _commands(stems[p_index], sp_index, profile.shapes[sp_index].name, exported[p_index],
+            commands += _commands(target, stems[p_index], sp_index, profile.shapes[sp_index].name, exported[p_index],
                                   fused, plans, p_index, set(streamer.ran.get(job.base, [])), backend_name, tol,
                                   int4=bool(quant))
+    # The points' inputs (the shared prefill cache above all) are not needed by the task check.
+    labels = [d.point.label for d in data]
+    del data, jobs, prefill
+    release_memory()
 
     task = {"ran": False, "why": "--no-task"}
     if not options.no_task:
@@ -212,7 +227,7 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
         release_memory()
 
     # Report rows point by point (they were produced pack/profile/runner by runner).
-    order = {d.point.label: i for i, d in enumerate(data)}
+    order = {label: i for i, label in enumerate(labels)}
     rows.sort(key=lambda s: (s.pack, order[s.point], PAIR_ORDER.get(s.pair, 99)))
 
     # Verdict.
@@ -250,12 +265,15 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
         print(f"  {c}")
     print()
     verdict = {"pass": "PASS", "fail": "FAIL", "inconclusive": "INCONCLUSIVE (nothing compared)"}[status]
-    detail = [f"{s.point} pack{s.pack} {s.pair}: {s.output}" for s in mismatch] + task_bad
+    # A layer range is named by its layers (its pack index would not tell which).
+    where = [f"layers {s.first_layer}..{s.last_layer - 1}" if options.layer_ranges else f"pack{i}"
+             for i, s in enumerate(specs)]
+    detail = [f"{s.point} {where[s.pack]} {s.pair}: {s.output}" for s in mismatch] + task_bad
     print(f"validation {verdict}" + (": " + "; ".join(detail[:20]) + (" ..." if len(detail) > 20 else "") if detail else ""))
 
     record = {"status": status, "finished": now(), "seconds": round(time.perf_counter() - t0, 2),
               "tolerance": {"atol": tol.atol, "rtol": tol.rtol, "rule": "|got - ref| <= atol + rtol * |ref|"},
-              "points": [d.point.label for d in data], "prefill_dtype": "float32" if fp32_prefill else profile.dtype,
+              "points": labels, "prefill_dtype": "float32" if fp32_prefill else profile.dtype,
               "runners": {n: ({"ran": True} if n in ran else {"ran": False, "why": not_run.get(n, "not available")})
                           for n in (rn.REFERENCE, rn.EXPORT, rn.FUSED, rn.TENSORRT)},
               "pairs": report.worst_per_pair(rows), "task": _task_record(task),
@@ -265,8 +283,9 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
               **({"quality": {"method": quant.get("method"), "points": quality,
                               "task": _task_record(quality_task)}} if quant else {}),
               "files": files, "recheck": commands,
-              "artifacts": {str(p.relative_to(target)): sha256_file(p)
-                            for p in (exported or []) + (fused or []) + (plans or [])}}
+              **({"layer_ranges": [f"{s.first_layer}..{s.last_layer - 1}" for s in specs]}
+                 if options.layer_ranges else {}),
+              "artifacts": {str(p.relative_to(target)): sha256_file(p) for p in hashed}}
     current = load_manifest(target)
     if current is None or current.get("stages") != manifest.get("stages"):
         print("warning: manifest changed during validation; validation record not written", file=sys.stderr)
@@ -276,12 +295,13 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
     return {"pass": 0, "fail": 1, "inconclusive": 3}[status]
 
 
-def _commands(stem, sp_index, sp_name, onnx_path, fused, plans, p_index, names, backend_name, tol,
+def _commands(target, stem, sp_index, sp_name, onnx_path, fused, plans, p_index, names, backend_name, tol,
               int4: bool = False) -> list[str]:
     base = f"validation/{stem}.{sp_name}"
     inputs = f"{base}.inputs.json"
     cmds = []
-    graph, graph_runner = (fused[p_index].name, rn.FUSED) if fused else (onnx_path.name, rn.EXPORT)
+    graph, graph_runner = (fused[p_index], rn.FUSED) if fused else (onnx_path, rn.EXPORT)
+    graph = str(graph.relative_to(target))
     if rn.REFERENCE in names and graph_runner in names:
         cmds.append(report.recheck_command(graph, report.onnxrt_flags(int4), inputs,
                                            f"{base}.outputs.{rn.REFERENCE}.json",
@@ -297,6 +317,28 @@ def _commands(stem, sp_index, sp_name, onnx_path, fused, plans, p_index, names, 
     return cmds
 
 
+def _layer_ranges(count, cfg, specs, exported, fused, target, log):
+    """The single-pack graphs cut into ``count`` layer ranges under ``validation/ranges/``, and their specs."""
+    if len(specs) != 1:
+        raise UserError(f"--layer-ranges: this target is already cut into {len(specs)} packs "
+                        f"(decoder_pack_size); they are validated pack by pack without it")
+    try:
+        rspecs = ranges.range_specs(specs[0], count)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    directory = target / "validation" / "ranges"
+    out = []
+    for paths in (exported, fused):
+        if paths is None:
+            out.append(None)
+            continue
+        stem = paths[0].name.removesuffix(".onnx")
+        out.append(ranges.write_ranges(paths[0], rspecs, cfg.num_layers, directory, stem))
+        log(f"[validate] {paths[0].name} cut into layer ranges "
+            + ", ".join(f"{s.first_layer}..{s.last_layer - 1}" for s in rspecs))
+    return rspecs, out[0], out[1]
+
+
 def _task_checks(options, source, dtype, specs, exported, fused, plans, backend, backend_error, profile, not_run, log):
     stacks: dict = {}
     for name, paths in ((rn.EXPORT, exported), (rn.FUSED, fused)):
@@ -305,7 +347,8 @@ def _task_checks(options, source, dtype, specs, exported, fused, plans, backend,
         if name in not_run:
             stacks[name] = not_run[name]
             continue
-        stacks[name] = OnnxStack([Pack(s, p) for s, p in zip(specs, paths)])
+        # 64 small steps per graph: the casts folded once (the task check's peak stays under the prefill's).
+        stacks[name] = OnnxStack([Pack(s, p) for s, p in zip(specs, paths)], fold_casts=True)
     with contextlib.ExitStack() as active:
         trt_runners, why = [], None
         for i in range(len(specs)):

@@ -18,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 
+from kvplan.pipeline import release_memory
 from kvplan.validate import polyjson
 from kvplan.validate.compare import compare_point
 from kvplan.validate.points import as_float32
@@ -118,6 +119,10 @@ class Streamer:
                     self.spilled.setdefault((base, runner.name), []).append(
                         _spill(self.spill_root / base / runner.name / str(k), outputs))
                 del outputs
+                # glibc keeps the point's freed buffers (ONNX Runtime's intermediates above all) in its
+                # heap; the next point would then peak on top of them (about 250 MiB more at the default
+                # model's N = 512, lastSum = 3584 point).
+                release_memory()
         except BaseException:
             writer.abort()
             if inputs:

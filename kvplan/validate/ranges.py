@@ -1,0 +1,134 @@
+"""Layer ranges of one graph, for validation that compares a stack range by range.
+
+``--layer-ranges K`` cuts a single-pack graph (the exported one, the fused one) into K
+contiguous ranges of layers, each a graph of its own with the pack contract of those
+layers (``hidden_in`` -> ``hidden_out`` and the range's cache), so it is validated exactly
+as a pack of ``decoder_pack_size`` is: fed the reference's hidden state entering its
+first layer. Only one range's weights are in an ONNX Runtime session at a time.
+
+A range is cut at the tensor that leaves its last layer: the one tensor a ``layers.{i}/``
+node produces and a ``layers.{i+1}/`` node reads (the stitched exporter names every
+node after its layer, and the surgery passes keep the names). Nothing of the graph is
+re-derived: the range's nodes are the original nodes that its outputs depend on, back to
+the range's inputs, and its weights are the original initializers they read.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import onnx
+from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+from kvplan.decoder import StackSpec
+from kvplan.errors import GraphError
+from kvplan.export.exporter import input_names, output_names
+from kvplan.fileio import atomic_file
+
+# Above this many bytes of weights a range's file keeps them in an external data file
+# (protobuf refuses messages over 2 GiB).
+EMBED_LIMIT = 1 << 30
+
+
+def range_specs(pack: StackSpec, count: int) -> list[StackSpec]:
+    """``pack``'s layers in ``count`` contiguous ranges as even as they can be (the first ones
+    one layer longer); only the last keeps the final norm."""
+    layers = pack.last_layer - pack.first_layer
+    if not 1 <= count <= layers:
+        raise ValueError(f"--layer-ranges must be between 1 and the number of layers ({layers}), got {count}")
+    size, extra = divmod(layers, count)
+    specs, start = [], pack.first_layer
+    for r in range(count):
+        stop = start + size + (r < extra)
+        specs.append(StackSpec(start, stop, pack.final_norm and stop == pack.last_layer,
+                               pack.kv_format, pack.kv_io, pack.cache_len))
+        start = stop
+    return specs
+
+
+def range_stem(stem: str, spec: StackSpec) -> str:
+    return f"{stem}.layers{spec.first_layer}-{spec.last_layer - 1}"
+
+
+def boundary(graph: onnx.GraphProto, layer: int, path: Path) -> str:
+    """The tensor leaving ``layer`` for ``layer + 1``."""
+    produced = {out: n.name for n in graph.node if n.name.startswith(f"layers.{layer}/") for out in n.output}
+    found = sorted({i for n in graph.node if n.name.startswith(f"layers.{layer + 1}/") for i in n.input
+                    if i in produced})
+    if len(found) != 1:
+        raise GraphError(f"{path}: cannot cut after layer {layer}: layer {layer + 1} reads "
+                         f"{len(found)} tensors of layer {layer} ({', '.join(found) or 'none'}), not one")
+    return found[0]
+
+
+def extract(model: onnx.ModelProto, spec: StackSpec, num_layers: int, path: Path, base_dir: Path) -> onnx.ModelProto:
+    """The range ``spec`` of ``model`` (a single-pack graph of ``num_layers`` layers, read from
+    ``path`` without its external data) as a graph with the pack contract of ``spec``."""
+    graph = model.graph
+    entry = "hidden_in" if spec.first_layer == 0 else boundary(graph, spec.first_layer - 1, path)
+    leave = "hidden_out" if spec.last_layer == num_layers else boundary(graph, spec.last_layer - 1, path)
+    rename = {entry: "hidden_in", leave: "hidden_out"}
+    ins, outs = input_names(spec), output_names(spec)
+    sources = {entry, *ins[1:]}
+    needed = {leave, *outs[1:]}
+    kept = []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(i for i in node.input if i and i not in sources)
+    kept.reverse()
+    produced = {o for n in kept for o in n.output}
+    initializers = [t for t in graph.initializer if t.name in needed]
+    known = produced | sources | {t.name for t in initializers}
+    stray = sorted(needed - known)
+    if stray:
+        raise GraphError(f"{path}: layers {spec.first_layer}..{spec.last_layer - 1} read {stray[0]}, "
+                         f"which comes from outside the range")
+    nodes = []
+    for node in kept:
+        node = onnx.NodeProto.FromString(node.SerializeToString())
+        node.input[:] = [rename.get(i, i) for i in node.input]
+        node.output[:] = [rename.get(o, o) for o in node.output]
+        nodes.append(node)
+    for t in initializers:
+        if uses_external_data(t):        # only this range's weights are read from the data file
+            load_external_data_for_tensor(t, str(base_dir))
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.DEFAULT
+    by_name = {v.name: v for v in list(graph.input) + list(graph.output)}
+    inputs = [by_name[n] for n in ins]
+    outputs = [by_name[n] for n in outs]
+    sub = onnx.helper.make_graph(nodes, f"{graph.name}_layers{spec.first_layer}_{spec.last_layer - 1}",
+                                 inputs, outputs, initializers)
+    return onnx.helper.make_model(sub, opset_imports=list(model.opset_import), ir_version=model.ir_version,
+                                  producer_name=model.producer_name, functions=list(model.functions))
+
+
+def write_ranges(source: Path, specs: list[StackSpec], num_layers: int, directory: Path, stem: str) -> list[Path]:
+    """Each range of the graph at ``source`` as ``directory/<stem>.layers<a>-<b>.onnx``."""
+    try:
+        model = onnx.load(str(source), load_external_data=False)
+    except Exception as e:
+        raise GraphError(f"{source}: cannot read the graph to cut it into layer ranges: {e}") from e
+    paths = []
+    for spec in specs:
+        sub = extract(model, spec, num_layers, source, source.parent)
+        path = directory / f"{range_stem(stem, spec)}.onnx"
+        weights = sum(math.prod(t.dims) * _itemsize(t.data_type) for t in sub.graph.initializer)
+        if weights > EMBED_LIMIT:
+            try:
+                onnx.save(sub, str(path), save_as_external_data=True, location=f"{path.name}.data")
+            except BaseException:
+                path.unlink(missing_ok=True)
+                path.with_name(f"{path.name}.data").unlink(missing_ok=True)
+                raise
+        else:
+            with atomic_file(path) as f:
+                f.write(sub.SerializeToString())
+        paths.append(path)
+        del sub
+    return paths
+
+
+def _itemsize(data_type: int) -> int:
+    return onnx.helper.tensor_dtype_to_np_dtype(data_type).itemsize

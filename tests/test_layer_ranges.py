@@ -1,0 +1,131 @@
+"""--layer-ranges: a single-pack graph compared range by range, each range fed the reference's
+hidden state entering it, as packs are.
+
+tiny-llama (4 layers), float32, exported and fused, no engine. A range graph is the original's
+nodes and weights between two layer boundaries; a weight perturbed in one range fails that
+range, named by its layers, and no other.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import numpy as np
+import onnx
+import onnx.numpy_helper
+import pytest
+
+from kvplan.cli import build_main, validate_main
+from kvplan.decoder import StackSpec
+from kvplan.errors import GraphError
+from kvplan.export.exporter import input_names, output_names
+from kvplan.manifest import load_manifest, sha256_file
+from kvplan.validate.ranges import range_specs, write_ranges
+
+PROFILE = """description = "layer-range test profile"
+[export]
+dtype = "float32"
+[surgery]
+passes = ["rmsnorm", "rope", "attention"]
+[engine]
+[[engine.profiles]]
+name = "prefill"
+N = [1, 4, 8]
+lastSum = [0, 8, 16]
+[validate]
+atol = 1e-4
+rtol = 1e-4
+"""
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ranges")
+    profile = root / "vranges.toml"
+    profile.write_text(PROFILE)
+    out = root / "engines"
+    assert build_main(["--model", "tiny-llama", "--profile", str(profile), "--out", str(out),
+                       "--stop-after", "surgery"]) == 0
+    return {"profile": profile, "out": out}
+
+
+def _args(target, out, *extra):
+    return ["--model", "tiny-llama", "--profile", str(target["profile"]), "--out", str(out),
+            "--points", "opt", "--no-task", *extra]
+
+
+def test_ranges_split_the_layers_evenly_and_only_the_last_keeps_the_norm():
+    specs = range_specs(StackSpec(0, 20, True), 3)
+    assert [(s.first_layer, s.last_layer, s.final_norm) for s in specs] == [(0, 7, False), (7, 14, False),
+                                                                            (14, 20, True)]
+    with pytest.raises(ValueError, match="between 1 and the number of layers"):
+        range_specs(StackSpec(0, 4, True), 5)
+
+
+def test_a_range_graph_has_the_pack_contract_and_only_its_layers_weights(target, tmp_path):
+    graph = target["out"] / "tiny-llama" / "vranges" / "decoder.fused.onnx"
+    specs = range_specs(StackSpec(0, 4, True), 2)
+    paths = write_ranges(graph, specs, 4, tmp_path, "decoder.fused")
+    assert [p.name for p in paths] == ["decoder.fused.layers0-1.onnx", "decoder.fused.layers2-3.onnx"]
+    for spec, path in zip(specs, paths):
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+        assert [v.name for v in model.graph.input] == input_names(spec)
+        assert [v.name for v in model.graph.output] == output_names(spec)
+        # Weights are named layers.<i>.<module>; shared constants (layers.0/...) may serve any layer.
+        layers = {int(m.group(1)) for t in model.graph.initializer if (m := re.match(r"layers\.(\d+)\.", t.name))}
+        assert layers == set(spec.layers)
+        assert any(t.name == "norm.weight" for t in model.graph.initializer) == spec.final_norm
+
+
+def test_a_graph_that_cannot_be_cut_is_refused_naming_the_layer(target, tmp_path):
+    model = onnx.load(str(target["out"] / "tiny-llama" / "vranges" / "decoder.onnx"))
+    for node in model.graph.node:          # layer 2 no longer names its nodes after its layer
+        node.name = node.name.replace("layers.2/", "block/")
+    bad = tmp_path / "decoder.onnx"
+    onnx.save(model, str(bad))
+    with pytest.raises(GraphError, match="cannot cut after layer 1"):
+        write_ranges(bad, range_specs(StackSpec(0, 4, True), 2), 4, tmp_path / "out", "decoder")
+
+
+def test_a_stack_validated_in_layer_ranges_passes_every_range(target, tmp_path, capsys):
+    out = tmp_path / "engines"
+    shutil.copytree(target["out"], out)
+    rc = validate_main(_args(target, out, "--layer-ranges", "2"))
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    record = load_manifest(out / "tiny-llama" / "vranges")["validation"]
+    assert record["layer_ranges"] == ["0..1", "2..3"]
+    assert record["pairs"]["pytorch vs onnxrt-fused"]["passed"]
+    # Every range's Polygraphy files, and the target's own graphs (not the ranges) as artifacts.
+    assert any("decoder.layers0-1.prefill.outputs.onnxrt-fused.json" in f for f in record["files"])
+    assert any("decoder.layers2-3.prefill.outputs.pytorch.json" in f for f in record["files"])
+    assert sorted(record["artifacts"]) == ["decoder.fused.onnx", "decoder.onnx"]
+
+
+def test_a_perturbed_weight_fails_the_range_holding_it_and_names_it(target, tmp_path, capsys):
+    out = tmp_path / "engines"
+    shutil.copytree(target["out"], out)
+    directory = out / "tiny-llama" / "vranges"
+    path = directory / "decoder.fused.onnx"
+    model = onnx.load(str(path))
+    [init] = [t for t in model.graph.initializer if t.name == "layers.2.post_attention_layernorm.weight"]
+    init.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(init) + np.float32(0.05), init.name))
+    onnx.save(model, str(path))
+    manifest = json.loads((directory / "manifest.json").read_text())
+    for entry in manifest["stages"]["surgery"]["artifacts"]:
+        if entry["path"] == path.name:
+            entry["bytes"], entry["sha256"] = path.stat().st_size, sha256_file(path)
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+
+    rc = validate_main(_args(target, out, "--layer-ranges", "2"))
+    text = capsys.readouterr().out
+    assert rc == 1, text
+    failing = load_manifest(directory)["validation"]["pairs"]["pytorch vs onnxrt-fused"]["failing_tensors"]
+    # Layer 2's MLP input changes what leaves the second range (layers 2..3): its hidden_out and layer 3's
+    # cache; the first range, fed the reference's own hidden state, passes.
+    assert failing and all("pack1" in t for t in failing), failing
+    assert any("hidden_out" in t for t in failing) and any("past_key3" in t for t in failing)
+    verdict = next(line for line in text.splitlines() if line.startswith("validation FAIL"))
+    assert "layers 2..3" in verdict and "layers 0..1" not in verdict
