@@ -77,7 +77,8 @@ def write_atomic(path: Path, data) -> int:
     return size
 
 
-def _varint(n: int) -> bytes:
+def encode_varint(n: int) -> bytes:
+    """protobuf's base-128 varint."""
     out = bytearray()
     while True:
         byte, n = n & 0x7F, n >> 7
@@ -86,12 +87,12 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-_GRAPH_FIELD = 7          # ModelProto.graph
-_INITIALIZER_FIELD = 5    # GraphProto.initializer
+GRAPH_FIELD = 7          # ModelProto.graph
+INITIALIZER_FIELD = 5    # GraphProto.initializer
 
 
-def _field(number: int, length: int) -> bytes:
-    return _varint(number << 3 | 2) + _varint(length)     # wire type 2: length-delimited
+def field_header(number: int, length: int) -> bytes:
+    return encode_varint(number << 3 | 2) + encode_varint(length)     # wire type 2: length-delimited
 
 
 def write_streamed(head: onnx.ModelProto, tensors: Callable[[], Iterable[onnx.TensorProto]], f) -> None:
@@ -108,15 +109,15 @@ def write_streamed(head: onnx.ModelProto, tensors: Callable[[], Iterable[onnx.Te
     rest.ClearField("graph")
     graph = head.graph.SerializeToString()
     sizes = [t.ByteSize() for t in tensors()]
-    graph_len = len(graph) + sum(len(_field(_INITIALIZER_FIELD, n)) + n for n in sizes)
+    graph_len = len(graph) + sum(len(field_header(INITIALIZER_FIELD, n)) + n for n in sizes)
     f.write(rest.SerializeToString())
-    f.write(_field(_GRAPH_FIELD, graph_len))
+    f.write(field_header(GRAPH_FIELD, graph_len))
     f.write(graph)
     for size, t in zip(sizes, tensors()):
         data = t.SerializeToString()
         if len(data) != size:
             raise RuntimeError(f"initializer {t.name!r} serialized to {len(data)} bytes, {size} expected")
-        f.write(_field(_INITIALIZER_FIELD, size))
+        f.write(field_header(INITIALIZER_FIELD, size))
         f.write(data)
 
 

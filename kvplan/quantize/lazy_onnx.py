@@ -18,9 +18,8 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from kvplan.errors import QuantizeError
+from kvplan.fileio import GRAPH_FIELD, INITIALIZER_FIELD, field_header
 
-GRAPH_FIELD = 7          # ModelProto.graph
-INITIALIZER_FIELD = 5    # GraphProto.initializer
 # Entries at least this big stay in the file (every linear; norms and shape constants are read).
 LAZY_BYTES = 64 * 1024
 
@@ -52,16 +51,6 @@ def _varint(f) -> int:
         if b[0] < 0x80:
             return result
         shift += 7
-
-
-def _encode_varint(n: int) -> bytes:
-    # As kvplan.fileio's writer encodes them (kept private there).
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 def _fields(f, end: int):
@@ -122,13 +111,13 @@ def load_lazy(path: Path) -> ir.Model:
                         skeleton = _skeleton(f, s_offset, s_length)
                         lazy.append((s_offset, s_length, skeleton))
                         blob = skeleton.SerializeToString()
-                        graph += _encode_varint(INITIALIZER_FIELD << 3 | 2) + _encode_varint(len(blob)) + blob
+                        graph += field_header(INITIALIZER_FIELD, len(blob)) + blob
                     else:
                         graph += f.read(s_offset + s_length - s_start)
                     f.seek(here)
     except (EOFError, ValueError) as e:
         raise QuantizeError(f"{path}: not a readable ONNX file ({e})") from None
-    top += _encode_varint(GRAPH_FIELD << 3 | 2) + _encode_varint(len(graph)) + graph
+    top += field_header(GRAPH_FIELD, len(graph)) + graph
     try:
         proto = onnx.ModelProto.FromString(bytes(top))
     except DecodeError as e:
