@@ -362,6 +362,7 @@ def test_kv_write_refuses_rows_beyond_the_buffer():
         kv_write(cache, update, torch.tensor([6]), 2)
 
 
+@pytest.mark.slow  # a cold trace of every piece
 def test_the_pieces_are_traced_in_one_exporter_call(monkeypatch):
     """The exporter's fixed cost is paid once: rotary, layer and norm are traced side by side and
     split apart, each piece with only its own inputs and weights."""

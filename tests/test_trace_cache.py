@@ -110,6 +110,7 @@ def test_the_cli_uses_the_cache_and_records_it(tmp_path, no_memory, monkeypatch,
     assert sorted(record["hits"]) == ["layer", "norm", "rotary"] and record["stored"] == []
 
 
+@pytest.mark.slow  # two cold traces
 def test_no_trace_cache_neither_reads_nor_writes_it(tmp_path, no_memory, monkeypatch):
     monkeypatch.setenv("KVPLAN_CACHE_DIR", str(tmp_path / "cache"))
     assert main(["--model", "tiny-llama", "--profile", "fp32", "--stop-after", "export", "--out", str(tmp_path / "a"),
@@ -130,6 +131,7 @@ def test_a_rebuild_after_another_layout_writes_the_first_builds_bytes(tmp_path, 
     assert export(tmp_path, "again", cache).read_bytes() == first.read_bytes()
 
 
+@pytest.mark.slow  # several cold traces
 def test_a_rebuild_of_several_packs_writes_the_same_bytes(tmp_path, no_memory, monkeypatch):
     """Packs without the final norm use the same trace as the last pack, which has it."""
     source = resolve("tiny-llama")
