@@ -98,6 +98,7 @@ def test_an_export_after_another_layout_is_the_cold_exports_bytes(tmp_path, no_m
     assert export(tmp_path, "alone", None, kv_io="inplace").read_bytes() == after.read_bytes()
 
 
+@pytest.mark.slow  # a cold trace and a cached rebuild through the CLI
 def test_the_cli_uses_the_cache_and_records_it(tmp_path, no_memory, monkeypatch, capsys):
     monkeypatch.setenv("KVPLAN_CACHE_DIR", str(tmp_path / "cache"))
     args = ["--model", "tiny-llama", "--profile", "fp32", "--stop-after", "export"]
@@ -120,6 +121,7 @@ def test_no_trace_cache_neither_reads_nor_writes_it(tmp_path, no_memory, monkeyp
     assert record == "off (--no-trace-cache)"
 
 
+@pytest.mark.slow  # cold traces of two layouts
 def test_a_rebuild_after_another_layout_writes_the_first_builds_bytes(tmp_path, no_memory, monkeypatch):
     """Pieces are keyed by the whole layout: an inplace export in between, whose rotary and norm
     compute the same thing, must not change what the concat rebuild loads."""

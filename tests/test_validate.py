@@ -226,6 +226,7 @@ def test_nothing_built_is_an_error(tmp_path, capsys):
     assert "nothing built" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # two packs through the whole CLI; packs stay covered by test_layer_ranges and test_pipeline
 def test_fp16_packs_kv_format_1_through_the_pipeline_cli(tmp_path, capsys):
     """build.engines --validate: fp16, two packs of two layers (each pack fed the reference's hidden state)."""
     profile = write_profile(tmp_path, "vfp16", "float16", pack=2, kv_format=1)
