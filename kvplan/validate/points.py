@@ -237,7 +237,7 @@ def point_data(ref, point: Point, batch: int, need_layers: list[int], prefill: P
     states = {0: hidden}
     if any(i > 0 for i in need_layers):
         if point.rows:
-            rows = [_states(ref, prefill, hidden[b:b + 1], _own_columns(mask[b:b + 1], own, point.last),
+            rows = [_states(ref, prefill, hidden[b:b + 1], own_columns(mask[b:b + 1], own, point.last),
                             pos[b:b + 1], own, need_layers, slice(b, b + 1)) for b, own in enumerate(point.rows)]
             states = {i: torch.cat([r[i] for r in rows]) for i in need_layers}
         else:
@@ -245,7 +245,7 @@ def point_data(ref, point: Point, batch: int, need_layers: list[int], prefill: P
     return PointData(point, states, mask, pos, prefill)
 
 
-def _own_columns(mask: torch.Tensor, own: int, last: int) -> torch.Tensor:
+def own_columns(mask: torch.Tensor, own: int, last: int) -> torch.Tensor:
     """A row's mask over its own past and the new rows only (the columns row_mask masked out dropped)."""
     return torch.cat([mask[..., :own], mask[..., last:]], dim=-1)
 
@@ -286,7 +286,7 @@ def feed_for(data: PointData, spec) -> OrderedDict:
         p = data.point
         lasts = p.lasts
         fill = torch.finfo(mask.dtype).min
-        mask = torch.cat([torch.nn.functional.pad(_own_columns(mask[b:b + 1], own, p.last), (0, p.last - own),
+        mask = torch.cat([torch.nn.functional.pad(own_columns(mask[b:b + 1], own, p.last), (0, p.last - own),
                                                   value=fill) for b, own in enumerate(lasts)])
     feed = cache_io.graph_feed(spec, data.hidden[spec.first_layer], mask, data.position_ids,
                                lambda i, kind: to_kv_format(data.past(i, kind), spec.kv_format), lasts)

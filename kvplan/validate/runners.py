@@ -24,7 +24,7 @@ from polygraphy.common import TensorMetadata
 from kvplan.export.exporter import TORCH_DTYPES, output_names
 from kvplan.trt.backend import version_tuple
 from kvplan.validate.ort_session import session as onnx_session
-from kvplan.validate.points import to_feed_value, to_kv_format
+from kvplan.validate.points import own_columns, to_feed_value, to_kv_format
 
 REFERENCE, EXPORT, FUSED, TENSORRT = "pytorch", "onnxrt-export", "onnxrt-fused", "tensorrt"
 
@@ -106,7 +106,7 @@ class ReferenceRunner(BaseRunner):
                 if own > total or not bool((mask[..., own:total] <= torch.finfo(mask.dtype).min / 2).all()):
                     raise ValueError(f"batch row {b}: its positions start at {own}, but the mask does not mask "
                                      f"out past rows {own}..{total - 1}")
-                row["attention_mask"] = torch.cat([mask[..., :own], mask[..., total:]], dim=-1)
+                row["attention_mask"] = own_columns(mask, own, total)
                 row.update({k: v.narrow(seq, 0, own) for k, v in row.items() if k.startswith("past_")})
             rows.append(self._step(row))
         out = [torch.cat([r[0] for r in rows])]
