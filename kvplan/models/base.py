@@ -33,7 +33,25 @@ class ModelSource:
     # tensors in the checkpoint's names and layout (fused projections still fused, norm gains
     # unfolded), without the ``model.`` prefix.
     reference_config: Path | dict | None = None
-    read_reference: Callable[[], dict[str, torch.Tensor]] | None = None
+    # ``read_reference(layers=None, norm=True)``: those tensors, of ``layers`` only when given
+    # (validation builds the reference a few layers at a time), the final norm when ``norm``.
+    read_reference: Callable[..., dict[str, torch.Tensor]] | None = None
+
+
+def reference_names(names, layers: range | None = None, norm: bool = True) -> list[str]:
+    """The ``names`` of ``layers`` (a layer's tensors, kvplan's and the checkpoints' alike, start
+    ``layers.{i}.``) and, when ``norm``, the rest (the final norm); every name when ``layers`` is None."""
+    if layers is None:
+        return list(names)
+    wanted = {f"layers.{i}." for i in layers}
+    out = []
+    for name in names:
+        if name.startswith("layers."):
+            if name[:name.index(".", 7) + 1] in wanted:
+                out.append(name)
+        elif norm:
+            out.append(name)
+    return out
 
 
 def file_fingerprint(path: Path) -> dict:

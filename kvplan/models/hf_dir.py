@@ -7,7 +7,7 @@ from pathlib import Path
 
 from kvplan.config import ConfigError
 from kvplan.models import families
-from kvplan.models.base import ModelError, ModelSource
+from kvplan.models.base import ModelError, ModelSource, reference_names
 from kvplan.models.presets import tensor_shapes
 from kvplan.models.safetensors_dir import TensorIndex
 
@@ -61,7 +61,8 @@ def make_source(directory: Path, cfg_dict: dict, config_file: Path, prefix: str,
     return ModelSource(name=directory.resolve().name, config=cfg, kind=kind, read_tensors=read,
                        fingerprint=fingerprint, path=directory, read_lm=read_lm,
                        reference_config=directory if reference_config is None else reference_config,
-                       read_reference=lambda: read_checkpoint(checkpoint_names))
+                       read_reference=lambda layers=None, norm=True: read_checkpoint(
+                           reference_names(checkpoint_names, layers, norm)))
 
 
 def load(arg: str) -> ModelSource:

@@ -7,7 +7,7 @@ import torch
 
 from kvplan.config import DecoderConfig
 from kvplan.decoder import DecoderStack, StackSpec
-from kvplan.models.base import ModelError, ModelSource
+from kvplan.models.base import ModelError, ModelSource, reference_names
 from kvplan.models.families import FAMILIES, get as get_family
 
 DEFAULT = "minicpmo26-tts"
@@ -106,4 +106,5 @@ def load(name: str) -> ModelSource:
     return ModelSource(name=name, config=cfg, kind="preset", read_tensors=read, read_lm=read_lm,
                        fingerprint={"preset": name, "seed": SEED, "config": cfg.to_dict()},
                        reference_config=family.hf_config(cfg),
-                       read_reference=lambda: family.to_checkpoint(cfg, read(list(shapes))))
+                       read_reference=lambda layers=None, norm=True: family.to_checkpoint(
+                           cfg, read(reference_names(shapes, layers, norm))))

@@ -36,7 +36,7 @@ from kvplan.models import families
 from kvplan.models.families import from_hf_dict
 from kvplan.errors import QuantizeError
 from kvplan.models import resolve as resolve_model
-from kvplan.models.base import ModelSource
+from kvplan.models.base import ModelSource, reference_names
 from kvplan.models.presets import tensor_shapes
 from kvplan.models.safetensors_dir import TensorIndex
 from kvplan.quantize.linears import MODULES
@@ -247,10 +247,10 @@ def load(directory: Path, qc: dict) -> QuantizedSource:
 
     fingerprint = {"kind": f"hf-{method}", "config_sha256": hashlib.sha256(config_file.read_bytes()).hexdigest(),
                    "prefix": PREFIX, "shards": index.fingerprint()}
-    def read_reference() -> dict[str, torch.Tensor]:
+    def read_reference(layers=None, norm=True) -> dict[str, torch.Tensor]:
         # The checkpoint's own config.json builds the reference; its linears are the dequantized
         # int4 values (faithfulness: the graph must compute exactly these weights).
-        return families.get(cfg.family).to_checkpoint(cfg, read(list(shapes)))
+        return families.get(cfg.family).to_checkpoint(cfg, read(reference_names(shapes, layers, norm)))
 
     return QuantizedSource(name=directory.resolve().name, config=cfg, kind=f"hf-{method}", read_tensors=read,
                            fingerprint=fingerprint, path=directory, read_lm=read_lm, checkpoint=ckpt,

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from kvplan.errors import QuantizeError
-from kvplan.models.base import ModelSource
+from kvplan.models.base import ModelSource, reference_names
 from kvplan.models import families
 from kvplan.models.presets import tensor_shapes
 
@@ -114,11 +114,11 @@ def dequantized_source(source: ModelSource, quantized: Quantized) -> ModelSource
                 got[n] = quantized.replaced[n].to(torch.float32)
         return {n: got[n] for n in names}
 
-    def read_reference() -> dict[str, torch.Tensor]:
+    def read_reference(layers=None, norm=True) -> dict[str, torch.Tensor]:
         # transformers reads the checkpoint's own layout (fused projections, unfolded gains):
         # the dequantized weights are mapped back into it by the family.
         family = families.get(source.config.family)
-        return family.to_checkpoint(source.config, read(list(tensor_shapes(source.config))))
+        return family.to_checkpoint(source.config, read(reference_names(tensor_shapes(source.config), layers, norm)))
 
     return ModelSource(name=source.name, config=source.config, kind=source.kind, read_tensors=read,
                        fingerprint=source.fingerprint, path=source.path, read_lm=source.read_lm,

@@ -71,37 +71,39 @@ class StepResult:
 
 
 class HFReference:
-    """transformers' decoder (the family's class) holding ``source``'s weights in ``dtype``."""
+    """transformers' decoder (the family's class) holding ``source``'s weights in ``dtype``.
+
+    ``layers``: only those layers (and the final norm when ``norm``) hold weights; the model is
+    built on the meta device and every other layer stays there, taking no memory, so
+    validation can hold a few layers at a time (runners.slice_decoder runs just those).
+    """
 
     def __init__(self, source: ModelSource, dtype: torch.dtype = torch.float32, with_lm: bool = False,
-                 attention: str | None = None):
+                 attention: str | None = None, layers: range | None = None, norm: bool = True):
         """``attention``: transformers' attention implementation (None: ``attention_for``'s choice)."""
         self.source, self.dtype = source, dtype
+        self.layers = range(source.config.num_layers) if layers is None else layers
         self.hf_config = _hf_config(source, attention)
         self.attention = self.hf_config._attn_implementation
         decoder_class, lm_class = get_family(source.config.family).reference_classes
-        weights = source.read_reference()
-        for name in list(weights):       # converted one at a time: never two copies of the model
-            weights[name] = weights[name].to(dtype)
+        cls = getattr(transformers, lm_class if with_lm else decoder_class)
+        # Every parameter is replaced below: never write random ones, nor allocate them.
+        with torch.device("meta"), no_init_weights():
+            model = cls._from_config(self.hf_config, dtype=dtype)
+        prefix = "model." if with_lm else ""
+        # Read and converted a layer at a time: one layer in the source's dtype beside the model.
+        for i in self.layers:
+            self._assign(model, source.read_reference(layers=range(i, i + 1), norm=False), prefix)
+        if norm:
+            self._assign(model, source.read_reference(layers=range(0), norm=True), prefix)
         if with_lm:
             if source.read_lm is None:
                 raise ValueError(f"{source.name}: no LM head in this model source")
             lm = source.read_lm()
-            with no_init_weights():      # every parameter is replaced below: never write random ones
-                model = getattr(transformers, lm_class)._from_config(self.hf_config, dtype=dtype)
-            state = {f"model.{k}": v for k, v in weights.items()}
-            # Popped as converted: one vocabulary-sized matrix in the source dtype at a time.
-            state["model.embed_tokens.weight"] = lm.pop("embed_tokens.weight").to(dtype)
-            state["lm_head.weight"] = lm.pop("lm_head.weight").to(dtype)
-        else:
-            with no_init_weights():
-                model = getattr(transformers, decoder_class)._from_config(self.hf_config, dtype=dtype)
-            state = dict(weights)
-            state["embed_tokens.weight"] = torch.zeros(model.embed_tokens.weight.shape, dtype=dtype)
-        del weights
-        # assign: the modules take these tensors as their parameters (no second copy of the weights).
-        model.load_state_dict(state, strict=True, assign=True)
-        del state
+            self._assign(model, {"model.embed_tokens.weight": lm.pop("embed_tokens.weight"),
+                                 "lm_head.weight": lm.pop("lm_head.weight")}, "")
+            del lm
+        self._materialize_rotary(model)
         # Rotary inverse frequencies stay fp32, as from_pretrained(dtype=float16) leaves
         # them: a blanket .to(float16) would round them and shift the angle by ~1 rad
         # at position 4000, which is a bug of the reference, not of the graph under test.
@@ -111,7 +113,40 @@ class HFReference:
             owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
             setattr(owner, name.rsplit(".", 1)[-1], buf)
         self.model = model.eval()
+        self._check_loaded(norm, with_lm)
         self._cache_kw = "cache" if "cache" in inspect.signature(self.decoder.forward).parameters else "past_key_values"
+
+    def _assign(self, model, weights: dict, prefix: str) -> None:
+        state = {prefix + k: v.to(self.dtype) for k, v in weights.items()}
+        weights.clear()
+        # assign: the modules take these tensors as their parameters (no second copy of the weights).
+        result = model.load_state_dict(state, strict=False, assign=True)
+        if result.unexpected_keys:
+            raise ValueError(f"{self.source.name}: the reference model has no tensor {result.unexpected_keys[0]!r}")
+
+    def _materialize_rotary(self, model) -> None:
+        """The rotary embedding's buffers are computed from the config at construction, which ran on
+        the meta device: construct it again, for real."""
+        for name, module in list(model.named_modules()):
+            if type(module).__name__.endswith("RotaryEmbedding") and any(b.is_meta for b in module.buffers()):
+                owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+                setattr(owner, name.rsplit(".", 1)[-1], type(module)(config=self.hf_config))
+
+    def _check_loaded(self, norm: bool, with_lm: bool) -> None:
+        """Everything the held layers run holds real values (a checkpoint without a tensor the
+        config asks for would otherwise leave it on the meta device)."""
+        dec = self.decoder
+        parts = [(f"layers.{i}", dec.layers[i]) for i in self.layers]
+        parts += [(n, m) for n, m in dec.named_children() if n not in ("layers", "embed_tokens", "norm")]
+        if norm:
+            parts.append(("norm", dec.norm))
+        if with_lm:
+            parts += [("embed_tokens", dec.embed_tokens), ("lm_head", self.model.lm_head)]
+        for base, module in parts:
+            for n, t in list(module.named_parameters()) + list(module.named_buffers()):
+                if t.is_meta:
+                    raise ValueError(f"{self.source.name}: the checkpoint holds no value for the reference's "
+                                     f"{base}.{n}")
 
     @property
     def decoder(self):
