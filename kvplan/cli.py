@@ -100,10 +100,11 @@ def validate_parser(prog: str = "kvplan validate") -> argparse.ArgumentParser:
     p.add_argument("--no-task", action="store_true", help="skip the token-agreement and multi-step checks")
     p.add_argument("--min-agreement", type=float, default=0.95,
                    help="lowest teacher-forced top-1 agreement that passes (default: %(default)s)")
-    p.add_argument("--layer-ranges", type=int, default=0, metavar="K",
-                   help="cut the (single-pack) graphs into K layer ranges and compare each, fed the "
-                        "reference's hidden state entering it; ONNX Runtime then holds one range's weights "
-                        "at a time (default: 0, the whole stack)")
+    p.add_argument("--layer-ranges", type=_layer_ranges, default="auto", metavar="K",
+                   help="run every runner over a single-pack graph K layers ranges at a time, each range fed "
+                        "the runner's own output of the one before (what the whole graph computes), so only "
+                        "one range's weights are in memory; auto: ranges of about 64 MiB of weights; 0 or 1: "
+                        "the whole stack at once (default: %(default)s)")
     p.add_argument("--full", action="store_true", help="print one table row per output tensor")
     p.add_argument("--verbose", action="store_true", help="keep Polygraphy's own log")
     return p
@@ -146,6 +147,18 @@ def _presets() -> int:
         print(f"{name:20s} {cfg.family:8s} layers={cfg.num_layers} hidden={cfg.hidden_size} "
               f"heads={cfg.num_heads}/{cfg.num_kv_heads} head_dim={cfg.head_dim}")
     return 0
+
+
+def _layer_ranges(text: str):
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not auto or a number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is below 0")
+    return value
 
 
 def _validate_options(args: argparse.Namespace) -> ValidateOptions:

@@ -1,9 +1,10 @@
-"""--layer-ranges: a single-pack graph compared range by range, each range fed the reference's
-hidden state entering it, as packs are.
+"""--layer-ranges: every runner runs a single-pack graph a few layers at a time, each range fed
+the runner's own hidden_out of the range before, so the ranges compute what the whole graph
+does while only one range's weights are in memory.
 
 tiny-llama (4 layers), float32, exported and fused, no engine. A range graph is the original's
-nodes and weights between two layer boundaries; a weight perturbed in one range fails that
-range, named by its layers, and no other.
+nodes and weights between two layer boundaries; the Polygraphy files are the whole graph's; a
+weight perturbed in one range fails from that range on, named by its layers, and not before.
 """
 from __future__ import annotations
 
@@ -14,7 +15,11 @@ import shutil
 import numpy as np
 import onnx
 import onnx.numpy_helper
+import onnxruntime as ort
 import pytest
+import torch
+from polygraphy.comparator import RunResults
+from polygraphy.json import load_json
 
 from kvplan.cli import build_main, validate_main
 from kvplan.decoder import StackSpec
@@ -98,10 +103,46 @@ def test_a_stack_validated_in_layer_ranges_passes_every_range(target, tmp_path, 
     record = load_manifest(out / "tiny-llama" / "vranges")["validation"]
     assert record["layer_ranges"] == ["0..1", "2..3"]
     assert record["pairs"]["pytorch vs onnxrt-fused"]["passed"]
-    # Every range's Polygraphy files, and the target's own graphs (not the ranges) as artifacts.
-    assert any("decoder.layers0-1.prefill.outputs.onnxrt-fused.json" in f for f in record["files"])
-    assert any("decoder.layers2-3.prefill.outputs.pytorch.json" in f for f in record["files"])
+    # The whole graph's Polygraphy files, and the target's own graphs (not the ranges) as artifacts.
+    assert {"validation/decoder.prefill.inputs.json", "validation/decoder.prefill.outputs.onnxrt-fused.json",
+            "validation/decoder.prefill.outputs.pytorch.json"} <= set(record["files"])
     assert sorted(record["artifacts"]) == ["decoder.fused.onnx", "decoder.onnx"]
+
+
+def test_ranges_chained_on_their_own_outputs_give_what_the_whole_graph_computes(target, tmp_path, capsys):
+    """The outputs validation wrote for the fused graph run in two ranges are the whole graph's outputs
+    on the whole graph's inputs (its own run of decoder.fused.onnx on the saved feed)."""
+    out = tmp_path / "engines"
+    shutil.copytree(target["out"], out)
+    assert validate_main(_args(target, out, "--layer-ranges", "2")) == 0, capsys.readouterr().out
+    directory = out / "tiny-llama" / "vranges"
+    feeds = load_json(str(directory / "validation" / "decoder.prefill.inputs.json"))
+    saved = RunResults.load(str(directory / "validation" / "decoder.prefill.outputs.onnxrt-fused.json"))
+    [(_, iterations)] = list(saved.items())
+    session = ort.InferenceSession(str(directory / "decoder.fused.onnx"), providers=["CPUExecutionProvider"])
+    for feed, iteration in zip(feeds, iterations):
+        whole = dict(zip(output_names(StackSpec(0, 4, True)), session.run(None, dict(feed))))
+        assert list(iteration.keys()) == list(whole)
+        for name, value in whole.items():
+            np.testing.assert_allclose(iteration[name], value, atol=1e-5, rtol=1e-5, err_msg=name)
+
+
+def test_auto_ranges_leave_a_small_model_whole(target, tmp_path, capsys):
+    out = tmp_path / "engines"
+    shutil.copytree(target["out"], out)
+    assert validate_main(_args(target, out)) == 0, capsys.readouterr().out
+    assert "layer_ranges" not in load_manifest(out / "tiny-llama" / "vranges")["validation"]
+
+
+def test_auto_ranges_hold_about_64_mib_of_weights_each():
+    from kvplan.models import resolve
+    from kvplan.validate.run import RANGE_BYTES, _range_count, layer_bytes
+    cfg = resolve("minicpmo26-tts").config
+    count = _range_count("auto", cfg, [StackSpec(0, cfg.num_layers, True)], torch.float16)
+    per_range = -(-cfg.num_layers // count) * layer_bytes(cfg, torch.float16)
+    assert count == 7 and per_range <= RANGE_BYTES
+    assert _range_count("auto", cfg, [StackSpec(0, 10, False), StackSpec(10, 20, True)], torch.float16) == 1
+    assert _range_count(0, cfg, [StackSpec(0, cfg.num_layers, True)], torch.float16) == 1
 
 
 def test_a_perturbed_weight_fails_the_range_holding_it_and_names_it(target, tmp_path, capsys):
@@ -124,7 +165,7 @@ def test_a_perturbed_weight_fails_the_range_holding_it_and_names_it(target, tmp_
     assert rc == 1, text
     failing = load_manifest(directory)["validation"]["pairs"]["pytorch vs onnxrt-fused"]["failing_tensors"]
     # Layer 2's MLP input changes what leaves the second range (layers 2..3): its hidden_out and layer 3's
-    # cache; the first range, fed the reference's own hidden state, passes.
+    # cache; the first range, before the weight, passes.
     assert failing and all("pack1" in t for t in failing), failing
     assert any("hidden_out" in t for t in failing) and any("past_key3" in t for t in failing)
     verdict = next(line for line in text.splitlines() if line.startswith("validation FAIL"))

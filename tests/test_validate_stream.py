@@ -57,12 +57,36 @@ def test_a_chunked_prefill_is_the_prefill_of_the_whole_prompt(monkeypatch):
     ref = HFReference(resolve("tiny-llama"), torch.float32)
     whole = ref.cache_tensors(ref.prefill(1, 40), ref.source.config.num_layers)
     monkeypatch.setattr(pts, "CHUNK_SCORE_BYTES", 4 * 4 * 40 * 16)      # 16-token chunks: three of them
-    chunked = pts.Prefill(ref, 1, 40, torch.float32)
+    chunked = pts.Prefill(lambda layers: ref, ref.source.config, [range(4)], 1, 40, torch.float32)
     assert len(chunked.past) == len(whole)
     for a, b in zip(chunked.past, whole):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
     # Points take views of the first lastSum positions, not copies.
     assert chunked.view(1, 0, 7).data_ptr() == chunked.past[2].data_ptr() and chunked.view(1, 0, 7).shape[2] == 7
+
+
+def test_a_prefill_run_a_few_layers_at_a_time_is_the_prefill_of_the_whole_stack(tmp_path):
+    """Each range's model holds only its layers and hands the sequence's hidden state to the next;
+    the cache is written to disk and read back memory-mapped."""
+    source = resolve("tiny-llama")
+    ref = HFReference(source, torch.float32)
+    whole = ref.cache_tensors(ref.prefill(1, 40), source.config.num_layers)
+    held = []
+
+    def make(layers):
+        part = HFReference(source, torch.float32, layers=layers, norm=False)
+        held.append({n.split(".")[1] for n, p in part.decoder.named_parameters() if n.startswith("layers.")
+                     and not p.is_meta})
+        return part
+    ranged = pts.Prefill(make, source.config, [range(0, 1), range(1, 4)], 1, 40, torch.float16,
+                         directory=tmp_path / "cache")
+    assert held == [{"0"}, {"1", "2", "3"}]
+    for i in range(source.config.num_layers):
+        for kind in range(2):
+            view = ranged.view(i, kind, 40)
+            assert view.dtype == torch.float16
+            assert torch.allclose(view.float(), whole[2 * i + kind], atol=2e-3, rtol=2e-3)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir())[:2] == ["layer0.k.npy", "layer0.v.npy"]
 
 
 def test_the_reference_holds_one_copy_of_the_weights_in_its_dtype():

@@ -33,12 +33,7 @@ class SourceTensor(ir.LazyTensor):
                          ir.DataType(skeleton.data_type), ir.Shape(list(skeleton.dims)), name=skeleton.name)
 
     def proto(self) -> onnx.TensorProto:
-        with open(self.path, "rb") as f:
-            f.seek(self.offset)
-            data = f.read(self.length)
-        if len(data) != self.length:
-            raise QuantizeError(f"{self.path}: truncated at initializer {self.name!r}")
-        return onnx.TensorProto.FromString(data)
+        return read_entry(self.path, self.offset, self.length)
 
 
 def _varint(f) -> int:
@@ -92,10 +87,11 @@ def _skeleton(f, offset: int, length: int) -> onnx.TensorProto:
     return onnx.TensorProto.FromString(bytes(kept))
 
 
-def load_lazy(path: Path) -> ir.Model:
-    """``path`` as an ir.Model whose large initializers are ``SourceTensor``s (see the module)."""
+def read_skeleton(path: Path) -> tuple[onnx.ModelProto, dict[str, tuple[int, int, onnx.TensorProto]]]:
+    """``path``'s model with every large initializer entry a skeleton (no values), and each such
+    entry's (offset, length, skeleton) in the file, by name."""
     size = path.stat().st_size
-    top, graph, lazy = bytearray(), bytearray(), []
+    top, graph, lazy = bytearray(), bytearray(), {}
     try:
         with open(path, "rb") as f:
             for number, wire, start, offset, length in _fields(f, size):
@@ -109,7 +105,7 @@ def load_lazy(path: Path) -> ir.Model:
                     f.seek(s_start)
                     if sub == INITIALIZER_FIELD and sub_wire == 2 and s_length >= LAZY_BYTES:
                         skeleton = _skeleton(f, s_offset, s_length)
-                        lazy.append((s_offset, s_length, skeleton))
+                        lazy[skeleton.name] = (s_offset, s_length, skeleton)
                         blob = skeleton.SerializeToString()
                         graph += field_header(INITIALIZER_FIELD, len(blob)) + blob
                     else:
@@ -119,13 +115,28 @@ def load_lazy(path: Path) -> ir.Model:
         raise QuantizeError(f"{path}: not a readable ONNX file ({e})") from None
     top += field_header(GRAPH_FIELD, len(graph)) + graph
     try:
-        proto = onnx.ModelProto.FromString(bytes(top))
+        return onnx.ModelProto.FromString(bytes(top)), lazy
     except DecodeError as e:
         raise QuantizeError(f"{path}: not a readable ONNX file ({e})") from None
+
+
+def read_entry(path: Path, offset: int, length: int) -> onnx.TensorProto:
+    """The initializer entry of ``length`` bytes at ``offset`` of ``path``."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read(length)
+    if len(data) != length:
+        raise QuantizeError(f"{path}: truncated at byte {offset}")
+    return onnx.TensorProto.FromString(data)
+
+
+def load_lazy(path: Path) -> ir.Model:
+    """``path`` as an ir.Model whose large initializers are ``SourceTensor``s (see the module)."""
+    proto, lazy = read_skeleton(path)
     model = ir.serde.deserialize_model(proto)
     ir.external_data.set_base_dir(model.graph, path.parent)
-    for offset, length, skeleton in lazy:
-        value = model.graph.initializers[skeleton.name]
+    for name, (offset, length, skeleton) in lazy.items():
+        value = model.graph.initializers[name]
         value.const_value = SourceTensor(path, offset, length, skeleton)
     return model
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ import torch
 from kvplan import cache_io
 from kvplan.export.exporter import causal_mask, input_names
 from kvplan.pipeline import release_memory
+from kvplan.validate.reference import slice_decoder
 
 KINDS = ("min", "opt", "max", "masked", "batch")
 
@@ -137,37 +139,74 @@ class Prefill:
     exactly the cache of a prefill of those L tokens: slicing it replaces one
     multi-minute CPU prefill per point by one in all. It runs in chunks of tokens, each
     on top of the cache of the ones before (a real prefill all the same, whose attention
-    scores never span the whole square), and the cache is kept once, in ``dtype``: the
-    points' past KV are views of it.
+    scores never span the whole square), and a few layers at a time: ``make_ref(layers)``
+    gives transformers' model holding just those, which runs the whole sequence's hidden
+    state through them and hands it to the next. The cache is kept once, in ``dtype``: in
+    ``directory`` (one file per layer and K/V, memory-mapped when read, so a point holds only
+    what it reads) or, without one, in memory. The points' past KV are views of it.
     """
 
-    def __init__(self, ref, batch: int, length: int, dtype: torch.dtype, seed: int = 0, log=None):
-        cfg = ref.source.config
-        self.batch, self.length = batch, length
+    def __init__(self, make_ref, cfg, segments: list[range], batch: int, length: int, dtype: torch.dtype,
+                 directory: Path | None = None, seed: int = 0, log=None):
+        self.batch, self.length, self.dtype, self.directory = batch, length, dtype, directory
+        self.past: list[torch.Tensor] = []
         if not length:
             self.past = [torch.zeros(batch, cfg.num_kv_heads, 0, cfg.head_dim, dtype=dtype)
                          for _ in range(2 * cfg.num_layers)]
+            self.directory = None
             return
+        if directory is not None:
+            directory.mkdir(parents=True, exist_ok=True)
         g = torch.Generator().manual_seed(seed)
         hidden = torch.randn(batch, length, cfg.hidden_size, generator=g)
         pos = torch.arange(length)[None].expand(batch, length)
         chunk = max(16, CHUNK_SCORE_BYTES // (4 * batch * cfg.num_heads * length))
-        cache = ref.new_cache()
-        for start in range(0, length, chunk):
-            stop = min(length, start + chunk)
-            ref.step(hidden[:, start:stop], causal_mask(batch, stop - start, start, ref.dtype), pos[:, start:stop],
-                     cache)
-            # Each chunk regrows every layer's cache (a concatenation); hand the old buffers back to the OS
-            # rather than let the heap fragment around them.
+        for layers in segments:
+            ref = make_ref(layers)
+            decoder = slice_decoder(ref.decoder, layers.start, layers.stop, False)
+            cache = ref.new_cache()
+            out = []
+            with torch.no_grad():
+                for start in range(0, length, chunk):
+                    stop = min(length, start + chunk)
+                    res = decoder(inputs_embeds=hidden[:, start:stop].to(ref.dtype),
+                                  attention_mask=causal_mask(batch, stop - start, start, ref.dtype),
+                                  position_ids=pos[:, start:stop], use_cache=True, **{ref._cache_kw: cache})
+                    out.append(res.last_hidden_state)
+                    del res
+                    # Each chunk regrows every layer's cache (a concatenation); hand the old buffers back
+                    # to the OS rather than let the heap fragment around them.
+                    release_memory()
+            hidden = torch.cat(out, dim=1)         # entering the next range's first layer
+            del out, ref, decoder
+            for i in layers:                       # converted layer by layer: one float32 layer at a time
+                for kind, t in enumerate(_layer_kv(cache, i)):
+                    self._keep(i, kind, t.to(dtype))
+                _drop_layer(cache, i)
+            del cache
             release_memory()
-        self.past = []
-        for i in range(cfg.num_layers):       # converted layer by layer: one layer's float32 twin at a time
-            self.past += [t.to(dtype) for t in _layer_kv(cache, i)]
-            _drop_layer(cache, i)
+            if log:
+                log(f"[validate]   prefill: layers {layers.start}..{layers.stop - 1} done")
+
+    def _file(self, i: int, kind: int) -> Path:
+        return self.directory / f"layer{i}.{'kv'[kind]}.npy"
+
+    def _keep(self, i: int, kind: int, t: torch.Tensor) -> None:
+        if self.directory is None:
+            self.past.append(t)
+            return
+        # numpy has no bfloat16: its bits are kept as int16 and viewed back.
+        array = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+        np.save(self._file(i, kind), array, allow_pickle=False)
 
     def view(self, i: int, kind: int, last: int) -> torch.Tensor:
         """Layer ``i``'s key (kind 0) or value (1) over the first ``last`` positions (no copy)."""
-        return self.past[2 * i + kind][:, :, :last]
+        if self.directory is None:
+            return self.past[2 * i + kind][:, :, :last]
+        # Copy-on-write mapping: writable for torch, never written; unmapped with its last view.
+        t = torch.from_numpy(np.load(self._file(i, kind), mmap_mode="c", allow_pickle=False))
+        t = t.view(torch.bfloat16) if self.dtype == torch.bfloat16 else t
+        return t[:, :, :last]
 
 
 def _layer_kv(cache, i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,15 +228,29 @@ class PointData:
     """What the runners of every pack need for one point; its past KV are views of the shared prefill.
 
     ``mask`` is [B, 1, N, lastSum + N] over the past tensor's rows and then the step's: a row
-    with fewer valid past rows (a ``batch`` point) has the rest masked out (row_mask)."""
+    with fewer valid past rows (a ``batch`` point) has the rest masked out (row_mask).
+    ``leaving`` holds the hidden state each runner passed on from a range or pack that ends
+    before the last layer, by (runner, the next layer): what that runner's next range is fed,
+    and (the reference's) what every runner's next pack is fed.
+    """
     point: Point
-    hidden: dict[int, torch.Tensor]   # hidden state entering layer i, for each pack's first layer i
+    hidden_in: torch.Tensor
     mask: torch.Tensor
     position_ids: torch.Tensor
     prefill: Prefill
+    leaving: dict = field(default_factory=dict)
 
     def past(self, i: int, kind: int) -> torch.Tensor:
         return self.prefill.view(i, kind, self.point.last)[:self.point.batch]
+
+    def entering(self, layer: int, runner: str):
+        """The hidden state entering ``layer`` as ``runner`` passed it on (the point's own at layer 0)."""
+        if layer == 0:
+            return self.hidden_in
+        try:
+            return self.leaving[(runner, layer)]
+        except KeyError:
+            raise RuntimeError(f"point {self.point.label}: {runner} has not run the layers before {layer}") from None
 
 
 def row_mask(n: int, own: int, last: int, dtype: torch.dtype, window: int = 0) -> torch.Tensor:
@@ -208,21 +261,15 @@ def row_mask(n: int, own: int, last: int, dtype: torch.dtype, window: int = 0) -
     return torch.cat([mask[..., :own], gap, mask[..., own:]], dim=-1)
 
 
-def point_data(ref, point: Point, batch: int, need_layers: list[int], prefill: Prefill) -> PointData:
+def point_data(cfg, dtype: torch.dtype, point: Point, prefill: Prefill) -> PointData:
     """N fresh embeddings on top of the first lastSum positions of the shared real prefill.
 
-    ``need_layers``: layers whose incoming hidden state is needed (pack starts);
-    anything past layer 0 costs one full forward of ``ref`` with output_hidden_states
-    (row by row for a ``batch`` point: each on its own valid past).
     The prefill may run in float32 (``--prefill-dtype``): the past KV is input data here,
     not something under test, and torch's fp16/bf16 CPU kernels make a 3584-token
     prefill of the default model take many minutes; the float32 cache rounded to the
     profile dtype is what a well-behaved fp16 prefill approximates.
     """
-    if batch != point.batch:
-        raise ValueError(f"point {point.label} is at batch {point.batch}, not {batch}")
-    cfg = ref.source.config
-    dtype = ref.dtype
+    batch = point.batch
     g = torch.Generator().manual_seed(point.seed + 1)
     hidden = torch.randn(batch, point.n, cfg.hidden_size, generator=g).to(dtype)
     if point.rows:
@@ -234,37 +281,12 @@ def point_data(ref, point: Point, batch: int, need_layers: list[int], prefill: P
             mask = reserve_slots(mask, point.last)
         pos = torch.arange(point.last, point.last + point.n, dtype=torch.int64)[None]
         pos = pos.expand(batch, point.n).contiguous()
-    states = {0: hidden}
-    if any(i > 0 for i in need_layers):
-        if point.rows:
-            rows = [_states(ref, prefill, hidden[b:b + 1], own_columns(mask[b:b + 1], own, point.last),
-                            pos[b:b + 1], own, need_layers, slice(b, b + 1)) for b, own in enumerate(point.rows)]
-            states = {i: torch.cat([r[i] for r in rows]) for i in need_layers}
-        else:
-            states = _states(ref, prefill, hidden, mask, pos, point.last, need_layers, slice(0, batch))
-    return PointData(point, states, mask, pos, prefill)
+    return PointData(point, hidden, mask, pos, prefill)
 
 
 def own_columns(mask: torch.Tensor, own: int, last: int) -> torch.Tensor:
     """A row's mask over its own past and the new rows only (the columns row_mask masked out dropped)."""
     return torch.cat([mask[..., :own], mask[..., last:]], dim=-1)
-
-
-def _states(ref, prefill: Prefill, hidden, mask, pos, last: int, need_layers: list[int], rows: slice) -> dict:
-    """The hidden states entering ``need_layers`` (``ref``'s forward on the prefill's ``rows``,
-    first ``last`` positions)."""
-    cfg = ref.source.config
-    cache = ref.new_cache()
-    if last:
-        for i in range(cfg.num_layers):
-            cache.update(prefill.view(i, 0, last)[rows], prefill.view(i, 1, last)[rows], i)
-    with torch.no_grad():
-        out = ref.decoder(inputs_embeds=hidden, attention_mask=mask, position_ids=pos, use_cache=True,
-                          output_hidden_states=True, **{ref._cache_kw: cache})
-    # hidden_states[i] enters layer i; the last entry is after the final norm.
-    states = {i: out.hidden_states[i] for i in need_layers}
-    del out, cache
-    return states
 
 
 def to_feed_value(t: torch.Tensor):
@@ -277,7 +299,7 @@ def to_kv_format(t: torch.Tensor, kv_format: int) -> torch.Tensor:
     return t.transpose(1, 2).contiguous() if kv_format == 1 else t
 
 
-def feed_for(data: PointData, spec) -> OrderedDict:
+def feed_for(data: PointData, spec, hidden) -> OrderedDict:
     """The pack's contract inputs, in the graph's input order (kv_io = "inplace": the cache in
     a buffer of cache_len rows, see build/cache_io.py; a ``batch`` point's rows each write at their
     own length, so their masks cover their own past and step, the rest of the buffer masked)."""
@@ -288,7 +310,8 @@ def feed_for(data: PointData, spec) -> OrderedDict:
         fill = torch.finfo(mask.dtype).min
         mask = torch.cat([torch.nn.functional.pad(own_columns(mask[b:b + 1], own, p.last), (0, p.last - own),
                                                   value=fill) for b, own in enumerate(lasts)])
-    feed = cache_io.graph_feed(spec, data.hidden[spec.first_layer], mask, data.position_ids,
+    hidden = hidden if isinstance(hidden, torch.Tensor) else torch.from_numpy(np.asarray(hidden))
+    feed = cache_io.graph_feed(spec, hidden, mask, data.position_ids,
                                lambda i, kind: to_kv_format(data.past(i, kind), spec.kv_format), lasts)
     return OrderedDict((name, to_feed_value(feed[name])) for name in input_names(spec))
 

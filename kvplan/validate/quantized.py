@@ -45,8 +45,8 @@ QUALITY_RUNNER = "pytorch-fp"
 QUALITY_REL_ERROR = 0.25
 
 
-def full_precision_reference(original, dtype) -> HFReference:
-    return HFReference(original, dtype)
+def full_precision_reference(original, dtype, layers=None, norm: bool = True) -> HFReference:
+    return HFReference(original, dtype, layers=layers, norm=norm)
 
 
 def quality_runner(reference: HFReference, spec, contract, log):

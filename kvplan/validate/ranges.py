@@ -23,7 +23,8 @@ from onnx.external_data_helper import load_external_data_for_tensor, uses_extern
 from kvplan.decoder import StackSpec
 from kvplan.errors import GraphError
 from kvplan.export.exporter import input_names, output_names
-from kvplan.fileio import atomic_file
+from kvplan.fileio import atomic_file, write_streamed
+from kvplan.quantize.lazy_onnx import read_entry, read_skeleton
 
 # Above this many bytes of weights a range's file keeps them in an external data file
 # (protobuf refuses messages over 2 GiB).
@@ -105,9 +106,14 @@ def extract(model: onnx.ModelProto, spec: StackSpec, num_layers: int, path: Path
 
 
 def write_ranges(source: Path, specs: list[StackSpec], num_layers: int, directory: Path, stem: str) -> list[Path]:
-    """Each range of the graph at ``source`` as ``directory/<stem>.layers<a>-<b>.onnx``."""
+    """Each range of the graph at ``source`` as ``directory/<stem>.layers<a>-<b>.onnx``.
+
+    The source's large weights are never parsed: the graph is read with skeletons in their place
+    (kvplan/quantize/lazy_onnx.py), and each range's weights are copied from the source file
+    entry by entry as its file is written, so memory holds one weight at a time.
+    """
     try:
-        model = onnx.load(str(source), load_external_data=False)
+        model, lazy = read_skeleton(source)
     except Exception as e:
         raise GraphError(f"{source}: cannot read the graph to cut it into layer ranges: {e}") from e
     paths = []
@@ -116,6 +122,8 @@ def write_ranges(source: Path, specs: list[StackSpec], num_layers: int, director
         path = directory / f"{range_stem(stem, spec)}.onnx"
         weights = sum(math.prod(t.dims) * _itemsize(t.data_type) for t in sub.graph.initializer)
         if weights > EMBED_LIMIT:
+            full = onnx.load(str(source), load_external_data=False) if lazy else model
+            sub = extract(full, spec, num_layers, source, source.parent)
             try:
                 onnx.save(sub, str(path), save_as_external_data=True, location=f"{path.name}.data")
             except BaseException:
@@ -123,8 +131,17 @@ def write_ranges(source: Path, specs: list[StackSpec], num_layers: int, director
                 path.with_name(f"{path.name}.data").unlink(missing_ok=True)
                 raise
         else:
+            large = [t.name for t in sub.graph.initializer if t.name in lazy]
+            head = onnx.ModelProto()
+            head.CopyFrom(sub)
+            kept = [t for t in sub.graph.initializer if t.name not in lazy]
+            del head.graph.initializer[:]
+            head.graph.initializer.extend(kept)
+
+            def tensors(names=large):
+                return (read_entry(source, *lazy[n][:2]) for n in names)
             with atomic_file(path) as f:
-                f.write(sub.SerializeToString())
+                write_streamed(head, tensors, f)
         paths.append(path)
         del sub
     return paths

@@ -10,6 +10,7 @@ shim for the 4.x/5.x cache argument rename.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,23 @@ def _hf_config(source: ModelSource, attention: str | None = None):
     return cfg
 
 
+def slice_decoder(decoder, first: int, last: int, final_norm: bool):
+    """transformers' decoder restricted to layers ``first``..``last - 1`` (the final norm only when
+    ``final_norm``).
+
+    A shallow copy with its own module table: the layers (and their weights) are shared,
+    and each keeps its ``layer_idx``, so it updates its own slot of the DynamicCache.
+    """
+    if first == 0 and last == len(decoder.layers) and final_norm:
+        return decoder
+    sub = copy.copy(decoder)
+    sub._modules = dict(decoder._modules)
+    sub._modules["layers"] = torch.nn.ModuleList(list(decoder.layers)[first:last])
+    if not final_norm:
+        sub._modules["norm"] = torch.nn.Identity()
+    return sub
+
+
 @dataclass
 class StepResult:
     hidden: torch.Tensor
@@ -75,7 +93,7 @@ class HFReference:
 
     ``layers``: only those layers (and the final norm when ``norm``) hold weights; the model is
     built on the meta device and every other layer stays there, taking no memory, so
-    validation can hold a few layers at a time (runners.slice_decoder runs just those).
+    validation can hold a few layers at a time (slice_decoder runs just those).
     """
 
     def __init__(self, source: ModelSource, dtype: torch.dtype = torch.float32, with_lm: bool = False,
@@ -159,9 +177,10 @@ class HFReference:
         return DynamicCache()
 
     @staticmethod
-    def cache_tensors(cache, num_layers: int) -> list[torch.Tensor]:
+    def cache_tensors(cache, layers) -> list[torch.Tensor]:
+        """[k, v] of each of ``layers`` (an int: the first that many)."""
         out = []
-        for i in range(num_layers):
+        for i in (range(layers) if isinstance(layers, int) else layers):
             if hasattr(cache, "layers"):
                 k, v = cache.layers[i].keys, cache.layers[i].values
             else:

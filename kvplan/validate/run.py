@@ -25,8 +25,9 @@ import torch
 from polygraphy.logger import G_LOGGER
 
 from kvplan.decoder import pack_specs
-from kvplan.errors import BackendError, UserError
+from kvplan.errors import BackendError, GraphError, UserError
 from kvplan.export import TORCH_DTYPES, io_contract
+from kvplan.export.exporter import output_names
 from kvplan.manifest import MANIFEST, load_manifest, now, sha256_file, write_json_atomic
 from kvplan.models.presets import tensor_shapes
 from kvplan.pipeline import release_memory
@@ -57,13 +58,15 @@ class ValidateOptions:
     min_agreement: float = 0.95
     full: bool = False               # one table row per output tensor
     verbose: bool = False            # keep Polygraphy's own log
-    layer_ranges: int = 0            # > 0: compare the single-pack graphs cut into this many layer ranges
+    # "auto": a single-pack graph runs in ranges of about RANGE_BYTES of weights; K > 1: in K ranges;
+    # 0 or 1: the whole stack at once
+    layer_ranges: int | str = "auto"
 
     def __post_init__(self):
         if self.steps < 1 or self.prompt_tokens < 1:
             raise UserError("--steps and --prompt-tokens must be >= 1")
-        if self.layer_ranges < 0:
-            raise UserError(f"--layer-ranges must be >= 0, got {self.layer_ranges}")
+        if self.layer_ranges != "auto" and (not isinstance(self.layer_ranges, int) or self.layer_ranges < 0):
+            raise UserError(f"--layer-ranges must be auto or a number >= 0, got {self.layer_ranges!r}")
         if self.prefill_dtype not in ("float32", "profile"):
             raise UserError(f"--prefill-dtype: {self.prefill_dtype!r} is not float32 or profile")
         parse_kinds(self.points)
@@ -110,80 +113,74 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
         except BackendError as e:
             backend_error = str(e)
     hashed = (exported or []) + (fused or []) + (plans or [])      # the target's own artifacts
-    trt_why = None
-    if options.layer_ranges:
-        with meter.phase("layer ranges"):
-            specs, exported, fused = _layer_ranges(options.layer_ranges, cfg, specs, exported, fused, target, log)
-        release_memory()
-        if plans:
-            plans, trt_why = None, "--layer-ranges: the engine is the whole stack (validate it without --layer-ranges)"
     dtype = TORCH_DTYPES[profile.dtype]
     log(f"[validate] {source.name} ({cfg.num_layers} layers, {profile.dtype}) profile {profile.name}: {target}")
     log(f"[validate] tolerance: |got - ref| <= atol + rtol * |ref| with atol={tol.atol:g}, rtol={tol.rtol:g}")
     points = pts.select_points(profile, kinds)
-    need = [s.first_layer for s in specs]
     longest = max(p.last for p in points)
     fp32_prefill = options.prefill_dtype == "float32" and dtype != torch.float32
-    with meter.phase("prefill"):
-        # The float32 twin only lives for the prefill; its cache is kept once, in the profile dtype.
-        prefill_ref = HFReference(source, torch.float32 if fp32_prefill else dtype)
-        prefill = pts.Prefill(prefill_ref, pts.points_batch(points), longest, dtype)
-        del prefill_ref
-        release_memory()
-    log(f"[validate] prefill of {longest} tokens (shared by every point) in {meter.phases[-1].seconds:.1f} s")
-    with meter.phase("reference"):
-        ref = HFReference(source, dtype)
-        # int4 targets: the full-precision model too, for the quality figures (not the verdict).
-        ref_fp = quantized.full_precision_reference(original, dtype) if quant else None
-    data = []
-    with meter.phase("points"):
-        for i, point in enumerate(points):
-            t = time.perf_counter()
-            data.append(pts.point_data(ref, point, point.batch, need, prefill))
-            log(f"[validate] point {i + 1}/{len(points)} {point.label}"
-                f"{' (reserved slots masked)' if point.masked else ''}: inputs in {time.perf_counter() - t:.1f} s")
-
     vdir = target / "validation"
     vdir.mkdir(exist_ok=True)
-    not_run: dict[str, str] = {rn.TENSORRT: trt_why} if trt_why else {}
+    not_run: dict[str, str] = {}
     for name, paths in ((rn.EXPORT, exported), (rn.FUSED, fused)):
         if paths is None:
             not_run[name] = "no fused graph in this target (no surgery passes)"
     stems = [Path(p.name).name.removesuffix(".onnx") for p in exported]
-    jobs = [[stream.Job(p_index, f"{stems[p_index]}.{sp.name}", group, lambda d, spec=spec: pts.feed_for(d, spec))
-             for sp_index, sp in enumerate(profile.shapes)
-             if (group := [d for d in data if d.point.profile_index == sp_index])]
-            for p_index, spec in enumerate(specs)]
-    graphs = {(name, i): paths[i] for name, paths in ((rn.EXPORT, exported), (rn.FUSED, fused)) if paths
-              for i in range(len(specs))}
+    count = _range_count(options.layer_ranges, cfg, specs, dtype)
+    if count > 1:
+        with meter.phase("layer ranges"):
+            segments = _cut(count, cfg, specs[0], exported[0], fused[0] if fused else None, target,
+                            explicit=options.layer_ranges != "auto", log=log)
+        release_memory()
+    else:
+        segments = []
+    if not segments:
+        segments = [Segment(i, spec, {rn.EXPORT: exported[i], **({rn.FUSED: fused[i]} if fused else {})})
+                    for i, spec in enumerate(specs)]
     streamer = stream.Streamer(vdir, PAIRS, tol, meter, not_run, log,
                                why_not=lambda r, e: rn.onnxrt_why_not(r.kvplan_graph, e)
                                if hasattr(r, "kvplan_graph") else None)
     try:
-        # Runner by runner (each over every pack and profile): only one runner's weights are ever in
-        # memory, and the reference model is freed before ONNX Runtime starts.
+        with meter.phase("prefill"):
+            # Range by range: transformers' model of a few layers at a time, float32 only for the prefill.
+            prefill = pts.Prefill(lambda layers: HFReference(source, torch.float32 if fp32_prefill else dtype,
+                                                             layers=layers, norm=False),
+                                  cfg, [seg.layers for seg in segments], pts.points_batch(points), longest, dtype,
+                                  directory=streamer.spill_root / "prefill", log=log if len(segments) > 1 else None)
+            release_memory()
+        log(f"[validate] prefill of {longest} tokens (shared by every point) in {meter.phases[-1].seconds:.1f} s")
+        data = [pts.point_data(cfg, dtype, point, prefill) for point in points]
+        jobs = [_segment_jobs(s_index, seg, segments, specs, stems, profile, data, cfg) for s_index, seg in enumerate(segments)]
         trt_here = rn.make_tensorrt(plans[0] if plans else None, backend, backend_error, 0, specs[0])[0]
         later = {rn.EXPORT, rn.FUSED} | ({rn.TENSORRT} if trt_here is not None else set())
-        for p_index, spec in enumerate(specs):
-            log(f"[validate] pack {p_index} ({stems[p_index]}): {len(data)} point(s) through {rn.REFERENCE}")
-            contract = io_contract(cfg, spec, profile.batch_dim, profile.dtype)
-            streamer.run(rn.ReferenceRunner(ref, spec, contract, log=log), jobs[p_index], later)
-            if quant and spec.final_norm:     # int4: the full-precision model, for the quality figures
-                streamer.run(quantized.quality_runner(ref_fp, spec, contract, log), jobs[p_index], set())
-        del ref, ref_fp
-        release_memory()
+        # Runner by runner, range by range: only one runner's weights of one range are ever in memory.
+        for s_index, seg in enumerate(segments):
+            with meter.phase("reference"):
+                ref = HFReference(source, dtype, layers=seg.layers, norm=seg.spec.final_norm)
+                # int4 targets: the full-precision model too, for the quality figures (not the verdict).
+                last_pack = specs[seg.pack].final_norm
+                ref_fp = (quantized.full_precision_reference(original, dtype, seg.layers, seg.spec.final_norm)
+                          if quant and last_pack else None)
+            log(f"[validate] {seg.label(stems, len(segments) > len(specs))}: {len(data)} point(s) through {rn.REFERENCE}")
+            contract = io_contract(cfg, seg.spec, profile.batch_dim, profile.dtype)
+            streamer.run(rn.ReferenceRunner(ref, seg.spec, contract, log=log), jobs[s_index], later)
+            if ref_fp is not None:
+                streamer.run(quantized.quality_runner(ref_fp, seg.spec, contract, log), jobs[s_index], set())
+            del ref, ref_fp
+            release_memory()
         for name in (rn.EXPORT, rn.FUSED):
             later.discard(name)
-            for p_index in range(len(specs)):
+            for s_index, seg in enumerate(segments):
                 if name in not_run:          # no such graph, or it failed to start for an earlier pack
                     break
-                runner, _ = rn.make_onnxrt(graphs[(name, p_index)], name)
-                runner.kvplan_graph = graphs[(name, p_index)]
-                log(f"[validate] pack {p_index} ({stems[p_index]}): {len(data)} point(s) through {name}")
-                streamer.run(runner, jobs[p_index], later)
+                runner, _ = rn.make_onnxrt(seg.graphs[name], name)
+                runner.kvplan_graph = seg.graphs[name]
+                log(f"[validate] {seg.label(stems, len(segments) > len(specs))}: {len(data)} point(s) through {name}")
+                streamer.run(runner, jobs[s_index], later)
                 release_memory()
+        pack_jobs = [_pack_jobs(p_index, spec, segments, stems, profile, data) for p_index, spec in enumerate(specs)]
         for p_index, spec in enumerate(specs):
-            for job in jobs[p_index]:
+            for job in pack_jobs[p_index]:
                 sp_index = job.group[0].point.profile_index
                 runner, why = rn.make_tensorrt(plans[p_index] if plans else None, backend, backend_error,
                                                sp_index, spec)
@@ -197,12 +194,12 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
     rows = streamer.rows
     ran = {n for names in streamer.ran.values() for n in names}
     for p_index, spec in enumerate(specs):
-        for job in jobs[p_index] if quant and spec.final_norm else ():
+        for job in pack_jobs[p_index] if quant and spec.final_norm else ():
             if {rn.EXPORT, quantized.QUALITY_RUNNER} <= set(streamer.ran.get(job.base, [])):
                 quality += quantized.quality_rows_from_files(vdir, job.base, [d.point for d in job.group], rn.EXPORT)
     files, commands = [], []
     for p_index, spec in enumerate(specs):
-        for job in jobs[p_index]:
+        for job in pack_jobs[p_index]:
             sp_index = job.group[0].point.profile_index
             files += [str(w.relative_to(target)) for w in streamer.written.get(job.base, [])]
             commands += _commands(target, stems[p_index], sp_index, profile.shapes[sp_index].name, exported[p_index],
@@ -210,13 +207,13 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
                                   int4=bool(quant))
     # The points' inputs (the shared prefill cache above all) are not needed by the task check.
     labels = [d.point.label for d in data]
-    del data, jobs, prefill
+    del data, jobs, pack_jobs, prefill
     release_memory()
 
     task = {"ran": False, "why": "--no-task"}
     if not options.no_task:
         with meter.phase("task check"):
-            task = _task_checks(options, source, dtype, specs, exported, fused, plans, backend, backend_error,
+            task = _task_checks(options, source, dtype, specs, segments, plans, backend, backend_error,
                                 profile, not_run, log)
         release_memory()
 
@@ -266,8 +263,7 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
     print()
     verdict = {"pass": "PASS", "fail": "FAIL", "inconclusive": "INCONCLUSIVE (nothing compared)"}[status]
     # A layer range is named by its layers (its pack index would not tell which).
-    where = [f"layers {s.first_layer}..{s.last_layer - 1}" if options.layer_ranges else f"pack{i}"
-             for i, s in enumerate(specs)]
+    where = [seg.label(stems, len(segments) > len(specs)) for seg in segments]
     detail = [f"{s.point} {where[s.pack]} {s.pair}: {s.output}" for s in mismatch] + task_bad
     print(f"validation {verdict}" + (": " + "; ".join(detail[:20]) + (" ..." if len(detail) > 20 else "") if detail else ""))
 
@@ -283,8 +279,8 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
               **({"quality": {"method": quant.get("method"), "points": quality,
                               "task": _task_record(quality_task)}} if quant else {}),
               "files": files, "recheck": commands,
-              **({"layer_ranges": [f"{s.first_layer}..{s.last_layer - 1}" for s in specs]}
-                 if options.layer_ranges else {}),
+              **({"layer_ranges": [f"{s.spec.first_layer}..{s.spec.last_layer - 1}" for s in segments]}
+                 if len(segments) > len(specs) else {}),
               "artifacts": {str(p.relative_to(target)): sha256_file(p) for p in hashed}}
     current = load_manifest(target)
     if current is None or current.get("stages") != manifest.get("stages"):
@@ -317,38 +313,118 @@ def _commands(target, stem, sp_index, sp_name, onnx_path, fused, plans, p_index,
     return cmds
 
 
-def _layer_ranges(count, cfg, specs, exported, fused, target, log):
-    """The single-pack graphs cut into ``count`` layer ranges under ``validation/ranges/``, and their specs."""
+# Layer ranges hold about this many bytes of weights each (``--layer-ranges auto``): a few times
+# one layer of a small model, one layer of a large one.
+RANGE_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Layers a runner runs in one go: a pack, or a range of a single-pack graph (its own ONNX files)."""
+    pack: int
+    spec: object                  # StackSpec of its layers
+    graphs: dict                  # runner name -> the ONNX file of these layers
+
+    @property
+    def layers(self) -> range:
+        return range(self.spec.first_layer, self.spec.last_layer)
+
+    def label(self, stems, cut: bool) -> str:
+        return f"layers {self.spec.first_layer}..{self.spec.last_layer - 1}" if cut else f"pack{self.pack}"
+
+
+def layer_bytes(cfg, dtype: torch.dtype) -> int:
+    """One layer's weights in ``dtype``."""
+    shapes = tensor_shapes(cfg)
+    return sum(math.prod(v) for k, v in shapes.items() if k.startswith("layers.0.")) * torch.finfo(dtype).bits // 8
+
+
+def _range_count(option, cfg, specs, dtype) -> int:
+    """How many layer ranges a single-pack target is validated in (1: the whole stack at once)."""
+    if option == "auto":
+        if len(specs) != 1:
+            return 1          # packs are validated pack by pack already
+        per_range = max(1, RANGE_BYTES // max(1, layer_bytes(cfg, dtype)))
+        return min(cfg.num_layers, math.ceil(cfg.num_layers / per_range))
+    if option <= 1:
+        return 1
     if len(specs) != 1:
         raise UserError(f"--layer-ranges: this target is already cut into {len(specs)} packs "
                         f"(decoder_pack_size); they are validated pack by pack without it")
+    return option
+
+
+def _cut(count, cfg, pack, exported, fused, target, explicit: bool, log) -> list[Segment]:
+    """The single-pack graphs cut into ``count`` layer ranges under ``validation/ranges/``; [] when
+    ``auto`` meets a graph that cannot be cut (validated whole, as the log says)."""
     try:
-        rspecs = ranges.range_specs(specs[0], count)
+        rspecs = ranges.range_specs(pack, count)
     except ValueError as e:
         raise UserError(str(e)) from None
     directory = target / "validation" / "ranges"
-    out = []
-    for paths in (exported, fused):
-        if paths is None:
-            out.append(None)
+    directory.mkdir(parents=True, exist_ok=True)
+    graphs = [{} for _ in rspecs]
+    for name, path in ((rn.EXPORT, exported), (rn.FUSED, fused)):
+        if path is None:
             continue
-        stem = paths[0].name.removesuffix(".onnx")
-        out.append(ranges.write_ranges(paths[0], rspecs, cfg.num_layers, directory, stem))
-        log(f"[validate] {paths[0].name} cut into layer ranges "
-            + ", ".join(f"{s.first_layer}..{s.last_layer - 1}" for s in rspecs))
-    return rspecs, out[0], out[1]
+        try:
+            cut = ranges.write_ranges(path, rspecs, cfg.num_layers, directory, path.name.removesuffix(".onnx"))
+        except GraphError as e:
+            if explicit:
+                raise
+            log(f"[validate] validated whole, not in layer ranges: {e}")
+            return []
+        for g, p in zip(graphs, cut):
+            g[name] = p
+        log(f"[validate] {path.name} cut into layer ranges " + ", ".join(f"{s.first_layer}..{s.last_layer - 1}" for s in rspecs))
+    return [Segment(0, s, g) for s, g in zip(rspecs, graphs)]
 
 
-def _task_checks(options, source, dtype, specs, exported, fused, plans, backend, backend_error, profile, not_run, log):
+def _segment_jobs(s_index, seg, segments, specs, stems, profile, data, cfg) -> list:
+    """One job per optimization profile for the runners of ``seg``: a range after the first of its pack
+    is fed the runner's own hidden_out of the range before (so the ranges compute what the whole
+    graph does); a pack's first range, the reference's hidden state entering the pack."""
+    pack_spec = specs[seg.pack]
+    siblings = [x for x in segments if x.pack == seg.pack]
+    own = seg.spec.first_layer != pack_spec.first_layer
+    cut = len(siblings) > 1
+
+    def feed_of(d, runner, spec=seg.spec):
+        return pts.feed_for(d, spec, d.entering(spec.first_layer, runner if own else rn.REFERENCE))
+
+    def pack_feed(d, spec=pack_spec):
+        return pts.feed_for(d, spec, d.entering(spec.first_layer, rn.REFERENCE))
+
+    return [stream.Job(s_index, f"{stems[seg.pack]}.{sp.name}", group, feed_of, segment=siblings.index(seg),
+                       ranges=len(siblings),
+                       next_layer=seg.spec.last_layer if seg.spec.last_layer < cfg.num_layers else None,
+                       pack_outputs=output_names(pack_spec) if cut else None, pack_feed=pack_feed if cut else None)
+            for sp_index, sp in enumerate(profile.shapes)
+            if (group := [d for d in data if d.point.profile_index == sp_index])]
+
+
+def _pack_jobs(p_index, spec, segments, stems, profile, data) -> list:
+    """Whole-pack jobs (TensorRT runs the pack's engine), fed the reference's hidden state entering it."""
+    first = next(i for i, seg in enumerate(segments) if seg.pack == p_index)
+
+    def feed_of(d, runner, spec=spec):
+        return pts.feed_for(d, spec, d.entering(spec.first_layer, rn.REFERENCE))
+
+    return [stream.Job(first, f"{stems[p_index]}.{sp.name}", group, feed_of)
+            for sp_index, sp in enumerate(profile.shapes)
+            if (group := [d for d in data if d.point.profile_index == sp_index])]
+
+
+def _task_checks(options, source, dtype, specs, segments, plans, backend, backend_error, profile, not_run, log):
     stacks: dict = {}
-    for name, paths in ((rn.EXPORT, exported), (rn.FUSED, fused)):
-        if paths is None:
+    for name in (rn.EXPORT, rn.FUSED):
+        if name not in segments[0].graphs:
             continue
         if name in not_run:
             stacks[name] = not_run[name]
             continue
-        # 64 small steps per graph: the casts folded once (the task check's peak stays under the prefill's).
-        stacks[name] = OnnxStack([Pack(s, p) for s, p in zip(specs, paths)], fold_casts=True)
+        # 64 small steps per graph: the casts folded once (the default level), range by range.
+        stacks[name] = OnnxStack([Pack(seg.spec, seg.graphs[name]) for seg in segments], fold_casts=True)
     with contextlib.ExitStack() as active:
         trt_runners, why = [], None
         for i in range(len(specs)):

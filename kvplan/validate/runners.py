@@ -5,7 +5,6 @@ A runner that cannot run here is not dropped silently: ``make_*`` return
 """
 from __future__ import annotations
 
-import copy
 import os
 import time
 from collections import OrderedDict
@@ -25,24 +24,9 @@ from kvplan.export.exporter import TORCH_DTYPES, output_names
 from kvplan.trt.backend import version_tuple
 from kvplan.validate.ort_session import session as onnx_session
 from kvplan.validate.points import own_columns, to_feed_value, to_kv_format
+from kvplan.validate.reference import slice_decoder
 
 REFERENCE, EXPORT, FUSED, TENSORRT = "pytorch", "onnxrt-export", "onnxrt-fused", "tensorrt"
-
-
-def slice_decoder(decoder, spec, num_layers: int):
-    """transformers' decoder restricted to the pack's layers (final norm only in the last pack).
-
-    A shallow copy with its own module table: the layers (and their weights) are shared,
-    and each keeps its ``layer_idx``, so it updates its own slot of the DynamicCache.
-    """
-    if spec.first_layer == 0 and spec.last_layer == num_layers and spec.final_norm:
-        return decoder
-    sub = copy.copy(decoder)
-    sub._modules = dict(decoder._modules)
-    sub._modules["layers"] = torch.nn.ModuleList(list(decoder.layers)[spec.first_layer:spec.last_layer])
-    if not spec.final_norm:
-        sub._modules["norm"] = torch.nn.Identity()
-    return sub
 
 
 class ReferenceRunner(BaseRunner):
@@ -55,7 +39,7 @@ class ReferenceRunner(BaseRunner):
     def __init__(self, ref, spec, contract: dict, name: str = REFERENCE, log=None):
         super().__init__(name=name, prefix="pytorch-runner")
         self.ref, self.spec, self.contract, self.log = ref, spec, contract, log
-        self.decoder = slice_decoder(ref.decoder, spec, ref.source.config.num_layers)
+        self.decoder = slice_decoder(ref.decoder, spec.first_layer, spec.last_layer, spec.final_norm)
 
     def get_input_metadata_impl(self):
         meta = TensorMetadata()
@@ -134,12 +118,9 @@ class ReferenceRunner(BaseRunner):
                         **{k: v[:, :, :last] for k, v in buffers.items()}}
             feed_dict = as_torch
         cache = self.ref.new_cache()
-        first = self._past(feed_dict, "key", self.spec.first_layer)
-        # Layers before the pack never run; filling them (even with lastSum = 0) keeps the cache's
-        # length consistent and lets its tensors be read back by index.
-        for i in range(self.spec.first_layer):
-            cache.update(torch.zeros_like(first), torch.zeros_like(first), i)
-        if first.shape[2]:
+        # Only the pack's slots are filled: with a 4D mask and explicit positions transformers never
+        # asks the cache for the length of a layer the pack does not run.
+        if self._past(feed_dict, "key", self.spec.first_layer).shape[2]:
             for i in self.spec.layers:
                 cache.update(self._past(feed_dict, "key", i), self._past(feed_dict, "value", i), i)
         with torch.no_grad():
@@ -147,7 +128,7 @@ class ReferenceRunner(BaseRunner):
                                attention_mask=as_torch["attention_mask"].to(self.ref.dtype),
                                position_ids=as_torch["position_ids"], use_cache=True,
                                **{self.ref._cache_kw: cache})
-        past = self.ref.cache_tensors(cache, self.spec.last_layer)[2 * self.spec.first_layer:]
+        past = self.ref.cache_tensors(cache, self.spec.layers)
         if self.spec.kv_io == "delta":      # the graph outputs only the step's new rows
             n = as_torch["hidden_in"].shape[1]
             past = [t[:, :, t.shape[2] - n:] for t in past]

@@ -12,6 +12,7 @@ end) and are read back memory-mapped, one tensor at a time.
 from __future__ import annotations
 
 import tempfile
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -24,35 +25,43 @@ from kvplan.validate.compare import compare_point
 from kvplan.validate.points import as_float32
 
 
-def _spill(directory: Path, outputs) -> list[str]:
+def _spill(directory: Path, outputs) -> dict[str, Path]:
     directory.mkdir(parents=True)
-    names = []
+    files = {}
     for j, (name, value) in enumerate(outputs.items()):
         # numpy keeps its dtype; bfloat16 (a torch tensor) is widened to float32, exactly.
         array = value if isinstance(value, np.ndarray) else as_float32(value)
         np.save(directory / f"{j}.npy", array, allow_pickle=False)
-        names.append(name)
-    return names
+        files[name] = directory / f"{j}.npy"
+    return files
 
 
 class _Spilled(dict):
     """An earlier runner's outputs of one point, each tensor mapped from its file when asked for."""
 
-    def __init__(self, directory: Path, names: list[str]):
-        super().__init__((name, j) for j, name in enumerate(names))
-        self.directory = directory
-
     def __getitem__(self, name):
-        return np.load(self.directory / f"{super().__getitem__(name)}.npy", mmap_mode="r", allow_pickle=False)
+        return np.load(super().__getitem__(name), mmap_mode="r", allow_pickle=False)
 
 
 @dataclass
 class Job:
-    """One (pack, optimization profile) group of points, saved under ``vdir/<base>.*.json``."""
+    """One (range of a pack, optimization profile) group of points. ``base`` names the pack's files,
+    ``vdir/<base>.*.json``: a pack validated in layer ranges has one job per range and profile,
+    all with the pack's base, and its files are assembled when the last range has run."""
     pack: int
     base: str
     group: list
-    feed_of: Callable
+    feed_of: Callable                     # (point data, runner name) -> the range's feed
+    segment: int = 0                      # which range of the pack
+    ranges: int = 1                       # how many the pack has
+    next_layer: int | None = None         # the layer after this range, when the stack goes on
+    pack_outputs: list[str] | None = None # cut packs: the pack's output names, in its order
+    pack_feed: Callable | None = None     # cut packs: (point data) -> the pack's whole feed
+
+    @property
+    def last(self) -> bool:
+        """Whether this range ends the pack (its hidden_out is the pack's)."""
+        return self.segment == self.ranges - 1
 
 
 class Streamer:
@@ -61,21 +70,28 @@ class Streamer:
 
     Writes ``<base>.inputs.json`` (with the first runner that runs a job) and
     ``<base>.outputs.<runner>.json``. A runner whose activation fails is recorded in ``not_run``
-    with ``why_not(runner, error)`` (None: re-raise).
+    with ``why_not(runner, error)`` (None: re-raise). A range's hidden_out is handed on in the
+    point data (``leaving``) when a range follows; it is compared only where it is the pack's.
     """
 
-    def __init__(self, vdir: Path, pairs, tol, meter, not_run: dict, log, why_not=None):
+    def __init__(self, vdir: Path, pairs, tol, meter, not_run: dict, log, why_not=None, spill_root: Path | None = None):
         self.vdir, self.pairs, self.tol, self.meter = vdir, pairs, tol, meter
         self.not_run, self.log, self.why_not = not_run, log, why_not
-        self._spill = tempfile.TemporaryDirectory(prefix=".spill-", dir=vdir)
-        self.spill_root = Path(self._spill.name)
-        self.spilled: dict[tuple[str, str], list[list[str]]] = {}   # (base, runner) -> per point, output names
+        self._spill = None
+        if spill_root is None:
+            self._spill = tempfile.TemporaryDirectory(prefix=".spill-", dir=vdir)
+            spill_root = Path(self._spill.name)
+        self.spill_root = spill_root
+        # (base, runner) -> per point, {output name: its file}, filled range by range
+        self.spilled: dict[tuple[str, str], list[dict[str, Path]]] = {}
+        self.times: dict[tuple[str, str], list[float]] = {}
         self.rows: list = []
         self.ran: dict[str, list[str]] = {}                         # base -> runners that ran, in order
         self.written: dict[str, list[Path]] = {}                    # base -> files, inputs first
 
     def close(self) -> None:
-        self._spill.cleanup()
+        if self._spill is not None:
+            self._spill.cleanup()
 
     def run(self, runner, jobs: list[Job], later: set[str]) -> bool:
         """Run ``runner`` over ``jobs``; ``later``: runners still to come (whose pairs need its outputs)."""
@@ -92,47 +108,98 @@ class Streamer:
         try:
             with self.meter.phase(runner.name):
                 for job in jobs:
-                    self._job(runner, job, keep)
+                    self._job(runner, job, keep or job.ranges > 1)
         finally:
             runner.deactivate()
         return True
 
     def _job(self, runner, job: Job, keep: bool) -> None:
-        base = job.base
+        base, whole = job.base, job.ranges == 1
         against = [a for a, b in self.pairs if b == runner.name and (base, a) in self.spilled]
-        out_path = self.vdir / f"{base}.outputs.{runner.name}.json"
-        writer = polyjson.outputs_writer(out_path, runner.name)
-        inputs = polyjson.inputs_writer(self.vdir / f"{base}.inputs.json") if base not in self.ran else None
+        writer = inputs = None
+        if whole:
+            out_path = self.vdir / f"{base}.outputs.{runner.name}.json"
+            writer = polyjson.outputs_writer(out_path, runner.name)
+            inputs = polyjson.inputs_writer(self.vdir / f"{base}.inputs.json") if base not in self.ran else None
+        spilled = self.spilled.setdefault((base, runner.name), []) if keep else None
+        times = self.times.setdefault((base, runner.name), []) if not whole else None
         try:
             for k, data in enumerate(job.group):
-                feed = job.feed_of(data)
+                feed = job.feed_of(data, runner.name)
                 if inputs:
                     inputs.append(feed)
                 outputs = runner.infer(feed)
                 del feed
-                writer.append(polyjson.iteration(outputs, runner.name, runner.last_inference_time()))
+                if writer:
+                    writer.append(polyjson.iteration(outputs, runner.name, runner.last_inference_time()))
+                if job.next_layer is not None:
+                    data.leaving[(runner.name, job.next_layer)] = outputs["hidden_out"]
+                compared = outputs if job.last else {n: v for n, v in outputs.items() if n != "hidden_out"}
                 for a in against:
-                    want = _Spilled(self.spill_root / base / a / str(k), self.spilled[(base, a)][k])
-                    self.rows += compare_point(want, outputs, data.point, job.pack, f"{a} vs {runner.name}",
+                    have = self.spilled[(base, a)][k]
+                    want = _Spilled((n, have[n]) for n in compared if n in have)
+                    self.rows += compare_point(want, compared, data.point, job.pack, f"{a} vs {runner.name}",
                                                self.tol.atol, self.tol.rtol)
                 if keep:
-                    self.spilled.setdefault((base, runner.name), []).append(
-                        _spill(self.spill_root / base / runner.name / str(k), outputs))
-                del outputs
+                    files = _spill(self.spill_root / base / runner.name / f"{job.segment}.{k}", compared)
+                    if job.segment == 0:
+                        spilled.append(files)
+                    else:
+                        spilled[k].update(files)
+                if times is not None:
+                    if job.segment == 0:
+                        times.append(0.0)
+                    times[k] += runner.last_inference_time() or 0.0
+                del outputs, compared
                 # glibc keeps the point's freed buffers (ONNX Runtime's intermediates above all) in its
                 # heap; the next point would then peak on top of them (about 250 MiB more at the default
                 # model's N = 512, lastSum = 3584 point). The outputs went with their last
                 # reference, so a trim suffices (a garbage collection per point costs 0.2 s).
                 trim_heap()
         except BaseException:
-            writer.abort()
+            for w in (writer, inputs):
+                if w:
+                    w.abort()
+            raise
+        if whole:
+            writer.close()
+            files = self.written.setdefault(base, [])
             if inputs:
+                inputs.close()
+                files.append(inputs.path)
+            files.append(out_path)
+            self.ran.setdefault(base, []).append(runner.name)
+        elif job.last:
+            self._assemble(runner.name, job)
+
+    def _assemble(self, name: str, job: Job) -> None:
+        """A cut pack's files, once its last range has run: its whole feed and its outputs, point by
+        point, in the pack's output order, from the ranges' spilled outputs."""
+        base = job.base
+        paths = []
+        if base not in self.ran:
+            inputs = polyjson.inputs_writer(self.vdir / f"{base}.inputs.json")
+            try:
+                for data in job.group:
+                    inputs.append(job.pack_feed(data))
+                    trim_heap()
+            except BaseException:
                 inputs.abort()
+                raise
+            inputs.close()
+            paths.append(inputs.path)
+        out_path = self.vdir / f"{base}.outputs.{name}.json"
+        writer = polyjson.outputs_writer(out_path, name)
+        try:
+            for files, runtime in zip(self.spilled[(base, name)], self.times[(base, name)]):
+                outputs = OrderedDict((n, np.asarray(np.load(files[n], mmap_mode="r", allow_pickle=False)))
+                                      for n in job.pack_outputs)
+                writer.append(polyjson.iteration(outputs, name, runtime))
+                del outputs
+        except BaseException:
+            writer.abort()
             raise
         writer.close()
-        files = self.written.setdefault(base, [])
-        if inputs:
-            inputs.close()
-            files.append(inputs.path)
-        files.append(out_path)
-        self.ran.setdefault(base, []).append(runner.name)
+        paths.append(out_path)
+        self.written.setdefault(base, []).extend(paths)
+        self.ran.setdefault(base, []).append(name)
