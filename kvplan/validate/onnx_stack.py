@@ -72,6 +72,29 @@ class OnnxStack:
         if OnnxStack._live is self:
             OnnxStack._live = None
 
+    def run_steps(self, steps: list[tuple], past: list[np.ndarray]) -> list[np.ndarray]:
+        """Every step's hidden_out for ``steps`` (hidden, mask, position_ids), whose inputs do not
+        depend on the outputs (teacher forcing): pack by pack, each pack's session alone in memory
+        running every step with its own layers' cache carried from step to step, then released,
+        its hidden_outs handed to the next. What ``step`` computes step by step, but with one
+        pack's weights in memory at a time. ``past``: the cache before the first step."""
+        if OnnxStack._live is not None:
+            OnnxStack._live.release()
+        hiddens = [h for h, _, _ in steps]
+        for pack in self.packs:
+            sess = session(pack.path, self.threads, self.fold_casts)
+            held = list(past)
+            out = []
+            for (_, mask, position_ids), hidden in zip(steps, hiddens):
+                outs = sess.run(None, pack_feed(pack.spec, hidden, mask, position_ids, held))
+                new = next_past(pack.spec, outs[1:], held, outs[0].shape[1])
+                for j, i in enumerate(pack.spec.layers):
+                    held[2 * i], held[2 * i + 1] = new[2 * j], new[2 * j + 1]
+                out.append(outs[0])
+            del sess, held
+            hiddens = out
+        return hiddens
+
     def step(self, hidden: np.ndarray, mask: np.ndarray, position_ids: np.ndarray,
              past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         """One call over every pack; ``past`` and the returned cache are [k0, v0, k1, v1, ...] in kv format 0."""

@@ -220,7 +220,9 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
     quality_task = {"ran": False, "why": "not an int4 target" if not quant else "--no-task"}
     if quant and not options.no_task:
         with meter.phase("quality task check"):
-            quality_task = quantized.quality_task(original, dtype, specs, exported, options, profile.tolerance, log)
+            quality_task = quantized.quality_task(original, dtype, [seg.spec for seg in segments],
+                                                  [seg.graphs[rn.EXPORT] for seg in segments], options,
+                                                  profile.tolerance, log)
         release_memory()
 
     # Report rows point by point (they were produced pack/profile/runner by runner).

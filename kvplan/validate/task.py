@@ -16,6 +16,7 @@ import torch
 
 from kvplan import cache_io
 from kvplan.export.exporter import causal_mask, output_names
+from kvplan.pipeline import release_memory
 from kvplan.validate.points import as_float32
 from kvplan.validate.reference import HFReference
 
@@ -77,6 +78,14 @@ class TrtStack:
                 new_past.append(cache_io.cache_after(spec, t, past[2 * i + kind], n))
         return hidden, new_past
 
+    def run_steps(self, steps: list[tuple], past: list) -> list:
+        """Every step's hidden_out, step by step (the engines hold the whole stack)."""
+        out = []
+        for hidden, mask, pos in steps:
+            hidden, past = self.step(hidden, mask, pos, past)
+            out.append(hidden)
+        return out
+
 
 def reference_greedy(ref, prompt: torch.Tensor, steps: int):
     """Greedy tokens and per-step hidden states (after the final norm) of transformers' model."""
@@ -98,24 +107,30 @@ def reference_greedy(ref, prompt: torch.Tensor, steps: int):
     return tokens, hiddens
 
 
-def teacher_forced(ref, stack, prompt: torch.Tensor, ref_tokens: list[int], ref_hiddens: list, tol) -> dict:
-    """Drive ``stack`` on the reference's token prefix; top-1 agreement and hidden error per step."""
-    cfg = ref.source.config
-    embed, head = ref.model.get_input_embeddings(), ref.model.lm_head
+def teacher_forced(cfg, dtype, embed, head, stack, prompt: torch.Tensor, ref_tokens: list[int], ref_hiddens: list,
+                   tol) -> dict:
+    """Drive ``stack`` on the reference's token prefix; top-1 agreement and hidden error per step.
+
+    Teacher forcing makes every step's input known up front (the prompt, then the reference's
+    tokens), so the stack may run them pack by pack (``run_steps``)."""
     # numpy has no bfloat16: a bf16 stack is fed torch tensors (Polygraphy takes both).
-    host = (lambda t: t) if ref.dtype == torch.bfloat16 else (lambda t: t.numpy())
-    past = [host(torch.zeros((1, cfg.num_kv_heads, 0, cfg.head_dim), dtype=ref.dtype))
+    host = (lambda t: t) if dtype == torch.bfloat16 else (lambda t: t.numpy())
+    past = [host(torch.zeros((1, cfg.num_kv_heads, 0, cfg.head_dim), dtype=dtype))
             for _ in range(2 * cfg.num_layers)]
-    inp, last = prompt, 0
-    agree, errors, exceeded = [], [], []
+    steps, inp, last = [], prompt, 0
     with torch.no_grad():
-        for step, want in enumerate(ref_tokens):
+        for want in ref_tokens:
             n = inp.shape[1]
-            mask = host(causal_mask(1, n, last, ref.dtype, window=cfg.sliding_window))
-            hidden, past = stack.step(host(embed(inp)), mask, host(torch.arange(last, last + n)[None]), past)
+            steps.append((host(embed(inp)), host(causal_mask(1, n, last, dtype, window=cfg.sliding_window)),
+                          host(torch.arange(last, last + n)[None])))
+            last += n
+            inp = torch.tensor([[want]])              # teacher forcing: the reference's token
+        hiddens = stack.run_steps(steps, past)
+        agree, errors, exceeded = [], [], []
+        for step, (hidden, want) in enumerate(zip(hiddens, ref_tokens)):
             h = hidden[:, -1]
             h = h if isinstance(h, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(h))
-            logits = head(h.to(ref.dtype))
+            logits = head(h.to(dtype))
             # argmax over NaN logits returns the NaN's index, which can equal the reference's
             # token: a stack producing NaN never agrees, and NaN is never within tolerance.
             finite = bool(torch.isfinite(logits).all())
@@ -123,8 +138,6 @@ def teacher_forced(ref, stack, prompt: torch.Tensor, ref_tokens: list[int], ref_
             err = np.abs(as_float32(h) - ref_hiddens[step])
             errors.append(float(err.max()))
             exceeded.append(bool((~np.isfinite(err)).any() or (err > tol.atol + tol.rtol * np.abs(ref_hiddens[step])).any()))
-            last += n
-            inp = torch.tensor([[want]])              # teacher forcing: the reference's token
     first_div = next((i for i, ok in enumerate(agree) if not ok), None)
     return {"steps": len(agree), "agreement": sum(agree) / len(agree), "first_divergence": first_div,
             "hidden_max_abs_per_step": errors, "drift": drift(errors),
@@ -152,6 +165,10 @@ def run_task_checks(source, dtype: torch.dtype, stacks: dict, steps: int, prompt
     vocab = ref.model.lm_head.weight.shape[0]
     prompt = torch.randint(0, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(7))
     ref_tokens, ref_hiddens = reference_greedy(ref, prompt, steps)
+    # The stacks need only the embeddings and the LM head: the decoder's weights go before they run.
+    cfg, embed, head = ref.source.config, ref.model.get_input_embeddings(), ref.model.lm_head
+    del ref
+    release_memory()
     result = {"ran": True, "steps": steps, "prompt_tokens": prompt_len, "mode": "teacher-forced greedy top-1",
               "stacks": {}}
     for name, stack in stacks.items():
@@ -160,7 +177,7 @@ def run_task_checks(source, dtype: torch.dtype, stacks: dict, steps: int, prompt
             continue
         log(f"[validate] task check: {steps} teacher-forced greedy steps through {name}")
         try:
-            result["stacks"][name] = {"ran": True, **teacher_forced(ref, stack, prompt, ref_tokens, ref_hiddens, tol)}
+            result["stacks"][name] = {"ran": True, **teacher_forced(cfg, dtype, embed, head, stack, prompt, ref_tokens, ref_hiddens, tol)}
         except ValueError as e:       # TensorRT: a step outside the engine's profiles
             result["stacks"][name] = {"ran": False, "why": str(e)}
     result["seconds"] = round(time.perf_counter() - t0, 2)
