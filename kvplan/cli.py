@@ -95,6 +95,10 @@ def validate_parser(prog: str = "kvplan validate") -> argparse.ArgumentParser:
                    help="precision of the prefill that produces the past KV (input data, not under test): "
                         "float32 (fast on CPU, then rounded to the profile dtype) or the profile's own "
                         "(default: %(default)s)")
+    p.add_argument("--reference-dtype", choices=("float32", "profile"), default="float32",
+                   help="precision transformers' reference computes in, on the profile dtype's weights and "
+                        "inputs: float32 (exact arithmetic on the same numbers; outputs rounded to the profile "
+                        "dtype) or the profile's own (default: %(default)s)")
     p.add_argument("--steps", type=int, default=64, help="decode steps of the token/multi-step checks (default: 64)")
     p.add_argument("--prompt-tokens", type=int, default=8, help="prompt length of the token check (default: 8)")
     p.add_argument("--no-task", action="store_true", help="skip the token-agreement and multi-step checks")
@@ -162,7 +166,8 @@ def _layer_ranges(text: str):
 
 
 def _validate_options(args: argparse.Namespace) -> ValidateOptions:
-    return ValidateOptions(points=args.points, prefill_dtype=args.prefill_dtype, steps=args.steps,
+    return ValidateOptions(points=args.points, prefill_dtype=args.prefill_dtype,
+                           reference_dtype=args.reference_dtype, steps=args.steps,
                            prompt_tokens=args.prompt_tokens, no_task=args.no_task,
                            min_agreement=args.min_agreement, full=args.full, verbose=args.verbose,
                            layer_ranges=args.layer_ranges)

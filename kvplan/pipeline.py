@@ -66,6 +66,22 @@ def trim_heap() -> None:
         pass
 
 
+M_MMAP_THRESHOLD = -3           # glibc's mallopt parameter
+
+
+def map_large_allocations(threshold: int = 4 << 20) -> None:
+    """Have glibc serve every allocation above ``threshold`` bytes by its own mmap, unmapped when freed.
+
+    glibc's default threshold adapts: after a large block is freed it rises to that block's size
+    (up to 32 MiB), and blocks below it then come from the heap, where freed ones stay resident
+    until a trim and fragment it. A fixed threshold keeps large tensors out of the heap. No-op
+    where the C library is not glibc."""
+    try:
+        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, threshold)
+    except (OSError, AttributeError):
+        pass
+
+
 class Pipeline:
     def __init__(self, target: Path, header: dict, log=print):
         self.target, self.header, self.log = target, header, log

@@ -25,8 +25,9 @@ class ModelSource:
     # Inputs that identify the weights, for the manifest and incremental builds.
     fingerprint: dict = field(default_factory=dict)
     path: Path | None = None
-    # Tensors of the LM head and embeddings, when the source has them (validation).
-    read_lm: Callable[[], dict[str, torch.Tensor]] | None = None
+    # Tensors of the LM head and embeddings, when the source has them (validation):
+    # ``read_lm(names=LM_NAMES)``, those of LM_NAMES asked for.
+    read_lm: Callable[..., dict[str, torch.Tensor]] | None = None
     # What the independent reference (transformers) is built from, never from kvplan's reading
     # of it: the checkpoint's own config (the directory holding config.json, or for presets
     # and MiniCPM-o's tts_config a config.json dict with its model_type), and the decoder's
@@ -36,6 +37,9 @@ class ModelSource:
     # ``read_reference(layers=None, norm=True)``: those tensors, of ``layers`` only when given
     # (validation builds the reference a few layers at a time), the final norm when ``norm``.
     read_reference: Callable[..., dict[str, torch.Tensor]] | None = None
+
+
+LM_NAMES = ("embed_tokens.weight", "lm_head.weight")
 
 
 def reference_names(names, layers: range | None = None, norm: bool = True) -> list[str]:

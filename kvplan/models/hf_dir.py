@@ -7,7 +7,7 @@ from pathlib import Path
 
 from kvplan.config import ConfigError
 from kvplan.models import families
-from kvplan.models.base import ModelError, ModelSource, reference_names
+from kvplan.models.base import LM_NAMES, ModelError, ModelSource, reference_names
 from kvplan.models.presets import tensor_shapes
 from kvplan.models.safetensors_dir import TensorIndex
 
@@ -52,9 +52,9 @@ def make_source(directory: Path, cfg_dict: dict, config_file: Path, prefix: str,
         if "lm_head.weight" not in available and cfg.tie_word_embeddings and "embed_tokens.weight" in available:
             available["lm_head.weight"] = available["embed_tokens.weight"]
         if "lm_head.weight" in available:
-            def read_lm():
-                got = index.read(sorted(set(available.values())))
-                return {k: got[v] for k, v in available.items()}
+            def read_lm(names=LM_NAMES):
+                got = index.read(sorted({available[k] for k in names}))
+                return {k: got[available[k]] for k in names}
 
     fingerprint = {"kind": kind, "config_sha256": hashlib.sha256(config_file.read_bytes()).hexdigest(),
                    "prefix": prefix, "shards": index.fingerprint()}

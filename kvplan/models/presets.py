@@ -7,7 +7,7 @@ import torch
 
 from kvplan.config import DecoderConfig
 from kvplan.decoder import DecoderStack, StackSpec
-from kvplan.models.base import ModelError, ModelSource, reference_names
+from kvplan.models.base import LM_NAMES, ModelError, ModelSource, reference_names
 from kvplan.models.families import FAMILIES, get as get_family
 
 DEFAULT = "minicpmo26-tts"
@@ -97,10 +97,8 @@ def load(name: str) -> ModelSource:
             raise ModelError(f"preset {name}: no tensor {unknown[0]!r}")
         return {n: _with_outliers(name, n, random_tensor(n, shapes[n])) for n in names}
 
-    def read_lm() -> dict[str, torch.Tensor]:
-        vocab = cfg.vocab_size
-        return {"embed_tokens.weight": random_tensor("embed_tokens.weight", (vocab, cfg.hidden_size)),
-                "lm_head.weight": random_tensor("lm_head.weight", (vocab, cfg.hidden_size))}
+    def read_lm(names=LM_NAMES) -> dict[str, torch.Tensor]:
+        return {n: random_tensor(n, (cfg.vocab_size, cfg.hidden_size)) for n in names}
 
     family = get_family(cfg.family)
     return ModelSource(name=name, config=cfg, kind="preset", read_tensors=read, read_lm=read_lm,

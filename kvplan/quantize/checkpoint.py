@@ -36,7 +36,7 @@ from kvplan.models import families
 from kvplan.models.families import from_hf_dict
 from kvplan.errors import QuantizeError
 from kvplan.models import resolve as resolve_model
-from kvplan.models.base import ModelSource, reference_names
+from kvplan.models.base import LM_NAMES, ModelSource, reference_names
 from kvplan.models.presets import tensor_shapes
 from kvplan.models.safetensors_dir import TensorIndex
 from kvplan.quantize.linears import MODULES
@@ -241,9 +241,9 @@ def load(directory: Path, qc: dict) -> QuantizedSource:
         lm["lm_head.weight"] = lm["embed_tokens.weight"]
     read_lm = None
     if all(v in index.where for v in lm.values()):
-        def read_lm():
-            got = index.read(sorted(set(lm.values())))
-            return {k: got[v] for k, v in lm.items()}
+        def read_lm(names=LM_NAMES):
+            got = index.read(sorted({lm[k] for k in names}))
+            return {k: got[lm[k]] for k in names}
 
     fingerprint = {"kind": f"hf-{method}", "config_sha256": hashlib.sha256(config_file.read_bytes()).hexdigest(),
                    "prefix": PREFIX, "shards": index.fingerprint()}

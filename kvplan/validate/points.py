@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -315,6 +315,34 @@ def feed_for(data: PointData, spec, hidden) -> OrderedDict:
     feed = cache_io.graph_feed(spec, hidden, mask, data.position_ids,
                                lambda i, kind: to_kv_format(data.past(i, kind), spec.kv_format), lasts)
     return OrderedDict((name, to_feed_value(feed[name])) for name in input_names(spec))
+
+
+class LazyFeed(OrderedDict):
+    """A feed whose tensors are made one at a time as ``items()`` reaches them (how the JSON encoder
+    reads a dict): a whole pack's inputs written to a file with one tensor in memory at a time."""
+
+    def __init__(self, names, make):
+        super().__init__((name, None) for name in names)
+        self._make = make
+
+    def items(self):
+        for name in list(self.keys()):
+            yield name, self._make(name)
+
+    def values(self):
+        return (value for _, value in self.items())
+
+    def __getitem__(self, name):
+        super().__getitem__(name)          # KeyError for a name the pack has not
+        return self._make(name)
+
+
+def lazy_feed(data: PointData, spec, hidden) -> LazyFeed:
+    """``feed_for``'s feed, each tensor made when read (each past from that layer alone)."""
+    def make(name: str):
+        layer = int(name.rsplit("_in", 1)[1]) if name.startswith("past_") else spec.first_layer
+        return feed_for(data, replace(spec, first_layer=layer, last_layer=layer + 1), hidden)[name]
+    return LazyFeed(input_names(spec), make)
 
 
 def as_float32(value) -> np.ndarray:

@@ -20,6 +20,39 @@ from polygraphy.json import Encoder, to_json
 _HOLE = "\x00kvplan-elements\x00"
 
 
+class _Base64(str):
+    """An array's base64 payload: nothing in it needs JSON escaping."""
+
+
+def _encode_string(text: str) -> str:
+    # Escaping scans every character; a payload of hundreds of MB needs only its quotes.
+    return f'"{text}"' if type(text) is _Base64 else json.encoder.encode_basestring_ascii(text)
+
+
+def _float(value: float) -> str:
+    # json's own rule (allow_nan): float.__repr__, or the JavaScript names of the non-finite values.
+    if value != value:
+        return "NaN"
+    if value in (float("inf"), float("-inf")):
+        return "Infinity" if value > 0 else "-Infinity"
+    return float.__repr__(value)
+
+
+class _Encoder(Encoder):
+    """Polygraphy's encoder, writing the same text, with array payloads left unescaped."""
+
+    def default(self, o):
+        out = super().default(o)
+        if isinstance(out, dict) and isinstance(out.get("array"), str):
+            out = {k: (_Base64(v) if k == "array" else v) for k, v in out.items()}
+        return out
+
+    def iterencode(self, o, _one_shot=False):
+        return json.encoder._make_iterencode(
+            {} if self.check_circular else None, self.default, _encode_string, self.indent, _float,
+            self.key_separator, self.item_separator, self.sort_keys, self.skipkeys, _one_shot)(o, 0)
+
+
 class JsonListWriter:
     """A JSON file whose one list (``[_HOLE]`` inside ``skeleton``) is filled by ``append``.
 
@@ -41,7 +74,7 @@ class JsonListWriter:
         self._file = open(self._tmp, "w")
         self._file.write(self._head)
         self._count = 0
-        self._encoder = Encoder(indent=constants.TAB)
+        self._encoder = _Encoder(indent=constants.TAB)
 
     def append(self, element) -> None:
         self._file.write(",\n" if self._count else "\n")

@@ -45,13 +45,13 @@ QUALITY_RUNNER = "pytorch-fp"
 QUALITY_REL_ERROR = 0.25
 
 
-def full_precision_reference(original, dtype, layers=None, norm: bool = True) -> HFReference:
-    return HFReference(original, dtype, layers=layers, norm=norm)
+def full_precision_reference(original, dtype, layers=None, norm: bool = True, round_to=None) -> HFReference:
+    return HFReference(original, dtype, layers=layers, norm=norm, round_to=round_to)
 
 
-def quality_runner(reference: HFReference, spec, contract, log):
+def quality_runner(reference: HFReference, spec, contract, log, out_dtype=None):
     """transformers on the full-precision weights, run next to the int4 graph on the same inputs."""
-    return rn.ReferenceRunner(reference, spec, contract, name=QUALITY_RUNNER, log=log)
+    return rn.ReferenceRunner(reference, spec, contract, name=QUALITY_RUNNER, log=log, out_dtype=out_dtype)
 
 
 def quality_rows_from_files(vdir: Path, base: str, points, graph_runner: str) -> list[dict]:

@@ -97,9 +97,12 @@ class HFReference:
     """
 
     def __init__(self, source: ModelSource, dtype: torch.dtype = torch.float32, with_lm: bool = False,
-                 attention: str | None = None, layers: range | None = None, norm: bool = True):
-        """``attention``: transformers' attention implementation (None: ``attention_for``'s choice)."""
-        self.source, self.dtype = source, dtype
+                 attention: str | None = None, layers: range | None = None, norm: bool = True,
+                 round_to: torch.dtype | None = None):
+        """``attention``: transformers' attention implementation (None: ``attention_for``'s choice).
+        ``round_to``: the weights rounded to this dtype first (a float32 model of an fp16 graph's
+        own weights)."""
+        self.source, self.dtype, self.round_to = source, dtype, round_to
         self.layers = range(source.config.num_layers) if layers is None else layers
         self.hf_config = _hf_config(source, attention)
         self.attention = self.hf_config._attn_implementation
@@ -117,10 +120,9 @@ class HFReference:
         if with_lm:
             if source.read_lm is None:
                 raise ValueError(f"{source.name}: no LM head in this model source")
-            lm = source.read_lm()
-            self._assign(model, {"model.embed_tokens.weight": lm.pop("embed_tokens.weight"),
-                                 "lm_head.weight": lm.pop("lm_head.weight")}, "")
-            del lm
+            # One vocabulary-sized matrix in the source's dtype at a time.
+            for name, key in (("embed_tokens.weight", "model.embed_tokens.weight"), ("lm_head.weight", "lm_head.weight")):
+                self._assign(model, {key: source.read_lm([name])[name]}, "")
         self._materialize_rotary(model)
         # Rotary inverse frequencies stay fp32, as from_pretrained(dtype=float16) leaves
         # them: a blanket .to(float16) would round them and shift the angle by ~1 rad
@@ -135,7 +137,7 @@ class HFReference:
         self._cache_kw = "cache" if "cache" in inspect.signature(self.decoder.forward).parameters else "past_key_values"
 
     def _assign(self, model, weights: dict, prefix: str) -> None:
-        state = {prefix + k: v.to(self.dtype) for k, v in weights.items()}
+        state = {prefix + k: (v.to(self.round_to) if self.round_to else v).to(self.dtype) for k, v in weights.items()}
         weights.clear()
         # assign: the modules take these tensors as their parameters (no second copy of the weights).
         result = model.load_state_dict(state, strict=False, assign=True)

@@ -30,7 +30,7 @@ from kvplan.export import TORCH_DTYPES, io_contract
 from kvplan.export.exporter import output_names
 from kvplan.manifest import MANIFEST, load_manifest, now, sha256_file, write_json_atomic
 from kvplan.models.presets import tensor_shapes
-from kvplan.pipeline import release_memory
+from kvplan.pipeline import map_large_allocations, release_memory
 from kvplan.trt.backend import select_backend
 from kvplan.validate import points as pts
 from kvplan.validate import quantized, ranges, report, runners as rn, stream
@@ -52,6 +52,7 @@ class ValidateOptions:
     """What to check and how hard; the CLI's flags of the same names."""
     points: str = "all"              # comma list of min, opt, max, masked, batch, or all
     prefill_dtype: str = "float32"   # float32 | profile: precision of the prefill producing the past KV
+    reference_dtype: str = "float32" # float32 | profile: precision the reference computes in (on the profile dtype's weights)
     steps: int = 64                  # decode steps of the token and multi-step checks
     prompt_tokens: int = 8
     no_task: bool = False
@@ -67,8 +68,9 @@ class ValidateOptions:
             raise UserError("--steps and --prompt-tokens must be >= 1")
         if self.layer_ranges != "auto" and (not isinstance(self.layer_ranges, int) or self.layer_ranges < 0):
             raise UserError(f"--layer-ranges must be auto or a number >= 0, got {self.layer_ranges!r}")
-        if self.prefill_dtype not in ("float32", "profile"):
-            raise UserError(f"--prefill-dtype: {self.prefill_dtype!r} is not float32 or profile")
+        for flag, value in (("--prefill-dtype", self.prefill_dtype), ("--reference-dtype", self.reference_dtype)):
+            if value not in ("float32", "profile"):
+                raise UserError(f"{flag}: {value!r} is not float32 or profile")
         parse_kinds(self.points)
 
 
@@ -94,6 +96,7 @@ def validate(source, profile, target: Path, manifest: dict, options: ValidateOpt
 
 def _run_checks(options, kinds, source, profile, target, manifest, backend_name, log) -> int:
     t0 = time.perf_counter()
+    map_large_allocations()
     meter = Meter(log)
     cfg = source.config
     tol = profile.tolerance
@@ -119,6 +122,10 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
     points = pts.select_points(profile, kinds)
     longest = max(p.last for p in points)
     fp32_prefill = options.prefill_dtype == "float32" and dtype != torch.float32
+    # The reference computes in float32 on the profile dtype's weights and inputs (exact in float32),
+    # and rounds its outputs to the profile dtype: the graph's error against exact arithmetic on the
+    # same numbers, at float32's speed (torch's fp16 CPU matmul runs at a quarter of it here).
+    ref_dtype = torch.float32 if options.reference_dtype == "float32" else dtype
     vdir = target / "validation"
     vdir.mkdir(exist_ok=True)
     not_run: dict[str, str] = {}
@@ -156,16 +163,16 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
         # Runner by runner, range by range: only one runner's weights of one range are ever in memory.
         for s_index, seg in enumerate(segments):
             with meter.phase("reference"):
-                ref = HFReference(source, dtype, layers=seg.layers, norm=seg.spec.final_norm)
+                ref = HFReference(source, ref_dtype, layers=seg.layers, norm=seg.spec.final_norm, round_to=dtype)
                 # int4 targets: the full-precision model too, for the quality figures (not the verdict).
                 last_pack = specs[seg.pack].final_norm
-                ref_fp = (quantized.full_precision_reference(original, dtype, seg.layers, seg.spec.final_norm)
+                ref_fp = (quantized.full_precision_reference(original, ref_dtype, seg.layers, seg.spec.final_norm, dtype)
                           if quant and last_pack else None)
             log(f"[validate] {seg.label(stems, len(segments) > len(specs))}: {len(data)} point(s) through {rn.REFERENCE}")
             contract = io_contract(cfg, seg.spec, profile.batch_dim, profile.dtype)
-            streamer.run(rn.ReferenceRunner(ref, seg.spec, contract, log=log), jobs[s_index], later)
+            streamer.run(rn.ReferenceRunner(ref, seg.spec, contract, log=log, out_dtype=dtype), jobs[s_index], later)
             if ref_fp is not None:
-                streamer.run(quantized.quality_runner(ref_fp, seg.spec, contract, log), jobs[s_index], set())
+                streamer.run(quantized.quality_runner(ref_fp, seg.spec, contract, log, dtype), jobs[s_index], set())
             del ref, ref_fp
             release_memory()
         for name in (rn.EXPORT, rn.FUSED):
@@ -272,6 +279,7 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
     record = {"status": status, "finished": now(), "seconds": round(time.perf_counter() - t0, 2),
               "tolerance": {"atol": tol.atol, "rtol": tol.rtol, "rule": "|got - ref| <= atol + rtol * |ref|"},
               "points": labels, "prefill_dtype": "float32" if fp32_prefill else profile.dtype,
+              "reference_dtype": str(ref_dtype).removeprefix("torch."),
               "runners": {n: ({"ran": True} if n in ran else {"ran": False, "why": not_run.get(n, "not available")})
                           for n in (rn.REFERENCE, rn.EXPORT, rn.FUSED, rn.TENSORRT)},
               "pairs": report.worst_per_pair(rows), "task": _task_record(task),
@@ -394,8 +402,8 @@ def _segment_jobs(s_index, seg, segments, specs, stems, profile, data, cfg) -> l
     def feed_of(d, runner, spec=seg.spec):
         return pts.feed_for(d, spec, d.entering(spec.first_layer, runner if own else rn.REFERENCE))
 
-    def pack_feed(d, spec=pack_spec):
-        return pts.feed_for(d, spec, d.entering(spec.first_layer, rn.REFERENCE))
+    def pack_feed(d, spec=pack_spec):       # for the pack's inputs file: one tensor at a time
+        return pts.lazy_feed(d, spec, d.entering(spec.first_layer, rn.REFERENCE))
 
     return [stream.Job(s_index, f"{stems[seg.pack]}.{sp.name}", group, feed_of, segment=siblings.index(seg),
                        ranges=len(siblings),

@@ -36,9 +36,11 @@ class ReferenceRunner(BaseRunner):
     and layouts are shared.
     """
 
-    def __init__(self, ref, spec, contract: dict, name: str = REFERENCE, log=None):
+    def __init__(self, ref, spec, contract: dict, name: str = REFERENCE, log=None, out_dtype: torch.dtype | None = None):
+        """``out_dtype``: outputs rounded to it once at the end (a reference computing in float32 for
+        an fp16 graph returns what the graph returns: fp16 tensors)."""
         super().__init__(name=name, prefix="pytorch-runner")
-        self.ref, self.spec, self.contract, self.log = ref, spec, contract, log
+        self.ref, self.spec, self.contract, self.log, self.out_dtype = ref, spec, contract, log, out_dtype
         self.decoder = slice_decoder(ref.decoder, spec.first_layer, spec.last_layer, spec.final_norm)
 
     def get_input_metadata_impl(self):
@@ -64,6 +66,8 @@ class ReferenceRunner(BaseRunner):
             self.log(f"[validate]   {self.name}: layers {self.spec.first_layer}..{self.spec.last_layer - 1} "
                      f"N={n} lastSum={total - n}{'' if len(lasts) == 1 else f' B={len(lasts)}'} "
                      f"in {self.inference_time:.1f} s")
+        if self.out_dtype is not None:
+            values = [v.to(self.out_dtype) for v in values]
         return OrderedDict((n, to_feed_value(v)) for n, v in zip(output_names(self.spec), values))
 
     def _row_lasts(self, feed) -> list[int]:
@@ -122,7 +126,8 @@ class ReferenceRunner(BaseRunner):
         # asks the cache for the length of a layer the pack does not run.
         if self._past(feed_dict, "key", self.spec.first_layer).shape[2]:
             for i in self.spec.layers:
-                cache.update(self._past(feed_dict, "key", i), self._past(feed_dict, "value", i), i)
+                cache.update(self._past(feed_dict, "key", i).to(self.ref.dtype),
+                             self._past(feed_dict, "value", i).to(self.ref.dtype), i)
         with torch.no_grad():
             out = self.decoder(inputs_embeds=as_torch["hidden_in"].to(self.ref.dtype),
                                attention_mask=as_torch["attention_mask"].to(self.ref.dtype),
