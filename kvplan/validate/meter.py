@@ -69,6 +69,7 @@ class Meter:
     def phase(self, name: str):
         before = peak_bytes()
         resettable = _reset_peak()
+        start_rss = rss_bytes()
         if before is not None:
             self._peak_before = max(self._peak_before or 0, before)
         t, cpu = time.perf_counter(), time.process_time()
@@ -80,7 +81,8 @@ class Meter:
             if self.log:     # as it ends: a run stopped later still tells where its time and memory went
                 self.log(f"[validate] phase {name}: {self.phases[-1].seconds:.1f} s "
                          f"(CPU {self.phases[-1].cpu_seconds:.1f} s)"
-                         + ("" if peak is None else f", peak RSS {peak / 2**20:.0f} MiB"))
+                         + ("" if peak is None else f", peak RSS {peak / 2**20:.0f} MiB")
+                         + ("" if start_rss is None else f" (RSS {start_rss / 2**20:.0f} MiB at its start)"))
 
     @property
     def peak(self) -> int | None:

@@ -112,17 +112,17 @@ class HFReference:
         with torch.device("meta"), no_init_weights():
             model = cls._from_config(self.hf_config, dtype=dtype)
         prefix = "model." if with_lm else ""
+        if with_lm:
+            if source.read_lm is None:
+                raise ValueError(f"{source.name}: no LM head in this model source")
+            # First, while little else is held: one vocabulary-sized matrix in the source's dtype at a time.
+            for name, key in (("embed_tokens.weight", "model.embed_tokens.weight"), ("lm_head.weight", "lm_head.weight")):
+                self._assign(model, {key: source.read_lm([name])[name]}, "")
         # Read and converted a layer at a time: one layer in the source's dtype beside the model.
         for i in self.layers:
             self._assign(model, source.read_reference(layers=range(i, i + 1), norm=False), prefix)
         if norm:
             self._assign(model, source.read_reference(layers=range(0), norm=True), prefix)
-        if with_lm:
-            if source.read_lm is None:
-                raise ValueError(f"{source.name}: no LM head in this model source")
-            # One vocabulary-sized matrix in the source's dtype at a time.
-            for name, key in (("embed_tokens.weight", "model.embed_tokens.weight"), ("lm_head.weight", "lm_head.weight")):
-                self._assign(model, {key: source.read_lm([name])[name]}, "")
         self._materialize_rotary(model)
         # Rotary inverse frequencies stay fp32, as from_pretrained(dtype=float16) leaves
         # them: a blanket .to(float16) would round them and shift the angle by ~1 rad

@@ -31,7 +31,7 @@ from kvplan.export.exporter import output_names
 from kvplan.manifest import MANIFEST, load_manifest, now, sha256_file, write_json_atomic
 from kvplan.models.presets import tensor_shapes
 from kvplan.pipeline import map_large_allocations, release_memory
-from kvplan.trt.backend import select_backend
+from kvplan.trt.backend import select_backend, visible_gpus
 from kvplan.validate import points as pts
 from kvplan.validate import quantized, ranges, report, runners as rn, stream
 from kvplan.validate.meter import Meter
@@ -111,10 +111,15 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
     plans = _artifacts(manifest, "engines", target)
     backend, backend_error = None, None
     if plans is not None:
-        try:
-            backend = select_backend(backend_name)
-        except BackendError as e:
-            backend_error = str(e)
+        caps, how = visible_gpus()
+        if not caps:
+            # Engines run only on a GPU: the TensorRT libraries (~100 MiB) are not even loaded.
+            backend_error = f"engines run only on a CUDA GPU: {how}"
+        else:
+            try:
+                backend = select_backend(backend_name)
+            except BackendError as e:
+                backend_error = str(e)
     hashed = (exported or []) + (fused or []) + (plans or [])      # the target's own artifacts
     dtype = TORCH_DTYPES[profile.dtype]
     log(f"[validate] {source.name} ({cfg.num_layers} layers, {profile.dtype}) profile {profile.name}: {target}")
