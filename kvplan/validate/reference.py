@@ -137,8 +137,11 @@ class HFReference:
         self._cache_kw = "cache" if "cache" in inspect.signature(self.decoder.forward).parameters else "past_key_values"
 
     def _assign(self, model, weights: dict, prefix: str) -> None:
-        state = {prefix + k: (v.to(self.round_to) if self.round_to else v).to(self.dtype) for k, v in weights.items()}
-        weights.clear()
+        state = {}
+        for k in list(weights):          # popped as converted: one tensor in the source's dtype at a time
+            v = weights.pop(k)
+            state[prefix + k] = (v.to(self.round_to) if self.round_to else v).to(self.dtype)
+            del v
         # assign: the modules take these tensors as their parameters (no second copy of the weights).
         result = model.load_state_dict(state, strict=False, assign=True)
         if result.unexpected_keys:
