@@ -170,3 +170,29 @@ def test_a_perturbed_weight_fails_the_range_holding_it_and_names_it(target, tmp_
     assert any("hidden_out" in t for t in failing) and any("past_key3" in t for t in failing)
     verdict = next(line for line in text.splitlines() if line.startswith("validation FAIL"))
     assert "layers 2..3" in verdict and "layers 0..1" not in verdict
+
+
+def test_a_swapped_cache_tensor_fails_in_layer_ranges_and_names_both_tensors(target, tmp_path, capsys):
+    """The ranges are cut from the wrong graph: its past_key0 output carries layer 1's keys and back."""
+    out = tmp_path / "engines"
+    shutil.copytree(target["out"], out)
+    directory = out / "tiny-llama" / "vranges"
+    path = directory / "decoder.fused.onnx"
+    model = onnx.load(str(path))
+    names = {"past_key0": "past_key1", "past_key1": "past_key0"}
+    for node in model.graph.node:
+        node.output[:] = [names.get(n, n) for n in node.output]
+        node.input[:] = [names.get(n, n) for n in node.input]
+    onnx.save(model, str(path))
+    manifest = json.loads((directory / "manifest.json").read_text())
+    for entry in manifest["stages"]["surgery"]["artifacts"]:
+        if entry["path"] == path.name:
+            entry["bytes"], entry["sha256"] = path.stat().st_size, sha256_file(path)
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+
+    rc = validate_main(_args(target, out, "--layer-ranges", "2"))
+    text = capsys.readouterr().out
+    assert rc == 1, text
+    failing = load_manifest(directory)["validation"]["pairs"]["pytorch vs onnxrt-fused"]["failing_tensors"]
+    assert any(t.endswith(" past_key0") for t in failing) and any(t.endswith(" past_key1") for t in failing)
+    assert not any("hidden_out" in t or "past_value" in t for t in failing)

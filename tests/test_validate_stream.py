@@ -15,7 +15,8 @@ from kvplan.validate import points as pts
 from kvplan.validate import polyjson
 from kvplan.validate.meter import Meter
 from kvplan.validate.onnx_stack import OnnxStack
-from kvplan.validate.reference import HFReference
+from kvplan.decoder import StackSpec
+from kvplan.validate.reference import HFReference, slice_decoder
 
 
 def _feeds():
@@ -144,3 +145,47 @@ def test_onnx_runtime_at_the_basic_level_computes_what_the_folded_level_does(exp
     folded = OnnxStack([pack], fold_casts=True).step(hidden, mask, pos, past)
     for a, b in zip([basic[0]] + basic[1], [folded[0]] + folded[1]):
         np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), atol=1e-2, rtol=1e-2)
+
+
+def test_a_reference_of_some_layers_holds_only_theirs_and_computes_what_the_whole_one_does():
+    source = resolve("tiny-llama")
+    whole = HFReference(source, torch.float32)
+    part = HFReference(source, torch.float32, layers=range(1, 3), norm=False)
+    real = {n for n, p in part.model.named_parameters() if not p.is_meta and p.numel()}
+    assert real == {n for n in dict(whole.model.named_parameters()) if n.startswith(("layers.1.", "layers.2."))}
+    cfg = source.config
+    hidden = torch.randn(1, 5, cfg.hidden_size, generator=torch.Generator().manual_seed(3))
+    mask, pos = causal_mask(1, 5, 0, torch.float32), torch.arange(5)[None]
+    with torch.no_grad():
+        states = whole.decoder(inputs_embeds=hidden, attention_mask=mask, position_ids=pos,
+                               output_hidden_states=True).hidden_states
+        # hidden_states[i] enters layer i: layers 1..2 take states[1] to states[3].
+        got = slice_decoder(part.decoder, 1, 3, False)(inputs_embeds=states[1], attention_mask=mask,
+                                                       position_ids=pos).last_hidden_state
+    want = states[3]
+    torch.testing.assert_close(got, want)
+
+
+def test_a_reference_computing_in_float32_takes_the_profile_dtypes_weights():
+    source = resolve("tiny-llama")
+    ref = HFReference(source, torch.float32, round_to=torch.float16)
+    name = "layers.1.mlp.up_proj.weight"
+    want = source.read_tensors([name])[name].to(torch.float16).to(torch.float32)
+    assert torch.equal(dict(ref.model.named_parameters())[name], want)
+
+
+def test_a_whole_packs_inputs_file_made_a_tensor_at_a_time_is_the_one_made_at_once(tmp_path):
+    source = resolve("tiny-llama")
+    cfg = source.config
+    ref = HFReference(source, torch.float32)
+    prefill = pts.Prefill(lambda layers: ref, cfg, [range(cfg.num_layers)], 1, 12, torch.float32,
+                          directory=tmp_path / "cache")
+    point = pts.Point("prefill", 0, "opt", 3, 12)
+    data = pts.point_data(cfg, torch.float32, point, prefill)
+    spec = StackSpec(0, cfg.num_layers, True)
+    for name, feed in (("eager", pts.feed_for(data, spec, data.hidden_in)),
+                       ("lazy", pts.lazy_feed(data, spec, data.hidden_in))):
+        writer = polyjson.inputs_writer(tmp_path / f"{name}.json")
+        writer.append(feed)
+        writer.close()
+    assert (tmp_path / "lazy.json").read_bytes() == (tmp_path / "eager.json").read_bytes()
