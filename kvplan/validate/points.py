@@ -300,8 +300,8 @@ def to_kv_format(t: torch.Tensor, kv_format: int) -> torch.Tensor:
     return t.transpose(1, 2).contiguous() if kv_format == 1 else t
 
 
-def feed_for(data: PointData, spec, hidden) -> OrderedDict:
-    """The pack's contract inputs, in the graph's input order (kv_io = "inplace": the cache in
+def feed_for(data: PointData, spec, hidden, names=None) -> OrderedDict:
+    """The pack's contract inputs (of ``names`` only, when given), in the graph's input order (kv_io = "inplace": the cache in
     a buffer of cache_len rows, see build/cache_io.py; a ``batch`` point's rows each write at their
     own length, so their masks cover their own past and step, the rest of the buffer masked)."""
     mask, lasts = data.mask, None
@@ -314,7 +314,8 @@ def feed_for(data: PointData, spec, hidden) -> OrderedDict:
     hidden = hidden if isinstance(hidden, torch.Tensor) else torch.from_numpy(np.asarray(hidden))
     feed = cache_io.graph_feed(spec, hidden, mask, data.position_ids,
                                lambda i, kind: to_kv_format(data.past(i, kind), spec.kv_format), lasts)
-    return OrderedDict((name, to_feed_value(feed[name])) for name in input_names(spec))
+    return OrderedDict((name, to_feed_value(feed[name])) for name in input_names(spec)
+                       if names is None or name in names)
 
 
 class LazyFeed(OrderedDict):
@@ -341,7 +342,7 @@ def lazy_feed(data: PointData, spec, hidden) -> LazyFeed:
     """``feed_for``'s feed, each tensor made when read (each past from that layer alone)."""
     def make(name: str):
         layer = int(name.rsplit("_in", 1)[1]) if name.startswith("past_") else spec.first_layer
-        return feed_for(data, replace(spec, first_layer=layer, last_layer=layer + 1), hidden)[name]
+        return feed_for(data, replace(spec, first_layer=layer, last_layer=layer + 1), hidden, {name})[name]
     return LazyFeed(input_names(spec), make)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,11 +91,14 @@ def validate(source, profile, target: Path, manifest: dict, options: ValidateOpt
     """
     # Polygraphy's per-runner INFO lines drown the table; scoped so callers keep their own level.
     quiet = contextlib.nullcontext() if options.verbose else G_LOGGER.verbosity(G_LOGGER.WARNING)
-    with quiet:
-        return _run_checks(options, parse_kinds(options.points), source, profile, target, manifest, backend_name, log)
+    (target / "validation").mkdir(exist_ok=True)
+    # The layer ranges' graphs live as long as the checks, in a private directory removed after them.
+    with quiet, tempfile.TemporaryDirectory(prefix=".ranges-", dir=target / "validation") as scratch:
+        return _run_checks(options, parse_kinds(options.points), source, profile, target, manifest, backend_name,
+                           log, Path(scratch))
 
 
-def _run_checks(options, kinds, source, profile, target, manifest, backend_name, log) -> int:
+def _run_checks(options, kinds, source, profile, target, manifest, backend_name, log, scratch: Path) -> int:
     t0 = time.perf_counter()
     map_large_allocations()
     meter = Meter(log)
@@ -139,20 +143,19 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
             not_run[name] = "no fused graph in this target (no surgery passes)"
     stems = [Path(p.name).name.removesuffix(".onnx") for p in exported]
     count = _range_count(options.layer_ranges, cfg, specs, dtype)
-    if count > 1:
-        with meter.phase("layer ranges"):
-            segments = _cut(count, cfg, specs[0], exported[0], fused[0] if fused else None, target,
-                            explicit=options.layer_ranges != "auto", log=log)
-        release_memory()
-    else:
-        segments = []
-    if not segments:
-        segments = [Segment(i, spec, {rn.EXPORT: exported[i], **({rn.FUSED: fused[i]} if fused else {})})
-                    for i, spec in enumerate(specs)]
     streamer = stream.Streamer(vdir, PAIRS, tol, meter, not_run, log,
                                why_not=lambda r, e: rn.onnxrt_why_not(r.kvplan_graph, e)
                                if hasattr(r, "kvplan_graph") else None)
     try:
+        segments = []
+        if count > 1:
+            with meter.phase("layer ranges"):
+                segments = _cut(count, cfg, specs[0], exported[0], fused[0] if fused else None, scratch,
+                                explicit=options.layer_ranges != "auto", log=log)
+            release_memory()
+        if not segments:
+            segments = [Segment(i, spec, {rn.EXPORT: exported[i], **({rn.FUSED: fused[i]} if fused else {})})
+                        for i, spec in enumerate(specs)]
         with meter.phase("prefill"):
             # Range by range: transformers' model of a few layers at a time, float32 only for the prefill.
             prefill = pts.Prefill(lambda layers: HFReference(source, torch.float32 if fp32_prefill else dtype,
@@ -369,14 +372,13 @@ def _range_count(option, cfg, specs, dtype) -> int:
     return option
 
 
-def _cut(count, cfg, pack, exported, fused, target, explicit: bool, log) -> list[Segment]:
-    """The single-pack graphs cut into ``count`` layer ranges under ``validation/ranges/``; [] when
-    ``auto`` meets a graph that cannot be cut (validated whole, as the log says)."""
+def _cut(count, cfg, pack, exported, fused, directory: Path, explicit: bool, log) -> list[Segment]:
+    """The single-pack graphs cut into ``count`` layer ranges in ``directory``; [] when ``auto``
+    meets a graph that cannot be cut (validated whole, as the log says)."""
     try:
         rspecs = ranges.range_specs(pack, count)
     except ValueError as e:
         raise UserError(str(e)) from None
-    directory = target / "validation" / "ranges"
     directory.mkdir(parents=True, exist_ok=True)
     graphs = [{} for _ in rspecs]
     for name, path in ((rn.EXPORT, exported), (rn.FUSED, fused)):
