@@ -196,3 +196,18 @@ def test_a_swapped_cache_tensor_fails_in_layer_ranges_and_names_both_tensors(tar
     failing = load_manifest(directory)["validation"]["pairs"]["pytorch vs onnxrt-fused"]["failing_tensors"]
     assert any(t.endswith(" past_key0") for t in failing) and any(t.endswith(" past_key1") for t in failing)
     assert not any("hidden_out" in t or "past_value" in t for t in failing)
+
+
+def test_a_shape_a_layer_reads_off_the_inputs_and_the_next_reuses_does_not_stop_the_cut(target, tmp_path):
+    """The exporter may compute a size from attention_mask in one layer and let the next read it; only
+    the tensor computed from hidden_in is the boundary, the size is recomputed inside the range."""
+    model = onnx.load(str(target["out"] / "tiny-llama" / "vranges" / "decoder.onnx"))
+    model.graph.node.append(onnx.helper.make_node("Shape", ["attention_mask"], ["layers.1/mask_shape"],
+                                                  name="layers.1/node_Shape_probe"))
+    model.graph.node.append(onnx.helper.make_node("Size", ["layers.1/mask_shape"], ["layers.2/mask_rank"],
+                                                  name="layers.2/node_Size_probe"))
+    path = tmp_path / "decoder.onnx"
+    onnx.save(model, str(path))
+    paths = write_ranges(path, range_specs(StackSpec(0, 4, True), 2), 4, tmp_path / "out", "decoder")
+    assert [p.name for p in paths] == ["decoder.layers0-1.onnx", "decoder.layers2-3.onnx"]
+    onnx.checker.check_model(onnx.load(str(paths[1])))

@@ -52,14 +52,29 @@ def range_stem(stem: str, spec: StackSpec) -> str:
 
 
 def boundary(graph: onnx.GraphProto, layer: int, path: Path) -> str:
-    """The tensor leaving ``layer`` for ``layer + 1``."""
+    """The tensor leaving ``layer`` for ``layer + 1``: of those a ``layers.{layer}/`` node produces and a
+    ``layers.{layer + 1}/`` node reads, the one computed from ``hidden_in``. The others are computed
+    from the other graph inputs alone (a shape read off ``attention_mask``, shared by every layer)
+    and are recomputed inside the range: ``extract`` takes their nodes along."""
     produced = {out: n.name for n in graph.node if n.name.startswith(f"layers.{layer}/") for out in n.output}
-    found = sorted({i for n in graph.node if n.name.startswith(f"layers.{layer + 1}/") for i in n.input
-                    if i in produced})
+    crossing = sorted({i for n in graph.node if n.name.startswith(f"layers.{layer + 1}/") for i in n.input
+                       if i in produced})
+    carried = _from_hidden(graph)
+    found = [t for t in crossing if t in carried]
     if len(found) != 1:
         raise GraphError(f"{path}: cannot cut after layer {layer}: layer {layer + 1} reads "
-                         f"{len(found)} tensors of layer {layer} ({', '.join(found) or 'none'}), not one")
+                         f"{len(found)} tensors of layer {layer} computed from hidden_in "
+                         f"({', '.join(found) or 'none'}), not one")
     return found[0]
+
+
+def _from_hidden(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor computed (at any remove) from ``hidden_in`` (the nodes are in topological order)."""
+    derived = {"hidden_in"}
+    for node in graph.node:
+        if any(i in derived for i in node.input):
+            derived.update(node.output)
+    return derived
 
 
 def extract(model: onnx.ModelProto, spec: StackSpec, num_layers: int, path: Path, base_dir: Path) -> onnx.ModelProto:
