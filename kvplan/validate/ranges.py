@@ -51,7 +51,7 @@ def range_stem(stem: str, spec: StackSpec) -> str:
     return f"{stem}.layers{spec.first_layer}-{spec.last_layer - 1}"
 
 
-def boundary(graph: onnx.GraphProto, layer: int, path: Path) -> str:
+def boundary(graph: onnx.GraphProto, layer: int, path: Path, carried: set[str] | None = None) -> str:
     """The tensor leaving ``layer`` for ``layer + 1``: of those a ``layers.{layer}/`` node produces and a
     ``layers.{layer + 1}/`` node reads, the one computed from ``hidden_in``. The others are computed
     from the other graph inputs alone (a shape read off ``attention_mask``, shared by every layer)
@@ -59,7 +59,7 @@ def boundary(graph: onnx.GraphProto, layer: int, path: Path) -> str:
     produced = {out: n.name for n in graph.node if n.name.startswith(f"layers.{layer}/") for out in n.output}
     crossing = sorted({i for n in graph.node if n.name.startswith(f"layers.{layer + 1}/") for i in n.input
                        if i in produced})
-    carried = _from_hidden(graph)
+    carried = _from_hidden(graph) if carried is None else carried
     found = [t for t in crossing if t in carried]
     if len(found) != 1:
         raise GraphError(f"{path}: cannot cut after layer {layer}: layer {layer + 1} reads "
@@ -81,8 +81,9 @@ def extract(model: onnx.ModelProto, spec: StackSpec, num_layers: int, path: Path
     """The range ``spec`` of ``model`` (a single-pack graph of ``num_layers`` layers, read from
     ``path`` without its external data) as a graph with the pack contract of ``spec``."""
     graph = model.graph
-    entry = "hidden_in" if spec.first_layer == 0 else boundary(graph, spec.first_layer - 1, path)
-    leave = "hidden_out" if spec.last_layer == num_layers else boundary(graph, spec.last_layer - 1, path)
+    carried = _from_hidden(graph)
+    entry = "hidden_in" if spec.first_layer == 0 else boundary(graph, spec.first_layer - 1, path, carried)
+    leave = "hidden_out" if spec.last_layer == num_layers else boundary(graph, spec.last_layer - 1, path, carried)
     rename = {entry: "hidden_in", leave: "hidden_out"}
     ins, outs = input_names(spec), output_names(spec)
     sources = {entry, *ins[1:]}
@@ -106,11 +107,9 @@ def extract(model: onnx.ModelProto, spec: StackSpec, num_layers: int, path: Path
         node.input[:] = [rename.get(i, i) for i in node.input]
         node.output[:] = [rename.get(o, o) for o in node.output]
         nodes.append(node)
-    for t in initializers:
-        if uses_external_data(t):        # only this range's weights are read from the data file
-            load_external_data_for_tensor(t, str(base_dir))
-            del t.external_data[:]
-            t.data_location = onnx.TensorProto.DEFAULT
+    # The initializers as they are in ``model`` (their values, if in an external data file, stay there:
+    # write_ranges reads them one at a time).
+    initializers = [_copy(t) for t in initializers]
     by_name = {v.name: v for v in list(graph.input) + list(graph.output)}
     inputs = [by_name[n] for n in ins]
     outputs = [by_name[n] for n in outs]
@@ -118,6 +117,22 @@ def extract(model: onnx.ModelProto, spec: StackSpec, num_layers: int, path: Path
                                  inputs, outputs, initializers)
     return onnx.helper.make_model(sub, opset_imports=list(model.opset_import), ir_version=model.ir_version,
                                   producer_name=model.producer_name, functions=list(model.functions))
+
+
+def _copy(t: onnx.TensorProto) -> onnx.TensorProto:
+    out = onnx.TensorProto()
+    out.CopyFrom(t)
+    return out
+
+
+def _inline(t: onnx.TensorProto, base_dir: Path) -> onnx.TensorProto:
+    """A copy of ``t`` holding its values (read from its external data file, if it names one)."""
+    t = _copy(t)
+    if uses_external_data(t):
+        load_external_data_for_tensor(t, str(base_dir))
+        del t.external_data[:]
+        t.data_location = onnx.TensorProto.DEFAULT
+    return t
 
 
 def write_ranges(source: Path, specs: list[StackSpec], num_layers: int, directory: Path, stem: str) -> list[Path]:
@@ -137,8 +152,11 @@ def write_ranges(source: Path, specs: list[StackSpec], num_layers: int, director
         path = directory / f"{range_stem(stem, spec)}.onnx"
         weights = sum(math.prod(t.dims) * _itemsize(t.data_type) for t in sub.graph.initializer)
         if weights > EMBED_LIMIT:
-            full = onnx.load(str(source), load_external_data=False) if lazy else model
-            sub = extract(full, spec, num_layers, source, source.parent)
+            # A range too big for one protobuf message: its weights go to a data file of its own.
+            del sub.graph.initializer[:]
+            sub.graph.initializer.extend(_inline(t, source.parent) if t.name not in lazy
+                                         else read_entry(source, *lazy[t.name][:2])
+                                         for t in extract(model, spec, num_layers, source, source.parent).graph.initializer)
             try:
                 onnx.save(sub, str(path), save_as_external_data=True, location=f"{path.name}.data")
             except BaseException:
@@ -146,15 +164,18 @@ def write_ranges(source: Path, specs: list[StackSpec], num_layers: int, director
                 path.with_name(f"{path.name}.data").unlink(missing_ok=True)
                 raise
         else:
-            large = [t.name for t in sub.graph.initializer if t.name in lazy]
+            # Small entries as they are; weights (large inline entries, or external data) read one at a
+            # time as the file is written.
+            streamed = [t for t in sub.graph.initializer if t.name in lazy or uses_external_data(t)]
             head = onnx.ModelProto()
             head.CopyFrom(sub)
-            kept = [t for t in sub.graph.initializer if t.name not in lazy]
             del head.graph.initializer[:]
-            head.graph.initializer.extend(kept)
+            head.graph.initializer.extend(t for t in sub.graph.initializer if t.name not in lazy
+                                          and not uses_external_data(t))
 
-            def tensors(names=large):
-                return (read_entry(source, *lazy[n][:2]) for n in names)
+            def tensors(todo=streamed):
+                return (read_entry(source, *lazy[t.name][:2]) if t.name in lazy else _inline(t, source.parent)
+                        for t in todo)
             with atomic_file(path) as f:
                 write_streamed(head, tensors, f)
         paths.append(path)
