@@ -238,6 +238,7 @@ rtol = 2e-2
 """
 
 
+@pytest.mark.slow  # a full in-place build and validation; in-place validation stays in test_validate
 def test_validation_of_an_in_place_engine_prints_its_polygraphy_recheck(tmp_path, capsys):
     """Polygraphy's TensorRT runner binds in-place outputs (>= 0.50.3): the saved inputs and
     outputs re-check the engine with `polygraphy run` on a GPU host, one line per profile."""

@@ -161,6 +161,7 @@ def test_default_model_builds_and_validates(tmp_path):
                           "--points", "opt", "--no-task"]) == 0
 
 
+@pytest.mark.slow  # a checkpoint build end to end; the fitting itself is covered by test_profiles
 def test_a_checkpoint_with_fewer_positions_gets_the_shipped_profile_fitted(tmp_path, capsys):
     """A Llama checkpoint with 2048 positions (written by transformers) builds with --profile fp16:
     the build says what it fitted, the manifest records the fitted shapes, and it validates."""

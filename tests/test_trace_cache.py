@@ -68,6 +68,7 @@ def test_entries_are_keyed_by_dtype_and_cache_layout(tmp_path, no_memory):
     assert sorted(p.name.split("-")[0] for p in cache.directory.glob("*.onnx")) == ["layer"] * 3 + ["norm"] * 3 + ["rotary"] * 3
 
 
+@pytest.mark.slow  # every piece traced twice
 def test_a_damaged_entry_is_reported_and_every_piece_traced_again(tmp_path, no_memory, monkeypatch):
     """Pieces are traced together or not at all: the tracer's names depend on what it traced
     alongside, so a partly cached export would not be the cold export's bytes."""
