@@ -28,7 +28,7 @@ from kvplan.export.exporter import input_names, output_names
 from kvplan.manifest import load_manifest, sha256_file
 from kvplan.models import resolve
 from kvplan.validate.ranges import range_specs, write_ranges
-from kvplan.validate.run import RANGE_BYTES, _range_count, layer_bytes
+from kvplan.validate.segments import RANGE_BYTES, layer_bytes, range_count
 
 PROFILE = """description = "layer-range test profile"
 [export]
@@ -96,28 +96,37 @@ def test_a_graph_that_cannot_be_cut_is_refused_naming_the_layer(target, tmp_path
         write_ranges(bad, range_specs(StackSpec(0, 4, True), 2), 4, tmp_path / "out", "decoder")
 
 
-def test_a_stack_validated_in_layer_ranges_passes_every_range(target, tmp_path, capsys):
-    out = tmp_path / "engines"
+@pytest.fixture(scope="module")
+def validated(target, tmp_path_factory):
+    """A copy of the target validated in two layer ranges: (its directory, exit code, printed text)."""
+    out = tmp_path_factory.mktemp("ranges-validated") / "engines"
     shutil.copytree(target["out"], out)
-    rc = validate_main(_args(target, out, "--layer-ranges", "2"))
-    text = capsys.readouterr().out
+    with pytest.MonkeyPatch.context() as m:
+        lines = []
+        m.setattr("builtins.print", lambda *a, **k: lines.append(" ".join(map(str, a))))
+        rc = validate_main(_args(target, out, "--layer-ranges", "2"))
+    return out / "tiny-llama" / "vranges", rc, "\n".join(lines)
+
+
+def test_a_stack_validated_in_layer_ranges_passes_every_range(validated):
+    directory, rc, text = validated
     assert rc == 0, text
-    record = load_manifest(out / "tiny-llama" / "vranges")["validation"]
+    record = load_manifest(directory)["validation"]
     assert record["layer_ranges"] == ["0..1", "2..3"]
     assert record["pairs"]["pytorch vs onnxrt-fused"]["passed"]
     # The whole graph's Polygraphy files, and the target's own graphs (not the ranges) as artifacts.
     assert {"validation/decoder.prefill.inputs.json", "validation/decoder.prefill.outputs.onnxrt-fused.json",
             "validation/decoder.prefill.outputs.pytorch.json"} <= set(record["files"])
     assert sorted(record["artifacts"]) == ["decoder.fused.onnx", "decoder.onnx"]
+    # The ranges' graphs went with the validation's private directory.
+    assert not [p for p in (directory / "validation").iterdir() if p.name.startswith(".")]
 
 
-def test_ranges_chained_on_their_own_outputs_give_what_the_whole_graph_computes(target, tmp_path, capsys):
+def test_ranges_chained_on_their_own_outputs_give_what_the_whole_graph_computes(validated):
     """The outputs validation wrote for the fused graph run in two ranges are the whole graph's outputs
     on the whole graph's inputs (its own run of decoder.fused.onnx on the saved feed)."""
-    out = tmp_path / "engines"
-    shutil.copytree(target["out"], out)
-    assert validate_main(_args(target, out, "--layer-ranges", "2")) == 0, capsys.readouterr().out
-    directory = out / "tiny-llama" / "vranges"
+    directory, rc, text = validated
+    assert rc == 0, text
     feeds = load_json(str(directory / "validation" / "decoder.prefill.inputs.json"))
     saved = RunResults.load(str(directory / "validation" / "decoder.prefill.outputs.onnxrt-fused.json"))
     [(_, iterations)] = list(saved.items())
@@ -131,16 +140,16 @@ def test_ranges_chained_on_their_own_outputs_give_what_the_whole_graph_computes(
 
 def test_auto_ranges_leave_a_small_model_whole():
     cfg = resolve("tiny-llama").config
-    assert _range_count("auto", cfg, [StackSpec(0, cfg.num_layers, True)], torch.float32) == 1
+    assert range_count("auto", cfg, [StackSpec(0, cfg.num_layers, True)], torch.float32) == 1
 
 
 def test_auto_ranges_hold_about_64_mib_of_weights_each():
     cfg = resolve("minicpmo26-tts").config
-    count = _range_count("auto", cfg, [StackSpec(0, cfg.num_layers, True)], torch.float16)
+    count = range_count("auto", cfg, [StackSpec(0, cfg.num_layers, True)], torch.float16)
     per_range = -(-cfg.num_layers // count) * layer_bytes(cfg, torch.float16)
     assert count == 7 and per_range <= RANGE_BYTES
-    assert _range_count("auto", cfg, [StackSpec(0, 10, False), StackSpec(10, 20, True)], torch.float16) == 1
-    assert _range_count(0, cfg, [StackSpec(0, cfg.num_layers, True)], torch.float16) == 1
+    assert range_count("auto", cfg, [StackSpec(0, 10, False), StackSpec(10, 20, True)], torch.float16) == 1
+    assert range_count(0, cfg, [StackSpec(0, cfg.num_layers, True)], torch.float16) == 1
 
 
 def test_a_perturbed_weight_fails_the_range_holding_it_and_names_it(target, tmp_path, capsys):

@@ -41,6 +41,7 @@ def test_a_rebuild_loads_every_piece_and_writes_the_same_bytes(tmp_path, no_memo
     assert warm.read_bytes() == cold.read_bytes()
 
 
+@pytest.mark.slow  # the concat round trip runs by default (test_a_rebuild_loads_every_piece...)
 def test_the_inplace_layer_round_trips_with_its_opset_24_scatter(tmp_path, no_memory, monkeypatch):
     cold = export(tmp_path, "cold", TraceCache(tmp_path / "cache"), kv_io="inplace")
     monkeypatch.setattr(stitch, "_PIECES", {})

@@ -1,16 +1,19 @@
-"""Layer ranges of one graph, for validation that compares a stack range by range.
+"""Layer ranges of one graph, for validation that holds one range of layers at a time.
 
-``--layer-ranges K`` cuts a single-pack graph (the exported one, the fused one) into K
-contiguous ranges of layers, each a graph of its own with the pack contract of those
-layers (``hidden_in`` -> ``hidden_out`` and the range's cache), so it is validated exactly
-as a pack of ``decoder_pack_size`` is: fed the reference's hidden state entering its
-first layer. Only one range's weights are in an ONNX Runtime session at a time.
+Validation (``--layer-ranges``, by default ranges of about 64 MiB of weights) cuts a single-pack
+graph (the exported one, the fused one) into contiguous ranges of layers, each a graph of its
+own with the pack contract of those layers (``hidden_in`` -> ``hidden_out`` and the range's
+cache). Every runner runs the ranges in turn, each fed the runner's own ``hidden_out`` of the
+range before, so together they compute what the whole graph does, with one range's weights in
+memory at a time.
 
-A range is cut at the tensor that leaves its last layer: the one tensor a ``layers.{i}/``
-node produces and a ``layers.{i+1}/`` node reads (the stitched exporter names every
-node after its layer, and the surgery passes keep the names). Nothing of the graph is
-re-derived: the range's nodes are the original nodes that its outputs depend on, back to
-the range's inputs, and its weights are the original initializers they read.
+A range is cut at the tensor that leaves its last layer: the one tensor computed from
+``hidden_in`` that a ``layers.{i}/`` node produces and a ``layers.{i+1}/`` node reads (the
+stitched exporter names every node after its layer, and the surgery passes keep the names);
+tensors a layer computes from the other inputs alone (a size read off ``attention_mask``) are
+recomputed inside the range. Nothing of the graph is re-derived: the range's nodes are the
+original nodes that its outputs depend on, back to the range's inputs, and its weights are the
+original initializers they read, copied from the source file one at a time.
 """
 from __future__ import annotations
 

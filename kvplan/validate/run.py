@@ -26,15 +26,14 @@ import torch
 from polygraphy.logger import G_LOGGER
 
 from kvplan.decoder import pack_specs
-from kvplan.errors import BackendError, GraphError, UserError
+from kvplan.errors import BackendError, UserError
 from kvplan.export import TORCH_DTYPES, io_contract
-from kvplan.export.exporter import output_names
 from kvplan.manifest import MANIFEST, load_manifest, now, sha256_file, write_json_atomic
 from kvplan.models.presets import tensor_shapes
 from kvplan.pipeline import map_large_allocations, release_memory
 from kvplan.trt.backend import select_backend, visible_gpus
 from kvplan.validate import points as pts
-from kvplan.validate import quantized, ranges, report, runners as rn, stream
+from kvplan.validate import quantized, report, runners as rn, segments as seg_plan, stream
 from kvplan.validate.meter import Meter
 from kvplan.validate.onnx_stack import OnnxStack, Pack
 from kvplan.validate.points import parse_kinds
@@ -142,7 +141,7 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
         if paths is None:
             not_run[name] = "no fused graph in this target (no surgery passes)"
     stems = [Path(p.name).name.removesuffix(".onnx") for p in exported]
-    count = _range_count(options.layer_ranges, cfg, specs, dtype)
+    count = seg_plan.range_count(options.layer_ranges, cfg, specs, dtype)
     streamer = stream.Streamer(vdir, PAIRS, tol, meter, not_run, log,
                                why_not=lambda r, e: rn.onnxrt_why_not(r.kvplan_graph, e)
                                if hasattr(r, "kvplan_graph") else None)
@@ -150,11 +149,11 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
         segments = []
         if count > 1:
             with meter.phase("layer ranges"):
-                segments = _cut(count, cfg, specs[0], exported[0], fused[0] if fused else None, scratch,
-                                explicit=options.layer_ranges != "auto", log=log)
+                segments = seg_plan.cut(count, cfg, specs[0], exported[0], fused[0] if fused else None, scratch,
+                                        explicit=options.layer_ranges != "auto", log=log)
             release_memory()
         if not segments:
-            segments = [Segment(i, spec, {rn.EXPORT: exported[i], **({rn.FUSED: fused[i]} if fused else {})})
+            segments = [seg_plan.Segment(i, spec, {rn.EXPORT: exported[i], **({rn.FUSED: fused[i]} if fused else {})})
                         for i, spec in enumerate(specs)]
         with meter.phase("prefill"):
             # Range by range: transformers' model of a few layers at a time, float32 only for the prefill.
@@ -165,7 +164,7 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
             release_memory()
         log(f"[validate] prefill of {longest} tokens (shared by every point) in {meter.phases[-1].seconds:.1f} s")
         data = [pts.point_data(cfg, dtype, point, prefill) for point in points]
-        jobs = [_segment_jobs(s_index, seg, segments, specs, stems, profile, data, cfg) for s_index, seg in enumerate(segments)]
+        jobs = [seg_plan.segment_jobs(s_index, seg, segments, specs, stems, profile, data, cfg) for s_index, seg in enumerate(segments)]
         trt_here = rn.make_tensorrt(plans[0] if plans else None, backend, backend_error, 0, specs[0])[0]
         later = {rn.EXPORT, rn.FUSED} | ({rn.TENSORRT} if trt_here is not None else set())
         # Runner by runner, range by range: only one runner's weights of one range are ever in memory.
@@ -176,7 +175,7 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
                 last_pack = specs[seg.pack].final_norm
                 ref_fp = (quantized.full_precision_reference(original, ref_dtype, seg.layers, seg.spec.final_norm, dtype)
                           if quant and last_pack else None)
-            log(f"[validate] {seg.label(stems, len(segments) > len(specs))}: {len(data)} point(s) through {rn.REFERENCE}")
+            log(f"[validate] {seg.label(len(segments) > len(specs))}: {len(data)} point(s) through {rn.REFERENCE}")
             contract = io_contract(cfg, seg.spec, profile.batch_dim, profile.dtype)
             streamer.run(rn.ReferenceRunner(ref, seg.spec, contract, log=log, out_dtype=dtype), jobs[s_index], later)
             if ref_fp is not None:
@@ -190,10 +189,10 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
                     break
                 runner, _ = rn.make_onnxrt(seg.graphs[name], name)
                 runner.kvplan_graph = seg.graphs[name]
-                log(f"[validate] {seg.label(stems, len(segments) > len(specs))}: {len(data)} point(s) through {name}")
+                log(f"[validate] {seg.label(len(segments) > len(specs))}: {len(data)} point(s) through {name}")
                 streamer.run(runner, jobs[s_index], later)
                 release_memory()
-        pack_jobs = [_pack_jobs(p_index, spec, segments, stems, profile, data) for p_index, spec in enumerate(specs)]
+        pack_jobs = [seg_plan.pack_jobs(p_index, spec, segments, stems, profile, data) for p_index, spec in enumerate(specs)]
         for p_index, spec in enumerate(specs):
             for job in pack_jobs[p_index]:
                 sp_index = job.group[0].point.profile_index
@@ -280,7 +279,7 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
     print()
     verdict = {"pass": "PASS", "fail": "FAIL", "inconclusive": "INCONCLUSIVE (nothing compared)"}[status]
     # A layer range is named by its layers (its pack index would not tell which).
-    where = [seg.label(stems, len(segments) > len(specs)) for seg in segments]
+    where = [seg.label(len(segments) > len(specs)) for seg in segments]
     detail = [f"{s.point} {where[s.pack]} {s.pair}: {s.output}" for s in mismatch] + task_bad
     print(f"validation {verdict}" + (": " + "; ".join(detail[:20]) + (" ..." if len(detail) > 20 else "") if detail else ""))
 
@@ -329,107 +328,6 @@ def _commands(target, stem, sp_index, sp_name, onnx_path, fused, plans, p_index,
                                                                  "--optimization-profile", str(sp_index)],
                                            inputs, f"{base}.outputs.{want}.json", tol.atol, tol.rtol, env))
     return cmds
-
-
-# Layer ranges hold about this many bytes of weights each (``--layer-ranges auto``): a few times
-# one layer of a small model, one layer of a large one.
-RANGE_BYTES = 64 << 20
-
-
-@dataclass(frozen=True)
-class Segment:
-    """Layers a runner runs in one go: a pack, or a range of a single-pack graph (its own ONNX files)."""
-    pack: int
-    spec: object                  # StackSpec of its layers
-    graphs: dict                  # runner name -> the ONNX file of these layers
-
-    @property
-    def layers(self) -> range:
-        return range(self.spec.first_layer, self.spec.last_layer)
-
-    def label(self, stems, cut: bool) -> str:
-        return f"layers {self.spec.first_layer}..{self.spec.last_layer - 1}" if cut else f"pack{self.pack}"
-
-
-def layer_bytes(cfg, dtype: torch.dtype) -> int:
-    """One layer's weights in ``dtype``."""
-    shapes = tensor_shapes(cfg)
-    return sum(math.prod(v) for k, v in shapes.items() if k.startswith("layers.0.")) * torch.finfo(dtype).bits // 8
-
-
-def _range_count(option, cfg, specs, dtype) -> int:
-    """How many layer ranges a single-pack target is validated in (1: the whole stack at once)."""
-    if option == "auto":
-        if len(specs) != 1:
-            return 1          # packs are validated pack by pack already
-        per_range = max(1, RANGE_BYTES // max(1, layer_bytes(cfg, dtype)))
-        return min(cfg.num_layers, math.ceil(cfg.num_layers / per_range))
-    if option <= 1:
-        return 1
-    if len(specs) != 1:
-        raise UserError(f"--layer-ranges: this target is already cut into {len(specs)} packs "
-                        f"(decoder_pack_size); they are validated pack by pack without it")
-    return option
-
-
-def _cut(count, cfg, pack, exported, fused, directory: Path, explicit: bool, log) -> list[Segment]:
-    """The single-pack graphs cut into ``count`` layer ranges in ``directory``; [] when ``auto``
-    meets a graph that cannot be cut (validated whole, as the log says)."""
-    try:
-        rspecs = ranges.range_specs(pack, count)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    directory.mkdir(parents=True, exist_ok=True)
-    graphs = [{} for _ in rspecs]
-    for name, path in ((rn.EXPORT, exported), (rn.FUSED, fused)):
-        if path is None:
-            continue
-        try:
-            cut = ranges.write_ranges(path, rspecs, cfg.num_layers, directory, path.name.removesuffix(".onnx"))
-        except GraphError as e:
-            if explicit:
-                raise
-            log(f"[validate] validated whole, not in layer ranges: {e}")
-            return []
-        for g, p in zip(graphs, cut):
-            g[name] = p
-        log(f"[validate] {path.name} cut into layer ranges " + ", ".join(f"{s.first_layer}..{s.last_layer - 1}" for s in rspecs))
-    return [Segment(0, s, g) for s, g in zip(rspecs, graphs)]
-
-
-def _segment_jobs(s_index, seg, segments, specs, stems, profile, data, cfg) -> list:
-    """One job per optimization profile for the runners of ``seg``: a range after the first of its pack
-    is fed the runner's own hidden_out of the range before (so the ranges compute what the whole
-    graph does); a pack's first range, the reference's hidden state entering the pack."""
-    pack_spec = specs[seg.pack]
-    siblings = [x for x in segments if x.pack == seg.pack]
-    own = seg.spec.first_layer != pack_spec.first_layer
-    cut = len(siblings) > 1
-
-    def feed_of(d, runner, spec=seg.spec):
-        return pts.feed_for(d, spec, d.entering(spec.first_layer, runner if own else rn.REFERENCE))
-
-    def pack_feed(d, spec=pack_spec):       # for the pack's inputs file: one tensor at a time
-        return pts.lazy_feed(d, spec, d.entering(spec.first_layer, rn.REFERENCE))
-
-    return [stream.Job(s_index, f"{stems[seg.pack]}.{sp.name}", group, feed_of, segment=siblings.index(seg),
-                       ranges=len(siblings),
-                       next_layer=seg.spec.last_layer if seg.spec.last_layer < cfg.num_layers else None,
-                       pack_outputs=output_names(pack_spec) if cut else None, pack_feed=pack_feed if cut else None)
-            for sp_index, sp in enumerate(profile.shapes)
-            if (group := [d for d in data if d.point.profile_index == sp_index])]
-
-
-def _pack_jobs(p_index, spec, segments, stems, profile, data) -> list:
-    """Whole-pack jobs (TensorRT runs the pack's engine), fed the reference's hidden state entering it."""
-    first = next(i for i, seg in enumerate(segments) if seg.pack == p_index)
-
-    def feed_of(d, runner, spec=spec):
-        return pts.feed_for(d, spec, d.entering(spec.first_layer, rn.REFERENCE))
-
-    return [stream.Job(first, f"{stems[p_index]}.{sp.name}", group, feed_of)
-            for sp_index, sp in enumerate(profile.shapes)
-            if (group := [d for d in data if d.point.profile_index == sp_index])]
 
 
 def _task_checks(options, source, dtype, specs, segments, plans, backend, backend_error, profile, not_run, log):
