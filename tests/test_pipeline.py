@@ -54,6 +54,7 @@ def test_every_shipped_profile_builds_an_engine(tmp_path, base, kv_format):
         assert ops["Attention"] == 4 and "Softmax" not in ops
 
 
+@pytest.mark.slow  # a third engine build; delta graphs are validated by default (test_validate)
 def test_delta_kv_io_builds_an_engine_whose_outputs_are_new_rows(tmp_path):
     manifest = build(tmp_path, variant(tmp_path, "fp16", kv_io='"delta"'))
     network = manifest["stages"]["engines"]["artifacts"][0]["build"]["network"]
