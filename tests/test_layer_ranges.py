@@ -152,21 +152,30 @@ def test_auto_ranges_hold_about_64_mib_of_weights_each():
     assert range_count(0, cfg, [StackSpec(0, cfg.num_layers, True)], torch.float16) == 1
 
 
-def test_a_perturbed_weight_fails_the_range_holding_it_and_names_it(target, tmp_path, capsys):
+def _edited_copy(target, tmp_path, edit):
+    """A copy of the target whose fused graph ``edit`` changed, recorded in the manifest as if the
+    surgery stage had written it: (the copy's out directory, its target directory)."""
     out = tmp_path / "engines"
     shutil.copytree(target["out"], out)
     directory = out / "tiny-llama" / "vranges"
     path = directory / "decoder.fused.onnx"
     model = onnx.load(str(path))
-    [init] = [t for t in model.graph.initializer if t.name == "layers.2.post_attention_layernorm.weight"]
-    init.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(init) + np.float32(0.05), init.name))
+    edit(model)
     onnx.save(model, str(path))
     manifest = json.loads((directory / "manifest.json").read_text())
     for entry in manifest["stages"]["surgery"]["artifacts"]:
         if entry["path"] == path.name:
             entry["bytes"], entry["sha256"] = path.stat().st_size, sha256_file(path)
     (directory / "manifest.json").write_text(json.dumps(manifest))
+    return out, directory
 
+
+def test_a_perturbed_weight_fails_the_range_holding_it_and_names_it(target, tmp_path, capsys):
+    def perturb(model):
+        [init] = [t for t in model.graph.initializer if t.name == "layers.2.post_attention_layernorm.weight"]
+        init.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(init) + np.float32(0.05), init.name))
+
+    out, directory = _edited_copy(target, tmp_path, perturb)
     rc = validate_main(_args(target, out, "--layer-ranges", "2"))
     text = capsys.readouterr().out
     assert rc == 1, text
@@ -182,22 +191,13 @@ def test_a_perturbed_weight_fails_the_range_holding_it_and_names_it(target, tmp_
 @pytest.mark.slow  # the whole-graph variant runs by default (test_validate); ranges fail on a perturbed weight by default
 def test_a_swapped_cache_tensor_fails_in_layer_ranges_and_names_both_tensors(target, tmp_path, capsys):
     """The ranges are cut from the wrong graph: its past_key0 output carries layer 1's keys and back."""
-    out = tmp_path / "engines"
-    shutil.copytree(target["out"], out)
-    directory = out / "tiny-llama" / "vranges"
-    path = directory / "decoder.fused.onnx"
-    model = onnx.load(str(path))
-    names = {"past_key0": "past_key1", "past_key1": "past_key0"}
-    for node in model.graph.node:
-        node.output[:] = [names.get(n, n) for n in node.output]
-        node.input[:] = [names.get(n, n) for n in node.input]
-    onnx.save(model, str(path))
-    manifest = json.loads((directory / "manifest.json").read_text())
-    for entry in manifest["stages"]["surgery"]["artifacts"]:
-        if entry["path"] == path.name:
-            entry["bytes"], entry["sha256"] = path.stat().st_size, sha256_file(path)
-    (directory / "manifest.json").write_text(json.dumps(manifest))
+    def swap(model):
+        names = {"past_key0": "past_key1", "past_key1": "past_key0"}
+        for node in model.graph.node:
+            node.output[:] = [names.get(n, n) for n in node.output]
+            node.input[:] = [names.get(n, n) for n in node.input]
 
+    out, directory = _edited_copy(target, tmp_path, swap)
     rc = validate_main(_args(target, out, "--layer-ranges", "2"))
     text = capsys.readouterr().out
     assert rc == 1, text
