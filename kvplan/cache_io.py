@@ -57,11 +57,12 @@ def write_indices(batch: int, last: int) -> np.ndarray:
     return np.full((batch,), last, dtype=np.int64)
 
 
-def graph_feed(spec, hidden, mask, position_ids, past_of, lasts=None) -> dict:
+def graph_feed(spec, hidden, mask, position_ids, past_of, lasts=None, names=None) -> dict:
     """The contract inputs of one pack in graph order; ``past_of(layer, kind)`` gives the
     canonical cache of a layer (kind 0 key, 1 value), already in the pack's kv format.
     kv_io = "inplace": ``lasts`` (one per batch row) are the rows' own lengths, where each
-    writes its N new rows; by default every row's is lastSum."""
+    writes its N new rows; by default every row's is lastSum. ``names``: only those cache
+    inputs are made (the others are left out)."""
     inplace = spec.kv_io == "inplace"
     feed = {"hidden_in": hidden, "attention_mask": buffer_mask(spec, mask) if inplace else mask,
             "position_ids": position_ids}
@@ -74,8 +75,10 @@ def graph_feed(spec, hidden, mask, position_ids, past_of, lasts=None) -> dict:
             feed["write_indices"] = torch.from_numpy(feed["write_indices"])
     for i in spec.layers:
         for kind, name in enumerate(("key", "value")):
-            past = past_of(i, kind)
-            feed[f"past_{name}_in{i}"] = buffer(spec, past) if inplace else past
+            name = f"past_{name}_in{i}"
+            if names is None or name in names:
+                past = past_of(i, kind)
+                feed[name] = buffer(spec, past) if inplace else past
     return feed
 
 

@@ -219,3 +219,30 @@ def test_a_shape_a_layer_reads_off_the_inputs_and_the_next_reuses_does_not_stop_
     paths = write_ranges(path, range_specs(StackSpec(0, 4, True), 2), 4, tmp_path / "out", "decoder")
     assert [p.name for p in paths] == ["decoder.layers0-1.onnx", "decoder.layers2-3.onnx"]
     onnx.checker.check_model(onnx.load(str(paths[1])))
+
+
+@pytest.mark.parametrize("stored", ["large entries left in the file", "external data"])
+def test_a_range_cut_from_weights_read_one_at_a_time_is_the_range_cut_from_memory(target, tmp_path, monkeypatch,
+                                                                                   stored):
+    """The same nodes and the same weights, whether the source's weights are inline entries copied one
+    by one from the file (every entry counted large here) or in an external data file."""
+    graph = target["out"] / "tiny-llama" / "vranges" / "decoder.fused.onnx"
+    specs = range_specs(StackSpec(0, 4, True), 2)
+    plain = write_ranges(graph, specs, 4, tmp_path / "plain", "decoder.fused")
+    if stored == "external data":
+        source = tmp_path / "external" / "decoder.fused.onnx"
+        source.parent.mkdir()
+        onnx.save(onnx.load(str(graph)), str(source), save_as_external_data=True, location="decoder.fused.onnx.data",
+                  size_threshold=0)
+    else:
+        source = graph
+        monkeypatch.setattr("kvplan.quantize.lazy_onnx.LAZY_BYTES", 1)
+    streamed = write_ranges(source, specs, 4, tmp_path / "streamed", "decoder.fused")
+    for a, b in zip(plain, streamed):
+        want, got = onnx.load(str(a)), onnx.load(str(b))
+        assert not any(t.external_data for t in got.graph.initializer)
+        assert [n.SerializeToString() for n in got.graph.node] == [n.SerializeToString() for n in want.graph.node]
+        weights = {t.name: onnx.numpy_helper.to_array(t) for t in want.graph.initializer}
+        assert {t.name for t in got.graph.initializer} == set(weights)
+        for t in got.graph.initializer:
+            np.testing.assert_array_equal(onnx.numpy_helper.to_array(t), weights[t.name], err_msg=t.name)

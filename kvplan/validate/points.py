@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -301,9 +301,10 @@ def to_kv_format(t: torch.Tensor, kv_format: int) -> torch.Tensor:
 
 
 def feed_for(data: PointData, spec, hidden, names=None) -> OrderedDict:
-    """The pack's contract inputs (of ``names`` only, when given), in the graph's input order (kv_io = "inplace": the cache in
-    a buffer of cache_len rows, see build/cache_io.py; a ``batch`` point's rows each write at their
-    own length, so their masks cover their own past and step, the rest of the buffer masked)."""
+    """The pack's contract inputs (of ``names`` only, when given), in the graph's input order
+    (kv_io = "inplace": the cache in a buffer of cache_len rows, see build/cache_io.py; a ``batch``
+    point's rows each write at their own length, so their masks cover their own past and step,
+    the rest of the buffer masked)."""
     mask, lasts = data.mask, None
     if spec.kv_io == "inplace" and data.point.rows:
         p = data.point
@@ -313,7 +314,7 @@ def feed_for(data: PointData, spec, hidden, names=None) -> OrderedDict:
                                                   value=fill) for b, own in enumerate(lasts)])
     hidden = hidden if isinstance(hidden, torch.Tensor) else torch.from_numpy(np.asarray(hidden))
     feed = cache_io.graph_feed(spec, hidden, mask, data.position_ids,
-                               lambda i, kind: to_kv_format(data.past(i, kind), spec.kv_format), lasts)
+                               lambda i, kind: to_kv_format(data.past(i, kind), spec.kv_format), lasts, names)
     return OrderedDict((name, to_feed_value(feed[name])) for name in input_names(spec)
                        if names is None or name in names)
 
@@ -339,11 +340,8 @@ class LazyFeed(OrderedDict):
 
 
 def lazy_feed(data: PointData, spec, hidden) -> LazyFeed:
-    """``feed_for``'s feed, each tensor made when read (each past from that layer alone)."""
-    def make(name: str):
-        layer = int(name.rsplit("_in", 1)[1]) if name.startswith("past_") else spec.first_layer
-        return feed_for(data, replace(spec, first_layer=layer, last_layer=layer + 1), hidden, {name})[name]
-    return LazyFeed(input_names(spec), make)
+    """``feed_for``'s feed, each tensor made (alone) when read."""
+    return LazyFeed(input_names(spec), lambda name: feed_for(data, spec, hidden, {name})[name])
 
 
 def as_float32(value) -> np.ndarray:

@@ -80,11 +80,14 @@ def _from_hidden(graph: onnx.GraphProto) -> set[str]:
     return derived
 
 
-def extract(model: onnx.ModelProto, spec: StackSpec, num_layers: int, path: Path, base_dir: Path) -> onnx.ModelProto:
+def extract(model: onnx.ModelProto, spec: StackSpec, num_layers: int, path: Path, base_dir: Path,
+            carried: set[str] | None = None) -> onnx.ModelProto:
     """The range ``spec`` of ``model`` (a single-pack graph of ``num_layers`` layers, read from
-    ``path`` without its external data) as a graph with the pack contract of ``spec``."""
+    ``path`` without its external data) as a graph with the pack contract of ``spec``; its
+    initializers are as in ``model`` (values in an external data file stay there). ``carried``:
+    ``_from_hidden(model.graph)``, when the caller cuts several ranges of one graph."""
     graph = model.graph
-    carried = _from_hidden(graph)
+    carried = _from_hidden(graph) if carried is None else carried
     entry = "hidden_in" if spec.first_layer == 0 else boundary(graph, spec.first_layer - 1, path, carried)
     leave = "hidden_out" if spec.last_layer == num_layers else boundary(graph, spec.last_layer - 1, path, carried)
     rename = {entry: "hidden_in", leave: "hidden_out"}
@@ -110,9 +113,6 @@ def extract(model: onnx.ModelProto, spec: StackSpec, num_layers: int, path: Path
         node.input[:] = [rename.get(i, i) for i in node.input]
         node.output[:] = [rename.get(o, o) for o in node.output]
         nodes.append(node)
-    # The initializers as they are in ``model`` (their values, if in an external data file, stay there:
-    # write_ranges reads them one at a time).
-    initializers = [_copy(t) for t in initializers]
     by_name = {v.name: v for v in list(graph.input) + list(graph.output)}
     inputs = [by_name[n] for n in ins]
     outputs = [by_name[n] for n in outs]
@@ -149,17 +149,23 @@ def write_ranges(source: Path, specs: list[StackSpec], num_layers: int, director
         model, lazy = read_skeleton(source)
     except Exception as e:
         raise GraphError(f"{source}: cannot read the graph to cut it into layer ranges: {e}") from e
+    carried = _from_hidden(model.graph)
+
+    def value(t: onnx.TensorProto) -> onnx.TensorProto:
+        """``t`` with its values: its entry in the source file, or its external data read in."""
+        return read_entry(source, *lazy[t.name][:2]) if t.name in lazy else _inline(t, source.parent)
+
     paths = []
     for spec in specs:
-        sub = extract(model, spec, num_layers, source, source.parent)
+        sub = extract(model, spec, num_layers, source, source.parent, carried)
         path = directory / f"{range_stem(stem, spec)}.onnx"
         weights = sum(math.prod(t.dims) * _itemsize(t.data_type) for t in sub.graph.initializer)
         if weights > EMBED_LIMIT:
             # A range too big for one protobuf message: its weights go to a data file of its own.
+            full = [value(t) for t in sub.graph.initializer]
             del sub.graph.initializer[:]
-            sub.graph.initializer.extend(_inline(t, source.parent) if t.name not in lazy
-                                         else read_entry(source, *lazy[t.name][:2])
-                                         for t in extract(model, spec, num_layers, source, source.parent).graph.initializer)
+            sub.graph.initializer.extend(full)
+            del full
             try:
                 onnx.save(sub, str(path), save_as_external_data=True, location=f"{path.name}.data")
             except BaseException:
@@ -169,18 +175,12 @@ def write_ranges(source: Path, specs: list[StackSpec], num_layers: int, director
         else:
             # Small entries as they are; weights (large inline entries, or external data) read one at a
             # time as the file is written.
-            streamed = [t for t in sub.graph.initializer if t.name in lazy or uses_external_data(t)]
-            head = onnx.ModelProto()
-            head.CopyFrom(sub)
-            del head.graph.initializer[:]
-            head.graph.initializer.extend(t for t in sub.graph.initializer if t.name not in lazy
-                                          and not uses_external_data(t))
-
-            def tensors(todo=streamed):
-                return (read_entry(source, *lazy[t.name][:2]) if t.name in lazy else _inline(t, source.parent)
-                        for t in todo)
+            streamed = [_copy(t) for t in sub.graph.initializer if t.name in lazy or uses_external_data(t)]
+            kept = [_copy(t) for t in sub.graph.initializer if not (t.name in lazy or uses_external_data(t))]
+            del sub.graph.initializer[:]
+            sub.graph.initializer.extend(kept)
             with atomic_file(path) as f:
-                write_streamed(head, tensors, f)
+                write_streamed(sub, lambda todo=streamed: (value(t) for t in todo), f)
         paths.append(path)
         del sub
     return paths

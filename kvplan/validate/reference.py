@@ -127,7 +127,7 @@ class HFReference:
         if not with_lm:
             # Fed embeddings, never token ids: an empty table rather than a meta one (the model can
             # still be moved to a device) or a vocabulary-sized one of zeros.
-            model.embed_tokens = torch.nn.Embedding(0, self.hidden_size(model), dtype=dtype)
+            model.embed_tokens = torch.nn.Embedding(0, source.config.hidden_size, dtype=dtype)
         # Rotary inverse frequencies stay fp32, as from_pretrained(dtype=float16) leaves
         # them: a blanket .to(float16) would round them and shift the angle by ~1 rad
         # at position 4000, which is a bug of the reference, not of the graph under test.
@@ -139,10 +139,6 @@ class HFReference:
         self.model = model.eval()
         self._check_loaded(norm, with_lm)
         self._cache_kw = "cache" if "cache" in inspect.signature(self.decoder.forward).parameters else "past_key_values"
-
-    @staticmethod
-    def hidden_size(model) -> int:
-        return model.embed_tokens.weight.shape[1]
 
     def _assign(self, model, weights: dict, prefix: str) -> None:
         state = {}

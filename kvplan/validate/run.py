@@ -155,6 +155,7 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
         if not segments:
             segments = [seg_plan.Segment(i, spec, {rn.EXPORT: exported[i], **({rn.FUSED: fused[i]} if fused else {})})
                         for i, spec in enumerate(specs)]
+        cut = len(segments) > len(specs)          # a pack validated in layer ranges
         with meter.phase("prefill"):
             # Range by range: transformers' model of a few layers at a time, float32 only for the prefill.
             prefill = pts.Prefill(lambda layers: HFReference(source, torch.float32 if fp32_prefill else dtype,
@@ -175,7 +176,7 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
                 last_pack = specs[seg.pack].final_norm
                 ref_fp = (quantized.full_precision_reference(original, ref_dtype, seg.layers, seg.spec.final_norm, dtype)
                           if quant and last_pack else None)
-            log(f"[validate] {seg.label(len(segments) > len(specs))}: {len(data)} point(s) through {rn.REFERENCE}")
+            log(f"[validate] {seg.label(cut)}: {len(data)} point(s) through {rn.REFERENCE}")
             contract = io_contract(cfg, seg.spec, profile.batch_dim, profile.dtype)
             streamer.run(rn.ReferenceRunner(ref, seg.spec, contract, log=log, out_dtype=dtype), jobs[s_index], later)
             if ref_fp is not None:
@@ -189,7 +190,7 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
                     break
                 runner, _ = rn.make_onnxrt(seg.graphs[name], name)
                 runner.kvplan_graph = seg.graphs[name]
-                log(f"[validate] {seg.label(len(segments) > len(specs))}: {len(data)} point(s) through {name}")
+                log(f"[validate] {seg.label(cut)}: {len(data)} point(s) through {name}")
                 streamer.run(runner, jobs[s_index], later)
                 release_memory()
         pack_jobs = [seg_plan.pack_jobs(p_index, spec, segments, stems, profile, data) for p_index, spec in enumerate(specs)]
@@ -279,7 +280,7 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
     print()
     verdict = {"pass": "PASS", "fail": "FAIL", "inconclusive": "INCONCLUSIVE (nothing compared)"}[status]
     # A layer range is named by its layers (its pack index would not tell which).
-    where = [seg.label(len(segments) > len(specs)) for seg in segments]
+    where = [seg.label(cut) for seg in segments]
     detail = [f"{s.point} {where[s.pack]} {s.pair}: {s.output}" for s in mismatch] + task_bad
     print(f"validation {verdict}" + (": " + "; ".join(detail[:20]) + (" ..." if len(detail) > 20 else "") if detail else ""))
 
@@ -297,7 +298,7 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
                               "task": _task_record(quality_task)}} if quant else {}),
               "files": files, "recheck": commands,
               **({"layer_ranges": [f"{s.spec.first_layer}..{s.spec.last_layer - 1}" for s in segments]}
-                 if len(segments) > len(specs) else {}),
+                 if cut else {}),
               "artifacts": {str(p.relative_to(target)): sha256_file(p) for p in hashed}}
     current = load_manifest(target)
     if current is None or current.get("stages") != manifest.get("stages"):

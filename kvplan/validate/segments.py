@@ -101,12 +101,11 @@ def segment_jobs(s_index, seg, segments, specs, stems, profile, data, cfg) -> li
     def pack_feed(d, spec=pack_spec):       # for the pack's inputs file: one tensor at a time
         return pts.lazy_feed(d, spec, d.entering(spec.first_layer, rn.REFERENCE))
 
-    return [stream.Job(s_index, f"{stems[seg.pack]}.{sp.name}", group, feed_of, segment=siblings.index(seg),
+    return [stream.Job(s_index, f"{stems[seg.pack]}.{name}", group, feed_of, segment=siblings.index(seg),
                        ranges=len(siblings),
                        next_layer=seg.spec.last_layer if seg.spec.last_layer < cfg.num_layers else None,
                        pack_outputs=None if whole else output_names(pack_spec), pack_feed=None if whole else pack_feed)
-            for sp_index, sp in enumerate(profile.shapes)
-            if (group := [d for d in data if d.point.profile_index == sp_index])]
+            for name, group in _groups(profile, data)]
 
 
 def pack_jobs(p_index, spec, segments, stems, profile, data) -> list:
@@ -116,6 +115,10 @@ def pack_jobs(p_index, spec, segments, stems, profile, data) -> list:
     def feed_of(d, runner, spec=spec):
         return pts.feed_for(d, spec, d.entering(spec.first_layer, rn.REFERENCE))
 
-    return [stream.Job(first, f"{stems[p_index]}.{sp.name}", group, feed_of)
-            for sp_index, sp in enumerate(profile.shapes)
-            if (group := [d for d in data if d.point.profile_index == sp_index])]
+    return [stream.Job(first, f"{stems[p_index]}.{name}", group, feed_of) for name, group in _groups(profile, data)]
+
+
+def _groups(profile, data) -> list[tuple[str, list]]:
+    """(optimization profile name, its points' data) for each profile that has points."""
+    return [(sp.name, group) for index, sp in enumerate(profile.shapes)
+            if (group := [d for d in data if d.point.profile_index == index])]

@@ -74,14 +74,11 @@ class Streamer:
     point data (``leaving``) when a range follows; it is compared only where it is the pack's.
     """
 
-    def __init__(self, vdir: Path, pairs, tol, meter, not_run: dict, log, why_not=None, spill_root: Path | None = None):
+    def __init__(self, vdir: Path, pairs, tol, meter, not_run: dict, log, why_not=None):
         self.vdir, self.pairs, self.tol, self.meter = vdir, pairs, tol, meter
         self.not_run, self.log, self.why_not = not_run, log, why_not
-        self._spill = None
-        if spill_root is None:
-            self._spill = tempfile.TemporaryDirectory(prefix=".spill-", dir=vdir)
-            spill_root = Path(self._spill.name)
-        self.spill_root = spill_root
+        self._spill = tempfile.TemporaryDirectory(prefix=".spill-", dir=vdir)
+        self.spill_root = Path(self._spill.name)
         # (base, runner) -> per point, {output name: its file}, filled range by range
         self.spilled: dict[tuple[str, str], list[dict[str, Path]]] = {}
         self.times: dict[tuple[str, str], list[float]] = {}
@@ -90,8 +87,7 @@ class Streamer:
         self.written: dict[str, list[Path]] = {}                    # base -> files, inputs first
 
     def close(self) -> None:
-        if self._spill is not None:
-            self._spill.cleanup()
+        self._spill.cleanup()
 
     def run(self, runner, jobs: list[Job], later: set[str]) -> bool:
         """Run ``runner`` over ``jobs``; ``later``: runners still to come (whose pairs need its outputs)."""
@@ -163,14 +159,16 @@ class Streamer:
             raise
         if whole:
             writer.close()
-            files = self.written.setdefault(base, [])
             if inputs:
                 inputs.close()
-                files.append(inputs.path)
-            files.append(out_path)
-            self.ran.setdefault(base, []).append(runner.name)
+            self._record(base, runner.name, ([inputs.path] if inputs else []) + [out_path])
         elif job.last:
             self._assemble(runner.name, job)
+
+    def _record(self, base: str, name: str, paths: list[Path]) -> None:
+        """``name`` ran every point of ``base`` and wrote ``paths`` (its inputs file first, if it wrote it)."""
+        self.written.setdefault(base, []).extend(paths)
+        self.ran.setdefault(base, []).append(name)
 
     def _assemble(self, name: str, job: Job) -> None:
         """A cut pack's files, once its last range has run: its whole feed and its outputs, point by
@@ -200,6 +198,4 @@ class Streamer:
             writer.abort()
             raise
         writer.close()
-        paths.append(out_path)
-        self.written.setdefault(base, []).extend(paths)
-        self.ran.setdefault(base, []).append(name)
+        self._record(base, name, paths + [out_path])
