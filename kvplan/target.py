@@ -22,7 +22,7 @@ from kvplan.errors import BackendError, KvplanError
 from kvplan.export import export_pack, io_contract, pack_file_names
 from kvplan.export.trace_cache import TraceCache, default_dir
 from kvplan.fileio import remove_stale_temporaries
-from kvplan.manifest import artifact, artifacts_intact, digest, load_manifest, target_lock
+from kvplan.manifest import artifact, artifacts_intact, digest, hashes_remembered, load_manifest, target_lock
 from kvplan.quantize.checkpoint import resolve
 from kvplan.quantize.stage import quantize_inputs, run_quantize
 from kvplan.pipeline import Pipeline, Stage, peak_rss_mib
@@ -305,6 +305,11 @@ def validate_target(model: str, profile_name: str, out: Path, options: ValidateO
                     log: Callable[[str], None] = print) -> int:
     """Validate what is built for (model, profile) under ``out``; returns the validation exit code
     (0 pass, 1 mismatch, 3 inconclusive). A stale or incomplete target raises StaleTarget."""
+    with hashes_remembered():
+        return _validate_current(model, profile_name, out, options, backend, no_surgery, shapes, log)
+
+
+def _validate_current(model, profile_name, out, options, backend, no_surgery, shapes, log) -> int:
     state, backend_name = _validation_state(model, profile_name, out, backend, no_surgery, shapes)
     hard = [p for p in state.problems if _blocking(p)]
     if state.manifest is None or hard:

@@ -332,6 +332,36 @@ def test_comparison_uses_atol_plus_rtol_and_names_the_worst_element():
     assert not nan.passed
 
 
+def _whole_tensor_comparison(want, got, atol, rtol):
+    """The comparison's definition, over the whole tensor at once."""
+    want, got = want.astype(np.float32), got.astype(np.float32)
+    err = np.abs(got - want)
+    excess = err - (atol + rtol * np.abs(want))
+    excess[np.isnan(excess)] = np.inf
+    worst = tuple(int(i) for i in np.unravel_index(np.argmax(excess), want.shape))
+    return worst, float(np.nanmax(err)), float(np.nanmean(err)), not np.isnan(err).any() and excess.max() <= 0
+
+
+@pytest.mark.parametrize("case", ["new rows differ", "all differ", "a NaN mid-tensor", "over the bound", "float32 vs float16"])
+def test_the_comparison_block_by_block_is_the_comparison_of_the_whole_tensor(case):
+    rng = np.random.default_rng(1)
+    want = rng.standard_normal((1, 3, 4096, 16)).astype(np.float16)     # six blocks
+    got = want.copy()
+    got[:, :, 3584:] += (0.003 * rng.standard_normal((1, 3, 512, 16))).astype(np.float16)
+    if case == "all differ":
+        got = (want + 0.01 * rng.standard_normal(want.shape)).astype(np.float16)
+    elif case == "a NaN mid-tensor":
+        got[0, 1, 100, 3] = np.nan
+    elif case == "over the bound":
+        got[0, 2, 4000, 7] += 1.0
+    elif case == "float32 vs float16":
+        want = want.astype(np.float32)
+    stats = compare_arrays(want, got, 0.05, 0.02, point="p", pack=0, pair="a vs b", output="x")
+    worst, max_abs, mean_abs, passed = _whole_tensor_comparison(want, got, 0.05, 0.02)
+    assert (stats.worst_index, stats.passed) == (worst, passed)
+    assert stats.max_abs == max_abs and stats.mean_abs == pytest.approx(mean_abs, rel=1e-5)
+
+
 # ------------------------------------------------- wrong graphs must fail (tiny models)
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ import time
 from collections import OrderedDict
 
 import numpy as np
+import pytest
 import torch
 from polygraphy.comparator import RunResults
 from polygraphy.json import save_json
@@ -45,6 +46,23 @@ def test_outputs_written_one_iteration_at_a_time_are_the_text_run_results_save_w
     assert (tmp_path / "streamed.json").read_bytes() == (tmp_path / "whole.json").read_bytes()
     loaded = RunResults.load(str(tmp_path / "streamed.json"))
     assert np.array_equal(loaded["onnxrt-fused"][1]["hidden_in"], iterations[1]["hidden_in"])
+
+
+@pytest.mark.parametrize("chunk", [3 * 7, 3 << 20])
+def test_arrays_streamed_a_chunk_at_a_time_are_the_text_save_json_writes(tmp_path, monkeypatch, chunk):
+    monkeypatch.setattr(polyjson, "CHUNK", chunk)
+    g = np.random.default_rng(1)
+    feeds = [OrderedDict(a=g.standard_normal((2, 3, 50)).astype(np.float16), b=np.arange(7, dtype=np.int64),
+                         c=np.zeros((0, 4), np.float32), d=np.array(True),
+                         e=g.standard_normal((6, 5)).T,                 # not C-ordered: Polygraphy's own path
+                         f=torch.arange(5, dtype=torch.bfloat16)),
+             OrderedDict(a=g.standard_normal(1000).astype(np.float32))]
+    save_json(feeds, str(tmp_path / "whole.json"))
+    writer = polyjson.inputs_writer(tmp_path / "streamed.json")
+    for feed in feeds:
+        writer.append(feed)
+    writer.close()
+    assert (tmp_path / "streamed.json").read_bytes() == (tmp_path / "whole.json").read_bytes()
 
 
 def test_an_aborted_json_file_leaves_nothing_under_its_name(tmp_path):

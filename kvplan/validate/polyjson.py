@@ -5,28 +5,37 @@ memory: every point's inputs or outputs base64-encoded at once, about 1.4x their
 bytes. These writers produce the same text, byte for byte, from one element at a
 time: the file's skeleton (a list, or a RunResults of one runner) is encoded by
 Polygraphy itself around a placeholder, and each element is encoded by Polygraphy's
-own encoder at the placeholder's indentation and streamed to the file.
+own encoder at the placeholder's indentation and streamed to the file, its arrays'
+base64 payloads a few MB at a time straight from the arrays' memory.
 """
 from __future__ import annotations
 
+import binascii
+import io
 import json
 import os
 from pathlib import Path
+
+import numpy as np
 
 from polygraphy import constants
 from polygraphy.comparator import IterationResult, RunResults
 from polygraphy.json import Encoder, to_json
 
 _HOLE = "\x00kvplan-elements\x00"
+# Where an array's base64 payload goes in the encoder's text; the writer streams it there.
+_PAYLOAD = "\x00kvplan-payload\x00"
+# Bytes of an array encoded at a time: base64 of a byte stream cut at multiples of 3 is the
+# concatenation of the pieces' base64.
+CHUNK = 3 << 20
 
 
-class _Base64(str):
-    """An array's base64 payload: nothing in it needs JSON escaping."""
+class _Payload(str):
+    """Stands in the encoder's text for an array's base64 payload."""
 
 
 def _encode_string(text: str) -> str:
-    # Escaping scans every character; a payload of hundreds of MB needs only its quotes.
-    return f'"{text}"' if type(text) is _Base64 else json.encoder.encode_basestring_ascii(text)
+    return _PAYLOAD if type(text) is _Payload else json.encoder.encode_basestring_ascii(text)
 
 
 def _float(value: float) -> str:
@@ -38,19 +47,45 @@ def _float(value: float) -> str:
     return float.__repr__(value)
 
 
+def _streamable(o) -> bool:
+    return type(o) is np.ndarray and o.flags.c_contiguous and not o.dtype.hasobject
+
+
 class _Encoder(Encoder):
-    """Polygraphy's encoder, writing the same text, with array payloads left unescaped."""
+    """Polygraphy's encoder, except that a C-ordered numpy array's payload is left for the writer
+    (``pending``): Polygraphy's own builds it whole, a few copies of the array at once."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.pending: list[np.ndarray] = []
 
     def default(self, o):
-        out = super().default(o)
-        if isinstance(out, dict) and isinstance(out.get("array"), str):
-            out = {k: (_Base64(v) if k == "array" else v) for k, v in out.items()}
-        return out
+        if _streamable(o):
+            # Polygraphy's own dict (its keys, its type marker) for an empty array, with the payload left out.
+            out = super().default(np.empty(0, o.dtype))
+            self.pending.append(o)
+            return {k: (_Payload() if k == "array" else v) for k, v in out.items()}
+        return super().default(o)
 
     def iterencode(self, o, _one_shot=False):
         return json.encoder._make_iterencode(
             {} if self.check_circular else None, self.default, _encode_string, self.indent, _float,
             self.key_separator, self.item_separator, self.sort_keys, self.skipkeys, _one_shot)(o, 0)
+
+
+def _write_payload(file, array: np.ndarray) -> None:
+    """The quoted base64 of what ``np.save`` writes for ``array`` (what Polygraphy encodes), read
+    straight from the array's memory a chunk at a time."""
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, np.lib.format.header_data_from_array_1_0(array))
+    head = head.getvalue()
+    data = memoryview(array.reshape(-1)).cast("B") if array.size else memoryview(b"")
+    lead = -len(head) % 3                        # data bytes that complete the header's last group of 3
+    file.write(b'"')
+    file.write(binascii.b2a_base64(head + data[:lead].tobytes(), newline=False))
+    for start in range(lead, len(data), CHUNK):
+        file.write(binascii.b2a_base64(data[start:start + CHUNK], newline=False))
+    file.write(b'"')
 
 
 class JsonListWriter:
@@ -71,22 +106,29 @@ class JsonListWriter:
         self._head = text[:line_start - 1]                # up to and including "["
         self._tail = text[text.index("\n", at):].removeprefix("\n" + self._outer)  # from "]" on
         self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        self._file = open(self._tmp, "w")
-        self._file.write(self._head)
+        self._file = open(self._tmp, "wb")
+        self._write(self._head)
         self._count = 0
         self._encoder = _Encoder(indent=constants.TAB)
 
+    def _write(self, text: str) -> None:
+        self._file.write(text.encode("ascii"))           # the encoder escapes everything else
+
     def append(self, element) -> None:
-        self._file.write(",\n" if self._count else "\n")
-        self._file.write(self._indent)
-        # iterencode yields small chunks plus one chunk per base64 payload (which holds no newline, so
-        # replace returns it unchanged): nothing of the element but its current array is held as text.
+        self._write(",\n" if self._count else "\n")
+        self._write(self._indent)
+        # Nothing of the element is held as text but small chunks; each array's payload is encoded
+        # from the array where the encoder left its place holder.
         for chunk in self._encoder.iterencode(element):
-            self._file.write(chunk.replace("\n", "\n" + self._indent))
+            pieces = chunk.replace("\n", "\n" + self._indent).split(_PAYLOAD)
+            self._write(pieces[0])
+            for piece in pieces[1:]:
+                _write_payload(self._file, self._encoder.pending.pop(0))
+                self._write(piece)
         self._count += 1
 
     def close(self) -> None:
-        self._file.write(("\n" + self._outer if self._count else "") + self._tail)
+        self._write(("\n" + self._outer if self._count else "") + self._tail)
         self._file.close()
         os.replace(self._tmp, self.path)
 

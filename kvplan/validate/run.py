@@ -30,7 +30,7 @@ from kvplan.errors import BackendError, UserError
 from kvplan.export import TORCH_DTYPES, io_contract
 from kvplan.manifest import MANIFEST, load_manifest, now, sha256_file, write_json_atomic
 from kvplan.models.presets import tensor_shapes
-from kvplan.pipeline import map_large_allocations, release_memory
+from kvplan.pipeline import collections_skip_what_exists, map_large_allocations, release_memory
 from kvplan.trt.backend import select_backend, visible_gpus
 from kvplan.validate import points as pts
 from kvplan.validate import quantized, report, runners as rn, segments as seg_plan, stream
@@ -92,7 +92,8 @@ def validate(source, profile, target: Path, manifest: dict, options: ValidateOpt
     quiet = contextlib.nullcontext() if options.verbose else G_LOGGER.verbosity(G_LOGGER.WARNING)
     (target / "validation").mkdir(exist_ok=True)
     # The layer ranges' graphs live as long as the checks, in a private directory removed after them.
-    with quiet, tempfile.TemporaryDirectory(prefix=".ranges-", dir=target / "validation") as scratch:
+    with quiet, collections_skip_what_exists(), \
+            tempfile.TemporaryDirectory(prefix=".ranges-", dir=target / "validation") as scratch:
         return _run_checks(options, parse_kinds(options.points), source, profile, target, manifest, backend_name,
                            log, Path(scratch))
 
