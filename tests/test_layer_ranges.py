@@ -170,6 +170,8 @@ def _edited_copy(target, tmp_path, edit):
     return out, directory
 
 
+# Slow (14 s): the whole-stack twin in test_validate stays in the default run.
+@pytest.mark.slow
 def test_a_perturbed_weight_fails_the_range_holding_it_and_names_it(target, tmp_path, capsys):
     def perturb(model):
         [init] = [t for t in model.graph.initializer if t.name == "layers.2.post_attention_layernorm.weight"]

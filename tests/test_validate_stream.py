@@ -76,12 +76,20 @@ def test_a_chunked_prefill_is_the_prefill_of_the_whole_prompt(monkeypatch):
     ref = HFReference(resolve("tiny-llama"), torch.float32)
     whole = ref.cache_tensors(ref.prefill(1, 40), ref.source.config.num_layers)
     monkeypatch.setattr(pts, "CHUNK_SCORE_BYTES", 4 * 4 * 40 * 16)      # 16-token chunks: three of them
+    monkeypatch.setattr(pts, "SDPA_CHUNK", 16)
     chunked = pts.Prefill(lambda layers: ref, ref.source.config, [range(4)], 1, 40, torch.float32)
     assert len(chunked.past) == len(whole)
     for a, b in zip(chunked.past, whole):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
     # Points take views of the first lastSum positions, not copies.
     assert chunked.view(1, 0, 7).data_ptr() == chunked.past[2].data_ptr() and chunked.view(1, 0, 7).shape[2] == 7
+
+
+def test_prefill_chunks_bound_what_the_attention_holds():
+    # eager: [B, heads, chunk, length] float32 scores under CHUNK_SCORE_BYTES; sdpa: only the mask
+    assert 4 * 12 * pts.prefill_chunk("eager", 1, 12, 4095) * 4095 <= pts.CHUNK_SCORE_BYTES
+    assert pts.prefill_chunk("sdpa", 1, 12, 4095) == pts.SDPA_CHUNK
+    assert 4 * pts.prefill_chunk("sdpa", 8, 32, 131072) * 8 * 131072 <= pts.CHUNK_SCORE_BYTES
 
 
 def test_a_prefill_run_a_few_layers_at_a_time_is_the_prefill_of_the_whole_stack(tmp_path):
