@@ -57,6 +57,14 @@ class Phase:
                 "peak_rss_mib": None if self.peak is None else round(self.peak / 2**20, 1)}
 
 
+class _Kept:
+    """What a phase's block may say of it: ``discard()`` when nothing ran after all."""
+    keep = True
+
+    def discard(self) -> None:
+        self.keep = False
+
+
 class Meter:
     """Phases in the order they ran; a phase's name may repeat (one per pack, say) and is summed in ``merged``."""
 
@@ -73,12 +81,16 @@ class Meter:
         if before is not None:
             self._peak_before = max(self._peak_before or 0, before)
         t, cpu = time.perf_counter(), time.process_time()
+        kept = _Kept()
         try:
-            yield
+            yield kept
         finally:
             peak = peak_bytes() if resettable else None
-            self.phases.append(Phase(name, time.perf_counter() - t, peak, time.process_time() - cpu))
-            if self.log:     # as it ends: a run stopped later still tells where its time and memory went
+            if not kept.keep:                # its memory still counts in the process's peak
+                self._peak_before = max(self._peak_before or 0, peak or 0) or None
+            else:
+                self.phases.append(Phase(name, time.perf_counter() - t, peak, time.process_time() - cpu))
+            if kept.keep and self.log:       # as it ends: a run stopped later still tells where its time and memory went
                 self.log(f"[validate] phase {name}: {self.phases[-1].seconds:.1f} s "
                          f"(CPU {self.phases[-1].cpu_seconds:.1f} s)"
                          + ("" if peak is None else f", peak RSS {peak / 2**20:.0f} MiB")

@@ -92,21 +92,23 @@ class Streamer:
     def run(self, runner, jobs: list[Job], later: set[str]) -> bool:
         """Run ``runner`` over ``jobs``; ``later``: runners still to come (whose pairs need its outputs)."""
         keep = any(a == runner.name and b in later for a, b in self.pairs)
-        try:
-            runner.activate()
-        except Exception as e:
-            why = self.why_not(runner, e) if self.why_not else None
-            if why is None:
-                raise
-            self.not_run.setdefault(runner.name, why)
-            self.log(f"[validate]   {runner.name}: not run ({why})")
-            return False
-        try:
-            with self.meter.phase(runner.name):
+        # The phase includes the activation: creating an ONNX Runtime session is part of its runner's cost.
+        with self.meter.phase(runner.name) as phase:
+            try:
+                runner.activate()
+            except Exception as e:
+                why = self.why_not(runner, e) if self.why_not else None
+                if why is None:
+                    raise
+                phase.discard()
+                self.not_run.setdefault(runner.name, why)
+                self.log(f"[validate]   {runner.name}: not run ({why})")
+                return False
+            try:
                 for job in jobs:
                     self._job(runner, job, keep or job.ranges > 1)
-        finally:
-            runner.deactivate()
+            finally:
+                runner.deactivate()
         return True
 
     def _job(self, runner, job: Job, keep: bool) -> None:
