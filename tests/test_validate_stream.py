@@ -26,14 +26,17 @@ def _feeds():
                         position_ids=np.arange(n, dtype=np.int64)[None]) for n in (1, 3)]
 
 
-def test_inputs_written_one_feed_at_a_time_are_the_text_save_json_writes(tmp_path):
-    feeds = _feeds()
+def _inputs_file_is_save_jsons(tmp_path, feeds) -> bool:
     save_json(feeds, str(tmp_path / "whole.json"))
     writer = polyjson.inputs_writer(tmp_path / "streamed.json")
     for feed in feeds:
         writer.append(feed)
     writer.close()
-    assert (tmp_path / "streamed.json").read_bytes() == (tmp_path / "whole.json").read_bytes()
+    return (tmp_path / "streamed.json").read_bytes() == (tmp_path / "whole.json").read_bytes()
+
+
+def test_inputs_written_one_feed_at_a_time_are_the_text_save_json_writes(tmp_path):
+    assert _inputs_file_is_save_jsons(tmp_path, _feeds())
 
 
 def test_outputs_written_one_iteration_at_a_time_are_the_text_run_results_save_writes(tmp_path):
@@ -57,12 +60,7 @@ def test_arrays_streamed_a_chunk_at_a_time_are_the_text_save_json_writes(tmp_pat
                          e=g.standard_normal((6, 5)).T,                 # not C-ordered: Polygraphy's own path
                          f=torch.arange(5, dtype=torch.bfloat16)),
              OrderedDict(a=g.standard_normal(1000).astype(np.float32))]
-    save_json(feeds, str(tmp_path / "whole.json"))
-    writer = polyjson.inputs_writer(tmp_path / "streamed.json")
-    for feed in feeds:
-        writer.append(feed)
-    writer.close()
-    assert (tmp_path / "streamed.json").read_bytes() == (tmp_path / "whole.json").read_bytes()
+    assert _inputs_file_is_save_jsons(tmp_path, feeds)
 
 
 def test_an_aborted_json_file_leaves_nothing_under_its_name(tmp_path):
