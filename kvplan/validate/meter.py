@@ -90,11 +90,11 @@ class Meter:
                 self._peak_before = max(self._peak_before or 0, peak or 0) or None
             else:
                 self.phases.append(Phase(name, time.perf_counter() - t, peak, time.process_time() - cpu))
-            if kept.keep and self.log:       # as it ends: a run stopped later still tells where its time and memory went
-                self.log(f"[validate] phase {name}: {self.phases[-1].seconds:.1f} s "
-                         f"(CPU {self.phases[-1].cpu_seconds:.1f} s)"
-                         + ("" if peak is None else f", peak RSS {peak / 2**20:.0f} MiB")
-                         + ("" if start_rss is None else f" (RSS {start_rss / 2**20:.0f} MiB at its start)"))
+                if self.log:                 # as it ends: a run stopped later still tells where its time and memory went
+                    self.log(f"[validate] phase {name}: {self.phases[-1].seconds:.1f} s "
+                             f"(CPU {self.phases[-1].cpu_seconds:.1f} s)"
+                             + ("" if peak is None else f", peak RSS {peak / 2**20:.0f} MiB")
+                             + ("" if start_rss is None else f" (RSS {start_rss / 2**20:.0f} MiB at its start)"))
 
     @property
     def peak(self) -> int | None:

@@ -135,8 +135,7 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
     # and rounds its outputs to the profile dtype: the graph's error against exact arithmetic on the
     # same numbers, at float32's speed (torch's fp16 CPU matmul runs at a quarter of it here).
     ref_dtype = torch.float32 if options.reference_dtype == "float32" else dtype
-    vdir = target / "validation"
-    vdir.mkdir(exist_ok=True)
+    vdir = target / "validation"           # made by validate()
     not_run: dict[str, str] = {}
     for name, paths in ((rn.EXPORT, exported), (rn.FUSED, fused)):
         if paths is None:
