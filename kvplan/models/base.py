@@ -37,6 +37,9 @@ class ModelSource:
     # ``read_reference(layers=None, norm=True)``: those tensors, of ``layers`` only when given
     # (validation builds the reference a few layers at a time), the final norm when ``norm``.
     read_reference: Callable[..., dict[str, torch.Tensor]] | None = None
+    # ``tokenizer()``: the checkpoint's own tokenizer (kvplan.models.tokenizer.Tokenizer), where
+    # it ships one; None for presets and checkpoints without one.
+    tokenizer: Callable[[], object] | None = None
 
 
 LM_NAMES = ("embed_tokens.weight", "lm_head.weight")

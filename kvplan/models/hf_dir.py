@@ -10,6 +10,7 @@ from kvplan.models import families
 from kvplan.models.base import LM_NAMES, ModelError, ModelSource, reference_names
 from kvplan.models.presets import tensor_shapes
 from kvplan.models.safetensors_dir import TensorIndex
+from kvplan.models.tokenizer import has_tokenizer, load_tokenizer
 
 
 def accepts(arg: str) -> bool:
@@ -25,7 +26,7 @@ def read_config(path: Path) -> dict:
 
 def make_source(directory: Path, cfg_dict: dict, config_file: Path, prefix: str, kind: str,
                 family: str | None = None, lm_names: dict[str, str] | None = None,
-                reference_config: Path | dict | None = None) -> ModelSource:
+                reference_config: Path | dict | None = None, tokenizer: bool = True) -> ModelSource:
     """A ModelSource reading the tensors under ``prefix`` of the directory's safetensors, through
     the family's mapping of checkpoint tensors to kvplan's."""
     try:
@@ -62,7 +63,8 @@ def make_source(directory: Path, cfg_dict: dict, config_file: Path, prefix: str,
                        fingerprint=fingerprint, path=directory, read_lm=read_lm,
                        reference_config=directory if reference_config is None else reference_config,
                        read_reference=lambda layers=None, norm=True: read_checkpoint(
-                           reference_names(checkpoint_names, layers, norm)))
+                           reference_names(checkpoint_names, layers, norm)),
+                       tokenizer=(lambda: load_tokenizer(directory)) if tokenizer and has_tokenizer(directory) else None)
 
 
 def load(arg: str) -> ModelSource:

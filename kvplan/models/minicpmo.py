@@ -42,6 +42,8 @@ def load(arg: str) -> ModelSource:
     llama = {**LLAMA_DEFAULTS, **own}
     # The reference: transformers' LlamaConfig from tts_config itself, with its own defaults.
     return make_source(directory, llama, config_file, prefix="tts.model.", kind="minicpmo", family="llama",
-                       reference_config={"model_type": "llama", **own})
+                       reference_config={"model_type": "llama", **own},
+                       # The directory's tokenizer is the 8B language model's, not the TTS decoder's.
+                       tokenizer=False)
 
 

@@ -39,6 +39,7 @@ from kvplan.models import resolve as resolve_model
 from kvplan.models.base import LM_NAMES, ModelSource, reference_names
 from kvplan.models.presets import tensor_shapes
 from kvplan.models.safetensors_dir import TensorIndex
+from kvplan.models.tokenizer import has_tokenizer, load_tokenizer
 from kvplan.quantize.linears import MODULES
 from kvplan.quantize.weights import QuantLinear, Quantized
 
@@ -254,4 +255,5 @@ def load(directory: Path, qc: dict) -> QuantizedSource:
 
     return QuantizedSource(name=directory.resolve().name, config=cfg, kind=f"hf-{method}", read_tensors=read,
                            fingerprint=fingerprint, path=directory, read_lm=read_lm, checkpoint=ckpt,
-                           reference_config=directory, read_reference=read_reference)
+                           reference_config=directory, read_reference=read_reference,
+                           tokenizer=(lambda: load_tokenizer(directory)) if has_tokenizer(directory) else None)
