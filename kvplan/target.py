@@ -106,7 +106,8 @@ def build_stages(source, profile, target: Path, options: BuildOptions, log) -> l
                     "source": source_digest("kvplan.quantize.stage"), "torch": torch.__version__}
 
         def quantize_build(done):
-            return run_quantize(source, profile, target, [target / a["path"] for a in done["export"]["artifacts"]],
+            return run_quantize(source, profile, target, [(target / a["path"], range(*a["layers"]))
+                                                          for a in done["export"]["artifacts"]],
                                 int4_names, log=log)
 
         stages.append(Stage("quantize", quantize_stage_inputs, quantize_build))

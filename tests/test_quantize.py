@@ -69,7 +69,7 @@ def tiny_rtn(export_tiny, tmp_path_factory):
     [pack] = export_tiny("tiny-llama", "float16")
     quantized = quantize_rtn(source, Quantize(method="rtn", group_size=32), log=lambda _: None)
     out = tmp_path_factory.mktemp("int4") / "decoder.int4.onnx"
-    quantize_graph(pack.path, out, quantized, source.read_tensors)
+    quantize_graph(pack.path, out, quantized, source.read_tensors, range(source.config.num_layers))
     return source, quantized, pack.path, out
 
 
@@ -197,8 +197,9 @@ def test_rewrite_refuses_a_graph_without_the_linear_and_writes_nothing(tiny_rtn,
     source, quantized, fp_path, _ = tiny_rtn
     def other_weights(names):                       # no initializer holds these values
         return {n: t + 1 for n, t in source.read_tensors(names).items()}
-    with pytest.raises(QuantizeError, match=r"tensor 'layers.0.self_attn.q_proj.weight': cannot find its MatMul"):
-        quantize_graph(fp_path, tmp_path / "x.onnx", quantized, other_weights)
+    with pytest.raises(QuantizeError, match=r"tensor 'layers.0.self_attn.q_proj.weight': initializer .* does not "
+                                            r"hold the source's values"):
+        quantize_graph(fp_path, tmp_path / "x.onnx", quantized, other_weights, range(source.config.num_layers))
     assert not list(tmp_path.iterdir())
 
 
@@ -214,9 +215,9 @@ def test_rewrite_reading_weights_from_the_file_writes_the_same_bytes_as_reading_
     from kvplan.quantize import lazy_onnx
     source, quantized, src, _ = tiny_rtn
     monkeypatch.setattr(lazy_onnx, "LAZY_BYTES", 2 ** 40)        # every weight parsed when loaded
-    quantize_graph(src, tmp_path / "eager.onnx", quantized, source.read_tensors)
+    quantize_graph(src, tmp_path / "eager.onnx", quantized, source.read_tensors, range(source.config.num_layers))
     monkeypatch.setattr(lazy_onnx, "LAZY_BYTES", 0)              # every weight left in the file
-    quantize_graph(src, tmp_path / "lazy.onnx", quantized, source.read_tensors)
+    quantize_graph(src, tmp_path / "lazy.onnx", quantized, source.read_tensors, range(source.config.num_layers))
     assert (tmp_path / "lazy.onnx").read_bytes() == (tmp_path / "eager.onnx").read_bytes()
 
 
@@ -352,7 +353,8 @@ def test_awq_int4_graph_matches_pytorch_on_its_dequantized_weights(outliers_awq,
     spec = StackSpec(0, cfg.num_layers, True)
     from kvplan.export import export_pack
     export_pack(source, spec, "float16", 1, tmp_path / "decoder.onnx", log=None)
-    quantize_graph(tmp_path / "decoder.onnx", tmp_path / "decoder.int4.onnx", awq, source.read_tensors)
+    quantize_graph(tmp_path / "decoder.onnx", tmp_path / "decoder.int4.onnx", awq, source.read_tensors,
+                   range(cfg.num_layers))
     inputs = example_inputs(cfg, spec, 1, torch.float16, 7, 9, seed=4)
     with torch.no_grad():
         want = torch_stack(dequantized_source(source, awq))(*inputs)[0].float().numpy()

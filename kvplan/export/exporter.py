@@ -31,7 +31,7 @@ from kvplan.decoder import DecoderStack, StackSpec, pack_specs
 from kvplan.fileio import temp_prefix, write_streamed
 from kvplan.models import ModelSource
 from kvplan.models.presets import tensor_shapes
-from kvplan.export.stitch import Stitcher, finish, torch_to_ir, trace_pieces
+from kvplan.export.stitch import LINEAR_MARK, Stitcher, finish, torch_to_ir, trace_pieces
 from kvplan.export.trace_cache import TraceCache
 from kvplan.errors import ExportError
 
@@ -232,8 +232,24 @@ def build_pack_model(source: ModelSource, spec: StackSpec, dtype: str, batch: in
     for name, info in contract["outputs"].items():
         value = outputs[name]
         value.shape, value.type = ir.Shape(info["shape"]), ir.TensorType(IR_DTYPES[info["dtype"]])
-    finish(model)
+    finish(model, st.weight_names)
+    _check_linears(model, st.weight_names, where=source.path or source.name)
     return model, weight_bytes
+
+
+def _check_linears(model: ir.Model, weights: set[str], where) -> None:
+    """Every linear weight the pack binds is computed by exactly one MatMul marked with its name
+    (the quantize stage finds the linears by these marks)."""
+    marks: dict[str, int] = {}
+    for node in model.graph:
+        name = node.metadata_props.get(LINEAR_MARK)
+        if name is not None:
+            marks[name] = marks.get(name, 0) + 1
+    linears = {n for n in weights if n.endswith("_proj.weight")}
+    wrong = sorted(n for n in linears | set(marks) if marks.get(n) != 1 or n not in linears)
+    if wrong:
+        raise ExportError(f"{where}: tensor {wrong[0]!r}: the exported graph computes it in "
+                          f"{marks.get(wrong[0], 0)} marked MatMul node(s), not exactly one")
 
 
 def export_pack(source: ModelSource, spec: StackSpec, dtype: str, batch: int | str, path: Path,

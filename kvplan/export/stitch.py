@@ -123,6 +123,8 @@ class Stitcher:
         self.graph = ir.Graph(inputs, [], nodes=[], opset_imports={"": OPSET}, name="kvplan_decoder")
         self.functions: dict = {}
         self._weights: dict[int, ir.Value] = {}
+        # The names of the model's own tensors bound into the graph (``layers.3.mlp.up_proj.weight``).
+        self.weight_names: set[str] = set()
 
     def initializer(self, name: str, tensor: ir.Tensor) -> ir.Value:
         # One initializer per tensor object: pieces copied several times with the
@@ -133,6 +135,7 @@ class Stitcher:
                              const_value=tensor)
             self.graph.register_initializer(value)
             self._weights[key] = value
+            self.weight_names.add(name)
         return self._weights[key]
 
     def add(self, piece: Piece, prefix: str, inputs: list[ir.Value],
@@ -294,17 +297,65 @@ def trace_pieces(cfg: DecoderConfig, spec: StackSpec, dtype: torch.dtype, batch:
     return {name: pieces[name] for name in ("rotary", "layer", "norm") if name != "norm" or spec.final_norm}
 
 
-def finish(model: ir.Model) -> None:
-    """What is left to do on the stitched graph: fold what the weights made constant (their
-    transposes for MatMul), lift constants to initializers and tidy up names. No pattern
-    rewrites (each piece had them) and none of the optimizer's fusions: fusing is the
-    surgery stage's job, with its checks and report."""
+# A MatMul that computes a linear of the model (x @ W^T) carries W's name under this metadata key,
+# in the file: the quantize stage finds each linear by it. Which initializers survive
+# deduplication, or which hold equal values, says nothing about which layer a weight belongs to
+# (a trained checkpoint's layers can share equal norm gains, zero biases, even whole layers).
+LINEAR_MARK = "kvplan.weight"
+# Initializers of at most this many elements that are equal are merged (onnx-ir's own default).
+DEDUPLICATE_ELEMENTS = 1024
+
+
+def finish(model: ir.Model, weights: set[str]) -> None:
+    """What is left to do on the stitched graph: mark each linear's MatMul with the name of its
+    weight (``weights``: the model tensors bound into the graph), fold what the weights made
+    constant (their transposes for MatMul), lift constants to initializers and tidy up names.
+    The model's own tensors are never merged with one another, however equal: each stays the
+    initializer of its own layer. No pattern rewrites (each piece had them) and none of the
+    optimizer's fusions: fusing is the surgery stage's job, with its checks and report."""
+    marked = mark_linears(model.graph, weights)
     onnxscript.optimizer.fold_constants_ir(model)
     ir.passes.Sequential(
         common_passes.RemoveUnusedNodesPass(),
         common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
-        common_passes.DeduplicateInitializersPass(),
+    )(model)
+    own = {v for name, v in model.graph.initializers.items() if name in weights}
+    own.update(node.inputs[1] for node in marked)
+    _deduplicate_constants(model.graph, keep=own)
+    ir.passes.Sequential(
         common_passes.CommonSubexpressionEliminationPass(),
         common_passes.RemoveUnusedNodesPass(),
         common_passes.NameFixPass(),
     )(model)
+
+
+def mark_linears(graph: ir.Graph, weights: set[str]) -> list[ir.Node]:
+    """Mark every MatMul whose second input is one of ``weights`` (or its Transpose) with its name."""
+    marked = []
+    for node in graph:
+        if node.op_type != "MatMul":
+            continue
+        w = node.inputs[1]
+        producer = w.producer() if w is not None else None
+        if producer is not None and producer.op_type == "Transpose":
+            w = producer.inputs[0]
+        if w is not None and w.name in weights and w.is_initializer():
+            node.metadata_props[LINEAR_MARK] = w.name
+            marked.append(node)
+    return marked
+
+
+def _deduplicate_constants(graph: ir.Graph, keep: set[ir.Value]) -> None:
+    """Merge equal small initializers (the constants every layer's copy of the piece carries),
+    except those in ``keep``."""
+    seen: dict[tuple, ir.Value] = {}
+    for value in list(graph.initializers.values()):
+        tensor = value.const_value
+        if value in keep or tensor is None or tensor.size > DEDUPLICATE_ELEMENTS or value in graph.outputs:
+            continue
+        key = (tensor.dtype, tuple(tensor.shape), tensor.tobytes())
+        if key in seen:
+            value.replace_all_uses_with(seen[key])
+            graph.initializers.pop(value.name)
+        else:
+            seen[key] = value

@@ -13,13 +13,14 @@ Two additions, both on the activation side so the DQ -> MatMul pair stays untouc
 - GPTQ desc_act (QuantLinear.perm): ``Gather(x, perm, axis=-1)`` puts x's channels in the
   order of the weight's rows.
 
-The linears are found by value: the quantize stage reads the same source tensors the export
-bound, so each one's W^T in the graph dtype is byte-identical to one initializer (the
-exporter's constant folding turned the traced Transpose into it and renamed it).
+The linears are found by structure: the exporter marks each linear's MatMul with the name of the
+weight it computes (kvplan.export.stitch.LINEAR_MARK), and the marked MatMul's initializer is
+checked to hold that weight's W^T byte for byte (the quantize stage reads the same source tensors
+the export bound). Which layers a graph holds comes from the export's record, never from which
+initializers survived deduplication.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -30,6 +31,7 @@ import onnx_ir as ir
 import torch
 
 from kvplan.errors import QuantizeError
+from kvplan.export.stitch import LINEAR_MARK
 from kvplan.fileio import temp_prefix, write_streamed
 from kvplan.quantize.lazy_onnx import load_lazy, tensor_proto
 from kvplan.quantize.weights import Quantized
@@ -38,10 +40,6 @@ NP_DTYPES = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16,
              ir.DataType.BFLOAT16: ml_dtypes.bfloat16}
 # protobuf refuses messages over 2 GiB (as the exporter: above this, external data).
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
-
-
-def _key(array: np.ndarray) -> tuple:
-    return (array.shape, hashlib.sha1(np.ascontiguousarray(array).view(np.uint8)).hexdigest())
 
 
 def _to_np(t: torch.Tensor, dtype) -> np.ndarray:
@@ -69,29 +67,40 @@ def _int4_const(name: str, q: torch.Tensor) -> ir.Value:
 class _Rewriter:
     def __init__(self, model: ir.Model, path: Path):
         self.model, self.graph, self.path = model, model.graph, path
-        self.by_key: dict[tuple, list[ir.Value]] = {}
-        for value in self.graph.initializers.values():
-            if value.const_value is not None and len(value.shape) == 2:
-                self.by_key.setdefault(_key(value.const_value.numpy()), []).append(value)
+        # The exporter marks each linear's MatMul with its weight's name (kvplan.export.stitch).
+        self.linears: dict[str, ir.Node] = {}
+        for node in self.graph:
+            name = node.metadata_props.get(LINEAR_MARK)
+            if name is None:
+                continue
+            if name in self.linears:
+                raise QuantizeError(f"{path}: tensor {name!r}: two MatMul nodes ({self.linears[name].name}, "
+                                    f"{node.name}) are marked as computing it")
+            self.linears[name] = node
 
-    def find(self, name: str, original_t: torch.Tensor, dtype_hint=None) -> ir.Value:
-        """The initializer holding ``original_t`` (a linear's W^T) in the graph's dtype."""
-        found = []
-        for np_dtype in ([dtype_hint] if dtype_hint else NP_DTYPES.values()):
-            found = self.by_key.get(_key(_to_np(original_t, np_dtype)), [])
-            if found:
-                break
-        if len(found) != 1:
-            why = "no initializer holds it" if not found else \
-                f"{len(found)} initializers hold the same values, so which is which is ambiguous"
-            raise QuantizeError(f"{self.path}: tensor {name!r}: cannot find its MatMul weight ({why})")
-        return found[0]
+    def find(self, name: str, original_t: torch.Tensor) -> ir.Value:
+        """The initializer of the MatMul marked as computing ``name``, checked to hold ``original_t``
+        (the linear's W^T) in the graph's dtype, byte for byte."""
+        node = self.linears.get(name)
+        if node is None:
+            raise QuantizeError(f"{self.path}: tensor {name!r}: no MatMul of the graph is marked as computing it "
+                                f"(a graph from another exporter or an older kvplan; rebuild with --force)")
+        value = node.inputs[1]
+        if value is None or value.const_value is None or value.dtype not in NP_DTYPES:
+            raise QuantizeError(f"{self.path}: tensor {name!r}: the weight input of {node.name} is not a float "
+                                f"initializer")
+        expected = _to_np(original_t, NP_DTYPES[value.dtype])
+        got = value.const_value.numpy()
+        if got.shape != expected.shape or got.tobytes() != expected.tobytes():
+            raise QuantizeError(f"{self.path}: tensor {name!r}: initializer {value.name} of {node.name} does not hold "
+                                f"the source's values of it (the graph was exported from other weights)")
+        if len(value.uses()) != 1:
+            raise QuantizeError(f"{self.path}: tensor {name!r}: initializer {value.name} feeds "
+                                f"{len(value.uses())} nodes; a linear's weight must be its own")
+        return value
 
     def linear(self, name: str, weight: ir.Value, ql) -> None:
         users = list(weight.uses())
-        if not users or any(u.node.op_type != "MatMul" or u.idx != 1 for u in users):
-            raise QuantizeError(f"{self.path}: tensor {name!r}: its initializer {weight.name} is not only the "
-                                f"weight input of MatMul nodes")
         k, n = ql.q.shape
         if tuple(weight.shape) != (k, n):
             raise QuantizeError(f"{self.path}: tensor {name!r}: graph weight {list(weight.shape)} is not the "
@@ -106,7 +115,7 @@ class _Rewriter:
             mm = use.node
             dq = ir.node("DequantizeLinear", [q, scale], attributes={"axis": 0, "block_size": ql.group_size},
                          name=f"{mm.name}/dequantize")
-            dq.outputs[0].name = f"{base}.dequantized" if len(users) == 1 else f"{mm.name}/dequantized"
+            dq.outputs[0].name = f"{base}.dequantized"
             dq.outputs[0].dtype, dq.outputs[0].shape = weight.dtype, ir.Shape([k, n])
             extra = [dq]
             x = mm.inputs[0]
@@ -162,41 +171,54 @@ class _Rewriter:
         value.const_value = ir.Tensor(_to_np(new, NP_DTYPES[value.dtype]), name=name)
 
 
-def quantize_graph(src: Path, dst: Path, quantized: Quantized, originals) -> dict:
-    """Write ``src`` with ``quantized``'s linears in int4 form and its replaced tensors swapped in, to
-    ``dst`` (atomically). ``originals(names)`` reads the unquantized tensors the export bound.
+def quantize_graph(src: Path, dst: Path, quantized: Quantized, originals, layers: range) -> dict:
+    """Write ``src`` (the export of ``layers``) with ``quantized``'s linears of those layers in int4
+    form and its replaced tensors of them swapped in, to ``dst`` (atomically). ``originals(names)``
+    reads the unquantized tensors the export bound.
+
+    Every linear of ``layers`` that ``quantized`` holds must be in the graph and become int4, and
+    the written graph must hold exactly that many int4 DequantizeLinear nodes: anything else is
+    refused, never written as a partly int4 graph.
 
     Memory: ``src``'s large weights stay in the file and are read one at a time (see
     kvplan.quantize.lazy_onnx), the int4 initializers are made as they are written; what is
     held is ``quantized`` itself, one byte per weight."""
     model = load_lazy(src)
     rw = _Rewriter(model, src)
-    names = [n for n in quantized.linears if n in _graph_names(model, quantized)]
-    replaced = [n for n in quantized.replaced]
+    names = [n for n in quantized.linears if _layer(n) in layers]
+    outside = sorted(n for n in rw.linears if _layer(n) not in layers)
+    if outside:
+        raise QuantizeError(f"{src}: tensor {outside[0]!r}: the graph computes a linear of a layer outside its "
+                            f"layers {layers.start}..{layers.stop - 1}")
+    replaced = [n for n in quantized.replaced if _layer(n) in layers or (_layer(n) is None and n in
+                                                                           model.graph.initializers)]
     # Locate every weight before changing anything: a failure leaves nothing half-rewritten.
     located = {}
     for name in names:
         (orig,) = originals([name]).values()
         located[name] = rw.find(name, orig.to(torch.float32).t().contiguous())
-    originals_replaced = originals([n for n in replaced if n.endswith("_proj.weight")]) if replaced else {}
+    originals_replaced = originals([n for n in replaced if n in rw.linears]) if replaced else {}
     for name in replaced:
         if name in originals_replaced:
             rw.replace(name, originals_replaced[name].to(torch.float32), quantized.replaced[name], linear=True)
-        elif name.endswith(".bias") and name not in model.graph.initializers:
-            raise QuantizeError(f"{src}: tensor {name!r}: no initializer of that name to replace")
         else:
             rw.replace(name, None, quantized.replaced[name], linear=False)
     for name in names:
         rw.linear(name, located[name], quantized.linears[name])
+    int4 = sum(1 for node in model.graph if node.op_type == "DequantizeLinear"
+               and node.inputs[0] is not None and node.inputs[0].dtype == ir.DataType.INT4)
+    if int4 != len(names):
+        raise QuantizeError(f"{src}: {int4} int4 DequantizeLinear nodes after the rewrite, {len(names)} expected "
+                            f"(the linears of layers {layers.start}..{layers.stop - 1}); nothing was written")
     model.graph.sort()
     save(model, dst)
-    return {"linears": len(names), "replaced": len(replaced)}
+    return {"linears": len(names), "linears_in_graph": len(rw.linears), "replaced": len(replaced)}
 
 
-def _graph_names(model: ir.Model, quantized: Quantized) -> set[str]:
-    # A pack holds some layers only: its linears are those of the layers it has norms for.
-    layers = {n.split(".")[1] for n in model.graph.initializers if n.startswith("layers.")}
-    return {n for n in quantized.linears if n.split(".")[1] in layers}
+def _layer(name: str) -> int | None:
+    """The layer a tensor of the model belongs to (``layers.3.mlp.up_proj.weight`` -> 3), None for
+    the final norm."""
+    return int(name.split(".")[1]) if name.startswith("layers.") else None
 
 
 def save(model: ir.Model, path: Path) -> None:

@@ -77,21 +77,42 @@ def quantize_source(source, settings: Quantize, log: Callable[[str], None] = pri
     return quantize_awq(source, settings, log)
 
 
-def run_quantize(source, profile, target: Path, graphs: list[Path], names: list[str], log=print) -> dict:
+def run_quantize(source, profile, target: Path, graphs: list[tuple[Path, range]], names: list[str],
+                 log=print) -> dict:
     """The stage: quantize, write the weights file (what validation's reference dequantizes) and
-    each pack's int4 graph."""
+    each pack's int4 graph. ``graphs``: each pack's exported graph and the layers it holds.
+
+    Every linear quantized must become int4 in exactly one pack's graph (a graph that kept some in
+    the profile dtype would be a silently wrong artifact): counted per pack and in all."""
     t0 = time.perf_counter()
     quantized = quantize_source(source, profile.quantize, log)
     seconds = time.perf_counter() - t0
+    _check_complete(source, profile.quantize, quantized)
     weights = target / QUANTIZED_WEIGHTS
     quantized.save(weights)
-    entries = []
-    for pack, (src, name) in enumerate(zip(graphs, names)):
-        counts = quantize_graph(src, target / name, quantized, source.read_tensors)
-        log(f"[quantize] {src.name} -> {name}: {counts['linears']} linears int4, {counts['replaced']} tensors "
-            f"replaced")
+    entries, total = [], 0
+    for pack, ((src, layers), name) in enumerate(zip(graphs, names)):
+        counts = quantize_graph(src, target / name, quantized, source.read_tensors, layers)
+        total += counts["linears"]
+        log(f"[quantize] {src.name} -> {name}: {counts['linears']} of {counts['linears_in_graph']} linears int4 "
+            f"(layers {layers.start}..{layers.stop - 1}), {counts['replaced']} tensors replaced")
         entries.append(artifact(target, target / name, pack=pack, **counts))
+    if total != len(quantized.linears):
+        raise QuantizeError(f"{target}: {total} linears became int4 in the graphs, {len(quantized.linears)} were "
+                            f"quantized")
     entries.append(artifact(target, weights, role="weights"))
     log(f"[quantize] {quantized.record.get('method')} in {seconds:.1f} s, peak RSS {peak_rss_mib():.0f} MiB")
     return {"artifacts": entries, "seconds": round(seconds, 2), "peak_rss_mib": round(peak_rss_mib()),
             **quantized.record}
+
+
+def _check_complete(source, settings: Quantize, quantized: Quantized) -> None:
+    """A method that quantizes (rtn, awq) gives every layer's every linear the profile names."""
+    if getattr(source, "checkpoint", None) is not None:
+        return          # an import: the checkpoint says which linears it holds as int4
+    cfg = source.config
+    wanted = {weight_name(layer, linear) for layer in range(cfg.num_layers) for linear in settings.linears}
+    missing = sorted(wanted - set(quantized.linears))
+    if missing:
+        raise QuantizeError(f"{source.name}: tensor {missing[0]!r}: {settings.method} quantized "
+                            f"{len(quantized.linears)} of the {len(wanted)} linears asked for")
