@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from kvplan.errors import ProfileError
+from kvplan.quantize.linears import in_features
 from kvplan.quantize.settings import (GROUP_SIZES, LINEARS, NO_INT4_CCS, QUANTIZE_BITS, QUANTIZE_METHODS,
                                       Quantize)
 from kvplan.surgery.registry import PASSES
@@ -448,3 +449,23 @@ def with_shapes(profile: Profile, overrides: list[str]) -> Profile:
         raise ProfileError(f"--shapes: {worst.name}: N max + lastSum max = {worst.sumN.max} does not fit "
                            f"{profile.source}'s in-place buffer of export.cache_len = {profile.cache_len} rows")
     return replace(profile, batch=batch, shapes=tuple(shapes.values()), adjusted=profile.adjusted + tuple(notes))
+
+
+def fit_group_size(profile: Profile, cfg) -> Profile:
+    """A shipped int4 profile takes the largest group size of GROUP_SIZES that divides every quantized
+    linear's input size (SmolLM2's 576 takes 64, where 128 is the shipped default); a profile of your
+    own keeps its group size, and one that does not divide is refused by the quantize stage."""
+    q = profile.quantize
+    if not q.enabled or not profile.shipped:
+        return profile
+    sizes = sorted({in_features(cfg, linear) for linear in q.linears})
+    fitting = [g for g in sorted(GROUP_SIZES, reverse=True) if all(k % g == 0 for k in sizes)]
+    if not fitting:
+        raise ProfileError(f"{profile.source}: quantize.group_size: none of {', '.join(map(str, GROUP_SIZES))} "
+                           f"divides the model's linear input sizes {', '.join(map(str, sizes))}")
+    if fitting[0] == q.group_size:
+        return profile
+    note = (f"quantize.group_size {q.group_size} -> {fitting[0]} (the largest of "
+            f"{', '.join(map(str, sorted(GROUP_SIZES, reverse=True)))} that divides every quantized linear's input "
+            f"size: {', '.join(map(str, sizes))})")
+    return replace(profile, quantize=replace(q, group_size=fitting[0]), adjusted=profile.adjusted + (note,))

@@ -62,6 +62,8 @@ def resolve_target(model: str, profile_name: str, out: Path, shapes: tuple[str, 
     profile = profiles_mod.with_shapes(profiles_mod.load(profile_name), list(shapes))
     keep = tuple(profiles_mod.parse_shapes(s)[0] for s in shapes if profiles_mod.parse_batch(s) is None)
     profile = profiles_mod.fit_to_model(profile, source.config.max_position_embeddings, keep)
+    if getattr(source, "checkpoint", None) is None:     # an int4 checkpoint brings its own group size
+        profile = profiles_mod.fit_group_size(profile, source.config)
     return source, profile, target_dir(out, source.name, profile.name)
 
 
