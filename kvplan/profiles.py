@@ -14,7 +14,7 @@ from typing import Any
 
 from kvplan.errors import ProfileError
 from kvplan.quantize.linears import in_features
-from kvplan.quantize.settings import (GROUP_SIZES, LINEARS, NO_INT4_CCS, QUANTIZE_BITS, QUANTIZE_METHODS,
+from kvplan.quantize.settings import (CALIBRATION_WORDS, GROUP_SIZES, LINEARS, NO_INT4_CCS, QUANTIZE_BITS, QUANTIZE_METHODS,
                                       Quantize)
 from kvplan.surgery.registry import PASSES
 
@@ -296,10 +296,13 @@ def _quantize(r: _Reader, data: dict, source: str, compute_capabilities: list[st
     if bad or not linears:
         raise r.fail("quantize.linears", f"unknown linear {bad[0]!r} (known: {', '.join(LINEARS)})" if bad
                      else "must name at least one linear")
-    calibration = r.get(q, "calibration", "quantize.calibration", str, "synthetic")
-    if calibration != "synthetic":
-        path = Path(calibration)
-        calibration = str(path if path.is_absolute() else (Path(source).parent / path).resolve())
+    calibration = r.get(q, "calibration", "quantize.calibration", str, "auto")
+    if calibration not in CALIBRATION_WORDS:
+        prefix = "text:" if calibration.startswith("text:") else ""
+        path = Path(calibration[len(prefix):])
+        if not path.name:
+            raise r.fail("quantize.calibration", f"{calibration!r} names no file")
+        calibration = prefix + str(path if path.is_absolute() else (Path(source).parent / path).resolve())
     samples = r.get(q, "samples", "quantize.samples", int, 4)
     tokens = r.get(q, "tokens", "quantize.tokens", int, 64)
     for field, value in (("samples", samples), ("tokens", tokens)):

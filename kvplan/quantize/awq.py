@@ -31,7 +31,8 @@ import torch
 from kvplan.decoder import DecoderLayer, RotaryCosSin
 from kvplan.models.presets import tensor_shapes
 from kvplan.quantize.settings import Quantize
-from kvplan.quantize.calibration import calibration_hidden
+from kvplan.quantize.calibration import calibration_hidden, resolve as resolve_calibration, \
+    warning as calibration_warning
 from kvplan.quantize.linears import MODULES, check_groups, weight_name
 from kvplan.quantize.rtn import fake_quantize_rows, quantize_t
 from kvplan.quantize.weights import Quantized
@@ -171,17 +172,22 @@ def _quantize_awq(source, settings: Quantize, log: Callable[[str], None]) -> Qua
     cfg = source.config
     check_groups(cfg, settings.linears, settings.group_size, source.name)
     g = settings.group_size
-    x = calibration_hidden(source, settings)
+    calibration = resolve_calibration(settings.calibration, source)
+    log(f"[quantize] awq: {cfg.num_layers} layers, calibration {settings.samples} x {settings.tokens} tokens "
+        f"({calibration.label}{', ' + calibration.why if calibration.why else ''}), group {g}")
+    note = calibration_warning(calibration, source)
+    if note:
+        log(note)
+    x = calibration_hidden(source, settings, log)
     samples, tokens = x.shape[:2]
-    log(f"[quantize] awq: {cfg.num_layers} layers, calibration {samples} x {tokens} tokens "
-        f"({settings.calibration}), group {g}")
     pos = torch.arange(tokens).expand(samples, tokens)
     cos, sin = RotaryCosSin(cfg, torch.float32)(pos)
     mask = torch.full((tokens, tokens), torch.finfo(torch.float32).min).triu(1).expand(samples, 1, tokens, tokens)
     past = [torch.zeros(samples, cfg.num_kv_heads, 0, cfg.head_dim)] * 2
     groups = scaling_groups(cfg, settings.linears)
     out = Quantized(record={"method": "awq", "group_size": g, "linears": list(settings.linears),
-                            "calibration": {"source": settings.calibration, "samples": samples, "tokens": tokens,
+                            "calibration": {"source": calibration.label, "setting": settings.calibration,
+                                            "samples": samples, "tokens": tokens,
                                             "seed": settings.seed}, "alpha": {}, "clip": settings.clip})
     t0 = time.perf_counter()
     for i in range(cfg.num_layers):

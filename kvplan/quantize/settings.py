@@ -7,6 +7,8 @@ from dataclasses import dataclass
 QUANTIZE_METHODS = ("none", "rtn", "awq")
 QUANTIZE_BITS = (4,)
 GROUP_SIZES = (32, 64, 128)
+# The calibration settings that name no file (kvplan.quantize.calibration).
+CALIBRATION_WORDS = ("auto", "self", "synthetic")
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Compute capabilities TensorRT-RTX cannot compile int4 weight-only layers for.
 NO_INT4_CCS = ("7.5",)
@@ -16,15 +18,15 @@ NO_INT4_CCS = ("7.5",)
 class Quantize:
     """``[quantize]``: int4 weight-only quantization of the decoder's linears (kvplan.quantize).
 
-    ``calibration`` (awq): "synthetic" (seeded random hidden states) or a safetensors file,
-    relative to the profile's directory, holding ``hidden_states`` [samples, tokens, hidden]
-    or ``input_ids`` [samples, tokens]; ``samples`` x ``tokens`` of it are used.
+    ``calibration`` (awq): "auto", "self", "synthetic", "text:FILE" (or a ``.txt`` path), or a
+    safetensors file holding ``hidden_states`` or ``input_ids`` (files relative to the profile's
+    directory); ``samples`` x ``tokens`` of it are used (kvplan.quantize.calibration).
     """
     method: str = "none"
     bits: int = 4
     group_size: int = 128
     linears: tuple[str, ...] = LINEARS
-    calibration: str = "synthetic"
+    calibration: str = "auto"
     samples: int = 4
     tokens: int = 64
     seed: int = 0

@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Callable
 
 from kvplan.errors import QuantizeError
-from kvplan.manifest import artifact, sha256_file
+from kvplan.manifest import artifact
 from kvplan.pipeline import peak_rss_mib
 from kvplan.quantize.settings import NO_INT4_CCS, Quantize
 from kvplan.quantize.awq import quantize_awq
+from kvplan.quantize.calibration import digest as calibration_digest, resolve as resolve_calibration
 from kvplan.quantize.graph import quantize_graph
 from kvplan.quantize.linears import check_groups, weight_name
 from kvplan.quantize.rtn import quantize_linear
@@ -34,15 +35,6 @@ def quantize_rtn(source, settings: Quantize, log: Callable[[str], None] = print)
 QUANTIZED_WEIGHTS = "quantized.safetensors"
 
 
-def _calibration_digest(settings: Quantize) -> str | None:
-    if settings.method != "awq" or settings.calibration == "synthetic":
-        return None
-    path = Path(settings.calibration)
-    if not path.is_file():
-        raise QuantizeError(f"quantize.calibration: {path}: no such file")
-    return sha256_file(path)
-
-
 def quantize_inputs(source, profile) -> dict | None:
     """What the quantize stage's outputs depend on, or None when the target has no quantize stage."""
     settings = profile.quantize
@@ -63,7 +55,7 @@ def quantize_inputs(source, profile) -> dict | None:
     inputs = {"method": settings.method, "bits": settings.bits, "group_size": settings.group_size,
               "linears": list(settings.linears), "dtype": profile.dtype}
     if settings.method == "awq":
-        inputs.update(calibration=settings.calibration, calibration_sha256=_calibration_digest(settings),
+        inputs.update(calibration_digest(resolve_calibration(settings.calibration, source), source),
                       samples=settings.samples, tokens=settings.tokens, seed=settings.seed, clip=settings.clip)
     return inputs
 

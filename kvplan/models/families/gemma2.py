@@ -70,6 +70,9 @@ class Gemma2(Family):
             # Every position inside the window: the sliding layers attend as the global ones.
             "sliding_window": cfg.max_position_embeddings}
 
+    def embedding_scale(self, cfg):
+        return cfg.hidden_size ** 0.5          # transformers' Gemma2TextScaledWordEmbedding
+
     def from_checkpoint(self, cfg, name, tensor):
         return 1.0 + tensor.float() if _is_norm(name) else tensor
 

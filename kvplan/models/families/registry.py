@@ -179,6 +179,11 @@ class Family:
             d["partial_rotary_factor"] = cfg.partial_rotary_factor
         return d
 
+    # --- the embedding (the graph's hidden_in is its output) -----------------------------
+    def embedding_scale(self, cfg: DecoderConfig) -> float:
+        """What the family multiplies the embedding rows by before the first layer."""
+        return 1.0
+
     # --- checkpoint tensors <-> kvplan's ------------------------------------------------
     def checkpoint_name(self, cfg: DecoderConfig, name: str) -> str:
         """The checkpoint tensor (no ``model.`` prefix) kvplan's tensor ``name`` is made from."""
