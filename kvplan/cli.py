@@ -1,4 +1,4 @@
-"""The command line: ``kvplan build | validate | surgery | inspect | presets``.
+"""The command line: ``kvplan build | validate | eval | surgery | inspect | presets``.
 
 Every command parses its flags into the options of the module that does the work
 (``kvplan.target``, ``kvplan.surgery``, ``kvplan.trt``) and catches ``KvplanError``
@@ -22,6 +22,8 @@ from kvplan.models.presets import PRESETS
 from kvplan.surgery import cli as surgery_cli
 from kvplan.trt import inspect
 from kvplan.trt.backend import select_backend
+from kvplan.manifest import write_json_atomic
+from kvplan.validate import perplexity
 from kvplan.validate.run import ValidateOptions
 
 BACKENDS = ("auto", "tensorrt", "tensorrt-rtx")
@@ -111,6 +113,24 @@ def validate_parser(prog: str = "kvplan validate") -> argparse.ArgumentParser:
                         "the whole stack at once (default: %(default)s)")
     p.add_argument("--full", action="store_true", help="print one table row per output tensor")
     p.add_argument("--verbose", action="store_true", help="keep Polygraphy's own log")
+    return p
+
+
+def eval_parser(prog: str = "kvplan eval") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog,
+                                description="Perplexity of a text through a built target's ONNX graphs (ONNX "
+                                            "Runtime; the checkpoint's embedding and LM head), with top-1 agreement "
+                                            "and mean KL against transformers' float32 model; never rebuilds. The "
+                                            "last line is 'perplexity: X (K tokens)'.")
+    _target_flags(p)
+    p.add_argument("--text", type=Path, required=True, help="a UTF-8 text, tokenized with the checkpoint's tokenizer")
+    p.add_argument("--tokens", type=int, default=1024, help="tokens of the text to score (default: %(default)s)")
+    p.add_argument("--graph", choices=target_mod.GRAPH_CHOICES, default="fused",
+                   help="fused: the graphs the engines are built from (default); exported: the export's (int4 "
+                        "where quantized)")
+    p.add_argument("--no-reference", action="store_true",
+                   help="skip transformers' float32 model (no top-1 agreement or KL)")
+    p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     return p
 
 
@@ -205,6 +225,22 @@ def validate_main(argv: list[str] | None = None, prog: str = "kvplan validate") 
                                                        shapes=tuple(args.shapes), log=_log))
 
 
+def _eval(args: argparse.Namespace) -> int:
+    result = target_mod.eval_target(args.model, args.profile, args.out, args.text, args.tokens,
+                                    reference=not args.no_reference, graph=args.graph, shapes=tuple(args.shapes),
+                                    log=_log)
+    if args.json:
+        write_json_atomic(args.json, result)
+    for line in perplexity.summary(result):
+        print(line)
+    return 0
+
+
+def eval_main(argv: list[str] | None = None, prog: str = "kvplan eval") -> int:
+    args = eval_parser(prog).parse_args(argv)
+    return _guarded(lambda: _eval(args))
+
+
 def inspect_main(argv: list[str] | None = None) -> int:
     args = inspect_parser().parse_args(argv)
     return _guarded(lambda: _inspect(args.plan, args.backend))
@@ -213,6 +249,7 @@ def inspect_main(argv: list[str] | None = None) -> int:
 COMMANDS = {
     "build": (build_main, "export, fuse and build engines for a model and profile"),
     "validate": (validate_main, "check a built target against transformers with Polygraphy"),
+    "eval": (eval_main, "perplexity of a text through a built target's graphs"),
     "surgery": (lambda argv: surgery_cli.main(argv, prog="kvplan surgery"), "fuse one ONNX graph"),
     "inspect": (inspect_main, "print the layer summary of built plans"),
     "presets": (lambda argv: _presets(), "list the model presets"),

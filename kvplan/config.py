@@ -55,6 +55,9 @@ class DecoderConfig:
     # (kvplan.export.causal_mask(window=...) writes such masks), so this records it for the
     # runtime and for validation.
     sliding_window: int = 0
+    # Soft-capping of the LM head's logits, cap * tanh(logits / cap) (Gemma 2's
+    # final_logit_softcapping; 0: none). Not in the decoder graph: what eval and the head apply.
+    logit_softcap: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):

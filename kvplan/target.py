@@ -30,6 +30,8 @@ from kvplan.sources import closure, source_digest
 from kvplan.surgery import fuse_file
 from kvplan.trt import build_engine
 from kvplan.trt.backend import select_backend
+from kvplan.validate.onnx_stack import Pack
+from kvplan.validate.perplexity import evaluate
 from kvplan.validate.run import ValidateOptions, validate
 
 STAGES = ("export", "quantize", "surgery", "engines", "validate")
@@ -324,3 +326,27 @@ def _validate_current(model, profile_name, out, options, backend, no_surgery, sh
             raise StaleTarget(f"target {state.target} changed while waiting for its lock (stale): "
                               + "; ".join(map(str, again.problems)))
         return validate(again.source, again.profile, again.target, again.manifest, options, backend_name, log)
+
+
+GRAPH_CHOICES = ("fused", "exported")
+
+
+def eval_target(model: str, profile_name: str, out: Path, text: Path, tokens: int, reference: bool = True,
+                graph: str = "fused", shapes: tuple[str, ...] = (), log: Callable[[str], None] = print) -> dict:
+    """Perplexity of ``tokens`` tokens of ``text`` through the built target's ONNX graphs (``graph``:
+    the fused ones, where surgery ran, else what the engines were built from; or the exported, int4
+    where quantized); never rebuilds: a stale or incomplete target raises StaleTarget."""
+    with hashes_remembered():
+        state, _ = _validation_state(model, profile_name, out, None, False, shapes)
+        hard = [p for p in state.problems if _blocking(p)]
+        if state.manifest is None or hard:
+            raise StaleTarget(f"target {state.target} is stale or incomplete; nothing was evaluated or rebuilt: "
+                              + "; ".join(map(str, hard or state.problems)))
+        stages = state.manifest["stages"]
+        exported = "quantize" if "quantize" in stages else "export"
+        stage = "surgery" if graph == "fused" and "surgery" in stages else exported
+        cfg, profile = state.source.config, state.profile
+        specs = pack_specs(cfg, profile.decoder_pack_size, profile.kv_format, profile.kv_io, profile.cache_len)
+        paths = [state.target / a["path"] for a in sorted(_graph_artifacts(stages[stage]), key=lambda a: a["pack"])]
+        return evaluate(state.source, profile, [Pack(s, p) for s, p in zip(specs, paths)], text, tokens,
+                        reference, log)

@@ -39,6 +39,7 @@ class Gemma2(Family):
     # Gemma2Config's defaults.
     defaults = {"head_dim": 256, "rms_norm_eps": 1e-6, "max_position_embeddings": 8192,
                 "query_pre_attn_scalar": 256, "sliding_window": 4096, "attn_logit_softcapping": 50.0,
+                "final_logit_softcapping": 30.0,
                 "tie_word_embeddings": True, "hidden_activation": "gelu_pytorch_tanh"}
 
     @property
@@ -60,13 +61,15 @@ class Gemma2(Family):
             max_positions = min(max_positions, window)
         bias = f.bool("attention_bias")
         cap = f.float("attn_logit_softcapping") if f.has("attn_logit_softcapping") else 0.0
+        final_cap = f.float("final_logit_softcapping") if f.has("final_logit_softcapping") else 0.0
         return {"sandwich_norm": True, "attn_scale": f.float("query_pre_attn_scalar") ** -0.5,
-                "attn_softcap": cap, "qkv_bias": bias, "o_bias": bias, "max_position_embeddings": max_positions}
+                "attn_softcap": cap, "qkv_bias": bias, "o_bias": bias, "max_position_embeddings": max_positions,
+                "logit_softcap": final_cap}
 
     def hf_config(self, cfg):
         return super().hf_config(cfg) | {
             "query_pre_attn_scalar": round(cfg.scale ** -2), "attn_logit_softcapping": cfg.attn_softcap or None,
-            "final_logit_softcapping": None, "attention_bias": cfg.qkv_bias,
+            "final_logit_softcapping": cfg.logit_softcap or None, "attention_bias": cfg.qkv_bias,
             # Every position inside the window: the sliding layers attend as the global ones.
             "sliding_window": cfg.max_position_embeddings}
 
