@@ -242,7 +242,9 @@ def target_state(model: str, profile_name: str, out: Path, backend: str = "auto"
 def dependencies(source, profile, target: Path) -> dict:
     """The files a target's build reads, for build systems that track dependencies (CMake)."""
     files = [profile.source]
-    if source.path is not None:
+    if source.path is not None and source.path.is_file():
+        files.append(str(source.path.absolute()))      # a single-file model (GGUF)
+    elif source.path is not None:
         # The files the model source reads: its config, the index and every shard it names
         # (wherever in the directory they are), not whatever happens to lie beside them.
         shards = [source.path / s["file"] for s in source.fingerprint.get("shards", [])]
@@ -265,6 +267,8 @@ def build(model: str, profile_name: str, out: Path, options: BuildOptions, log: 
         log(f"kvplan: profile {profile.name}: {note}")
     log(f"kvplan: {source.name} ({source.kind}, {source.config.num_layers} layers, {profile.dtype}) "
         f"with profile {profile.name} -> {target}")
+    for note in source.notes:
+        log(f"kvplan: {note}")
     header = {"model": {"name": source.name, "kind": source.kind,
                         "path": str(source.path) if source.path else None,
                         "config": source.config.to_dict(), "fingerprint": source.fingerprint},
