@@ -37,9 +37,25 @@ HEAD_DIM = HIDDEN // HEADS
 LINEAR_TYPES = {"attn_q": Q.Q4_0, "attn_k": Q.Q4_1, "attn_v": Q.Q8_0, "attn_output": Q.F16,
                 "ffn_gate": Q.Q4_K, "ffn_up": Q.Q4_1, "ffn_down": Q.Q4_K}
 INT4 = {"attn_q", "attn_k", "ffn_gate", "ffn_up", "ffn_down"}
-SHAPES = {"attn_q": (HEADS * HEAD_DIM, HIDDEN), "attn_k": (KV_HEADS * HEAD_DIM, HIDDEN),
-          "attn_v": (KV_HEADS * HEAD_DIM, HIDDEN), "attn_output": (HIDDEN, HEADS * HEAD_DIM),
-          "ffn_gate": (INTER, HIDDEN), "ffn_up": (INTER, HIDDEN), "ffn_down": (HIDDEN, INTER)}
+# Qwen3's and Gemma 2's heads are wider than hidden / heads (as in their models: 128, 256), which
+# attention.key_length says. (transformers' GGUF loader reads neither key_length for Qwen3 nor Gemma 2's
+# soft-caps and window: the values here are its config classes' defaults, as in Qwen3 and Gemma-2-2B.)
+HEAD_DIMS = {"qwen3": 128, "gemma2": 256}
+
+
+def shapes(head_dim: int = HEAD_DIM) -> dict[str, tuple[int, int]]:
+    return {"attn_q": (HEADS * head_dim, HIDDEN), "attn_k": (KV_HEADS * head_dim, HIDDEN),
+            "attn_v": (KV_HEADS * head_dim, HIDDEN), "attn_output": (HIDDEN, HEADS * head_dim),
+            "ffn_gate": (INTER, HIDDEN), "ffn_up": (INTER, HIDDEN), "ffn_down": (HIDDEN, INTER)}
+
+
+# Phi-3's GGUF keeps the checkpoint's fused projections: attn_qkv (q, k, v rows) and ffn_up (gate, up rows).
+PHI3_SHAPES = {"attn_qkv": ((HEADS + 2 * KV_HEADS) * HEAD_DIM, HIDDEN), "attn_output": (HIDDEN, HEADS * HEAD_DIM),
+               "ffn_up": (2 * INTER, HIDDEN), "ffn_down": (HIDDEN, INTER)}
+PHI3_TYPES = {"attn_qkv": Q.Q4_1, "ffn_up": Q.Q4_K}
+
+
+SHAPES = shapes()
 
 
 def llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
@@ -83,7 +99,8 @@ def add_tensor(w: gguf.GGUFWriter, name: str, values: np.ndarray, kind) -> None:
 def write_gguf(path: Path, arch: str = "llama", types: dict | None = None, seed: int = 0, tied: bool = True,
                extra=None) -> Path:
     """A tiny ``arch`` decoder as llama.cpp writes it. ``extra(writer)`` adds more."""
-    types = {**LINEAR_TYPES, **(types or {})}
+    types = {**LINEAR_TYPES, **(PHI3_TYPES if arch == "phi3" else {}), **(types or {})}
+    head_dim = HEAD_DIMS.get(arch, HEAD_DIM)
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(LAYERS)
@@ -92,18 +109,28 @@ def write_gguf(path: Path, arch: str = "llama", types: dict | None = None, seed:
     w.add_feed_forward_length(INTER)
     w.add_head_count(HEADS)
     w.add_head_count_kv(KV_HEADS)
-    w.add_rope_dimension_count(HEAD_DIM)
+    w.add_rope_dimension_count(head_dim)
+    if head_dim != HEAD_DIM:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    if arch == "gemma2":
+        w.add_float32("gemma2.attn_logit_softcapping", 50.0)
+        w.add_float32("gemma2.final_logit_softcapping", 30.0)
+        w.add_sliding_window(4096)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_freq_base(10000.0)
     w.add_vocab_size(VOCAB)
+    w.add_pad_token_id(0)          # (Phi3Config's default, 32000, is outside this vocabulary)
     add_tensor(w, "token_embd.weight", rng.normal(0, 0.5, (VOCAB, HIDDEN)), Q.F16)
     add_tensor(w, "output_norm.weight", 1 + 0.1 * rng.standard_normal(HIDDEN), Q.F32)
     if not tied:
         add_tensor(w, "output.weight", rng.normal(0, 0.5, (VOCAB, HIDDEN)), Q.Q8_0)
     for i in range(LAYERS):
-        for norm in ("attn_norm", "ffn_norm"):
+        norms = ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm") if arch == "gemma2" else \
+            ("attn_norm", "ffn_norm")
+        for norm in norms:
             add_tensor(w, f"blk.{i}.{norm}.weight", 1 + 0.1 * rng.standard_normal(HIDDEN), Q.F32)
-        for name, (rows, cols) in SHAPES.items():
+        for name, (rows, cols) in (PHI3_SHAPES if arch == "phi3" else shapes(head_dim)).items():
             kind = types[name]
             if kind == Q.Q4_K:
                 blocks = q4_k_bytes(rng, rows, cols)
@@ -116,6 +143,9 @@ def write_gguf(path: Path, arch: str = "llama", types: dict | None = None, seed:
         if arch == "qwen2":
             for name in ("attn_q", "attn_k", "attn_v"):
                 add_tensor(w, f"blk.{i}.{name}.bias", rng.normal(0, 0.1, SHAPES[name][0]), Q.F32)
+        if arch == "qwen3":
+            for name in ("attn_q_norm", "attn_k_norm"):
+                add_tensor(w, f"blk.{i}.{name}.weight", 1 + 0.1 * rng.standard_normal(head_dim), Q.F32)
     if extra:
         extra(w)
     w.write_header_to_file()
@@ -137,7 +167,7 @@ def run_both(graph: Path, source, model, dtype=torch.float32, steps=((6, 0), (1,
     spec = pack_specs(source.config, 0)[0]
     stack = OnnxStack([Pack(spec, graph)])
     cache = transformers.DynamicCache()
-    past = [torch.zeros(1, KV_HEADS, 0, HEAD_DIM, dtype=dtype).numpy() for _ in range(2 * LAYERS)]
+    past = [torch.zeros(1, KV_HEADS, 0, source.config.head_dim, dtype=dtype).numpy() for _ in range(2 * LAYERS)]
     g = torch.Generator().manual_seed(0)
     results = []
     for n, last in steps:
@@ -151,17 +181,38 @@ def run_both(graph: Path, source, model, dtype=torch.float32, steps=((6, 0), (1,
     return results
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma2", "phi3"])
 def test_a_gguf_exports_the_graph_transformers_computes_from_the_same_file(tmp_path, arch):
     path = write_gguf(tmp_path / f"tiny-{arch}.gguf", arch)
     source = resolve(str(path))
     assert (source.kind, source.config.family, source.config.num_layers) == ("gguf", arch, LAYERS)
-    assert source.config.qkv_bias == (arch == "qwen2")
+    assert source.config.qkv_bias == (arch == "qwen2") and source.config.qk_norm == (arch == "qwen3")
+    assert source.config.head_dim == HEAD_DIMS.get(arch, HEAD_DIM)
     export_pack(source, pack_specs(source.config, 0)[0], "float32", 1, tmp_path / "decoder.onnx", log=lambda _: None)
     for got, past, want, want_past in run_both(tmp_path / "decoder.onnx", source, transformers_model(path)):
         assert np.abs(got - want).max() < 1e-4
         for p, w in zip(past, want_past):
             assert np.abs(p - w).max() < 1e-4
+
+
+def test_phi3s_fused_projections_are_split_and_their_int4_blocks_too(tmp_path):
+    """q/k/v cut from attn_qkv's rows and gate/up from ffn_up's, as floats and as int4 blocks (whose
+    scales and corrections are per row too), both equal to transformers' fused tensors' rows."""
+    path = write_gguf(tmp_path / "tiny-phi3.gguf", "phi3")
+    source = resolve(str(path))
+    assert source.config.family == "phi3"
+    quantized = gguf_blocks.quantized(source, Quantize(method="rtn"), log=lambda _: None)
+    state = transformers_model(path).model.state_dict()
+    q, kv = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
+    rows = {"self_attn.q_proj": ("self_attn.qkv_proj", 0, q), "self_attn.k_proj": ("self_attn.qkv_proj", q, q + kv),
+            "self_attn.v_proj": ("self_attn.qkv_proj", q + kv, q + 2 * kv),
+            "mlp.gate_proj": ("mlp.gate_up_proj", 0, INTER), "mlp.up_proj": ("mlp.gate_up_proj", INTER, 2 * INTER)}
+    for i in range(LAYERS):
+        for module, (fused, start, end) in rows.items():
+            name = f"layers.{i}.{module}.weight"
+            want = state[f"layers.{i}.{fused}.weight"][start:end]
+            assert torch.equal(source.read_tensors([name])[name], want), name
+            assert torch.equal(quantized.linears[name].dequantized(), want), name
 
 
 def test_the_lm_tensors_and_the_reference_weights_are_the_files(tmp_path):
@@ -359,21 +410,26 @@ def test_the_real_gguf_reads_as_transformers_converted_it(smollm2_gguf, smollm2_
 
 def test_the_real_gguf_int4_import_is_exact(smollm2_gguf):
     """All 210 Q4_1 linears: kvplan's int4 values (q − 8, scale d, correction 8d + m) dequantize to
-    gguf.quants.dequantize of the file's own blocks bit for bit (float32, rows un-permuted as
-    transformers' loader does)."""
+    gguf.quants.dequantize of the file's own blocks bit for bit (float32; the rows of q and k are put
+    in the checkpoint's order on both sides, which the test above checks against transformers)."""
     source = resolve(str(smollm2_gguf))
     quantized = gguf_blocks.quantized(source, Quantize(method="awq", group_size=128), log=lambda _: None)
     assert len(quantized.linears) == 210
     assert quantized.record["imported"] == {"Q4_1": {"linears": 210, "blocks_of_32": 3317760}}
-    reference = source.read_reference(layers=range(0, 30, 29), norm=False)   # transformers' reading
     file = source.gguf
     for name, ql in quantized.linears.items():
         t = file.tensor(name)
-        want = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type))
-        if name in reference:
-            torch.testing.assert_close(ql.dequantized(), reference[name], rtol=0, atol=0, msg=name)
-        want = file.rows(name, want)
+        want = file.rows(name, torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type)))
         assert torch.equal(ql.dequantized(), want), name
+
+
+@pytest.mark.slow
+def test_the_real_gguf_int4_values_equal_transformers_reading(smollm2_gguf):
+    source = resolve(str(smollm2_gguf))
+    quantized = gguf_blocks.quantized(source, Quantize(method="awq"), log=lambda _: None)
+    for name, t in source.read_reference(norm=False).items():            # transformers' own conversion
+        if name in quantized.linears:
+            assert torch.equal(quantized.linears[name].dequantized(), t), name
 
 
 @pytest.mark.slow
