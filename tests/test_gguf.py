@@ -10,7 +10,6 @@ and ``gguf.quants.dequantize``.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import gguf
@@ -339,22 +338,29 @@ def test_an_unsupported_architecture_is_one_line_naming_it(tmp_path, capsys):
     assert f"{path}: general.architecture 'mamba' is not supported (supported: llama, qwen2, qwen3, gemma2, phi3)" in err
 
 
-def test_an_unsupported_tensor_type_is_one_line_naming_the_tensor(tmp_path, capsys):
-    path = write_gguf(tmp_path / "int.gguf", extra=None)
-    bad = tmp_path / "i32.gguf"
+@pytest.mark.parametrize("kind, message", [
+    (Q.I32, "type I32 is an integer type, not weights"),
+    # Q8_K is llama.cpp's intermediate type for dot products: the gguf package has no dequantization.
+    (Q.Q8_K, "type Q8_K is not supported (the gguf package has no dequantization for it)")])
+def test_an_unsupported_tensor_type_is_one_line_naming_the_tensor(tmp_path, capsys, kind, message):
+    path = write_gguf(tmp_path / "good.gguf")
+    bad = tmp_path / f"{kind.name}.gguf"
     w = gguf.GGUFWriter(str(bad), "llama")
     reader = gguf.GGUFReader(path)
     for field in reader.fields.values():
-        if field.name.startswith("llama.") and not field.name.endswith("architecture"):
+        if field.name.startswith("llama."):
             w.add_key_value(field.name, field.contents(), field.types[0])
     for t in reader.tensors:
-        if t.name == "blk.1.ffn_up.weight":
+        if t.name == "blk.1.ffn_up.weight" and kind == Q.I32:
             w.add_tensor(t.name, np.zeros((INTER, HIDDEN), np.int32))
+        elif t.name == "blk.1.ffn_up.weight":
+            raw = np.zeros(gguf.quants.quant_shape_to_byte_shape((INTER, HIDDEN), kind), np.uint8)
+            w.add_tensor(t.name, raw, raw_shape=raw.shape, raw_dtype=kind)
         else:
             w.add_tensor(t.name, np.array(t.data), raw_shape=t.data.shape, raw_dtype=t.tensor_type)
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
     err = cli_error(capsys, bad)
-    assert f"{bad}: tensor 'blk.1.ffn_up.weight': type I32 is an integer type, not weights" in err
+    assert f"{bad}: tensor 'blk.1.ffn_up.weight': {message}" in err
 
 
 def test_a_truncated_gguf_is_one_line(tmp_path, capsys):
