@@ -205,10 +205,6 @@ class GGUFFile:
             out[name] = values
         return out
 
-    def types(self, names) -> dict[str, str]:
-        """Each checkpoint tensor's GGUF type name."""
-        return {n: self.tensor(n).tensor_type.name for n in names}
-
 
 @dataclass
 class GGUFSource(ModelSource):
@@ -217,7 +213,7 @@ class GGUFSource(ModelSource):
 
 
 def _check_types(path: Path, tensors: dict[str, object], used: set[str]) -> None:
-    dequantizable = {}
+    dequantizable = set()
     for name in sorted(used):
         t = tensors[name]
         kind = t.tensor_type
@@ -227,7 +223,7 @@ def _check_types(path: Path, tensors: dict[str, object], used: set[str]) -> None
             _, size = gguf.GGML_QUANT_SIZES[kind]
             try:
                 gguf.quants.dequantize(np.zeros((1, size), dtype=np.uint8), kind)
-                dequantizable[kind] = True
+                dequantizable.add(kind)
             except NotImplementedError:
                 raise ModelError(f"{path}: tensor {name!r}: type {kind.name} is not supported (the gguf package "
                                  f"has no dequantization for it)") from None
@@ -260,8 +256,8 @@ class TransformersReading:
     """Tensors as transformers' GGUF loader converts them (its name map and tensor processor, tensor
     by tensor, as ``load_gguf_checkpoint`` does for the whole file): the reference's weights."""
 
-    def __init__(self, path: Path, reader: gguf.GGUFReader, family: str, config: Mapping):
-        self.path, self.reader, self.family, self.config = path, reader, family, config
+    def __init__(self, reader: gguf.GGUFReader, family: str, config: Mapping):
+        self.reader, self.family, self.config = reader, family, config
         self._names = None
 
     def names(self) -> dict[str, object]:
@@ -331,7 +327,7 @@ def load(arg: str) -> GGUFSource:
 
     types = collections.Counter(file.tensor(n).tensor_type.name for n in checkpoint_names)
     reference_config = _TransformersConfig(path)
-    reference = TransformersReading(path, reader, cfg.family, reference_config)
+    reference = TransformersReading(reader, cfg.family, reference_config)
     source = GGUFSource(
         name=path.stem, config=cfg, kind="gguf", read_tensors=read,
         fingerprint={"kind": "gguf", **file_fingerprint(path), "tensor_types": dict(sorted(types.items()))},
