@@ -23,6 +23,7 @@ from kvplan.export import export_pack, io_contract, pack_file_names
 from kvplan.export.trace_cache import TraceCache, default_dir
 from kvplan.fileio import remove_stale_temporaries
 from kvplan.manifest import artifact, artifacts_intact, digest, hashes_remembered, load_manifest, target_lock
+from kvplan.quantize import gguf_blocks
 from kvplan.quantize.checkpoint import resolve
 from kvplan.quantize.stage import quantize_inputs, run_quantize
 from kvplan.pipeline import Pipeline, Stage, peak_rss_mib
@@ -64,7 +65,8 @@ def resolve_target(model: str, profile_name: str, out: Path, shapes: tuple[str, 
     profile = profiles_mod.with_shapes(profiles_mod.load(profile_name), list(shapes))
     keep = tuple(profiles_mod.parse_shapes(s)[0] for s in shapes if profiles_mod.parse_batch(s) is None)
     profile = profiles_mod.fit_to_model(profile, source.config.max_position_embeddings, keep)
-    if getattr(source, "checkpoint", None) is None:     # an int4 checkpoint brings its own group size
+    # An int4 checkpoint (or a GGUF file's int4 blocks) brings its own group size.
+    if getattr(source, "checkpoint", None) is None and not gguf_blocks.has_blocks(source, profile.quantize.linears):
         profile = profiles_mod.fit_group_size(profile, source.config)
     return source, profile, target_dir(out, source.name, profile.name)
 
@@ -247,7 +249,9 @@ def target_state(model: str, profile_name: str, out: Path, backend: str = "auto"
 def dependencies(source, profile, target: Path) -> dict:
     """The files a target's build reads, for build systems that track dependencies (CMake)."""
     files = [profile.source]
-    if source.path is not None:
+    if source.path is not None and source.path.is_file():
+        files.append(str(source.path.absolute()))      # a single-file model (GGUF)
+    elif source.path is not None:
         # The files the model source reads: its config, the index and every shard it names
         # (wherever in the directory they are), not whatever happens to lie beside them.
         shards = [source.path / s["file"] for s in source.fingerprint.get("shards", [])]
@@ -270,6 +274,8 @@ def build(model: str, profile_name: str, out: Path, options: BuildOptions, log: 
         log(f"kvplan: profile {profile.name}: {note}")
     log(f"kvplan: {source.name} ({source.kind}, {source.config.num_layers} layers, {profile.dtype}) "
         f"with profile {profile.name} -> {target}")
+    for note in source.notes:
+        log(f"kvplan: {note}")
     header = {"model": {"name": source.name, "kind": source.kind,
                         "path": str(source.path) if source.path else None,
                         "config": source.config.to_dict(), "fingerprint": source.fingerprint},

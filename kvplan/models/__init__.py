@@ -1,7 +1,7 @@
 """Where a decoder's architecture and weights come from.
 
-``resolve(arg)`` turns the CLI's ``--model`` (a preset name or a checkpoint
-directory) into a :class:`ModelSource`. Each kind of source is one module here,
+``resolve(arg)`` turns the CLI's ``--model`` (a preset name, a checkpoint
+directory or a GGUF file) into a :class:`ModelSource`. Each kind of source is one module here,
 registered in ``SOURCES``; the first whose ``accepts`` says yes wins.
 """
 from __future__ import annotations
@@ -9,10 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from kvplan.models.base import ModelError, ModelSource
-from kvplan.models import presets, minicpmo, hf_dir
+from kvplan.models import gguf, presets, minicpmo, hf_dir
 
 # Order matters: a MiniCPM-o directory is also a Hugging Face directory.
-SOURCES = [presets, minicpmo, hf_dir]
+SOURCES = [presets, gguf, minicpmo, hf_dir]
 
 DEFAULT_MODEL = presets.DEFAULT
 
@@ -25,8 +25,10 @@ def resolve(arg: str) -> ModelSource:
     if path.is_dir():
         raise ModelError(f"{arg}: no config.json in this directory; expected a Hugging Face checkpoint directory")
     if path.exists():
-        raise ModelError(f"{arg}: not a directory; --model takes a preset name or a checkpoint directory")
-    raise ModelError(f"unknown model {arg!r}: not a preset ({', '.join(presets.PRESETS)}) and not a directory")
+        raise ModelError(f"{arg}: not a directory or a GGUF file; --model takes a preset name, a checkpoint "
+                         f"directory or a .gguf file")
+    raise ModelError(f"unknown model {arg!r}: not a preset ({', '.join(presets.PRESETS)}), a directory or a "
+                     f"GGUF file")
 
 
 __all__ = ["ModelError", "ModelSource", "resolve", "DEFAULT_MODEL", "SOURCES"]

@@ -40,6 +40,8 @@ class ModelSource:
     # ``tokenizer()``: the checkpoint's own tokenizer (kvplan.models.tokenizer.Tokenizer), where
     # it ships one; None for presets and checkpoints without one.
     tokenizer: Callable[[], object] | None = None
+    # What a build says about how the weights are read (a GGUF file's tensor types), one line each.
+    notes: tuple[str, ...] = ()
 
 
 LM_NAMES = ("embed_tokens.weight", "lm_head.weight")

@@ -1,5 +1,5 @@
 """The quantize stage's work: quantize a model source's linears (rtn or awq), or take an imported
-checkpoint's own int4 values, and rewrite the exported graphs with them."""
+checkpoint's (or a GGUF file's) own int4 values, and rewrite the exported graphs with them."""
 from __future__ import annotations
 
 import time
@@ -11,6 +11,7 @@ from kvplan.manifest import artifact
 from kvplan.pipeline import peak_rss_mib
 from kvplan.quantize.settings import NO_INT4_CCS, Quantize
 from kvplan.quantize.awq import quantize_awq
+from kvplan.quantize import gguf_blocks
 from kvplan.quantize.calibration import digest as calibration_digest, resolve as resolve_calibration
 from kvplan.quantize.graph import quantize_graph
 from kvplan.quantize.linears import check_groups, weight_name
@@ -35,6 +36,13 @@ def quantize_rtn(source, settings: Quantize, log: Callable[[str], None] = print)
 QUANTIZED_WEIGHTS = "quantized.safetensors"
 
 
+def _check_int4_ccs(profile, source) -> None:
+    blocked = [cc for cc in profile.compute_capabilities if cc in NO_INT4_CCS]
+    if blocked:
+        raise QuantizeError(f"{profile.source}: engine.compute_capabilities: {', '.join(blocked)} cannot run "
+                            f"int4 weight-only layers, and {source.path} is an int4 checkpoint")
+
+
 def quantize_inputs(source, profile) -> dict | None:
     """What the quantize stage's outputs depend on, or None when the target has no quantize stage."""
     settings = profile.quantize
@@ -44,13 +52,16 @@ def quantize_inputs(source, profile) -> dict | None:
             raise QuantizeError(f"{profile.source}: quantize.method = {settings.method!r}: {source.path} is already "
                                 f"quantized ({imported.method}); its own int4 values are used, never requantized "
                                 f"(set method = \"none\")")
-        blocked = [cc for cc in profile.compute_capabilities if cc in NO_INT4_CCS]
-        if blocked:
-            raise QuantizeError(f"{profile.source}: engine.compute_capabilities: {', '.join(blocked)} cannot run "
-                                f"int4 weight-only layers, and {source.path} is an int4 checkpoint")
+        _check_int4_ccs(profile, source)
         return {"method": f"import-{imported.method}", "group_size": imported.group_size, "dtype": profile.dtype}
     if not settings.enabled:
         return None
+    if gguf_blocks.has_blocks(source, settings.linears):
+        # The file's own int4 blocks (block 32) are imported; the profile's method and group size
+        # do not apply (the stage says so), so neither is checked against the model.
+        _check_int4_ccs(profile, source)
+        return {"method": "import-gguf", "group_size": gguf_blocks.BLOCK, "linears": list(settings.linears),
+                "dtype": profile.dtype}
     check_groups(source.config, settings.linears, settings.group_size, profile.source)
     inputs = {"method": settings.method, "bits": settings.bits, "group_size": settings.group_size,
               "linears": list(settings.linears), "dtype": profile.dtype}
@@ -64,6 +75,8 @@ def quantize_source(source, settings: Quantize, log: Callable[[str], None] = pri
     imported = getattr(source, "checkpoint", None)
     if imported is not None:
         return imported.quantized(log)
+    if gguf_blocks.has_blocks(source, settings.linears):
+        return gguf_blocks.quantized(source, settings, log)
     if settings.method == "rtn":
         return quantize_rtn(source, settings, log)
     return quantize_awq(source, settings, log)
@@ -100,8 +113,8 @@ def run_quantize(source, profile, target: Path, graphs: list[tuple[Path, range]]
 
 def _check_complete(source, settings: Quantize, quantized: Quantized) -> None:
     """A method that quantizes (rtn, awq) gives every layer's every linear the profile names."""
-    if getattr(source, "checkpoint", None) is not None:
-        return          # an import: the checkpoint says which linears it holds as int4
+    if getattr(source, "checkpoint", None) is not None or gguf_blocks.has_blocks(source, settings.linears):
+        return          # an import: the checkpoint (or GGUF file) says which linears it holds as int4
     cfg = source.config
     wanted = {weight_name(layer, linear) for layer in range(cfg.num_layers) for linear in settings.linears}
     missing = sorted(wanted - set(quantized.linears))
