@@ -40,6 +40,11 @@ class ModelSource:
     # ``tokenizer()``: the checkpoint's own tokenizer (kvplan.models.tokenizer.Tokenizer), where
     # it ships one; None for presets and checkpoints without one.
     tokenizer: Callable[[], object] | None = None
+    # ``read_embedding()``: the input embedding matrix [rows, hidden] whose rows a runtime feeds the
+    # decoder as ``hidden_in`` (validation feeds them too), in the checkpoint's values (before a
+    # family's scale); ``embedding`` names the tensor. None where the source has no such matrix.
+    read_embedding: Callable[[], torch.Tensor] | None = None
+    embedding: str | None = None
 
 
 LM_NAMES = ("embed_tokens.weight", "lm_head.weight")
