@@ -25,8 +25,12 @@ from kvplan.trt.backend import select_backend
 from kvplan.manifest import write_json_atomic
 from kvplan.validate import perplexity
 from kvplan.validate.run import ValidateOptions
+from kvplan.validate.tokens import read_text
 
 BACKENDS = ("auto", "tensorrt", "tensorrt-rtx")
+TEXT_HELP = ("a UTF-8 text file whose tokens (read with the model's own tokenizer) every validation point is "
+             "fed, as the model's embeddings of them; recorded in manifest.json with its sha256 (default: the "
+             "text kvplan ships; a model without a tokenizer is fed seeded token ids)")
 INTERRUPTED = ("interrupted: no partial artifact was kept; the manifest does not claim the interrupted stage")
 
 
@@ -65,6 +69,7 @@ def build_parser(prog: str = "kvplan build") -> argparse.ArgumentParser:
                    help="stop after this stage (default: run every stage)")
     p.add_argument("--validate", action="store_true",
                    help="after building, check every stage's numbers (same as kvplan validate)")
+    p.add_argument("--text", type=Path, default=None, metavar="FILE", help="with --validate: " + TEXT_HELP)
     p.add_argument("--force", action="store_true", help="rebuild every stage even when its inputs are unchanged")
     p.add_argument("--no-trace-cache", action="store_true",
                    help="trace the decoder pieces afresh and do not store them (default: reuse traces kept under "
@@ -104,6 +109,7 @@ def validate_parser(prog: str = "kvplan validate") -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=64, help="decode steps of the token/multi-step checks (default: 64)")
     p.add_argument("--prompt-tokens", type=int, default=8, help="prompt length of the token check (default: 8)")
     p.add_argument("--no-task", action="store_true", help="skip the token-agreement and multi-step checks")
+    p.add_argument("--text", type=Path, default=None, metavar="FILE", help=TEXT_HELP)
     p.add_argument("--min-agreement", type=float, default=0.95,
                    help="lowest teacher-forced top-1 agreement that passes (default: %(default)s)")
     p.add_argument("--layer-ranges", type=_layer_ranges, default="auto", metavar="K",
@@ -190,7 +196,7 @@ def _validate_options(args: argparse.Namespace) -> ValidateOptions:
                            reference_dtype=args.reference_dtype, steps=args.steps,
                            prompt_tokens=args.prompt_tokens, no_task=args.no_task,
                            min_agreement=args.min_agreement, full=args.full, verbose=args.verbose,
-                           layer_ranges=args.layer_ranges)
+                           layer_ranges=args.layer_ranges, text=args.text)
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -202,12 +208,16 @@ def _build(args: argparse.Namespace) -> int:
         source, profile, target = target_mod.resolve_target(args.model, args.profile, args.out, tuple(args.shapes))
         print(json.dumps(target_mod.dependencies(source, profile, target), indent=1))
         return 0
+    if args.text is not None and not args.validate:
+        raise UserError("--text is what validation feeds the model: it needs --validate")
+    if args.text is not None:
+        read_text(args.text)          # a file that cannot be read fails before the build, not minutes after
     options = target_mod.BuildOptions(backend=args.backend, no_surgery=args.no_surgery, stop_after=args.stop_after,
                                       no_trace_cache=args.no_trace_cache, force=args.force,
                                       shapes=tuple(args.shapes), allow_nonfinite=args.allow_nonfinite_weights)
     target_mod.build(args.model, args.profile, args.out, options, log=_log)
     if args.validate:
-        return target_mod.validate_target(args.model, args.profile, args.out, ValidateOptions(),
+        return target_mod.validate_target(args.model, args.profile, args.out, ValidateOptions(text=args.text),
                                           backend=args.backend, no_surgery=args.no_surgery,
                                           shapes=tuple(args.shapes), log=_log)
     return 0

@@ -128,6 +128,17 @@ def test_every_subpackage_is_in_the_wheel():
     assert "kvplan.profiles" in listed and not any(p.split(".")[0] in ("build", "surgery") for p in listed)
 
 
+def test_every_data_file_of_the_package_is_in_the_wheel():
+    """Files beside the modules (the validation text) travel only where pyproject's package-data
+    names them; the shipped profiles are checked above."""
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    files = [p for p in PACKAGE.rglob("*") if p.is_file() and p.suffix not in (".py", ".pyc")
+             and "__pycache__" not in p.parts]
+    missing = [str(p.relative_to(ROOT)) for p in files
+               if not any(p.match(pattern) for pattern in data.get(".".join(p.parent.relative_to(ROOT).parts), []))]
+    assert files and not missing, f"package data missing from pyproject's package-data: {missing}"
+
+
 def test_stage_digest_covers_the_helpers_a_stage_imports(tmp_path):
     """Editing kvplan/fileio.py (which the export stage uses to write its file) changes the export
     stage's source digest; editing the engine builder does not."""

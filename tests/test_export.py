@@ -45,7 +45,7 @@ def compare_point(ref: HFReference, packs, dtype: str, n: int, last: int, mask_f
     """Max abs error (and allowed bound) of ORT vs transformers at (N, lastSum), after a real prefill."""
     cfg = ref.source.config
     tdtype = DTYPE[dtype]
-    cache = ref.prefill(1, last, seed=seed)
+    cache = ref.prefill(torch.randn(1, last, cfg.hidden_size, generator=torch.Generator().manual_seed(seed)))
     past = [t.clone() for t in ref.cache_tensors(cache, cfg.num_layers)] if last else [
         torch.zeros(1, cfg.num_kv_heads, 0, cfg.head_dim, dtype=tdtype) for _ in range(2 * cfg.num_layers)]
     g = torch.Generator().manual_seed(seed + 1)

@@ -185,7 +185,7 @@ def test_reference_is_built_from_the_checkpoints_config_json(checkpoint):
     ref = HFReference(misread)
     assert ref.hf_config.rms_norm_eps == json.loads((directory / "config.json").read_text())["rms_norm_eps"]
     export_pack(misread, spec, "float32", 1, path.with_name("misread.onnx"), log=None)
-    cache = ref.prefill(1, 4)
+    cache = ref.prefill(torch.randn(1, 4, source.config.hidden_size))
     past = [t.numpy() for t in ref.cache_tensors(cache, source.config.num_layers)]
     hidden = torch.randn(1, 2, source.config.hidden_size)
     want = ref.step(hidden, causal_mask(1, 2, 4, torch.float32), torch.arange(4, 6)[None], cache).hidden.numpy()
@@ -202,7 +202,7 @@ def test_reference_of_the_preset_matches_its_export(name, export_tiny):
     source = resolve(f"tiny-{name}")
     ref = HFReference(source)
     cfg = source.config
-    cache = ref.prefill(1, 9)
+    cache = ref.prefill(torch.randn(1, 9, cfg.hidden_size))
     past = [t.numpy() for t in ref.cache_tensors(cache, cfg.num_layers)]
     hidden = torch.randn(1, 3, cfg.hidden_size)
     mask = causal_mask(1, 3, 9, torch.float32, window=cfg.sliding_window)

@@ -6,12 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from kvplan.models.families import hf_config_dict as to_hf_dict
 from kvplan.models import ModelError, resolve
 from kvplan.models.presets import PRESETS, tensor_shapes
 from kvplan.models import safetensors_dir
+from kvplan.validate.reference import reference_embedding
 
 
 def write_hf_dir(directory: Path, preset: str, shards: int = 2, prefix: str = "model.",
@@ -166,6 +168,7 @@ class TestMiniCPMoDirectory:
             extra = {"llm.model.layers.0.mlp.up_proj.weight": torch.randn(8, 8),
                      "vpm.encoder.layers.0.weight": torch.randn(4, 4),
                      "tts.emb_code.0.weight": torch.randn(626, 64),
+                     "tts.emb_text.weight": torch.randn(300, 64),
                      "tts.model.embed_tokens.weight": torch.randn(32000, 64)}
             weights = write_hf_dir(tmp_path / "MiniCPM-o-2_6", "_tiny-tts", shards=3, prefix="tts.model.",
                                    config=minicpmo_config(self.TTS), extra=extra)
@@ -187,6 +190,17 @@ class TestMiniCPMoDirectory:
         assert all(torch.equal(got[k], weights[k]) for k in weights)
         assert reads and all(name.startswith("tts.model.layers.") or name == "tts.model.norm.weight" for name in reads)
 
+    def test_the_tts_is_fed_its_text_token_embedding_not_the_unused_llama_one(self, checkpoint):
+        directory, _, _ = checkpoint
+        source = resolve(str(directory))
+        shard = json.loads((directory / "model.safetensors.index.json").read_text())["weight_map"]["tts.emb_text.weight"]
+        with safe_open(str(directory / shard), "pt") as f:
+            want = f.get_tensor("tts.emb_text.weight")
+        assert source.embedding == "tts.emb_text.weight" and torch.equal(source.read_embedding(), want)
+        assert source.read_lm is None and source.tokenizer is None
+        ids = torch.tensor([[0, 17, 299]])
+        assert torch.equal(reference_embedding(source)(ids), want[ids])
+
     def test_missing_tts_config_is_named(self, tmp_path):
         (tmp_path / "config.json").write_text(json.dumps({"model_type": "minicpmo"}))
         with pytest.raises(ModelError, match="without a 'tts_config'"):
@@ -203,7 +217,7 @@ class TestMiniCPMoDirectory:
         spec = pack_specs(cfg, 0)[0]
         export_pack(source, spec, "float32", 1, tmp_path / "tts.onnx")
         ref = HFReference(source)
-        cache = ref.prefill(1, 12)
+        cache = ref.prefill(torch.randn(1, 12, cfg.hidden_size))
         past = [t.numpy() for t in ref.cache_tensors(cache, cfg.num_layers)]
         hidden = torch.randn(1, 3, cfg.hidden_size)
         mask = causal_mask(1, 3, 12, torch.float32)

@@ -72,6 +72,7 @@ def test_the_wheel_carries_kvplan_and_its_profiles_only(fresh_venv):
     tops = {f.split("/")[0] for f in files}
     assert tops == {"kvplan"}, f"top-level entries besides kvplan: {sorted(tops - {'kvplan'})}"
     assert "kvplan/profiles/fp16.toml" in files and "kvplan/cli.py" in files
+    assert "kvplan/validate/validation_text.txt" in files
 
 
 def test_installing_kvplan_leaves_pypa_build_working(fresh_venv):

@@ -153,6 +153,14 @@ def test_int4_graph_uses_the_one_form_tensorrt_and_onnx_runtime_share(tiny_rtn):
                 and t.data_type == onnx.TensorProto.FLOAT16]
 
 
+def test_the_dequantized_source_keeps_the_models_embedding_lm_head_and_tokenizer(tiny_rtn):
+    """int4 covers the linears: what validation feeds (embeddings, tokenizer) is the model's own."""
+    source, quantized, _, _ = tiny_rtn
+    int4 = dequantized_source(source, quantized)
+    assert int4.read_embedding is source.read_embedding and int4.embedding == source.embedding
+    assert int4.read_lm is source.read_lm and int4.tokenizer is source.tokenizer
+
+
 def test_int4_graph_in_onnx_runtime_matches_pytorch_on_the_same_dequantized_weights(tiny_rtn):
     source, quantized, fp_path, path = tiny_rtn
     cfg = source.config

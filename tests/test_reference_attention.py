@@ -26,7 +26,7 @@ def _step_both(name: str, mask_fn):
     cfg = source.config
     eager = HFReference(source, torch.float32, attention="eager")
     sdpa = HFReference(source, torch.float32, attention="sdpa")
-    prefill = eager.prefill(1, LAST)
+    prefill = eager.prefill(torch.randn(1, LAST, cfg.hidden_size, generator=torch.Generator().manual_seed(0)))
     past = eager.cache_tensors(prefill, cfg.num_layers)
     hidden = torch.randn(1, N, cfg.hidden_size, generator=torch.Generator().manual_seed(3))
     mask = mask_fn(causal_mask(1, N, LAST, torch.float32, window=cfg.sliding_window))

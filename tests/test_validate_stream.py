@@ -72,10 +72,11 @@ def test_an_aborted_json_file_leaves_nothing_under_its_name(tmp_path):
 
 def test_a_chunked_prefill_is_the_prefill_of_the_whole_prompt(monkeypatch):
     ref = HFReference(resolve("tiny-llama"), torch.float32)
-    whole = ref.cache_tensors(ref.prefill(1, 40), ref.source.config.num_layers)
+    hidden = torch.randn(1, 40, ref.source.config.hidden_size)
+    whole = ref.cache_tensors(ref.prefill(hidden), ref.source.config.num_layers)
     monkeypatch.setattr(pts, "CHUNK_SCORE_BYTES", 4 * 4 * 40 * 16)      # 16-token chunks: three of them
     monkeypatch.setattr(pts, "SDPA_CHUNK", 16)
-    chunked = pts.Prefill(lambda layers: ref, ref.source.config, [range(4)], 1, 40, torch.float32)
+    chunked = pts.Prefill(lambda layers: ref, ref.source.config, [range(4)], hidden, torch.float32)
     assert len(chunked.past) == len(whole)
     for a, b in zip(chunked.past, whole):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
@@ -95,7 +96,8 @@ def test_a_prefill_run_a_few_layers_at_a_time_is_the_prefill_of_the_whole_stack(
     the cache is written to disk and read back memory-mapped."""
     source = resolve("tiny-llama")
     ref = HFReference(source, torch.float32)
-    whole = ref.cache_tensors(ref.prefill(1, 40), source.config.num_layers)
+    hidden = torch.randn(1, 40, source.config.hidden_size)
+    whole = ref.cache_tensors(ref.prefill(hidden), source.config.num_layers)
     held = []
 
     def make(layers):
@@ -103,7 +105,7 @@ def test_a_prefill_run_a_few_layers_at_a_time_is_the_prefill_of_the_whole_stack(
         held.append({n.split(".")[1] for n, p in part.decoder.named_parameters() if n.startswith("layers.")
                      and not p.is_meta})
         return part
-    ranged = pts.Prefill(make, source.config, [range(0, 1), range(1, 4)], 1, 40, torch.float16,
+    ranged = pts.Prefill(make, source.config, [range(0, 1), range(1, 4)], hidden, torch.float16,
                          directory=tmp_path / "cache")
     assert held == [{"0"}, {"1", "2", "3"}]
     for i in range(source.config.num_layers):
@@ -217,10 +219,11 @@ def test_a_whole_packs_inputs_file_made_a_tensor_at_a_time_is_the_one_made_at_on
     source = resolve("tiny-llama")
     cfg = source.config
     ref = HFReference(source, torch.float32)
-    prefill = pts.Prefill(lambda layers: ref, cfg, [range(cfg.num_layers)], 1, 12, torch.float32,
+    hidden = torch.randn(1, 15, cfg.hidden_size)
+    prefill = pts.Prefill(lambda layers: ref, cfg, [range(cfg.num_layers)], hidden[:, :12], torch.float32,
                           directory=tmp_path / "cache")
     point = pts.Point("prefill", 0, "opt", 3, 12)
-    data = pts.point_data(cfg, torch.float32, point, prefill)
+    data = pts.point_data(cfg, torch.float32, point, prefill, hidden)
     spec = StackSpec(0, cfg.num_layers, True)
     for name, feed in (("eager", pts.feed_for(data, spec, data.hidden_in)),
                        ("lazy", pts.lazy_feed(data, spec, data.hidden_in))):

@@ -42,6 +42,18 @@ class ModelSource:
     tokenizer: Callable[[], object] | None = None
     # What a build says about how the weights are read (a GGUF file's tensor types), one line each.
     notes: tuple[str, ...] = ()
+    # ``read_embedding()``: the input embedding matrix [rows, hidden] whose rows a runtime feeds the
+    # decoder as ``hidden_in`` (validation feeds them too), in the checkpoint's values (before a
+    # family's scale); ``embedding`` names the tensor. None where the source has no such matrix.
+    read_embedding: Callable[[], torch.Tensor] | None = None
+    embedding: str | None = None
+
+    def __post_init__(self) -> None:
+        # A source whose LM tensors include the embedding feeds that one, unless it names another.
+        if self.read_embedding is None and self.read_lm is not None:
+            read_lm = self.read_lm
+            self.read_embedding = lambda: read_lm(["embed_tokens.weight"])["embed_tokens.weight"]
+            self.embedding = self.embedding or "embed_tokens.weight"
 
 
 LM_NAMES = ("embed_tokens.weight", "lm_head.weight")

@@ -9,11 +9,12 @@ from kvplan.models import families
 
 
 def embedding_matrix(source) -> torch.Tensor:
-    """The source's ``embed_tokens.weight`` [vocab, hidden] as the source holds it."""
-    if source.read_lm is None:
+    """The source's input embedding [vocab, hidden] as the source holds it (``read_embedding``:
+    for MiniCPM-o's TTS its text embedding, elsewhere ``embed_tokens.weight``)."""
+    if source.read_embedding is None:
         raise ModelError(f"{source.path or source.name}: has no embedding matrix to turn token ids into "
                          f"hidden states")
-    return source.read_lm(["embed_tokens.weight"])["embed_tokens.weight"]
+    return source.read_embedding()
 
 
 def embed(source, ids: torch.Tensor, matrix: torch.Tensor | None = None) -> torch.Tensor:

@@ -26,9 +26,11 @@ def read_config(path: Path) -> dict:
 
 def make_source(directory: Path, cfg_dict: dict, config_file: Path, prefix: str, kind: str,
                 family: str | None = None, lm_names: dict[str, str] | None = None,
-                reference_config: Path | dict | None = None, tokenizer: bool = True) -> ModelSource:
+                reference_config: Path | dict | None = None, tokenizer: bool = True,
+                embedding: str | None = None) -> ModelSource:
     """A ModelSource reading the tensors under ``prefix`` of the directory's safetensors, through
-    the family's mapping of checkpoint tensors to kvplan's."""
+    the family's mapping of checkpoint tensors to kvplan's. ``embedding``: the checkpoint's name of
+    the input embedding matrix (default: ``lm_names``' embed_tokens.weight), where it holds one."""
     try:
         cfg = families.from_hf_dict(cfg_dict, str(config_file), family=family)
     except ConfigError as e:
@@ -57,6 +59,14 @@ def make_source(directory: Path, cfg_dict: dict, config_file: Path, prefix: str,
                 got = index.read(sorted({available[k] for k in names}))
                 return {k: got[available[k]] for k in names}
 
+    embedding = embedding or (lm_names or {}).get("embed_tokens.weight")
+    read_embedding = None
+    if embedding in index.where:
+        def read_embedding():
+            return index.read([embedding])[embedding]
+    else:
+        embedding = None
+
     fingerprint = {"kind": kind, "config_sha256": hashlib.sha256(config_file.read_bytes()).hexdigest(),
                    "prefix": prefix, "shards": index.fingerprint()}
     return ModelSource(name=directory.resolve().name, config=cfg, kind=kind, read_tensors=read,
@@ -64,7 +74,8 @@ def make_source(directory: Path, cfg_dict: dict, config_file: Path, prefix: str,
                        reference_config=directory if reference_config is None else reference_config,
                        read_reference=lambda layers=None, norm=True: read_checkpoint(
                            reference_names(checkpoint_names, layers, norm)),
-                       tokenizer=(lambda: load_tokenizer(directory)) if tokenizer and has_tokenizer(directory) else None)
+                       tokenizer=(lambda: load_tokenizer(directory)) if tokenizer and has_tokenizer(directory) else None,
+                       read_embedding=read_embedding, embedding=embedding)
 
 
 def load(arg: str) -> ModelSource:

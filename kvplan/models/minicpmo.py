@@ -12,6 +12,8 @@ from pathlib import Path
 from kvplan.models.base import ModelError, ModelSource
 from kvplan.models.hf_dir import make_source, read_config
 
+# The TTS module's text-token embedding (ConditionalChatTTS.emb_text), outside its LlamaModel.
+TEXT_EMBEDDING = "tts.emb_text.weight"
 # LlamaConfig's defaults, which the TTS module inherits for fields tts_config omits.
 LLAMA_DEFAULTS = {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "vocab_size": 32000,
                   "hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
@@ -44,6 +46,9 @@ def load(arg: str) -> ModelSource:
     return make_source(directory, llama, config_file, prefix="tts.model.", kind="minicpmo", family="llama",
                        reference_config={"model_type": "llama", **own},
                        # The directory's tokenizer is the 8B language model's, not the TTS decoder's.
-                       tokenizer=False)
+                       tokenizer=False,
+                       # What the TTS looks its text tokens up in before the decoder (the LlamaModel's own
+                       # embed_tokens is never used by it).
+                       embedding=TEXT_EMBEDDING)
 
 

@@ -102,6 +102,8 @@ def load(name: str) -> ModelSource:
 
     family = get_family(cfg.family)
     return ModelSource(name=name, config=cfg, kind="preset", read_tensors=read, read_lm=read_lm,
+                       read_embedding=lambda: read_lm(["embed_tokens.weight"])["embed_tokens.weight"],
+                       embedding="embed_tokens.weight",
                        fingerprint={"preset": name, "seed": SEED, "config": cfg.to_dict()},
                        reference_config=family.hf_config(cfg),
                        read_reference=lambda layers=None, norm=True: family.to_checkpoint(

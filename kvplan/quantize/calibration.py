@@ -9,8 +9,8 @@
 - "text:FILE" (or a path ending in ``.txt``): a UTF-8 text, tokenized with the checkpoint's own
   tokenizer; its first ``samples`` x ``tokens`` tokens, in consecutive windows of ``tokens``.
 - a safetensors file holding ``hidden_states`` [samples, tokens, hidden] (float), or ``input_ids``
-  [samples, tokens] (integer) embedded with the checkpoint's own embedding matrix (MiniCPM-o-2_6's
-  TTS: ``tts.emb_text.weight``).
+  [samples, tokens] (integer) embedded with the checkpoint's own input embedding (MiniCPM-o-2_6's
+  TTS: ``tts.emb_text.weight``, ``ModelSource.read_embedding``).
 - "synthetic": seeded standard-normal hidden states. A trained model never sees these (its
   embedding rows are a few times smaller), so AWQ's scales come out worse than from text; a
   checkpoint calibrated on them is warned about.
@@ -30,13 +30,11 @@ from safetensors import safe_open
 from kvplan.errors import KvplanError, QuantizeError
 from kvplan.manifest import sha256_file
 from kvplan.models.embedding import embed
-from kvplan.models.safetensors_dir import TensorIndex
 from kvplan.models.tokenizer import TOKENIZER_FILES
 from kvplan.quantize.generated import sample_ids
 from kvplan.quantize.settings import Quantize
 
 HIDDEN, IDS = "hidden_states", "input_ids"
-MINICPMO_EMBEDDING = "tts.emb_text.weight"
 AUTO, SELF, SYNTHETIC, TEXT = "auto", "self", "synthetic", "text:"
 
 
@@ -161,15 +159,11 @@ def _from_file(source, path: Path, samples: int, tokens: int) -> torch.Tensor:
 
 
 def _embedded(source, ids: torch.Tensor, path: Path) -> torch.Tensor:
-    if source.kind == "minicpmo":
-        (matrix,) = TensorIndex(source.path).read([MINICPMO_EMBEDDING]).values()
-    elif source.read_lm is not None:
-        matrix = source.read_lm(["embed_tokens.weight"])["embed_tokens.weight"]
-    else:
+    if source.read_embedding is None:
         raise QuantizeError(f"{path}: token ids need the model's embedding matrix; {source.name} has none "
                             f"(give {HIDDEN!r} instead)")
     try:
-        return embed(source, ids, matrix).contiguous()
+        return embed(source, ids).contiguous()
     except KvplanError as e:
         raise QuantizeError(f"{path}: tensor {IDS!r}: {e}") from None
 

@@ -8,6 +8,7 @@ consecutive input channels share a scale, which is DequantizeLinear's blocked fo
 from __future__ import annotations
 
 import os
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,9 +121,8 @@ def dequantized_source(source: ModelSource, quantized: Quantized) -> ModelSource
         family = families.get(source.config.family)
         return family.to_checkpoint(source.config, read(reference_names(tensor_shapes(source.config), layers, norm)))
 
-    return ModelSource(name=source.name, config=source.config, kind=source.kind, read_tensors=read,
-                       fingerprint=source.fingerprint, path=source.path, read_lm=source.read_lm,
-                       reference_config=source.reference_config, read_reference=read_reference)
+    # Everything else (embeddings, LM head, tokenizer) is the source's own: int4 covers the linears only.
+    return dataclasses.replace(source, read_tensors=read, read_reference=read_reference)
 
 
 def check_group(name: str, in_features: int, group_size: int) -> None:

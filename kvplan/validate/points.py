@@ -1,11 +1,13 @@
 """Validation points and the data loader that turns them into realistic feed dicts.
 
-A point is (shape profile, which of min/opt/max, N, lastSum, masked, batch). The past
-KV is never random: it comes from a real prefill of transformers' model, so the
-cache has the statistics a deployed decoder sees. For multi-pack targets the
-pack's ``hidden_in`` is the reference's hidden state entering the pack's first
-layer (``output_hidden_states``), so each pack is checked on the inputs it would
-really receive.
+A point is (shape profile, which of min/opt/max, N, lastSum, masked, batch). Nothing is
+random at a scale the model never sees: every position is fed the model's own embedding of a
+token (kvplan.validate.tokens), the point's N new tokens are its row's tokens after the
+lastSum it is given, and the past KV comes from a real prefill of transformers' model on
+that row's tokens before them, so the cache has the statistics a deployed decoder sees. For
+multi-pack targets the pack's ``hidden_in`` is the reference's hidden state entering the pack's
+first layer (``output_hidden_states``), so each pack is checked on the inputs it would really
+receive.
 
 A profile with a batch range also gets a ``batch`` point per optimization profile: two
 rows (more if the range starts above 2) with different numbers of valid past rows, as a
@@ -16,7 +18,6 @@ position_ids start at its own length.
 """
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,10 +49,6 @@ class Point:
     def label(self) -> str:
         label = f"{self.profile}/{self.kind} N={self.n} lastSum={self.last}"
         return label + (f" B={self.batch} rows={','.join(map(str, self.rows))}" if self.rows else "")
-
-    @property
-    def seed(self) -> int:
-        return int.from_bytes(hashlib.sha256(self.label.encode()).digest()[:4], "little") % 2**31
 
     @property
     def lasts(self) -> tuple[int, ...]:
@@ -156,10 +153,12 @@ class Prefill:
     state through them and hands it to the next. The cache is kept once, in ``dtype``: in
     ``directory`` (one file per layer and K/V, memory-mapped when read, so a point holds only
     what it reads) or, without one, in memory. The points' past KV are views of it.
+    ``hidden`` [batch, length, hidden]: the embeddings of the tokens prefilled (tokens.Inputs).
     """
 
-    def __init__(self, make_ref, cfg, segments: list[range], batch: int, length: int, dtype: torch.dtype,
-                 directory: Path | None = None, seed: int = 0, log=None):
+    def __init__(self, make_ref, cfg, segments: list[range], hidden: torch.Tensor, dtype: torch.dtype,
+                 directory: Path | None = None, log=None):
+        batch, length = hidden.shape[:2]
         self.batch, self.length, self.dtype, self.directory = batch, length, dtype, directory
         self.past: list[torch.Tensor] = []
         if not length:
@@ -169,8 +168,6 @@ class Prefill:
             return
         if directory is not None:
             directory.mkdir(parents=True, exist_ok=True)
-        g = torch.Generator().manual_seed(seed)
-        hidden = torch.randn(batch, length, cfg.hidden_size, generator=g)
         pos = torch.arange(length)[None].expand(batch, length)
         for layers in segments:
             ref = make_ref(layers)
@@ -274,8 +271,10 @@ def row_mask(n: int, own: int, last: int, dtype: torch.dtype, window: int = 0) -
     return torch.cat([mask[..., :own], gap, mask[..., own:]], dim=-1)
 
 
-def point_data(cfg, dtype: torch.dtype, point: Point, prefill: Prefill) -> PointData:
-    """N fresh embeddings on top of the first lastSum positions of the shared real prefill.
+def point_data(cfg, dtype: torch.dtype, point: Point, prefill: Prefill, hidden: torch.Tensor) -> PointData:
+    """The embeddings of N tokens on top of the first lastSum positions of the shared real prefill:
+    each row's tokens right after its own valid past (``hidden``: tokens.Inputs.hidden, every row's
+    embeddings by position, of which the prefill ran the first ones).
 
     The prefill may run in float32 (``--prefill-dtype``): the past KV is input data here,
     not something under test, and torch's fp16/bf16 CPU kernels make a 3584-token
@@ -283,8 +282,10 @@ def point_data(cfg, dtype: torch.dtype, point: Point, prefill: Prefill) -> Point
     profile dtype is what a well-behaved fp16 prefill approximates.
     """
     batch = point.batch
-    g = torch.Generator().manual_seed(point.seed + 1)
-    hidden = torch.randn(batch, point.n, cfg.hidden_size, generator=g).to(dtype)
+    if hidden.shape[0] < batch or hidden.shape[1] < max(point.lasts) + point.n:
+        raise ValueError(f"point {point.label}: the inputs hold {hidden.shape[0]} row(s) of {hidden.shape[1]} "
+                         f"positions, too few")
+    hidden = torch.stack([hidden[b, own:own + point.n] for b, own in enumerate(point.lasts)]).to(dtype)
     if point.rows:
         mask = torch.cat([row_mask(point.n, own, point.last, dtype, cfg.sliding_window) for own in point.rows])
         pos = torch.stack([torch.arange(own, own + point.n, dtype=torch.int64) for own in point.rows])

@@ -75,10 +75,10 @@ def quality_rows(results, points, graph_runner: str) -> list[dict]:
     return rows
 
 
-def quality_task(original, dtype, specs, graphs, options, tolerance, log) -> dict:
+def quality_task(original, dtype, specs, graphs, options, prompt, tolerance, log) -> dict:
     """Teacher-forced greedy token agreement of the int4 graph against the full-precision model."""
     stack = OnnxStack([Pack(s, p) for s, p in zip(specs, graphs)])
-    return run_task_checks(original, dtype, {rn.EXPORT: stack}, options.steps, options.prompt_tokens, tolerance, log)
+    return run_task_checks(original, dtype, {rn.EXPORT: stack}, options.steps, prompt, tolerance, log)
 
 
 def summary(method: str, rows: list[dict], task: dict) -> list[str]:

@@ -124,7 +124,9 @@ class HFReference:
         if norm:
             self._assign(model, source.read_reference(layers=range(0), norm=True), prefix)
         self._materialize_rotary(model)
-        if not with_lm:
+        if with_lm:
+            _materialize_buffers(model, model.get_input_embeddings())
+        else:
             # Fed embeddings, never token ids: an empty table rather than a meta one (the model can
             # still be moved to a device) or a vocabulary-sized one of zeros.
             model.embed_tokens = torch.nn.Embedding(0, source.config.hidden_size, dtype=dtype)
@@ -206,13 +208,50 @@ class HFReference:
         return StepResult(out.last_hidden_state, self.cache_tensors(cache, self.source.config.num_layers))
 
     @torch.no_grad()
-    def prefill(self, batch: int, length: int, seed: int = 0):
-        """A real prefill of ``length`` random embeddings: returns the filled cache."""
+    def prefill(self, hidden: torch.Tensor):
+        """A real prefill of the embeddings ``hidden`` [B, length, hidden] (the caller's: the reference
+        never makes up its inputs): returns the filled cache."""
         cache = self.new_cache()
+        batch, length = hidden.shape[:2]
         if length == 0:
             return cache
-        g = torch.Generator().manual_seed(seed)
-        hidden = torch.randn(batch, length, self.source.config.hidden_size, generator=g)
         pos = torch.arange(length)[None].expand(batch, length)
         self.step(hidden, None, pos, cache)
         return cache
+
+
+def _materialize_buffers(model, module) -> None:
+    """Give ``module``'s buffers that its constructor computed on the meta device (Gemma 2's
+    embed_scale) the values transformers' own initialisation gives them; its parameters (the
+    checkpoint's, already assigned) are kept."""
+    meta = [name for name, b in module.named_buffers(recurse=False) if b.is_meta]
+    if not meta:
+        return
+    params = dict(module.named_parameters(recurse=False))
+    # The initialiser writes every tensor of the module: it gets scratch parameters to write.
+    for name, param in params.items():
+        setattr(module, name, torch.nn.Parameter(torch.empty_like(param, device="cpu"), requires_grad=False))
+    for name in meta:
+        module._buffers[name] = torch.empty_like(module._buffers[name], device="cpu")
+    model._init_weights(module)
+    for name, param in params.items():
+        setattr(module, name, param)
+
+
+def reference_embedding(source: ModelSource, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """transformers' own input embedding of the family's decoder (Gemma 2's scaled by
+    √hidden_size, as its model does), holding ``source``'s embedding matrix: token ids in,
+    the ``hidden_in`` a runtime feeds the decoder out."""
+    if source.read_embedding is None:
+        raise ValueError(f"{source.name}: the model source has no input embedding matrix")
+    weight = source.read_embedding()
+    cfg = _hf_config(source)
+    # The matrix's own rows (MiniCPM-o's text embedding is not the config's vocabulary).
+    cfg.vocab_size = weight.shape[0]
+    decoder_class = get_family(source.config.family).reference_classes[0]
+    with torch.device("meta"), no_init_weights():
+        model = getattr(transformers, decoder_class)._from_config(cfg, dtype=dtype)
+    module = model.get_input_embeddings()
+    module.load_state_dict({"weight": weight.to(dtype)}, strict=False, assign=True)
+    _materialize_buffers(model, module)
+    return module.eval()

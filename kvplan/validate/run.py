@@ -33,7 +33,7 @@ from kvplan.models.presets import tensor_shapes
 from kvplan.pipeline import collections_skip_what_exists, map_large_allocations, release_memory
 from kvplan.trt.backend import select_backend, visible_gpus
 from kvplan.validate import points as pts
-from kvplan.validate import quantized, report, runners as rn, segments as seg_plan, stream
+from kvplan.validate import quantized, report, runners as rn, segments as seg_plan, stream, tokens
 from kvplan.validate.meter import Meter
 from kvplan.validate.onnx_stack import OnnxStack, Pack
 from kvplan.validate.points import parse_kinds
@@ -62,6 +62,8 @@ class ValidateOptions:
     # "auto": a single-pack graph runs in ranges of about RANGE_BYTES of weights; K > 1: in K ranges;
     # 0 or 1: the whole stack at once
     layer_ranges: int | str = "auto"
+    # A text file the points are fed (read with the model's tokenizer); None: the text kvplan ships.
+    text: Path | None = None
 
     def __post_init__(self):
         if self.steps < 1 or self.prompt_tokens < 1:
@@ -130,6 +132,7 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
     log(f"[validate] tolerance: |got - ref| <= atol + rtol * |ref| with atol={tol.atol:g}, rtol={tol.rtol:g}")
     points = pts.select_points(profile, kinds)
     longest = max(p.last for p in points)
+    text = tokens.read_text(options.text) if options.text else None
     fp32_prefill = options.prefill_dtype == "float32" and dtype != torch.float32
     # The reference computes in float32 on the profile dtype's weights and inputs (exact in float32),
     # and rounds its outputs to the profile dtype: the graph's error against exact arithmetic on the
@@ -157,14 +160,19 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
                         for i, spec in enumerate(specs)]
         cut = len(segments) > len(specs)          # a pack validated in layer ranges
         with meter.phase("prefill"):
+            # Every position any point reads (its row's tokens up to lastSum + N), and the task check's prompt.
+            inputs = tokens.validation_inputs(original, pts.points_batch(points),
+                                              max(max(p.last + p.n for p in points), options.prompt_tokens), dtype,
+                                              text)
+            log(f"[validate] inputs: {inputs.describe()}")
             # Range by range: transformers' model of a few layers at a time, float32 only for the prefill.
             prefill = pts.Prefill(lambda layers: HFReference(source, torch.float32 if fp32_prefill else dtype,
                                                              layers=layers, norm=False),
-                                  cfg, [seg.layers for seg in segments], pts.points_batch(points), longest, dtype,
+                                  cfg, [seg.layers for seg in segments], inputs.hidden[:, :longest], dtype,
                                   directory=streamer.spill_root / "prefill", log=log if len(segments) > 1 else None)
             release_memory()
         log(f"[validate] prefill of {longest} tokens (shared by every point) in {meter.phases[-1].seconds:.1f} s")
-        data = [pts.point_data(cfg, dtype, point, prefill) for point in points]
+        data = [pts.point_data(cfg, dtype, point, prefill, inputs.hidden) for point in points]
         jobs = [seg_plan.segment_jobs(s_index, seg, segments, specs, stems, profile, data, cfg) for s_index, seg in enumerate(segments)]
         trt_here = rn.make_tensorrt(plans[0] if plans else None, backend, backend_error, 0, specs[0])[0]
         later = {rn.EXPORT, rn.FUSED} | ({rn.TENSORRT} if trt_here is not None else set())
@@ -222,14 +230,16 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
                                   int4=bool(quant))
     # The points' inputs (the shared prefill cache above all) are not needed by the task check.
     labels = [d.point.label for d in data]
+    prompt = inputs.prompt(options.prompt_tokens, cfg.vocab_size)
     del data, jobs, pack_jobs, prefill
+    inputs.hidden = None
     release_memory()
 
     task = {"ran": False, "why": "--no-task"}
     if not options.no_task:
         with meter.phase("task check"):
             task = _task_checks(options, source, dtype, specs, segments, plans, backend, backend_error,
-                                profile, not_run, log)
+                                profile, not_run, prompt, log)
         release_memory()
 
     quality_task = {"ran": False, "why": "not an int4 target" if not quant else "--no-task"}
@@ -237,7 +247,7 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
         with meter.phase("quality task check"):
             quality_task = quantized.quality_task(original, dtype, [seg.spec for seg in segments],
                                                   [seg.graphs[rn.EXPORT] for seg in segments], options,
-                                                  profile.tolerance, log)
+                                                  prompt, profile.tolerance, log)
         release_memory()
 
     # Report rows point by point (they were produced pack/profile/runner by runner).
@@ -286,7 +296,7 @@ def _run_checks(options, kinds, source, profile, target, manifest, backend_name,
 
     record = {"status": status, "finished": now(), "seconds": round(time.perf_counter() - t0, 2),
               "tolerance": {"atol": tol.atol, "rtol": tol.rtol, "rule": "|got - ref| <= atol + rtol * |ref|"},
-              "points": labels, "prefill_dtype": "float32" if fp32_prefill else profile.dtype,
+              "points": labels, "inputs": inputs.record, "prefill_dtype": "float32" if fp32_prefill else profile.dtype,
               "reference_dtype": str(ref_dtype).removeprefix("torch."),
               "runners": {n: ({"ran": True} if n in ran else {"ran": False, "why": not_run.get(n, "not available")})
                           for n in (rn.REFERENCE, rn.EXPORT, rn.FUSED, rn.TENSORRT)},
@@ -331,7 +341,8 @@ def _commands(target, stem, sp_index, sp_name, onnx_path, fused, plans, p_index,
     return cmds
 
 
-def _task_checks(options, source, dtype, specs, segments, plans, backend, backend_error, profile, not_run, log):
+def _task_checks(options, source, dtype, specs, segments, plans, backend, backend_error, profile, not_run, prompt,
+                 log):
     stacks: dict = {}
     for name in (rn.EXPORT, rn.FUSED):
         if name not in segments[0].graphs:
@@ -356,7 +367,7 @@ def _task_checks(options, source, dtype, specs, segments, plans, backend, backen
             if steps < options.steps:
                 log(f"[validate] task check: {steps} steps, not {options.steps}: the in-place buffer has "
                     f"{profile.cache_len} rows and the prompt {options.prompt_tokens} tokens")
-        return run_task_checks(source, dtype, stacks, steps, options.prompt_tokens, profile.tolerance, log)
+        return run_task_checks(source, dtype, stacks, steps, prompt, profile.tolerance, log)
 
 
 def _task_record(task: dict) -> dict:

@@ -153,8 +153,9 @@ def drift(errors: list[float]) -> dict:
             "mean_first_quarter": float(head.mean()), "mean_last_quarter": float(tail.mean())}
 
 
-def run_task_checks(source, dtype: torch.dtype, stacks: dict, steps: int, prompt_len: int, tol, log) -> dict:
-    """Token agreement + multi-step drift for every runnable stack ({name: stack or why-not string})."""
+def run_task_checks(source, dtype: torch.dtype, stacks: dict, steps: int, prompt: list[int], tol, log) -> dict:
+    """Token agreement + multi-step drift for every runnable stack ({name: stack or why-not string}),
+    from the token ids ``prompt`` (validation's: the start of the text the points are fed)."""
     if source.read_lm is None:
         return {"ran": False, "why": f"{source.name}: the model source has no LM head (lm_head.weight)"}
     if all(isinstance(s, str) for s in stacks.values()):
@@ -162,14 +163,13 @@ def run_task_checks(source, dtype: torch.dtype, stacks: dict, steps: int, prompt
                 "stacks": {n: {"ran": False, "why": s} for n, s in stacks.items()}}
     t0 = time.perf_counter()
     ref = HFReference(source, dtype, with_lm=True)
-    vocab = ref.model.lm_head.weight.shape[0]
-    prompt = torch.randint(0, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(7))
+    prompt = torch.tensor([list(prompt)], dtype=torch.int64)
     ref_tokens, ref_hiddens = reference_greedy(ref, prompt, steps)
     # The stacks need only the embeddings and the LM head: the decoder's weights go before they run.
     cfg, embed, head = ref.source.config, ref.model.get_input_embeddings(), ref.model.lm_head
     del ref
     release_memory()
-    result = {"ran": True, "steps": steps, "prompt_tokens": prompt_len, "mode": "teacher-forced greedy top-1",
+    result = {"ran": True, "steps": steps, "prompt_tokens": prompt.shape[1], "mode": "teacher-forced greedy top-1",
               "stacks": {}}
     for name, stack in stacks.items():
         if isinstance(stack, str):

@@ -1,0 +1,114 @@
+"""The real trained SmolLM2-135M-Instruct (a float16 checkpoint converted by transformers' own GGUF
+loader, with its tokenizer) validated with the shipped tolerances on the inputs it would see
+(its embeddings of the shipped text): a correct target passes, in fp16 and in int4 faithfulness,
+and a wrong graph still fails, naming what is wrong.
+
+How a wrong graph is made: as in test_validate, a copy of the built target whose fused graph is
+edited and recorded in the manifest as if the surgery stage had written it (a pass with a bug);
+the copy has no engine (its stage record and plan are dropped), so validation checks what it has.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.numpy_helper
+import pytest
+
+from kvplan.cli import build_main, validate_main
+from kvplan.manifest import load_manifest, sha256_file
+
+ROOT_PROFILES = Path(__file__).resolve().parent.parent / "profiles"
+
+# Each validation of the real model runs for minutes on two cores.
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def fp16(smollm2_checkpoint, tmp_path_factory):
+    """The shipped fp16 profile, every stage, then ``--validate``: the acceptance command."""
+    out = tmp_path_factory.mktemp("real-fp16") / "engines"
+    rc = build_main(["--model", str(smollm2_checkpoint), "--profile", "fp16", "--out", str(out), "--validate"])
+    return {"model": smollm2_checkpoint, "out": out, "rc": rc, "target": out / smollm2_checkpoint.name / "fp16"}
+
+
+def test_the_shipped_fp16_profile_passes_on_the_real_model(fp16):
+    record = load_manifest(fp16["target"])["validation"]
+    assert fp16["rc"] == 0 and record["status"] == "pass", record["pairs"]
+    assert all(p["passed"] for p in record["pairs"].values())
+    assert record["inputs"]["kind"] == "text" and record["inputs"]["text"] == "validation_text.txt"
+    assert all(r["agreement"] >= 0.95 for r in record["task"]["stacks"].values() if r["ran"])
+
+
+def _wrong_copy(fp16, tmp_path, edit) -> list[str]:
+    out = tmp_path / "engines"
+    shutil.copytree(fp16["out"], out)
+    target = out / fp16["model"].name / "fp16"
+    path = target / "decoder.fused.onnx"
+    model = onnx.load(str(path))
+    edit(model)
+    onnx.save(model, str(path))
+    manifest = json.loads((target / "manifest.json").read_text())
+    for entry in manifest["stages"]["surgery"]["artifacts"]:
+        if entry["path"] == path.name:
+            entry["bytes"], entry["sha256"] = path.stat().st_size, sha256_file(path)
+    for entry in manifest["stages"].pop("engines")["artifacts"]:
+        (target / entry["path"]).unlink(missing_ok=True)
+    manifest.pop("validation", None)
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    return ["--model", str(fp16["model"]), "--profile", "fp16", "--out", str(out), "--no-task"]
+
+
+def _failing(fp16, tmp_path) -> list[str]:
+    record = load_manifest(tmp_path / "engines" / fp16["model"].name / "fp16")["validation"]
+    assert record["pairs"]["pytorch vs onnxrt-export"]["passed"]
+    return record["pairs"]["pytorch vs onnxrt-fused"]["failing_tensors"]
+
+
+def test_a_perturbed_weight_fails_on_the_real_model(fp16, tmp_path, capsys):
+    def perturb(model):
+        [init] = [t for t in model.graph.initializer if t.name == "layers.2.post_attention_layernorm.weight"]
+        values = onnx.numpy_helper.to_array(init)
+        init.CopyFrom(onnx.numpy_helper.from_array((values + np.float16(0.05)).astype(values.dtype), init.name))
+
+    rc = validate_main(_wrong_copy(fp16, tmp_path, perturb))
+    assert rc == 1, capsys.readouterr().out
+    failing = _failing(fp16, tmp_path)
+    # Layer 2's MLP input changes what leaves layer 2: the stack's output and later layers' caches,
+    # never the caches of layers 0..2.
+    assert any(t.endswith(" hidden_out") for t in failing) and any(t.endswith(" past_key3") for t in failing)
+    assert not any(t.endswith(f" past_{kind}{i}") for kind in ("key", "value") for i in range(3) for t in failing)
+
+
+def test_a_swapped_cache_fails_on_the_real_model(fp16, tmp_path, capsys):
+    def swap(model):
+        # The graph computes what it did, but its past_key0 output carries layer 1's keys and back.
+        names = {"past_key0": "past_key1", "past_key1": "past_key0"}
+        for node in model.graph.node:
+            node.output[:] = [names.get(n, n) for n in node.output]
+            node.input[:] = [names.get(n, n) for n in node.input]
+
+    rc = validate_main(_wrong_copy(fp16, tmp_path, swap))
+    assert rc == 1, capsys.readouterr().out
+    failing = _failing(fp16, tmp_path)
+    assert any(t.endswith(" past_key0") for t in failing) and any(t.endswith(" past_key1") for t in failing)
+    assert not any("hidden_out" in t or "past_value" in t for t in failing)
+
+
+def test_int4_awq_faithfulness_passes_on_the_real_model(smollm2_checkpoint, tmp_path):
+    """The shipped int4-awq profile with group_size 64: its 128 does not divide SmolLM2's 576."""
+    shipped = (ROOT_PROFILES / "int4-awq.toml").read_text()
+    assert "group_size = 128" in shipped
+    profile = tmp_path / "int4-awq-g64.toml"
+    profile.write_text(shipped.replace("group_size = 128", "group_size = 64"))
+    out = tmp_path / "engines"
+    args = ["--model", str(smollm2_checkpoint), "--profile", str(profile), "--out", str(out)]
+    assert build_main([*args, "--stop-after", "surgery"]) == 0
+    # The points are the verdict here; the task checks (six minutes of int4 steps) are the fp16 test's.
+    rc = validate_main([*args, "--no-task"])
+    record = load_manifest(out / smollm2_checkpoint.name / "int4-awq-g64")["validation"]
+    assert rc == 0 and record["status"] == "pass", record["pairs"]
+    assert record["inputs"]["kind"] == "text"
