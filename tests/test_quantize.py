@@ -334,17 +334,18 @@ def test_awq_with_gqa_shares_no_scale_between_v_and_o():
     assert "v_proj" not in groups and groups["up_proj"] == ["down_proj"]
 
 
-def test_awq_scale_folding_is_exact_in_full_precision():
+@pytest.mark.parametrize("preset", ["tiny-llama-outliers", "tiny-gemma2", "tiny-qwen3", "tiny-qwen2", "tiny-phi3"])
+def test_awq_scale_folding_is_exact_in_full_precision(preset):
     from kvplan.decoder import DecoderLayer
     from kvplan.quantize.awq import _fold, scaling_groups
-    source = resolve("tiny-llama-outliers")
+    source = resolve(preset)
     cfg = source.config
     layer = DecoderLayer(cfg)
     layer.load_state_dict({n.split(".", 2)[2]: t for n, t in source.read_tensors(
         [n for n in tensor_shapes(cfg) if n.startswith("layers.0.")]).items()})
     x = torch.randn(2, 5, cfg.hidden_size)
     mask = torch.zeros(2, 1, 5, 5)
-    cos, sin = torch.ones(2, 1, 5, cfg.head_dim), torch.zeros(2, 1, 5, cfg.head_dim)
+    cos, sin = torch.ones(2, 1, 5, cfg.rotary_dim), torch.zeros(2, 1, 5, cfg.rotary_dim)
     past = [torch.zeros(2, cfg.num_kv_heads, 0, cfg.head_dim)] * 2
     with torch.no_grad():
         before = layer(x, mask, cos, sin, *past)[0]

@@ -98,7 +98,7 @@ def test_a_model_without_a_tokenizer_is_fed_embeddings_of_seeded_token_ids():
 
 
 def test_a_source_without_an_embedding_matrix_is_fed_seeded_normal_hidden_states_and_says_so():
-    source = dataclasses.replace(resolve("tiny-llama"), read_embedding=None, embedding=None)
+    source = dataclasses.replace(resolve("tiny-llama"), read_embedding=None, embedding=None, read_lm=None)
     inputs = tokens.validation_inputs(source, 1, 8, torch.float16)
     assert inputs.ids is None and inputs.hidden.shape == (1, 8, source.config.hidden_size)
     assert inputs.record["kind"] == "random hidden states" and "no input embedding matrix" in inputs.describe()

@@ -52,7 +52,10 @@ def scaling_groups(cfg, linears) -> list[tuple[str, list[str]]]:
     groups = [("input_layernorm", ["q_proj", "k_proj", "v_proj"])]
     if cfg.num_heads == cfg.num_kv_heads:
         groups.append(("v_proj", ["o_proj"]))
-    groups += [("post_attention_layernorm", ["gate_proj", "up_proj"]), ("up_proj", ["down_proj"])]
+    # Gemma 2's sandwich norms: post_attention_layernorm normalizes the attention's output, and the
+    # MLP's input is pre_feedforward_layernorm's (folding into the other would change the model).
+    mlp_norm = "pre_feedforward_layernorm" if cfg.sandwich_norm else "post_attention_layernorm"
+    groups += [(mlp_norm, ["gate_proj", "up_proj"]), ("up_proj", ["down_proj"])]
     return [(prev, group) for prev, group in groups if any(g in linears for g in group)]
 
 
