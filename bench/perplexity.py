@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from pathlib import Path
 from bench import real_model
 from bench.common import ROOT, loadavg, log
 from kvplan import profiles
+from kvplan.manifest import load_manifest
 from kvplan.models import resolve
 from kvplan.target import BuildOptions, build, eval_target
 
@@ -33,40 +35,56 @@ RESULTS = ROOT / "bench" / "results"
 DEFAULT_TEXTS = (Path("/usr/share/common-licenses/GPL-3"), Path("/usr/share/common-licenses/Apache-2.0"))
 
 
-def _rtn_profile(work: Path, group: int) -> str:
-    """The shipped int4-awq profile with method rtn at ``group`` (a profile of one's own keeps its group)."""
+# Calibrations measured beside the shipped default with --calibrations: (calibration, samples, tokens).
+CALIBRATIONS = (("self", 4, 64), ("self", 16, 128), ("text:/usr/share/common-licenses/GFDL-1.3", 8, 128))
+
+
+def _profile(work: Path, name: str, **keys) -> str:
+    """The shipped int4-awq profile with ``keys`` of its [quantize] table replaced (a profile of
+    one's own keeps its group size, so the fitted one is written in)."""
     text = (profiles.PROFILES_DIR / "int4-awq.toml").read_text()
-    text = text.replace('method = "awq"', 'method = "rtn"').replace("group_size = 128", f"group_size = {group}")
-    path = work / "int4-rtn.toml"
+    for key, value in keys.items():
+        text, n = re.subn(rf"^{key} = .*$", f"{key} = {json.dumps(value)}", text, flags=re.M)
+        assert n == 1, key
+    path = work / f"{name}.toml"
     path.write_text(text)
     return str(path)
 
 
-def targets(work: Path) -> list[tuple[str, str, str]]:
+def targets(work: Path, calibrations: bool) -> list[tuple[str, str, str]]:
     """(row label, model, profile) of every target measured."""
     checkpoint, gguf = str(real_model.checkpoint_dir()), str(real_model.gguf_file())
     group = profiles.fit_group_size(profiles.load("int4-awq"), resolve(checkpoint).config).quantize.group_size
-    return [("checkpoint fp16", checkpoint, "fp16"),
-            (f"checkpoint int4 RTN (group {group})", checkpoint, _rtn_profile(work, group)),
-            (f"checkpoint int4 AWQ (shipped int4-awq, group {group})", checkpoint, "int4-awq"),
-            ("GGUF fp16 (dequantized Q4_1)", gguf, "fp16"),
-            ("GGUF int4 (its own Q4_1 blocks)", gguf, "int4-awq")]
+    shipped = profiles.load("int4-awq").quantize
+    rows = [("checkpoint fp16", checkpoint, "fp16"),
+            (f"checkpoint int4 RTN (group {group})", checkpoint,
+             _profile(work, "int4-rtn", method="rtn", group_size=group)),
+            (f"checkpoint int4 AWQ (shipped int4-awq: {shipped.calibration}, {shipped.samples} x {shipped.tokens}, "
+             f"group {group})", checkpoint, "int4-awq")]
+    if calibrations:
+        for calibration, samples, tokens in CALIBRATIONS:
+            name = f"awq-{calibration.split('/')[-1].replace(':', '-')}-{samples}x{tokens}"
+            rows.append((f"checkpoint int4 AWQ ({calibration}, {samples} x {tokens}, group {group})", checkpoint,
+                         _profile(work, name, calibration=calibration, samples=samples, tokens=tokens,
+                                  group_size=group)))
+    return rows + [("GGUF fp16 (dequantized Q4_1)", gguf, "fp16"), ("GGUF int4 (its own Q4_1 blocks)", gguf, "int4-awq")]
 
 
-def measure(work: Path, texts: list[Path], tokens: int) -> dict:
+def measure(work: Path, texts: list[Path], tokens: int, calibrations: bool) -> dict:
     out = work / "engines"
     rows = []
-    for label, model, profile in targets(work):
+    for label, model, profile in targets(work, calibrations):
         log(f"{label}: build")
         t0 = time.perf_counter()
-        build(model, profile, out, BuildOptions(stop_after="surgery"), log=lambda m: None)
+        target = build(model, profile, out, BuildOptions(stop_after="surgery"), log=lambda m: None)
         built = round(time.perf_counter() - t0, 1)
+        quantize = (load_manifest(target) or {}).get("stages", {}).get("quantize", {})
         for text in texts:
             log(f"{label}: eval on {text.name}")
             r = eval_target(model, profile, out, text, tokens, log=lambda m: None)
             ref = r.get("reference", {})
             rows.append({"target": label, "model": Path(model).name, "profile": Path(profile).stem,
-                         "build_s_or_cached": built, "text": text.name, "scored": r["scored"],
+                         "build_s_or_cached": built, "quantize_s": quantize.get("seconds"), "text": text.name, "scored": r["scored"],
                          "perplexity": round(r["perplexity"], 3), "reference": round(ref.get("perplexity", 0), 3),
                          "top1_agreement": round(ref.get("top1_agreement", 0), 4),
                          "mean_kl": round(ref.get("mean_kl", 0), 4), "load": loadavg()})
@@ -76,19 +94,21 @@ def measure(work: Path, texts: list[Path], tokens: int) -> dict:
 def markdown(result: dict) -> list[str]:
     lines = [f"SmolLM2-135M-Instruct, {result['tokens']} tokens of each text (ONNX Runtime CPU; int4 at accuracy "
              f"level 0); reference: transformers float32 of the same source", "",
-             "| target | text | perplexity | reference | increase | top-1 agreement | mean KL (nats/token) |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             "| target | text | perplexity | reference | increase | top-1 agreement | mean KL (nats/token) | "
+             "quantize stage s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         lines.append(f"| {r['target']} | {r['text']} | {r['perplexity']:.3f} | {r['reference']:.3f} | "
                      f"{100 * (r['perplexity'] / r['reference'] - 1):+.1f} % | {100 * r['top1_agreement']:.1f} % | "
-                     f"{r['mean_kl']:.4f} |")
+                     f"{r['mean_kl']:.4f} | {r['quantize_s'] if r['quantize_s'] is not None else '-'} |")
+    lines += ["", "AWQ's loss over RTN's at the same group size, (perplexity - reference) / (RTN's - reference):"]
     rtn = {r["text"]: r for r in result["rows"] if "RTN" in r["target"]}
     for r in result["rows"]:
         if "AWQ" in r["target"] and r["text"] in rtn:
             base = rtn[r["text"]]
             loss = (r["perplexity"] - r["reference"]) / (base["perplexity"] - base["reference"])
             kl = r["mean_kl"] / base["mean_kl"]
-            lines.append(f"\nAWQ's loss over RTN's on {r['text']}: perplexity {loss:.2f}x, KL {kl:.2f}x")
+            lines.append(f"- {r['target']}, {r['text']}: perplexity loss {loss:.2f}x RTN's, KL {kl:.2f}x")
     return lines
 
 
@@ -97,12 +117,14 @@ def main(argv=None) -> int:
     p.add_argument("--builds", type=Path, required=True, metavar="WORK", help="where the targets are built")
     p.add_argument("--texts", type=Path, nargs="+", default=list(DEFAULT_TEXTS))
     p.add_argument("--tokens", type=int, default=2048)
+    p.add_argument("--calibrations", action="store_true",
+                   help="also AWQ with the other calibrations of CALIBRATIONS (their quality and quantize time)")
     a = p.parse_args(argv)
     missing = [t for t in a.texts if not t.is_file()]
     if missing:
         p.error(f"no such text: {missing[0]} (give --texts FILE ...)")
     a.builds.mkdir(parents=True, exist_ok=True)
-    result = measure(a.builds, a.texts, a.tokens)
+    result = measure(a.builds, a.texts, a.tokens, a.calibrations)
     RESULTS.mkdir(exist_ok=True)
     base = RESULTS / f"perplexity-{result['date']}"
     base.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
