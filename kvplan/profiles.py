@@ -280,31 +280,35 @@ def parse(data: dict, source: str, name: str) -> Profile:
                    compute_capabilities=tuple(ccs), tolerance=Tolerance(atol, rtol))
 
 
+# A setting a profile leaves out takes the dataclass's default: one place says what the defaults are.
+_Q = Quantize()
+
+
 def _quantize(r: _Reader, data: dict, source: str, compute_capabilities: list[str]) -> Quantize:
     q = r.table(data, "quantize", required=False)
-    method = r.get(q, "method", "quantize.method", str, "none")
+    method = r.get(q, "method", "quantize.method", str, _Q.method)
     if method not in QUANTIZE_METHODS:
         raise r.fail("quantize.method", f"unknown method {method!r} (one of {', '.join(QUANTIZE_METHODS)})")
-    bits = r.get(q, "bits", "quantize.bits", int, 4)
+    bits = r.get(q, "bits", "quantize.bits", int, _Q.bits)
     if bits not in QUANTIZE_BITS:
         raise r.fail("quantize.bits", f"{bits} bits are not supported (int4 weight-only: 4)")
-    group = r.get(q, "group_size", "quantize.group_size", int, 128)
+    group = r.get(q, "group_size", "quantize.group_size", int, _Q.group_size)
     if group not in GROUP_SIZES:
         raise r.fail("quantize.group_size", f"must be one of {', '.join(map(str, GROUP_SIZES))}, got {group}")
-    linears = r.get(q, "linears", "quantize.linears", list, list(LINEARS))
+    linears = r.get(q, "linears", "quantize.linears", list, list(_Q.linears))
     bad = [x for x in linears if x not in LINEARS]
     if bad or not linears:
         raise r.fail("quantize.linears", f"unknown linear {bad[0]!r} (known: {', '.join(LINEARS)})" if bad
                      else "must name at least one linear")
-    calibration = r.get(q, "calibration", "quantize.calibration", str, "auto")
+    calibration = r.get(q, "calibration", "quantize.calibration", str, _Q.calibration)
     if calibration not in CALIBRATION_WORDS:
         prefix = "text:" if calibration.startswith("text:") else ""
         path = Path(calibration[len(prefix):])
         if not path.name:
             raise r.fail("quantize.calibration", f"{calibration!r} names no file")
         calibration = prefix + str(path if path.is_absolute() else (Path(source).parent / path).resolve())
-    samples = r.get(q, "samples", "quantize.samples", int, 4)
-    tokens = r.get(q, "tokens", "quantize.tokens", int, 64)
+    samples = r.get(q, "samples", "quantize.samples", int, _Q.samples)
+    tokens = r.get(q, "tokens", "quantize.tokens", int, _Q.tokens)
     for field, value in (("samples", samples), ("tokens", tokens)):
         if value < 1:
             raise r.fail(f"quantize.{field}", f"must be >= 1, got {value}")
@@ -315,8 +319,8 @@ def _quantize(r: _Reader, data: dict, source: str, compute_capabilities: list[st
                                                         f"layers (TensorRT-RTX refuses them); drop them or set "
                                                         f"quantize.method = \"none\"")
     return Quantize(method=method, bits=bits, group_size=group, linears=tuple(linears), calibration=calibration,
-                    samples=samples, tokens=tokens, seed=r.get(q, "seed", "quantize.seed", int, 0),
-                    clip=r.get(q, "clip", "quantize.clip", bool, True))
+                    samples=samples, tokens=tokens, seed=r.get(q, "seed", "quantize.seed", int, _Q.seed),
+                    clip=r.get(q, "clip", "quantize.clip", bool, _Q.clip))
 
 
 def _is_cc(text: str) -> bool:

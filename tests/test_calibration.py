@@ -47,7 +47,7 @@ def test_a_text_shorter_than_samples_times_tokens_is_refused_not_cut(smollm2, tm
     path = tmp_path / "short.txt"
     path.write_text("Too short.")
     with pytest.raises(QuantizeError, match=rf"{re.escape(str(path))}: \d tokens, fewer than quantize.samples x "
-                                            rf"quantize.tokens = 4 x 64 = 256"):
+                                            rf"quantize.tokens = 8 x 128 = 1024"):
         calibration_hidden(smollm2, Quantize(method="awq", calibration=f"text:{path}"))
 
 
@@ -102,7 +102,7 @@ def test_a_calibration_file_smaller_than_samples_times_tokens_is_refused(tmp_pat
     save_file(tensor, str(path))
     with pytest.raises(QuantizeError, match=rf"{re.escape(str(path))}: tensor '\w+' is \[\d, \d+(, 64)?\], smaller "
                                             r"than quantize.samples x quantize.tokens = 4 x 64"):
-        calibration_hidden(resolve("tiny-llama"), Quantize(method="awq", calibration=str(path)))
+        calibration_hidden(resolve("tiny-llama"), Quantize(method="awq", calibration=str(path), samples=4, tokens=64))
 
 
 def test_a_calibration_file_holding_nan_is_refused(tmp_path):
@@ -111,7 +111,7 @@ def test_a_calibration_file_holding_nan_is_refused(tmp_path):
     hidden[1, 2, 3] = float("nan")
     save_file({"hidden_states": hidden}, str(path))
     with pytest.raises(QuantizeError, match=r"tensor 'hidden_states' holds 1 NaN or infinite value"):
-        calibration_hidden(resolve("tiny-llama"), Quantize(method="awq", calibration=str(path)))
+        calibration_hidden(resolve("tiny-llama"), Quantize(method="awq", calibration=str(path), samples=4, tokens=64))
 
 
 def test_a_profiles_text_file_is_found_beside_the_profile(tmp_path):

@@ -5,7 +5,7 @@ time: on a shared machine the wall time depends on what else runs, the CPU time 
 
 Linux keeps a process's peak RSS (VmHWM) and lets the process reset it
 (``/proc/self/clear_refs`` with "5"), so each phase's own peak is read exactly,
-not sampled. Elsewhere the phases report time only.
+not sampled. Elsewhere, and where the reset has no effect, the phases report time only.
 """
 from __future__ import annotations
 
@@ -38,11 +38,17 @@ def peak_bytes() -> int | None:
 
 
 def _reset_peak() -> bool:
+    """Reset VmHWM to the current RSS; False where the kernel refuses or ignores the request.
+
+    Some sandboxed kernels accept the write and change nothing: the peak read after it would be
+    the whole process's, so a reset that did not bring VmHWM down to about VmRSS counts as none.
+    """
     try:
         _CLEAR.write_text("5")
     except OSError:
         return False
-    return True
+    peak, rss = peak_bytes(), rss_bytes()
+    return peak is not None and rss is not None and peak - rss < 4 << 20
 
 
 @dataclass
