@@ -51,9 +51,9 @@ def _profile(work: Path, name: str, **keys) -> str:
     return str(path)
 
 
-def targets(work: Path, calibrations: bool) -> list[tuple[str, str, str]]:
-    """(row label, model, profile) of every target measured."""
-    checkpoint, gguf = str(real_model.checkpoint_dir()), str(real_model.gguf_file())
+def targets(work: Path, calibrations: bool, gguf: bool = True) -> list[tuple[str, str, str]]:
+    """(row label, model, profile) of every target measured; ``gguf`` adds the GGUF file's own two."""
+    checkpoint = str(real_model.checkpoint_dir())
     group = profiles.fit_group_size(profiles.load("int4-awq"), resolve(checkpoint).config).quantize.group_size
     shipped = profiles.load("int4-awq").quantize
     rows = [("checkpoint fp16", checkpoint, "fp16"),
@@ -67,13 +67,17 @@ def targets(work: Path, calibrations: bool) -> list[tuple[str, str, str]]:
             rows.append((f"checkpoint int4 AWQ ({calibration}, {samples} x {tokens}, group {group})", checkpoint,
                          _profile(work, name, calibration=calibration, samples=samples, tokens=tokens,
                                   group_size=group)))
-    return rows + [("GGUF fp16 (dequantized Q4_1)", gguf, "fp16"), ("GGUF int4 (its own Q4_1 blocks)", gguf, "int4-awq")]
+    if not gguf:
+        return rows
+    gguf_file = str(real_model.gguf_file())
+    return rows + [("GGUF fp16 (dequantized Q4_1)", gguf_file, "fp16"),
+                   ("GGUF int4 (its own Q4_1 blocks)", gguf_file, "int4-awq")]
 
 
-def measure(work: Path, texts: list[Path], tokens: int, calibrations: bool) -> dict:
+def measure(work: Path, texts: list[Path], tokens: int, calibrations: bool, gguf: bool = True) -> dict:
     out = work / "engines"
     rows = []
-    for label, model, profile in targets(work, calibrations):
+    for label, model, profile in targets(work, calibrations, gguf):
         log(f"{label}: build")
         t0 = time.perf_counter()
         target = build(model, profile, out, BuildOptions(stop_after="surgery"), log=lambda m: None)

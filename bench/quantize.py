@@ -17,6 +17,9 @@
   for RTN and AWQ, on the outlier preset and on the default model.
 - Quantize time / peak RSS: each method in its own process (``ru_maxrss`` of that process).
 - Sizes: ONNX and plan bytes read from built targets' manifests (``--int4-target``, ``--fp16-target``).
+- Real model (``--real WORK``): the rows above are seeded random weights; these are a trained
+  model's. SmolLM2-135M-Instruct's perplexity on two texts no calibration saw, through its fp16,
+  int4 RTN and shipped int4-awq targets (``bench.perplexity``, without its GGUF rows).
 Results go to bench/results/quantize-<date>.{json,md}.
 """
 from __future__ import annotations
@@ -33,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from bench import perplexity
 from bench.common import ROOT, loadavg, log, measure
 from kvplan.decoder import DecoderStack, StackSpec
 from kvplan.export import example_inputs
@@ -211,6 +215,8 @@ def main(argv=None) -> int:
     p.add_argument("--builds", type=Path, metavar="WORK",
                    help="build and measure fp16/rtn/awq targets of the default model and the Qwen2-0.5B shape "
                         "under WORK (their targets then give the int4 quality rows' weights)")
+    p.add_argument("--real", type=Path, metavar="WORK",
+                   help="also the real model's perplexity through fp16, RTN and AWQ targets built under WORK")
     args = p.parse_args(argv)
     built = builds(args.builds) if args.builds else []
     if args.builds:
@@ -229,6 +235,10 @@ def main(argv=None) -> int:
             rows.append(_measure(model, method, group, weights))
     result = {"date": time.strftime("%Y-%m-%d"), "quality": rows, "builds": built,
               "int4": _sizes(args.int4_target), "fp16": _sizes(args.fp16_target)}
+    if args.real:
+        args.real.mkdir(parents=True, exist_ok=True)
+        result["real_model"] = perplexity.measure(args.real, list(perplexity.DEFAULT_TEXTS), 2048,
+                                                  calibrations=False, gguf=False)
     if result["int4"] and result["fp16"] and result["int4"]["plan_bytes"] and result["fp16"]["plan_bytes"]:
         result["plan_ratio"] = round(result["int4"]["plan_bytes"] / result["fp16"]["plan_bytes"], 3)
     RESULTS.mkdir(exist_ok=True)
@@ -248,6 +258,8 @@ def main(argv=None) -> int:
         lines.append(f"\nint4 plan / fp16 plan = {result['plan_ratio']}")
     if built:
         lines += md_builds(built)
+    if "real_model" in result:
+        lines += ["", "Real model:", ""] + perplexity.markdown(result["real_model"])
     base.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
