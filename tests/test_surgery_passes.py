@@ -12,7 +12,7 @@ from onnx import helper as oh
 from onnx import numpy_helper as nh
 
 from kvplan import surgery
-from kvplan.errors import GraphError
+from kvplan.errors import GraphError, KvplanError
 
 D, H, S = 8, 2, 5
 F32, F16 = TP.FLOAT, TP.FLOAT16
@@ -272,8 +272,8 @@ def test_registry_lists_passes_in_order():
     assert list(surgery.PASSES) == ["rmsnorm", "rope", "attention"]
 
 
-def test_unknown_pass_name_raises_naming_it_and_the_known_ones():
-    with pytest.raises(ValueError, match=r"'fuse_all'.*rmsnorm, rope"):
+def test_unknown_pass_name_is_a_user_error_naming_it_and_the_known_ones():
+    with pytest.raises(KvplanError, match=r"'fuse_all'.*rmsnorm, rope"):
         surgery.run(rms_model(), ["rmsnorm", "fuse_all"], log=None)
 
 

@@ -1,10 +1,13 @@
 """A small pattern helper over onnx-graphsurgeon: what every pass's matcher is written with.
 
 A matcher reads like a rule file: walk from the anchor to the nodes the pattern names,
-check each assumption, and build the rewrite only once every check has passed. ``Match``
-carries what that needs: the nodes walked so far (a near miss names them, in graph
-order as far as the walk knows it), the one ``sole_consumer`` check, and rejections
-that say which node and which input break the pattern.
+check each assumption, and build the rewrite only once every check has passed. Every pass
+file has the same three parts: ``match`` (the walk, one small check method per piece of the
+pattern, each rejecting with its reason through ``Match``), a dataclass of what was matched,
+and a rewrite that reads only that dataclass. ``Match`` carries what the checks need: the
+nodes walked so far (a near miss names them, in graph order as far as the walk knows it),
+the one ``sole_consumer`` check, and rejections that say which node and which input break
+the pattern.
 """
 from __future__ import annotations
 
@@ -31,6 +34,11 @@ class Match:
     def after(self, node: gs.Node) -> gs.Node:
         """Record a node that comes after everything seen so far (walking down the graph)."""
         self.nodes.append(node)
+        return node
+
+    def ahead_of(self, later: gs.Node, node: gs.Node) -> gs.Node:
+        """Record a node that comes just before ``later`` (a side branch joining the walk there)."""
+        self.nodes.insert(self.nodes.index(later), node)
         return node
 
     def reject(self, reason: str, *extra: gs.Node) -> NoReturn:

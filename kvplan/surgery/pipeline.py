@@ -24,9 +24,10 @@ FOLD_SIZE_THRESHOLD = 1 << 20
 
 
 def resolve_passes(passes: Sequence[str]) -> list[str]:
+    """The passes to run, in registry order (the order their patterns depend on)."""
     unknown = [p for p in passes if p not in PASSES]
     if unknown:
-        raise ValueError(f"unknown pass {', '.join(map(repr, unknown))} (known passes: {', '.join(PASSES)})")
+        raise SurgeryError(f"unknown pass {', '.join(map(repr, unknown))} (known passes: {', '.join(PASSES)})")
     wanted = set(passes)
     return [name for name in PASSES if name in wanted]  # registry order, duplicates folded
 

@@ -45,7 +45,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from kvplan.surgery.framework import Pass
-from kvplan.surgery.graphutil import (Rejected, const_value, detach, dtype_name, ints, is_last_axis, onnx_dtype,
+from kvplan.surgery.graphutil import (const_value, detach, dtype_name, ints, is_last_axis, onnx_dtype,
                                      other_input, producer, producer_op, rank, unique_name)
 from kvplan.surgery.pattern import Match
 
@@ -237,8 +237,8 @@ class AttentionPass(Pass):
         heads = _shape(q)[1]
         if not isinstance(heads, int) or heads <= 0:
             m.reject(f"the number of query heads of {q.name} ({heads}) is not static")
-        k, k_rep = self._unrepeat(m.graph, k4, heads, "K", m.nodes)
-        v, v_rep = self._unrepeat(m.graph, v4, heads, "V", m.nodes)
+        k, k_rep = self._unrepeat(m, k4, heads, "K")
+        v, v_rep = self._unrepeat(m, v4, heads, "V")
         if k_rep != v_rep:
             m.reject(f"K is repeated {k_rep}x, V {v_rep}x")
         return Operands(q, k, v, tr, heads)
@@ -345,48 +345,48 @@ class AttentionPass(Pass):
         p = producer(t)
         return f"{p.op} ({p.name})" if p is not None else f"the tensor {t.name}"
 
-    def _unrepeat(self, graph, t4, heads, what, seen) -> tuple[gs.Tensor, int]:
+    def _unrepeat(self, m: Match, t4, heads, what) -> tuple[gs.Tensor, int]:
         """The [B, KV, S, D] tensor that t4 repeats contiguously to `heads` heads, and the repeat count."""
         tile = producer_op(t4, "Tile")
         if tile is not None:
             reps = ints(tile.inputs[1])
-            raise Rejected(f"{what} heads are repeated by {tile.name} (Tile {reps}): tile-style repetition, "
-                           f"kv head j serving q heads j, j+KV, ...; Attention repeats each KV head "
-                           "contiguously (j*rep .. j*rep+rep-1)", seen + [tile])
+            m.reject(f"{what} heads are repeated by {tile.name} (Tile {reps}): tile-style repetition, "
+                     f"kv head j serving q heads j, j+KV, ...; Attention repeats each KV head "
+                     "contiguously (j*rep .. j*rep+rep-1)", tile)
         reshape = producer_op(t4, "Reshape")
         expand = producer_op(reshape.inputs[0], "Expand") if reshape is not None else None
         if expand is None:
             h = _shape(t4)[1]
             if not _same_dim(h, heads):
-                raise Rejected(f"{what} ({t4.name}) has {h} heads and is not a repetition of KV heads; "
-                               f"Q has {heads}", seen)
+                m.reject(f"{what} ({t4.name}) has {h} heads and is not a repetition of KV heads; "
+                         f"Q has {heads}")
             return t4, 1  # MHA
         chain = [expand, reshape]
         unsq = producer_op(expand.inputs[0], "Unsqueeze")
         if unsq is None:
-            raise Rejected(f"{what} is expanded by {expand.name} from {self._describe(expand.inputs[0])}, "
-                           "not from Unsqueeze(kv, axis 2)", seen + chain)
+            m.reject(f"{what} is expanded by {expand.name} from {self._describe(expand.inputs[0])}, "
+                     "not from Unsqueeze(kv, axis 2)", *chain)
         chain.insert(0, unsq)
         axes = ints(unsq.inputs[1]) if len(unsq.inputs) > 1 else unsq.attrs.get("axes")
         src = unsq.inputs[0]
         if axes is None or len(axes) != 1 or rank(src) != 4 or axes[0] not in (2, -3):
             if axes is not None and len(axes) == 1 and axes[0] in (1, -4):
-                raise Rejected(f"{what} heads are repeated on a new axis 1 ({unsq.name}): tile-style order "
-                               "(h0, h1, ..., h0, h1, ...); Attention repeats each KV head contiguously", seen + chain)
-            raise Rejected(f"{what} is unsqueezed on axes {axes} of a rank-{rank(src)} tensor, not axis 2 of "
-                           "[B, KV, S, D]", seen + chain)
+                m.reject(f"{what} heads are repeated on a new axis 1 ({unsq.name}): tile-style order "
+                         "(h0, h1, ..., h0, h1, ...); Attention repeats each KV head contiguously", *chain)
+            m.reject(f"{what} is unsqueezed on axes {axes} of a rank-{rank(src)} tensor, not axis 2 of "
+                     "[B, KV, S, D]", *chain)
         s = _shape(src)
         # Expand to [B, KV, rep, S, D]: the shape operand read as values (a constant, or a Concat of
         # one-element pieces: the sequence length is computed at run time), else the inferred shape.
         e = _values(expand.inputs[1], 5) or _shape(expand.outputs[0])
         if e is None or len(e) != 5:
-            raise Rejected(f"{expand.name} does not expand to a known rank-5 [B, KV, rep, S, D]", seen + chain)
+            m.reject(f"{expand.name} does not expand to a known rank-5 [B, KV, rep, S, D]", *chain)
         rep = e[2]
         if not isinstance(rep, int) or rep < 1:
-            raise Rejected(f"the repeat count of {expand.name} ({rep}) is not static", seen + chain)
+            m.reject(f"the repeat count of {expand.name} ({rep}) is not static", *chain)
         kv = s[1] if isinstance(s[1], int) else e[1]
         if not isinstance(kv, int) or kv < 1:
-            raise Rejected(f"the number of {what} heads ({s[1]}) is not static", seen + chain)
+            m.reject(f"the number of {what} heads ({s[1]}) is not static", *chain)
         for axis, src_axis in ((0, 0), (1, 1), (3, 2), (4, 3)):
             v, d = e[axis], s[src_axis]
             if v is None and axis == 0:
@@ -395,10 +395,10 @@ class AttentionPass(Pass):
                 v = _shape_piece(expand.inputs[1], axis)
             if v == 1 or _same_dim(v, d) or (v is None and axis == 3 and d != 1):
                 continue
-            raise Rejected(f"{expand.name} expands {s[:2] + [1] + s[2:]} to {e}: not along the new axis 2 "
-                           "only", seen + chain)
+            m.reject(f"{expand.name} expands {s[:2] + [1] + s[2:]} to {e}: not along the new axis 2 "
+                     "only", *chain)
         if kv * rep != heads:
-            raise Rejected(f"{what} has {kv} heads repeated {rep}x, Q has {heads}", seen + chain)
+            m.reject(f"{what} has {kv} heads repeated {rep}x, Q has {heads}", *chain)
         # Reshape [B, KV, rep, S, D] -> [B, KV*rep, S, D]: merges axes 1 and 2 and keeps the others.
         r = _values(reshape.inputs[1], 4) or _shape(t4)
         d = s[3] if isinstance(s[3], int) else e[4]
@@ -409,8 +409,7 @@ class AttentionPass(Pass):
                    or isinstance(b, str) and _same_dim(b, s[0]))
               and (r[2] is None or r[2] == -1 or _same_dim(r[2], s[2])))
         if not ok:
-            raise Rejected(f"{reshape.name} reshapes [B, KV, rep, S, D] = {e} to {r}, not [B, {kv * rep}, S, D]",
-                           seen + chain)
+            m.reject(f"{reshape.name} reshapes [B, KV, rep, S, D] = {e} to {r}, not [B, {kv * rep}, S, D]", *chain)
         return src, rep
 
 

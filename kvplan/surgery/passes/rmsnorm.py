@@ -17,14 +17,15 @@ back to X's own type, and a norm computed in fp16 without the island is refused
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from kvplan.surgery.framework import Pass
-from kvplan.surgery.graphutil import (Rejected, const_value, detach, dtype_name, ints, is_last_axis, last_dim,
-                                     onnx_dtype, other_input, producer, producer_op, rank, scalar, unique_name)
+from kvplan.surgery.graphutil import (const_value, detach, dtype_name, ints, is_last_axis, last_dim, onnx_dtype,
+                                     other_input, producer, producer_op, rank, scalar, unique_name)
 from kvplan.surgery.pattern import Match
 
 F32 = onnx.TensorProto.FLOAT
@@ -32,6 +33,17 @@ ISLAND_TYPES = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 
 
 PATTERN = "the norm, so the pattern cannot be replaced"
+
+
+@dataclass
+class Norm:
+    """What the rewrite needs of one matched norm."""
+    X: gs.Tensor            # the norm's input (before the fp32 island's Cast, where there is one)
+    weight: gs.Tensor
+    eps: float
+    removed: list[gs.Node]  # the pattern's nodes; the island's input Cast is not among them
+    anchor: gs.Node         # the ReduceMean, whose name the fused node takes
+    scale: gs.Node          # Mul(weight): its output becomes the fused node's
 
 
 class RMSNormPass(Pass):
@@ -46,131 +58,138 @@ class RMSNormPass(Pass):
 
     def match(self, graph, mean):
         sq = producer(mean.inputs[0])
-        seen = [sq, mean]
-        m = Match(graph, PATTERN, seen)
         x = sq.inputs[0]
-        if sq.op == "Pow":
-            if scalar(sq.inputs[1]) != 2.0:
-                return None  # some other power, not a mean square
-        elif sq.inputs[0] is not sq.inputs[1]:
+        if sq.op == "Pow" and scalar(sq.inputs[1]) != 2.0:
+            return None  # some other power, not a mean square
+        if sq.op == "Mul" and sq.inputs[0] is not sq.inputs[1]:
             return None  # a product of two tensors, not a square
+        m = Match(graph, PATTERN, [sq, mean])
+        self._reduction(m, sq, mean, x)
+        add, eps = self._epsilon(m, mean)
+        norm, inv = self._normalise(m, add, x)
+        X, island = self._island(m, x)
+        scale, cast_out = self._cast_back(m, norm, X, island)
+        weight = self._weight(m, scale, (cast_out or norm).outputs[0], X)
+        removed = [sq, mean, add, *inv, norm, scale] + ([cast_out] if cast_out is not None else [])
+        found = Norm(X, weight, eps, removed, mean, scale)
+        return lambda: _rewrite(graph, found)
 
-        # --- the reduction: over the last axis only, keeping it ---
+    # --- checks, in the order the pattern is walked ---
+
+    @staticmethod
+    def _reduction(m: Match, sq, mean, x) -> None:
+        """The mean is over the last axis only, keeping it, and reads a square nothing else reads."""
         axes = ints(mean.inputs[1]) if len(mean.inputs) > 1 else mean.attrs.get("axes")
         if axes is None:
-            raise Rejected("ReduceMean axes are not a constant", seen)
+            m.reject("ReduceMean axes are not a constant")
         if len(axes) != 1 or not is_last_axis(int(axes[0]), x):
-            raise Rejected(f"ReduceMean over axes {list(axes)}, not the last axis only", seen)
+            m.reject(f"ReduceMean over axes {list(axes)}, not the last axis only")
         if mean.attrs.get("keepdims", 1) != 1:
-            raise Rejected("ReduceMean has keepdims=0", seen)
+            m.reject("ReduceMean has keepdims=0")
         m.sole(sq.outputs[0], "the squared input")
 
-        # --- epsilon ---
-        add = m.sole(mean.outputs[0], "the mean square")
-        seen.append(add)
+    @staticmethod
+    def _epsilon(m: Match, mean) -> tuple[gs.Node, float]:
+        add = m.after(m.sole(mean.outputs[0], "the mean square"))
         if add.op != "Add":
-            raise Rejected(f"the mean square feeds {add.op}, not Add(epsilon)", seen)
+            m.reject(f"the mean square feeds {add.op}, not Add(epsilon)")
         eps_t = other_input(add, mean.outputs[0])
         eps_v = const_value(eps_t)
         if eps_v is None:
-            raise Rejected(f"epsilon ({eps_t.name}) is not a constant", seen)
+            m.reject(f"epsilon ({eps_t.name}) is not a constant")
         if eps_v.size != 1:
-            raise Rejected(f"epsilon has {eps_v.size} elements, not one", seen)
+            m.reject(f"epsilon has {eps_v.size} elements, not one")
         eps = float(eps_v.reshape(-1)[0])
         if not math.isfinite(eps) or eps < 0:
-            raise Rejected(f"epsilon {eps} is not a finite non-negative number", seen)
+            m.reject(f"epsilon {eps} is not a finite non-negative number")
+        return add, eps
 
-        # --- 1/sqrt and the normalising product ---
-        norm, inv = self._normalise(m, add, x)
-
-        # --- input dtype and the optional fp32 island ---
-        x_type = onnx_dtype(x)
-        if x_type != F32:
-            raise Rejected(f"the norm is computed in {dtype_name(x_type)}, not float32; "
-                           "RMSNormalization(stash_type=1) would change its numerics", seen)
-        cast_in = producer_op(x, "Cast")
-        src = cast_in.inputs[0] if cast_in is not None else None
-        island = src is not None and onnx_dtype(src) in ISLAND_TYPES
-        X = src if island else x
-        if island:
-            seen.insert(0, cast_in)
-        out = norm.outputs[0]
-        nxt = m.sole(out, "the normalised value")
-        cast_out = None
-        if nxt.op == "Cast":
-            cast_out = nxt
-            seen.append(cast_out)
-            to = cast_out.attrs.get("to")
-            want = onnx_dtype(X)
-            if to != want:
-                raise Rejected(f"the normalised value is cast to {dtype_name(to)}, but the norm's input is "
-                               f"{dtype_name(want)}", seen)
-            out = cast_out.outputs[0]
-            nxt = m.sole(out, "the cast-back value")
-        elif island:
-            raise Rejected(f"the input is cast from {dtype_name(onnx_dtype(X))} to float32 but the result is "
-                           f"not cast back (next op: {nxt.op})", seen)
-
-        # --- the scale ---
-        seen.append(nxt)
-        if nxt.op != "Mul":
-            raise Rejected(f"the normalised value feeds {nxt.op}, not Mul(weight)", seen)
-        w = other_input(nxt, out)
-        wv = const_value(w)
-        if wv is None:
-            raise Rejected(f"the scale ({w.name}) is not a constant weight", seen)
-        d = last_dim(X)
-        if d is None:
-            raise Rejected("the size of the normalised axis is not static", seen)
-        r = rank(X)
-        if wv.ndim < 1 or wv.shape[-1] != d or int(np.prod(wv.shape[:-1])) != 1 or (r is not None and wv.ndim > r):
-            raise Rejected(f"weight shape {list(wv.shape)} is not [{d}]", seen)
-        if onnx_dtype(w) != onnx_dtype(X):
-            raise Rejected(f"weight dtype {dtype_name(onnx_dtype(w))} differs from the input's "
-                           f"{dtype_name(onnx_dtype(X))}", seen)
-
-        def rewrite():
-            y = nxt.outputs[0]
-            base = mean.name.rsplit("/", 1)[0] if "/" in mean.name else mean.name
-            removed = [sq, mean, add, *inv, norm, nxt] + ([cast_out] if cast_out is not None else [])
-            detach(removed)
-            # The island's Cast stays when something else (a residual) reads its output;
-            # cleanup drops it otherwise.
-            graph.nodes.append(gs.Node(
-                "RMSNormalization", name=unique_name(graph, f"{base}/RMSNormalization"),
-                attrs={"axis": -1, "epsilon": eps, "stash_type": 1}, inputs=[X, w], outputs=[y]))
-        return rewrite
-
-    def _normalise(self, m: Match, add, x):
+    @staticmethod
+    def _normalise(m: Match, add, x) -> tuple[gs.Node, list[gs.Node]]:
         """Follow Add(eps) to the product/quotient that normalises x; returns (that node, the nodes between)."""
-        seen = m.nodes
-        s = add.outputs[0]
-        first = m.sole(s, "the mean square plus epsilon")
-        seen.append(first)
+        first = m.after(m.sole(add.outputs[0], "the mean square plus epsilon"))
         if first.op == "Pow":
             if scalar(first.inputs[1]) != -0.5:
-                raise Rejected("Pow after Add(epsilon) is not x ** -0.5", seen)
+                m.reject("Pow after Add(epsilon) is not x ** -0.5")
             chain = [first]
         elif first.op == "Sqrt":
             root = first.outputs[0]
-            nxt = m.sole(root, "the root mean square")
-            seen.append(nxt)
+            nxt = m.after(m.sole(root, "the root mean square"))
             if nxt.op == "Div" and nxt.inputs[1] is root and nxt.inputs[0] is x:
                 return nxt, [first]  # x / sqrt(ms + eps)
-            if nxt.op == "Reciprocal":
-                chain = [first, nxt]
-            elif nxt.op == "Div" and nxt.inputs[1] is root and scalar(nxt.inputs[0]) == 1.0:
+            if nxt.op == "Reciprocal" or (nxt.op == "Div" and nxt.inputs[1] is root and scalar(nxt.inputs[0]) == 1.0):
                 chain = [first, nxt]
             else:
-                raise Rejected(f"sqrt(mean square + eps) feeds {nxt.op}, not a reciprocal", seen)
+                m.reject(f"sqrt(mean square + eps) feeds {nxt.op}, not a reciprocal")
         else:
-            raise Rejected(f"Add(epsilon) feeds {first.op}, not Sqrt or Pow(-0.5)", seen)
+            m.reject(f"Add(epsilon) feeds {first.op}, not Sqrt or Pow(-0.5)")
         inv = chain[-1].outputs[0]
-        norm = m.sole(inv, "the reciprocal root mean square")
-        seen.append(norm)
+        norm = m.after(m.sole(inv, "the reciprocal root mean square"))
         if norm.op != "Mul" or other_input(norm, inv) is not x:
-            raise Rejected("the reciprocal root mean square does not multiply the norm's own input", seen)
+            m.reject("the reciprocal root mean square does not multiply the norm's own input")
         return norm, chain
+
+    @staticmethod
+    def _island(m: Match, x) -> tuple[gs.Tensor, bool]:
+        """The norm runs in float32, on X itself or on X cast from fp16/bf16 (the island)."""
+        x_type = onnx_dtype(x)
+        if x_type != F32:
+            m.reject(f"the norm is computed in {dtype_name(x_type)}, not float32; "
+                     "RMSNormalization(stash_type=1) would change its numerics")
+        cast_in = producer_op(x, "Cast")
+        island = cast_in is not None and onnx_dtype(cast_in.inputs[0]) in ISLAND_TYPES
+        if island:
+            m.before(cast_in)
+        return (cast_in.inputs[0] if island else x), island
+
+    @staticmethod
+    def _cast_back(m: Match, norm, X, island: bool) -> tuple[gs.Node, gs.Node | None]:
+        """An island casts the normalised value back to X's own type; returns (Mul(weight), that Cast)."""
+        nxt = m.sole(norm.outputs[0], "the normalised value")
+        cast_out = None
+        if nxt.op == "Cast":
+            cast_out = m.after(nxt)
+            to, want = cast_out.attrs.get("to"), onnx_dtype(X)
+            if to != want:
+                m.reject(f"the normalised value is cast to {dtype_name(to)}, but the norm's input is "
+                         f"{dtype_name(want)}")
+            nxt = m.sole(cast_out.outputs[0], "the cast-back value")
+        elif island:
+            m.reject(f"the input is cast from {dtype_name(onnx_dtype(X))} to float32 but the result is "
+                     f"not cast back (next op: {nxt.op})")
+        m.after(nxt)
+        if nxt.op != "Mul":
+            m.reject(f"the normalised value feeds {nxt.op}, not Mul(weight)")
+        return nxt, cast_out
+
+    @staticmethod
+    def _weight(m: Match, scale, normalised, X) -> gs.Tensor:
+        """The scale is a constant [D] in X's dtype."""
+        w = other_input(scale, normalised)
+        wv = const_value(w)
+        if wv is None:
+            m.reject(f"the scale ({w.name}) is not a constant weight")
+        d = last_dim(X)
+        if d is None:
+            m.reject("the size of the normalised axis is not static")
+        r = rank(X)
+        if wv.ndim < 1 or wv.shape[-1] != d or int(np.prod(wv.shape[:-1])) != 1 or (r is not None and wv.ndim > r):
+            m.reject(f"weight shape {list(wv.shape)} is not [{d}]")
+        if onnx_dtype(w) != onnx_dtype(X):
+            m.reject(f"weight dtype {dtype_name(onnx_dtype(w))} differs from the input's "
+                     f"{dtype_name(onnx_dtype(X))}")
+        return w
+
+
+def _rewrite(graph: gs.Graph, n: Norm) -> None:
+    y = n.scale.outputs[0]
+    name = n.anchor.name
+    base = name.rsplit("/", 1)[0] if "/" in name else name
+    detach(n.removed)
+    # The island's Cast stays when something else (a residual) reads its output; cleanup drops it otherwise.
+    graph.nodes.append(gs.Node(
+        "RMSNormalization", name=unique_name(graph, f"{base}/RMSNormalization"),
+        attrs={"axis": -1, "epsilon": n.eps, "stash_type": 1}, inputs=[n.X, n.weight], outputs=[y]))
 
 
 PASS = RMSNormPass()
