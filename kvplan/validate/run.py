@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -41,10 +40,6 @@ from kvplan.validate.reference import HFReference
 from kvplan.validate.task import TrtStack, run_task_checks
 
 RECHECK_ENV_RTX = "POLYGRAPHY_USE_TENSORRT_RTX=1"
-# (reference, candidate) runner pairs compared on every output of every point.
-PAIRS = [(rn.REFERENCE, rn.EXPORT), (rn.REFERENCE, rn.FUSED), (rn.EXPORT, rn.FUSED),
-         (rn.FUSED, rn.TENSORRT), (rn.REFERENCE, rn.TENSORRT)]
-PAIR_ORDER = {f"{a} vs {b}": i for i, (a, b) in enumerate(PAIRS)}
 
 
 @dataclass(frozen=True)
@@ -88,235 +83,357 @@ def validate(source, profile, target: Path, manifest: dict, options: ValidateOpt
     """Compare every built artifact of ``target`` (its ``manifest``) against transformers' model.
 
     Returns 0 pass, 1 numeric mismatch, 3 inconclusive (fewer than two runners could run).
-    The caller has checked that the target is current and holds its lock.
+    The caller has checked that the target is current and holds its lock. The progress lines and
+    the final report both go to ``log``.
     """
     # Polygraphy's per-runner INFO lines drown the table; scoped so callers keep their own level.
     quiet = contextlib.nullcontext() if options.verbose else G_LOGGER.verbosity(G_LOGGER.WARNING)
     (target / "validation").mkdir(exist_ok=True)
+    t0 = time.perf_counter()
     # The layer ranges' graphs live as long as the checks, in a private directory removed after them.
     with quiet, collections_skip_what_exists(), \
             tempfile.TemporaryDirectory(prefix=".ranges-", dir=target / "validation") as scratch:
-        return _run_checks(options, parse_kinds(options.points), source, profile, target, manifest, backend_name,
-                           log, Path(scratch))
+        map_large_allocations()
+        meter = Meter(log)
+        plan = _plan(options, source, profile, target, manifest, backend_name)
+        outcome = _run(plan, options, meter, Path(scratch), log)
+    verdict = _verdict(outcome, options)
+    for line in _report(plan, outcome, verdict, meter, options):
+        log(line)
+    _record(plan, outcome, verdict, meter, manifest, time.perf_counter() - t0, log)
+    return {"pass": 0, "fail": 1, "inconclusive": 3}[verdict.status]
 
 
-def _run_checks(options, kinds, source, profile, target, manifest, backend_name, log, scratch: Path) -> int:
-    t0 = time.perf_counter()
-    map_large_allocations()
-    meter = Meter(log)
+# --- plan: what will run, decided before anything runs ---
+
+@dataclass
+class Plan:
+    source: object               # the reference's source: an int4 target's carries the int4 weights
+    original: object             # the model as given (its full-precision weights)
+    profile: object
+    target: Path
+    backend_name: str
+    specs: list
+    exported: list[Path]         # an int4 target's: the quantize stage's graphs
+    fused: list[Path] | None
+    plans: list[Path] | None
+    quant: dict | None           # the quantize stage's record of an int4 target
+    backend: object
+    backend_error: str | None
+    points: list
+    text: str | None
+    dtype: torch.dtype
+    ref_dtype: torch.dtype
+    fp32_prefill: bool
+    range_count: int
+    not_run: dict[str, str]      # runner -> why it did not run
+
+    @property
+    def vdir(self) -> Path:
+        return self.target / "validation"
+
+    @property
+    def stems(self) -> list[str]:
+        return [Path(p.name).name.removesuffix(".onnx") for p in self.exported]
+
+    @property
+    def hashed(self) -> list[Path]:
+        """The target's own artifacts, as validated."""
+        return (self.exported or []) + (self.fused or []) + (self.plans or [])
+
+
+def _engine_backend(plans, backend_name: str):
+    """(backend, None), or (None, why the engines cannot run here)."""
+    if plans is None:
+        return None, None
+    caps, how = visible_gpus()
+    if not caps:
+        # Engines run only on a GPU: the TensorRT libraries (~100 MiB) are not even loaded.
+        return None, f"engines run only on a CUDA GPU: {how}"
+    try:
+        return select_backend(backend_name), None
+    except BackendError as e:
+        return None, str(e)
+
+
+def _plan(options, source, profile, target, manifest, backend_name) -> Plan:
     cfg = source.config
-    tol = profile.tolerance
-    specs = pack_specs(cfg, profile.decoder_pack_size, profile.kv_format, profile.kv_io, profile.cache_len)
-    exported = _artifacts(manifest, "export", target)
-    # An int4 target: its graphs are the quantize stage's, and the reference carries their weights.
-    original = source
-    source, exported = quantized.faithfulness_inputs(source, manifest, target, exported)
-    quant = quantized.quantize_record(manifest)
-    quality = []
-    fused = _artifacts(manifest, "surgery", target)
-    plans = _artifacts(manifest, "engines", target)
-    backend, backend_error = None, None
-    if plans is not None:
-        caps, how = visible_gpus()
-        if not caps:
-            # Engines run only on a GPU: the TensorRT libraries (~100 MiB) are not even loaded.
-            backend_error = f"engines run only on a CUDA GPU: {how}"
-        else:
-            try:
-                backend = select_backend(backend_name)
-            except BackendError as e:
-                backend_error = str(e)
-    hashed = (exported or []) + (fused or []) + (plans or [])      # the target's own artifacts
     dtype = TORCH_DTYPES[profile.dtype]
-    log(f"[validate] {source.name} ({cfg.num_layers} layers, {profile.dtype}) profile {profile.name}: {target}")
-    log(f"[validate] tolerance: |got - ref| <= atol + rtol * |ref| with atol={tol.atol:g}, rtol={tol.rtol:g}")
-    points = pts.select_points(profile, kinds)
-    longest = max(p.last for p in points)
-    text = tokens.read_text(options.text) if options.text else None
-    fp32_prefill = options.prefill_dtype == "float32" and dtype != torch.float32
-    # The reference computes in float32 on the profile dtype's weights and inputs (exact in float32),
-    # and rounds its outputs to the profile dtype: the graph's error against exact arithmetic on the
-    # same numbers, at float32's speed (torch's fp16 CPU matmul runs at a quarter of it here).
-    ref_dtype = torch.float32 if options.reference_dtype == "float32" else dtype
-    vdir = target / "validation"           # made by validate()
-    not_run: dict[str, str] = {}
-    for name, paths in ((rn.EXPORT, exported), (rn.FUSED, fused)):
-        if paths is None:
-            not_run[name] = "no fused graph in this target (no surgery passes)"
-    stems = [Path(p.name).name.removesuffix(".onnx") for p in exported]
-    count = seg_plan.range_count(options.layer_ranges, cfg, specs, dtype)
-    streamer = stream.Streamer(vdir, PAIRS, tol, meter, not_run, log,
+    specs = pack_specs(cfg, profile.decoder_pack_size, profile.kv_format, profile.kv_io, profile.cache_len)
+    # An int4 target: its graphs are the quantize stage's, and the reference carries their weights.
+    quantized_source, exported = quantized.faithfulness_inputs(source, manifest, target,
+                                                                _artifacts(manifest, "export", target))
+    fused, plans = _artifacts(manifest, "surgery", target), _artifacts(manifest, "engines", target)
+    backend, backend_error = _engine_backend(plans, backend_name)
+    not_run = {name: "no fused graph in this target (no surgery passes)"
+               for name, paths in zip(rn.GRAPH_RUNNERS, (exported, fused)) if paths is None}
+    return Plan(source=quantized_source, original=source, profile=profile, target=target, backend_name=backend_name,
+                specs=specs, exported=exported, fused=fused, plans=plans, quant=quantized.quantize_record(manifest),
+                backend=backend, backend_error=backend_error,
+                points=pts.select_points(profile, parse_kinds(options.points)),
+                text=tokens.read_text(options.text) if options.text else None, dtype=dtype,
+                # The reference computes in float32 on the profile dtype's weights and inputs (exact in
+                # float32), and rounds its outputs to the profile dtype: the graph's error against exact
+                # arithmetic on the same numbers, at float32's speed (torch's fp16 CPU matmul runs at a
+                # quarter of it here).
+                ref_dtype=torch.float32 if options.reference_dtype == "float32" else dtype,
+                fp32_prefill=options.prefill_dtype == "float32" and dtype != torch.float32,
+                range_count=seg_plan.range_count(options.layer_ranges, cfg, specs, dtype), not_run=not_run)
+
+
+# --- run: every runner over every point, range by range ---
+
+@dataclass
+class Outcome:
+    rows: list                   # one compared output per row (report.table's)
+    ran: set[str]
+    segments: list
+    cut: bool                    # a pack was validated in layer ranges
+    labels: list[str]            # the points, in report order
+    inputs_record: dict
+    quality: list
+    files: list[str]
+    commands: list[str]
+    task: dict
+    quality_task: dict
+
+
+def _run(plan: Plan, options, meter: Meter, scratch: Path, log) -> Outcome:
+    cfg, profile = plan.source.config, plan.profile
+    log(f"[validate] {plan.source.name} ({cfg.num_layers} layers, {profile.dtype}) profile {profile.name}: "
+        f"{plan.target}")
+    log(f"[validate] tolerance: |got - ref| <= atol + rtol * |ref| with atol={profile.tolerance.atol:g}, "
+        f"rtol={profile.tolerance.rtol:g}")
+    streamer = stream.Streamer(plan.vdir, rn.PAIRS, profile.tolerance, meter, plan.not_run, log,
                                why_not=lambda r, e: rn.onnxrt_why_not(r.kvplan_graph, e)
                                if hasattr(r, "kvplan_graph") else None)
     try:
-        segments = []
-        if count > 1:
-            with meter.phase("layer ranges"):
-                segments = seg_plan.cut(count, cfg, specs[0], exported[0], fused[0] if fused else None, scratch,
-                                        explicit=options.layer_ranges != "auto", log=log)
-            release_memory()
-        if not segments:
-            segments = [seg_plan.Segment(i, spec, {rn.EXPORT: exported[i], **({rn.FUSED: fused[i]} if fused else {})})
-                        for i, spec in enumerate(specs)]
-        cut = len(segments) > len(specs)          # a pack validated in layer ranges
-        with meter.phase("prefill"):
-            # Every position any point reads (its row's tokens up to lastSum + N), and the task check's prompt.
-            inputs = tokens.validation_inputs(original, pts.points_batch(points),
-                                              max(max(p.last + p.n for p in points), options.prompt_tokens), dtype,
-                                              text)
-            log(f"[validate] inputs: {inputs.describe()}")
-            # Range by range: transformers' model of a few layers at a time, float32 only for the prefill.
-            prefill = pts.Prefill(lambda layers: HFReference(source, torch.float32 if fp32_prefill else dtype,
-                                                             layers=layers, norm=False),
-                                  cfg, [seg.layers for seg in segments], inputs.hidden[:, :longest], dtype,
-                                  directory=streamer.spill_root / "prefill", log=log if len(segments) > 1 else None)
-            release_memory()
-        log(f"[validate] prefill of {longest} tokens (shared by every point) in {meter.phases[-1].seconds:.1f} s")
-        data = [pts.point_data(cfg, dtype, point, prefill, inputs.hidden) for point in points]
-        jobs = [seg_plan.segment_jobs(s_index, seg, segments, specs, stems, profile, data, cfg) for s_index, seg in enumerate(segments)]
-        trt_here = rn.make_tensorrt(plans[0] if plans else None, backend, backend_error, 0, specs[0])[0]
-        later = {rn.EXPORT, rn.FUSED} | ({rn.TENSORRT} if trt_here is not None else set())
-        # Runner by runner, range by range: only one runner's weights of one range are ever in memory.
-        for s_index, seg in enumerate(segments):
-            with meter.phase("reference"):
-                ref = HFReference(source, ref_dtype, layers=seg.layers, norm=seg.spec.final_norm, round_to=dtype)
-                # int4 targets: the full-precision model too, for the quality figures (not the verdict).
-                last_pack = specs[seg.pack].final_norm
-                ref_fp = (quantized.full_precision_reference(original, ref_dtype, seg.layers, seg.spec.final_norm, dtype)
-                          if quant and last_pack else None)
-            log(f"[validate] {seg.label(cut)}: {len(data)} point(s) through {rn.REFERENCE}")
-            contract = io_contract(cfg, seg.spec, profile.batch_dim, profile.dtype)
-            streamer.run(rn.ReferenceRunner(ref, seg.spec, contract, log=log, out_dtype=dtype), jobs[s_index], later)
-            if ref_fp is not None:
-                streamer.run(quantized.quality_runner(ref_fp, seg.spec, contract, log, dtype), jobs[s_index], set())
-            del ref, ref_fp
-            release_memory()
-        for name in (rn.EXPORT, rn.FUSED):
-            later.discard(name)
-            for s_index, seg in enumerate(segments):
-                if name in not_run:          # no such graph, or it failed to start for an earlier pack
-                    break
-                runner, _ = rn.make_onnxrt(seg.graphs[name], name)
-                runner.kvplan_graph = seg.graphs[name]
-                log(f"[validate] {seg.label(cut)}: {len(data)} point(s) through {name}")
-                streamer.run(runner, jobs[s_index], later)
-                release_memory()
-        pack_jobs = [seg_plan.pack_jobs(p_index, spec, segments, stems, profile, data) for p_index, spec in enumerate(specs)]
-        for p_index, spec in enumerate(specs):
-            for job in pack_jobs[p_index]:
-                sp_index = job.group[0].point.profile_index
-                runner, why = rn.make_tensorrt(plans[p_index] if plans else None, backend, backend_error,
-                                               sp_index, spec)
-                if runner is None:
-                    not_run.setdefault(rn.TENSORRT, why)
-                    continue
-                log(f"[validate] {job.base}: {len(job.group)} point(s) through {rn.TENSORRT}")
-                streamer.run(runner, [job], set())
+        segments = _segments(plan, options, meter, scratch, log)
+        inputs, prefill = _prefill(plan, options, segments, streamer, meter, log)
+        data = [pts.point_data(cfg, plan.dtype, point, prefill, inputs.hidden) for point in plan.points]
+        jobs = [seg_plan.segment_jobs(s_index, seg, segments, plan.specs, plan.stems, profile, data, cfg)
+                for s_index, seg in enumerate(segments)]
+        cut = len(segments) > len(plan.specs)
+        trt_here = rn.make_tensorrt(plan.plans[0] if plan.plans else None, plan.backend, plan.backend_error, 0,
+                                    plan.specs[0])[0]
+        later = set(rn.GRAPH_RUNNERS) | ({rn.TENSORRT} if trt_here is not None else set())
+        _through_references(plan, segments, jobs, streamer, later, meter, cut, len(data), log)
+        _through_graphs(plan, segments, jobs, streamer, later, cut, len(data), log)
+        pack_jobs = [seg_plan.pack_jobs(p_index, spec, segments, plan.stems, profile, data)
+                     for p_index, spec in enumerate(plan.specs)]
+        _through_engines(plan, pack_jobs, streamer, log)
     finally:
         streamer.close()
-    rows = streamer.rows
-    ran = {n for names in streamer.ran.values() for n in names}
-    for p_index, spec in enumerate(specs):
-        for job in pack_jobs[p_index] if quant and spec.final_norm else ():
-            if {rn.EXPORT, quantized.QUALITY_RUNNER} <= set(streamer.ran.get(job.base, [])):
-                quality += quantized.quality_rows_from_files(vdir, job.base, [d.point for d in job.group], rn.EXPORT)
-    files, commands = [], []
-    for p_index, spec in enumerate(specs):
-        for job in pack_jobs[p_index]:
-            sp_index = job.group[0].point.profile_index
-            files += [str(w.relative_to(target)) for w in streamer.written.get(job.base, [])]
-            commands += _commands(target, stems[p_index], sp_index, profile.shapes[sp_index].name, exported[p_index],
-                                  fused, plans, p_index, set(streamer.ran.get(job.base, [])), backend_name, tol,
-                                  int4=bool(quant))
-    # The points' inputs (the shared prefill cache above all) are not needed by the task check.
+    quality, files, commands = _collected(plan, pack_jobs, streamer)
+    # The points' inputs (the shared prefill cache above all) are not needed by the task checks.
     labels = [d.point.label for d in data]
     prompt = inputs.prompt(options.prompt_tokens, cfg.vocab_size)
-    del data, jobs, pack_jobs, prefill
-    inputs.hidden = None
+    inputs_record = inputs.record
+    del data, jobs, pack_jobs, prefill, inputs
     release_memory()
+    task, quality_task = _task_phases(plan, options, segments, prompt, meter, log)
+    # Report rows point by point (they were produced pack/profile/runner by runner).
+    order = {label: i for i, label in enumerate(labels)}
+    rows = sorted(streamer.rows, key=lambda s: (s.pack, order[s.point], rn.PAIR_ORDER.get(s.pair, 99)))
+    return Outcome(rows=rows, ran={n for names in streamer.ran.values() for n in names}, segments=segments, cut=cut,
+                   labels=labels, inputs_record=inputs_record, quality=quality, files=files, commands=commands,
+                   task=task, quality_task=quality_task)
 
+
+def _segments(plan: Plan, options, meter: Meter, scratch: Path, log) -> list:
+    """The packs, or a single pack cut into layer ranges (each range's graphs written to ``scratch``)."""
+    if plan.range_count > 1:
+        with meter.phase("layer ranges"):
+            segments = seg_plan.cut(plan.range_count, plan.source.config, plan.specs[0], plan.exported[0],
+                                    plan.fused[0] if plan.fused else None, scratch,
+                                    explicit=options.layer_ranges != "auto", log=log)
+        release_memory()
+        if segments:
+            return segments
+    return [seg_plan.Segment(i, spec, dict(zip(rn.GRAPH_RUNNERS, (plan.exported[i],) +
+                                               ((plan.fused[i],) if plan.fused else ()))))
+            for i, spec in enumerate(plan.specs)]
+
+
+def _prefill(plan: Plan, options, segments, streamer, meter: Meter, log):
+    """The points' inputs, and the past KV every point starts from (one prefill shared by all)."""
+    longest = max(p.last for p in plan.points)
+    with meter.phase("prefill"):
+        # Every position any point reads (its row's tokens up to lastSum + N), and the task check's prompt.
+        inputs = tokens.validation_inputs(plan.original, pts.points_batch(plan.points),
+                                          max(max(p.last + p.n for p in plan.points), options.prompt_tokens),
+                                          plan.dtype, plan.text)
+        log(f"[validate] inputs: {inputs.describe()}")
+        # Range by range: transformers' model of a few layers at a time, float32 only for the prefill.
+        prefill_dtype = torch.float32 if plan.fp32_prefill else plan.dtype
+        prefill = pts.Prefill(lambda layers: HFReference(plan.source, prefill_dtype, layers=layers, norm=False),
+                              plan.source.config, [seg.layers for seg in segments], inputs.hidden[:, :longest],
+                              plan.dtype, directory=streamer.spill_root / "prefill",
+                              log=log if len(segments) > 1 else None)
+        release_memory()
+    log(f"[validate] prefill of {longest} tokens (shared by every point) in {meter.phases[-1].seconds:.1f} s")
+    return inputs, prefill
+
+
+def _through_references(plan: Plan, segments, jobs, streamer, later, meter: Meter, cut: bool, count: int, log):
+    """transformers' model range by range (and, for an int4 target, its full-precision model too)."""
+    profile = plan.profile
+    for s_index, seg in enumerate(segments):
+        with meter.phase("reference"):
+            ref = HFReference(plan.source, plan.ref_dtype, layers=seg.layers, norm=seg.spec.final_norm,
+                              round_to=plan.dtype)
+            # int4 targets: the full-precision model too, for the quality figures (not the verdict).
+            ref_fp = (quantized.full_precision_reference(plan.original, plan.ref_dtype, seg.layers,
+                                                         seg.spec.final_norm, plan.dtype)
+                      if plan.quant and plan.specs[seg.pack].final_norm else None)
+        log(f"[validate] {seg.label(cut)}: {count} point(s) through {rn.REFERENCE}")
+        contract = io_contract(plan.source.config, seg.spec, profile.batch_dim, profile.dtype)
+        streamer.run(rn.ReferenceRunner(ref, seg.spec, contract, log=log, out_dtype=plan.dtype), jobs[s_index], later)
+        if ref_fp is not None:
+            streamer.run(quantized.quality_runner(ref_fp, seg.spec, contract, log, plan.dtype), jobs[s_index], set())
+        del ref, ref_fp
+        release_memory()
+
+
+def _through_graphs(plan: Plan, segments, jobs, streamer, later, cut: bool, count: int, log):
+    """ONNX Runtime on each graph runner's graphs, runner by runner: one range's weights in memory at a time."""
+    for name in rn.GRAPH_RUNNERS:
+        later.discard(name)
+        for s_index, seg in enumerate(segments):
+            if name in plan.not_run:          # no such graph, or it failed to start for an earlier pack
+                break
+            runner, _ = rn.make_onnxrt(seg.graphs[name], name)
+            runner.kvplan_graph = seg.graphs[name]
+            log(f"[validate] {seg.label(cut)}: {count} point(s) through {name}")
+            streamer.run(runner, jobs[s_index], later)
+            release_memory()
+
+
+def _through_engines(plan: Plan, pack_jobs, streamer, log):
+    """TensorRT on each pack's plan, one optimization profile's points at a time."""
+    for p_index, spec in enumerate(plan.specs):
+        for job in pack_jobs[p_index]:
+            runner, why = rn.make_tensorrt(plan.plans[p_index] if plan.plans else None, plan.backend,
+                                           plan.backend_error, job.group[0].point.profile_index, spec)
+            if runner is None:
+                plan.not_run.setdefault(rn.TENSORRT, why)
+                continue
+            log(f"[validate] {job.base}: {len(job.group)} point(s) through {rn.TENSORRT}")
+            streamer.run(runner, [job], set())
+
+
+def _collected(plan: Plan, pack_jobs, streamer) -> tuple[list, list[str], list[str]]:
+    """The int4 quality rows, the files written and the re-check commands, from what ran."""
+    quality, files, commands = [], [], []
+    for p_index, spec in enumerate(plan.specs):
+        for job in pack_jobs[p_index]:
+            ran = set(streamer.ran.get(job.base, []))
+            if plan.quant and spec.final_norm and {rn.EXPORT, quantized.QUALITY_RUNNER} <= ran:
+                quality += quantized.quality_rows_from_files(plan.vdir, job.base, [d.point for d in job.group],
+                                                             rn.EXPORT)
+            sp_index = job.group[0].point.profile_index
+            files += [str(w.relative_to(plan.target)) for w in streamer.written.get(job.base, [])]
+            commands += _commands(plan.target, plan.stems[p_index], sp_index, plan.profile.shapes[sp_index].name,
+                                  plan.exported[p_index], plan.fused, plan.plans, p_index, ran, plan.backend_name,
+                                  plan.profile.tolerance, int4=bool(plan.quant))
+    return quality, files, commands
+
+
+def _task_phases(plan: Plan, options, segments, prompt, meter: Meter, log) -> tuple[dict, dict]:
     task = {"ran": False, "why": "--no-task"}
     if not options.no_task:
         with meter.phase("task check"):
-            task = _task_checks(options, source, dtype, specs, segments, plans, backend, backend_error,
-                                profile, not_run, prompt, log)
+            task = _task_checks(options, plan.source, plan.dtype, plan.specs, segments, plan.plans, plan.backend,
+                                plan.backend_error, plan.profile, plan.not_run, prompt, log)
         release_memory()
-
-    quality_task = {"ran": False, "why": "not an int4 target" if not quant else "--no-task"}
-    if quant and not options.no_task:
+    quality_task = {"ran": False, "why": "not an int4 target" if not plan.quant else "--no-task"}
+    if plan.quant and not options.no_task:
         with meter.phase("quality task check"):
-            quality_task = quantized.quality_task(original, dtype, [seg.spec for seg in segments],
+            quality_task = quantized.quality_task(plan.original, plan.dtype, [seg.spec for seg in segments],
                                                   [seg.graphs[rn.EXPORT] for seg in segments], options,
-                                                  prompt, profile.tolerance, log)
+                                                  prompt, plan.profile.tolerance, log)
         release_memory()
+    return task, quality_task
 
-    # Report rows point by point (they were produced pack/profile/runner by runner).
-    order = {label: i for i, label in enumerate(labels)}
-    rows.sort(key=lambda s: (s.pack, order[s.point], PAIR_ORDER.get(s.pair, 99)))
 
-    # Verdict.
-    compared = {s.pair for s in rows}
-    mismatch = [s for s in rows if not s.passed]
+# --- verdict ---
+
+@dataclass
+class Verdict:
+    status: str                  # pass | fail | inconclusive
+    mismatch: list               # rows over tolerance
+    task_bad: list[str]          # task checks that failed, in words
+
+
+def _verdict(outcome: Outcome, options) -> Verdict:
+    mismatch = [s for s in outcome.rows if not s.passed]
     task_bad = []
-    for name, r in (task.get("stacks") or {}).items():
+    for name, r in (outcome.task.get("stacks") or {}).items():
         if r.get("ran") and not r["passed_tolerance"]:
             task_bad.append(f"{name}: multi-step hidden_out over tolerance from step {r['first_step_over_tolerance']}")
         if r.get("ran") and r["agreement"] < options.min_agreement:
             task_bad.append(f"{name}: token agreement {100 * r['agreement']:.1f}% < {100 * options.min_agreement:.0f}%")
+    compared = {s.pair for s in outcome.rows}
     status = "fail" if mismatch or task_bad else ("pass" if compared else "inconclusive")
+    return Verdict(status, mismatch, task_bad)
 
-    print()
-    print(f"runners ({source.name}, profile {profile.name}, {profile.dtype}):")
-    for name in (rn.REFERENCE, rn.EXPORT, rn.FUSED, rn.TENSORRT):
-        print(f"  {name:14s} " + ("ran" if name in ran else f"NOT RUN: {not_run.get(name, 'not available')}"))
-    print()
-    print(report.table(rows, full=options.full) if rows else "no two runners ran: nothing was compared")
-    print()
-    for line in report.task_summary(task):
-        print(line)
-    print()
-    weight_bytes = sum(math.prod(s) for s in tensor_shapes(cfg).values()) * torch.finfo(dtype).bits // 8
-    for line in report.phase_table(meter, weight_bytes):
-        print(line)
-    print()
-    if quant:
-        for line in quantized.summary(quant.get("method", "int4"), quality, quality_task):
-            print(line)
-        print()
-    print(f"Polygraphy JSON inputs/outputs: {vdir}")
-    print(f"re-check without kvplan or PyTorch (from {target}):")
-    for c in commands:
-        print(f"  {c}")
-    print()
-    verdict = {"pass": "PASS", "fail": "FAIL", "inconclusive": "INCONCLUSIVE (nothing compared)"}[status]
+
+# --- report ---
+
+def _weight_bytes(plan: Plan) -> int:
+    return sum(math.prod(s) for s in tensor_shapes(plan.source.config).values()) * torch.finfo(plan.dtype).bits // 8
+
+
+def _report(plan: Plan, outcome: Outcome, verdict: Verdict, meter: Meter, options) -> list[str]:
+    profile = plan.profile
+    lines = ["", f"runners ({plan.source.name}, profile {profile.name}, {profile.dtype}):"]
+    lines += [f"  {name:14s} " + ("ran" if name in outcome.ran else
+                                  f"NOT RUN: {plan.not_run.get(name, 'not available')}") for name in rn.NAMES]
+    lines += ["", report.table(outcome.rows, full=options.full) if outcome.rows else
+              "no two runners ran: nothing was compared", ""]
+    lines += report.task_summary(outcome.task) + [""]
+    lines += report.phase_table(meter, _weight_bytes(plan)) + [""]
+    if plan.quant:
+        lines += quantized.summary(plan.quant.get("method", "int4"), outcome.quality, outcome.quality_task) + [""]
+    lines += [f"Polygraphy JSON inputs/outputs: {plan.vdir}", f"re-check without kvplan or PyTorch (from {plan.target}):"]
+    lines += [f"  {c}" for c in outcome.commands] + [""]
+    shown = {"pass": "PASS", "fail": "FAIL", "inconclusive": "INCONCLUSIVE (nothing compared)"}[verdict.status]
     # A layer range is named by its layers (its pack index would not tell which).
-    where = [seg.label(cut) for seg in segments]
-    detail = [f"{s.point} {where[s.pack]} {s.pair}: {s.output}" for s in mismatch] + task_bad
-    print(f"validation {verdict}" + (": " + "; ".join(detail[:20]) + (" ..." if len(detail) > 20 else "") if detail else ""))
+    where = [seg.label(outcome.cut) for seg in outcome.segments]
+    detail = [f"{s.point} {where[s.pack]} {s.pair}: {s.output}" for s in verdict.mismatch] + verdict.task_bad
+    lines.append(f"validation {shown}" + (": " + "; ".join(detail[:20]) + (" ..." if len(detail) > 20 else "")
+                                          if detail else ""))
+    return lines
 
-    record = {"status": status, "finished": now(), "seconds": round(time.perf_counter() - t0, 2),
+
+# --- record ---
+
+def _record(plan: Plan, outcome: Outcome, verdict: Verdict, meter: Meter, manifest: dict, seconds: float, log):
+    """The verdict in manifest.json, unless the target changed while it was validated."""
+    tol, segments = plan.profile.tolerance, outcome.segments
+    record = {"status": verdict.status, "finished": now(), "seconds": round(seconds, 2),
               "tolerance": {"atol": tol.atol, "rtol": tol.rtol, "rule": "|got - ref| <= atol + rtol * |ref|"},
-              "points": labels, "inputs": inputs.record, "prefill_dtype": "float32" if fp32_prefill else profile.dtype,
-              "reference_dtype": str(ref_dtype).removeprefix("torch."),
-              "runners": {n: ({"ran": True} if n in ran else {"ran": False, "why": not_run.get(n, "not available")})
-                          for n in (rn.REFERENCE, rn.EXPORT, rn.FUSED, rn.TENSORRT)},
-              "pairs": report.worst_per_pair(rows), "task": _task_record(task),
+              "points": outcome.labels, "inputs": outcome.inputs_record,
+              "prefill_dtype": "float32" if plan.fp32_prefill else plan.profile.dtype,
+              "reference_dtype": str(plan.ref_dtype).removeprefix("torch."),
+              "runners": {n: ({"ran": True} if n in outcome.ran else
+                              {"ran": False, "why": plan.not_run.get(n, "not available")}) for n in rn.NAMES},
+              "pairs": report.worst_per_pair(outcome.rows), "task": _task_record(outcome.task),
               "phases": [p.to_dict() for p in meter.merged()],
               "peak_rss_mib": None if meter.peak is None else round(meter.peak / 2**20, 1),
-              "weight_mib": round(weight_bytes / 2**20, 1),
-              **({"quality": {"method": quant.get("method"), "points": quality,
-                              "task": _task_record(quality_task)}} if quant else {}),
-              "files": files, "recheck": commands,
+              "weight_mib": round(_weight_bytes(plan) / 2**20, 1),
+              **({"quality": {"method": plan.quant.get("method"), "points": outcome.quality,
+                              "task": _task_record(outcome.quality_task)}} if plan.quant else {}),
+              "files": outcome.files, "recheck": outcome.commands,
               **({"layer_ranges": [f"{s.spec.first_layer}..{s.spec.last_layer - 1}" for s in segments]}
-                 if cut else {}),
-              "artifacts": {str(p.relative_to(target)): sha256_file(p) for p in hashed}}
-    current = load_manifest(target)
+                 if outcome.cut else {}),
+              "artifacts": {str(p.relative_to(plan.target)): sha256_file(p) for p in plan.hashed}}
+    current = load_manifest(plan.target)
     if current is None or current.get("stages") != manifest.get("stages"):
-        print("warning: manifest changed during validation; validation record not written", file=sys.stderr)
-    else:
-        current["validation"] = record
-        write_json_atomic(target / MANIFEST, current)
-    return {"pass": 0, "fail": 1, "inconclusive": 3}[status]
+        log("warning: manifest changed during validation; validation record not written")
+        return
+    current["validation"] = record
+    write_json_atomic(plan.target / MANIFEST, current)
 
 
 def _commands(target, stem, sp_index, sp_name, onnx_path, fused, plans, p_index, names, backend_name, tol,
@@ -344,7 +461,7 @@ def _commands(target, stem, sp_index, sp_name, onnx_path, fused, plans, p_index,
 def _task_checks(options, source, dtype, specs, segments, plans, backend, backend_error, profile, not_run, prompt,
                  log):
     stacks: dict = {}
-    for name in (rn.EXPORT, rn.FUSED):
+    for name in rn.GRAPH_RUNNERS:
         if name not in segments[0].graphs:
             continue
         if name in not_run:

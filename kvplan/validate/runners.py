@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,6 +28,27 @@ from kvplan.validate.points import own_columns, to_feed_value, to_kv_format
 from kvplan.validate.reference import slice_decoder
 
 REFERENCE, EXPORT, FUSED, TENSORRT = "pytorch", "onnxrt-export", "onnxrt-fused", "tensorrt"
+
+
+@dataclass(frozen=True)
+class Runner:
+    """One entry of the table every validation loop, pair and report row is read from."""
+    name: str
+    runs: str                        # "reference", "graph" (ONNX Runtime) or "engine" (TensorRT)
+    stage: str | None                # the manifest stage whose artifacts it runs
+    compared_with: tuple[str, ...]   # the earlier runners each of its outputs is compared against
+
+
+# In run order: a runner is compared with runners before it, so their outputs are on disk when it runs.
+RUNNERS = (Runner(REFERENCE, "reference", None, ()),
+           Runner(EXPORT, "graph", "export", (REFERENCE,)),
+           Runner(FUSED, "graph", "surgery", (REFERENCE, EXPORT)),
+           Runner(TENSORRT, "engine", "engines", (FUSED, REFERENCE)))
+NAMES = tuple(r.name for r in RUNNERS)
+GRAPH_RUNNERS = tuple(r.name for r in RUNNERS if r.runs == "graph")
+# (reference, candidate) pairs compared on every output of every point, in report order.
+PAIRS = tuple((earlier, r.name) for r in RUNNERS for earlier in r.compared_with)
+PAIR_ORDER = {f"{a} vs {b}": i for i, (a, b) in enumerate(PAIRS)}
 
 
 class ReferenceRunner(BaseRunner):

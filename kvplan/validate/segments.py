@@ -70,7 +70,7 @@ def cut(count, cfg, pack, exported, fused, directory: Path, explicit: bool, log)
         raise UserError(str(e)) from None
     directory.mkdir(parents=True, exist_ok=True)
     graphs = [{} for _ in rspecs]
-    for name, path in ((rn.EXPORT, exported), (rn.FUSED, fused)):
+    for name, path in zip(rn.GRAPH_RUNNERS, (exported, fused)):
         if path is None:
             continue
         try:
