@@ -9,9 +9,6 @@ the copy has no engine (its stage record and plan are dropped), so validation ch
 """
 from __future__ import annotations
 
-import json
-import shutil
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -19,7 +16,9 @@ import onnx.numpy_helper
 import pytest
 
 from kvplan.cli import build_main, validate_main
-from kvplan.manifest import load_manifest, sha256_file
+from kvplan.manifest import load_manifest
+
+from test_validate import copy_with_fused_graph_edited
 
 # Each validation of the real model runs for minutes on two cores.
 pytestmark = pytest.mark.slow
@@ -42,22 +41,9 @@ def test_the_shipped_fp16_profile_passes_on_the_real_model(fp16):
 
 
 def _wrong_copy(fp16, tmp_path, edit) -> list[str]:
-    out = tmp_path / "engines"
-    shutil.copytree(fp16["out"], out)
-    target = out / fp16["model"].name / "fp16"
-    path = target / "decoder.fused.onnx"
-    model = onnx.load(str(path))
-    edit(model)
-    onnx.save(model, str(path))
-    manifest = json.loads((target / "manifest.json").read_text())
-    for entry in manifest["stages"]["surgery"]["artifacts"]:
-        if entry["path"] == path.name:
-            entry["bytes"], entry["sha256"] = path.stat().st_size, sha256_file(path)
-    for entry in manifest["stages"].pop("engines")["artifacts"]:
-        (target / entry["path"]).unlink(missing_ok=True)
-    manifest.pop("validation", None)
-    (target / "manifest.json").write_text(json.dumps(manifest))
-    return ["--model", str(fp16["model"]), "--profile", "fp16", "--out", str(out), "--no-task"]
+    copy = copy_with_fused_graph_edited(fp16["out"], fp16["out"] / fp16["model"].name / "fp16", tmp_path, edit,
+                                        drop_engines=True)
+    return ["--model", str(fp16["model"]), "--profile", "fp16", "--out", str(copy), "--no-task"]
 
 
 def _failing(fp16, tmp_path) -> list[str]:

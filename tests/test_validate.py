@@ -376,12 +376,13 @@ def fused_target(tmp_path_factory):
     return {"profile": profile, "out": out}
 
 
-def rewrite_graph(fused_target, tmp_path, edit) -> list[str]:
-    """A copy of the target whose fused graph ``edit`` changed, recorded in the manifest as if the
-    surgery stage had written it (a pass with a bug): validation args for the copy."""
-    out = tmp_path / "engines"
-    shutil.copytree(fused_target["out"], out)
-    target = out / "tiny-llama" / "vwrong"
+def copy_with_fused_graph_edited(out: Path, target: Path, tmp_path: Path, edit, drop_engines: bool = False) -> Path:
+    """A copy of the build tree ``out`` whose ``target``'s fused graph ``edit`` changed, recorded in
+    the manifest as if the surgery stage had written it (a pass with a bug); returns the copy's root.
+    ``drop_engines``: the plans (built from the unedited graph) are removed with their record."""
+    copy = tmp_path / "engines"
+    shutil.copytree(out, copy)
+    target = copy / target.relative_to(out)
     path = target / "decoder.fused.onnx"
     model = onnx.load(str(path))
     edit(model)
@@ -390,8 +391,19 @@ def rewrite_graph(fused_target, tmp_path, edit) -> list[str]:
     for entry in manifest["stages"]["surgery"]["artifacts"]:
         if entry["path"] == path.name:
             entry["bytes"], entry["sha256"] = path.stat().st_size, sha256_file(path)
+    if drop_engines:
+        for entry in manifest["stages"].pop("engines")["artifacts"]:
+            (target / entry["path"]).unlink(missing_ok=True)
+    manifest.pop("validation", None)
     (target / "manifest.json").write_text(json.dumps(manifest))
-    return ["--model", "tiny-llama", "--profile", str(fused_target["profile"]), "--out", str(out),
+    return copy
+
+
+def rewrite_graph(fused_target, tmp_path, edit) -> list[str]:
+    """Validation args for a copy of the target whose fused graph ``edit`` changed."""
+    out = fused_target["out"]
+    copy = copy_with_fused_graph_edited(out, out / "tiny-llama" / "vwrong", tmp_path, edit)
+    return ["--model", "tiny-llama", "--profile", str(fused_target["profile"]), "--out", str(copy),
             "--points", "opt", "--no-task"]
 
 
