@@ -34,6 +34,7 @@ import onnx_ir as ir
 import onnxscript
 import torch
 
+from kvplan.errors import ExportError
 from kvplan.fileio import atomic_file
 from kvplan.sources import source_digest
 
@@ -94,7 +95,7 @@ class TraceCache:
             try:
                 found[piece] = _read(path, digest(piece, key))
                 continue
-            except WrongEntry as e:
+            except ExportError as e:     # readable, but stored for another key (or none)
                 why = f"{path}: trace cache entry not made for this key ({e}); tracing again and replacing it"
             except Exception as e:  # noqa: BLE001 - any unreadable entry is traced again
                 why = f"{path}: unreadable trace cache entry ({type(e).__name__}: {e}); tracing again and replacing it"
@@ -137,10 +138,6 @@ def _describe(key: tuple) -> dict:
     return {"config": cfg.to_dict(), "dtype": str(dtype), "batch": batch, "kv_format": kv_format, "kv_io": kv_io}
 
 
-class WrongEntry(ValueError):
-    """A readable entry whose stored key digest is missing or not the one its name stands for."""
-
-
 def _write(path: Path, piece, keep_values: bool, description: dict, key_digest: str) -> None:
     model = onnx.ModelProto(ir_version=10, producer_name="kvplan trace cache")
     model.graph.CopyFrom(piece.graph_proto)
@@ -167,7 +164,7 @@ def _read(path: Path, key_digest: str):
     meta = {p.key: p.value for p in model.metadata_props}
     stored = meta.get(_DIGEST_KEY)
     if stored != key_digest:
-        raise WrongEntry(f"it stores no key digest, {key_digest} expected" if stored is None else
+        raise ExportError(f"it stores no key digest, {key_digest} expected" if stored is None else
                          f"it stores key digest {stored}, {key_digest} expected")
     weight_names = json.loads(meta["kvplan.weight_names"])
     graph_inputs = [i.name for i in model.graph.input]
