@@ -122,7 +122,9 @@ def test_a_non_finite_value_on_either_side_fails_the_comparison_and_says_so(case
 def cold_cache(tmp_path_factory):
     """A cache holding one trace of tiny-qwen2 (float32) and the decoder.onnx it gave."""
     root = tmp_path_factory.mktemp("trace")
-    path = _export(root / "cold", TraceCache(root / "cache"), log=None)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(stitch, "_PIECES", {})       # traced here, not taken from this process's memory
+        path = _export(root / "cold", TraceCache(root / "cache"), log=None)
     return root / "cache", path.read_bytes()
 
 
@@ -172,6 +174,7 @@ def test_an_entry_not_written_for_its_key_is_reported_traced_again_and_replaced(
 
 def test_a_rebuild_over_another_pieces_entry_keeps_a_whole_decoder_onnx(tmp_path, monkeypatch, capsys, cache_dir):
     args = ["--model", "tiny-llama", "--profile", "fp32", "--stop-after", "export", "--out", str(tmp_path / "out")]
+    monkeypatch.setattr(stitch, "_PIECES", {})
     assert build_main(args) == 0
     graph = tmp_path / "out/tiny-llama/fp32/decoder.onnx"
     built = graph.read_bytes()
