@@ -75,8 +75,10 @@ def build_parser(prog: str = "kvplan build") -> argparse.ArgumentParser:
                    help="trace the decoder pieces afresh and do not store them (default: reuse traces kept under "
                         "$KVPLAN_CACHE_DIR, else $XDG_CACHE_HOME/kvplan, else ~/.cache/kvplan)")
     p.add_argument("--allow-nonfinite-weights", action="store_true",
-                   help="export weights holding NaN or infinite values instead of refusing them (validation will "
-                        "still fail on their outputs)")
+                   help="export weights holding NaN or infinite values, or values beyond the profile dtype's range "
+                        "(infinite once cast), instead of refusing them; the manifest records it, and validation "
+                        "(--validate, or kvplan validate later, without the flag) fails on the outputs they make "
+                        "non-finite")
     p.add_argument("--inspect", metavar="PLAN_OR_TARGET", type=Path,
                    help="print the layer summary of a built .plan (or of the plan(s) in a target directory) and exit")
     p.add_argument("--list-presets", action="store_true", help="list the model presets and exit")

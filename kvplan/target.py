@@ -213,8 +213,12 @@ def target_state(model: str, profile_name: str, out: Path, backend: str = "auto"
     if manifest is None:
         return TargetState(source, profile, target, None,
                            [Problem("no-manifest", f"{target}: nothing built here (no manifest.json)")])
-    options = BuildOptions(backend=backend, no_surgery=no_surgery, shapes=shapes)
     recorded = manifest.get("stages", {})
+    # --allow-nonfinite-weights is a choice the build made, recorded in the export's inputs: the
+    # target is checked as it was built, so that validation (which has no such flag) can run
+    # and fail on the outputs of those weights instead of calling the export stale.
+    options = BuildOptions(backend=backend, no_surgery=no_surgery, shapes=shapes,
+                           allow_nonfinite=built_with_nonfinite(manifest))
     problems = []
     if manifest.get("status") != "complete":
         problems.append(Problem("status", f"{target / 'manifest.json'}: status is {manifest.get('status')!r}, "
@@ -235,7 +239,8 @@ def target_state(model: str, profile_name: str, out: Path, backend: str = "auto"
             problems.append(Problem("stale", f"stage {stage.name!r} is stale: it was built from different inputs "
                             f"(model, profile, kvplan source or library versions changed); rebuild with "
                             f"{REBUILD_HINT} --profile {profile_name} --model {model} --out {out}"
-                            + "".join(f" --shapes {x}" for x in shapes),
+                            + "".join(f" --shapes {x}" for x in shapes)
+                            + (" --allow-nonfinite-weights" if options.allow_nonfinite else ""),
                                     stage.name))
             break
         if not artifacts_intact(target, rec.get("artifacts", [])):
@@ -244,6 +249,12 @@ def target_state(model: str, profile_name: str, out: Path, backend: str = "auto"
             break
         done[stage.name] = rec
     return TargetState(source, profile, target, manifest, problems)
+
+
+def built_with_nonfinite(manifest: dict | None) -> bool:
+    """Whether the target's export was built with --allow-nonfinite-weights (its manifest says)."""
+    inputs = ((manifest or {}).get("stages", {}).get("export") or {}).get("inputs") or {}
+    return bool(inputs.get("allow_nonfinite", False))
 
 
 def dependencies(source, profile, target: Path) -> dict:
@@ -331,6 +342,9 @@ def _validate_current(model, profile_name, out, options, backend, no_surgery, sh
         if [p for p in again.problems if _blocking(p)]:
             raise StaleTarget(f"target {state.target} changed while waiting for its lock (stale): "
                               + "; ".join(map(str, again.problems)))
+        if built_with_nonfinite(again.manifest):
+            log(f"kvplan: {again.target} was built with --allow-nonfinite-weights: outputs holding NaN or "
+                f"infinite values fail validation")
         return validate(again.source, again.profile, again.target, again.manifest, options, backend_name, log)
 
 

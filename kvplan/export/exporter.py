@@ -162,24 +162,34 @@ def _layer_weight_names(cfg: DecoderConfig, layer: int) -> list[str]:
     return [n for n in _stack_tensor_names(cfg, StackSpec(layer, layer + 1, False)) if n.startswith(prefix)]
 
 
-def checked_weight(source: ModelSource, name: str, t: torch.Tensor, shape: tuple[int, ...],
+def checked_weight(source: ModelSource, name: str, t: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype,
                    allow_nonfinite: bool = False) -> torch.Tensor:
-    """``t`` if it can stand for the decoder weight ``name``: floating point (an integer or bool
-    tensor cast to the profile's dtype would export silently wrong numbers), the shape the
-    architecture needs (checked here, where every tensor is bound, so a warm trace cache that
-    skips the trace cannot skip it), and finite unless ``allow_nonfinite``."""
+    """``t`` cast to ``dtype`` (the graph's), if it can stand for the decoder weight ``name``:
+    floating point (an integer or bool tensor cast to the profile's dtype would export silently
+    wrong numbers), the shape the architecture needs (checked here, where every tensor is bound,
+    so a warm trace cache that skips the trace cannot skip it), and finite unless
+    ``allow_nonfinite``. Finite as stored in the graph: an fp32 value beyond float16's range
+    becomes inf in the cast, however finite the checkpoint's copy."""
     where = source.path or source.name
     if not t.is_floating_point():
         raise ExportError(f"{where}: tensor {name!r} has dtype {str(t.dtype).removeprefix('torch.')}; decoder "
                           f"weights must be floating point (an integer tensor is not cast)")
     if tuple(t.shape) != tuple(shape):
         raise ExportError(f"{where}: tensor {name!r} has shape {list(t.shape)}, the architecture needs {list(shape)}")
+    cast = t.to(dtype)
     if not allow_nonfinite:
-        bad = int((~torch.isfinite(t)).sum())
-        if bad:
-            raise ExportError(f"{where}: tensor {name!r} holds {bad} NaN or infinite value(s) of {t.numel()}; "
+        bad = int((~torch.isfinite(cast)).sum())
+        own = int((~torch.isfinite(t)).sum()) if bad else 0
+        if own:
+            raise ExportError(f"{where}: tensor {name!r} holds {own} NaN or infinite value(s) of {t.numel()}; "
                               f"--allow-nonfinite-weights exports it anyway")
-    return t
+        if bad:
+            kind = str(dtype).removeprefix("torch.")
+            raise ExportError(f"{where}: tensor {name!r} overflows {kind}: {bad} value(s) of {t.numel()} "
+                              f"(largest magnitude {float(t.abs().max()):g}) exceed its range "
+                              f"±{torch.finfo(dtype).max:g} and would be infinite in the graph; use a profile of "
+                              f"a wider dtype (fp32, bf16), or --allow-nonfinite-weights exports it anyway")
+    return cast
 
 
 def build_pack_model(source: ModelSource, spec: StackSpec, dtype: str, batch: int | str,
@@ -192,7 +202,7 @@ def build_pack_model(source: ModelSource, spec: StackSpec, dtype: str, batch: in
     t0 = time.perf_counter()
     hits, stores = (len(trace_cache.hits), len(trace_cache.stored)) if trace_cache else (0, 0)
     pieces = trace_pieces(cfg, spec, tdtype, batch, lambda: {
-        n.split(".", 2)[2]: checked_weight(source, n, t, shapes[n], allow_nonfinite)
+        n.split(".", 2)[2]: checked_weight(source, n, t, shapes[n], tdtype, allow_nonfinite)
         for n, t in source.read_tensors(_layer_weight_names(cfg, spec.first_layer)).items()},
         cache=trace_cache, log=log)
     if trace_cache is not None:
@@ -212,7 +222,7 @@ def build_pack_model(source: ModelSource, spec: StackSpec, dtype: str, batch: in
         # dropped before the next one is read.
         bound = {}
         for name, t in tensors.items():
-            t = checked_weight(source, name, t, shapes[name], allow_nonfinite).to(tdtype)
+            t = checked_weight(source, name, t, shapes[name], tdtype, allow_nonfinite)
             weight_bytes += t.numel() * t.element_size()
             bound["layer." + name.split(".", 2)[2]] = (name, torch_to_ir(t, name))
         del tensors
@@ -224,7 +234,8 @@ def build_pack_model(source: ModelSource, spec: StackSpec, dtype: str, batch: in
         outputs[key_name], outputs[value_name] = k, v
     if spec.final_norm:
         (norm_weight,) = source.read_tensors(["norm.weight"]).values()
-        norm_weight = checked_weight(source, "norm.weight", norm_weight, shapes["norm.weight"], allow_nonfinite).to(tdtype)
+        norm_weight = checked_weight(source, "norm.weight", norm_weight, shapes["norm.weight"], tdtype,
+                                     allow_nonfinite)
         weight_bytes += norm_weight.numel() * norm_weight.element_size()
         (x,) = st.add(pieces["norm"], "norm/", [x], bind=lambda _: ("norm.weight", torch_to_ir(norm_weight, "norm.weight")))
     outputs = {"hidden_out": x, **outputs}

@@ -13,7 +13,12 @@ checkpoint's first layer, and neither its values nor the norm's are ever used (e
 copy is bound to the checkpoint's tensors): they are not stored. The rotary piece's
 values (its frequencies, derived from the config) are.
 
-A cache problem never fails a build: an unreadable entry is reported and traced again.
+Each entry stores the digest it is named by, and is used only when that digest is the one
+its key gives now: a valid ONNX file holding another piece (an entry copied over another) or
+another key's trace is no entry for this key.
+
+A cache problem never fails a build: an unreadable or mismatched entry is reported in one line
+naming its file, traced again and replaced.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ import onnx_ir as ir
 import onnxscript
 import torch
 
+from kvplan.errors import ExportError
 from kvplan.fileio import atomic_file
 from kvplan.sources import source_digest
 
@@ -38,6 +44,8 @@ FORMAT = 1
 _VALUE_PREFIX = "kvplan.cached_value/"
 # Pieces whose traced values are never used: every copy is bound to the checkpoint's tensors.
 _BOUND_ONLY = ("layer", "norm")
+# The metadata entry holding the digest (``digest(piece, key)``) an entry was written for.
+_DIGEST_KEY = "kvplan.digest"
 # kvplan's code that decides what a trace contains (with everything it imports).
 _TRACED_MODULE = "kvplan.export.stitch"
 
@@ -77,20 +85,24 @@ class TraceCache:
 
     def load_set(self, key: tuple, pieces: list[str], log: Callable[[str], None] | None = None):
         """{piece: Piece} for every one of ``pieces`` (traced together), or None when any is
-        missing or cannot be read (said through ``log``): they are used together or not at all."""
+        missing, cannot be read or was not written for ``key`` (said through ``log``): they are used
+        together or not at all, and the trace that follows replaces them."""
         found = {}
         for piece in pieces:
             path = self.path(piece, key)
             if not path.is_file():
                 return None
             try:
-                found[piece] = _read(path)
+                found[piece] = _read(path, digest(piece, key))
+                continue
+            except ExportError as e:     # readable, but stored for another key (or none)
+                why = f"{path}: trace cache entry not made for this key ({e}); tracing again and replacing it"
             except Exception as e:  # noqa: BLE001 - any unreadable entry is traced again
-                why = f"{path}: unreadable trace cache entry ({type(e).__name__}: {e}); tracing again"
-                self.problems.append(why)
-                if log:
-                    log(f"[export] note: {why}")
-                return None
+                why = f"{path}: unreadable trace cache entry ({type(e).__name__}: {e}); tracing again and replacing it"
+            self.problems.append(why)
+            if log:
+                log(f"[export] note: {why}")
+            return None
         self.hits += pieces
         return found
 
@@ -98,7 +110,8 @@ class TraceCache:
         for piece, value in pieces.items():
             path = self.path(piece, key)
             try:
-                _write(path, value, keep_values=piece not in _BOUND_ONLY, description={"piece": piece, **_describe(key)})
+                _write(path, value, keep_values=piece not in _BOUND_ONLY, description={"piece": piece, **_describe(key)},
+                       key_digest=digest(piece, key))
             except Exception as e:  # noqa: BLE001 - a cache problem never fails a build
                 why = f"{path}: could not write the trace cache ({type(e).__name__}: {e}); the build goes on without it"
                 self.problems.append(why)
@@ -125,7 +138,7 @@ def _describe(key: tuple) -> dict:
     return {"config": cfg.to_dict(), "dtype": str(dtype), "batch": batch, "kv_format": kv_format, "kv_io": kv_io}
 
 
-def _write(path: Path, piece, keep_values: bool, description: dict) -> None:
+def _write(path: Path, piece, keep_values: bool, description: dict, key_digest: str) -> None:
     model = onnx.ModelProto(ir_version=10, producer_name="kvplan trace cache")
     model.graph.CopyFrom(piece.graph_proto)
     for fn in piece.functions.values():
@@ -140,14 +153,19 @@ def _write(path: Path, piece, keep_values: bool, description: dict) -> None:
     meta = {"kvplan.weight_names": piece.weight_names, "kvplan.key": description}
     for k, v in meta.items():
         model.metadata_props.add(key=k, value=json.dumps(v, default=str))
+    model.metadata_props.add(key=_DIGEST_KEY, value=key_digest)
     with atomic_file(path) as f:
         f.write(model.SerializeToString())
 
 
-def _read(path: Path):
+def _read(path: Path, key_digest: str):
     model = onnx.ModelProto()
     model.ParseFromString(path.read_bytes())
     meta = {p.key: p.value for p in model.metadata_props}
+    stored = meta.get(_DIGEST_KEY)
+    if stored != key_digest:
+        raise ExportError(f"it stores no key digest, {key_digest} expected" if stored is None else
+                         f"it stores key digest {stored}, {key_digest} expected")
     weight_names = json.loads(meta["kvplan.weight_names"])
     graph_inputs = [i.name for i in model.graph.input]
     if graph_inputs[len(graph_inputs) - len(weight_names):] != weight_names:

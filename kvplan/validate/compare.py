@@ -1,4 +1,4 @@
-"""Elementwise comparison of two runners' outputs: |a - b| <= atol + rtol * |b|.
+"""Elementwise comparison of two runners' outputs: |a - b| <= atol + rtol * |b|, and both finite.
 
 Polygraphy's own SimpleCompareFunc passes an element when *either* the absolute or
 the relative error is within tolerance; the issue asks for the combined
@@ -47,6 +47,8 @@ def _flat(a) -> np.ndarray:
     return (a if isinstance(a, np.ndarray) else as_float32(a)).reshape(-1)
 
 
+# inf - inf in the error is NaN, which the comparison looks for: not worth a warning.
+@np.errstate(invalid="ignore")
 def compare_arrays(want, got, atol: float, rtol: float, **where) -> OutputStats:
     """The bound checked element by element, block by block; statistics as over the whole tensor."""
     if tuple(want.shape) != tuple(got.shape):
@@ -63,7 +65,8 @@ def compare_arrays(want, got, atol: float, rtol: float, **where) -> OutputStats:
     tiny = max(atol, np.finfo(np.float32).tiny)
     err, mag, excess, rel = (np.empty(min(BLOCK, want.size), np.float32) for _ in range(4))
     worst, worst_at = -np.inf, 0          # the largest excess over the bound, and its first element
-    nan_at = None                         # the first element where either side is NaN
+    bad_at = None                         # the first element where either side is NaN or infinite
+    nonfinite = [0, 0]                    # such elements of (want, got)
     max_abs, max_rel, total, count = 0.0, 0.0, 0.0, 0
     for start in range(0, want.size, BLOCK):
         w, g = want[start:start + BLOCK], got[start:start + BLOCK]
@@ -72,23 +75,28 @@ def compare_arrays(want, got, atol: float, rtol: float, **where) -> OutputStats:
         np.absolute(w, out=a, dtype=np.float32)
         np.multiply(a, -rtol, out=x)
         x -= atol                                        # -(atol + rtol * |want|): the excess where err = 0
-        if same_bits and np.array_equal(w.view(bits), g.view(bits)):
-            # Bit-identical (a concat output's passed-through past rows): no error in the block.
+        # Bit-identical (a concat output's passed-through past rows): no error in the block, unless
+        # it holds NaN or inf: the same inf on both sides is no agreement.
+        if same_bits and np.array_equal(w.view(bits), g.view(bits)) and np.isfinite(x).all():
             k = int(np.argmax(x))
-            if x[k] == x[k]:                             # no NaN (argmax finds the first NaN)
-                count += m
-                if nan_at is None and x[k] > worst:
-                    worst, worst_at = float(x[k]), start + k
-                continue
+            count += m
+            if bad_at is None and x[k] > worst:
+                worst, worst_at = float(x[k]), start + k
+            continue
         np.subtract(g, w, out=e, dtype=np.float32)
         np.absolute(e, out=e)
         x += e                                           # err - (atol + rtol * |want|)
-        k = int(np.argmax(x))
-        if x[k] != x[k]:                                 # NaN never passes; the first NaN is the worst
-            nan_at = start + k if nan_at is None else nan_at
-            keep = ~np.isnan(e)
-            e, a, r = e[keep], a[keep], r[:int(keep.sum())]
-        elif nan_at is None and x[k] > worst:
+        k = int(np.argmax(x))                            # NaN or +inf here wherever either side is non-finite
+        if not np.isfinite(x[k]):
+            bad_w, bad_g = ~np.isfinite(w), ~np.isfinite(g)
+            bad = bad_w | bad_g
+            if bad.any():
+                nonfinite[0] += int(bad_w.sum())
+                nonfinite[1] += int(bad_g.sum())
+                bad_at = start + int(np.argmax(bad)) if bad_at is None else bad_at
+                keep = ~bad
+                e, a, r = e[keep], a[keep], r[:int(keep.sum())]
+        if bad_at is None and x[k] > worst:
             worst, worst_at = float(x[k]), start + k
         if e.size:
             max_abs = max(max_abs, float(e.max()))
@@ -98,13 +106,15 @@ def compare_arrays(want, got, atol: float, rtol: float, **where) -> OutputStats:
             if significant.any():
                 np.divide(e, a, out=r, where=significant)
                 max_rel = max(max_rel, float(r.max(initial=0.0, where=significant)))
-    nan = nan_at is not None
-    flat = nan_at if nan else worst_at
+    bad = bad_at is not None
+    flat = bad_at if bad else worst_at
     idx = tuple(int(i) for i in np.unravel_index(flat, shape))
+    note = (f"NaN/inf in output (reference {nonfinite[0]}, candidate {nonfinite[1]} element(s)): a non-finite "
+            f"value never agrees, even with itself") if bad else ""
     return OutputStats(**where, max_abs=max_abs if count else float("nan"),
                        mean_abs=total / count if count else float("nan"), max_rel=max_rel, worst_index=idx,
                        worst_values=(float(want[flat]), float(got[flat])), atol=atol, rtol=rtol,
-                       passed=not nan and worst <= 0, note="NaN in output" if nan else "")
+                       passed=not bad and worst <= 0, note=note)
 
 
 def compare_point(want, got, point, pack: int, pair: str, atol: float, rtol: float) -> list[OutputStats]:
