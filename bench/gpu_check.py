@@ -10,7 +10,7 @@ part, so a call stopped at its time limit still returns what it measured:
 
 - ``timing``: the default model's decode step at lastSum 302 and 2048 and a 303-token prefill,
   fp16, median of ``--steps`` (≥ 100) steps, through transformers' model (sdpa attention, its
-  StaticCache) and through kvplan's own decoder module (the export's contract, concat cache),
+  DynamicCache) and through kvplan's own decoder module (the export's contract, concat cache),
   each eager, replayed as a CUDA graph and under torch.compile;
 - ``bandwidth``: a device-to-device copy's bandwidth (bytes read + written) and from it the
   memory-traffic bound of each timed step (weights + cache read + rows written);

@@ -43,8 +43,9 @@ def _target_flags(p: argparse.ArgumentParser) -> None:
                    help="build profile: a shipped name (fp16, bf16, fp32, ...) or a path to a .toml "
                         "(default: %(default)s)")
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="a preset name (seeded random weights) or a local checkpoint directory: Hugging Face "
-                        "Llama/Mistral/Qwen2/Qwen3, or MiniCPM-o-2_6 (its TTS decoder) (default: %(default)s)")
+                   help="a preset name (seeded random weights), a local checkpoint directory (Hugging Face "
+                        "Llama, Mistral, Qwen2, Qwen3, Gemma 2, Phi-3, their AutoAWQ/GPTQ int4 exports, or "
+                        "MiniCPM-o-2_6's TTS decoder), or a .gguf file (default: %(default)s)")
     p.add_argument("--out", default="engines", type=Path,
                    help="output root; artifacts go to OUT/<model>/<profile>/ (default: %(default)s)")
     p.add_argument("--shapes", action="append", default=[], metavar="NAME:N=min,opt,max:lastSum=min,opt,max",
@@ -61,8 +62,9 @@ def build_parser(prog: str = "kvplan build") -> argparse.ArgumentParser:
                     "and build TensorRT engines with dynamic-shape profiles for N and lastSum.")
     _target_flags(p)
     p.add_argument("--backend", default="auto", choices=BACKENDS,
-                   help="TensorRT flavour for the engines stage: auto takes tensorrt when importable, "
-                        "else tensorrt_rtx (default: %(default)s)")
+                   help="TensorRT flavour for the engines stage: auto takes, of the installed ones, one whose "
+                        "builder can run here (full TensorRT's needs a GPU; TensorRT-RTX builds without one), "
+                        "then the one with every feature kvplan uses (default: %(default)s)")
     p.add_argument("--no-surgery", action="store_true",
                    help="build the engine from the exported graph as is (same as an empty [surgery] passes list)")
     p.add_argument("--stop-after", choices=target_mod.STAGES[:-1], default=None,
