@@ -62,7 +62,7 @@ def finished_mode() -> int:
 def write_error(path: Path, e: OSError) -> WriteError:
     err = WriteError(f"{path}: could not be written: {e.strerror or e} (directory {path.parent}); "
                      f"nothing was left under its name")
-    err.errno, err.strerror = e.errno, e.strerror
+    err.errno = e.errno         # not strerror: OSError.__str__ would then print that instead
     return err
 
 
