@@ -1,7 +1,8 @@
 """Files written whole or not at all, and ONNX models serialized one weight at a time.
 
-Shared by every stage that writes an artifact (export, surgery, engines, the manifest),
-so it sits below all of them.
+Shared by every stage that writes an artifact (export, quantize, surgery, engines, validation's
+files, the manifest), so it sits below all of them. Every file a build writes goes through
+``atomic_file`` or ``atomic_directory``: temporaries carry TEMP_MARK, finished files the umask's mode.
 """
 from __future__ import annotations
 

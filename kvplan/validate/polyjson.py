@@ -143,12 +143,9 @@ class JsonListWriter:
         self._writing.__exit__(None, None, None)
 
     def abort(self) -> None:
-        stop = _Aborted()
-        self._writing.__exit__(type(stop), stop, None)      # atomic_file removes its temporary
-
-
-class _Aborted(Exception):
-    """Thrown into the atomic writer by ``abort``: the file is not to be written."""
+        # An exception thrown into the atomic writer: it removes its temporary, writes nothing.
+        stop = RuntimeError(f"{self.path}: not written (aborted)")
+        self._writing.__exit__(type(stop), stop, None)
 
 
 def inputs_writer(path: Path) -> JsonListWriter:
