@@ -27,6 +27,11 @@ class ProfileError(KvplanError, ValueError):
     """A build profile that does not validate; the message names the file and field."""
 
 
+class WriteError(KvplanError, OSError):
+    """An artifact the disk refused (full, read-only, over quota); the message names the file and
+    its directory. Still an OSError, so code that tolerates failed writes (the trace cache) does."""
+
+
 class ExportError(KvplanError, RuntimeError):
     """The export stage could not write a graph."""
 

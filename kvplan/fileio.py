@@ -1,17 +1,21 @@
 """Files written whole or not at all, and ONNX models serialized one weight at a time.
 
-Shared by every stage that writes an artifact (export, surgery, engines, the manifest),
-so it sits below all of them.
+Shared by every stage that writes an artifact (export, quantize, surgery, engines, validation's
+files, the manifest), so it sits below all of them. Every file a build writes goes through
+``atomic_file`` or ``atomic_directory``: temporaries carry TEMP_MARK, finished files the umask's mode.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
 
 import onnx
+
+from kvplan.errors import WriteError
 
 
 # Every temporary a build writes beside an artifact is named .<artifact>.kvplan-tmp-<unique>
@@ -25,21 +29,56 @@ def temp_prefix(path: Path) -> str:
     return f".{path.name}{TEMP_MARK}"
 
 
+def is_temporary(name: str) -> bool:
+    return name.startswith(".") and TEMP_MARK in name
+
+
 def remove_stale_temporaries(directory: Path) -> list[str]:
-    """Remove the temporaries of earlier builds in ``directory``; returns their names.
+    """Remove the temporaries of earlier builds in ``directory`` and below (validation/ has its
+    own); returns their paths relative to it.
 
     Only safe while holding the target's lock: no other build of it can be writing then.
     """
     removed = []
     if not directory.is_dir():
         return removed
-    for entry in sorted(directory.glob(f".*{TEMP_MARK}*")):
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
-        removed.append(entry.name)
+    for root, dirs, files in os.walk(directory):
+        for name in sorted(n for n in dirs + files if is_temporary(n)):
+            entry = Path(root) / name
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(str(entry.relative_to(directory)))
+        dirs[:] = sorted(d for d in dirs if not is_temporary(d))
     return removed
+
+
+def finished_mode() -> int:
+    """The mode of a finished artifact: what open() gives a new file under the process umask
+    (mkstemp's, safetensors' and onnx's temporaries are created 0600)."""
+    return 0o666 & ~umask()
+
+
+def write_error(path: Path, e: OSError) -> WriteError:
+    err = WriteError(f"{path}: could not be written: {e.strerror or e} (directory {path.parent}); "
+                     f"nothing was left under its name")
+    err.errno = e.errno         # not strerror: OSError.__str__ would then print that instead
+    return err
+
+
+@contextlib.contextmanager
+def naming_write_errors(path: Path):
+    """An OSError that names no file (write(2) or fsync(2) on a descriptor: a full disk, a quota)
+    becomes a WriteError naming ``path``; the CLI prints it on one line."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise write_error(path, e) from e
 
 
 @contextlib.contextmanager
@@ -51,20 +90,64 @@ def atomic_file(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f"{temp_prefix(path)}{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with naming_write_errors(path):
+            with open(tmp, "wb") as f:
+                os.fchmod(f.fileno(), finished_mode())     # also when an earlier run left it private
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    try:  # make the rename durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    _sync_directory(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: Path, companions: tuple[str, ...] = ()):
+    """For writers that open files by name (safetensors, ONNX with external data): yield a new,
+    marked temporary directory beside ``path``, in which the body writes ``path.name`` and any of
+    ``companions`` (names of files that belong with it, e.g. ``decoder.onnx.data``).
+
+    On a clean exit each file gets the finished mode, is synced and renamed beside ``path``,
+    companions first (a graph never lands pointing at a data file not there yet); a companion
+    not written this time is removed from beside ``path`` (it belongs to an earlier write). The
+    directory goes whatever happens, with whatever the writer left in it (safetensors' own
+    temporary file, too).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path), dir=path.parent))
+    try:
+        with naming_write_errors(path):
+            yield tmp
+            if not (tmp / path.name).is_file():
+                raise RuntimeError(f"{path}: its writer wrote no {path.name} into {tmp}")
+            mode = finished_mode()
+            for name in (*companions, path.name):
+                written, final = tmp / name, path.parent / name
+                if not written.is_file():
+                    final.unlink(missing_ok=True)
+                    continue
+                os.chmod(written, mode)
+                _sync_file(written)
+                os.replace(written, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _sync_directory(path.parent)
+
+
+def _sync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_directory(directory: Path) -> None:
+    """Make the renames into ``directory`` durable (not possible everywhere: best effort)."""
+    try:
+        _sync_file(directory)
     except OSError:
         pass
 

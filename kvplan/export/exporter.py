@@ -14,9 +14,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
-import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -28,7 +25,7 @@ import torch
 
 from kvplan.config import DecoderConfig
 from kvplan.decoder import DecoderStack, StackSpec, pack_specs
-from kvplan.fileio import temp_prefix, write_streamed
+from kvplan.fileio import atomic_directory, write_streamed
 from kvplan.models import ModelSource
 from kvplan.models.presets import tensor_shapes
 from kvplan.export.stitch import LINEAR_MARK, Stitcher, finish, torch_to_ir, trace_pieces
@@ -280,23 +277,12 @@ def export_pack(source: ModelSource, spec: StackSpec, dtype: str, batch: int | s
     for note in notes if log else ():
         log(note)
     external = weight_bytes > EXTERNAL_DATA_THRESHOLD
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path), dir=path.parent))
-    try:
+    with atomic_directory(path, companions=(path.name + ".data",)) as tmp:
         if external:
             ir.save(model, tmp / path.name, external_data=path.name + ".data")
         else:
             save_streamed(model, tmp / path.name)
         del model
-        # Data file first: a graph never lands pointing at a data file that is missing.
-        data = tmp / (path.name + ".data")
-        if data.exists():
-            os.replace(data, path.parent / data.name)
-        elif (path.parent / (path.name + ".data")).exists():
-            (path.parent / (path.name + ".data")).unlink()
-        os.replace(tmp / path.name, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return PackExport(spec, path, external, weight_bytes, time.perf_counter() - t0)
 
 

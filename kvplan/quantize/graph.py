@@ -21,8 +21,6 @@ initializers survived deduplication.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import ml_dtypes
@@ -32,7 +30,7 @@ import torch
 
 from kvplan.errors import QuantizeError
 from kvplan.export.stitch import LINEAR_MARK
-from kvplan.fileio import temp_prefix, write_streamed
+from kvplan.fileio import atomic_directory, write_streamed
 from kvplan.quantize.lazy_onnx import load_lazy, tensor_proto
 from kvplan.quantize.weights import Quantized
 
@@ -223,21 +221,13 @@ def _layer(name: str) -> int | None:
 
 def save(model: ir.Model, path: Path) -> None:
     """Write ``model`` to ``path`` atomically, weights serialized one at a time (external data when big)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     weights = list(model.graph.initializers.values())
     total = sum(v.const_value.nbytes for v in weights)
-    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path), dir=path.parent))
-    try:
+    with atomic_directory(path, companions=(path.name + ".data",)) as tmp:
         if total > EXTERNAL_DATA_THRESHOLD:
             ir.save(model, tmp / path.name, external_data=path.name + ".data")
-            os.replace(tmp / (path.name + ".data"), path.parent / (path.name + ".data"))
         else:
             _save_streamed(model, tmp / path.name)
-        os.replace(tmp / path.name, path)
-    finally:
-        for p in tmp.iterdir() if tmp.exists() else ():
-            p.unlink()
-        tmp.rmdir() if tmp.exists() else None
 
 
 def _save_streamed(model: ir.Model, path: Path) -> None:

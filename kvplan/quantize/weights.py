@@ -7,7 +7,6 @@ consecutive input channels share a scale, which is DequantizeLinear's blocked fo
 """
 from __future__ import annotations
 
-import os
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from kvplan.errors import QuantizeError
+from kvplan.fileio import atomic_directory
 from kvplan.models.base import ModelSource, reference_names
 from kvplan.models import families
 from kvplan.models.presets import tensor_shapes
@@ -77,13 +77,11 @@ class Quantized:
                 tensors[f"{name}.perm"] = ql.perm.contiguous()
         for name, t in self.replaced.items():
             tensors[f"{name}.replaced"] = t.contiguous()
-        # Written by safetensors itself (no whole-file bytes object in memory), then renamed into place.
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            save_file(tensors, str(tmp), metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        # Written by safetensors itself (no whole-file bytes object in memory), inside a marked
+        # directory: safetensors writes its own temporary file beside the name it is given, and a
+        # kill leaves that only where the next build looks for leftovers.
+        with atomic_directory(path) as tmp:
+            save_file(tensors, str(tmp / path.name), metadata=meta)
 
     @classmethod
     def load(cls, path: Path) -> "Quantized":

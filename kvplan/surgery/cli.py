@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-from kvplan.errors import KvplanError, OpsetError, SurgeryError
+from kvplan.errors import KvplanError, OpsetError, SurgeryError, UserError
+from kvplan.fileio import write_atomic
 from kvplan.surgery.fileio import fuse_file
 from kvplan.surgery.registry import PASSES
 from kvplan.surgery.report import summary_lines
@@ -43,16 +45,16 @@ def main(argv: list[str] | None = None, prog: str = "python -m surgery") -> int:
         print(f"error: input file not found: {args.input}", file=sys.stderr)
         return 2
     try:
+        _check_outputs(args.input, args.output, args.report)
         report = fuse_file(args.input, args.output, passes, log=None, require_match=True)
+        if args.report:
+            write_atomic(args.report, (json.dumps(report, indent=2) + "\n").encode())
     except (SurgeryError, OpsetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except (KvplanError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.report:
-        args.report.parent.mkdir(parents=True, exist_ok=True)
-        args.report.write_text(json.dumps(report, indent=2) + "\n")
     if not args.quiet:
         for line in summary_lines(report):
             print(line)
@@ -60,3 +62,16 @@ def main(argv: list[str] | None = None, prog: str = "python -m surgery") -> int:
     return 0
 
 
+
+
+def _check_outputs(source: Path, output: Path, report: Path | None) -> None:
+    """Refuse before any work: an output that is the input (by any path to it: it would replace a
+    build's graph with its own rewrite), or one whose directory does not exist (made silently, a
+    typo would scatter directories)."""
+    for flag, path in (("-o", output), ("--report", report)):
+        if path is None:
+            continue
+        if path.resolve() == source.resolve() or (path.exists() and os.path.samefile(path, source)):
+            raise UserError(f"{flag} {path}: is the input file {source}; write the fused graph elsewhere")
+        if not path.parent.is_dir():
+            raise UserError(f"{flag} {path}: its directory {path.parent} does not exist")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import binascii
 import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,8 @@ import numpy as np
 from polygraphy import constants
 from polygraphy.comparator import IterationResult, RunResults
 from polygraphy.json import Encoder, to_json
+
+from kvplan.fileio import atomic_file, naming_write_errors
 
 _HOLE = "\x00kvplan-elements\x00"
 # Where an array's base64 payload goes in the encoder's text; the writer streams it there.
@@ -91,7 +92,8 @@ def _write_payload(file, array: np.ndarray) -> None:
 class JsonListWriter:
     """A JSON file whose one list (``[_HOLE]`` inside ``skeleton``) is filled by ``append``.
 
-    Written under a temporary name and renamed by ``close``; ``abort`` removes it.
+    Written under a temporary name (kvplan.fileio.atomic_file) and renamed by ``close``; ``abort``
+    removes it.
     """
 
     def __init__(self, path: Path, skeleton):
@@ -105,8 +107,8 @@ class JsonListWriter:
         self._outer = self._indent[:-len(constants.TAB)]
         self._head = text[:line_start - 1]                # up to and including "["
         self._tail = text[text.index("\n", at):].removeprefix("\n" + self._outer)  # from "]" on
-        self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        self._file = open(self._tmp, "wb")
+        self._writing = atomic_file(self.path)
+        self._file = self._writing.__enter__()
         self._write(self._head)
         self._count = 0
         self._encoder = _Encoder(indent=constants.TAB)
@@ -115,6 +117,10 @@ class JsonListWriter:
         self._file.write(text.encode("ascii"))           # the encoder escapes everything else
 
     def append(self, element) -> None:
+        with naming_write_errors(self.path):
+            self._append(element)
+
+    def _append(self, element) -> None:
         self._write(",\n" if self._count else "\n")
         self._write(self._indent)
         # Nothing of the element is held as text but small chunks; each array's payload is encoded
@@ -128,13 +134,18 @@ class JsonListWriter:
         self._count += 1
 
     def close(self) -> None:
-        self._write(("\n" + self._outer if self._count else "") + self._tail)
-        self._file.close()
-        os.replace(self._tmp, self.path)
+        try:
+            with naming_write_errors(self.path):
+                self._write(("\n" + self._outer if self._count else "") + self._tail)
+        except BaseException:
+            self.abort()
+            raise
+        self._writing.__exit__(None, None, None)
 
     def abort(self) -> None:
-        self._file.close()
-        self._tmp.unlink(missing_ok=True)
+        # An exception thrown into the atomic writer: it removes its temporary, writes nothing.
+        stop = RuntimeError(f"{self.path}: not written (aborted)")
+        self._writing.__exit__(type(stop), stop, None)
 
 
 def inputs_writer(path: Path) -> JsonListWriter:

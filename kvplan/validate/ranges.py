@@ -26,7 +26,7 @@ from onnx.external_data_helper import load_external_data_for_tensor, uses_extern
 from kvplan.decoder import StackSpec
 from kvplan.errors import GraphError
 from kvplan.export.exporter import input_names, output_names
-from kvplan.fileio import atomic_file, write_streamed
+from kvplan.fileio import atomic_directory, atomic_file, write_streamed
 from kvplan.quantize.lazy_onnx import read_entry, read_skeleton
 
 # Above this many bytes of weights a range's file keeps them in an external data file
@@ -166,12 +166,8 @@ def write_ranges(source: Path, specs: list[StackSpec], num_layers: int, director
             del sub.graph.initializer[:]
             sub.graph.initializer.extend(full)
             del full
-            try:
-                onnx.save(sub, str(path), save_as_external_data=True, location=f"{path.name}.data")
-            except BaseException:
-                path.unlink(missing_ok=True)
-                path.with_name(f"{path.name}.data").unlink(missing_ok=True)
-                raise
+            with atomic_directory(path, companions=(f"{path.name}.data",)) as tmp:
+                onnx.save(sub, str(tmp / path.name), save_as_external_data=True, location=f"{path.name}.data")
         else:
             # Small entries as they are; weights (large inline entries, or external data) read one at a
             # time as the file is written.

@@ -27,6 +27,7 @@ from polygraphy.logger import G_LOGGER
 from kvplan.decoder import pack_specs
 from kvplan.errors import BackendError, UserError
 from kvplan.export import TORCH_DTYPES, io_contract
+from kvplan.fileio import temp_prefix
 from kvplan.manifest import MANIFEST, load_manifest, now, sha256_file, write_json_atomic
 from kvplan.models.presets import tensor_shapes
 from kvplan.pipeline import collections_skip_what_exists, map_large_allocations, release_memory
@@ -90,9 +91,10 @@ def validate(source, profile, target: Path, manifest: dict, options: ValidateOpt
     quiet = contextlib.nullcontext() if options.verbose else G_LOGGER.verbosity(G_LOGGER.WARNING)
     (target / "validation").mkdir(exist_ok=True)
     t0 = time.perf_counter()
-    # The layer ranges' graphs live as long as the checks, in a private directory removed after them.
+    # The layer ranges' graphs live as long as the checks, in a private directory removed after them
+    # (marked: a killed validation leaves it to the next build).
     with quiet, collections_skip_what_exists(), \
-            tempfile.TemporaryDirectory(prefix=".ranges-", dir=target / "validation") as scratch:
+            tempfile.TemporaryDirectory(prefix=temp_prefix(Path("ranges")), dir=target / "validation") as scratch:
         map_large_allocations()
         meter = Meter(log)
         plan = _plan(options, source, profile, target, manifest, backend_name)

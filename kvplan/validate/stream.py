@@ -19,6 +19,7 @@ from typing import Callable
 
 import numpy as np
 
+from kvplan.fileio import temp_prefix
 from kvplan.pipeline import trim_heap
 from kvplan.validate import polyjson
 from kvplan.validate.compare import compare_point
@@ -77,7 +78,8 @@ class Streamer:
     def __init__(self, vdir: Path, pairs, tol, meter, not_run: dict, log, why_not=None):
         self.vdir, self.pairs, self.tol, self.meter = vdir, pairs, tol, meter
         self.not_run, self.log, self.why_not = not_run, log, why_not
-        self._spill = tempfile.TemporaryDirectory(prefix=".spill-", dir=vdir)
+        # Marked as a build's temporary: the next build removes what a killed validation left.
+        self._spill = tempfile.TemporaryDirectory(prefix=temp_prefix(Path("spill")), dir=vdir)
         self.spill_root = Path(self._spill.name)
         # (base, runner) -> per point, {output name: its file}, filled range by range
         self.spilled: dict[tuple[str, str], list[dict[str, Path]]] = {}
