@@ -20,8 +20,9 @@ from kvplan.surgery.report import summary_lines
 def parser(prog: str = "python -m surgery") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
-        description="Fuse RMSNorm and RoPE subgraphs of an exported decoder into ONNX opset-23 "
-                    "RMSNormalization / RotaryEmbedding nodes; every candidate is checked, near misses are reported.")
+        description="Fuse RMSNorm, rotary embedding and attention subgraphs of an exported decoder into ONNX "
+                    "opset-23 RMSNormalization / RotaryEmbedding / Attention nodes; every candidate is checked, "
+                    "near misses are reported.")
     p.add_argument("input", type=Path, help="the ONNX graph to rewrite (external data next to it is loaded too)")
     p.add_argument("-o", "--output", type=Path, required=True,
                    help="where to write the fused graph (written to a temporary name, then renamed)")
