@@ -22,11 +22,17 @@ from kvplan.manifest import MANIFEST, SCHEMA, artifacts_intact, digest, load_man
 
 @dataclass
 class Stage:
+    """What Pipeline.run needs of a stage; each stage module's class has the same three members."""
     name: str
     # Called with the records of the stages before it (so inputs can name upstream hashes).
     inputs: Callable[[dict[str, dict]], dict]
     # Builds the stage's outputs and returns its record: {"artifacts": [...], ...}.
     build: Callable[[dict[str, dict]], dict]
+
+
+def graph_artifacts(record: dict) -> list[dict]:
+    """A stage's ONNX graphs, pack by pack (the quantize stage also records its weights file)."""
+    return [a for a in record["artifacts"] if "pack" in a]
 
 
 def remove_artifacts(target: Path, entries: list[dict]) -> None:

@@ -12,34 +12,28 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-import onnx
-import onnxscript
-import torch
-
 from kvplan import profiles as profiles_mod
 from kvplan.decoder import pack_specs
 from kvplan.errors import BackendError, KvplanError
-from kvplan.export import export_pack, io_contract, pack_file_names
-from kvplan.export.trace_cache import TraceCache, default_dir
+from kvplan.export.stage import ExportStage
 from kvplan.fileio import remove_stale_temporaries
-from kvplan.manifest import artifact, artifacts_intact, digest, hashes_remembered, load_manifest, target_lock
+from kvplan.manifest import artifacts_intact, digest, hashes_remembered, load_manifest, target_lock
+from kvplan.pipeline import Pipeline, graph_artifacts
 from kvplan.quantize import gguf_blocks
 from kvplan.quantize.checkpoint import resolve
-from kvplan.quantize.stage import quantize_inputs, run_quantize
-from kvplan.pipeline import Pipeline, Stage, peak_rss_mib
-from kvplan.sources import closure, source_digest
-from kvplan.surgery import fuse_file
-from kvplan.trt import build_engine
+from kvplan.quantize.stage import QuantizeStage
+from kvplan.sources import closure
+from kvplan.surgery.stage import SurgeryStage
 from kvplan.trt.backend import select_backend
+from kvplan.trt.stage import EngineStage
 from kvplan.validate.onnx_stack import Pack
 from kvplan.validate.perplexity import evaluate
 from kvplan.validate.run import ValidateOptions, validate
 
 STAGES = ("export", "quantize", "surgery", "engines", "validate")
-# Each stage's code is the import closure of its entry module (kvplan.sources).
-STAGE_MODULES = {"export": "kvplan.export", "quantize": "kvplan.quantize.stage", "surgery": "kvplan.surgery",
-                 "engines": "kvplan.trt",
-                 "validate": "kvplan.validate.run"}
+# Each stage's code is the import closure of its module (kvplan.sources).
+STAGE_MODULES = {"export": "kvplan.export.stage", "quantize": "kvplan.quantize.stage",
+                 "surgery": "kvplan.surgery.stage", "engines": "kvplan.trt.stage", "validate": "kvplan.validate.run"}
 REBUILD_HINT = "python -m build.engines"
 
 
@@ -71,107 +65,23 @@ def resolve_target(model: str, profile_name: str, out: Path, shapes: tuple[str, 
     return source, profile, target_dir(out, source.name, profile.name)
 
 
-def build_stages(source, profile, target: Path, options: BuildOptions, log) -> list[Stage]:
-    cfg = source.config
-    specs = pack_specs(cfg, profile.decoder_pack_size, profile.kv_format, profile.kv_io, profile.cache_len)
-    onnx_names = pack_file_names(len(specs))
-    passes = [] if options.no_surgery else list(profile.passes)
-
-    def export_inputs(_):
-        return {"model": source.fingerprint, "config": cfg.to_dict(), "dtype": profile.dtype,
-                "batch": profile.batch_dim, "kv_format": profile.kv_format, "kv_io": profile.kv_io,
-                "cache_len": profile.cache_len, "decoder_pack_size": profile.decoder_pack_size,
-                "allow_nonfinite": options.allow_nonfinite,
-                "source": source_digest("kvplan.export"),
-                "torch": torch.__version__, "onnxscript": onnxscript.__version__}
-
-    def export_build(_):
-        entries = []
-        cache = None if options.no_trace_cache else TraceCache(default_dir())
-        for spec, name in zip(specs, onnx_names):
-            log(f"[export] layers {spec.first_layer}..{spec.last_layer - 1}"
-                f"{' + final norm' if spec.final_norm else ''} -> {name}")
-            result = export_pack(source, spec, profile.dtype, profile.batch_dim, target / name, log=log,
-                                 trace_cache=cache, allow_nonfinite=options.allow_nonfinite)
-            log(f"[export] {name}: {result.weight_bytes / 2**20:.1f} MiB of weights in {result.seconds:.1f} s"
-                f"{' (external data)' if result.external_data else ''}, peak RSS {peak_rss_mib():.0f} MiB")
-            entries.append(artifact(target, target / name, pack=specs.index(spec),
-                                    layers=[spec.first_layer, spec.last_layer], final_norm=spec.final_norm,
-                                    io=io_contract(cfg, spec, profile.batch_dim, profile.dtype)))
-        return {"artifacts": entries, "weight_bytes": cfg.weight_count() * _itemsize(profile.dtype),
-                "trace_cache": cache.record() if cache else "off (--no-trace-cache)"}
-
-    stages = [Stage("export", export_inputs, export_build)]
-    graphs = "export"            # the stage whose graphs surgery (or the engines) read
-    quantize = quantize_inputs(source, profile)
+def build_stages(source, profile, target: Path, options: BuildOptions, log) -> list:
+    """The target's stages in build order, each its own module's class (kvplan.pipeline runs them)."""
+    stages: list = [ExportStage(source, profile, target, allow_nonfinite=options.allow_nonfinite,
+                                trace_cache=not options.no_trace_cache, log=log)]
+    quantize = QuantizeStage.of(source, profile, target, log)
     if quantize is not None:
-        int4_names = pack_file_names(len(specs), suffix=".int4.onnx")
-
-        def quantize_stage_inputs(done):
-            return {"onnx": [a["sha256"] for a in done["export"]["artifacts"]], **quantize,
-                    "source": source_digest("kvplan.quantize.stage"), "torch": torch.__version__}
-
-        def quantize_build(done):
-            return run_quantize(source, profile, target, [(target / a["path"], range(*a["layers"]))
-                                                          for a in done["export"]["artifacts"]],
-                                int4_names, log=log)
-
-        stages.append(Stage("quantize", quantize_stage_inputs, quantize_build))
-        graphs = "quantize"
-    if options.stop_after == "quantize":
-        return stages
+        stages.append(quantize)
+    if options.stop_after in ("export", "quantize"):
+        return stages[:{"export": 1, "quantize": 2}[options.stop_after]]
+    passes = () if options.no_surgery else tuple(profile.passes)
     if passes:
-        fused_names = pack_file_names(len(specs), suffix=".fused.onnx")
-
-        def surgery_inputs(done):
-            return {"onnx": [a["sha256"] for a in _graph_artifacts(done[graphs])], "passes": passes,
-                    "source": source_digest("kvplan.surgery"), "onnx_version": onnx.__version__}
-
-        def surgery_build(done):
-            entries, reports = [], []
-            for src_entry, name in zip(_graph_artifacts(done[graphs]), fused_names):
-                log(f"[surgery] {src_entry['path']} -> {name} (passes: {', '.join(passes)})")
-                report = fuse_file(target / src_entry["path"], target / name, passes, log=log)
-                reports.append(report)
-                entries.append(artifact(target, target / name, pack=src_entry["pack"], report=report))
-            return {"artifacts": entries}
-
-        stages.append(Stage("surgery", surgery_inputs, surgery_build))
-    if options.stop_after == "export":
-        return stages[:1]
+        stages.append(SurgeryStage(target, passes, upstream=stages[-1].name, log=log))
     if options.stop_after == "surgery":
         return stages
-
-    backend = select_backend(options.backend)
-    plan_names = pack_file_names(len(specs), suffix=".plan")
-    upstream = "surgery" if passes else graphs
-
-    def engine_inputs(done):
-        return {"onnx": [a["sha256"] for a in _graph_artifacts(done[upstream])],
-                "engine": {k: v for k, v in profile.to_dict().items()
-                           if k in ("shapes", "optimization_level", "workspace_mib", "hardware_compatibility",
-                                    "version_compatible", "compute_capabilities", "batch")},
-                "backend": backend.name, "backend_version": backend.version,
-                "source": source_digest("kvplan.trt")}
-
-    def engine_build(done):
-        entries = []
-        for spec, src_entry, name in zip(specs, _graph_artifacts(done[upstream]), plan_names):
-            log(f"[engines] {src_entry['path']} -> {name} ({backend.name} {backend.version}, "
-                f"profiles: {', '.join(s.name for s in profile.shapes)})")
-            record = build_engine(target / src_entry["path"], target / name, profile,
-                                  io_contract(cfg, spec, profile.batch_dim, profile.dtype), backend,
-                                  target / profile.timing_cache if profile.timing_cache else None, log=log)
-            entries.append(artifact(target, target / name, pack=src_entry["pack"], build=record))
-        return {"artifacts": entries, "backend": backend.name, "backend_version": backend.version}
-
-    stages.append(Stage("engines", engine_inputs, engine_build))
+    stages.append(EngineStage(source, profile, target, select_backend(options.backend), upstream=stages[-1].name,
+                              log=log))
     return stages
-
-
-def _graph_artifacts(record: dict) -> list[dict]:
-    """A stage's ONNX graphs, pack by pack (the quantize stage also records its weights file)."""
-    return [a for a in record["artifacts"] if "pack" in a]
 
 
 @dataclass(frozen=True)
@@ -201,14 +111,15 @@ class TargetState:
 
 
 def target_state(model: str, profile_name: str, out: Path, backend: str = "auto",
-                 no_surgery: bool = False, shapes: tuple[str, ...] = ()) -> TargetState:
+                 no_surgery: bool = False, shapes: tuple[str, ...] = (), resolved: tuple | None = None
+                 ) -> TargetState:
     """Check a built target against the current inputs without building anything.
 
     A stage whose recorded inputs differ from what they would be now (model files,
     profile, kvplan source, library versions) is reported stale, as is a missing or
-    modified artifact.
+    modified artifact. ``resolved``: resolve_target()'s answer where the caller has it.
     """
-    source, profile, target = resolve_target(model, profile_name, out, shapes)
+    source, profile, target = resolved or resolve_target(model, profile_name, out, shapes)
     manifest = load_manifest(target)
     if manifest is None:
         return TargetState(source, profile, target, None,
@@ -274,10 +185,6 @@ def dependencies(source, profile, target: Path) -> dict:
             "depends": files}
 
 
-def _itemsize(dtype: str) -> int:
-    return 4 if dtype == "float32" else 2
-
-
 def build(model: str, profile_name: str, out: Path, options: BuildOptions, log: Callable[[str], None]) -> Path:
     """Build (model, profile) under ``out``, every stage whose inputs changed; returns the target directory."""
     source, profile, target = resolve_target(model, profile_name, out, options.shapes)
@@ -309,13 +216,14 @@ def _blocking(problem: Problem) -> bool:
     return not (problem.stage == "engines" and problem.kind in ("not-built", "no-backend"))
 
 
-def _validation_state(model: str, profile_name: str, out: Path, backend: str | None,
-                      no_surgery: bool, shapes: tuple[str, ...]) -> tuple[TargetState, str]:
-    _, _, target = resolve_target(model, profile_name, out, shapes)
-    recorded = (load_manifest(target) or {}).get("stages", {})
+def _validation_state(model: str, profile_name: str, out: Path, backend: str | None, no_surgery: bool,
+                      shapes: tuple[str, ...], resolved: tuple) -> tuple[TargetState, str]:
+    """The target's state as validation and eval check it: with the backend and passes it was built with."""
+    recorded = (load_manifest(resolved[2]) or {}).get("stages", {})
     backend = backend or recorded.get("engines", {}).get("backend", "auto")
     no_surgery = no_surgery or ("surgery" not in recorded and "export" in recorded and "engines" in recorded)
-    return target_state(model, profile_name, out, backend=backend, no_surgery=no_surgery, shapes=shapes), backend
+    return target_state(model, profile_name, out, backend=backend, no_surgery=no_surgery, shapes=shapes,
+                        resolved=resolved), backend
 
 
 class StaleTarget(KvplanError):
@@ -332,13 +240,15 @@ def validate_target(model: str, profile_name: str, out: Path, options: ValidateO
 
 
 def _validate_current(model, profile_name, out, options, backend, no_surgery, shapes, log) -> int:
-    state, backend_name = _validation_state(model, profile_name, out, backend, no_surgery, shapes)
+    # Resolved once: the model's files are read and fingerprinted once, the state checked twice.
+    resolved = resolve_target(model, profile_name, out, shapes)
+    state, backend_name = _validation_state(model, profile_name, out, backend, no_surgery, shapes, resolved)
     hard = [p for p in state.problems if _blocking(p)]
     if state.manifest is None or hard:
         raise StaleTarget(f"target {state.target} is stale or incomplete; nothing was validated or rebuilt: "
                           + "; ".join(map(str, hard or state.problems)))
     with target_lock(state.target, log=log):
-        again, _ = _validation_state(model, profile_name, out, backend_name, no_surgery, shapes)
+        again, _ = _validation_state(model, profile_name, out, backend_name, no_surgery, shapes, resolved)
         if [p for p in again.problems if _blocking(p)]:
             raise StaleTarget(f"target {state.target} changed while waiting for its lock (stale): "
                               + "; ".join(map(str, again.problems)))
@@ -357,7 +267,8 @@ def eval_target(model: str, profile_name: str, out: Path, text: Path, tokens: in
     the fused ones, where surgery ran, else what the engines were built from; or the exported, int4
     where quantized); never rebuilds: a stale or incomplete target raises StaleTarget."""
     with hashes_remembered():
-        state, _ = _validation_state(model, profile_name, out, None, False, shapes)
+        state, _ = _validation_state(model, profile_name, out, None, False, shapes,
+                                     resolve_target(model, profile_name, out, shapes))
         hard = [p for p in state.problems if _blocking(p)]
         if state.manifest is None or hard:
             raise StaleTarget(f"target {state.target} is stale or incomplete; nothing was evaluated or rebuilt: "
@@ -367,6 +278,6 @@ def eval_target(model: str, profile_name: str, out: Path, text: Path, tokens: in
         stage = "surgery" if graph == "fused" and "surgery" in stages else exported
         cfg, profile = state.source.config, state.profile
         specs = pack_specs(cfg, profile.decoder_pack_size, profile.kv_format, profile.kv_io, profile.cache_len)
-        paths = [state.target / a["path"] for a in sorted(_graph_artifacts(stages[stage]), key=lambda a: a["pack"])]
+        paths = [state.target / a["path"] for a in sorted(graph_artifacts(stages[stage]), key=lambda a: a["pack"])]
         return evaluate(state.source, profile, [Pack(s, p) for s, p in zip(specs, paths)], text, tokens,
                         reference, log)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from kvplan import target as engines
+from kvplan.export import stage as export_stage
 from kvplan.cli import build_main as main
 
 
@@ -76,7 +77,7 @@ def test_interrupted_export_leaves_no_artifact_and_no_claim(tmp_path, capsys, mo
     def exploding_export(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(engines, "export_pack", exploding_export)
+    monkeypatch.setattr(export_stage, "export_pack", exploding_export)
     code, _, err = run(capsys, "--model", "tiny-llama", "--profile", "fp32", "--out", str(tmp_path), "--stop-after", "export")
     assert code == 130 and "interrupted" in err
     target = tmp_path / "tiny-llama" / "fp32"

@@ -1,14 +1,23 @@
-"""The quantize stage's work: quantize a model source's linears (rtn or awq), or take an imported
-checkpoint's (or a GGUF file's) own int4 values, and rewrite the exported graphs with them."""
+"""The quantize stage: quantize a model source's linears (rtn or awq), or take an imported
+checkpoint's (or a GGUF file's) own int4 values, and rewrite the exported graphs with them.
+
+Its digest covers the exported graphs' hashes, the [quantize] settings that apply (an import's
+own method and group size), the calibration's digest, kvplan's quantize code and torch's version.
+"""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from kvplan.errors import QuantizeError
+from kvplan.export.exporter import pack_file_names
 from kvplan.manifest import artifact
-from kvplan.pipeline import peak_rss_mib
+from kvplan.pipeline import graph_artifacts, peak_rss_mib
+from kvplan.sources import source_digest
 from kvplan.quantize.settings import NO_INT4_CCS, Quantize
 from kvplan.quantize.awq import quantize_awq
 from kvplan.quantize import gguf_blocks
@@ -121,3 +130,28 @@ def _check_complete(source, settings: Quantize, quantized: Quantized) -> None:
     if missing:
         raise QuantizeError(f"{source.name}: tensor {missing[0]!r}: {settings.method} quantized "
                             f"{len(quantized.linears)} of the {len(wanted)} linears asked for")
+
+
+@dataclass
+class QuantizeStage:
+    source: object                   # a kvplan.models.ModelSource
+    profile: object                  # a kvplan.profiles.Profile: its [quantize] settings and dtype
+    target: Path
+    settings: dict                   # quantize_inputs(): what the stage's outputs depend on
+    log: Callable[[str], None] = field(default=print, repr=False)
+    name: str = "quantize"
+
+    @classmethod
+    def of(cls, source, profile, target: Path, log=print) -> "QuantizeStage | None":
+        """The stage, or None for a target without one (no int4 profile, no int4 checkpoint)."""
+        settings = quantize_inputs(source, profile)
+        return None if settings is None else cls(source, profile, target, settings, log)
+
+    def inputs(self, done: dict) -> dict:
+        return {"onnx": [a["sha256"] for a in done["export"]["artifacts"]], **self.settings,
+                "source": source_digest(__name__), "torch": torch.__version__}
+
+    def build(self, done: dict) -> dict:
+        graphs = [(self.target / a["path"], range(*a["layers"])) for a in graph_artifacts(done["export"])]
+        return run_quantize(self.source, self.profile, self.target, graphs,
+                            pack_file_names(len(graphs), suffix=".int4.onnx"), log=self.log)

@@ -1,0 +1,66 @@
+"""The export stage: the decoder's packs of layers to ONNX, one file per pack.
+
+Its digest covers the model's files and config, the profile's [export] settings, whether
+non-finite weights were allowed, kvplan's export code and the tracing libraries' versions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import onnxscript
+import torch
+
+from kvplan.decoder import pack_specs
+from kvplan.export.exporter import export_pack, io_contract, pack_file_names
+from kvplan.export.trace_cache import TraceCache, default_dir
+from kvplan.manifest import artifact
+from kvplan.pipeline import peak_rss_mib
+from kvplan.sources import source_digest
+
+MODULE = "kvplan.export.stage"
+
+
+def _itemsize(dtype: str) -> int:
+    return 4 if dtype == "float32" else 2
+
+
+@dataclass
+class ExportStage:
+    source: object                   # a kvplan.models.ModelSource
+    profile: object                  # a kvplan.profiles.Profile: its export settings
+    target: Path
+    allow_nonfinite: bool = False
+    trace_cache: bool = True
+    log: Callable[[str], None] = field(default=print, repr=False)
+    name: str = "export"
+
+    @property
+    def specs(self) -> list:
+        p = self.profile
+        return pack_specs(self.source.config, p.decoder_pack_size, p.kv_format, p.kv_io, p.cache_len)
+
+    def inputs(self, _done: dict) -> dict:
+        p = self.profile
+        return {"model": self.source.fingerprint, "config": self.source.config.to_dict(), "dtype": p.dtype,
+                "batch": p.batch_dim, "kv_format": p.kv_format, "kv_io": p.kv_io, "cache_len": p.cache_len,
+                "decoder_pack_size": p.decoder_pack_size, "allow_nonfinite": self.allow_nonfinite,
+                "source": source_digest(MODULE), "torch": torch.__version__, "onnxscript": onnxscript.__version__}
+
+    def build(self, _done: dict) -> dict:
+        p, cfg, specs = self.profile, self.source.config, self.specs
+        cache = TraceCache(default_dir()) if self.trace_cache else None
+        entries = []
+        for pack, (spec, name) in enumerate(zip(specs, pack_file_names(len(specs)))):
+            self.log(f"[export] layers {spec.first_layer}..{spec.last_layer - 1}"
+                     f"{' + final norm' if spec.final_norm else ''} -> {name}")
+            result = export_pack(self.source, spec, p.dtype, p.batch_dim, self.target / name, log=self.log,
+                                 trace_cache=cache, allow_nonfinite=self.allow_nonfinite)
+            self.log(f"[export] {name}: {result.weight_bytes / 2**20:.1f} MiB of weights in {result.seconds:.1f} s"
+                     f"{' (external data)' if result.external_data else ''}, peak RSS {peak_rss_mib():.0f} MiB")
+            entries.append(artifact(self.target, self.target / name, pack=pack,
+                                    layers=[spec.first_layer, spec.last_layer], final_norm=spec.final_norm,
+                                    io=io_contract(cfg, spec, p.batch_dim, p.dtype)))
+        return {"artifacts": entries, "weight_bytes": cfg.weight_count() * _itemsize(p.dtype),
+                "trace_cache": cache.record() if cache else "off (--no-trace-cache)"}

@@ -1,0 +1,54 @@
+"""The engines stage: one TensorRT plan per pack, with the profile's optimization profiles.
+
+Its digest covers the upstream graphs' hashes, every builder setting of the profile (the
+optimization profiles, the builder options, the batch range), the backend and its version, and
+kvplan's TensorRT code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from kvplan.decoder import pack_specs
+from kvplan.export.exporter import io_contract, pack_file_names
+from kvplan.manifest import artifact
+from kvplan.pipeline import graph_artifacts
+from kvplan.sources import source_digest
+from kvplan.trt.backend import Backend
+from kvplan.trt.build import build_engine
+
+MODULE = "kvplan.trt.stage"
+# The profile's fields the plans are built from.
+ENGINE_FIELDS = ("shapes", "optimization_level", "workspace_mib", "hardware_compatibility", "version_compatible",
+                 "compute_capabilities", "batch")
+
+
+@dataclass
+class EngineStage:
+    source: object                   # a kvplan.models.ModelSource
+    profile: object                  # a kvplan.profiles.Profile
+    target: Path
+    backend: Backend
+    upstream: str                    # the stage whose graphs it builds: surgery, quantize or export
+    log: Callable[[str], None] = field(default=print, repr=False)
+    name: str = "engines"
+
+    def inputs(self, done: dict) -> dict:
+        settings = self.profile.to_dict()
+        return {"onnx": [a["sha256"] for a in graph_artifacts(done[self.upstream])],
+                "engine": {k: settings[k] for k in ENGINE_FIELDS},
+                "backend": self.backend.name, "backend_version": self.backend.version, "source": source_digest(MODULE)}
+
+    def build(self, done: dict) -> dict:
+        p, cfg, backend = self.profile, self.source.config, self.backend
+        specs = pack_specs(cfg, p.decoder_pack_size, p.kv_format, p.kv_io, p.cache_len)
+        entries = []
+        for spec, src, name in zip(specs, graph_artifacts(done[self.upstream]), pack_file_names(len(specs), suffix=".plan")):
+            self.log(f"[engines] {src['path']} -> {name} ({backend.name} {backend.version}, "
+                     f"profiles: {', '.join(s.name for s in p.shapes)})")
+            record = build_engine(self.target / src["path"], self.target / name, p,
+                                  io_contract(cfg, spec, p.batch_dim, p.dtype), backend,
+                                  self.target / p.timing_cache if p.timing_cache else None, log=self.log)
+            entries.append(artifact(self.target, self.target / name, pack=src["pack"], build=record))
+        return {"artifacts": entries, "backend": backend.name, "backend_version": backend.version}
