@@ -46,6 +46,7 @@ class TensorIndex:
         self.directory = directory
         index = directory / "model.safetensors.index.json"
         self.where: dict[str, Path] = {}
+        self._headers: dict[Path, dict[str, tuple[tuple[int, ...], str]]] = {}
         if index.exists():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
@@ -65,6 +66,21 @@ class TensorIndex:
                 with _open(shard) as f:
                     for name in f.keys():
                         self.where[name] = shard
+
+    def header(self, name: str) -> tuple[tuple[int, ...], str] | None:
+        """The shape and safetensors dtype ("F16", "I32", ...) of tensor ``name``, from its shard's
+        header (no tensor data is read); None when the checkpoint has no such tensor."""
+        shard = self.where.get(name)
+        if shard is None:
+            return None
+        if shard not in self._headers:
+            with _open(shard) as f:
+                self._headers[shard] = {n: (tuple(f.get_slice(n).get_shape()), f.get_slice(n).get_dtype())
+                                        for n in f.keys()}
+        got = self._headers[shard].get(name)
+        if got is None:
+            raise ModelError(f"{shard}: tensor {name!r} is listed in the index but missing from the shard")
+        return got
 
     def shards(self) -> list[Path]:
         return sorted(set(self.where.values()))
