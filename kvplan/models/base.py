@@ -29,8 +29,9 @@ class ConfigOrigin:
         """The file's name for DecoderConfig's field ``name``."""
         return self.prefix + self.names.get(name, name)
 
-    def where(self, name: str) -> str:
-        return f"{self.file}: {self.field(name)}"
+    def named(self, name: str) -> str:
+        """The file and its field, as an error names them."""
+        return f"{self.file}'s {self.field(name)}"
 
 
 @dataclass

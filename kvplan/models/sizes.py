@@ -83,8 +83,9 @@ def check(cfg: DecoderConfig, family, origin: ConfigOrigin,
         held = [(n, lookup(f"layers.{i}.{n}", shapes[FIRST + n])) for n in layer]
         absent = [h for _, h in held if h.shape is None]
         if i and len(absent) == len(held):
-            raise ModelError(f"{absent[0].file}: tensor {absent[0].name!r}{absent[0].also} is missing: {origin.file}'s "
-                             f"{origin.field('num_layers')} = {cfg.num_layers}, but the checkpoint holds "
+            first = absent[0]
+            raise ModelError(f"{first.file}: tensor {first.name!r}{first.also} is missing: "
+                             f"{origin.named('num_layers')} = {cfg.num_layers}, but the checkpoint holds "
                              f"{i} layer{'s' * (i != 1)}")
         for n, h in held:
             _compare(cfg, origin, h, fields[FIRST + n])
