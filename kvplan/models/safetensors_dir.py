@@ -39,6 +39,15 @@ def _open(shard: Path):
         raise ModelError(f"{shard}: not a readable safetensors file ({e})") from None
 
 
+def _header(f) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Each tensor's shape and dtype in an opened shard (its header: slices read no data)."""
+    out = {}
+    for name in f.keys():
+        piece = f.get_slice(name)
+        out[name] = (tuple(piece.get_shape()), piece.get_dtype())
+    return out
+
+
 class TensorIndex:
     """Maps checkpoint tensor names to the shard that holds them, without reading data."""
 
@@ -64,6 +73,7 @@ class TensorIndex:
                 raise ModelError(f"{directory}: no *.safetensors files{hint}")
             for shard in shards:
                 with _open(shard) as f:
+                    self._headers[shard] = _header(f)
                     for name in f.keys():
                         self.where[name] = shard
 
@@ -75,8 +85,7 @@ class TensorIndex:
             return None
         if shard not in self._headers:
             with _open(shard) as f:
-                self._headers[shard] = {n: (tuple(f.get_slice(n).get_shape()), f.get_slice(n).get_dtype())
-                                        for n in f.keys()}
+                self._headers[shard] = _header(f)
         got = self._headers[shard].get(name)
         if got is None:
             raise ModelError(f"{shard}: tensor {name!r} is listed in the index but missing from the shard")
