@@ -64,6 +64,20 @@ class DecoderConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name, lowest in (("max_position_embeddings", 1), ("vocab_size", 0), ("sliding_window", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+                raise ConfigError(f"{name} must be an integer >= {lowest}, got {value!r}")
+        # Each of these is divided by, raised to a power or taken a root of: zero, a negative or a
+        # non-finite value would export NaN or fail deep in the trace.
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not _finite(value) or value <= 0:
+                raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
+        for name in ("attn_scale", "attn_softcap", "logit_softcap"):
+            value = getattr(self, name)
+            if not _finite(value) or value < 0:
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"num_attention_heads ({self.num_heads}) must be a multiple of "
@@ -76,8 +90,6 @@ class DecoderConfig:
             raise ConfigError(f"rotary dimension {self.rotary_dim} must be even")
         if self.hidden_act not in ACTIVATIONS:
             raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
-        if self.sliding_window < 0:
-            raise ConfigError(f"sliding_window must be >= 0, got {self.sliding_window}")
 
     @property
     def scale(self) -> float:
@@ -113,6 +125,10 @@ class DecoderConfig:
         if self.sandwich_norm:
             per_layer += 2 * h
         return self.num_layers * per_layer + h
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def inv_freq(cfg: DecoderConfig) -> tuple[list[float], float]:

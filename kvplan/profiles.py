@@ -7,7 +7,9 @@ Every error names the file and the field.
 """
 from __future__ import annotations
 
+import math
 import tomllib
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -225,6 +227,11 @@ def parse(data: dict, source: str, name: str) -> Profile:
     unknown = [p for p in passes if p not in PASSES]
     if unknown:
         raise r.fail("surgery.passes", f"unknown pass {unknown[0]!r} (known: {', '.join(PASSES)})")
+    twice = [p for i, p in enumerate(passes) if p in passes[:i]]
+    if twice:
+        # Passes run once each, in the registry's order, whatever the list says: a repeat is a slip
+        # in the list, refused rather than silently dropped.
+        raise r.fail("surgery.passes", f"pass {twice[0]!r} is listed more than once")
 
     engine = r.table(data, "engine")
     level = r.get(engine, "optimization_level", "engine.optimization_level", int, 3)
@@ -266,8 +273,11 @@ def parse(data: dict, source: str, name: str) -> Profile:
     validate = r.table(data, "validate")
     atol = float(r.get(validate, "atol", "validate.atol", (int, float)))
     rtol = float(r.get(validate, "rtol", "validate.rtol", (int, float)))
-    if atol < 0 or rtol < 0:
-        raise r.fail("validate", "atol and rtol must be >= 0")
+    for field, value in (("atol", atol), ("rtol", rtol)):
+        # NaN compares false with everything: a NaN tolerance would fail or pass every point
+        # whatever the graphs compute; an infinite one passes them all.
+        if not math.isfinite(value) or value < 0:
+            raise r.fail(f"validate.{field}", f"must be a finite number >= 0, got {value}")
 
     quantize = _quantize(r, data, source, compute_capabilities=ccs)
 
@@ -344,43 +354,59 @@ def load(name_or_path: str) -> Profile:
     return replace(parse(data, str(path), path.stem), shipped=shipped)
 
 
-def check_against_model(profile: Profile, max_positions: int) -> None:
-    """Shape ranges the model cannot serve are refused before anything is built."""
+def _positions(max_positions: int, model: str) -> str:
+    return f"{model} = {max_positions}" if model else f"the model's max_position_embeddings ({max_positions})"
+
+
+def check_against_model(profile: Profile, max_positions: int, model: str = "",
+                        overrides: Mapping[str, str] | None = None) -> None:
+    """Shape ranges the model cannot serve are refused before anything is built.
+
+    ``model``: where the model's positions were read ("DIR/config.json's max_position_embeddings");
+    ``overrides``: the optimization profiles --shapes sized, by name, with the option's text. An
+    error names what caused it: the --shapes option for those, the profile file for the others."""
+    overrides = overrides or {}
     if profile.cache_len > max_positions:
-        raise ProfileError(f"{profile.source}: export.cache_len {profile.cache_len} exceeds the model's "
-                           f"max_position_embeddings ({max_positions})")
+        raise ProfileError(f"{profile.source}: export.cache_len {profile.cache_len} exceeds "
+                           f"{_positions(max_positions, model)}")
     for s in profile.shapes:
         if s.sumN.max > max_positions:
-            raise ProfileError(
-                f"{profile.source}: engine.profiles {s.name!r}: N max + lastSum max = {s.sumN.max} exceeds "
-                f"the model's max_position_embeddings ({max_positions})")
+            where = f"--shapes {overrides[s.name]}: optimization profile" if s.name in overrides else \
+                f"{profile.source}: engine.profiles"
+            raise ProfileError(f"{where} {s.name!r}: N max + lastSum max = {s.sumN.max} exceeds "
+                               f"{_positions(max_positions, model)}")
 
 
 def _clamp(r: Range, hi: int) -> Range:
     return Range(min(r.min, hi), min(max(r.opt, r.min), hi), hi)
 
 
-def _fit_shape(s: ShapeProfile, positions: int, source: str) -> ShapeProfile:
+def _fit_shape(s: ShapeProfile, positions: int, source: str, model: str = "") -> ShapeProfile:
     """N max + lastSum max <= positions, N first (the step sizes the profile is for), opt points
     kept inside the clamped ranges."""
     if s.N.min + s.lastSum.min > positions:
-        raise ProfileError(f"{source}: engine.profiles {s.name!r}: even N min + lastSum min = "
+        # A shipped profile is fitted to any model: what cannot be fitted is the model's doing.
+        raise ProfileError(f"{model + ' = ' + str(positions) if model else 'the model'}: too few positions for "
+                           f"{source}'s engine.profiles {s.name!r}: even N min + lastSum min = "
                            f"{s.N.min + s.lastSum.min} exceeds the model's {positions} positions")
     n = _clamp(s.N, min(s.N.max, positions - s.lastSum.min))
     last = _clamp(s.lastSum, min(s.lastSum.max, positions - n.max))
     return ShapeProfile(s.name, n, last)
 
 
-def fit_to_model(profile: Profile, max_positions: int, keep: tuple[str, ...] = ()) -> Profile:
+def fit_to_model(profile: Profile, max_positions: int, keep: Mapping[str, str] | tuple[str, ...] = (),
+                 model: str = "") -> Profile:
     """A shipped profile sized for more positions than the model has is fitted to it; anything
     else that does not fit is refused (check_against_model). ``keep``: optimization profiles the
-    user sized on the command line, never clamped."""
+    user sized on the command line, never clamped (by name, with the --shapes text that sized
+    them, which errors then name). ``model``: where ``max_positions`` was read, for errors."""
+    overrides = dict(keep) if isinstance(keep, Mapping) else {name: name for name in keep}
     if not profile.shipped or profile.max_sum <= max_positions and profile.cache_len <= max_positions:
-        check_against_model(profile, max_positions)
+        check_against_model(profile, max_positions, model, overrides)
         return profile
     shapes, notes = [], []
     for s in profile.shapes:
-        fitted = s if s.name in keep else _fit_shape(s, max_positions, profile.source)
+        fitted = s if s.name in overrides else _fit_shape(s, max_positions, profile.source, model)
         if fitted != s:
             notes.append(f"{s.name}: N {s.N.as_list()} -> {fitted.N.as_list()}, lastSum {s.lastSum.as_list()} -> "
                          f"{fitted.lastSum.as_list()} (the model has {max_positions} positions)")
@@ -390,7 +416,7 @@ def fit_to_model(profile: Profile, max_positions: int, keep: tuple[str, ...] = (
         notes.append(f"export.cache_len {cache_len} -> {max_positions} (the model has {max_positions} positions)")
         cache_len = max_positions
     fitted = replace(profile, shapes=tuple(shapes), cache_len=cache_len, adjusted=profile.adjusted + tuple(notes))
-    check_against_model(fitted, max_positions)
+    check_against_model(fitted, max_positions, model, overrides)
     return fitted
 
 

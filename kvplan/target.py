@@ -57,8 +57,9 @@ def resolve_target(model: str, profile_name: str, out: Path, shapes: tuple[str, 
     """(model source, profile fitted to it with --shapes applied, target directory)."""
     source = resolve(model)
     profile = profiles_mod.with_shapes(profiles_mod.load(profile_name), list(shapes))
-    keep = tuple(profiles_mod.parse_shapes(s)[0] for s in shapes if profiles_mod.parse_batch(s) is None)
-    profile = profiles_mod.fit_to_model(profile, source.config.max_position_embeddings, keep)
+    keep = {profiles_mod.parse_shapes(s)[0]: s for s in shapes if profiles_mod.parse_batch(s) is None}
+    positions = source.origin.named("max_position_embeddings") if source.origin else ""
+    profile = profiles_mod.fit_to_model(profile, source.config.max_position_embeddings, keep, positions)
     # An int4 checkpoint (or a GGUF file's int4 blocks) brings its own group size.
     if getattr(source, "checkpoint", None) is None and not gguf_blocks.has_blocks(source, profile.quantize.linears):
         profile = profiles_mod.fit_group_size(profile, source.config)

@@ -69,7 +69,8 @@ def test_a_wrong_shape_is_refused_even_with_the_traces_cached(good, tmp_path, ca
     assert _build(good, tmp_path / "first", capsys)[0] == 0
     model = _edited(good, tmp_path, lambda t: t[:, :-1].contiguous())
     code, err = _build(model, tmp_path / "out", capsys)
-    assert code == 2 and "tensor 'layers.1.mlp.down_proj.weight' has shape [32, 63], the architecture needs " \
-                         "[32, 64]" in err
+    # Refused where the checkpoint is opened, from its header, naming the config field that disagrees.
+    assert code == 2 and "tensor 'model.layers.1.mlp.down_proj.weight' has shape [32, 63], but " in err \
+        and "config.json's intermediate_size = 64 needs [32, 64]" in err
     manifest = tmp_path / "out" / "llama" / "fp32" / "manifest.json"
     assert not manifest.exists() or json.loads(manifest.read_text())["status"] != "complete"

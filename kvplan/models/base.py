@@ -10,6 +10,30 @@ from kvplan.config import DecoderConfig
 from kvplan.errors import ModelError
 
 
+# config.json's names for DecoderConfig's sizes (transformers' config classes).
+HF_FIELDS = {"hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
+             "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+             "num_kv_heads": "num_key_value_heads", "head_dim": "head_dim",
+             "max_position_embeddings": "max_position_embeddings"}
+
+
+@dataclass(frozen=True)
+class ConfigOrigin:
+    """Where a source's architecture was read, so that an error a value causes names the file and
+    the field as the user wrote them (``DIR/config.json``'s ``num_hidden_layers``), not kvplan's name."""
+    file: str
+    names: dict[str, str] = field(default_factory=lambda: dict(HF_FIELDS))
+    prefix: str = ""            # MiniCPM-o: the fields live in config.json's "tts_config"
+
+    def field(self, name: str) -> str:
+        """The file's name for DecoderConfig's field ``name``."""
+        return self.prefix + self.names.get(name, name)
+
+    def named(self, name: str) -> str:
+        """The file and its field, as an error names them."""
+        return f"{self.file}'s {self.field(name)}"
+
+
 @dataclass
 class ModelSource:
     """A decoder's architecture plus a way to read its weights on demand.
@@ -47,6 +71,8 @@ class ModelSource:
     # family's scale); ``embedding`` names the tensor. None where the source has no such matrix.
     read_embedding: Callable[[], torch.Tensor] | None = None
     embedding: str | None = None
+    # Where ``config`` was read (None: nowhere a user wrote, as for presets).
+    origin: ConfigOrigin | None = None
 
     def __post_init__(self) -> None:
         # A source whose LM tensors include the embedding feeds that one, unless it names another.

@@ -34,7 +34,8 @@ import torch
 from kvplan.config import DecoderConfig
 from kvplan.errors import ConfigError, ModelError
 from kvplan.models import families
-from kvplan.models.base import LM_NAMES, ModelSource, file_fingerprint, reference_names
+from kvplan.models import sizes
+from kvplan.models.base import LM_NAMES, ConfigOrigin, ModelSource, file_fingerprint, reference_names
 from kvplan.models.presets import tensor_shapes
 from kvplan.models.tokenizer import load_tokenizer
 
@@ -57,6 +58,13 @@ GEMMA2_LAYER_TENSORS = {"post_attention_layernorm": "post_attention_norm",
                         "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm"}
 TOP_TENSORS = {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
                "lm_head.weight": "output.weight"}
+
+
+# The ``{arch}.*`` metadata keys DecoderConfig's sizes are read from (hf_config), for errors.
+METADATA_FIELDS = {"hidden_size": "embedding_length", "intermediate_size": "feed_forward_length",
+                   "num_layers": "block_count", "num_heads": "attention.head_count",
+                   "num_kv_heads": "attention.head_count_kv", "head_dim": "attention.key_length",
+                   "max_position_embeddings": "context_length"}
 
 
 def accepts(arg: str) -> bool:
@@ -117,7 +125,7 @@ def hf_config(meta: Metadata, arch: str, tensors: Mapping[str, object]) -> dict:
     key = f"{arch}.{{}}".format
     hidden, heads = meta.required(key("embedding_length")), meta.required(key("attention.head_count"))
     # llama.cpp's reading: the head size defaults to n_embd / n_head, the rotary part to all of it.
-    head_dim = meta.int(key("attention.key_length")) or hidden // heads
+    head_dim = meta.int(key("attention.key_length")) or (hidden // heads if heads > 0 else 0)
     rotary = meta.int(key("rope.dimension_count"), head_dim)
     vocab = meta.int(key("vocab_size")) or len(meta.get("tokenizer.ggml.tokens", []))
     if not vocab and "token_embd.weight" in tensors:
@@ -305,6 +313,16 @@ def load(arg: str) -> GGUFSource:
     except ConfigError as e:
         raise ModelError(str(e)) from None
     family = families.get(cfg.family)
+    origin = ConfigOrigin(str(path), {k: f"{arch}.{v}" for k, v in METADATA_FIELDS.items()})
+
+    def held(name: str, expected: tuple[int, ...]) -> sizes.Held:
+        g = gguf_name(arch, name)
+        # GGUF lists a tensor's dimensions innermost first: [in, out] for a linear's [out, in].
+        shape = tuple(int(d) for d in reversed(tensors[g].shape)) if g in tensors else None
+        return sizes.Held(str(path), g, shape, expected, also=f" (the checkpoint's {name})")
+    # Sizes against the tensor infos before anything is built: tensor_shapes below builds (on the
+    # meta device) as many layers as block_count says.
+    sizes.check(cfg, family, origin, held)
     checkpoint_names = sorted({family.checkpoint_name(cfg, n) for n in tensor_shapes(cfg)})
     lm = {"embed_tokens.weight": "embed_tokens.weight",
           "lm_head.weight": "embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"}
@@ -334,7 +352,7 @@ def load(arg: str) -> GGUFSource:
         path=path, read_lm=read_lm, reference_config=reference_config,
         read_reference=lambda layers=None, norm=True: reference.read(
             reference_names(checkpoint_names, layers, norm)),
-        tokenizer=lambda: load_tokenizer(path.parent, gguf_file=path.name), gguf=file,
+        tokenizer=lambda: load_tokenizer(path.parent, gguf_file=path.name), gguf=file, origin=origin,
         notes=(f"{path.name}: decoder tensors {', '.join(f'{k} x{v}' for k, v in sorted(types.items()))}, read "
                f"dequantized into the profile dtype (an int4 profile imports the Q4_0/Q4_1/Q4_K blocks instead)",))
     return source

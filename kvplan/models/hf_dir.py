@@ -7,7 +7,8 @@ from pathlib import Path
 
 from kvplan.config import ConfigError
 from kvplan.models import families
-from kvplan.models.base import LM_NAMES, ModelError, ModelSource, reference_names
+from kvplan.models import sizes
+from kvplan.models.base import LM_NAMES, ConfigOrigin, ModelError, ModelSource, reference_names
 from kvplan.models.presets import tensor_shapes
 from kvplan.models.safetensors_dir import TensorIndex
 from kvplan.models.tokenizer import has_tokenizer, load_tokenizer
@@ -27,22 +28,23 @@ def read_config(path: Path) -> dict:
 def make_source(directory: Path, cfg_dict: dict, config_file: Path, prefix: str, kind: str,
                 family: str | None = None, lm_names: dict[str, str] | None = None,
                 reference_config: Path | dict | None = None, tokenizer: bool = True,
-                embedding: str | None = None) -> ModelSource:
+                embedding: str | None = None, field_prefix: str = "") -> ModelSource:
     """A ModelSource reading the tensors under ``prefix`` of the directory's safetensors, through
     the family's mapping of checkpoint tensors to kvplan's. ``embedding``: the checkpoint's name of
-    the input embedding matrix (default: ``lm_names``' embed_tokens.weight), where it holds one."""
+    the input embedding matrix (default: ``lm_names``' embed_tokens.weight), where it holds one.
+    ``field_prefix``: where in ``config_file`` the architecture's fields are (errors name them so)."""
     try:
         cfg = families.from_hf_dict(cfg_dict, str(config_file), family=family)
     except ConfigError as e:
         raise ModelError(str(e)) from None
     fam = families.get(cfg.family)
     index = TensorIndex(directory)
-    # Check presence of every decoder tensor up front: a missing tensor must fail before
-    # minutes of export, not in the middle of it.
+    origin = ConfigOrigin(str(config_file), prefix=field_prefix)
+    # Every decoder tensor present, in the shape the config says, before anything is built: a
+    # missing tensor must fail before minutes of export, and a config's sizes before they are
+    # allocated.
+    sizes.check(cfg, fam, origin, lambda name, expected: held(index, prefix + name, expected))
     checkpoint_names = sorted({fam.checkpoint_name(cfg, n) for n in tensor_shapes(cfg)})
-    for name in checkpoint_names:
-        if prefix + name not in index.where:
-            raise ModelError(f"{directory}: tensor {prefix + name!r} is missing from the checkpoint")
 
     def read_checkpoint(names):
         got = index.read([prefix + n for n in names])
@@ -75,7 +77,14 @@ def make_source(directory: Path, cfg_dict: dict, config_file: Path, prefix: str,
                        read_reference=lambda layers=None, norm=True: read_checkpoint(
                            reference_names(checkpoint_names, layers, norm)),
                        tokenizer=(lambda: load_tokenizer(directory)) if tokenizer and has_tokenizer(directory) else None,
-                       read_embedding=read_embedding, embedding=embedding)
+                       read_embedding=read_embedding, embedding=embedding, origin=origin)
+
+
+def held(index: TensorIndex, name: str, expected: tuple[int, ...]) -> sizes.Held:
+    """What the checkpoint holds as tensor ``name`` (its header only), for sizes.check."""
+    header = index.header(name)
+    where = index.where.get(name, index.directory)
+    return sizes.Held(str(where), name, None if header is None else header[0], expected)
 
 
 def load(arg: str) -> ModelSource:

@@ -49,6 +49,6 @@ def load(arg: str) -> ModelSource:
                        tokenizer=False,
                        # What the TTS looks its text tokens up in before the decoder (the LlamaModel's own
                        # embed_tokens is never used by it).
-                       embedding=TEXT_EMBEDDING)
+                       embedding=TEXT_EMBEDDING, field_prefix="tts_config.")
 
 

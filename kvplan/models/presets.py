@@ -7,7 +7,7 @@ import torch
 
 from kvplan.config import DecoderConfig
 from kvplan.decoder import DecoderStack, StackSpec
-from kvplan.models.base import LM_NAMES, ModelError, ModelSource, reference_names
+from kvplan.models.base import LM_NAMES, ConfigOrigin, ModelError, ModelSource, reference_names
 from kvplan.models.families import FAMILIES, get as get_family
 
 DEFAULT = "minicpmo26-tts"
@@ -105,6 +105,6 @@ def load(name: str) -> ModelSource:
                        read_embedding=lambda: read_lm(["embed_tokens.weight"])["embed_tokens.weight"],
                        embedding="embed_tokens.weight",
                        fingerprint={"preset": name, "seed": SEED, "config": cfg.to_dict()},
-                       reference_config=family.hf_config(cfg),
+                       reference_config=family.hf_config(cfg), origin=ConfigOrigin(f"preset {name}"),
                        read_reference=lambda layers=None, norm=True: family.to_checkpoint(
                            cfg, read(reference_names(shapes, layers, norm))))

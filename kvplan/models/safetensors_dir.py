@@ -39,6 +39,15 @@ def _open(shard: Path):
         raise ModelError(f"{shard}: not a readable safetensors file ({e})") from None
 
 
+def _header(f) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Each tensor's shape and dtype in an opened shard (its header: slices read no data)."""
+    out = {}
+    for name in f.keys():
+        piece = f.get_slice(name)
+        out[name] = (tuple(piece.get_shape()), piece.get_dtype())
+    return out
+
+
 class TensorIndex:
     """Maps checkpoint tensor names to the shard that holds them, without reading data."""
 
@@ -46,6 +55,7 @@ class TensorIndex:
         self.directory = directory
         index = directory / "model.safetensors.index.json"
         self.where: dict[str, Path] = {}
+        self._headers: dict[Path, dict[str, tuple[tuple[int, ...], str]]] = {}
         if index.exists():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
@@ -63,8 +73,23 @@ class TensorIndex:
                 raise ModelError(f"{directory}: no *.safetensors files{hint}")
             for shard in shards:
                 with _open(shard) as f:
+                    self._headers[shard] = _header(f)
                     for name in f.keys():
                         self.where[name] = shard
+
+    def header(self, name: str) -> tuple[tuple[int, ...], str] | None:
+        """The shape and safetensors dtype ("F16", "I32", ...) of tensor ``name``, from its shard's
+        header (no tensor data is read); None when the checkpoint has no such tensor."""
+        shard = self.where.get(name)
+        if shard is None:
+            return None
+        if shard not in self._headers:
+            with _open(shard) as f:
+                self._headers[shard] = _header(f)
+        got = self._headers[shard].get(name)
+        if got is None:
+            raise ModelError(f"{shard}: tensor {name!r} is listed in the index but missing from the shard")
+        return got
 
     def shards(self) -> list[Path]:
         return sorted(set(self.where.values()))

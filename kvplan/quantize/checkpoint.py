@@ -36,7 +36,9 @@ from kvplan.models import families
 from kvplan.models.families import from_hf_dict
 from kvplan.errors import QuantizeError
 from kvplan.models import resolve as resolve_model
-from kvplan.models.base import LM_NAMES, ModelSource, reference_names
+from kvplan.models import sizes
+from kvplan.models.base import LM_NAMES, ConfigOrigin, ModelSource, reference_names
+from kvplan.models.hf_dir import held as hf_held
 from kvplan.models.presets import tensor_shapes
 from kvplan.models.safetensors_dir import TensorIndex
 from kvplan.models.tokenizer import has_tokenizer, load_tokenizer
@@ -102,9 +104,6 @@ class Checkpoint:
             if tuple(t[p].shape) != shape:
                 raise self._fail(f"{base}.{p}", f"shape {list(t[p].shape)}, expected {list(shape)} "
                                                f"(in {in_f}, out {out_f}, group_size {g})")
-        for p in ("qweight", "qzeros"):
-            if t[p].dtype != torch.int32:
-                raise self._fail(f"{base}.{p}", f"dtype {t[p].dtype}, expected int32 (8 packed 4-bit values)")
         scales = t["scales"].to(torch.float32)
         if self.method == "awq":
             q = unpack_awq(t["qweight"])
@@ -161,9 +160,11 @@ def quantization_config(directory: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text()).get("quantization_config")
+        config = json.loads(path.read_text())
     except json.JSONDecodeError:
         return None             # kvplan.models reports the bad JSON
+    # Nor is anything but an object a checkpoint's config: kvplan.models says so, naming the file.
+    return config.get("quantization_config") if isinstance(config, dict) else None
 
 
 def resolve(arg: str):
@@ -196,6 +197,23 @@ def _check_config(config_file: Path, qc: dict) -> tuple[str, int]:
     return method, group
 
 
+# What each part of a packed linear must be stored as (safetensors' dtype names): the packed
+# values and zeros are int32 words, the scales floats, GPTQ's g_idx group numbers.
+PART_DTYPES = {"qweight": ("I32",), "qzeros": ("I32",), "scales": ("F16", "BF16", "F32"),
+               "g_idx": ("I32", "I64", "I16", "I8", "U8")}
+PART_MEANING = {"qweight": "int32 (8 packed 4-bit values)", "qzeros": "int32 (8 packed 4-bit zero points)",
+                "scales": "a float dtype (float16, bfloat16 or float32)",
+                "g_idx": "an integer dtype (each input row's group number)"}
+
+
+def _check_dtype(index: TensorIndex, name: str, part: str, method: str) -> None:
+    """A part stored in another dtype would be reinterpreted or cast into wrong weights; refused."""
+    dtype = index.header(name)[1]
+    if dtype not in PART_DTYPES[part]:
+        raise QuantizeError(f"{index.where[name]}: tensor {name!r}: dtype {dtype}; {method.upper()} {part} must be "
+                            f"{PART_MEANING[part]}")
+
+
 def load(directory: Path, qc: dict) -> QuantizedSource:
     config_file = directory / "config.json"
     method, group = _check_config(config_file, qc)
@@ -205,20 +223,33 @@ def load(directory: Path, qc: dict) -> QuantizedSource:
     except ConfigError as e:
         raise QuantizeError(str(e)) from None
     index = TensorIndex(directory)
-    shapes = tensor_shapes(cfg)
     linear_suffixes = tuple(f".{m}.weight" for m in MODULES.values())
+
+    def held(name: str, expected: tuple[int, ...]) -> sizes.Held:
+        """A quantized linear as the [out, in] its qweight packs; any other tensor as it is."""
+        qweight = PREFIX + name.removesuffix(".weight") + ".qweight"
+        if not name.endswith(linear_suffixes) or qweight not in index.where:
+            got = hf_held(index, PREFIX + name, expected)
+            if got.shape is None and name.endswith(linear_suffixes):
+                got = got._replace(also=" (neither it nor its qweight)")
+            return got
+        rows, cols = index.header(qweight)[0]
+        unpacked = (cols * 8, rows) if method == "awq" else (cols, rows * 8)
+        return sizes.Held(str(index.where[qweight]), qweight, unpacked, expected, packed=True)
+    # Sizes first, from the headers: tensor_shapes below builds (on the meta device) as many layers
+    # as the config says.
+    sizes.check(cfg, families.get(cfg.family), ConfigOrigin(str(config_file)), held)
+    shapes = tensor_shapes(cfg)
     quantized_names = []
     for name in shapes:
         if name.endswith(linear_suffixes) and PREFIX + name.removesuffix(".weight") + ".qweight" in index.where:
             quantized_names.append(name)
-            parts = ("qzeros", "scales") + (("g_idx",) if method == "gptq" else ())
+            parts = ("qweight", "qzeros", "scales") + (("g_idx",) if method == "gptq" else ())
             for p in parts:
                 full = PREFIX + name.removesuffix(".weight") + "." + p
                 if full not in index.where:
                     raise QuantizeError(f"{directory}: tensor {full!r} is missing from the checkpoint")
-        elif PREFIX + name not in index.where:
-            raise QuantizeError(f"{directory}: tensor {PREFIX + name!r} is missing from the checkpoint"
-                                + (" (neither it nor its qweight)" if name.endswith(linear_suffixes) else ""))
+                _check_dtype(index, full, p, method)
     if not quantized_names:
         raise QuantizeError(f"{directory}: quantization_config says {method}, but no linear has a qweight")
     for name in quantized_names:
@@ -254,6 +285,7 @@ def load(directory: Path, qc: dict) -> QuantizedSource:
         return families.get(cfg.family).to_checkpoint(cfg, read(reference_names(shapes, layers, norm)))
 
     return QuantizedSource(name=directory.resolve().name, config=cfg, kind=f"hf-{method}", read_tensors=read,
+                           origin=ConfigOrigin(str(config_file)),
                            fingerprint=fingerprint, path=directory, read_lm=read_lm, checkpoint=ckpt,
                            reference_config=directory, read_reference=read_reference,
                            tokenizer=(lambda: load_tokenizer(directory)) if has_tokenizer(directory) else None)

@@ -62,7 +62,7 @@ class Gemma2(Family):
         bias = f.bool("attention_bias")
         cap = f.float("attn_logit_softcapping") if f.has("attn_logit_softcapping") else 0.0
         final_cap = f.float("final_logit_softcapping") if f.has("final_logit_softcapping") else 0.0
-        return {"sandwich_norm": True, "attn_scale": f.float("query_pre_attn_scalar") ** -0.5,
+        return {"sandwich_norm": True, "attn_scale": f.float("query_pre_attn_scalar", positive=True) ** -0.5,
                 "attn_softcap": cap, "qkv_bias": bias, "o_bias": bias, "max_position_embeddings": max_positions,
                 "logit_softcap": final_cap}
 

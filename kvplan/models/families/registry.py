@@ -49,27 +49,38 @@ class Fields:
     def has(self, key: str) -> bool:
         return self.hf.get(key) is not None
 
-    def int(self, key: str, default: int | None = None) -> int:
+    def int(self, key: str, default: int | None = None, positive: bool = False) -> int:
         value = self.hf.get(key)
         value = default if value is None else value
         if value is None:
             raise self.error(f"missing field {key!r}")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        # A float is taken when it is a whole number (64.0); NaN and infinity are not numbers of layers.
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or value != int(value):
             raise self.error(f"{key} must be an integer, got {value!r}")
+        if positive and value <= 0:
+            raise self.error(f"{key} must be a positive integer, got {value!r}")
         return int(value)
 
-    def float(self, key: str, default: float | None = None) -> float:
+    def float(self, key: str, default: float | None = None, positive: bool = False) -> float:
         value = self.hf.get(key)
         value = default if value is None else value
         if value is None:
             raise self.error(f"missing field {key!r}")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise self.error(f"{key} must be a finite number, got {value!r}")
+        if positive and value <= 0:
+            raise self.error(f"{key} must be a positive number, got {value!r}")
         return float(value)
 
     def bool(self, key: str, default: bool = False) -> bool:
         value = self.hf.get(key, default)
-        return default if value is None else bool(value)
+        if value is None:
+            return default
+        # bool("false") is True: a string or number here is refused, not read as a switch.
+        if not isinstance(value, bool):
+            raise self.error(f"{key} must be true or false, got {value!r}")
+        return value
 
     def rope(self) -> dict[str, Any]:
         """rope_type, rope_theta, partial_rotary_factor and the scaling parameters, from
@@ -87,8 +98,11 @@ class Fields:
                 params[k] = tuple(float(x) for x in v)
             elif isinstance(v, (int, float)) and not isinstance(v, bool):
                 params[k] = float(v)
-        return {"rope_type": rope_type, "rope_theta": Fields({"t": theta}, self.source).float("t"),
-                "partial_rotary_factor": float(partial), "rope_params": params}
+        # Named as config.json spells them, wherever in it they were found.
+        values = Fields({"rope_theta": theta, "partial_rotary_factor": partial}, self.source)
+        return {"rope_type": rope_type, "rope_theta": values.float("rope_theta", positive=True),
+                "partial_rotary_factor": values.float("partial_rotary_factor", positive=True),
+                "rope_params": params}
 
 
 class Family:
@@ -129,19 +143,22 @@ class Family:
         if act not in self.activations:
             raise f.error(f"{self.act_key} {act!r} is not supported for {self.name} "
                           f"(supported: {', '.join(self.activations)})")
-        hidden, heads = f.int("hidden_size"), f.int("num_attention_heads")
+        hidden, heads = f.int("hidden_size", positive=True), f.int("num_attention_heads", positive=True)
+        if not f.has("head_dim") and hidden % heads:
+            raise f.error(f"hidden_size {hidden} is not a multiple of num_attention_heads {heads}, and no "
+                          f"head_dim says the head size")
         rope = f.rope()
         self.check_rope(f, rope)
         return dict(
-            hidden_size=hidden, intermediate_size=f.int("intermediate_size"),
-            num_layers=f.int("num_hidden_layers"), num_heads=heads,
-            num_kv_heads=f.int("num_key_value_heads", heads),
-            head_dim=f.int("head_dim", hidden // heads if heads else 0),
-            rms_norm_eps=f.float("rms_norm_eps", 1e-6),
+            hidden_size=hidden, intermediate_size=f.int("intermediate_size", positive=True),
+            num_layers=f.int("num_hidden_layers", positive=True), num_heads=heads,
+            num_kv_heads=f.int("num_key_value_heads", heads, positive=True),
+            head_dim=f.int("head_dim", hidden // heads, positive=True),
+            rms_norm_eps=f.float("rms_norm_eps", 1e-6, positive=True),
             rope_theta=rope["rope_theta"], rope_type=rope["rope_type"],
             rope_params=tuple(sorted(rope["rope_params"].items())),
             partial_rotary_factor=rope["partial_rotary_factor"],
-            max_position_embeddings=f.int("max_position_embeddings", 4096),
+            max_position_embeddings=f.int("max_position_embeddings", 4096, positive=True),
             vocab_size=f.int("vocab_size", 0), tie_word_embeddings=f.bool("tie_word_embeddings"),
             hidden_act=act, family=self.name)
 
