@@ -233,7 +233,11 @@ def load(directory: Path, qc: dict) -> QuantizedSource:
             if got.shape is None and name.endswith(linear_suffixes):
                 got = got._replace(also=" (neither it nor its qweight)")
             return got
-        rows, cols = index.header(qweight)[0]
+        stored = index.header(qweight)[0]
+        if len(stored) != 2:
+            raise QuantizeError(f"{index.where[qweight]}: tensor {qweight!r}: shape {list(stored)}; a qweight is "
+                                f"2-D (rows of int32 words)")
+        rows, cols = stored
         unpacked = (cols * 8, rows) if method == "awq" else (cols, rows * 8)
         return sizes.Held(str(index.where[qweight]), qweight, unpacked, expected, packed=True)
     # Sizes first, from the headers: tensor_shapes below builds (on the meta device) as many layers
