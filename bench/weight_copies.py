@@ -39,7 +39,7 @@ def _profile_for(route: str, profile):
     prefill, decode = profile.shapes
     wide = dataclasses.replace(decode, name="one", N=dataclasses.replace(prefill.N, opt=decode.N.opt),
                                lastSum=dataclasses.replace(decode.lastSum, min=prefill.lastSum.min))
-    return dataclasses.replace(profile, shapes=(wide,))
+    return profile.with_engine(shapes=(wide,))
 
 
 def build_route(target: Path, profile_name: str, route: str) -> None:
@@ -56,7 +56,7 @@ def build_route(target: Path, profile_name: str, route: str) -> None:
         configure = trt_build.configure
 
         def with_flags(trt, backend_, config, profile_, log):
-            opts, notes = configure(trt, backend_, config, profile_, log)
+            opts, notes = configure(trt, backend_, config, profile_.engine, profile_.source, log)
             for flag in flags:
                 config.set_flag(getattr(trt.BuilderFlag, flag))
             return {**opts, "flags": list(flags)}, notes

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import tomllib
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,41 @@ class ShapeProfile:
         return Range(self.N.min + self.lastSum.min, self.N.opt + self.lastSum.opt, self.N.max + self.lastSum.max)
 
 
+def _is_cc(text: str) -> bool:
+    major, _, minor = text.partition(".")
+    return major.isdigit() and minor.isdigit()
+
+
+def _option(default, kind: type, check=None, other=None):
+    """One ``[engine]`` builder option: its TOML type, its check (the problem in words, or None) and
+    another valid value (the digest test changes each option to it)."""
+    return field(default=default, metadata={"kind": kind, "check": check or (lambda _: None), "other": other})
+
+
+@dataclass(frozen=True)
+class Engine:
+    """``[engine]``: how the plans are built. The loader reads each option from its field (type, default,
+    check), the table's allowed keys are the fields', and the engines stage's digest is the whole
+    section, so a new builder option is a field here and its use in kvplan.trt.options."""
+    shapes: tuple[ShapeProfile, ...] = field(default=(), metadata={"key": "profiles"})   # [[engine.profiles]]
+    optimization_level: int = _option(3, int, lambda v: None if 0 <= v <= 5 else f"must be in 0..5, got {v}", 4)
+    workspace_mib: int = _option(0, int, lambda v: None if v >= 0 else f"must be >= 0 (0: backend default), got {v}",
+                                 1024)
+    timing_cache: str = _option("timing.cache", str, other="other.cache")
+    hardware_compatibility: str = _option(
+        "none", str, lambda v: None if v in HARDWARE_COMPAT else
+        f"unknown value {v!r} (one of {', '.join(HARDWARE_COMPAT)})", "ampere_plus")
+    version_compatible: bool = _option(False, bool, other=True)
+    compute_capabilities: tuple[str, ...] = _option(
+        (), list, lambda v: next((f"entries must be like \"8.6\", got {cc!r}" for cc in v
+                                  if not isinstance(cc, str) or not _is_cc(cc)), None), ("8.6",))
+
+    @classmethod
+    def options(cls) -> tuple:
+        """The builder options: every field but the shapes."""
+        return tuple(f for f in fields(cls) if "kind" in f.metadata)
+
+
 @dataclass(frozen=True)
 class Tolerance:
     atol: float
@@ -79,13 +114,7 @@ class Profile:
     cache_len: int = 0
     decoder_pack_size: int = 0
     passes: tuple[str, ...] = ("rmsnorm", "rope")
-    shapes: tuple[ShapeProfile, ...] = ()
-    optimization_level: int = 3
-    workspace_mib: int = 0
-    timing_cache: str = "timing.cache"
-    hardware_compatibility: str = "none"
-    version_compatible: bool = False
-    compute_capabilities: tuple[str, ...] = ()
+    engine: Engine = Engine()
     tolerance: Tolerance = Tolerance(1e-4, 1e-4)
     quantize: Quantize = Quantize()
     # Loaded by name from the shipped profiles: fitted to a model with fewer positions
@@ -108,6 +137,14 @@ class Profile:
         return self.batch if isinstance(self.batch, Range) else Range(self.batch, self.batch, self.batch)
 
     @property
+    def shapes(self) -> tuple[ShapeProfile, ...]:
+        """The engine's optimization profiles (``[[engine.profiles]]``)."""
+        return self.engine.shapes
+
+    def with_engine(self, **changes) -> "Profile":
+        return replace(self, engine=replace(self.engine, **changes))
+
+    @property
     def max_sum(self) -> int:
         return max((s.sumN.max for s in self.shapes), default=0)
 
@@ -118,8 +155,7 @@ _KEYS = {
     "quantize": {"method", "bits", "group_size", "linears", "calibration", "samples", "tokens", "seed", "clip"},
     "export": {"dtype", "batch", "kv_format", "kv_io", "cache_len", "decoder_pack_size"},
     "surgery": {"passes"},
-    "engine": {"optimization_level", "workspace_mib", "timing_cache", "hardware_compatibility",
-               "version_compatible", "compute_capabilities", "profiles"},
+    "engine": {f.metadata.get("key", f.name) for f in fields(Engine)},
     "engine.profiles": {"name", "N", "lastSum"},
     "validate": {"atol", "rtol"},
 }
@@ -234,19 +270,7 @@ def parse(data: dict, source: str, name: str) -> Profile:
         raise r.fail("surgery.passes", f"pass {twice[0]!r} is listed more than once")
 
     engine = r.table(data, "engine")
-    level = r.get(engine, "optimization_level", "engine.optimization_level", int, 3)
-    if not 0 <= level <= 5:
-        raise r.fail("engine.optimization_level", f"must be in 0..5, got {level}")
-    workspace = r.get(engine, "workspace_mib", "engine.workspace_mib", int, 0)
-    if workspace < 0:
-        raise r.fail("engine.workspace_mib", f"must be >= 0 (0: backend default), got {workspace}")
-    hw = r.get(engine, "hardware_compatibility", "engine.hardware_compatibility", str, "none")
-    if hw not in HARDWARE_COMPAT:
-        raise r.fail("engine.hardware_compatibility", f"unknown value {hw!r} (one of {', '.join(HARDWARE_COMPAT)})")
-    ccs = r.get(engine, "compute_capabilities", "engine.compute_capabilities", list, [])
-    for cc in ccs:
-        if not isinstance(cc, str) or not _is_cc(cc):
-            raise r.fail("engine.compute_capabilities", f"entries must be like \"8.6\", got {cc!r}")
+    options = _engine_options(r, engine)
     raw_profiles = r.get(engine, "profiles", "engine.profiles", list)
     if not raw_profiles:
         raise r.fail("engine.profiles", "at least one optimization profile is needed")
@@ -273,21 +297,30 @@ def parse(data: dict, source: str, name: str) -> Profile:
     validate = r.table(data, "validate")
     atol = float(r.get(validate, "atol", "validate.atol", (int, float)))
     rtol = float(r.get(validate, "rtol", "validate.rtol", (int, float)))
-    for field, value in (("atol", atol), ("rtol", rtol)):
+    for key, value in (("atol", atol), ("rtol", rtol)):
         # NaN compares false with everything: a NaN tolerance would fail or pass every point
         # whatever the graphs compute; an infinite one passes them all.
         if not math.isfinite(value) or value < 0:
-            raise r.fail(f"validate.{field}", f"must be a finite number >= 0, got {value}")
+            raise r.fail(f"validate.{key}", f"must be a finite number >= 0, got {value}")
 
-    quantize = _quantize(r, data, source, compute_capabilities=ccs)
+    quantize = _quantize(r, data, source, compute_capabilities=list(options["compute_capabilities"]))
 
-    return Profile(name=name, source=source, dtype=dtype, quantize=quantize, batch=batch, kv_format=kv_format, kv_io=kv_io,
-                   cache_len=cache_len, decoder_pack_size=pack, passes=tuple(passes), shapes=tuple(shapes),
-                   optimization_level=level, workspace_mib=workspace,
-                   timing_cache=r.get(engine, "timing_cache", "engine.timing_cache", str, "timing.cache"),
-                   hardware_compatibility=hw,
-                   version_compatible=r.get(engine, "version_compatible", "engine.version_compatible", bool, False),
-                   compute_capabilities=tuple(ccs), tolerance=Tolerance(atol, rtol))
+    return Profile(name=name, source=source, dtype=dtype, quantize=quantize, batch=batch, kv_format=kv_format,
+                   kv_io=kv_io, cache_len=cache_len, decoder_pack_size=pack, passes=tuple(passes),
+                   engine=Engine(shapes=tuple(shapes), **options), tolerance=Tolerance(atol, rtol))
+
+
+def _engine_options(r: _Reader, engine: dict) -> dict[str, Any]:
+    """Every builder option of ``[engine]``, read and checked as its Engine field says."""
+    out = {}
+    for f in Engine.options():
+        kind, path = f.metadata["kind"], f"engine.{f.name}"
+        value = r.get(engine, f.name, path, kind, list(f.default) if kind is list else f.default)
+        problem = f.metadata["check"](value)
+        if problem:
+            raise r.fail(path, problem)
+        out[f.name] = tuple(value) if kind is list else value
+    return out
 
 
 # A setting a profile leaves out takes the dataclass's default: one place says what the defaults are.
@@ -319,9 +352,9 @@ def _quantize(r: _Reader, data: dict, source: str, compute_capabilities: list[st
         calibration = prefix + str(path if path.is_absolute() else (Path(source).parent / path).resolve())
     samples = r.get(q, "samples", "quantize.samples", int, _Q.samples)
     tokens = r.get(q, "tokens", "quantize.tokens", int, _Q.tokens)
-    for field, value in (("samples", samples), ("tokens", tokens)):
+    for key, value in (("samples", samples), ("tokens", tokens)):
         if value < 1:
-            raise r.fail(f"quantize.{field}", f"must be >= 1, got {value}")
+            raise r.fail(f"quantize.{key}", f"must be >= 1, got {value}")
     if method != "none":
         blocked = [cc for cc in compute_capabilities if cc in NO_INT4_CCS]
         if blocked:
@@ -331,11 +364,6 @@ def _quantize(r: _Reader, data: dict, source: str, compute_capabilities: list[st
     return Quantize(method=method, bits=bits, group_size=group, linears=tuple(linears), calibration=calibration,
                     samples=samples, tokens=tokens, seed=r.get(q, "seed", "quantize.seed", int, _Q.seed),
                     clip=r.get(q, "clip", "quantize.clip", bool, _Q.clip))
-
-
-def _is_cc(text: str) -> bool:
-    major, _, minor = text.partition(".")
-    return major.isdigit() and minor.isdigit()
 
 
 def load(name_or_path: str) -> Profile:
@@ -415,7 +443,8 @@ def fit_to_model(profile: Profile, max_positions: int, keep: Mapping[str, str] |
     if cache_len > max_positions:
         notes.append(f"export.cache_len {cache_len} -> {max_positions} (the model has {max_positions} positions)")
         cache_len = max_positions
-    fitted = replace(profile, shapes=tuple(shapes), cache_len=cache_len, adjusted=profile.adjusted + tuple(notes))
+    fitted = replace(profile.with_engine(shapes=tuple(shapes)), cache_len=cache_len,
+                     adjusted=profile.adjusted + tuple(notes))
     check_against_model(fitted, max_positions, model, overrides)
     return fitted
 
@@ -481,7 +510,8 @@ def with_shapes(profile: Profile, overrides: list[str]) -> Profile:
     if profile.kv_io == "inplace" and profile.cache_len < worst.sumN.max:
         raise ProfileError(f"--shapes: {worst.name}: N max + lastSum max = {worst.sumN.max} does not fit "
                            f"{profile.source}'s in-place buffer of export.cache_len = {profile.cache_len} rows")
-    return replace(profile, batch=batch, shapes=tuple(shapes.values()), adjusted=profile.adjusted + tuple(notes))
+    return replace(profile.with_engine(shapes=tuple(shapes.values())), batch=batch,
+                   adjusted=profile.adjusted + tuple(notes))
 
 
 def fit_group_size(profile: Profile, cfg) -> Profile:

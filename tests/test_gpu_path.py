@@ -188,7 +188,7 @@ def test_runtime_check_without_a_cuda_runtime_reports_not_run(monkeypatch, tmp_p
         pass
     backend = backend_mod.Backend(name="tensorrt-rtx", module=None, version="1.7", strongly_typed_flag=0,
                                   can_run=True, why_not_run="")
-    profile = dataclasses.replace(profiles.load("fp16"), optimization_level=0)
+    profile = profiles.load("fp16").with_engine(optimization_level=0)
     rec = runtime_check.run_engine_check(tmp_path / "missing.plan", profile, _contract("concat"),
                                          tmp_path / "missing.onnx", backend, log=lambda *_: None)
     assert rec["ran"] is False and rec["why"].startswith("no CUDA stream from the CUDA runtime")
@@ -207,7 +207,7 @@ def test_extra_memory_target_is_set_on_the_profiles_after_the_first_and_recorded
     src = resolve("tiny-llama")
     [spec] = pack_specs(src.config, 0, 0)
     export_pack(src, spec, "float16", 1, tmp_path / "decoder.onnx", log=None)
-    profile = dataclasses.replace(profiles.load("fp16"), optimization_level=0)
+    profile = profiles.load("fp16").with_engine(optimization_level=0)
     record = build_engine(tmp_path / "decoder.onnx", tmp_path / "decoder.plan", profile,
                           io_contract(src.config, spec, 1, "float16"), backend, None, log=lambda *_: None,
                           extra_memory_target=0.0)

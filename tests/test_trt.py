@@ -34,7 +34,7 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="session")
 def fast_profile():
     # Level 0 builds as fast as any on CPU with TensorRT-RTX; both profiles of fp16.toml.
-    return dataclasses.replace(profiles.load("fp16"), optimization_level=0)
+    return profiles.load("fp16").with_engine(optimization_level=0)
 
 
 @pytest.fixture(scope="session")
@@ -278,8 +278,8 @@ def test_contract_mismatch(tiny, fast_profile, backend, tmp_path):
 
 def test_backend_specific_options(tiny, fast_profile, backend, tmp_path):
     cc = ("8.6", "12.0") if backend.is_rtx else ()
-    prof = dataclasses.replace(fast_profile, compute_capabilities=cc, hardware_compatibility="ampere_plus",
-                               version_compatible=True, workspace_mib=256, shapes=fast_profile.shapes[1:])
+    prof = fast_profile.with_engine(compute_capabilities=cc, hardware_compatibility="ampere_plus",
+                                    version_compatible=True, workspace_mib=256, shapes=fast_profile.shapes[1:])
     if not backend.is_rtx:
         pytest.skip("the option skips checked here are TensorRT-RTX's")
     lines: list[str] = []
@@ -296,7 +296,7 @@ def test_backend_specific_options(tiny, fast_profile, backend, tmp_path):
     # A compute capability TensorRT-RTX does not build for (Hopper) is refused before building.
     with pytest.raises(BuildError, match="'9.0' is not a compute capability"):
         build_trt.build_engine(tiny["onnx"], tmp_path / "decoder.plan",
-                               dataclasses.replace(prof, compute_capabilities=("9.0",)), tiny["contract"],
+                               prof.with_engine(compute_capabilities=("9.0",)), tiny["contract"],
                                backend, None, log=lambda *_: None)
 
 

@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 
 from kvplan.config import DecoderConfig
-from kvplan.errors import ModelError
+from kvplan.errors import ModelError  # noqa: F401  (re-exported: every source raises it from here)
 
 
 # config.json's names for DecoderConfig's sizes (transformers' config classes).

@@ -46,7 +46,7 @@ QUANTIZED_WEIGHTS = "quantized.safetensors"
 
 
 def _check_int4_ccs(profile, source) -> None:
-    blocked = [cc for cc in profile.compute_capabilities if cc in NO_INT4_CCS]
+    blocked = [cc for cc in profile.engine.compute_capabilities if cc in NO_INT4_CCS]
     if blocked:
         raise QuantizeError(f"{profile.source}: engine.compute_capabilities: {', '.join(blocked)} cannot run "
                             f"int4 weight-only layers, and {source.path} is an int4 checkpoint")

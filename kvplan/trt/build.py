@@ -145,7 +145,7 @@ def build_engine(onnx_path: Path, plan_path: Path, profile: Profile, contract: d
         f"{network.num_outputs} outputs ({backend.name} {backend.version})")
 
     config = builder.create_builder_config()
-    options, notes = configure(trt, backend, config, profile, log)
+    options, notes = configure(trt, backend, config, profile.engine, profile.source, log)
     shapes = shapes_for(contract, profile)
     profiles_record = _add_profiles(builder, config, shapes, profile, onnx_path, logger, extra_memory_target)
     if extra_memory_target is not None:
@@ -177,7 +177,7 @@ def build_engine(onnx_path: Path, plan_path: Path, profile: Profile, contract: d
     memory = memory_record(trt, backend, onnx_path, plan_path, logger, [sp.name for sp in profile.shapes],
                            host_code_allowed(options))
 
-    argv, tool_notes = trtexec_command(backend, onnx_path, plan_path, profile, shapes,
+    argv, tool_notes = trtexec_command(backend, onnx_path, plan_path, profile.engine, shapes,
                                        timing_cache if tc_record.get("used") else None)
     data_file = onnx_path.parent / (onnx_path.name + ".data")
     record = {

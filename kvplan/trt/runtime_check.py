@@ -170,7 +170,7 @@ def _run(plan_path, profile, contract, onnx_path, backend, device: _Device, log)
     logger = make_logger(trt, log, pending)
     _runtime, engine = deserialize(trt, logger, Path(plan_path).read_bytes(),
                                    f"{plan_path}: could not deserialize the plan: ",
-                                   host_code_allowed({"version_compatible": profile.version_compatible}))
+                                   host_code_allowed({"version_compatible": profile.engine.version_compatible}))
     context = engine.create_execution_context()
     if context is None:
         raise BuildError(f"{plan_path}: could not create an execution context: " + "; ".join(logger.errors[-3:]))

@@ -1,12 +1,12 @@
 """The engines stage: one TensorRT plan per pack, with the profile's optimization profiles.
 
-Its digest covers the upstream graphs' hashes, every builder setting of the profile (the
-optimization profiles, the builder options, the batch range), the backend and its version, and
-kvplan's TensorRT code.
+Its digest covers the upstream graphs' hashes, the profile's whole [engine] section (the
+optimization profiles and every builder option), the batch range, the backend and its version,
+and kvplan's TensorRT code.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -19,11 +19,6 @@ from kvplan.trt.backend import Backend
 from kvplan.trt.build import build_engine
 
 MODULE = "kvplan.trt.stage"
-# The profile's fields the plans are built from.
-ENGINE_FIELDS = ("shapes", "optimization_level", "workspace_mib", "hardware_compatibility", "version_compatible",
-                 "compute_capabilities", "batch")
-
-
 @dataclass
 class EngineStage:
     source: object                   # a kvplan.models.ModelSource
@@ -35,9 +30,9 @@ class EngineStage:
     name: str = "engines"
 
     def inputs(self, done: dict) -> dict:
-        settings = self.profile.to_dict()
+        # The whole [engine] section, and the batch range the optimization profiles take.
         return {"onnx": [a["sha256"] for a in graph_artifacts(done[self.upstream])],
-                "engine": {k: settings[k] for k in ENGINE_FIELDS},
+                "engine": asdict(self.profile.engine), "batch": self.profile.batch_range.as_list(),
                 "backend": self.backend.name, "backend_version": self.backend.version, "source": source_digest(MODULE)}
 
     def build(self, done: dict) -> dict:
@@ -49,6 +44,6 @@ class EngineStage:
                      f"profiles: {', '.join(s.name for s in p.shapes)})")
             record = build_engine(self.target / src["path"], self.target / name, p,
                                   io_contract(cfg, spec, p.batch_dim, p.dtype), backend,
-                                  self.target / p.timing_cache if p.timing_cache else None, log=self.log)
+                                  self.target / p.engine.timing_cache if p.engine.timing_cache else None, log=self.log)
             entries.append(artifact(self.target, self.target / name, pack=src["pack"], build=record))
         return {"artifacts": entries, "backend": backend.name, "backend_version": backend.version}
