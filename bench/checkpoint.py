@@ -34,8 +34,9 @@ def write_tokenizer(out: Path, vocab_size: int) -> None:
 def write_checkpoint(out: Path, preset: str = "minicpmo26-tts", dtype: str = "float16") -> dict:
     import torch
     from safetensors.torch import save_file
-    from kvplan.models.families import hf_config_dict as to_hf_dict
+
     from kvplan.models import resolve
+    from kvplan.models.families import hf_config_dict as to_hf_dict
     from kvplan.models.presets import tensor_shapes
 
     src = resolve(preset)

@@ -28,9 +28,9 @@ def build_with(target: Path, model: str, profile_name: str, count: int) -> None:
     the peak is the parser's and the builder's plus a small interpreter.
     """
     from kvplan import profiles
-    from kvplan.trt.backend import select_backend
     from kvplan.pipeline import rss_mib
     from kvplan.trt import build_engine
+    from kvplan.trt.backend import select_backend
     assert "torch" not in sys.modules
     profile = profiles.load(profile_name)
     profile = dataclasses.replace(profile, shapes=profile.shapes[:count])

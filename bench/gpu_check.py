@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -234,6 +235,7 @@ def shapes_from(decode_lastsums: list[int], prefill: int) -> list[Shape]:
 def kvplan_step(source, dtype, device, shape: Shape):
     """kvplan's decoder module (the exported contract: explicit mask, concat cache) at one shape."""
     import torch
+
     from kvplan.decoder import DecoderStack, StackSpec
     from kvplan.export.exporter import causal_mask
     from kvplan.models.presets import tensor_shapes
@@ -261,6 +263,7 @@ def transformers_step(source, dtype, device, shape: Shape):
     lastSum rows before every step (cropped back after each: views, no copy), so every timed
     step does the same work, the cache append included."""
     import torch
+
     from kvplan.validate.reference import HFReference
     ref = HFReference(source, dtype)
     model = ref.model.to(device)
@@ -311,7 +314,7 @@ def timing(source, device, dtype, shapes: list[Shape], modes, impls, steps: int,
                         fn = as_cuda_graph(step, device)
                     elif mode == "compile":
                         compiled = torch.compile(module, dynamic=False)
-                        fn = lambda: step(compiled)  # noqa: E731
+                        fn = functools.partial(step, compiled)
                     else:
                         fn = step
                     t0 = time.perf_counter()
@@ -364,6 +367,7 @@ def export_check(source, device, dtypes: list[str], tmp: Path, log) -> dict:
     import numpy as np
     import onnx
     import torch
+
     from kvplan import profiles
     from kvplan.decoder import pack_specs
     from kvplan.export.exporter import TORCH_DTYPES, causal_mask, export_pack, input_names, io_contract
@@ -443,9 +447,9 @@ def tensorrt_check(model: str, tmp: Path, log) -> dict:
     validation with the TensorRT runner."""
     from kvplan import profiles
     from kvplan.errors import KvplanError
+    from kvplan.manifest import load_manifest
     from kvplan.trt import run_engine_check
     from kvplan.trt.backend import select_backend
-    from kvplan.manifest import load_manifest
     try:
         backend = select_backend("auto")
     except KvplanError as e:
@@ -629,8 +633,9 @@ def check_run_args(args, p) -> None:
 
 def run(args, log=print) -> dict:
     import torch
-    from kvplan.models import resolve
+
     from kvplan.export.exporter import TORCH_DTYPES
+    from kvplan.models import resolve
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: torch {torch.__version__} sees no CUDA device")

@@ -25,8 +25,7 @@ POINTS = (302, 2048)
 
 
 def export(model: str, dtype: str, kv_io: str, cache_len: int, out: Path) -> Path:
-    from kvplan import surgery
-    from kvplan import profiles
+    from kvplan import profiles, surgery
     from kvplan.decoder import pack_specs
     from kvplan.export.exporter import export_pack
     from kvplan.models import resolve
@@ -56,6 +55,7 @@ def kv_bytes_per_step(path: Path, last: int) -> int:
 
 def step_latency(path: Path, last: int, reps: int) -> dict:
     import onnxruntime as ort
+
     from bench.ort_latency import make_feed, time_runs
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 2

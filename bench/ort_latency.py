@@ -52,7 +52,7 @@ def make_feed(sess, n: int, last_sum: int, head_dim: int = 64, vocab: int = 3200
             raise SystemExit(f"unsupported input type {inp.type} for {inp.name}")
         shape = list(inp.shape)
 
-        def dims(symbolic_values):
+        def dims(symbolic_values, shape=shape):
             out, k = [], 0
             for i, d in enumerate(shape):
                 if isinstance(d, int) and d >= 0:

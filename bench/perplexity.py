@@ -88,7 +88,8 @@ def measure(work: Path, texts: list[Path], tokens: int, calibrations: bool, gguf
             r = eval_target(model, profile, out, text, tokens, log=lambda m: None)
             ref = r.get("reference", {})
             rows.append({"target": label, "model": Path(model).name, "profile": Path(profile).stem,
-                         "build_s_or_cached": built, "quantize_s": quantize.get("seconds"), "text": text.name, "scored": r["scored"],
+                         "build_s_or_cached": built, "quantize_s": quantize.get("seconds"), "text": text.name,
+                         "scored": r["scored"],
                          "perplexity": round(r["perplexity"], 3), "reference": round(ref.get("perplexity", 0), 3),
                          "top1_agreement": round(ref.get("top1_agreement", 0), 4),
                          "mean_kl": round(ref.get("mean_kl", 0), 4), "load": loadavg()})

@@ -43,9 +43,9 @@ from kvplan.export import example_inputs
 from kvplan.models import resolve
 from kvplan.models.presets import tensor_shapes
 from kvplan.profiles import Quantize
-from kvplan.quantize.weights import Quantized, dequantized_source
 from kvplan.quantize.awq import quantize_awq
 from kvplan.quantize.stage import quantize_rtn
+from kvplan.quantize.weights import Quantized, dequantized_source
 
 RESULTS = ROOT / "bench" / "results"
 CASES = [("tiny-llama-outliers", 32), ("minicpmo26-tts", 128)]
@@ -188,7 +188,8 @@ def md_builds(rows: list[dict]) -> list[str]:
         lat = r["latency_ms"]
         fmt = {k: f"{v.get('decode:302')}" for k, v in lat.items()}, {k: f"{v.get('decode:2048')}" for k, v in lat.items()}
         cell = [" / ".join(d.values()) for d in fmt]
-        cached = lambda s: " (cached)" if s and s.get("up_to_date") else ""
+        def cached(s):
+            return " (cached)" if s and s.get("up_to_date") else ""
         loads = [s.get("load_before", [None])[0] for s in st.values()]
         lines.append(f"| {r['model']} | {r['method']} | {(r['quantize'] or {}).get('seconds', '-')}{cached(q)} | "
                      f"{q.get('peak_rss_mib') if q else '-'}{cached(q)} | {_mb(r['fused_onnx_bytes'])} | "
@@ -248,7 +249,8 @@ def main(argv=None) -> int:
              "|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['method']} | {r['group_size']} | {r['quantize_s'] or 'see int4 target'} | "
-                     f"{r['peak_rss_mib'] or '-'} | {100 * r['rel_error']:.2f} % | {r['load_before'][0]} / {r['load_after'][0]} |")
+                     f"{r['peak_rss_mib'] or '-'} | {100 * r['rel_error']:.2f} % | "
+                     f"{r['load_before'][0]} / {r['load_after'][0]} |")
     for key in ("fp16", "int4"):
         if result[key]:
             s = result[key]

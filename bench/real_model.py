@@ -63,7 +63,7 @@ def gguf_file(cache: Path | None = None) -> Path:
 
 def checkpoint_dir(cache: Path | None = None, dtype: str = "float16") -> Path:
     """The GGUF converted to a Hugging Face checkpoint directory by transformers' own loader."""
-    import torch   # lazily: the GGUF download above needs only the standard library
+    import torch  # lazily: the GGUF download above needs only the standard library
     import transformers
 
     cache = cache or cache_dir()

@@ -20,8 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import (GENAI_VENV, PEERS_VENV, ROOT, dir_bytes, loadavg, log, machine_info, measure, mib,
-                     onnx_stats, wait_for_quiet)
+from .common import GENAI_VENV, PEERS_VENV, ROOT, dir_bytes, loadavg, log, machine_info, measure, mib, onnx_stats, wait_for_quiet
 
 SECTIONS = ("pipeline", "peers", "graph", "engine", "scale")
 PY = sys.executable
@@ -154,7 +153,8 @@ def section_peers(ctx) -> dict:
     ck = measure([PY, "-m", "bench.checkpoint", str(ckpt), "--preset", preset, "--dtype", "float16"],
                  log_file=ctx.work / "logs" / "peers" / "checkpoint.log", keep_output=True)
     ck_out = ck.pop("_output", "")
-    info = json.loads([ln for ln in ck_out.splitlines() if ln.startswith("{")][-1]) if ck.get("rc") == 0 else {"error": ck.get("tail")}
+    info = (json.loads([ln for ln in ck_out.splitlines() if ln.startswith("{")][-1]) if ck.get("rc") == 0
+            else {"error": ck.get("tail")})
     rows = []
     logs = ctx.work / "logs" / "peers"
     for prof in ("fp32", "fp16"):

@@ -17,12 +17,12 @@ from typing import Callable
 from kvplan import profiles as profiles_mod
 from kvplan import target as target_mod
 from kvplan.errors import KvplanError, UserError
+from kvplan.manifest import write_json_atomic
 from kvplan.models import DEFAULT_MODEL
 from kvplan.models.presets import PRESETS
 from kvplan.surgery import cli as surgery_cli
 from kvplan.trt import inspect
 from kvplan.trt.backend import select_backend
-from kvplan.manifest import write_json_atomic
 from kvplan.validate import perplexity
 from kvplan.validate.run import ValidateOptions
 from kvplan.validate.tokens import read_text

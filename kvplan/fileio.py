@@ -17,7 +17,6 @@ import onnx
 
 from kvplan.errors import WriteError
 
-
 # Every temporary a build writes beside an artifact is named .<artifact>.kvplan-tmp-<unique>
 # (files and directories alike), so the next build of the target can find what a killed one
 # left behind.

@@ -16,9 +16,17 @@ from typing import Any
 
 from kvplan.errors import ProfileError
 from kvplan.quantize.linears import in_features
-from kvplan.quantize.settings import (CALIBRATION_WORDS, GROUP_SIZES, LINEARS, NO_INT4_CCS, QUANTIZE_BITS, QUANTIZE_METHODS,
-                                      Quantize)
+from kvplan.quantize.settings import (
+    CALIBRATION_WORDS,
+    GROUP_SIZES,
+    LINEARS,
+    NO_INT4_CCS,
+    QUANTIZE_BITS,
+    QUANTIZE_METHODS,
+    Quantize,
+)
 from kvplan.surgery.registry import PASSES
+
 
 def _profiles_dir() -> Path:
     """The shipped profiles: inside the installed package (a wheel carries them as
@@ -231,14 +239,33 @@ def _kind_name(kind) -> str:
 def parse(data: dict, source: str, name: str) -> Profile:
     r = _Reader(source)
     r.known(data, "")
-    export = r.table(data, "export")
+    export = _export(r, r.table(data, "export"))
+    passes = _passes(r, r.table(data, "surgery", required=False))
+    engine = r.table(data, "engine")
+    options = _engine_options(r, engine)
+    shapes = _shapes(r, engine)
+    if export["kv_io"] == "inplace":
+        need = max(s.sumN.max for s in shapes)
+        if not export["cache_len"]:
+            export["cache_len"] = need
+        elif export["cache_len"] < need:
+            worst = max(shapes, key=lambda s: s.sumN.max)
+            raise r.fail("export.cache_len", f"{export['cache_len']} rows cannot hold engine.profiles {worst.name!r}'s "
+                                             f"N max + lastSum max = {need}")
+    quantize = _quantize(r, data, source, compute_capabilities=list(options["compute_capabilities"]))
+    return Profile(name=name, source=source, quantize=quantize, passes=passes, **export,
+                   engine=Engine(shapes=shapes, **options), tolerance=_tolerance(r, r.table(data, "validate")))
+
+
+def _export(r: _Reader, export: dict) -> dict[str, Any]:
+    """``[export]``: the graphs' dtype, batch axis, cache layout and I/O mode, and packing."""
     dtype = r.get(export, "dtype", "export.dtype", str)
     if dtype not in DTYPES:
         raise r.fail("export.dtype", f"unknown dtype {dtype!r} (one of {', '.join(DTYPES)})")
-    batch = _batch(r, export)
     kv_format = r.get(export, "kv_format", "export.kv_format", int, 0)
     if kv_format not in (0, 1):
-        raise r.fail("export.kv_format", f"must be 0 ([B, kv_heads, S, head_dim]) or 1 ([B, S, kv_heads, head_dim]), got {kv_format}")
+        raise r.fail("export.kv_format", f"must be 0 ([B, kv_heads, S, head_dim]) or 1 ([B, S, kv_heads, "
+                                         f"head_dim]), got {kv_format}")
     kv_io = r.get(export, "kv_io", "export.kv_io", str, "concat")
     if kv_io not in KV_IO:
         raise r.fail("export.kv_io", f"unknown mode {kv_io!r} (concat: outputs the whole cache, length sumN; "
@@ -251,12 +278,16 @@ def parse(data: dict, source: str, name: str) -> Profile:
     if cache_len and kv_io != "inplace":
         raise r.fail("export.cache_len", f"only means something with kv_io = \"inplace\" (this profile has {kv_io!r})")
     if cache_len < 0:
-        raise r.fail("export.cache_len", f"must be > 0 (0: the largest N max + lastSum max of the profiles), got {cache_len}")
+        raise r.fail("export.cache_len", f"must be > 0 (0: the largest N max + lastSum max of the profiles), "
+                                         f"got {cache_len}")
     pack = r.get(export, "decoder_pack_size", "export.decoder_pack_size", int, 0)
     if pack < 0:
         raise r.fail("export.decoder_pack_size", f"must be >= 0 (0: one pack), got {pack}")
+    return {"dtype": dtype, "batch": _batch(r, export), "kv_format": kv_format, "kv_io": kv_io,
+            "cache_len": cache_len, "decoder_pack_size": pack}
 
-    surgery = r.table(data, "surgery", required=False)
+
+def _passes(r: _Reader, surgery: dict) -> tuple[str, ...]:
     passes = r.get(surgery, "passes", "surgery.passes", list, ["rmsnorm", "rope"])
     if not all(isinstance(p, str) for p in passes):
         raise r.fail("surgery.passes", f"must be a list of pass names, got {passes!r}")
@@ -268,9 +299,11 @@ def parse(data: dict, source: str, name: str) -> Profile:
         # Passes run once each, in the registry's order, whatever the list says: a repeat is a slip
         # in the list, refused rather than silently dropped.
         raise r.fail("surgery.passes", f"pass {twice[0]!r} is listed more than once")
+    return tuple(passes)
 
-    engine = r.table(data, "engine")
-    options = _engine_options(r, engine)
+
+def _shapes(r: _Reader, engine: dict) -> tuple[ShapeProfile, ...]:
+    """``[[engine.profiles]]``: the optimization profiles, each a name and ranges of N and lastSum."""
     raw_profiles = r.get(engine, "profiles", "engine.profiles", list)
     if not raw_profiles:
         raise r.fail("engine.profiles", "at least one optimization profile is needed")
@@ -284,17 +317,12 @@ def parse(data: dict, source: str, name: str) -> Profile:
         if pname in seen:
             raise r.fail(f"{path}.name", f"duplicate profile name {pname!r}")
         seen.add(pname)
-        shapes.append(ShapeProfile(pname, r.range(p, "N", f"{path}.N", 1, " (a step needs at least one new token: the attention mask has N query rows)"), r.range(p, "lastSum", f"{path}.lastSum", 0)))
-    if kv_io == "inplace":
-        need = max(s.sumN.max for s in shapes)
-        if not cache_len:
-            cache_len = need
-        elif cache_len < need:
-            worst = max(shapes, key=lambda s: s.sumN.max)
-            raise r.fail("export.cache_len", f"{cache_len} rows cannot hold engine.profiles {worst.name!r}'s "
-                                             f"N max + lastSum max = {need}")
+        n = r.range(p, "N", f"{path}.N", 1, " (a step needs at least one new token: the attention mask has N query rows)")
+        shapes.append(ShapeProfile(pname, n, r.range(p, "lastSum", f"{path}.lastSum", 0)))
+    return tuple(shapes)
 
-    validate = r.table(data, "validate")
+
+def _tolerance(r: _Reader, validate: dict) -> Tolerance:
     atol = float(r.get(validate, "atol", "validate.atol", (int, float)))
     rtol = float(r.get(validate, "rtol", "validate.rtol", (int, float)))
     for key, value in (("atol", atol), ("rtol", rtol)):
@@ -302,12 +330,7 @@ def parse(data: dict, source: str, name: str) -> Profile:
         # whatever the graphs compute; an infinite one passes them all.
         if not math.isfinite(value) or value < 0:
             raise r.fail(f"validate.{key}", f"must be a finite number >= 0, got {value}")
-
-    quantize = _quantize(r, data, source, compute_capabilities=list(options["compute_capabilities"]))
-
-    return Profile(name=name, source=source, dtype=dtype, quantize=quantize, batch=batch, kv_format=kv_format,
-                   kv_io=kv_io, cache_len=cache_len, decoder_pack_size=pack, passes=tuple(passes),
-                   engine=Engine(shapes=tuple(shapes), **options), tolerance=Tolerance(atol, rtol))
+    return Tolerance(atol, rtol)
 
 
 def _engine_options(r: _Reader, engine: dict) -> dict[str, Any]:

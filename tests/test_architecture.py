@@ -108,7 +108,7 @@ def test_function_local_imports_are_only_lazy_heavy_backends_and_say_so():
     cost a process that never uses it (torch in the engine path, optional packages), with a
     comment on the line or the line above saying why."""
     hidden = []
-    for name, path in _modules().items():
+    for path in _modules().values():
         lines = path.read_text().splitlines()
         for node in ast.walk(ast.parse("\n".join(lines))):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):

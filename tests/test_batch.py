@@ -327,7 +327,7 @@ def test_a_graph_that_mixes_rows_fails_only_the_batch_point(targets, tmp_path, c
 
 def build_dynamic_engine(targets, backend, directory: Path) -> tuple[dict, dict, Path]:
     """The concat target's fused graph built at optimization level 0: (record, contract, plan)."""
-    import kvplan.trt as build_trt       # tensorrt: the engine path only
+    import kvplan.trt as build_trt  # tensorrt: the engine path only
     t = targets("concat")
     profile = profiles.load(str(t["profile"]))
     cfg = resolve("tiny-llama").config
@@ -360,7 +360,7 @@ def test_the_engine_itself_holds_the_batch_range_and_runs_at_batch_2(targets, ba
     on every input, and it matches ONNX Runtime at every profile's opt shapes (B = 2)."""
     if not backend.can_run:
         pytest.skip(f"needs a CUDA GPU the backend can run engines on: {backend.why_not_run}")
-    import kvplan.trt as build_trt       # tensorrt: the engine path only
+    import kvplan.trt as build_trt  # tensorrt: the engine path only
     from kvplan.trt.callbacks import Pending, make_logger
     from kvplan.trt.plan_io import deserialize
     record, contract, plan = build_dynamic_engine(targets, backend, tmp_path)

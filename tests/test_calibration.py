@@ -3,22 +3,21 @@ from __future__ import annotations
 
 import math
 import re
-from pathlib import Path
 
 import pytest
 import torch
 import transformers
 from safetensors.torch import save_file
+from test_int4_every_layer import hf_checkpoint
+from test_quantize import write_profile
 
 from kvplan import profiles
 from kvplan.cli import build_main
 from kvplan.errors import QuantizeError
 from kvplan.models import resolve
 from kvplan.profiles import Quantize
-from kvplan.quantize.calibration import calibration_hidden, resolve as resolve_calibration
-
-from test_int4_every_layer import hf_checkpoint
-from test_quantize import write_profile
+from kvplan.quantize.calibration import calibration_hidden
+from kvplan.quantize.calibration import resolve as resolve_calibration
 
 TEXT = ("A build system turns sources into artifacts and rebuilds only what changed. "
         "It records what each step read, so that a second run with nothing changed does nothing. ") * 20

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from kvplan import target as engines
-from kvplan.export import stage as export_stage
 from kvplan.cli import build_main as main
+from kvplan.export import stage as export_stage
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -114,6 +114,7 @@ def test_concurrent_build_of_the_same_target_waits_for_the_first(tmp_path):
     import fcntl
     import threading
     import time
+
     from kvplan.manifest import target_lock
 
     tmp_path.mkdir(exist_ok=True)
@@ -168,5 +169,5 @@ def test_shapes_override_reaches_the_manifest(tmp_path, capsys):
                        "--stop-after", "export", "--shapes", "decode:lastSum=1,8,64")
     assert code == 0 and "decode: N [1, 1, 1], lastSum [1, 8, 64] (--shapes)" in out
     manifest = json.loads((tmp_path / "tiny-llama" / "fp32" / "manifest.json").read_text())
-    decode = {s["name"]: s for s in manifest["profile"]["shapes"]}["decode"]
+    decode = {s["name"]: s for s in manifest["profile"]["engine"]["shapes"]}["decode"]
     assert decode["lastSum"] == {"min": 1, "opt": 8, "max": 64}

@@ -9,12 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from test_int4_every_layer import hf_checkpoint
 
 from bench.checkpoint import write_tokenizer
 from kvplan import profiles
 from kvplan.cli import build_main, main
-
-from test_int4_every_layer import hf_checkpoint
 
 WORDS = " ".join(f"w{i}" for i in torch.randint(3, 256, (300,), generator=torch.Generator().manual_seed(0)).tolist())
 

@@ -216,9 +216,9 @@ def export_tiny_delta(tmp_path_factory):
 def test_large_graphs_are_written_with_external_data(tmp_path, monkeypatch):
     """Above protobuf's 2 GB limit weights go to decoder.onnx.data; here the threshold is lowered."""
     import kvplan.export.exporter as export_mod
+    from kvplan import surgery
     from kvplan.decoder import pack_specs
     from kvplan.validate.onnx_stack import Pack
-    from kvplan import surgery
     monkeypatch.setattr(export_mod, "EXTERNAL_DATA_THRESHOLD", 0)
     source = resolve("tiny-llama")
     [spec] = pack_specs(source.config, 0)

@@ -5,7 +5,6 @@ an empty input, an output that is the input, an output directory that does not e
 from __future__ import annotations
 
 import errno
-import os
 import shutil
 import subprocess
 import sys

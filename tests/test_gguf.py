@@ -312,7 +312,7 @@ def test_a_gguf_without_int4_blocks_is_quantized_by_the_profile(tmp_path):
     """An F16 file is a float source: the profile's method runs (here rtn, group 32) as on any other."""
     path = write_gguf(tmp_path / "f16.gguf", types={k: Q.F16 for k in LINEAR_TYPES})
     profile = tmp_path / "rtn.toml"
-    from kvplan import profiles       # the shipped profile, edited
+    from kvplan import profiles  # the shipped profile, edited
     text = (profiles.PROFILES_DIR / "int4-awq.toml").read_text().replace('method = "awq"', 'method = "rtn"')
     profile.write_text(text.replace("group_size = 128", "group_size = 32"))
     target = build(tmp_path, path, str(profile))
@@ -404,7 +404,7 @@ def test_the_real_gguf_reads_as_transformers_converted_it(smollm2_gguf, smollm2_
     transformers' own loader converted from the same file."""
     source = resolve(str(smollm2_gguf))
     assert source.config == resolve(str(smollm2_checkpoint)).config
-    from safetensors import safe_open   # the converted checkpoint's tensors, read directly
+    from safetensors import safe_open  # the converted checkpoint's tensors, read directly
     names = ["layers.0.self_attn.q_proj.weight", "layers.29.self_attn.k_proj.weight", "layers.3.mlp.down_proj.weight"]
     with safe_open(str(smollm2_checkpoint / "model.safetensors"), framework="pt") as f:
         for name, t in source.read_tensors(names).items():
@@ -449,7 +449,7 @@ def test_the_real_gguf_builds_fp16_and_int4_engines_and_int4_is_a_third(smollm2_
 
 
 def test_a_gguf_targets_dependency_is_the_file_itself(tmp_path):
-    from kvplan import profiles          # the build-system view of a target
+    from kvplan import profiles  # the build-system view of a target
     from kvplan.target import dependencies
     path = write_gguf(tmp_path / "tiny.gguf")
     deps = dependencies(resolve(str(path)), profiles.load("fp16"), tmp_path / "out")["depends"]

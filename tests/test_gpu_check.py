@@ -176,6 +176,7 @@ def test_the_memory_bound_counts_weights_cache_and_new_rows():
 def test_every_timed_transformers_step_starts_from_the_same_cache():
     """The step crops its DynamicCache back to lastSum rows: repeated steps do the same work."""
     import torch
+
     from kvplan.models import resolve
     _, step = gpu_check.transformers_step(resolve("tiny-llama"), torch.float32, torch.device("cpu"),
                                           gpu_check.Shape("d", 1, 5))

@@ -3,7 +3,6 @@ kvplan supports, backend choice, plan deserialization flags, in-place output bin
 runtime check's CUDA path (which must not depend on the torch build)."""
 from __future__ import annotations
 
-import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -16,7 +15,6 @@ from kvplan.models import resolve
 from kvplan.trt import backend as backend_mod
 from kvplan.trt import network, plan_io, runtime_check
 from kvplan.trt.errors import BuildError
-
 
 # --------------------------------------------------------------------------- version gates
 

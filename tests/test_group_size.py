@@ -5,14 +5,13 @@ import json
 from dataclasses import replace
 
 import pytest
+from test_int4_every_layer import hf_checkpoint
+from test_quantize import write_profile
 
 from kvplan import profiles
 from kvplan.cli import build_main
 from kvplan.errors import ProfileError
 from kvplan.models.presets import PRESETS
-
-from test_int4_every_layer import hf_checkpoint
-from test_quantize import write_profile
 
 # SmolLM2-135M's sizes: hidden 576 = 9 x 64, intermediate 1536.
 SMOL = replace(PRESETS["tiny-llama"], hidden_size=576, intermediate_size=1536, num_heads=9, num_kv_heads=3,

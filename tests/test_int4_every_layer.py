@@ -17,6 +17,8 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
+from test_quantize import write_profile
+from test_quantize_checkpoint import pack_awq_columns
 
 from kvplan.cli import build_main
 from kvplan.decoder import pack_specs
@@ -24,12 +26,9 @@ from kvplan.errors import QuantizeError
 from kvplan.export import export_pack
 from kvplan.export.stitch import LINEAR_MARK
 from kvplan.models import resolve
+from kvplan.profiles import Quantize
 from kvplan.quantize.graph import quantize_graph
 from kvplan.quantize.stage import quantize_rtn
-from kvplan.profiles import Quantize
-
-from test_quantize import write_profile
-from test_quantize_checkpoint import pack_awq_columns
 
 LINEARS = 7
 G = 32

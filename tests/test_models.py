@@ -9,10 +9,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from kvplan.models import ModelError, resolve, safetensors_dir
 from kvplan.models.families import hf_config_dict as to_hf_dict
-from kvplan.models import ModelError, resolve
 from kvplan.models.presets import PRESETS, tensor_shapes
-from kvplan.models import safetensors_dir
 from kvplan.validate.reference import reference_embedding
 
 
@@ -162,8 +161,8 @@ class TestMiniCPMoDirectory:
     @pytest.fixture
     def checkpoint(self, tmp_path):
         """Tiny MiniCPM-o layout: the TTS decoder under tts.model.*, beside LLM and vision tensors."""
-        from kvplan.config import DecoderConfig
         import kvplan.models.presets as presets
+        from kvplan.config import DecoderConfig
         cfg = DecoderConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=4,
                             head_dim=16, vocab_size=32000, family="llama")
         presets.PRESETS["_tiny-tts"] = cfg
@@ -211,6 +210,7 @@ class TestMiniCPMoDirectory:
 
     def test_exported_tts_decoder_matches_transformers(self, checkpoint, tmp_path):
         import numpy as np
+
         from kvplan.decoder import pack_specs
         from kvplan.export.exporter import causal_mask, export_pack
         from kvplan.validate.onnx_stack import OnnxStack, Pack

@@ -139,7 +139,7 @@ class TestIncremental:
 
 
 def test_build_killed_midway_leaves_no_plan_and_no_claim(tmp_path, monkeypatch, capsys):
-    import kvplan.trt.stage as engine_stage   # the engines stage calls the build_engine it imported
+    import kvplan.trt.stage as engine_stage  # the engines stage calls the build_engine it imported
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
@@ -181,7 +181,7 @@ def test_a_checkpoint_with_fewer_positions_gets_the_shipped_profile_fitted(tmp_p
     out = capsys.readouterr().out
     assert "profile fp16: prefill: N [1, 303, 512] -> [1, 303, 512], lastSum [0, 0, 3584] -> [0, 0, 1536]" in out
     manifest = json.loads((tmp_path / "out" / "llama-2048" / "fp16" / "manifest.json").read_text())
-    recorded = {s["name"]: s for s in manifest["profile"]["shapes"]}
+    recorded = {s["name"]: s for s in manifest["profile"]["engine"]["shapes"]}
     assert recorded["decode"]["lastSum"] == {"min": 1, "opt": 302, "max": 2047}
     assert manifest["profile"]["adjusted"] and manifest["status"] == "complete"
     decode = manifest["stages"]["engines"]["artifacts"][0]["build"]["profiles"]["decode"]

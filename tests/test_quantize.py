@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import numpy_helper
 import pytest
 import torch
+from onnx import numpy_helper
 
 from kvplan import profiles
 from kvplan.cli import build_main
@@ -25,11 +25,11 @@ from kvplan.export import example_inputs
 from kvplan.models import resolve
 from kvplan.models.presets import tensor_shapes
 from kvplan.profiles import Quantize
-from kvplan.quantize.weights import dequantized_source
+from kvplan.quantize.awq import quantize_awq
 from kvplan.quantize.graph import quantize_graph
 from kvplan.quantize.rtn import quantize_linear
-from kvplan.quantize.awq import quantize_awq
 from kvplan.quantize.stage import quantize_rtn
+from kvplan.quantize.weights import dequantized_source
 from kvplan.surgery import fuse_file
 from kvplan.validate.ort_session import session_options
 
@@ -375,6 +375,7 @@ def test_awq_int4_graph_matches_pytorch_on_its_dequantized_weights(outliers_awq,
 
 def test_calibration_file_of_the_wrong_hidden_size_is_refused_naming_file_and_tensor(tmp_path):
     from safetensors.torch import save_file
+
     from kvplan.quantize.calibration import calibration_hidden
     path = tmp_path / "calib.safetensors"
     save_file({"hidden_states": torch.randn(2, 8, 32)}, str(path))
@@ -385,6 +386,7 @@ def test_calibration_file_of_the_wrong_hidden_size_is_refused_naming_file_and_te
 
 def test_calibration_token_ids_are_embedded_with_the_models_own_embedding(tmp_path):
     from safetensors.torch import save_file
+
     from kvplan.quantize.calibration import calibration_hidden
     source = resolve("tiny-llama")
     ids = torch.randint(0, 256, (3, 10))

@@ -9,16 +9,14 @@ the copy has no engine (its stage record and plan are dropped), so validation ch
 """
 from __future__ import annotations
 
-
 import numpy as np
 import onnx
 import onnx.numpy_helper
 import pytest
+from test_validate import copy_with_fused_graph_edited
 
 from kvplan.cli import build_main, validate_main
 from kvplan.manifest import load_manifest
-
-from test_validate import copy_with_fused_graph_edited
 
 # Each validation of the real model runs for minutes on two cores.
 pytestmark = pytest.mark.slow

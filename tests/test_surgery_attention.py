@@ -309,7 +309,7 @@ def small_profile(builder, network, n=(1, 4, 8), last=(0, 8, 16)):
     for i in range(network.num_inputs):
         t = network.get_input(i)
 
-        def dims(j):
+        def dims(j, t=t):
             out = []
             for axis, d in enumerate(t.shape):
                 if d >= 0:

@@ -185,8 +185,8 @@ def test_default_model_fp16_has_41_norms_and_40_rotaries(export_tiny, tmp_path):
 def test_weights_set_aside_during_surgery_come_back_unchanged(export_tiny, tmp_path, monkeypatch):
     """fuse_file keeps MatMul weights out of surgery's protobuf copies and restores them."""
     import onnx
+
     from kvplan import surgery
-    import kvplan.surgery.weights
     from kvplan.surgery.weights import put_back, set_aside
     monkeypatch.setattr(surgery.weights, "MIN_BYTES", 1)     # the tiny model's matrices are small
     [pack] = export_tiny("tiny-llama", "float32")
@@ -208,6 +208,7 @@ def test_streamed_write_is_the_model_with_its_weights_appended(export_tiny, tmp_
     """write_streamed: the model without some initializers, then those initializers one at a
     time, parses back to the very model that has them all."""
     import onnx
+
     from kvplan.fileio import write_streamed
     [pack] = export_tiny("tiny-llama", "float32")
     model = onnx.load(pack.path)
@@ -222,7 +223,7 @@ def test_streamed_write_is_the_model_with_its_weights_appended(export_tiny, tmp_
 
 def test_a_weight_whose_stand_in_changed_is_not_written_back(export_tiny, monkeypatch):
     import onnx
-    import kvplan.surgery.weights
+
     from kvplan.surgery.weights import set_aside, take_back
     monkeypatch.setattr(surgery.weights, "MIN_BYTES", 1)
     [pack] = export_tiny("tiny-llama", "float32")
@@ -249,8 +250,9 @@ def test_the_fused_file_gets_the_mode_of_any_new_file(export_tiny, tmp_path):
 def test_a_fused_file_with_external_data_lands_whole_with_the_usual_mode(export_tiny, tmp_path, monkeypatch):
     """Above protobuf's comfortable size the weights go to a data file next to the graph."""
     import os
+
     import onnx
-    import kvplan.surgery.fileio
+
     monkeypatch.setattr(surgery.fileio, "PROTO_LIMIT", 1000)
     [pack] = export_tiny("tiny-llama", "float32")
     old = os.umask(0o022)

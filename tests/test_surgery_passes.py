@@ -36,8 +36,8 @@ def model(nodes, inputs, outputs, inits, opset=23):
 def rms_model(dtype=F32, axes=(-1,), eps_input=False, cast_back=None, weight_shape=(D,), island=None,
               opset=23, rsqrt="reciprocal", weight_type=None):
     """Y = weight * [Cast](x32 * 1/sqrt(mean(x32^2) + eps)), x of shape [2, 3, D]."""
-    island = dtype != F32 if island is None else island
     npd = NP[dtype]
+    island = dtype != F32 if island is None else island
     inputs = [oh.make_tensor_value_info("X", dtype, [2, 3, D])]
     w = np.linspace(0.5, 1.5, int(np.prod(weight_shape))).reshape(weight_shape)
     cdt = np.float32 if island else npd  # the type the norm computes in
@@ -174,7 +174,6 @@ def test_rmsnorm_in_fp16_without_fp32_island_is_refused():
 
 def rope_model(dtype=F32, variant="ok"):
     """y = x * cos + rotate_half(x) * sin, x [1, H, S, D]; cos/sin from position_ids as kvplan spells them."""
-    npd = NP[dtype]
     half = D // 2
     inv_freq = 1.0 / (10000 ** (np.arange(0, D, 2) / D))
     inits = [const("inv_freq", inv_freq[None, None, :]), const("ax2", [2], np.int64), const("ax1", [1], np.int64),

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import kvplan.export.stitch as stitch
-from kvplan.decoder import pack_specs
 from kvplan.cli import build_main as main
+from kvplan.decoder import pack_specs
 from kvplan.export.exporter import export_pack
-from kvplan.models import resolve
 from kvplan.export.trace_cache import TraceCache
+from kvplan.models import resolve
 
 
 @pytest.fixture

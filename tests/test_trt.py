@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from kvplan import profiles
-from kvplan.trt.backend import BackendError, rtx_supports, select_backend, visible_gpus
 from kvplan.decoder import pack_specs
 from kvplan.export.exporter import export_pack, io_contract
 from kvplan.models import resolve
+from kvplan.trt.backend import BackendError, rtx_supports, select_backend, visible_gpus
 
 build_trt = pytest.importorskip("kvplan.trt")
 BuildError = build_trt.BuildError
@@ -432,6 +432,7 @@ def test_gpu_capabilities_come_from_the_driver_library_without_torch(monkeypatch
     compute capability major/minor); a machine without libcuda says so without importing torch."""
     import ctypes
     import subprocess
+
     from kvplan.trt import backend as backend_mod
 
     class FakeDriver:

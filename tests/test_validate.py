@@ -29,13 +29,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from kvplan.models.families import hf_config_dict as to_hf_dict
 from kvplan.cli import build_main as engines_main
+from kvplan.cli import validate_main
 from kvplan.manifest import load_manifest, sha256_file
 from kvplan.models import resolve
+from kvplan.models.families import hf_config_dict as to_hf_dict
 from kvplan.models.presets import tensor_shapes
 from kvplan.profiles import load as load_profile
-from kvplan.cli import validate_main
 from kvplan.validate.compare import compare_arrays
 from kvplan.validate.points import parse_kinds, reserve_slots, select_points
 

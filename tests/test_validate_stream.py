@@ -11,13 +11,13 @@ import torch
 from polygraphy.comparator import RunResults
 from polygraphy.json import save_json
 
+from kvplan.decoder import StackSpec
 from kvplan.export.exporter import causal_mask
 from kvplan.models import resolve
 from kvplan.validate import points as pts
 from kvplan.validate import polyjson
 from kvplan.validate.meter import Meter
 from kvplan.validate.onnx_stack import OnnxStack
-from kvplan.decoder import StackSpec
 from kvplan.validate.reference import HFReference, slice_decoder
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ import torch
 import transformers
 from polygraphy.json import load_json
 from safetensors import safe_open
+from test_validate import write_hf_checkpoint, write_profile
 
 from bench.checkpoint import write_tokenizer
 from kvplan.cli import build_main, validate_main
@@ -27,8 +27,6 @@ from kvplan.models.tokenizer import load_tokenizer
 from kvplan.validate import points as pts
 from kvplan.validate import tokens
 from kvplan.validate.reference import HFReference
-
-from test_validate import write_hf_checkpoint, write_profile
 
 ROOT = Path(__file__).resolve().parent.parent
 

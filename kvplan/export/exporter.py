@@ -25,12 +25,12 @@ import torch
 
 from kvplan.config import DecoderConfig
 from kvplan.decoder import DecoderStack, StackSpec, pack_specs
+from kvplan.errors import ExportError
+from kvplan.export.stitch import LINEAR_MARK, Stitcher, finish, torch_to_ir, trace_pieces
+from kvplan.export.trace_cache import TraceCache
 from kvplan.fileio import atomic_directory, write_streamed
 from kvplan.models import ModelSource
 from kvplan.models.presets import tensor_shapes
-from kvplan.export.stitch import LINEAR_MARK, Stitcher, finish, torch_to_ir, trace_pieces
-from kvplan.export.trace_cache import TraceCache
-from kvplan.errors import ExportError
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 OPSET = 23

@@ -20,11 +20,10 @@ import onnx_ir.passes.common as common_passes
 import onnxscript.optimizer
 import torch
 
-from kvplan.config import DecoderConfig
 from kvplan import kv_write
+from kvplan.config import DecoderConfig
 from kvplan.decoder import DecoderLayer, LayerStep, RMSNorm, RotaryCosSin, StackSpec
 from kvplan.export.trace_cache import Piece, TraceCache
-
 
 OPSET = 23
 # Stack traces and FX dumps name this checkout's paths, the namespace and class hierarchy
@@ -214,6 +213,21 @@ _PIECES: dict[tuple, dict[str, Piece]] = {}
 TRACE_BATCH = 2
 
 
+def _trace_together(made: dict[str, tuple]) -> dict[str, Piece]:
+    """Trace the pieces side by side in one module and split the graph into one Piece each.
+    ``made``: name -> (module, example args, dynamic axes, input names, output names)."""
+    module = _SideBySide({name: m for name, (m, *_) in made.items()},
+                         {name: len(args) for name, (_, args, *_) in made.items()})
+    names = {name: ([f"piece_in_{name}_{i}" for i in ins], [f"piece_out_{name}_{o}" for o in outs])
+             for name, (_, _, _, ins, outs) in made.items()}
+    model = trace(module, tuple(a for _, args, *_ in made.values() for a in args),
+                  # forward(*args): one argument, the tuple of every piece's inputs
+                  (tuple(d for _, _, dims, *_ in made.values() for d in dims),),
+                  ([n for ins, _ in names.values() for n in ins], [n for _, outs in names.values() for n in outs]))
+    proto = ir.serde.serialize_model(model)
+    return {name: split(model, proto, name, ins, outs) for name, (ins, outs) in names.items()}
+
+
 def trace_pieces(cfg: DecoderConfig, spec: StackSpec, dtype: torch.dtype, batch: int | str,
                  first_layer_weights: Callable[[], dict[str, torch.Tensor]],
                  cache: "TraceCache | None" = None, log: Callable[[str], None] | None = None) -> dict[str, Piece]:
@@ -280,17 +294,7 @@ def trace_pieces(cfg: DecoderConfig, spec: StackSpec, dtype: torch.dtype, batch:
     if pieces is None and cache is not None:
         pieces = cache.load_set(key, list(parts), log)
     if pieces is None:
-        made = {name: make() for name, make in parts.items()}
-        module = _SideBySide({name: m for name, (m, *_) in made.items()},
-                             {name: len(args) for name, (_, args, *_) in made.items()})
-        names = {name: ([f"piece_in_{name}_{i}" for i in ins], [f"piece_out_{name}_{o}" for o in outs])
-                 for name, (_, _, _, ins, outs) in made.items()}
-        model = trace(module, tuple(a for _, args, *_ in made.values() for a in args),
-                      # forward(*args): one argument, the tuple of every piece's inputs
-                      (tuple(d for _, _, dims, *_ in made.values() for d in dims),),
-                      ([n for ins, _ in names.values() for n in ins], [n for _, outs in names.values() for n in outs]))
-        proto = ir.serde.serialize_model(model)
-        pieces = {name: split(model, proto, name, ins, outs) for name, (ins, outs) in names.items()}
+        pieces = _trace_together({name: make() for name, make in parts.items()})
         if cache is not None:
             cache.store_set(key, pieces, log)
     _PIECES[key] = pieces

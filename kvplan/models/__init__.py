@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kvplan.models import gguf, hf_dir, minicpmo, presets
 from kvplan.models.base import ModelError, ModelSource
-from kvplan.models import gguf, presets, minicpmo, hf_dir
 
 # Order matters: a MiniCPM-o directory is also a Hugging Face directory.
 SOURCES = [presets, gguf, minicpmo, hf_dir]

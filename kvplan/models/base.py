@@ -9,7 +9,6 @@ import torch
 from kvplan.config import DecoderConfig
 from kvplan.errors import ModelError  # noqa: F401  (re-exported: every source raises it from here)
 
-
 # config.json's names for DecoderConfig's sizes (transformers' config classes).
 HF_FIELDS = {"hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
              "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",

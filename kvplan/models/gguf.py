@@ -33,8 +33,7 @@ import torch
 
 from kvplan.config import DecoderConfig
 from kvplan.errors import ConfigError, ModelError
-from kvplan.models import families
-from kvplan.models import sizes
+from kvplan.models import families, sizes
 from kvplan.models.base import LM_NAMES, ConfigOrigin, ModelSource, file_fingerprint, reference_names
 from kvplan.models.presets import tensor_shapes
 from kvplan.models.tokenizer import load_tokenizer
@@ -273,7 +272,10 @@ class TransformersReading:
         if self._names is None:
             import transformers  # heavy; only the reference needs it
             from transformers.modeling_gguf_pytorch_utils import (  # as above
-                TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map)
+                TENSOR_PROCESSORS,
+                TensorProcessor,
+                get_gguf_hf_weights_map,
+            )
             config = dict(self.config)
             lm_class = families.get(self.family).reference_classes[1]
             hf = transformers.AutoConfig.for_model(config.pop("model_type"), **config)

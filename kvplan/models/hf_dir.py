@@ -6,8 +6,7 @@ import json
 from pathlib import Path
 
 from kvplan.config import ConfigError
-from kvplan.models import families
-from kvplan.models import sizes
+from kvplan.models import families, sizes
 from kvplan.models.base import LM_NAMES, ConfigOrigin, ModelError, ModelSource, reference_names
 from kvplan.models.presets import tensor_shapes
 from kvplan.models.safetensors_dir import TensorIndex

@@ -8,7 +8,8 @@ import torch
 from kvplan.config import DecoderConfig
 from kvplan.decoder import DecoderStack, StackSpec
 from kvplan.models.base import LM_NAMES, ConfigOrigin, ModelError, ModelSource, reference_names
-from kvplan.models.families import FAMILIES, get as get_family
+from kvplan.models.families import FAMILIES
+from kvplan.models.families import get as get_family
 
 DEFAULT = "minicpmo26-tts"
 

@@ -30,11 +30,12 @@ import torch
 
 from kvplan.decoder import DecoderLayer, RotaryCosSin
 from kvplan.models.presets import tensor_shapes
-from kvplan.quantize.settings import Quantize
-from kvplan.quantize.calibration import calibration_hidden, resolve as resolve_calibration, \
-    warning as calibration_warning
+from kvplan.quantize.calibration import calibration_hidden
+from kvplan.quantize.calibration import resolve as resolve_calibration
+from kvplan.quantize.calibration import warning as calibration_warning
 from kvplan.quantize.linears import MODULES, check_groups, weight_name
 from kvplan.quantize.rtn import fake_quantize_rows, quantize_t
+from kvplan.quantize.settings import Quantize
 from kvplan.quantize.weights import Quantized
 
 ALPHAS = [i / 20 for i in range(20)]

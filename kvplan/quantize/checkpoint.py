@@ -32,18 +32,17 @@ from typing import Callable
 import torch
 
 from kvplan.config import ConfigError
-from kvplan.models import families
-from kvplan.models.families import from_hf_dict
 from kvplan.errors import QuantizeError
+from kvplan.models import families, sizes
 from kvplan.models import resolve as resolve_model
-from kvplan.models import sizes
 from kvplan.models.base import LM_NAMES, ConfigOrigin, ModelSource, reference_names
+from kvplan.models.families import from_hf_dict
 from kvplan.models.hf_dir import held as hf_held
 from kvplan.models.presets import tensor_shapes
 from kvplan.models.safetensors_dir import TensorIndex
 from kvplan.models.tokenizer import has_tokenizer, load_tokenizer
 from kvplan.quantize.linears import MODULES
-from kvplan.quantize.weights import QuantLinear, Quantized
+from kvplan.quantize.weights import Quantized, QuantLinear
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 PREFIX = "model."

@@ -31,7 +31,7 @@ from kvplan.errors import QuantizeError
 from kvplan.models import families
 from kvplan.models.gguf import GGUFFile, T
 from kvplan.quantize.linears import weight_name
-from kvplan.quantize.weights import QuantLinear, Quantized
+from kvplan.quantize.weights import Quantized, QuantLinear
 
 BLOCK = 32
 INT4_TYPES = (T.Q4_0, T.Q4_1, T.Q4_K)
@@ -149,7 +149,7 @@ def quantized(source, settings, log: Callable[[str], None] = print) -> Quantized
     out.record["imported"] = {k: {"linears": counts[k], "blocks_of_32": blocks[k]} for k in sorted(counts)}
     log(f"[quantize] gguf: imported {len(imported)} linears as int4 block {BLOCK}: "
         + (", ".join(f"{k} {counts[k]} linears ({blocks[k]} blocks)" for k in sorted(counts)) or "none"))
-    log(f"[quantize] gguf: kept in the profile dtype (not int4 blocks): "
+    log("[quantize] gguf: kept in the profile dtype (not int4 blocks): "
         + ("; ".join(f"{k} {len(v)} linears ({', '.join(v[:3])}{', ...' if len(v) > 3 else ''})"
                      for k, v in sorted(kept.items())) or "none"))
     return out

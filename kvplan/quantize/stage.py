@@ -17,15 +17,16 @@ from kvplan.errors import QuantizeError
 from kvplan.export.exporter import pack_file_names
 from kvplan.manifest import artifact
 from kvplan.pipeline import graph_artifacts, peak_rss_mib
-from kvplan.sources import source_digest
-from kvplan.quantize.settings import NO_INT4_CCS, Quantize
-from kvplan.quantize.awq import quantize_awq
 from kvplan.quantize import gguf_blocks
-from kvplan.quantize.calibration import digest as calibration_digest, resolve as resolve_calibration
+from kvplan.quantize.awq import quantize_awq
+from kvplan.quantize.calibration import digest as calibration_digest
+from kvplan.quantize.calibration import resolve as resolve_calibration
 from kvplan.quantize.graph import quantize_graph
 from kvplan.quantize.linears import check_groups, weight_name
 from kvplan.quantize.rtn import quantize_linear
+from kvplan.quantize.settings import NO_INT4_CCS, Quantize
 from kvplan.quantize.weights import Quantized
+from kvplan.sources import source_digest
 
 
 def quantize_rtn(source, settings: Quantize, log: Callable[[str], None] = print) -> Quantized:

@@ -17,8 +17,8 @@ from safetensors.torch import save_file
 
 from kvplan.errors import QuantizeError
 from kvplan.fileio import atomic_directory
-from kvplan.models.base import ModelSource, reference_names
 from kvplan.models import families
+from kvplan.models.base import ModelSource, reference_names
 from kvplan.models.presets import tensor_shapes
 
 INT4_MIN, INT4_MAX = -8, 7

@@ -8,8 +8,8 @@
 """
 from __future__ import annotations
 
-from kvplan.surgery.fileio import fuse_file
 from kvplan.errors import OpsetError, SurgeryError
+from kvplan.surgery.fileio import fuse_file
 from kvplan.surgery.pipeline import run
 from kvplan.surgery.registry import PASSES
 from kvplan.surgery.report import summary_lines

@@ -4,8 +4,8 @@ from __future__ import annotations
 import onnx
 import onnx.version_converter
 
-from kvplan.surgery.graphutil import op_counts
 from kvplan.errors import OpsetError
+from kvplan.surgery.graphutil import op_counts
 
 TARGET = 23
 

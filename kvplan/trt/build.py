@@ -16,16 +16,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kvplan.trt.backend import Backend
+from kvplan.fileio import atomic_file
 from kvplan.manifest import sha256_file
 from kvplan.profiles import Profile
+from kvplan.trt.backend import Backend
 from kvplan.trt.callbacks import Log, Pending, interrupts_cancel, make_logger, make_progress_monitor
 from kvplan.trt.errors import BuildError
 from kvplan.trt.memory import memory_record
 from kvplan.trt.network import allow_decomposed_attention, check_network_inputs, network_summary, parse
-from kvplan.trt.plan_io import host_code_allowed
 from kvplan.trt.options import configure, load_timing_cache, save_timing_cache, timing_cache_supported
-from kvplan.fileio import atomic_file
+from kvplan.trt.plan_io import host_code_allowed
 from kvplan.trt.shapes import dims, shapes_for
 from kvplan.trt.trtexec import trtexec_command
 
@@ -113,6 +113,31 @@ def _build_into(trt, builder, network, config, f, pending: Pending) -> tuple[boo
     return True, serialized.nbytes
 
 
+def _parsed(trt, backend: Backend, onnx_path: Path, contract: dict, logger, log: Log):
+    """The graph parsed into a network that honours the I/O contract: (builder, network, parser,
+    mapped weights or None, the network's summary)."""
+    builder, network, parser, weights = parse(trt, backend, onnx_path, logger, log)
+    if weights is not None:
+        log(f"[build] parser reads {weights.mapped_bytes / 2**20:.1f} MiB of weights in place "
+            f"({len(weights.entries)} tensors, memory-mapped)")
+    check_network_inputs(network, contract, onnx_path)
+    attention = allow_decomposed_attention(trt, network)
+    if attention:
+        log(f"[build] {attention} fused attention layer(s), decomposable where no fused kernel fits")
+    summary = network_summary(network)
+    log(f"[build] {onnx_path.name}: {summary['layers']} layers, {network.num_inputs} inputs, "
+        f"{network.num_outputs} outputs ({backend.name} {backend.version})")
+    return builder, network, parser, weights, summary
+
+
+def _sources(backend: Backend, onnx_path: Path) -> dict:
+    """What the plan was built from and with."""
+    data_file = onnx_path.parent / (onnx_path.name + ".data")
+    return {"backend": backend.name, "backend_version": backend.version, "onnx": str(onnx_path),
+            "onnx_sha256": sha256_file(onnx_path),
+            "onnx_data_sha256": sha256_file(data_file) if data_file.is_file() else None}
+
+
 def build_engine(onnx_path: Path, plan_path: Path, profile: Profile, contract: dict, backend: Backend,
                  timing_cache: Path | None, log: Log = print, *, extra_memory_target: float | None = None) -> dict:
     """Parse ``onnx_path``, build one optimization profile per ShapeProfile, write ``plan_path`` atomically.
@@ -132,17 +157,7 @@ def build_engine(onnx_path: Path, plan_path: Path, profile: Profile, contract: d
     logger = make_logger(trt, log, pending)
     t_start = time.perf_counter()
 
-    builder, network, parser, weights = parse(trt, backend, onnx_path, logger, log)
-    if weights is not None:
-        log(f"[build] parser reads {weights.mapped_bytes / 2**20:.1f} MiB of weights in place "
-            f"({len(weights.entries)} tensors, memory-mapped)")
-    check_network_inputs(network, contract, onnx_path)
-    attention = allow_decomposed_attention(trt, network)
-    if attention:
-        log(f"[build] {attention} fused attention layer(s), decomposable where no fused kernel fits")
-    summary = network_summary(network)
-    log(f"[build] {onnx_path.name}: {summary['layers']} layers, {network.num_inputs} inputs, "
-        f"{network.num_outputs} outputs ({backend.name} {backend.version})")
+    builder, network, parser, weights, summary = _parsed(trt, backend, onnx_path, contract, logger, log)
 
     config = builder.create_builder_config()
     options, notes = configure(trt, backend, config, profile.engine, profile.source, log)
@@ -179,13 +194,8 @@ def build_engine(onnx_path: Path, plan_path: Path, profile: Profile, contract: d
 
     argv, tool_notes = trtexec_command(backend, onnx_path, plan_path, profile.engine, shapes,
                                        timing_cache if tc_record.get("used") else None)
-    data_file = onnx_path.parent / (onnx_path.name + ".data")
     record = {
-        "backend": backend.name,
-        "backend_version": backend.version,
-        "onnx": str(onnx_path),
-        "onnx_sha256": sha256_file(onnx_path),
-        "onnx_data_sha256": sha256_file(data_file) if data_file.is_file() else None,
+        **_sources(backend, onnx_path),
         "plan": plan_path.name,
         "plan_bytes": plan_bytes,
         "build_seconds": round(build_seconds, 3),

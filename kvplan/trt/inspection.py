@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from kvplan.manifest import load_manifest
 from kvplan.trt.backend import Backend
 from kvplan.trt.callbacks import Log, Pending, make_logger
 from kvplan.trt.errors import BuildError
-from kvplan.manifest import load_manifest
 from kvplan.trt.network import layer_table, network_summary, parse
 from kvplan.trt.plan_io import deserialize, host_code_allowed
 

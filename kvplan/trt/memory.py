@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import onnx
 from onnx import helper
-from typing import Any
 
 from kvplan.trt.backend import Backend
 from kvplan.trt.plan_io import deserialize
@@ -74,7 +74,8 @@ def engine_memory(trt, plan_bytes, logger, n_profiles: int, host_code: bool = Fa
         getattr(engine, "get_device_memory_size_for_profile", None)
     out["device_memory_size_per_profile"] = [int(get(i)) for i in range(n_profiles)] if get else None
     stat = getattr(getattr(trt, "EngineStat", None), "TOTAL_WEIGHTS_SIZE", None)
-    out["engine_weights_bytes"] = int(engine.get_engine_stat(stat)) if stat is not None and hasattr(engine, "get_engine_stat") else None
+    readable = stat is not None and hasattr(engine, "get_engine_stat")
+    out["engine_weights_bytes"] = int(engine.get_engine_stat(stat)) if readable else None
     return out
 
 

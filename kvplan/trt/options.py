@@ -6,11 +6,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from kvplan.trt.backend import Backend
+from kvplan.fileio import write_atomic
 from kvplan.profiles import Engine
+from kvplan.trt.backend import Backend
 from kvplan.trt.callbacks import Log
 from kvplan.trt.errors import BuildError
-from kvplan.fileio import write_atomic
 
 HW_COMPAT = {"none": "NONE", "ampere_plus": "AMPERE_PLUS", "same_compute_capability": "SAME_COMPUTE_CAPABILITY"}
 

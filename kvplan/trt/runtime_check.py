@@ -21,8 +21,8 @@ from onnx import TensorProto
 from polygraphy import cuda as pg_cuda
 from polygraphy.datatype import DataType
 
-from kvplan.trt.backend import Backend
 from kvplan.profiles import Profile, ShapeProfile
+from kvplan.trt.backend import Backend
 from kvplan.trt.callbacks import Log, Pending, make_logger
 from kvplan.trt.errors import BuildError
 from kvplan.trt.plan_io import deserialize, host_code_allowed
@@ -39,7 +39,8 @@ def _torch_dtype(trt, dt):
 def _check_inputs(contract: dict, sp: ShapeProfile, shapes: dict[str, tuple], dtype: str, seed: int):
     """Inputs at the profile's opt shapes: causal mask, positions lastSum.., random hidden/past."""
     import torch  # lazily, as the export stage's helpers below: see the module docstring
-    from kvplan.export.exporter import TORCH_DTYPES, causal_mask
+
+    from kvplan.export.exporter import TORCH_DTYPES, causal_mask  # lazily, with torch
 
     tdtype = TORCH_DTYPES[dtype]
     n, last = sp.N.opt, sp.lastSum.opt

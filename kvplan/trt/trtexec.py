@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kvplan.trt.backend import Backend
 from kvplan.profiles import Engine
+from kvplan.trt.backend import Backend
 
 TRTEXEC_HW_COMPAT = {"ampere_plus": "ampere+", "same_compute_capability": "sameComputeCapability"}
 
@@ -20,7 +20,7 @@ def trtexec_command(backend: Backend, onnx_path: Path, plan_path: Path, engine: 
     notes = []
     if not backend.is_rtx and backend.strongly_typed_flag:
         argv.append("--stronglyTyped")     # TensorRT 10.x; TensorRT 11 is always strongly typed
-    for i, (name, per_input) in enumerate(shapes.items()):
+    for i, per_input in enumerate(shapes.values()):
         # trtexec: each --profile=<i> opens a new optimization profile for the shape flags after it.
         argv += [f"--profile={i}", f"--minShapes={shape_arg(per_input, 0)}",
                  f"--optShapes={shape_arg(per_input, 1)}", f"--maxShapes={shape_arg(per_input, 2)}"]

@@ -16,7 +16,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-
 from polygraphy import constants
 from polygraphy.comparator import IterationResult, RunResults
 from polygraphy.json import Encoder, to_json

@@ -27,7 +27,6 @@ except ImportError:                    # 4.x
 from kvplan.models import ModelSource
 from kvplan.models.families import get as get_family
 
-
 ATTENTION = ("sdpa", "eager")
 
 

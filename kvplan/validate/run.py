@@ -33,7 +33,9 @@ from kvplan.models.presets import tensor_shapes
 from kvplan.pipeline import collections_skip_what_exists, map_large_allocations, release_memory
 from kvplan.trt.backend import select_backend, visible_gpus
 from kvplan.validate import points as pts
-from kvplan.validate import quantized, report, runners as rn, segments as seg_plan, stream, tokens
+from kvplan.validate import quantized, report, stream, tokens
+from kvplan.validate import runners as rn
+from kvplan.validate import segments as seg_plan
 from kvplan.validate.meter import Meter
 from kvplan.validate.onnx_stack import OnnxStack, Pack
 from kvplan.validate.points import parse_kinds

@@ -11,14 +11,14 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import onnxruntime as ort
 import polygraphy
 import polygraphy.config
+import torch
+from polygraphy.backend.base import BaseRunner
 from polygraphy.backend.common import BytesFromPath
 from polygraphy.backend.onnxrt import OnnxrtRunner
 from polygraphy.backend.trt import EngineFromBytes, TrtRunner
-from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
 
 from kvplan.export.exporter import TORCH_DTYPES, output_names

@@ -17,8 +17,9 @@ import torch
 from kvplan.errors import GraphError, UserError
 from kvplan.export.exporter import output_names
 from kvplan.models.presets import tensor_shapes
-from kvplan.validate import points as pts, ranges, runners as rn, stream
-
+from kvplan.validate import points as pts
+from kvplan.validate import ranges, stream
+from kvplan.validate import runners as rn
 
 # Layer ranges hold about this many bytes of weights each (``--layer-ranges auto``): a few times
 # one layer of a small model, one layer of a large one.

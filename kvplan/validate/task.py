@@ -67,7 +67,7 @@ class TrtStack:
             if self.active[j] != index:
                 runner.set_profile(index)
                 self.active[j] = index
-            feed = cache_io.graph_feed(spec, hidden, mask, pos, lambda i, kind: _layout(past[2 * i + kind],
+            feed = cache_io.graph_feed(spec, hidden, mask, pos, lambda i, kind, spec=spec: _layout(past[2 * i + kind],
                                                                                          spec.kv_format))
             outs = runner.infer(feed)
             names = output_names(spec)
@@ -177,7 +177,8 @@ def run_task_checks(source, dtype: torch.dtype, stacks: dict, steps: int, prompt
             continue
         log(f"[validate] task check: {steps} teacher-forced greedy steps through {name}")
         try:
-            result["stacks"][name] = {"ran": True, **teacher_forced(cfg, dtype, embed, head, stack, prompt, ref_tokens, ref_hiddens, tol)}
+            result["stacks"][name] = {"ran": True, **teacher_forced(cfg, dtype, embed, head, stack, prompt, ref_tokens,
+                                                                    ref_hiddens, tol)}
         except ValueError as e:       # TensorRT: a step outside the engine's profiles
             result["stacks"][name] = {"ran": False, "why": str(e)}
     result["seconds"] = round(time.perf_counter() - t0, 2)

@@ -20,7 +20,6 @@ its own attention scale, soft-capped attention logits and sliding-window layers.
 """
 from __future__ import annotations
 
-
 from kvplan.config import DecoderConfig
 from kvplan.models.families.registry import Family, Fields, layer_types, register
 

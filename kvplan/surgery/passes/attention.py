@@ -45,8 +45,19 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from kvplan.surgery.framework import Pass
-from kvplan.surgery.graphutil import (const_value, detach, dtype_name, ints, is_last_axis, onnx_dtype,
-                                     other_input, producer, producer_op, rank, unique_name)
+from kvplan.surgery.graphutil import (
+    const_value,
+    detach,
+    dtype_name,
+    ints,
+    is_last_axis,
+    onnx_dtype,
+    other_input,
+    producer,
+    producer_op,
+    rank,
+    unique_name,
+)
 from kvplan.surgery.pattern import Match
 
 F32 = onnx.TensorProto.FLOAT

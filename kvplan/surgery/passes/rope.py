@@ -25,8 +25,20 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from kvplan.surgery.framework import Pass
-from kvplan.surgery.graphutil import (const_value, detach, dtype_name, ints, is_last_axis, last_dim, onnx_dtype,
-                                     other_input, producer, producer_op, rank, unique_name)
+from kvplan.surgery.graphutil import (
+    const_value,
+    detach,
+    dtype_name,
+    ints,
+    is_last_axis,
+    last_dim,
+    onnx_dtype,
+    other_input,
+    producer,
+    producer_op,
+    rank,
+    unique_name,
+)
 from kvplan.surgery.pattern import Match
 
 PATTERN = "the rotary pattern"
