@@ -18,9 +18,9 @@ from kvplan.errors import BackendError, KvplanError
 from kvplan.export.stage import ExportStage
 from kvplan.fileio import remove_stale_temporaries
 from kvplan.manifest import artifacts_intact, digest, hashes_remembered, load_manifest, target_lock
+from kvplan.models import resolve
 from kvplan.pipeline import Pipeline, graph_artifacts
 from kvplan.quantize import gguf_blocks
-from kvplan.quantize.checkpoint import resolve
 from kvplan.quantize.stage import QuantizeStage
 from kvplan.sources import closure
 from kvplan.surgery.stage import SurgeryStage

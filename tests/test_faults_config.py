@@ -25,9 +25,9 @@ from test_quantize_checkpoint import write_checkpoint
 from kvplan import profiles
 from kvplan.cli import build_main
 from kvplan.errors import KvplanError, ProfileError
+from kvplan.models import resolve  # any source, an AWQ/GPTQ import included
 from kvplan.models.families import hf_config_dict
 from kvplan.models.presets import PRESETS
-from kvplan.quantize.checkpoint import resolve  # any source, an AWQ/GPTQ import included
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = hf_config_dict(PRESETS["tiny-llama"])      # 4 layers, hidden 64, 4 heads of 16, 2 KV heads

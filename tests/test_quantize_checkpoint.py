@@ -20,9 +20,10 @@ from kvplan.cli import build_main
 from kvplan.decoder import DecoderStack, StackSpec
 from kvplan.errors import QuantizeError
 from kvplan.export import example_inputs
+from kvplan.models import resolve
 from kvplan.models.families import hf_config_dict as to_hf_dict
 from kvplan.models.presets import PRESETS, random_tensor, tensor_shapes
-from kvplan.quantize.checkpoint import resolve
+from kvplan.quantize.checkpoint import imported
 from kvplan.validate.ort_session import session_options
 
 CFG = PRESETS["tiny-llama"]         # hidden 64, intermediate 128: group size 32
@@ -185,7 +186,7 @@ def test_checkpoint_with_a_missing_or_misshaped_tensor_is_refused_naming_it(tmp_
     write_checkpoint(tmp_path / "ckpt", method, symmetric=True, drop=drop, reshape=reshape)
     with pytest.raises(QuantizeError, match=message):
         source = resolve(str(tmp_path / "ckpt"))
-        source.checkpoint.quantized(log=lambda _: None)
+        imported(source.checkpoint, log=lambda _: None)
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kvplan.models import gguf, hf_dir, minicpmo, presets
+from kvplan.models import gguf, hf_dir, minicpmo, presets, quantized_dir
 from kvplan.models.base import ModelError, ModelSource
 
-# Order matters: a MiniCPM-o directory is also a Hugging Face directory.
-SOURCES = [presets, gguf, minicpmo, hf_dir]
+# Order matters: a MiniCPM-o directory and a pre-quantized one are also Hugging Face directories.
+SOURCES = [presets, gguf, minicpmo, quantized_dir, hf_dir]
 
 DEFAULT_MODEL = presets.DEFAULT
 

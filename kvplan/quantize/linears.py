@@ -3,11 +3,7 @@ from __future__ import annotations
 
 from kvplan.config import DecoderConfig
 from kvplan.errors import QuantizeError
-
-# The seven linears of a Llama-family layer, under their module's path in the layer.
-MODULES = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
-           "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
-           "down_proj": "mlp.down_proj"}
+from kvplan.models.int4 import MODULES  # noqa: F401  (re-exported: where each linear sits in a layer)
 
 
 def weight_name(layer: int, linear: str) -> str:

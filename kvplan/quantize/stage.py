@@ -21,6 +21,7 @@ from kvplan.quantize import gguf_blocks
 from kvplan.quantize.awq import quantize_awq
 from kvplan.quantize.calibration import digest as calibration_digest
 from kvplan.quantize.calibration import resolve as resolve_calibration
+from kvplan.quantize.checkpoint import imported as import_checkpoint
 from kvplan.quantize.graph import quantize_graph
 from kvplan.quantize.linears import check_groups, weight_name
 from kvplan.quantize.rtn import quantize_linear
@@ -84,7 +85,7 @@ def quantize_inputs(source, profile) -> dict | None:
 def quantize_source(source, settings: Quantize, log: Callable[[str], None] = print) -> Quantized:
     imported = getattr(source, "checkpoint", None)
     if imported is not None:
-        return imported.quantized(log)
+        return import_checkpoint(imported, log)
     if gguf_blocks.has_blocks(source, settings.linears):
         return gguf_blocks.quantized(source, settings, log)
     if settings.method == "rtn":
