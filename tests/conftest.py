@@ -70,3 +70,16 @@ def smollm2_checkpoint(smollm2_gguf):
     loader (with its tokenizer), made once and kept."""
     from bench import real_model  # lazily, as above
     return real_model.checkpoint_dir(smollm2_gguf.parent)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_checkpoint(tmp_path_factory):
+    """A 2-layer Llama checkpoint as transformers writes it (seeded), for tests that edit its tensors."""
+    import torch
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=64)
+    path = tmp_path_factory.mktemp("w") / "llama"
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    return path

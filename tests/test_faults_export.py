@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from test_weights_input import edited
 
 import kvplan.export.stitch as stitch
 from kvplan.cli import build_main, validate_main
@@ -30,31 +30,11 @@ DOWN = "model.layers.1.mlp.down_proj.weight"
 GAIN = "model.layers.1.post_attention_layernorm.weight"
 
 
-@pytest.fixture(scope="module")
-def good(tmp_path_factory):
-    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=64)
-    path = tmp_path_factory.mktemp("w") / "llama"
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
-    return path
-
-
-def _edited(good: Path, tmp_path: Path, name: str, change) -> Path:
-    out = tmp_path / "llama"
-    out.mkdir()
-    (out / "config.json").write_text((good / "config.json").read_text())
-    tensors = load_file(good / "model.safetensors")
-    tensors[name] = change(tensors[name].clone())
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-    return out
-
-
-def _with_inf(good, tmp_path) -> Path:
+def _with_inf(tiny_llama_checkpoint, tmp_path) -> Path:
     def poison(t):
         t[0, 0] = float("inf")
         return t
-    return _edited(good, tmp_path, DOWN, poison)
+    return edited(tiny_llama_checkpoint, tmp_path, poison, DOWN)
 
 
 @pytest.fixture
@@ -65,8 +45,8 @@ def cache_dir(tmp_path, monkeypatch):
 
 # ------------------------------------------------- --allow-nonfinite-weights reaches validation
 
-def test_allow_nonfinite_weights_with_validate_runs_validation_and_fails_it(good, tmp_path, capsys, cache_dir):
-    model = _with_inf(good, tmp_path)
+def test_allow_nonfinite_weights_with_validate_runs_validation_and_fails_it(tiny_llama_checkpoint, tmp_path, capsys, cache_dir):
+    model = _with_inf(tiny_llama_checkpoint, tmp_path)
     code = build_main(["--model", str(model), "--profile", "fp32", "--out", str(tmp_path / "out"),
                        "--allow-nonfinite-weights", "--validate"])
     out, err = capsys.readouterr()
@@ -74,10 +54,10 @@ def test_allow_nonfinite_weights_with_validate_runs_validation_and_fails_it(good
     assert code == 1 and "validation FAIL" in out
 
 
-def test_a_later_validation_of_a_nonfinite_build_needs_no_flag_and_fails(good, tmp_path, capsys, cache_dir):
+def test_a_later_validation_of_a_nonfinite_build_needs_no_flag_and_fails(tiny_llama_checkpoint, tmp_path, capsys, cache_dir):
     """The manifest records the flag: python -m build.validate, which has no such flag, checks
     the target as it was built."""
-    model = _with_inf(good, tmp_path)
+    model = _with_inf(tiny_llama_checkpoint, tmp_path)
     target = ["--model", str(model), "--profile", "fp32", "--out", str(tmp_path / "out")]
     assert build_main(target + ["--allow-nonfinite-weights", "--stop-after", "surgery"]) == 0
     manifest = json.loads((tmp_path / "out/llama/fp32/manifest.json").read_text())
@@ -91,8 +71,8 @@ def test_a_later_validation_of_a_nonfinite_build_needs_no_flag_and_fails(good, t
 
 # ------------------------------------------------- finite as the graph stores it
 
-def test_a_weight_that_overflows_fp16_is_refused_naming_the_tensor(good, tmp_path, capsys, cache_dir):
-    model = _edited(good, tmp_path, GAIN, lambda t: torch.full_like(t, 1e6))
+def test_a_weight_that_overflows_fp16_is_refused_naming_the_tensor(tiny_llama_checkpoint, tmp_path, capsys, cache_dir):
+    model = edited(tiny_llama_checkpoint, tmp_path, lambda t: torch.full_like(t, 1e6), GAIN)
     code = build_main(["--model", str(model), "--profile", "fp16", "--out", str(tmp_path / "out"),
                        "--stop-after", "export"])
     err = capsys.readouterr().err

@@ -18,22 +18,14 @@ transformers = pytest.importorskip("transformers")
 TENSOR = "model.layers.1.mlp.down_proj.weight"
 
 
-@pytest.fixture(scope="module")
-def good(tmp_path_factory):
-    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=64)
-    path = tmp_path_factory.mktemp("w") / "llama"
-    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
-    return path
-
-
-def _edited(good: Path, tmp_path: Path, change) -> Path:
+def edited(tiny_llama_checkpoint: Path, tmp_path: Path, change, name: str = TENSOR) -> Path:
+    """A copy of the ``tiny_llama_checkpoint`` checkpoint with tensor ``name`` replaced by ``change(it)``."""
     out = tmp_path / "llama"
     out.mkdir()
-    (out / "config.json").write_text((good / "config.json").read_text())
-    tensors = load_file(good / "model.safetensors")
-    tensors[TENSOR] = change(tensors[TENSOR])
-    save_file(tensors, out / "model.safetensors")
+    (out / "config.json").write_text((tiny_llama_checkpoint / "config.json").read_text())
+    tensors = load_file(tiny_llama_checkpoint / "model.safetensors")
+    tensors[name] = change(tensors[name].clone())
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     return out
 
 
@@ -44,30 +36,30 @@ def _build(model: Path, out: Path, capsys, *extra: str) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("dtype", [torch.int8, torch.int32, torch.bool])
-def test_an_integer_or_bool_weight_is_refused_naming_it(good, tmp_path, capsys, dtype):
-    model = _edited(good, tmp_path, lambda t: (t * 100).to(dtype))
+def test_an_integer_or_bool_weight_is_refused_naming_it(tiny_llama_checkpoint, tmp_path, capsys, dtype):
+    model = edited(tiny_llama_checkpoint, tmp_path, lambda t: (t * 100).to(dtype))
     code, err = _build(model, tmp_path / "out", capsys)
     assert code == 2 and f"tensor 'layers.1.mlp.down_proj.weight' has dtype {str(dtype)[6:]}" in err
     assert not list((tmp_path / "out").rglob("*.onnx"))
 
 
-def test_nan_weights_are_refused_unless_allowed(good, tmp_path, capsys):
+def test_nan_weights_are_refused_unless_allowed(tiny_llama_checkpoint, tmp_path, capsys):
     def poison(t):
         t = t.clone()
         t[0, :3] = float("nan")
         t[1, 0] = float("inf")
         return t
-    model = _edited(good, tmp_path, poison)
+    model = edited(tiny_llama_checkpoint, tmp_path, poison)
     code, err = _build(model, tmp_path / "out", capsys)
     assert code == 2 and "tensor 'layers.1.mlp.down_proj.weight' holds 4 NaN or infinite value(s)" in err
     assert _build(model, tmp_path / "out", capsys, "--allow-nonfinite-weights")[0] == 0
 
 
-def test_a_wrong_shape_is_refused_even_with_the_traces_cached(good, tmp_path, capsys):
+def test_a_wrong_shape_is_refused_even_with_the_traces_cached(tiny_llama_checkpoint, tmp_path, capsys):
     """The first build stores the traces; the second, of a checkpoint whose layer 1 has a wrong
     shape, skips the trace and must still check every tensor it binds."""
-    assert _build(good, tmp_path / "first", capsys)[0] == 0
-    model = _edited(good, tmp_path, lambda t: t[:, :-1].contiguous())
+    assert _build(tiny_llama_checkpoint, tmp_path / "first", capsys)[0] == 0
+    model = edited(tiny_llama_checkpoint, tmp_path, lambda t: t[:, :-1].contiguous())
     code, err = _build(model, tmp_path / "out", capsys)
     # Refused where the checkpoint is opened, from its header, naming the config field that disagrees.
     assert code == 2 and "tensor 'model.layers.1.mlp.down_proj.weight' has shape [32, 63], but " in err \
