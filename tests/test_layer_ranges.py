@@ -20,6 +20,7 @@ import pytest
 import torch
 from polygraphy.comparator import RunResults
 from polygraphy.json import load_json
+from test_validate import swap_key_caches
 
 from kvplan.cli import build_main, validate_main
 from kvplan.decoder import StackSpec
@@ -193,13 +194,7 @@ def test_a_perturbed_weight_fails_the_range_holding_it_and_names_it(target, tmp_
 @pytest.mark.slow  # the whole-graph variant runs by default (test_validate); ranges fail on a perturbed weight by default
 def test_a_swapped_cache_tensor_fails_in_layer_ranges_and_names_both_tensors(target, tmp_path, capsys):
     """The ranges are cut from the wrong graph: its past_key0 output carries layer 1's keys and back."""
-    def swap(model):
-        names = {"past_key0": "past_key1", "past_key1": "past_key0"}
-        for node in model.graph.node:
-            node.output[:] = [names.get(n, n) for n in node.output]
-            node.input[:] = [names.get(n, n) for n in node.input]
-
-    out, directory = _edited_copy(target, tmp_path, swap)
+    out, directory = _edited_copy(target, tmp_path, swap_key_caches)
     rc = validate_main(_args(target, out, "--layer-ranges", "2"))
     text = capsys.readouterr().out
     assert rc == 1, text

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import onnx.numpy_helper
 import pytest
-from test_validate import copy_with_fused_graph_edited
+from test_validate import copy_with_fused_graph_edited, swap_key_caches
 
 from kvplan.cli import build_main, validate_main
 from kvplan.manifest import load_manifest
@@ -66,14 +66,7 @@ def test_a_perturbed_weight_fails_on_the_real_model(fp16, tmp_path, capsys):
 
 
 def test_a_swapped_cache_fails_on_the_real_model(fp16, tmp_path, capsys):
-    def swap(model):
-        # The graph computes what it did, but its past_key0 output carries layer 1's keys and back.
-        names = {"past_key0": "past_key1", "past_key1": "past_key0"}
-        for node in model.graph.node:
-            node.output[:] = [names.get(n, n) for n in node.output]
-            node.input[:] = [names.get(n, n) for n in node.input]
-
-    rc = validate_main(_wrong_copy(fp16, tmp_path, swap))
+    rc = validate_main(_wrong_copy(fp16, tmp_path, swap_key_caches))
     assert rc == 1, capsys.readouterr().out
     failing = _failing(fp16, tmp_path)
     assert any(t.endswith(" past_key0") for t in failing) and any(t.endswith(" past_key1") for t in failing)

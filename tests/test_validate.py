@@ -399,6 +399,14 @@ def copy_with_fused_graph_edited(out: Path, target: Path, tmp_path: Path, edit, 
     return copy
 
 
+def swap_key_caches(model) -> None:
+    """An edit: the graph computes what it did, but its past_key0 output carries layer 1's keys and back."""
+    names = {"past_key0": "past_key1", "past_key1": "past_key0"}
+    for node in model.graph.node:
+        node.output[:] = [names.get(n, n) for n in node.output]
+        node.input[:] = [names.get(n, n) for n in node.input]
+
+
 def rewrite_graph(fused_target, tmp_path, edit) -> list[str]:
     """Validation args for a copy of the target whose fused graph ``edit`` changed."""
     out = fused_target["out"]
@@ -427,16 +435,7 @@ def test_a_perturbed_weight_in_the_fused_graph_fails_against_the_reference_and_t
 
 
 def test_a_swapped_cache_tensor_in_the_fused_graph_fails_and_names_both_tensors(fused_target, tmp_path, capsys):
-    def swap(model):
-        # The graph computes what it did, but its past_key0 output carries layer 1's keys and back.
-        names = {"past_key0": "past_key1", "past_key1": "past_key0"}
-        for node in model.graph.node:
-            for i, name in enumerate(node.output):
-                node.output[i] = names.get(name, name)
-            for i, name in enumerate(node.input):
-                node.input[i] = names.get(name, name)
-
-    rc = validate_main(rewrite_graph(fused_target, tmp_path, swap))
+    rc = validate_main(rewrite_graph(fused_target, tmp_path, swap_key_caches))
     out = capsys.readouterr().out
     assert rc == 1, out
     record = load_manifest(tmp_path / "engines" / "tiny-llama" / "vwrong")["validation"]
