@@ -14,6 +14,11 @@ from typing import Any
 
 from kvplan.errors import ConfigError
 
+# The seven linears of a Llama-family layer, under their module's path in the layer.
+LINEAR_MODULES = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
+                  "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
+                  "down_proj": "mlp.down_proj"}
+
 ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 

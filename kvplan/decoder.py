@@ -243,6 +243,11 @@ class DecoderStack(nn.Module):
 KV_IO_MODES = ("concat", "delta", "inplace")
 
 
+def export_specs(cfg: DecoderConfig, export) -> list[StackSpec]:
+    """The packs a profile's ``[export]`` section (kvplan.profiles.Export) cuts ``cfg``'s layers into."""
+    return pack_specs(cfg, export.decoder_pack_size, export.kv_format, export.kv_io, export.cache_len)
+
+
 def pack_specs(cfg: DecoderConfig, pack_size: int, kv_format: int = 0, kv_io: str = "concat",
                cache_len: int = 0) -> list[StackSpec]:
     """Split the stack into packs of ``pack_size`` layers (0: one pack); only the last one has the final norm."""

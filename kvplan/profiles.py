@@ -104,6 +104,30 @@ class Engine:
 
 
 @dataclass(frozen=True)
+class Export:
+    """``[export]``: the graphs' dtype, batch axis, cache layout and I/O mode, and packing. The
+    export stage's digest is this section (with the batch axis as the graphs have it)."""
+    dtype: str
+    # An int: a static batch axis of that size; a Range: a dynamic axis "B" over it.
+    batch: int | Range = 1
+    kv_format: int = 0
+    kv_io: str = "concat"
+    # kv_io = "inplace": rows of the preallocated cache buffer (0 otherwise)
+    cache_len: int = 0
+    decoder_pack_size: int = 0
+
+    @property
+    def batch_dim(self) -> int | str:
+        """The graphs' batch axis: its static size, or "B" when ``batch`` is a range."""
+        return BATCH_AXIS if isinstance(self.batch, Range) else self.batch
+
+    @property
+    def batch_range(self) -> Range:
+        """The batch sizes the engines take (min, opt, max); a static batch is one size."""
+        return self.batch if isinstance(self.batch, Range) else Range(self.batch, self.batch, self.batch)
+
+
+@dataclass(frozen=True)
 class Tolerance:
     atol: float
     rtol: float
@@ -113,14 +137,7 @@ class Tolerance:
 class Profile:
     name: str
     source: str
-    dtype: str
-    # An int: a static batch axis of that size; a Range: a dynamic axis "B" over it.
-    batch: int | Range = 1
-    kv_format: int = 0
-    kv_io: str = "concat"
-    # kv_io = "inplace": rows of the preallocated cache buffer (0 otherwise)
-    cache_len: int = 0
-    decoder_pack_size: int = 0
+    export: Export
     passes: tuple[str, ...] = ("rmsnorm", "rope")
     engine: Engine = Engine()
     tolerance: Tolerance = Tolerance(1e-4, 1e-4)
@@ -135,14 +152,12 @@ class Profile:
         return asdict(self)
 
     @property
-    def batch_dim(self) -> int | str:
-        """The graphs' batch axis: its static size, or "B" when ``batch`` is a range."""
-        return BATCH_AXIS if isinstance(self.batch, Range) else self.batch
+    def dtype(self) -> str:
+        """The graphs' dtype (``export.dtype``): what every stage computes in."""
+        return self.export.dtype
 
-    @property
-    def batch_range(self) -> Range:
-        """The batch sizes the engines take (min, opt, max); a static batch is one size."""
-        return self.batch if isinstance(self.batch, Range) else Range(self.batch, self.batch, self.batch)
+    def with_export(self, **changes) -> "Profile":
+        return replace(self, export=replace(self.export, **changes))
 
     @property
     def shapes(self) -> tuple[ShapeProfile, ...]:
@@ -161,7 +176,7 @@ class Profile:
 _KEYS = {
     "": {"description", "export", "quantize", "surgery", "engine", "validate"},
     "quantize": {"method", "bits", "group_size", "linears", "calibration", "samples", "tokens", "seed", "clip"},
-    "export": {"dtype", "batch", "kv_format", "kv_io", "cache_len", "decoder_pack_size"},
+    "export": {f.name for f in fields(Export)},
     "surgery": {"passes"},
     "engine": {f.metadata.get("key", f.name) for f in fields(Engine)},
     "engine.profiles": {"name", "N", "lastSum"},
@@ -253,7 +268,7 @@ def parse(data: dict, source: str, name: str) -> Profile:
             raise r.fail("export.cache_len", f"{export['cache_len']} rows cannot hold engine.profiles {worst.name!r}'s "
                                              f"N max + lastSum max = {need}")
     quantize = _quantize(r, data, source, compute_capabilities=list(options["compute_capabilities"]))
-    return Profile(name=name, source=source, quantize=quantize, passes=passes, **export,
+    return Profile(name=name, source=source, quantize=quantize, passes=passes, export=Export(**export),
                    engine=Engine(shapes=shapes, **options), tolerance=_tolerance(r, r.table(data, "validate")))
 
 
@@ -417,8 +432,8 @@ def check_against_model(profile: Profile, max_positions: int, model: str = "",
     ``overrides``: the optimization profiles --shapes sized, by name, with the option's text. An
     error names what caused it: the --shapes option for those, the profile file for the others."""
     overrides = overrides or {}
-    if profile.cache_len > max_positions:
-        raise ProfileError(f"{profile.source}: export.cache_len {profile.cache_len} exceeds "
+    if profile.export.cache_len > max_positions:
+        raise ProfileError(f"{profile.source}: export.cache_len {profile.export.cache_len} exceeds "
                            f"{_positions(max_positions, model)}")
     for s in profile.shapes:
         if s.sumN.max > max_positions:
@@ -452,7 +467,7 @@ def fit_to_model(profile: Profile, max_positions: int, keep: Mapping[str, str] |
     user sized on the command line, never clamped (by name, with the --shapes text that sized
     them, which errors then name). ``model``: where ``max_positions`` was read, for errors."""
     overrides = dict(keep) if isinstance(keep, Mapping) else {name: name for name in keep}
-    if not profile.shipped or profile.max_sum <= max_positions and profile.cache_len <= max_positions:
+    if not profile.shipped or profile.max_sum <= max_positions and profile.export.cache_len <= max_positions:
         check_against_model(profile, max_positions, model, overrides)
         return profile
     shapes, notes = [], []
@@ -462,11 +477,11 @@ def fit_to_model(profile: Profile, max_positions: int, keep: Mapping[str, str] |
             notes.append(f"{s.name}: N {s.N.as_list()} -> {fitted.N.as_list()}, lastSum {s.lastSum.as_list()} -> "
                          f"{fitted.lastSum.as_list()} (the model has {max_positions} positions)")
         shapes.append(fitted)
-    cache_len = profile.cache_len
+    cache_len = profile.export.cache_len
     if cache_len > max_positions:
         notes.append(f"export.cache_len {cache_len} -> {max_positions} (the model has {max_positions} positions)")
         cache_len = max_positions
-    fitted = replace(profile.with_engine(shapes=tuple(shapes)), cache_len=cache_len,
+    fitted = replace(profile.with_engine(shapes=tuple(shapes)).with_export(cache_len=cache_len),
                      adjusted=profile.adjusted + tuple(notes))
     check_against_model(fitted, max_positions, model, overrides)
     return fitted
@@ -513,12 +528,13 @@ def with_shapes(profile: Profile, overrides: list[str]) -> Profile:
         return profile
     shapes = {s.name: s for s in profile.shapes}
     notes = []
-    batch = profile.batch
+    batch = profile.export.batch
     for text in overrides:
         rng = parse_batch(text)
         if rng is not None:
             batch = rng
-            notes.append(f"batch {profile.batch if isinstance(profile.batch, int) else profile.batch.as_list()} -> "
+            was = profile.export.batch
+            notes.append(f"batch {was if isinstance(was, int) else was.as_list()} -> "
                          f"{rng.as_list()} (--shapes)")
             continue
         name, ranges = parse_shapes(text)
@@ -530,10 +546,10 @@ def with_shapes(profile: Profile, overrides: list[str]) -> Profile:
                                     ranges.get("lastSum", old.lastSum if old else None))
         notes.append(f"{name}: N {shapes[name].N.as_list()}, lastSum {shapes[name].lastSum.as_list()} (--shapes)")
     worst = max(shapes.values(), key=lambda s: s.sumN.max)
-    if profile.kv_io == "inplace" and profile.cache_len < worst.sumN.max:
+    if profile.export.kv_io == "inplace" and profile.export.cache_len < worst.sumN.max:
         raise ProfileError(f"--shapes: {worst.name}: N max + lastSum max = {worst.sumN.max} does not fit "
-                           f"{profile.source}'s in-place buffer of export.cache_len = {profile.cache_len} rows")
-    return replace(profile.with_engine(shapes=tuple(shapes.values())), batch=batch,
+                           f"{profile.source}'s in-place buffer of export.cache_len = {profile.export.cache_len} rows")
+    return replace(profile.with_engine(shapes=tuple(shapes.values())).with_export(batch=batch),
                    adjusted=profile.adjusted + tuple(notes))
 
 

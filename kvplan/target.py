@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from kvplan import profiles as profiles_mod
-from kvplan.decoder import pack_specs
+from kvplan.decoder import export_specs
 from kvplan.errors import BackendError, KvplanError
 from kvplan.export.stage import ExportStage
 from kvplan.fileio import remove_stale_temporaries
@@ -278,7 +278,7 @@ def eval_target(model: str, profile_name: str, out: Path, text: Path, tokens: in
         exported = "quantize" if "quantize" in stages else "export"
         stage = "surgery" if graph == "fused" and "surgery" in stages else exported
         cfg, profile = state.source.config, state.profile
-        specs = pack_specs(cfg, profile.decoder_pack_size, profile.kv_format, profile.kv_io, profile.cache_len)
+        specs = export_specs(cfg, profile.export)
         paths = [state.target / a["path"] for a in sorted(graph_artifacts(stages[stage]), key=lambda a: a["pack"])]
         return evaluate(state.source, profile, [Pack(s, p) for s, p in zip(specs, paths)], text, tokens,
                         reference, log)

@@ -78,13 +78,14 @@ def dims(value_info) -> list:
 
 def test_batch_range_is_read_as_a_dynamic_axis(tmp_path):
     profile = profiles.load(str(write_profile(tmp_path, "b")))
-    assert profile.batch == profiles.Range(1, 2, 4)
-    assert profile.batch_dim == "B" and profile.batch_range == profiles.Range(1, 2, 4)
+    assert profile.export.batch == profiles.Range(1, 2, 4)
+    assert profile.export.batch_dim == "B" and profile.export.batch_range == profiles.Range(1, 2, 4)
 
 
 def test_batch_stays_a_static_one_by_default(tmp_path):
     for profile in (profiles.load("fp16"), profiles.load(str(write_profile(tmp_path, "s", batch="")))):
-        assert profile.batch == 1 and profile.batch_dim == 1 and profile.batch_range == profiles.Range(1, 1, 1)
+        export = profile.export
+        assert export.batch == 1 and export.batch_dim == 1 and export.batch_range == profiles.Range(1, 1, 1)
 
 
 @pytest.mark.parametrize("value, message", [
@@ -106,7 +107,7 @@ def test_bad_batch_is_refused_naming_file_and_field(tmp_path, value, message):
 def test_shapes_override_B_gives_a_shipped_profile_a_batch_range(tmp_path):
     from kvplan.target import resolve_target
     _, profile, _ = resolve_target("tiny-llama", "fp32", tmp_path, ("B=1,2,4", "decode:lastSum=1,8,64"))
-    assert profile.batch == profiles.Range(1, 2, 4) and profile.batch_dim == "B"
+    assert profile.export.batch == profiles.Range(1, 2, 4) and profile.export.batch_dim == "B"
     assert "batch 1 -> [1, 2, 4] (--shapes)" in profile.adjusted
     assert {s.name: s for s in profile.shapes}["decode"].lastSum == profiles.Range(1, 8, 64)
 
@@ -124,8 +125,8 @@ def test_a_bad_B_override_is_refused_like_the_toml(text, message):
 def test_every_optimization_profile_gets_the_batch_range_on_every_input(tmp_path):
     profile = profiles.load(str(write_profile(tmp_path, "b", kv_io="inplace")))
     cfg = resolve("tiny-llama").config
-    [spec] = pack_specs(cfg, 0, 0, "inplace", profile.cache_len)
-    shapes = shapes_for(io_contract(cfg, spec, profile.batch_dim, profile.dtype), profile)
+    [spec] = pack_specs(cfg, 0, 0, "inplace", profile.export.cache_len)
+    shapes = shapes_for(io_contract(cfg, spec, profile.export.batch_dim, profile.dtype), profile)
     assert list(shapes) == ["prefill", "decode"]
     for per_input in shapes.values():
         assert "write_indices" in per_input
@@ -193,7 +194,7 @@ def test_onnx_runtime_runs_batch_1_and_3_with_each_row_as_its_own_batch_1_run(ta
     t = targets(kv_io)
     cfg = resolve("tiny-llama").config
     profile = profiles.load(str(t["profile"]))
-    [spec] = pack_specs(cfg, 0, 0, kv_io, profile.cache_len)
+    [spec] = pack_specs(cfg, 0, 0, kv_io, profile.export.cache_len)
     session = ort.InferenceSession(str(t[graph]), providers=["CPUExecutionProvider"])
     feed = {n: v.numpy() for n, v in zip(input_names(spec), example_inputs(cfg, spec, 3, torch.float32, 4, 6, seed=3))}
     whole = session.run(None, feed)
@@ -332,7 +333,7 @@ def build_dynamic_engine(targets, backend, directory: Path) -> tuple[dict, dict,
     profile = profiles.load(str(t["profile"]))
     cfg = resolve("tiny-llama").config
     [spec] = pack_specs(cfg, 0, 0)
-    contract = io_contract(cfg, spec, profile.batch_dim, profile.dtype)
+    contract = io_contract(cfg, spec, profile.export.batch_dim, profile.dtype)
     onnx_path = directory / "decoder.fused.onnx"
     shutil.copy(t["fused"], onnx_path)
     record = build_trt.build_engine(onnx_path, directory / "decoder.plan", profile, contract, backend, None,

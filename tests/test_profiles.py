@@ -110,9 +110,9 @@ def test_unknown_profile_lists_shipped():
 def test_inplace_buffer_defaults_to_the_largest_step_of_the_profiles():
     data = base()
     data["export"]["kv_io"] = "inplace"
-    assert parse(data, "p.toml", "p").cache_len == 4096
+    assert parse(data, "p.toml", "p").export.cache_len == 4096
     data["export"]["cache_len"] = 4100
-    assert parse(data, "p.toml", "p").cache_len == 4100
+    assert parse(data, "p.toml", "p").export.cache_len == 4100
 
 
 def test_inplace_buffer_too_small_for_a_profile():

@@ -1,7 +1,6 @@
 """TensorRT engine builds on the tiny presets (TensorRT-RTX builds on CPU; running needs a GPU)."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -396,7 +395,7 @@ def test_inplace_engine_updates_its_buffer_and_matches_onnxruntime(tmp_path, bac
     src = resolve("tiny-llama")
     spec, contract = _inplace_contract()
     export_pack(src, spec, "float16", 1, tmp_path / "decoder.onnx", log=lambda *_: None)
-    profile = dataclasses.replace(fast_profile, kv_io="inplace", cache_len=4096)
+    profile = fast_profile.with_export(kv_io="inplace", cache_len=4096)
     build_trt.build_engine(tmp_path / "decoder.onnx", tmp_path / "decoder.plan", profile, contract, backend, None,
                            log=lambda *_: None)
     rec = build_trt.run_engine_check(tmp_path / "decoder.plan", profile, contract, tmp_path / "decoder.onnx", backend)

@@ -65,7 +65,7 @@ def kv_shape(cfg: DecoderConfig, spec: StackSpec, batch: int | str, length: int 
 def io_contract(cfg: DecoderConfig, spec: StackSpec, batch: int | str, dtype: str) -> dict[str, dict]:
     """Name -> {shape, dtype} of every input and output, with symbolic axes as strings.
 
-    ``batch``: the static batch size, or "B" (a profile's batch range: Profile.batch_dim).
+    ``batch``: the static batch size, or "B" (a profile's batch range: Export.batch_dim).
 
     kv_io = "inplace": the cache inputs and outputs are the preallocated buffer of
     ``spec.cache_len`` rows (a static axis: TensorRT's in-place update needs one), the mask
@@ -264,7 +264,7 @@ def export_pack(source: ModelSource, spec: StackSpec, dtype: str, batch: int | s
                 log=print, trace_cache: TraceCache | None = None, allow_nonfinite: bool = False) -> PackExport:
     """Export one pack to ``path`` (written to a temporary name, then renamed into place).
 
-    ``batch``: a static batch size, or "B" for a dynamic batch axis (Profile.batch_dim).
+    ``batch``: a static batch size, or "B" for a dynamic batch axis (Export.batch_dim).
 
     ``trace_cache``: where traced pieces are looked up and stored (build/trace_cache.py); None
     traces (once per process) without one.

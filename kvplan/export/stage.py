@@ -5,14 +5,14 @@ non-finite weights were allowed, kvplan's export code and the tracing libraries'
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import onnxscript
 import torch
 
-from kvplan.decoder import pack_specs
+from kvplan.decoder import export_specs
 from kvplan.export.exporter import export_pack, io_contract, pack_file_names
 from kvplan.export.trace_cache import TraceCache, default_dir
 from kvplan.manifest import artifact
@@ -39,13 +39,13 @@ class ExportStage:
     @property
     def specs(self) -> list:
         p = self.profile
-        return pack_specs(self.source.config, p.decoder_pack_size, p.kv_format, p.kv_io, p.cache_len)
+        return export_specs(self.source.config, p.export)
 
     def inputs(self, _done: dict) -> dict:
         p = self.profile
         return {"model": self.source.fingerprint, "config": self.source.config.to_dict(), "dtype": p.dtype,
-                "batch": p.batch_dim, "kv_format": p.kv_format, "kv_io": p.kv_io, "cache_len": p.cache_len,
-                "decoder_pack_size": p.decoder_pack_size, "allow_nonfinite": self.allow_nonfinite,
+                # The [export] section, with the batch axis as the graphs have it (a range's sizes are the engines').
+                "export": {**asdict(p.export), "batch": p.export.batch_dim}, "allow_nonfinite": self.allow_nonfinite,
                 "source": source_digest(MODULE), "torch": torch.__version__, "onnxscript": onnxscript.__version__}
 
     def build(self, _done: dict) -> dict:
@@ -55,12 +55,12 @@ class ExportStage:
         for pack, (spec, name) in enumerate(zip(specs, pack_file_names(len(specs)))):
             self.log(f"[export] layers {spec.first_layer}..{spec.last_layer - 1}"
                      f"{' + final norm' if spec.final_norm else ''} -> {name}")
-            result = export_pack(self.source, spec, p.dtype, p.batch_dim, self.target / name, log=self.log,
+            result = export_pack(self.source, spec, p.dtype, p.export.batch_dim, self.target / name, log=self.log,
                                  trace_cache=cache, allow_nonfinite=self.allow_nonfinite)
             self.log(f"[export] {name}: {result.weight_bytes / 2**20:.1f} MiB of weights in {result.seconds:.1f} s"
                      f"{' (external data)' if result.external_data else ''}, peak RSS {peak_rss_mib():.0f} MiB")
             entries.append(artifact(self.target, self.target / name, pack=pack,
                                     layers=[spec.first_layer, spec.last_layer], final_norm=spec.final_norm,
-                                    io=io_contract(cfg, spec, p.batch_dim, p.dtype)))
+                                    io=io_contract(cfg, spec, p.export.batch_dim, p.dtype)))
         return {"artifacts": entries, "weight_bytes": cfg.weight_count() * _itemsize(p.dtype),
                 "trace_cache": cache.record() if cache else "off (--no-trace-cache)"}

@@ -6,11 +6,6 @@ from dataclasses import dataclass
 
 import torch
 
-# The seven linears of a Llama-family layer, under their module's path in the layer.
-MODULES = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
-           "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
-           "down_proj": "mlp.down_proj"}
-
 
 @dataclass
 class QuantLinear:

@@ -32,13 +32,13 @@ from pathlib import Path
 
 import torch
 
-from kvplan.config import ConfigError
+from kvplan.config import LINEAR_MODULES, ConfigError
 from kvplan.errors import QuantizeError
 from kvplan.models import families, sizes
 from kvplan.models.base import LM_NAMES, ConfigOrigin, ModelSource, reference_names
 from kvplan.models.families import from_hf_dict
 from kvplan.models.hf_dir import held as hf_held
-from kvplan.models.int4 import MODULES, QuantLinear
+from kvplan.models.int4 import QuantLinear
 from kvplan.models.presets import tensor_shapes
 from kvplan.models.safetensors_dir import TensorIndex
 from kvplan.models.tokenizer import has_tokenizer, load_tokenizer
@@ -209,7 +209,7 @@ def load(arg: str) -> QuantizedSource:
     except ConfigError as e:
         raise QuantizeError(str(e)) from None
     index = TensorIndex(directory)
-    linear_suffixes = tuple(f".{m}.weight" for m in MODULES.values())
+    linear_suffixes = tuple(f".{m}.weight" for m in LINEAR_MODULES.values())
 
     def held(name: str, expected: tuple[int, ...]) -> sizes.Held:
         """A quantized linear as the [out, in] its qweight packs; any other tensor as it is."""

@@ -1,9 +1,9 @@
 """Which tensors of a decoder layer are the linears quantization applies to."""
 from __future__ import annotations
 
+from kvplan.config import LINEAR_MODULES as MODULES  # noqa: F401  (re-exported: where each linear sits)
 from kvplan.config import DecoderConfig
 from kvplan.errors import QuantizeError
-from kvplan.models.int4 import MODULES  # noqa: F401  (re-exported: where each linear sits in a layer)
 
 
 def weight_name(layer: int, linear: str) -> str:

@@ -18,7 +18,7 @@ def shapes_for(contract: dict, profile: Profile) -> dict[str, dict[str, tuple[tu
     inputs = contract["inputs"]
     out: dict[str, dict[str, tuple[tuple[int, ...], ...]]] = {}
     for sp in profile.shapes:
-        ranges = {"N": sp.N, "lastSum": sp.lastSum, "sumN": sp.sumN, BATCH_AXIS: profile.batch_range}
+        ranges = {"N": sp.N, "lastSum": sp.lastSum, "sumN": sp.sumN, BATCH_AXIS: profile.export.batch_range}
         per_input = {}
         for name, info in inputs.items():
             triple = []

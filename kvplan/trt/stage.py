@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from kvplan.decoder import pack_specs
+from kvplan.decoder import export_specs
 from kvplan.export.exporter import io_contract, pack_file_names
 from kvplan.manifest import artifact
 from kvplan.pipeline import graph_artifacts
@@ -32,18 +32,18 @@ class EngineStage:
     def inputs(self, done: dict) -> dict:
         # The whole [engine] section, and the batch range the optimization profiles take.
         return {"onnx": [a["sha256"] for a in graph_artifacts(done[self.upstream])],
-                "engine": asdict(self.profile.engine), "batch": self.profile.batch_range.as_list(),
+                "engine": asdict(self.profile.engine), "batch": self.profile.export.batch_range.as_list(),
                 "backend": self.backend.name, "backend_version": self.backend.version, "source": source_digest(MODULE)}
 
     def build(self, done: dict) -> dict:
         p, cfg, backend = self.profile, self.source.config, self.backend
-        specs = pack_specs(cfg, p.decoder_pack_size, p.kv_format, p.kv_io, p.cache_len)
+        specs = export_specs(cfg, p.export)
         entries = []
         for spec, src, name in zip(specs, graph_artifacts(done[self.upstream]), pack_file_names(len(specs), suffix=".plan")):
             self.log(f"[engines] {src['path']} -> {name} ({backend.name} {backend.version}, "
                      f"profiles: {', '.join(s.name for s in p.shapes)})")
             record = build_engine(self.target / src["path"], self.target / name, p,
-                                  io_contract(cfg, spec, p.batch_dim, p.dtype), backend,
+                                  io_contract(cfg, spec, p.export.batch_dim, p.dtype), backend,
                                   self.target / p.engine.timing_cache if p.engine.timing_cache else None, log=self.log)
             entries.append(artifact(self.target, self.target / name, pack=src["pack"], build=record))
         return {"artifacts": entries, "backend": backend.name, "backend_version": backend.version}

@@ -72,7 +72,7 @@ def select_points(profile, kinds: tuple[str, ...]) -> list[Point]:
     masked-slot point at opt shapes (at max when opt has fewer than 2 past slots), at the
     smallest batch the profile takes; with a batch range, a ``batch`` point too (batch_point)."""
     points: list[Point] = []
-    batch = profile.batch_range.min
+    batch = profile.export.batch_range.min
     for index, sp in enumerate(profile.shapes):
         seen = set()
         for kind in kinds:
@@ -99,7 +99,7 @@ def batch_point(profile, index: int) -> Point | None:
     """Optimization profile ``index`` at N opt and lastSum opt (max when opt has no past), at batch
     2 (the range's min when that is larger): row b has lastSum - b * step valid past rows, so
     every row differs from the others. None for a static batch."""
-    rng = profile.batch_range
+    rng = profile.export.batch_range
     if rng.max == rng.min:
         return None
     sp = profile.shapes[index]

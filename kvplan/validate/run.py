@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from polygraphy.logger import G_LOGGER
 
-from kvplan.decoder import pack_specs
+from kvplan.decoder import export_specs
 from kvplan.errors import BackendError, UserError
 from kvplan.export import TORCH_DTYPES, io_contract
 from kvplan.fileio import temp_prefix
@@ -163,7 +163,7 @@ def _engine_backend(plans, backend_name: str):
 def _plan(options, source, profile, target, manifest, backend_name) -> Plan:
     cfg = source.config
     dtype = TORCH_DTYPES[profile.dtype]
-    specs = pack_specs(cfg, profile.decoder_pack_size, profile.kv_format, profile.kv_io, profile.cache_len)
+    specs = export_specs(cfg, profile.export)
     # An int4 target: its graphs are the quantize stage's, and the reference carries their weights.
     quantized_source, exported = quantized.faithfulness_inputs(source, manifest, target,
                                                                 _artifacts(manifest, "export", target))
@@ -291,7 +291,7 @@ def _through_references(plan: Plan, segments, jobs, streamer, later, meter: Mete
                                                          seg.spec.final_norm, plan.dtype)
                       if plan.quant and plan.specs[seg.pack].final_norm else None)
         log(f"[validate] {seg.label(cut)}: {count} point(s) through {rn.REFERENCE}")
-        contract = io_contract(plan.source.config, seg.spec, profile.batch_dim, profile.dtype)
+        contract = io_contract(plan.source.config, seg.spec, profile.export.batch_dim, profile.dtype)
         streamer.run(rn.ReferenceRunner(ref, seg.spec, contract, log=log, out_dtype=plan.dtype), jobs[s_index], later)
         if ref_fp is not None:
             streamer.run(quantized.quality_runner(ref_fp, seg.spec, contract, log, plan.dtype), jobs[s_index], set())
@@ -482,12 +482,12 @@ def _task_checks(options, source, dtype, specs, segments, plans, backend, backen
             trt_runners.append(active.enter_context(runner))
         stacks[rn.TENSORRT] = why if why else TrtStack(trt_runners, specs, profile)
         steps = options.steps
-        if profile.kv_io == "inplace":
+        if profile.export.kv_io == "inplace":
             # The prompt and every generated token but the last must fit the buffer.
-            steps = max(1, min(steps, profile.cache_len - options.prompt_tokens + 1))
+            steps = max(1, min(steps, profile.export.cache_len - options.prompt_tokens + 1))
             if steps < options.steps:
                 log(f"[validate] task check: {steps} steps, not {options.steps}: the in-place buffer has "
-                    f"{profile.cache_len} rows and the prompt {options.prompt_tokens} tokens")
+                    f"{profile.export.cache_len} rows and the prompt {options.prompt_tokens} tokens")
         return run_task_checks(source, dtype, stacks, steps, prompt, profile.tolerance, log)
 
 
