@@ -57,7 +57,7 @@ class Range:
 
 
 @dataclass(frozen=True)
-class ShapeProfile:
+class Shapes:
     """One TensorRT optimization profile: ranges of new tokens N and past length lastSum."""
     name: str
     N: Range
@@ -84,7 +84,7 @@ class Engine:
     """``[engine]``: how the plans are built. The loader reads each option from its field (type, default,
     check), the table's allowed keys are the fields', and the engines stage's digest is the whole
     section, so a new builder option is a field here and its use in kvplan.trt.options."""
-    shapes: tuple[ShapeProfile, ...] = field(default=(), metadata={"key": "profiles"})   # [[engine.profiles]]
+    shapes: tuple[Shapes, ...] = ()       # [[engine.shapes]]: the TensorRT optimization profiles
     optimization_level: int = _option(3, int, lambda v: None if 0 <= v <= 5 else f"must be in 0..5, got {v}", 4)
     workspace_mib: int = _option(0, int, lambda v: None if v >= 0 else f"must be >= 0 (0: backend default), got {v}",
                                  1024)
@@ -160,8 +160,8 @@ class Profile:
         return replace(self, export=replace(self.export, **changes))
 
     @property
-    def shapes(self) -> tuple[ShapeProfile, ...]:
-        """The engine's optimization profiles (``[[engine.profiles]]``)."""
+    def shapes(self) -> tuple[Shapes, ...]:
+        """The engine's optimization profiles (``[[engine.shapes]]``)."""
         return self.engine.shapes
 
     def with_engine(self, **changes) -> "Profile":
@@ -178,8 +178,8 @@ _KEYS = {
     "quantize": {"method", "bits", "group_size", "linears", "calibration", "samples", "tokens", "seed", "clip"},
     "export": {f.name for f in fields(Export)},
     "surgery": {"passes"},
-    "engine": {f.metadata.get("key", f.name) for f in fields(Engine)},
-    "engine.profiles": {"name", "N", "lastSum"},
+    "engine": {f.name for f in fields(Engine)},
+    "engine.shapes": {"name", "N", "lastSum"},
     "validate": {"atol", "rtol"},
 }
 
@@ -256,6 +256,8 @@ def parse(data: dict, source: str, name: str) -> Profile:
     r.known(data, "")
     export = _export(r, r.table(data, "export"))
     passes = _passes(r, r.table(data, "surgery", required=False))
+    if isinstance(data.get("engine"), dict) and "profiles" in data["engine"]:
+        raise r.fail("engine.profiles", "is now [[engine.shapes]] (the same tables: name, N, lastSum)")
     engine = r.table(data, "engine")
     options = _engine_options(r, engine)
     shapes = _shapes(r, engine)
@@ -265,7 +267,7 @@ def parse(data: dict, source: str, name: str) -> Profile:
             export["cache_len"] = need
         elif export["cache_len"] < need:
             worst = max(shapes, key=lambda s: s.sumN.max)
-            raise r.fail("export.cache_len", f"{export['cache_len']} rows cannot hold engine.profiles {worst.name!r}'s "
+            raise r.fail("export.cache_len", f"{export['cache_len']} rows cannot hold engine.shapes {worst.name!r}'s "
                                              f"N max + lastSum max = {need}")
     quantize = _quantize(r, data, source, compute_capabilities=list(options["compute_capabilities"]))
     return Profile(name=name, source=source, quantize=quantize, passes=passes, export=Export(**export),
@@ -317,23 +319,23 @@ def _passes(r: _Reader, surgery: dict) -> tuple[str, ...]:
     return tuple(passes)
 
 
-def _shapes(r: _Reader, engine: dict) -> tuple[ShapeProfile, ...]:
-    """``[[engine.profiles]]``: the optimization profiles, each a name and ranges of N and lastSum."""
-    raw_profiles = r.get(engine, "profiles", "engine.profiles", list)
+def _shapes(r: _Reader, engine: dict) -> tuple[Shapes, ...]:
+    """``[[engine.shapes]]``: the optimization profiles, each a name and ranges of N and lastSum."""
+    raw_profiles = r.get(engine, "shapes", "engine.shapes", list)
     if not raw_profiles:
-        raise r.fail("engine.profiles", "at least one optimization profile is needed")
+        raise r.fail("engine.shapes", "at least one optimization profile is needed")
     shapes, seen = [], set()
     for i, p in enumerate(raw_profiles):
-        path = f"engine.profiles[{i}]"
+        path = f"engine.shapes[{i}]"
         if not isinstance(p, dict):
             raise r.fail(path, "must be a table")
-        r.known(p, "engine.profiles")
+        r.known(p, "engine.shapes")
         pname = r.get(p, "name", f"{path}.name", str)
         if pname in seen:
             raise r.fail(f"{path}.name", f"duplicate profile name {pname!r}")
         seen.add(pname)
         n = r.range(p, "N", f"{path}.N", 1, " (a step needs at least one new token: the attention mask has N query rows)")
-        shapes.append(ShapeProfile(pname, n, r.range(p, "lastSum", f"{path}.lastSum", 0)))
+        shapes.append(Shapes(pname, n, r.range(p, "lastSum", f"{path}.lastSum", 0)))
     return tuple(shapes)
 
 
@@ -438,7 +440,7 @@ def check_against_model(profile: Profile, max_positions: int, model: str = "",
     for s in profile.shapes:
         if s.sumN.max > max_positions:
             where = f"--shapes {overrides[s.name]}: optimization profile" if s.name in overrides else \
-                f"{profile.source}: engine.profiles"
+                f"{profile.source}: engine.shapes"
             raise ProfileError(f"{where} {s.name!r}: N max + lastSum max = {s.sumN.max} exceeds "
                                f"{_positions(max_positions, model)}")
 
@@ -447,17 +449,17 @@ def _clamp(r: Range, hi: int) -> Range:
     return Range(min(r.min, hi), min(max(r.opt, r.min), hi), hi)
 
 
-def _fit_shape(s: ShapeProfile, positions: int, source: str, model: str = "") -> ShapeProfile:
+def _fit_shape(s: Shapes, positions: int, source: str, model: str = "") -> Shapes:
     """N max + lastSum max <= positions, N first (the step sizes the profile is for), opt points
     kept inside the clamped ranges."""
     if s.N.min + s.lastSum.min > positions:
         # A shipped profile is fitted to any model: what cannot be fitted is the model's doing.
         raise ProfileError(f"{model + ' = ' + str(positions) if model else 'the model'}: too few positions for "
-                           f"{source}'s engine.profiles {s.name!r}: even N min + lastSum min = "
+                           f"{source}'s engine.shapes {s.name!r}: even N min + lastSum min = "
                            f"{s.N.min + s.lastSum.min} exceeds the model's {positions} positions")
     n = _clamp(s.N, min(s.N.max, positions - s.lastSum.min))
     last = _clamp(s.lastSum, min(s.lastSum.max, positions - n.max))
-    return ShapeProfile(s.name, n, last)
+    return Shapes(s.name, n, last)
 
 
 def fit_to_model(profile: Profile, max_positions: int, keep: Mapping[str, str] | tuple[str, ...] = (),
@@ -542,7 +544,7 @@ def with_shapes(profile: Profile, overrides: list[str]) -> Profile:
         if old is None and len(ranges) < 2:
             raise ProfileError(f"--shapes: {name}: no such optimization profile in {profile.source} "
                                f"({', '.join(shapes)}); a new one needs both N and lastSum")
-        shapes[name] = ShapeProfile(name, ranges.get("N", old.N if old else None),
+        shapes[name] = Shapes(name, ranges.get("N", old.N if old else None),
                                     ranges.get("lastSum", old.lastSum if old else None))
         notes.append(f"{name}: N {shapes[name].N.as_list()}, lastSum {shapes[name].lastSum.as_list()} (--shapes)")
     worst = max(shapes.values(), key=lambda s: s.sumN.max)

@@ -44,11 +44,11 @@ kv_io = "{kv_io}"
 passes = ["rmsnorm", "rope", "attention"]
 [engine]
 optimization_level = 0
-[[engine.profiles]]
+[[engine.shapes]]
 name = "prefill"
 N = [1, 4, 8]
 lastSum = [0, 8, 16]
-[[engine.profiles]]
+[[engine.shapes]]
 name = "decode"
 N = [1, 1, 1]
 lastSum = [1, 8, 16]

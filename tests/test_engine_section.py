@@ -71,5 +71,13 @@ def test_the_engine_table_allows_exactly_the_sections_fields(tmp_path):
     path = _with_engine_line(tmp_path, "optimisation_level", "2")
     with pytest.raises(ProfileError, match=r"engine\.optimisation_level: unknown field \(allowed: "
                                            r"compute_capabilities, hardware_compatibility, optimization_level, "
-                                           r"profiles, timing_cache, version_compatible, workspace_mib\)"):
+                                           r"shapes, timing_cache, version_compatible, workspace_mib\)"):
         profiles.load(path)
+
+
+def test_the_old_name_of_the_shapes_tables_is_refused_saying_the_new_one(tmp_path):
+    path = tmp_path / "old.toml"
+    path.write_text((profiles.PROFILES_DIR / "fp16.toml").read_text().replace("[[engine.shapes]]",
+                                                                               "[[engine.profiles]]"))
+    with pytest.raises(ProfileError, match=r"old.toml: engine.profiles: is now \[\[engine.shapes\]\]"):
+        profiles.load(str(path))

@@ -222,11 +222,11 @@ kv_io = "inplace"
 passes = []
 [engine]
 optimization_level = 0
-[[engine.profiles]]
+[[engine.shapes]]
 name = "prefill"
 N = [1, 4, 8]
 lastSum = [0, 0, 8]
-[[engine.profiles]]
+[[engine.shapes]]
 name = "decode"
 N = [1, 1, 1]
 lastSum = [1, 8, 15]

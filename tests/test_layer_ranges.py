@@ -37,7 +37,7 @@ dtype = "float32"
 [surgery]
 passes = ["rmsnorm", "rope", "attention"]
 [engine]
-[[engine.profiles]]
+[[engine.shapes]]
 name = "prefill"
 N = [1, 4, 8]
 lastSum = [0, 8, 16]

@@ -41,20 +41,20 @@ def test_default_profile_covers_the_tts_prefix_and_decode():
 
 def test_min_above_opt():
     data = base()
-    data["engine"]["profiles"][0]["N"] = [4, 2, 8]
-    assert error_of(data) == "p.toml: engine.profiles[0].N: must satisfy min <= opt <= max, got [4, 2, 8]"
+    data["engine"]["shapes"][0]["N"] = [4, 2, 8]
+    assert error_of(data) == "p.toml: engine.shapes[0].N: must satisfy min <= opt <= max, got [4, 2, 8]"
 
 
 def test_n_range_the_mask_cannot_express():
     data = base()
-    data["engine"]["profiles"][1]["N"] = [0, 1, 1]
-    assert error_of(data) == ("p.toml: engine.profiles[1].N: min 0 must be >= 1 (a step needs at least one new "
+    data["engine"]["shapes"][1]["N"] = [0, 1, 1]
+    assert error_of(data) == ("p.toml: engine.shapes[1].N: min 0 must be >= 1 (a step needs at least one new "
                               "token: the attention mask has N query rows)")
 
 
 def test_sum_beyond_max_positions():
     profile = load("fp16")
-    with pytest.raises(ProfileError, match=r"fp16.toml: engine.profiles 'prefill': N max \+ lastSum max = 4096 "
+    with pytest.raises(ProfileError, match=r"fp16.toml: engine.shapes 'prefill': N max \+ lastSum max = 4096 "
                                            r"exceeds the model's max_position_embeddings \(2048\)"):
         check_against_model(profile, 2048)
 
@@ -91,8 +91,8 @@ def test_wrong_type():
 
 def test_duplicate_profile_names():
     data = base()
-    data["engine"]["profiles"][1]["name"] = "prefill"
-    assert error_of(data) == "p.toml: engine.profiles[1].name: duplicate profile name 'prefill'"
+    data["engine"]["shapes"][1]["name"] = "prefill"
+    assert error_of(data) == "p.toml: engine.shapes[1].name: duplicate profile name 'prefill'"
 
 
 def test_invalid_toml_names_the_file(tmp_path):
@@ -118,7 +118,7 @@ def test_inplace_buffer_defaults_to_the_largest_step_of_the_profiles():
 def test_inplace_buffer_too_small_for_a_profile():
     data = base()
     data["export"].update(kv_io="inplace", cache_len=1024)
-    assert error_of(data) == ("p.toml: export.cache_len: 1024 rows cannot hold engine.profiles 'prefill''s "
+    assert error_of(data) == ("p.toml: export.cache_len: 1024 rows cannot hold engine.shapes 'prefill''s "
                               "N max + lastSum max = 4096")
 
 
@@ -169,7 +169,7 @@ def test_a_shipped_profile_that_fits_is_unchanged():
 def test_a_user_written_profile_that_does_not_fit_is_still_refused(tmp_path):
     path = tmp_path / "mine.toml"
     path.write_text((profiles.PROFILES_DIR / "fp16.toml").read_text())
-    with pytest.raises(ProfileError, match=r"mine.toml: engine.profiles 'prefill': N max \+ lastSum max = 4096 "
+    with pytest.raises(ProfileError, match=r"mine.toml: engine.shapes 'prefill': N max \+ lastSum max = 4096 "
                                            r"exceeds the model's max_position_embeddings \(2048\)"):
         profiles.fit_to_model(profiles.load(str(path)), 2048)
 

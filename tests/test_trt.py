@@ -137,7 +137,7 @@ def test_build_writes_plan_and_record(built, tiny, fast_profile, backend):
     json.dumps(record)                                             # JSON-serialisable
     assert not [p for p in plan.parent.iterdir() if ".kvplan-tmp-" in p.name]
 
-    # One optimization profile per ShapeProfile; shapes read back from TensorRT's profiles.
+    # One optimization profile per Shapes; shapes read back from TensorRT's profiles.
     assert list(record["profiles"]) == ["prefill", "decode"]
     pre, dec = record["profiles"]["prefill"], record["profiles"]["decode"]
     assert pre["hidden_in"] == {"min": [1, 1, 64], "opt": [1, 303, 64], "max": [1, 512, 64]}

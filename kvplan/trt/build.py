@@ -1,6 +1,6 @@
 """Build a TensorRT / TensorRT-RTX engine (``.plan``) from an exported decoder ONNX.
 
-One optimization profile per ``ShapeProfile`` of the build profile (every input's
+One optimization profile per ``Shapes`` of the build profile (every input's
 min/opt/max derived from N and lastSum), strongly typed networks (precision is the
 ONNX graph's dtypes), atomic plan writes, timing-cache reuse where the backend has
 one, and a JSON-serialisable record of what was built.
@@ -32,7 +32,7 @@ from kvplan.trt.trtexec import trtexec_command
 
 def _add_profiles(builder, config, shapes: dict, profile: Profile, onnx_path: Path, logger,
                   extra_memory_target: float | None = None) -> dict:
-    """One optimization profile per ShapeProfile, in the profile file's order (index = position);
+    """One optimization profile per Shapes, in the profile file's order (index = position);
     returns the shapes the builder took, per profile and input.
 
     ``extra_memory_target`` (0..1, None: unset) is the builder's hint for the weight memory each
@@ -140,7 +140,7 @@ def _sources(backend: Backend, onnx_path: Path) -> dict:
 
 def build_engine(onnx_path: Path, plan_path: Path, profile: Profile, contract: dict, backend: Backend,
                  timing_cache: Path | None, log: Log = print, *, extra_memory_target: float | None = None) -> dict:
-    """Parse ``onnx_path``, build one optimization profile per ShapeProfile, write ``plan_path`` atomically.
+    """Parse ``onnx_path``, build one optimization profile per Shapes, write ``plan_path`` atomically.
 
     Returns a JSON-serialisable record of the build. Raises BuildError (naming the file)
     on parser errors, a contract mismatch or a failed build; on any exception no plan and

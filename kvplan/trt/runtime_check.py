@@ -21,7 +21,7 @@ from onnx import TensorProto
 from polygraphy import cuda as pg_cuda
 from polygraphy.datatype import DataType
 
-from kvplan.profiles import Profile, ShapeProfile
+from kvplan.profiles import Profile, Shapes
 from kvplan.trt.backend import Backend
 from kvplan.trt.callbacks import Log, Pending, make_logger
 from kvplan.trt.errors import BuildError
@@ -36,7 +36,7 @@ def _torch_dtype(trt, dt):
     return table[dt.name]
 
 
-def _check_inputs(contract: dict, sp: ShapeProfile, shapes: dict[str, tuple], dtype: str, seed: int):
+def _check_inputs(contract: dict, sp: Shapes, shapes: dict[str, tuple], dtype: str, seed: int):
     """Inputs at the profile's opt shapes: causal mask, positions lastSum.., random hidden/past."""
     import torch  # lazily, as the export stage's helpers below: see the module docstring
 

@@ -1,4 +1,4 @@
-"""Optimization-profile shapes: every contract input's (min, opt, max) from a ShapeProfile."""
+"""Optimization-profile shapes: every contract input's (min, opt, max) from a Shapes."""
 from __future__ import annotations
 
 from kvplan.profiles import BATCH_AXIS, Profile
@@ -10,7 +10,7 @@ SYMBOLS = ("N", "lastSum", "sumN", BATCH_AXIS)
 def shapes_for(contract: dict, profile: Profile) -> dict[str, dict[str, tuple[tuple[int, ...], ...]]]:
     """profile name -> input name -> (min, opt, max) shapes.
 
-    Symbolic axes of the contract (``N``, ``lastSum``, ``sumN``) take the ShapeProfile's
+    Symbolic axes of the contract (``N``, ``lastSum``, ``sumN``) take the Shapes's
     ranges, sumN = N + lastSum at each of min/opt/max; a dynamic batch ``B`` takes the
     profile's batch range in every optimization profile; integer axes (a static batch,
     heads, ...) are fixed.
