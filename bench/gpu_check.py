@@ -378,7 +378,7 @@ def export_check(source, device, dtypes: list[str], tmp: Path, log) -> dict:
     for dtype in dtypes:
         rec: dict = {}
         out[dtype] = rec
-        tol = profiles.load({"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}[dtype]).tolerance
+        tol = profiles.load({"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}[dtype]).validate
         path = tmp / f"decoder.{dtype}.onnx"
         t0 = time.perf_counter()
         export_pack(source, spec, dtype, 1, path, log=None)

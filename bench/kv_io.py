@@ -32,7 +32,7 @@ def export(model: str, dtype: str, kv_io: str, cache_len: int, out: Path) -> Pat
     source = resolve(model)
     [spec] = pack_specs(source.config, 0, 0, kv_io, cache_len)
     export_pack(source, spec, dtype, 1, out / "decoder.onnx")
-    surgery.fuse_file(out / "decoder.onnx", out / "decoder.fused.onnx", list(profiles.load("fp16").passes), log=None)
+    surgery.fuse_file(out / "decoder.onnx", out / "decoder.fused.onnx", list(profiles.load("fp16").surgery.passes), log=None)
     return out / "decoder.fused.onnx"
 
 

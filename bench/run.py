@@ -169,7 +169,7 @@ def section_peers(ctx) -> dict:
         rows[-1]["output_bytes"] = (tgt / "decoder.onnx").stat().st_size if (tgt / "decoder.onnx").exists() else None
         if res.get("rc") == 0:
             from kvplan import profiles
-            passes = ",".join(profiles.load(prof).passes)
+            passes = ",".join(profiles.load(prof).surgery.passes)
             rows.append({"peer": f"kvplan fused {passes} ({prof})", "run": {"rc": 0}, "graph": str(tgt / "decoder.fused.onnx"),
                          "output_bytes": (tgt / "decoder.fused.onnx").stat().st_size,
                          "stats": onnx_stats(tgt / "decoder.fused.onnx"), "notes": "surgery stage output (the profile's passes)"})
@@ -310,7 +310,7 @@ def section_engine(ctx, pipe_sec) -> dict:
     model = "tiny-llama" if ctx.quick else "minicpmo26-tts"
     rows = []
     from kvplan import profiles
-    fused = f"fused ({', '.join(profiles.load('fp16').passes)})"
+    fused = f"fused ({', '.join(profiles.load('fp16').surgery.passes)})"
     for variant, extra in (("unfused (--no-surgery)", ["--no-surgery"]), (fused, [])):
         out = fresh(ctx.work / "engine" / variant.split()[0])
         pre = measure(engines_cmd("fp16", model, out, "--stop-after", "export"),

@@ -128,7 +128,14 @@ class Export:
 
 
 @dataclass(frozen=True)
+class Surgery:
+    """``[surgery]``: the passes to run (in registry order); the surgery stage's digest holds them."""
+    passes: tuple[str, ...] = ("rmsnorm", "rope")
+
+
+@dataclass(frozen=True)
 class Tolerance:
+    """``[validate]``: every output must satisfy |got - ref| <= atol + rtol * |ref|."""
     atol: float
     rtol: float
 
@@ -137,11 +144,11 @@ class Tolerance:
 class Profile:
     name: str
     source: str
-    export: Export
-    passes: tuple[str, ...] = ("rmsnorm", "rope")
-    engine: Engine = Engine()
-    tolerance: Tolerance = Tolerance(1e-4, 1e-4)
-    quantize: Quantize = Quantize()
+    export: Export                        # [export]
+    surgery: Surgery = Surgery()          # [surgery]
+    engine: Engine = Engine()             # [engine] and its [[engine.shapes]]
+    validate: Tolerance = Tolerance(1e-4, 1e-4)   # [validate]
+    quantize: Quantize = Quantize()       # [quantize]
     # Loaded by name from the shipped profiles: fitted to a model with fewer positions
     # (fit_to_model) instead of refused.
     shipped: bool = False
@@ -270,8 +277,8 @@ def parse(data: dict, source: str, name: str) -> Profile:
             raise r.fail("export.cache_len", f"{export['cache_len']} rows cannot hold engine.shapes {worst.name!r}'s "
                                              f"N max + lastSum max = {need}")
     quantize = _quantize(r, data, source, compute_capabilities=list(options["compute_capabilities"]))
-    return Profile(name=name, source=source, quantize=quantize, passes=passes, export=Export(**export),
-                   engine=Engine(shapes=shapes, **options), tolerance=_tolerance(r, r.table(data, "validate")))
+    return Profile(name=name, source=source, quantize=quantize, surgery=Surgery(passes), export=Export(**export),
+                   engine=Engine(shapes=shapes, **options), validate=_tolerance(r, r.table(data, "validate")))
 
 
 def _export(r: _Reader, export: dict) -> dict[str, Any]:

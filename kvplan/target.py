@@ -75,7 +75,7 @@ def build_stages(source, profile, target: Path, options: BuildOptions, log) -> l
         stages.append(quantize)
     if options.stop_after in ("export", "quantize"):
         return stages[:{"export": 1, "quantize": 2}[options.stop_after]]
-    passes = () if options.no_surgery else tuple(profile.passes)
+    passes = () if options.no_surgery else tuple(profile.surgery.passes)
     if passes:
         stages.append(SurgeryStage(target, passes, upstream=stages[-1].name, log=log))
     if options.stop_after == "surgery":

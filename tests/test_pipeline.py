@@ -53,7 +53,7 @@ def test_every_shipped_profile_builds_an_engine(tmp_path, base, kv_format):
     assert axis(record["profiles"]["prefill"]["hidden_in"], 1) == [1, 303, 512]
     ops = manifest["stages"]["surgery"]["artifacts"][0]["report"]["ops_after"]
     assert ops["RMSNormalization"] == 9 and ops["RotaryEmbedding"] == 8
-    if "attention" in profiles.load(base).passes:
+    if "attention" in profiles.load(base).surgery.passes:
         assert ops["Attention"] == 4 and "Softmax" not in ops
 
 

@@ -24,7 +24,7 @@ def error_of(data: dict) -> str:
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_profiles_load(name):
     profile = load(name)
-    assert profile.shapes and profile.tolerance.atol > 0
+    assert profile.shapes and profile.validate.atol > 0
 
 
 def test_shipped_profiles_cover_fp16_bf16_fp32():

@@ -60,7 +60,7 @@ def test_teacher_forced_run_through_the_tensorrt_stack(dtype, name):
     """Outputs are taken by name (the runner lists them in reverse), the prompt runs on the prefill
     profile and every later step on decode, and bfloat16 runs (numpy has no bfloat16)."""
     source, profile, stack, runner = _stack(dtype, name)
-    result = run_task_checks(source, dtype, {"tensorrt": stack}, steps=5, prompt=[3, 1, 4, 1, 5, 9], tol=profile.tolerance,
+    result = run_task_checks(source, dtype, {"tensorrt": stack}, steps=5, prompt=[3, 1, 4, 1, 5, 9], tol=profile.validate,
                              log=lambda *_: None)
     r = result["stacks"]["tensorrt"]
     assert r["ran"], r
@@ -82,7 +82,7 @@ def test_nan_outputs_never_count_as_agreement_or_within_tolerance():
     source, profile, _, runner = _stack(torch.float16, "float16")
     stack = TrtStack([NaNRunner(runner.inner)], pack_specs(source.config, 0, 0), profile)
     result = run_task_checks(source, torch.float16, {"tensorrt": stack}, steps=4, prompt=[2, 7, 1],
-                             tol=profile.tolerance, log=lambda *_: None)
+                             tol=profile.validate, log=lambda *_: None)
     r = result["stacks"]["tensorrt"]
     assert r["ran"] and r["agreement"] == 0.0 and not r["passed_tolerance"]
     assert r["first_step_over_tolerance"] == 0 and r["first_divergence"] == 0

@@ -176,7 +176,7 @@ def _run(plan_path, profile, contract, onnx_path, backend, device: _Device, log)
     if context is None:
         raise BuildError(f"{plan_path}: could not create an execution context: " + "; ".join(logger.errors[-3:]))
     stream = device.stream.ptr
-    tol = profile.tolerance
+    tol = profile.validate
     shapes = shapes_for(contract, profile)
     names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
     input_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]

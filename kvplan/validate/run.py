@@ -206,9 +206,9 @@ def _run(plan: Plan, options, meter: Meter, scratch: Path, log) -> Outcome:
     cfg, profile = plan.source.config, plan.profile
     log(f"[validate] {plan.source.name} ({cfg.num_layers} layers, {profile.dtype}) profile {profile.name}: "
         f"{plan.target}")
-    log(f"[validate] tolerance: |got - ref| <= atol + rtol * |ref| with atol={profile.tolerance.atol:g}, "
-        f"rtol={profile.tolerance.rtol:g}")
-    streamer = stream.Streamer(plan.vdir, rn.PAIRS, profile.tolerance, meter, plan.not_run, log,
+    log(f"[validate] tolerance: |got - ref| <= atol + rtol * |ref| with atol={profile.validate.atol:g}, "
+        f"rtol={profile.validate.rtol:g}")
+    streamer = stream.Streamer(plan.vdir, rn.PAIRS, profile.validate, meter, plan.not_run, log,
                                why_not=lambda r, e: rn.onnxrt_why_not(r.kvplan_graph, e)
                                if hasattr(r, "kvplan_graph") else None)
     try:
@@ -339,7 +339,7 @@ def _collected(plan: Plan, pack_jobs, streamer) -> tuple[list, list[str], list[s
             files += [str(w.relative_to(plan.target)) for w in streamer.written.get(job.base, [])]
             commands += _commands(plan.target, plan.stems[p_index], sp_index, plan.profile.shapes[sp_index].name,
                                   plan.exported[p_index], plan.fused, plan.plans, p_index, ran, plan.backend_name,
-                                  plan.profile.tolerance, int4=bool(plan.quant))
+                                  plan.profile.validate, int4=bool(plan.quant))
     return quality, files, commands
 
 
@@ -355,7 +355,7 @@ def _task_phases(plan: Plan, options, segments, prompt, meter: Meter, log) -> tu
         with meter.phase("quality task check"):
             quality_task = quantized.quality_task(plan.original, plan.dtype, [seg.spec for seg in segments],
                                                   [seg.graphs[rn.EXPORT] for seg in segments], options,
-                                                  prompt, plan.profile.tolerance, log)
+                                                  prompt, plan.profile.validate, log)
         release_memory()
     return task, quality_task
 
@@ -414,7 +414,7 @@ def _report(plan: Plan, outcome: Outcome, verdict: Verdict, meter: Meter, option
 
 def _record(plan: Plan, outcome: Outcome, verdict: Verdict, meter: Meter, manifest: dict, seconds: float, log):
     """The verdict in manifest.json, unless the target changed while it was validated."""
-    tol, segments = plan.profile.tolerance, outcome.segments
+    tol, segments = plan.profile.validate, outcome.segments
     record = {"status": verdict.status, "finished": now(), "seconds": round(seconds, 2),
               "tolerance": {"atol": tol.atol, "rtol": tol.rtol, "rule": "|got - ref| <= atol + rtol * |ref|"},
               "points": outcome.labels, "inputs": outcome.inputs_record,
@@ -488,7 +488,7 @@ def _task_checks(options, source, dtype, specs, segments, plans, backend, backen
             if steps < options.steps:
                 log(f"[validate] task check: {steps} steps, not {options.steps}: the in-place buffer has "
                     f"{profile.export.cache_len} rows and the prompt {options.prompt_tokens} tokens")
-        return run_task_checks(source, dtype, stacks, steps, prompt, profile.tolerance, log)
+        return run_task_checks(source, dtype, stacks, steps, prompt, profile.validate, log)
 
 
 def _task_record(task: dict) -> dict:
