@@ -198,6 +198,24 @@ def accepts(arg: str) -> bool:
     return quantization_config(Path(arg)) is not None
 
 
+def _packed_linears(directory: Path, index: TensorIndex, shapes: dict, method: str, suffixes: tuple[str, ...]
+                    ) -> list[str]:
+    """The linears the checkpoint holds packed (those with a qweight), each with every part it needs
+    stored in the dtype its format says."""
+    names = []
+    parts = ("qweight", "qzeros", "scales") + (("g_idx",) if method == "gptq" else ())
+    for name in shapes:
+        base = PREFIX + name.removesuffix(".weight")
+        if not (name.endswith(suffixes) and base + ".qweight" in index.where):
+            continue
+        names.append(name)
+        for part in parts:
+            if base + "." + part not in index.where:
+                raise QuantizeError(f"{directory}: tensor {base + '.' + part!r} is missing from the checkpoint")
+            _check_dtype(index, base + "." + part, part, method)
+    return names
+
+
 def load(arg: str) -> QuantizedSource:
     directory = Path(arg)
     qc = quantization_config(directory)
@@ -230,16 +248,7 @@ def load(arg: str) -> QuantizedSource:
     # as the config says.
     sizes.check(cfg, families.get(cfg.family), ConfigOrigin(str(config_file)), held)
     shapes = tensor_shapes(cfg)
-    quantized_names = []
-    for name in shapes:
-        if name.endswith(linear_suffixes) and PREFIX + name.removesuffix(".weight") + ".qweight" in index.where:
-            quantized_names.append(name)
-            parts = ("qweight", "qzeros", "scales") + (("g_idx",) if method == "gptq" else ())
-            for p in parts:
-                full = PREFIX + name.removesuffix(".weight") + "." + p
-                if full not in index.where:
-                    raise QuantizeError(f"{directory}: tensor {full!r} is missing from the checkpoint")
-                _check_dtype(index, full, p, method)
+    quantized_names = _packed_linears(directory, index, shapes, method, linear_suffixes)
     if not quantized_names:
         raise QuantizeError(f"{directory}: quantization_config says {method}, but no linear has a qweight")
     for name in quantized_names:
