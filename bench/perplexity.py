@@ -29,6 +29,7 @@ from bench.common import ROOT, loadavg, log
 from kvplan import profiles
 from kvplan.manifest import load_manifest
 from kvplan.models import resolve
+from kvplan.quantize import generated
 from kvplan.target import BuildOptions, build, eval_target
 
 RESULTS = ROOT / "bench" / "results"
@@ -97,8 +98,10 @@ def measure(work: Path, texts: list[Path], tokens: int, calibrations: bool, gguf
 
 
 def markdown(result: dict) -> list[str]:
+    top_k = result.get("self_sampling_top_k")
     lines = [f"SmolLM2-135M-Instruct, {result['tokens']} tokens of each text (ONNX Runtime CPU; int4 at accuracy "
-             f"level 0); reference: transformers float32 of the same source", "",
+             f"level 0); reference: transformers float32 of the same source"
+             + (f"; self-written calibration text sampled from the {top_k} likeliest tokens" if top_k else ""), "",
              "| target | text | perplexity | reference | increase | top-1 agreement | mean KL (nats/token) | "
              "quantize stage s |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -124,14 +127,20 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--calibrations", action="store_true",
                    help="also AWQ with the other calibrations of CALIBRATIONS (their quality and quantize time)")
+    p.add_argument("--top-k", type=int, default=None, metavar="K",
+                   help=f"sample the self-written calibration text from the K likeliest tokens instead of "
+                        f"{generated.TOP_K} (kvplan.quantize.generated.TOP_K); results go to perplexity-<date>-topK")
     a = p.parse_args(argv)
+    if a.top_k is not None:
+        generated.TOP_K = a.top_k
     missing = [t for t in a.texts if not t.is_file()]
     if missing:
         p.error(f"no such text: {missing[0]} (give --texts FILE ...)")
     a.builds.mkdir(parents=True, exist_ok=True)
     result = measure(a.builds, a.texts, a.tokens, a.calibrations)
     RESULTS.mkdir(exist_ok=True)
-    base = RESULTS / f"perplexity-{result['date']}"
+    result["self_sampling_top_k"] = generated.TOP_K
+    base = RESULTS / (f"perplexity-{result['date']}" + (f"-top{a.top_k}" if a.top_k is not None else ""))
     base.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = markdown(result)
     base.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -31,6 +31,7 @@ from kvplan.errors import KvplanError, QuantizeError
 from kvplan.manifest import sha256_file
 from kvplan.models.embedding import embed
 from kvplan.models.tokenizer import TOKENIZER_FILES
+from kvplan.quantize import generated
 from kvplan.quantize.generated import sample_ids
 from kvplan.quantize.settings import Quantize
 
@@ -81,6 +82,8 @@ def digest(calibration: Calibration, source) -> dict:
         if not calibration.path.is_file():
             raise QuantizeError(f"quantize.calibration: {calibration.path}: no such file")
         out["calibration_sha256"] = sha256_file(calibration.path)
+    if calibration.kind == SELF:
+        out["sampling_top_k"] = generated.TOP_K       # what the text is drawn from
     if calibration.kind == "text" and source.path is not None and source.path.is_dir():
         out["tokenizer_sha256"] = {n: sha256_file(source.path / n) for n in TOKENIZER_FILES
                                    if (source.path / n).is_file()}
