@@ -13,21 +13,21 @@ import gc
 import os
 import resource
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Protocol
 
 from kvplan.manifest import MANIFEST, SCHEMA, artifacts_intact, digest, load_manifest, now, write_json_atomic
 
 
-@dataclass
-class Stage:
-    """What Pipeline.run needs of a stage; each stage module's class has the same three members."""
+class Stage(Protocol):
+    """What Pipeline.run needs of a stage; each stage module's class (kvplan.export.stage, ...) has it."""
     name: str
-    # Called with the records of the stages before it (so inputs can name upstream hashes).
-    inputs: Callable[[dict[str, dict]], dict]
-    # Builds the stage's outputs and returns its record: {"artifacts": [...], ...}.
-    build: Callable[[dict[str, dict]], dict]
+
+    def inputs(self, done: dict[str, dict]) -> dict:
+        """What the outputs depend on, given the records of the stages before it (upstream hashes)."""
+
+    def build(self, done: dict[str, dict]) -> dict:
+        """Build the outputs; returns the stage's record: {"artifacts": [...], ...}."""
 
 
 def graph_artifacts(record: dict) -> list[dict]:

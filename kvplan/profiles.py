@@ -184,10 +184,10 @@ _KEYS = {
     "": {"description", "export", "quantize", "surgery", "engine", "validate"},
     "quantize": {"method", "bits", "group_size", "linears", "calibration", "samples", "tokens", "seed", "clip"},
     "export": {f.name for f in fields(Export)},
-    "surgery": {"passes"},
+    "surgery": {f.name for f in fields(Surgery)},
     "engine": {f.name for f in fields(Engine)},
     "engine.shapes": {"name", "N", "lastSum"},
-    "validate": {"atol", "rtol"},
+    "validate": {f.name for f in fields(Tolerance)},
 }
 
 

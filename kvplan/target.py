@@ -20,8 +20,7 @@ from kvplan.fileio import remove_stale_temporaries
 from kvplan.manifest import artifacts_intact, digest, hashes_remembered, load_manifest, target_lock
 from kvplan.models import resolve
 from kvplan.pipeline import Pipeline, graph_artifacts
-from kvplan.quantize import gguf_blocks
-from kvplan.quantize.stage import QuantizeStage
+from kvplan.quantize.stage import QuantizeStage, brings_own_int4
 from kvplan.sources import closure
 from kvplan.surgery.stage import SurgeryStage
 from kvplan.trt.backend import select_backend
@@ -61,7 +60,7 @@ def resolve_target(model: str, profile_name: str, out: Path, shapes: tuple[str, 
     positions = source.origin.named("max_position_embeddings") if source.origin else ""
     profile = profiles_mod.fit_to_model(profile, source.config.max_position_embeddings, keep, positions)
     # An int4 checkpoint (or a GGUF file's int4 blocks) brings its own group size.
-    if getattr(source, "checkpoint", None) is None and not gguf_blocks.has_blocks(source, profile.quantize.linears):
+    if not brings_own_int4(source, profile.quantize.linears):
         profile = profiles_mod.fit_group_size(profile, source.config)
     return source, profile, target_dir(out, source.name, profile.name)
 
@@ -73,8 +72,10 @@ def build_stages(source, profile, target: Path, options: BuildOptions, log) -> l
     quantize = QuantizeStage.of(source, profile, target, log)
     if quantize is not None:
         stages.append(quantize)
-    if options.stop_after in ("export", "quantize"):
-        return stages[:{"export": 1, "quantize": 2}[options.stop_after]]
+    if options.stop_after == "export":
+        return stages[:1]           # the quantize settings were still checked, as for a full build
+    if options.stop_after == "quantize":
+        return stages
     passes = () if options.no_surgery else tuple(profile.surgery.passes)
     if passes:
         stages.append(SurgeryStage(target, passes, upstream=stages[-1].name, log=log))

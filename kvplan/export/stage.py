@@ -13,17 +13,13 @@ import onnxscript
 import torch
 
 from kvplan.decoder import export_specs
-from kvplan.export.exporter import export_pack, io_contract, pack_file_names
+from kvplan.export.exporter import TORCH_DTYPES, export_pack, io_contract, pack_file_names
 from kvplan.export.trace_cache import TraceCache, default_dir
 from kvplan.manifest import artifact
 from kvplan.pipeline import peak_rss_mib
 from kvplan.sources import source_digest
 
 MODULE = "kvplan.export.stage"
-
-
-def _itemsize(dtype: str) -> int:
-    return 4 if dtype == "float32" else 2
 
 
 @dataclass
@@ -62,5 +58,5 @@ class ExportStage:
             entries.append(artifact(self.target, self.target / name, pack=pack,
                                     layers=[spec.first_layer, spec.last_layer], final_norm=spec.final_norm,
                                     io=io_contract(cfg, spec, p.export.batch_dim, p.dtype)))
-        return {"artifacts": entries, "weight_bytes": cfg.weight_count() * _itemsize(p.dtype),
+        return {"artifacts": entries, "weight_bytes": cfg.weight_count() * torch.finfo(TORCH_DTYPES[p.dtype]).bits // 8,
                 "trace_cache": cache.record() if cache else "off (--no-trace-cache)"}

@@ -54,6 +54,12 @@ def _check_int4_ccs(profile, source) -> None:
                             f"int4 weight-only layers, and {source.path} is an int4 checkpoint")
 
 
+def brings_own_int4(source, linears) -> bool:
+    """Whether ``source`` holds int4 values of its own (an AutoAWQ/GPTQ checkpoint, a GGUF file's int4
+    blocks): they are imported, with their own group size, never quantized again."""
+    return getattr(source, "checkpoint", None) is not None or gguf_blocks.has_blocks(source, linears)
+
+
 def quantize_inputs(source, profile) -> dict | None:
     """What the quantize stage's outputs depend on, or None when the target has no quantize stage."""
     settings = profile.quantize
@@ -124,7 +130,7 @@ def run_quantize(source, profile, target: Path, graphs: list[tuple[Path, range]]
 
 def _check_complete(source, settings: Quantize, quantized: Quantized) -> None:
     """A method that quantizes (rtn, awq) gives every layer's every linear the profile names."""
-    if getattr(source, "checkpoint", None) is not None or gguf_blocks.has_blocks(source, settings.linears):
+    if brings_own_int4(source, settings.linears):
         return          # an import: the checkpoint (or GGUF file) says which linears it holds as int4
     cfg = source.config
     wanted = {weight_name(layer, linear) for layer in range(cfg.num_layers) for linear in settings.linears}

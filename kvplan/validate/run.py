@@ -15,6 +15,7 @@ Exit codes: 0 pass, 1 numeric mismatch, 2 stale/missing target or bad input,
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import tempfile
 import time
@@ -139,6 +140,11 @@ class Plan:
     @property
     def stems(self) -> list[str]:
         return [Path(p.name).name.removesuffix(".onnx") for p in self.exported]
+
+    @functools.cached_property
+    def weight_bytes(self) -> int:
+        """The decoder's weights in the profile dtype (the phase table's and the record's yardstick)."""
+        return sum(math.prod(s) for s in tensor_shapes(self.source.config).values()) * torch.finfo(self.dtype).bits // 8
 
     @property
     def hashed(self) -> list[Path]:
@@ -384,10 +390,6 @@ def _verdict(outcome: Outcome, options) -> Verdict:
 
 # --- report ---
 
-def _weight_bytes(plan: Plan) -> int:
-    return sum(math.prod(s) for s in tensor_shapes(plan.source.config).values()) * torch.finfo(plan.dtype).bits // 8
-
-
 def _report(plan: Plan, outcome: Outcome, verdict: Verdict, meter: Meter, options) -> list[str]:
     profile = plan.profile
     lines = ["", f"runners ({plan.source.name}, profile {profile.name}, {profile.dtype}):"]
@@ -396,7 +398,7 @@ def _report(plan: Plan, outcome: Outcome, verdict: Verdict, meter: Meter, option
     lines += ["", report.table(outcome.rows, full=options.full) if outcome.rows else
               "no two runners ran: nothing was compared", ""]
     lines += report.task_summary(outcome.task) + [""]
-    lines += report.phase_table(meter, _weight_bytes(plan)) + [""]
+    lines += report.phase_table(meter, plan.weight_bytes) + [""]
     if plan.quant:
         lines += quantized.summary(plan.quant.get("method", "int4"), outcome.quality, outcome.quality_task) + [""]
     lines += [f"Polygraphy JSON inputs/outputs: {plan.vdir}", f"re-check without kvplan or PyTorch (from {plan.target}):"]
@@ -425,7 +427,7 @@ def _record(plan: Plan, outcome: Outcome, verdict: Verdict, meter: Meter, manife
               "pairs": report.worst_per_pair(outcome.rows), "task": _task_record(outcome.task),
               "phases": [p.to_dict() for p in meter.merged()],
               "peak_rss_mib": None if meter.peak is None else round(meter.peak / 2**20, 1),
-              "weight_mib": round(_weight_bytes(plan) / 2**20, 1),
+              "weight_mib": round(plan.weight_bytes / 2**20, 1),
               **({"quality": {"method": plan.quant.get("method"), "points": outcome.quality,
                               "task": _task_record(outcome.quality_task)}} if plan.quant else {}),
               "files": outcome.files, "recheck": outcome.commands,
