@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from kvplan import generate as generate_mod
 from kvplan import profiles as profiles_mod
 from kvplan import target as target_mod
 from kvplan.errors import KvplanError, UserError
@@ -144,6 +145,31 @@ def eval_parser(prog: str = "kvplan eval") -> argparse.ArgumentParser:
     return p
 
 
+def generate_parser(prog: str = "kvplan generate") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog,
+                                description="Generate text with a built target: the checkpoint's tokenizer, then "
+                                            "embed -> decoder -> head step by step (TensorRT where this machine runs "
+                                            "the plans, else ONNX Runtime on the graphs); the text streams to "
+                                            "stdout, the figures (tokens/s for prefill and decode) to stderr. "
+                                            "Never rebuilds.")
+    _target_flags(p)
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as one user turn of the checkpoint's chat "
+                                                       "template, ready for the reply")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); above: sample")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens (0: all; default)")
+    p.add_argument("--seed", type=int, default=0, help="the sampler's seed (default: %(default)s)")
+    p.add_argument("--backend", default="auto", choices=generate_mod.GENERATE_BACKENDS,
+                   help="auto: TensorRT where the plans run here, else ONNX Runtime (default: %(default)s)")
+    p.add_argument("--graph", choices=target_mod.GRAPH_CHOICES, default="fused",
+                   help="ONNX Runtime: the decoder graphs to run (default: %(default)s)")
+    p.add_argument("--int4-accuracy", type=int, choices=(0, 4), default=0,
+                   help="ONNX Runtime's int4 MatMulNBits accuracy level: 0 computes in the graph's precision, 4 "
+                        "quantizes activations to int8 (default: %(default)s)")
+    return p
+
+
 def inspect_parser(prog: str = "kvplan inspect") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Print the layer summary of built plans.")
     p.add_argument("plan", type=Path, help="a .plan file, or a target directory holding plans")
@@ -255,6 +281,26 @@ def eval_main(argv: list[str] | None = None, prog: str = "kvplan eval") -> int:
     return _guarded(lambda: _eval(args))
 
 
+def _generate(args: argparse.Namespace) -> int:
+    sampling = generate_mod.Sampling(args.temperature, args.top_k, args.seed)
+    options = generate_mod.GenerateOptions(args.prompt, args.max_new_tokens, sampling, args.chat, args.backend,
+                                           args.graph, args.int4_accuracy, tuple(args.shapes))
+    err = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    result = target_mod.generate_target(args.model, args.profile, args.out, options, write, log=err)
+    sys.stdout.write("\n")
+    err(generate_mod.summary(result))
+    return 0
+
+
+def generate_main(argv: list[str] | None = None, prog: str = "kvplan generate") -> int:
+    args = generate_parser(prog).parse_args(argv)
+    return _guarded(lambda: _generate(args))
+
+
 def inspect_main(argv: list[str] | None = None) -> int:
     args = inspect_parser().parse_args(argv)
     return _guarded(lambda: _inspect(args.plan, args.backend))
@@ -264,6 +310,7 @@ COMMANDS = {
     "build": (build_main, "export, fuse and build engines for a model and profile"),
     "validate": (validate_main, "check a built target against transformers with Polygraphy"),
     "eval": (eval_main, "perplexity of a text through a built target's graphs"),
+    "generate": (generate_main, "generate text with a built target, token by token"),
     "surgery": (lambda argv: surgery_cli.main(argv, prog="kvplan surgery"), "fuse one ONNX graph"),
     "inspect": (inspect_main, "print the layer summary of built plans"),
     "presets": (lambda argv: _presets(), "list the model presets"),

@@ -133,6 +133,18 @@ class Surgery:
     passes: tuple[str, ...] = ("rmsnorm", "rope")
 
 
+HEAD_WEIGHTS = ("dtype", "int4")
+
+
+@dataclass(frozen=True)
+class Head:
+    """``[head]``: the LM-head graph built beside the decoder where the model has one (head.onnx);
+    the embedding stage's digest holds it."""
+    last_only: bool = False    # only the last position's logits: what a decode step needs
+    top_k: int = 0             # the k largest logits and their ids instead of the whole vocabulary row
+    weights: str = "dtype"     # "int4": rounded to nearest in groups of the [quantize] group size
+
+
 @dataclass(frozen=True)
 class Tolerance:
     """``[validate]``: every output must satisfy |got - ref| <= atol + rtol * |ref|."""
@@ -149,6 +161,7 @@ class Profile:
     engine: Engine = Engine()             # [engine] and its [[engine.shapes]]
     validate: Tolerance = Tolerance(1e-4, 1e-4)   # [validate]
     quantize: Quantize = Quantize()       # [quantize]
+    head: Head = Head()                   # [head]
     # Loaded by name from the shipped profiles: fitted to a model with fewer positions
     # (fit_to_model) instead of refused.
     shipped: bool = False
@@ -181,7 +194,8 @@ class Profile:
 
 # Which keys each table may hold; anything else is a typo we refuse rather than ignore.
 _KEYS = {
-    "": {"description", "export", "quantize", "surgery", "engine", "validate"},
+    "": {"description", "export", "quantize", "surgery", "engine", "validate", "head"},
+    "head": {f.name for f in fields(Head)},
     "quantize": {"method", "bits", "group_size", "linears", "calibration", "samples", "tokens", "seed", "clip"},
     "export": {f.name for f in fields(Export)},
     "surgery": {f.name for f in fields(Surgery)},
@@ -278,7 +292,19 @@ def parse(data: dict, source: str, name: str) -> Profile:
                                              f"N max + lastSum max = {need}")
     quantize = _quantize(r, data, source, compute_capabilities=list(options["compute_capabilities"]))
     return Profile(name=name, source=source, quantize=quantize, surgery=Surgery(passes), export=Export(**export),
-                   engine=Engine(shapes=shapes, **options), validate=_tolerance(r, r.table(data, "validate")))
+                   engine=Engine(shapes=shapes, **options), validate=_tolerance(r, r.table(data, "validate")),
+                   head=_head(r, r.table(data, "head", required=False)))
+
+
+def _head(r: _Reader, head: dict) -> Head:
+    last_only = r.get(head, "last_only", "head.last_only", bool, Head.last_only)
+    top_k = r.get(head, "top_k", "head.top_k", int, Head.top_k)
+    if top_k < 0:
+        raise r.fail("head.top_k", f"must be >= 0 (0: the whole vocabulary row), got {top_k}")
+    weights = r.get(head, "weights", "head.weights", str, Head.weights)
+    if weights not in HEAD_WEIGHTS:
+        raise r.fail("head.weights", f"unknown {weights!r} (dtype: the profile's dtype; int4: rounded to nearest)")
+    return Head(last_only=last_only, top_k=top_k, weights=weights)
 
 
 def _export(r: _Reader, export: dict) -> dict[str, Any]:

@@ -12,11 +12,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+from kvplan import generate
 from kvplan import profiles as profiles_mod
 from kvplan.decoder import export_specs
+from kvplan.embed_head.stage import EmbedHeadStage, has_graphs
 from kvplan.errors import BackendError, KvplanError
 from kvplan.export.stage import ExportStage
 from kvplan.fileio import remove_stale_temporaries
+from kvplan.generate import Generated, GenerateOptions
 from kvplan.manifest import artifacts_intact, digest, hashes_remembered, load_manifest, target_lock
 from kvplan.models import resolve
 from kvplan.pipeline import Pipeline, graph_artifacts
@@ -29,10 +32,11 @@ from kvplan.validate.onnx_stack import Pack
 from kvplan.validate.perplexity import evaluate
 from kvplan.validate.run import ValidateOptions, validate
 
-STAGES = ("export", "quantize", "surgery", "engines", "validate")
+STAGES = ("export", "quantize", "surgery", "embed_head", "engines", "validate")
 # Each stage's code is the import closure of its module (kvplan.sources).
 STAGE_MODULES = {"export": "kvplan.export.stage", "quantize": "kvplan.quantize.stage",
-                 "surgery": "kvplan.surgery.stage", "engines": "kvplan.trt.stage", "validate": "kvplan.validate.run"}
+                 "surgery": "kvplan.surgery.stage",
+                 "embed_head": "kvplan.embed_head.stage", "engines": "kvplan.trt.stage", "validate": "kvplan.validate.run"}
 REBUILD_HINT = "python -m build.engines"
 
 
@@ -81,8 +85,14 @@ def build_stages(source, profile, target: Path, options: BuildOptions, log) -> l
         stages.append(SurgeryStage(target, passes, upstream=stages[-1].name, log=log))
     if options.stop_after == "surgery":
         return stages
-    stages.append(EngineStage(source, profile, target, select_backend(options.backend), upstream=stages[-1].name,
-                              log=log))
+    graphs = stages[-1].name
+    ends = EmbedHeadStage(source, profile, target, log=log) if has_graphs(source) else None
+    if ends is not None:
+        stages.append(ends)
+    if options.stop_after == "embed_head":
+        return stages
+    stages.append(EngineStage(source, profile, target, select_backend(options.backend), upstream=graphs,
+                              ends=ends.name if ends else None, log=log))
     return stages
 
 
@@ -139,7 +149,7 @@ def target_state(model: str, profile_name: str, out: Path, backend: str = "auto"
     try:
         stages = build_stages(source, profile, target, options, log=lambda _: None)
     except BackendError as e:  # no backend here: check the stages that do not need one
-        options = replace(options, stop_after="surgery")
+        options = replace(options, stop_after="embed_head")
         stages = build_stages(source, profile, target, options, log=lambda _: None)
         problems.append(Problem("no-backend", f"engines stage not checked: {e}", "engines"))
     done: dict[str, dict] = {}
@@ -263,23 +273,41 @@ def _validate_current(model, profile_name, out, options, backend, no_surgery, sh
 GRAPH_CHOICES = ("fused", "exported")
 
 
+def _current(model: str, profile_name: str, out: Path, shapes: tuple[str, ...], what: str) -> TargetState:
+    """The built target, checked current as validation checks it; StaleTarget otherwise (nothing is rebuilt)."""
+    state, _ = _validation_state(model, profile_name, out, None, False, shapes,
+                                 resolve_target(model, profile_name, out, shapes))
+    hard = [p for p in state.problems if _blocking(p)]
+    if state.manifest is None or hard:
+        raise StaleTarget(f"target {state.target} is stale or incomplete; nothing was {what} or rebuilt: "
+                          + "; ".join(map(str, hard or state.problems)))
+    return state
+
+
+def decoder_packs(state: TargetState, graph: str = "fused") -> list[Pack]:
+    """The decoder's graphs, pack by pack: the fused ones where surgery ran (``graph`` "fused"), else
+    what the engines were built from; "exported": the export's (int4 where quantized)."""
+    stages = state.manifest["stages"]
+    exported = "quantize" if "quantize" in stages else "export"
+    stage = "surgery" if graph == "fused" and "surgery" in stages else exported
+    specs = export_specs(state.source.config, state.profile.export)
+    paths = [state.target / a["path"] for a in sorted(graph_artifacts(stages[stage]), key=lambda a: a["pack"])]
+    return [Pack(s, p) for s, p in zip(specs, paths)]
+
+
 def eval_target(model: str, profile_name: str, out: Path, text: Path, tokens: int, reference: bool = True,
                 graph: str = "fused", shapes: tuple[str, ...] = (), log: Callable[[str], None] = print) -> dict:
     """Perplexity of ``tokens`` tokens of ``text`` through the built target's ONNX graphs (``graph``:
-    the fused ones, where surgery ran, else what the engines were built from; or the exported, int4
-    where quantized); never rebuilds: a stale or incomplete target raises StaleTarget."""
+    see decoder_packs); never rebuilds: a stale or incomplete target raises StaleTarget."""
     with hashes_remembered():
-        state, _ = _validation_state(model, profile_name, out, None, False, shapes,
-                                     resolve_target(model, profile_name, out, shapes))
-        hard = [p for p in state.problems if _blocking(p)]
-        if state.manifest is None or hard:
-            raise StaleTarget(f"target {state.target} is stale or incomplete; nothing was evaluated or rebuilt: "
-                              + "; ".join(map(str, hard or state.problems)))
-        stages = state.manifest["stages"]
-        exported = "quantize" if "quantize" in stages else "export"
-        stage = "surgery" if graph == "fused" and "surgery" in stages else exported
-        cfg, profile = state.source.config, state.profile
-        specs = export_specs(cfg, profile.export)
-        paths = [state.target / a["path"] for a in sorted(graph_artifacts(stages[stage]), key=lambda a: a["pack"])]
-        return evaluate(state.source, profile, [Pack(s, p) for s, p in zip(specs, paths)], text, tokens,
-                        reference, log)
+        state = _current(model, profile_name, out, shapes, "evaluated")
+        return evaluate(state.source, state.profile, decoder_packs(state, graph), text, tokens, reference, log)
+
+
+def generate_target(model: str, profile_name: str, out: Path, options: GenerateOptions,
+                    write: Callable[[str], None], log: Callable[[str], None]) -> Generated:
+    """Text from the built target (kvplan.generate), streamed to ``write``; never rebuilds."""
+    with hashes_remembered():
+        state = _current(model, profile_name, out, options.shapes, "generated")
+    return generate.from_target(state.source, state.profile, state.target, state.manifest,
+                                decoder_packs(state, options.graph), options, write, log)

@@ -72,6 +72,11 @@ class ModelSource:
     embedding: str | None = None
     # Where ``config`` was read (None: nowhere a user wrote, as for presets).
     origin: ConfigOrigin | None = None
+    # ``read_tts()``: MiniCPM-o's TTS audio ends beside its decoder (kvplan.embed_head.tts), as
+    # {"emb_code": [num_vq tensors [num_audio_tokens, hidden]], "head_code": [num_vq weight-norm-folded
+    # float32 heads [num_audio_tokens, hidden]], "tts_config": {num_vq, num_audio_tokens,
+    # num_text_tokens, hidden_size}}; reads only those tensors. None for every other source.
+    read_tts: Callable[[], dict] | None = None
 
     def __post_init__(self) -> None:
         # A source whose LM tensors include the embedding feeds that one, unless it names another.

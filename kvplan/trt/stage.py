@@ -1,4 +1,5 @@
-"""The engines stage: one TensorRT plan per pack, with the profile's optimization profiles.
+"""The engines stage: one TensorRT plan per pack (and per embedding and head graph), with the
+profile's optimization profiles.
 
 Its digest covers the upstream graphs' hashes, the profile's whole [engine] section (the
 optimization profiles and every builder option), the batch range, the backend and its version,
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from kvplan.decoder import export_specs
+from kvplan.embed_head.stage import end_graphs
 from kvplan.export.exporter import io_contract, pack_file_names
 from kvplan.manifest import artifact
 from kvplan.pipeline import graph_artifacts
@@ -19,6 +21,8 @@ from kvplan.trt.backend import Backend
 from kvplan.trt.build import build_engine
 
 MODULE = "kvplan.trt.stage"
+
+
 @dataclass
 class EngineStage:
     source: object                   # a kvplan.models.ModelSource
@@ -26,12 +30,14 @@ class EngineStage:
     target: Path
     backend: Backend
     upstream: str                    # the stage whose graphs it builds: surgery, quantize or export
+    ends: str | None = None          # the embed_head stage, where the target has one: its graphs too
     log: Callable[[str], None] = field(default=print, repr=False)
     name: str = "engines"
 
     def inputs(self, done: dict) -> dict:
         # The whole [engine] section, and the batch range the optimization profiles take.
         return {"onnx": [a["sha256"] for a in graph_artifacts(done[self.upstream])],
+                "ends": {name: a["sha256"] for name, a in end_graphs(done.get(self.ends)).items()},
                 "engine": asdict(self.profile.engine), "batch": self.profile.export.batch_range.as_list(),
                 "backend": self.backend.name, "backend_version": self.backend.version, "source": source_digest(MODULE)}
 
@@ -46,4 +52,10 @@ class EngineStage:
                                   io_contract(cfg, spec, p.export.batch_dim, p.dtype), backend,
                                   self.target / p.engine.timing_cache if p.engine.timing_cache else None, log=self.log)
             entries.append(artifact(self.target, self.target / name, pack=src["pack"], build=record))
+        for graph, src in end_graphs(done.get(self.ends)).items():
+            plan = self.target / f"{graph}.plan"
+            self.log(f"[engines] {src['path']} -> {plan.name}")
+            record = build_engine(self.target / src["path"], plan, p, src["io"], backend,
+                                  self.target / p.engine.timing_cache if p.engine.timing_cache else None, log=self.log)
+            entries.append(artifact(self.target, plan, graph=graph, build=record))
         return {"artifacts": entries, "backend": backend.name, "backend_version": backend.version}

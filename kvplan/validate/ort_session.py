@@ -28,7 +28,7 @@ import onnxruntime as ort
 INT4_ACCURACY_ENTRY = "session.qdq_matmulnbits_accuracy_level"
 
 
-def session_options(threads: int = 0, fold_casts: bool = False) -> ort.SessionOptions:
+def session_options(threads: int = 0, fold_casts: bool = False, int4_accuracy: int = 0) -> ort.SessionOptions:
     """No memory arena either: ONNX Runtime's CPU arena keeps the largest point's activations
     (and, for fp16 graphs, the float32 weight casts it computes per run) reserved for the
     session's life; without it they are freed after each run."""
@@ -40,7 +40,7 @@ def session_options(threads: int = 0, fold_casts: bool = False) -> ort.SessionOp
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     # kv_io = "inplace": ONNX Runtime warns on every TensorScatter that it copies the buffer.
     opts.log_severity_level = 3
-    opts.add_session_config_entry(INT4_ACCURACY_ENTRY, "0")
+    opts.add_session_config_entry(INT4_ACCURACY_ENTRY, str(int4_accuracy))
     return opts
 
 

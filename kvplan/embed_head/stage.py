@@ -1,0 +1,93 @@
+"""The embed_head stage: embed.onnx and head.onnx beside the decoder, where the model has an
+embedding and an LM head (MiniCPM-o's TTS: its text embedding, audio embeddings and audio heads).
+
+Its digest covers the model's files and config, the profile's dtype, batch axis and [head]
+section (with the int4 group size where the head is int4), and kvplan's code for these graphs.
+The decoder's graphs are not among its inputs: a new surgery pass leaves these graphs alone.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import onnx_ir
+import torch
+
+from kvplan.embed_head.graphs import Graph, embed_graph, head_graph
+from kvplan.embed_head.tts import audio_embed_graph, audio_head_graph
+from kvplan.errors import ProfileError
+from kvplan.manifest import artifact
+from kvplan.models import families
+from kvplan.quantize.graph import save
+from kvplan.sources import source_digest
+
+MODULE = "kvplan.embed_head.stage"
+# TensorRT's TopK takes k up to this (ITopKLayer).
+TOPK_MAX = 3840
+
+
+def has_graphs(source) -> bool:
+    """Whether the source holds an embedding and an LM head (or MiniCPM-o's audio ends) to build from."""
+    return source.read_lm is not None or source.read_tts is not None
+
+
+@dataclass
+class EmbedHeadStage:
+    source: object                   # a kvplan.models.ModelSource with read_lm
+    profile: object                  # a kvplan.profiles.Profile
+    target: Path
+    log: Callable[[str], None] = field(default=print, repr=False)
+    name: str = "embed_head"
+
+    @property
+    def int4_group(self) -> int:
+        return self.profile.quantize.group_size if self.profile.head.weights == "int4" else 0
+
+    def inputs(self, _done: dict) -> dict:
+        p = self.profile
+        return {"model": self.source.fingerprint, "config": self.source.config.to_dict(), "dtype": p.dtype,
+                "batch": p.export.batch_dim, "head": asdict(p.head), "int4_group": self.int4_group,
+                "source": source_digest(MODULE), "onnx_ir": onnx_ir.__version__}
+
+    def graphs(self) -> list[Graph]:
+        p = self.profile
+        graphs = self.text_graphs() if self.source.read_lm is not None else []
+        if self.source.read_tts is not None:
+            if self.source.read_lm is None and self.source.read_embedding is not None:
+                graphs.append(embed_graph(self.source.read_embedding(), 1.0, p.dtype, p.export.batch_dim))
+            tts = self.source.read_tts()
+            graphs += [audio_embed_graph(tts["emb_code"], p.dtype, p.export.batch_dim),
+                       audio_head_graph(tts["head_code"], p.dtype, p.export.batch_dim, last_only=p.head.last_only)]
+        return graphs
+
+    def text_graphs(self) -> list[Graph]:
+        cfg, p = self.source.config, self.profile
+        lm = self.source.read_lm()
+        weight = lm["lm_head.weight"]
+        vocab = weight.shape[0]
+        if p.head.top_k > min(vocab, TOPK_MAX):
+            raise ProfileError(f"{p.source}: head.top_k {p.head.top_k} exceeds "
+                               + (f"the vocabulary's {vocab} rows" if p.head.top_k > vocab
+                                  else f"TensorRT's TopK limit of {TOPK_MAX}"))
+        scale = families.get(cfg.family).embedding_scale(cfg)
+        embed = embed_graph(self.source.read_embedding(), scale, p.dtype, p.export.batch_dim)
+        head = head_graph(weight.to(torch.float32), p.dtype, p.export.batch_dim, softcap=cfg.logit_softcap,
+                          last_only=p.head.last_only, top_k=p.head.top_k, int4_group=self.int4_group)
+        return [embed, head]
+
+    def build(self, _done: dict) -> dict:
+        entries = []
+        for graph in self.graphs():
+            path = self.target / f"{graph.name}.onnx"
+            save(graph.model, path)
+            self.log(f"[embed_head] {path.name}: {graph.weight_bytes / 2**20:.1f} MiB of weights, "
+                     f"{' '.join(graph.contract['inputs'])} -> {' '.join(graph.contract['outputs'])}")
+            entries.append(artifact(self.target, path, graph=graph.name, io=graph.contract,
+                                    weight_bytes=graph.weight_bytes))
+        return {"artifacts": entries}
+
+
+def end_graphs(record: dict | None) -> dict[str, dict]:
+    """The stage's artifacts by graph name (``embed``, ``head``, ...); none where it did not run."""
+    return {a["graph"]: a for a in (record or {}).get("artifacts", []) if "graph" in a}
