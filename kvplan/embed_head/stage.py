@@ -42,7 +42,17 @@ class EmbedHeadStage:
 
     @property
     def int4_group(self) -> int:
-        return self.profile.quantize.group_size if self.profile.head.weights == "int4" else 0
+        """The int4 head's group: the [quantize] group size, halved until it divides hidden_size
+        (as the decoder's linears are fitted), never below 32."""
+        if self.profile.head.weights != "int4":
+            return 0
+        hidden, group = self.source.config.hidden_size, self.profile.quantize.group_size
+        while hidden % group and group > 32:
+            group //= 2
+        if hidden % group:
+            raise ProfileError(f"{self.profile.source}: head.weights = \"int4\": no group size of 32 or more "
+                               f"divides hidden_size {hidden}")
+        return group
 
     def inputs(self, _done: dict) -> dict:
         p = self.profile
@@ -84,7 +94,8 @@ class EmbedHeadStage:
             self.log(f"[embed_head] {path.name}: {graph.weight_bytes / 2**20:.1f} MiB of weights, "
                      f"{' '.join(graph.contract['inputs'])} -> {' '.join(graph.contract['outputs'])}")
             entries.append(artifact(self.target, path, graph=graph.name, io=graph.contract,
-                                    weight_bytes=graph.weight_bytes))
+                                    weight_bytes=graph.weight_bytes,
+                                    **({"int4_group": self.int4_group} if graph.name == "head" else {})))
         return {"artifacts": entries}
 
 

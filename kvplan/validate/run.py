@@ -34,7 +34,7 @@ from kvplan.models.presets import tensor_shapes
 from kvplan.pipeline import collections_skip_what_exists, map_large_allocations, release_memory
 from kvplan.trt.backend import select_backend, visible_gpus
 from kvplan.validate import points as pts
-from kvplan.validate import quantized, report, stream, tokens
+from kvplan.validate import quantized, report, stream, tokens, whole_step
 from kvplan.validate import runners as rn
 from kvplan.validate import segments as seg_plan
 from kvplan.validate.meter import Meter
@@ -132,6 +132,12 @@ class Plan:
     fp32_prefill: bool
     range_count: int
     not_run: dict[str, str]      # runner -> why it did not run
+    manifest: dict
+
+    @property
+    def packs(self) -> list[Pack]:
+        """The decoder graphs a runtime drives: the fused ones where surgery ran."""
+        return [Pack(spec, path) for spec, path in zip(self.specs, self.fused or self.exported)]
 
     @property
     def vdir(self) -> Path:
@@ -188,7 +194,8 @@ def _plan(options, source, profile, target, manifest, backend_name) -> Plan:
                 # quarter of it here).
                 ref_dtype=torch.float32 if options.reference_dtype == "float32" else dtype,
                 fp32_prefill=options.prefill_dtype == "float32" and dtype != torch.float32,
-                range_count=seg_plan.range_count(options.layer_ranges, cfg, specs, dtype), not_run=not_run)
+                range_count=seg_plan.range_count(options.layer_ranges, cfg, specs, dtype), not_run=not_run,
+                manifest=manifest)
 
 
 # --- run: every runner over every point, range by range ---
@@ -206,6 +213,7 @@ class Outcome:
     commands: list[str]
     task: dict
     quality_task: dict
+    whole_step: dict
 
 
 def _run(plan: Plan, options, meter: Meter, scratch: Path, log) -> Outcome:
@@ -239,15 +247,19 @@ def _run(plan: Plan, options, meter: Meter, scratch: Path, log) -> Outcome:
     labels = [d.point.label for d in data]
     prompt = inputs.prompt(options.prompt_tokens, cfg.vocab_size)
     inputs_record = inputs.record
+    ids = inputs.ids[0].tolist() if inputs.ids is not None else []
     del data, jobs, pack_jobs, prefill, inputs
     release_memory()
     task, quality_task = _task_phases(plan, options, segments, prompt, meter, log)
+    with meter.phase("whole step"):
+        whole = whole_step.whole_step(plan.source, profile, plan.target, plan.manifest, plan.packs, ids, log)
+    release_memory()
     # Report rows point by point (they were produced pack/profile/runner by runner).
     order = {label: i for i, label in enumerate(labels)}
     rows = sorted(streamer.rows, key=lambda s: (s.pack, order[s.point], rn.PAIR_ORDER.get(s.pair, 99)))
     return Outcome(rows=rows, ran={n for names in streamer.ran.values() for n in names}, segments=segments, cut=cut,
                    labels=labels, inputs_record=inputs_record, quality=quality, files=files, commands=commands,
-                   task=task, quality_task=quality_task)
+                   task=task, quality_task=quality_task, whole_step=whole)
 
 
 def _segments(plan: Plan, options, meter: Meter, scratch: Path, log) -> list:
@@ -383,6 +395,7 @@ def _verdict(outcome: Outcome, options) -> Verdict:
             task_bad.append(f"{name}: multi-step hidden_out over tolerance from step {r['first_step_over_tolerance']}")
         if r.get("ran") and r["agreement"] < options.min_agreement:
             task_bad.append(f"{name}: token agreement {100 * r['agreement']:.1f}% < {100 * options.min_agreement:.0f}%")
+    task_bad += whole_step.verdict(outcome.whole_step, options.min_agreement)
     compared = {s.pair for s in outcome.rows}
     status = "fail" if mismatch or task_bad else ("pass" if compared else "inconclusive")
     return Verdict(status, mismatch, task_bad)
@@ -398,6 +411,7 @@ def _report(plan: Plan, outcome: Outcome, verdict: Verdict, meter: Meter, option
     lines += ["", report.table(outcome.rows, full=options.full) if outcome.rows else
               "no two runners ran: nothing was compared", ""]
     lines += report.task_summary(outcome.task) + [""]
+    lines += whole_step.summary(outcome.whole_step) + [""]
     lines += report.phase_table(meter, plan.weight_bytes) + [""]
     if plan.quant:
         lines += quantized.summary(plan.quant.get("method", "int4"), outcome.quality, outcome.quality_task) + [""]
@@ -418,13 +432,15 @@ def _record(plan: Plan, outcome: Outcome, verdict: Verdict, meter: Meter, manife
     """The verdict in manifest.json, unless the target changed while it was validated."""
     tol, segments = plan.profile.validate, outcome.segments
     record = {"status": verdict.status, "finished": now(), "seconds": round(seconds, 2),
-              "tolerance": {"atol": tol.atol, "rtol": tol.rtol, "rule": "|got - ref| <= atol + rtol * |ref|"},
+              "tolerance": {"atol": tol.atol, "rtol": tol.rtol, "logits_atol": tol.logits_atol,
+                            "rule": "|got - ref| <= atol + rtol * |ref| (logits: logits_atol)"},
               "points": outcome.labels, "inputs": outcome.inputs_record,
               "prefill_dtype": "float32" if plan.fp32_prefill else plan.profile.dtype,
               "reference_dtype": str(plan.ref_dtype).removeprefix("torch."),
               "runners": {n: ({"ran": True} if n in outcome.ran else
                               {"ran": False, "why": plan.not_run.get(n, "not available")}) for n in rn.NAMES},
               "pairs": report.worst_per_pair(outcome.rows), "task": _task_record(outcome.task),
+              "whole_step": outcome.whole_step,
               "phases": [p.to_dict() for p in meter.merged()],
               "peak_rss_mib": None if meter.peak is None else round(meter.peak / 2**20, 1),
               "weight_mib": round(plan.weight_bytes / 2**20, 1),

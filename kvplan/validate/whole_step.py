@@ -1,0 +1,111 @@
+"""The whole step against transformers' own ``*ForCausalLM``: token ids -> embed.onnx -> the decoder's
+graphs -> head.onnx (ONNX Runtime, the cache fed back as the target's kv_io mode wants), against the
+model's logits for the same tokens, at each optimization profile's opt point (N = opt new tokens
+after lastSum = opt, the prefix prefilled through the same graphs first).
+
+The reference computes in float32 on the weights the graphs hold (an int4 target's dequantized
+values, its int4 head's too), so what is measured is the graphs' arithmetic, not the quantization.
+Pass: every logit within |got - ref| <= logits_atol + rtol * |ref| (the [validate] table's) and the
+top-1 token equal at the share of positions validation asks for.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from kvplan.embed_head.stage import end_graphs
+from kvplan.generate import chunk_size
+from kvplan.quantize.rtn import quantize_linear
+from kvplan.runtime.onnx import Graphs, OnnxModel
+from kvplan.validate.reference import HFReference
+
+
+def _reference(source, profile, int4_group: int) -> HFReference:
+    ref = HFReference(source, torch.float32, with_lm=True, round_to=torch.float16 if profile.dtype == "float16"
+                      else None)
+    if int4_group:        # the head graph's own values
+        w = ref.model.lm_head.weight.data
+        ql = quantize_linear("lm_head.weight", w, int4_group)
+        k, n = ql.q.shape
+        deq = (ql.q.to(torch.float32).reshape(k // ql.group_size, ql.group_size, n) * ql.scale[:, None, :])
+        ref.model.lm_head.weight = torch.nn.Parameter(deq.reshape(k, n).t().contiguous(), requires_grad=False)
+    return ref
+
+
+def _candidate(model: OnnxModel, ids: list[int], last: int, n: int, chunk: int, capacity: int) -> dict:
+    cache = model.new_cache(capacity)
+    for start in range(0, last, chunk):
+        model.decode(model.embed(np.array([ids[start:min(start + chunk, last)]])), cache)
+    return model.head(model.decode(model.embed(np.array([ids[last:last + n]])), cache))
+
+
+def _compare(got: dict, want: torch.Tensor, tol) -> dict:
+    """``want``: the reference's logits [rows, vocab] for the rows the head returns."""
+    if "logits" in got:
+        logits = torch.from_numpy(got["logits"][0].astype(np.float32))
+        d = (logits - want).abs()
+        bound = tol.logits_atol + tol.rtol * want.abs()
+        return {"rows": int(want.shape[0]), "max_abs": float(d.max()), "within": bool((d <= bound).all()),
+                "top1": float((logits.argmax(-1) == want.argmax(-1)).float().mean())}
+    ids, values = torch.from_numpy(got["top_ids"][0]), torch.from_numpy(got["top_values"][0].astype(np.float32))
+    ref_values = want.gather(1, ids)
+    d = (values - ref_values).abs()
+    return {"rows": int(want.shape[0]), "max_abs": float(d.max()),
+            "within": bool((d <= tol.logits_atol + tol.rtol * ref_values.abs()).all()),
+            "top1": float((ids[:, 0] == want.argmax(-1)).float().mean())}
+
+
+def whole_step(source, profile, target, manifest, packs, ids: list[int], log) -> dict:
+    """The check's record: {"ran", "points": {label: figures}, "passed"} or {"ran": False, "why"}."""
+    ends = end_graphs(manifest["stages"].get("embed_head"))
+    if "embed" not in ends or "head" not in ends:
+        return {"ran": False, "why": "no embed.onnx and head.onnx in this target (the model has no LM head)"}
+    if profile.dtype == "bfloat16":
+        return {"ran": False, "why": "ONNX Runtime's CPU provider runs no bfloat16 graphs"}
+    t0 = time.perf_counter()
+    model = OnnxModel(Graphs([(p.spec, p.path) for p in packs], target / ends["embed"]["path"],
+                             target / ends["head"]["path"]), source.config, profile.dtype)
+    ref = _reference(source, profile, ends["head"].get("int4_group", 0))
+    capacity = min(profile.max_sum, source.config.max_position_embeddings)
+    points = {}
+    for sp in profile.shapes:
+        last, n = sp.lastSum.opt, sp.N.opt
+        if last + n > len(ids):
+            points[sp.name] = {"ran": False, "why": f"{last + n} tokens needed, {len(ids)} at hand"}
+            continue
+        got = _candidate(model, ids, last, n, chunk_size(profile), capacity)
+        with torch.no_grad():
+            logits = ref.model(input_ids=torch.tensor([ids[:last + n]])).logits[0, last:last + n].float()
+        want = logits[-1:] if profile.head.last_only else logits
+        points[f"{sp.name} N={n} lastSum={last}"] = {"ran": True, **_compare(got, want, profile.validate)}
+        log(f"[validate] whole step at {sp.name} (N={n}, lastSum={last}): logits max |d| "
+            f"{points[f'{sp.name} N={n} lastSum={last}']['max_abs']:.4g}")
+    ran = [p for p in points.values() if p.get("ran")]
+    return {"ran": bool(ran), "points": points, "seconds": round(time.perf_counter() - t0, 2),
+            "why": "" if ran else "no point's tokens at hand"}
+
+
+def verdict(record: dict, min_agreement: float) -> list[str]:
+    """The whole-step check's failures, in words (none when it passed or did not run)."""
+    bad = []
+    for label, p in (record.get("points") or {}).items():
+        if not p.get("ran"):
+            continue
+        if not p["within"]:
+            bad.append(f"whole step at {label}: logits over tolerance (max |d| {p['max_abs']:.4g})")
+        if p["top1"] < min_agreement:
+            bad.append(f"whole step at {label}: top-1 agreement {100 * p['top1']:.1f}% < {100 * min_agreement:.0f}%")
+    return bad
+
+
+def summary(record: dict) -> list[str]:
+    if not record.get("ran"):
+        return [f"whole step (embed -> decoder -> head vs transformers' CausalLM): not run: {record.get('why')}"]
+    lines = ["whole step (embed -> decoder -> head, ONNX Runtime) vs transformers' CausalLM logits:"]
+    for label, p in record["points"].items():
+        lines.append(f"  {label}: " + (f"{p['rows']} row(s), max |d| {p['max_abs']:.4g}, top-1 {100 * p['top1']:.1f}%, "
+                                        f"{'within' if p['within'] else 'OVER'} tolerance" if p.get("ran")
+                                        else f"not run: {p['why']}"))
+    return lines
