@@ -25,6 +25,7 @@ import transformers
 from bench import real_model
 from bench.common import ROOT, loadavg, log
 from kvplan import generate as gen
+from kvplan.runtime.steps import chunk_size, positions
 from kvplan.target import BuildOptions, _current, build, decoder_packs
 
 RESULTS = ROOT / "bench" / "results"
@@ -38,7 +39,7 @@ def kvplan_row(ckpt: Path, profile: str, out: Path, prompt: str, new: int, accur
     model, _ = gen._model(state.source, state.profile, state.target, state.manifest, decoder_packs(state),
                           options, log)
     ids = gen.prompt_ids(state.source, options)
-    run = gen.run(model, ids, new, gen.chunk_size(state.profile), gen.positions(state.source, state.profile))
+    run = gen.run(model, ids, new, chunk_size(state.profile), positions(state.source, state.profile))
     text = state.source.tokenizer().decode(run.ids)
     return {"runner": f"kvplan {profile}" + (f" (int4 accuracy {accuracy})" if "int4" in profile else ""),
             "prompt_tokens": len(ids), "new_tokens": len(run.ids), "prefill_s": round(run.prefill_seconds, 4),

@@ -19,6 +19,7 @@ from kvplan.embed_head.stage import end_graphs
 from kvplan.errors import BackendError, UserError
 from kvplan.runtime import onnx as ort_model
 from kvplan.runtime.cache import Traffic
+from kvplan.runtime.steps import chunk_size, positions
 from kvplan.trt.backend import select_backend
 
 
@@ -152,13 +153,6 @@ def prompt_ids(source, options: GenerateOptions) -> list[int]:
     return tok.chat(options.prompt) if options.chat else tok.encode(options.prompt)
 
 
-def positions(source, profile) -> int:
-    """How many positions a generation may use: the profiles' N max + lastSum max, the model's own
-    limit, an in-place buffer's rows."""
-    limit = min(profile.max_sum, source.config.max_position_embeddings)
-    return min(limit, profile.export.cache_len) if profile.export.kv_io == "inplace" else limit
-
-
 def check_lengths(prompt: int, max_new: int, capacity: int) -> None:
     if max_new < 1:
         raise UserError(f"--max-new-tokens {max_new}: must be >= 1")
@@ -196,7 +190,7 @@ def _model(source, profile, target, manifest, packs, options: GenerateOptions, l
 
 def _tensorrt_model(engines: dict, source, profile, target):
     # Imported only where plans are to run: it loads TensorRT through Polygraphy.
-    from kvplan.runtime.tensorrt import TensorRtModel
+    from kvplan.validate.trt_model import TensorRtModel
     try:
         backend = select_backend(engines.get("backend", "auto"))
     except BackendError as e:
@@ -210,11 +204,6 @@ def _tensorrt_model(engines: dict, source, profile, target):
                              export_specs(source.config, profile.export), profile, backend, source.config), ""
     except RuntimeError as e:
         return None, str(e)
-
-
-def chunk_size(profile) -> int:
-    """The largest N an optimization profile of the engine takes: the prompt's prefill chunks."""
-    return max(s.N.max for s in profile.shapes)
 
 
 def from_target(source, profile, target, manifest, packs, options: GenerateOptions, write: Callable[[str], None],

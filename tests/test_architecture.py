@@ -23,8 +23,11 @@ LAYERS = [
     {"kvplan.quantize"},
     {"kvplan.surgery"},
     {"kvplan.profiles"},
+    {"kvplan.embed_head"},
     {"kvplan.trt"},
+    {"kvplan.runtime"},
     {"kvplan.validate"},
+    {"kvplan.generate"},
     {"kvplan.target"},
     {"kvplan.cli", "kvplan.__main__"},
 ]

@@ -30,8 +30,8 @@ from kvplan.quantize.graph import quantize_graph
 from kvplan.quantize.rtn import quantize_linear
 from kvplan.quantize.stage import quantize_rtn
 from kvplan.quantize.weights import dequantized_source
+from kvplan.runtime.ort_session import session_options
 from kvplan.surgery import fuse_file
-from kvplan.validate.ort_session import session_options
 
 
 def profile_text(**quantize) -> str:

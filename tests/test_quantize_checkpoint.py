@@ -24,7 +24,7 @@ from kvplan.models import resolve
 from kvplan.models.families import hf_config_dict as to_hf_dict
 from kvplan.models.presets import PRESETS, random_tensor, tensor_shapes
 from kvplan.quantize.checkpoint import imported
-from kvplan.validate.ort_session import session_options
+from kvplan.runtime.ort_session import session_options
 
 CFG = PRESETS["tiny-llama"]         # hidden 64, intermediate 128: group size 32
 G = 32

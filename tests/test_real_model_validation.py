@@ -13,9 +13,11 @@ import numpy as np
 import onnx
 import onnx.numpy_helper
 import pytest
+import torch
+import transformers
 from test_validate import copy_with_fused_graph_edited, swap_key_caches
 
-from kvplan.cli import build_main, validate_main
+from kvplan.cli import build_main, main, validate_main
 from kvplan.manifest import load_manifest
 
 # Each validation of the real model runs for minutes on two cores.
@@ -36,6 +38,29 @@ def test_the_shipped_fp16_profile_passes_on_the_real_model(fp16):
     assert all(p["passed"] for p in record["pairs"].values())
     assert record["inputs"]["kind"] == "text" and record["inputs"]["text"] == "validation_text.txt"
     assert all(r["agreement"] >= 0.95 for r in record["task"]["stacks"].values() if r["ran"])
+
+
+def test_the_whole_step_gives_transformers_causal_lm_logits_on_the_real_model(fp16):
+    """embed.onnx -> decoder -> head.onnx against LlamaForCausalLM, and the plans of all three built."""
+    manifest = load_manifest(fp16["target"])
+    whole = manifest["validation"]["whole_step"]
+    assert whole["ran"] and all(p["within"] and p["top1"] >= 0.95 for p in whole["points"].values()), whole
+    plans = {a["path"] for a in manifest["stages"]["engines"]["artifacts"]}
+    assert {"decoder.plan", "embed.plan", "head.plan"} <= plans
+
+
+def test_greedy_generation_on_the_real_model_is_transformers_own(fp16, capsys):
+    prompt = "Paris is the capital of"
+    capsys.readouterr()
+    assert main(["generate", "--model", str(fp16["model"]), "--profile", "fp16", "--out", str(fp16["out"]),
+                 "--prompt", prompt, "--max-new-tokens", "8"]) == 0
+    got = capsys.readouterr().out.strip()
+    tok = transformers.AutoTokenizer.from_pretrained(str(fp16["model"]))
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(fp16["model"]), dtype=torch.float32)
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        want = model.generate(ids, do_sample=False, max_new_tokens=8)[0, ids.shape[1]:]
+    assert got == tok.decode(want, skip_special_tokens=True).strip()
 
 
 def _wrong_copy(fp16, tmp_path, edit) -> list[str]:

@@ -21,7 +21,7 @@ import torch
 
 from kvplan.export.exporter import causal_mask, output_names
 from kvplan.runtime.cache import KvCache
-from kvplan.validate.ort_session import session_options
+from kvplan.runtime.ort_session import session_options
 
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 TORCH = {"float32": torch.float32, "float16": torch.float16}

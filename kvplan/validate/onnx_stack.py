@@ -16,7 +16,7 @@ import onnxruntime as ort
 
 from kvplan import cache_io
 from kvplan.decoder import StackSpec
-from kvplan.validate.ort_session import session
+from kvplan.runtime.ort_session import session
 
 
 @dataclass
@@ -54,7 +54,7 @@ class OnnxStack:
     _live: "OnnxStack | None" = None
 
     def __init__(self, packs: list[Pack], threads: int = 0, fold_casts: bool = False):
-        """``fold_casts``: ONNX Runtime's default optimization level (kvplan/validate/ort_session.py),
+        """``fold_casts``: ONNX Runtime's default optimization level (kvplan/runtime/ort_session.py),
         faster for many small steps, at the price of float32 copies of fp16 weights."""
         self.packs, self.threads, self.fold_casts = packs, threads, fold_casts
         self.sessions: list[ort.InferenceSession] | None = None

@@ -26,13 +26,9 @@ import torch
 from kvplan.errors import KvplanError, UserError
 from kvplan.export.exporter import TORCH_DTYPES, causal_mask
 from kvplan.models.embedding import embed
+from kvplan.runtime.steps import chunk_size
 from kvplan.validate.onnx_stack import OnnxStack, Pack
 from kvplan.validate.reference import HFReference
-
-
-def chunk_size(profile) -> int:
-    """The largest N an optimization profile of the engine takes."""
-    return max(s.N.max for s in profile.shapes)
 
 
 def text_ids(source, path: Path, tokens: int) -> list[int]:

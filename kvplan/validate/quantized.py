@@ -1,7 +1,7 @@
 """Validation of int4 targets: two separate questions.
 
 Faithfulness (pass/fail, the ordinary validation): the int4 graph in ONNX Runtime (accuracy
-level 0, kvplan.validate.ort_session) against transformers carrying the *same* dequantized
+level 0, kvplan.runtime.ort_session) against transformers carrying the *same* dequantized
 weights (the quantize stage's ``quantized.safetensors``), at the profile's fp16-rounding
 tolerances, every point, masked slots included. A wrong packing order or a misplaced scale
 fails it.

@@ -79,7 +79,7 @@ def worst_per_pair(rows: list[OutputStats]) -> dict:
 
 
 # Polygraphy's --onnxrt has no flag for a session config entry, so it cannot set the int4
-# accuracy level kvplan's own sessions use (kvplan.validate.ort_session). ORT_ENABLE_BASIC keeps
+# accuracy level kvplan's own sessions use (kvplan.runtime.ort_session). ORT_ENABLE_BASIC keeps
 # ONNX Runtime from fusing DequantizeLinear(INT4) -> MatMul into MatMulNBits at all (whose default
 # accuracy level 4 quantizes the activations to int8): the re-check then runs the dequantized
 # weights at the graph's own precision, as accuracy level 0 does.

@@ -22,8 +22,8 @@ from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 from polygraphy.common import TensorMetadata
 
 from kvplan.export.exporter import TORCH_DTYPES, output_names
+from kvplan.runtime.ort_session import session as onnx_session
 from kvplan.trt.backend import version_tuple
-from kvplan.validate.ort_session import session as onnx_session
 from kvplan.validate.points import own_columns, to_feed_value, to_kv_format
 from kvplan.validate.reference import slice_decoder
 

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from kvplan.embed_head.stage import end_graphs
-from kvplan.generate import chunk_size
 from kvplan.quantize.rtn import quantize_linear
 from kvplan.runtime.onnx import Graphs, OnnxModel
+from kvplan.runtime.steps import chunk_size, positions
 from kvplan.validate.reference import HFReference
 
 
@@ -68,7 +68,7 @@ def whole_step(source, profile, target, manifest, packs, ids: list[int], log) ->
     model = OnnxModel(Graphs([(p.spec, p.path) for p in packs], target / ends["embed"]["path"],
                              target / ends["head"]["path"]), source.config, profile.dtype)
     ref = _reference(source, profile, ends["head"].get("int4_group", 0))
-    capacity = min(profile.max_sum, source.config.max_position_embeddings)
+    capacity = positions(source, profile)
     points = {}
     for sp in profile.shapes:
         last, n = sp.lastSum.opt, sp.N.opt
