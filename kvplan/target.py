@@ -223,9 +223,11 @@ def build(model: str, profile_name: str, out: Path, options: BuildOptions, log: 
 
 
 def _blocking(problem: Problem) -> bool:
-    """A target built without engines (--stop-after surgery) or checked on a host without a TensorRT
-    backend is still validated for what it has; anything else (stale, modified) stops us."""
-    return not (problem.stage == "engines" and problem.kind in ("not-built", "no-backend"))
+    """A target built without engines or the embedding and head graphs (--stop-after surgery) or
+    checked on a host without a TensorRT backend is still validated for what it has; anything else
+    (stale, modified) stops us."""
+    return not ((problem.stage == "engines" and problem.kind in ("not-built", "no-backend"))
+                or (problem.stage == "embed_head" and problem.kind == "not-built"))
 
 
 def _validation_state(model: str, profile_name: str, out: Path, backend: str | None, no_surgery: bool,

@@ -39,8 +39,9 @@ def build(out: Path, profile: str, model: str = "tiny-llama", *extra: str) -> di
 def test_every_shipped_profile_builds_an_engine(tmp_path, base, kv_format):
     manifest = build(tmp_path, variant(tmp_path, base, kv_format=kv_format))
     assert manifest["status"] == "complete"
-    assert list(manifest["stages"]) == ["export", "surgery", "engines"]
-    [plan] = manifest["stages"]["engines"]["artifacts"]
+    assert list(manifest["stages"]) == ["export", "surgery", "embed_head", "engines"]
+    [plan] = [a for a in manifest["stages"]["engines"]["artifacts"] if "pack" in a]
+    assert {a["path"] for a in manifest["stages"]["engines"]["artifacts"] if "graph" in a} == {"embed.plan", "head.plan"}
     record = plan["build"]
     assert plan["path"] == "decoder.plan" and plan["bytes"] > 0
     assert set(record["profiles"]) == {"prefill", "decode"}
@@ -92,7 +93,7 @@ def test_fused_attention_maps_to_attention_layers_and_builds(tmp_path, base):
 
 def test_decoder_packs_build_one_engine_each(tmp_path):
     manifest = build(tmp_path, variant(tmp_path, "fp16", decoder_pack_size=2))
-    plans = [a["path"] for a in manifest["stages"]["engines"]["artifacts"]]
+    plans = [a["path"] for a in manifest["stages"]["engines"]["artifacts"] if "pack" in a]
     assert plans == ["decoder.pack0.plan", "decoder.pack1.plan"]
     second = manifest["stages"]["engines"]["artifacts"][1]["build"]["profiles"]["decode"]
     assert "past_key_in2" in second and "past_key_in0" not in second

@@ -455,7 +455,7 @@ def test_the_report_gives_each_phase_its_time_and_peak_memory(fused_target, tmp_
     assert "time and memory per phase" in text
     record = load_manifest(out / "tiny-llama" / "vwrong")["validation"]
     names = [p["name"] for p in record["phases"]]
-    assert names == ["prefill", "reference", "pytorch", "onnxrt-export", "onnxrt-fused", "task check"]
+    assert names == ["prefill", "reference", "pytorch", "onnxrt-export", "onnxrt-fused", "task check", "whole step"]
     if sys.platform == "linux":
         assert all(p["peak_rss_mib"] > 0 for p in record["phases"])
         assert record["peak_rss_mib"] >= max(p["peak_rss_mib"] for p in record["phases"])
