@@ -143,17 +143,36 @@ def test_more_layers_than_the_checkpoint_holds_names_the_first_missing_layer_at_
     assert int(grown_mib) < 100, f"peak RSS grew by {grown_mib} MiB"
 
 
-def test_a_minicpmo_config_names_its_tts_config_fields(tmp_path, weights):
+def test_a_minicpmo_config_names_its_tts_config_fields(tmp_path):
+    """MiniCPM-o's TTS decoder has as many key/value heads as attention heads: tiny-llama-outliers' shape."""
     directory = tmp_path / "minicpmo"
-    tts = {k: v for k, v in CONFIG.items() if k not in ("model_type", "architectures")} | {"num_hidden_layers": 9}
-    tensors = {k.replace("model.", "tts.model.", 1): v for k, v in load_file(weights).items()}
+    write_hf_dir(tmp_path / "w", "tiny-llama-outliers", shards=1)
+    config = hf_config_dict(PRESETS["tiny-llama-outliers"])
+    tts = {k: config[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                  "max_position_embeddings")} | {"num_hidden_layers": 9}
+    tensors = {k.replace("model.", "tts.model.", 1): v for k, v in load_file(tmp_path / "w" / "model.safetensors").items()}
     directory.mkdir()
     save_file(tensors, directory / "model.safetensors")
     (directory / "config.json").write_text(json.dumps({"model_type": "minicpmo", "tts_config": tts}))
-    with pytest.raises(KvplanError, match=r"tensor 'tts.model.layers.4.self_attn.q_proj.weight' is missing: .*"
+    with pytest.raises(KvplanError, match=r"tensor 'tts.model.layers.2.self_attn.q_proj.weight' is missing: .*"
                                           r"config.json's tts_config.num_hidden_layers = 9, but the checkpoint "
-                                          r"holds 4 layers"):
+                                          r"holds 2 layers"):
         resolve(str(directory))
+
+
+def test_a_tts_config_field_the_tts_does_not_read_is_ignored_and_said(tmp_path):
+    directory = tmp_path / "minicpmo"
+    write_hf_dir(tmp_path / "w", "tiny-llama-outliers", shards=1)
+    config = hf_config_dict(PRESETS["tiny-llama-outliers"])
+    tts = {k: config[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers",
+                                  "max_position_embeddings")} | {"num_key_value_heads": 1, "rope_theta": 5.0}
+    tensors = {k.replace("model.", "tts.model.", 1): v for k, v in load_file(tmp_path / "w" / "model.safetensors").items()}
+    directory.mkdir()
+    save_file(tensors, directory / "model.safetensors")
+    (directory / "config.json").write_text(json.dumps({"model_type": "minicpmo", "tts_config": tts}))
+    source = resolve(str(directory))
+    assert source.config.num_kv_heads == 4 and source.config.rope_theta == 10000.0
+    assert any("tts_config's num_key_value_heads, rope_theta not read" in note for note in source.notes)
 
 
 def test_an_awq_checkpoint_whose_config_outgrows_its_qweights_names_the_packed_tensor(tmp_path):

@@ -25,7 +25,8 @@ from kvplan.models import ModelError, resolve
 from kvplan.models.families import hf_config_dict
 from kvplan.models.tts_tensors import TTS_DEFAULTS, fold_weight_norm, tts_tensor_names
 
-NUM_VQ, AUDIO, TEXT, HIDDEN = 3, 37, 50, 64      # hidden: tiny-llama's, the decoder written beside them
+NUM_VQ, AUDIO, TEXT, HIDDEN = 3, 37, 50, 128     # hidden: tiny-llama-outliers', the decoder written beside them (a TTS
+# decoder has as many key/value heads as attention heads)
 SPELLINGS = {"parametrizations": ("parametrizations.weight.original0", "parametrizations.weight.original1"),
              "weight_norm": ("weight_g", "weight_v")}
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -47,12 +48,12 @@ def tts_tensors(spelling: str) -> dict[str, torch.Tensor]:
 def write_minicpmo(directory, spelling: str, drop: str | None = None) -> dict[str, torch.Tensor]:
     """A tiny MiniCPM-o-2_6 directory (the TTS decoder under tts.model.*, sharded with an index);
     returns the TTS tensors it was written with (less ``drop``)."""
-    tts = {k: v for k, v in hf_config_dict(resolve("tiny-llama").config).items()
+    tts = {k: v for k, v in hf_config_dict(resolve("tiny-llama-outliers").config).items()
            if k not in ("model_type", "architectures")}
     tts |= {"model_type": "conditional_chattts", "num_vq": NUM_VQ, "num_audio_tokens": AUDIO,
             "num_text_tokens": TEXT}
     extra = {k: v for k, v in tts_tensors(spelling).items() if k != drop}
-    write_hf_dir(directory, "tiny-llama", shards=2, prefix="tts.model.", config=minicpmo_config(tts), extra=extra)
+    write_hf_dir(directory, "tiny-llama-outliers", shards=2, prefix="tts.model.", config=minicpmo_config(tts), extra=extra)
     return extra
 
 
@@ -190,7 +191,7 @@ def test_a_head_whose_shape_disagrees_with_tts_config_names_the_tensor_and_the_f
     config = json.loads((directory / "config.json").read_text())
     config["tts_config"]["num_audio_tokens"] = AUDIO + 1
     (directory / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelError, match=r"safetensors: tensor 'tts.emb_code.0.weight' is \[37, 64\], but .*"
-                                         r"config.json's tts_config.num_audio_tokens = 38 and hidden_size = 64 "
-                                         r"need \[38, 64\]"):
+    with pytest.raises(ModelError, match=r"safetensors: tensor 'tts.emb_code.0.weight' is \[37, 128\], but .*"
+                                         r"config.json's tts_config.num_audio_tokens = 38 and hidden_size = 128 "
+                                         r"need \[38, 128\]"):
         resolve(str(directory)).read_tts()

@@ -27,7 +27,7 @@ def read_config(path: Path) -> dict:
 def make_source(directory: Path, cfg_dict: dict, config_file: Path, prefix: str, kind: str,
                 family: str | None = None, lm_names: dict[str, str] | None = None,
                 reference_config: Path | dict | None = None, tokenizer: bool = True,
-                embedding: str | None = None, field_prefix: str = "") -> ModelSource:
+                embedding: str | None = None, field_prefix: str = "", field_names: dict | None = None) -> ModelSource:
     """A ModelSource reading the tensors under ``prefix`` of the directory's safetensors, through
     the family's mapping of checkpoint tensors to kvplan's. ``embedding``: the checkpoint's name of
     the input embedding matrix (default: ``lm_names``' embed_tokens.weight), where it holds one.
@@ -38,7 +38,7 @@ def make_source(directory: Path, cfg_dict: dict, config_file: Path, prefix: str,
         raise ModelError(str(e)) from None
     fam = families.get(cfg.family)
     index = TensorIndex(directory)
-    origin = ConfigOrigin(str(config_file), prefix=field_prefix)
+    origin = ConfigOrigin(str(config_file), prefix=field_prefix, **({"names": field_names} if field_names else {}))
     # Every decoder tensor present, in the shape the config says, before anything is built: a
     # missing tensor must fail before minutes of export, and a config's sizes before they are
     # allocated.
