@@ -29,7 +29,7 @@ from kvplan.surgery.stage import SurgeryStage
 from kvplan.trt.backend import select_backend
 from kvplan.trt.stage import EngineStage
 from kvplan.validate.onnx_stack import Pack
-from kvplan.validate.perplexity import evaluate
+from kvplan.validate.perplexity import evaluate, full_logit_head
 from kvplan.validate.run import ValidateOptions, validate
 
 STAGES = ("export", "quantize", "surgery", "embed_head", "engines", "validate")
@@ -303,7 +303,9 @@ def eval_target(model: str, profile_name: str, out: Path, text: Path, tokens: in
     see decoder_packs); never rebuilds: a stale or incomplete target raises StaleTarget."""
     with hashes_remembered():
         state = _current(model, profile_name, out, shapes, "evaluated")
-        return evaluate(state.source, state.profile, decoder_packs(state, graph), text, tokens, reference, log)
+        ends = full_logit_head(state.manifest["stages"].get("embed_head"))
+        return evaluate(state.source, state.profile, decoder_packs(state, graph), text, tokens, reference, log,
+                        ends=tuple(state.target / p for p in ends) if ends else None)
 
 
 def generate_target(model: str, profile_name: str, out: Path, options: GenerateOptions,

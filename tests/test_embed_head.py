@@ -13,7 +13,7 @@ from test_generate import profile_file
 from test_tts_graphs import write_minicpmo
 
 from kvplan import target as target_mod
-from kvplan.cli import build_main
+from kvplan.cli import build_main, validate_main
 from kvplan.errors import ProfileError
 from kvplan.profiles import load
 from kvplan.runtime.onnx import open_session
@@ -118,3 +118,14 @@ def test_a_top_k_beyond_the_vocabulary_is_refused(tmp_path, capsys):
     assert build_main(["--model", "tiny-llama", "--profile", str(profile), "--out", str(tmp_path / "out"),
                        "--stop-after", "embed_head"]) == 2
     assert "head.top_k 5000 exceeds the vocabulary's 256 rows" in capsys.readouterr().err
+
+
+def test_validation_checks_the_whole_step_and_picks_the_task_checks_tokens_with_the_graphs(tmp_path):
+    profile = with_head(tmp_path)
+    target = build(tmp_path / "out", "tiny-llama", profile, "--stop-after", "embed_head")
+    assert validate_main(["--model", "tiny-llama", "--profile", str(profile), "--out", str(tmp_path / "out"),
+                          "--points", "opt", "--steps", "8"]) == 0
+    record = json.loads((target / "manifest.json").read_text())["validation"]
+    assert record["task"]["ends"] == "embed.onnx, head.onnx"
+    assert record["whole_step"]["ran"] and set(record["whole_step"]["points"]) == {
+        "prefill N=16 lastSum=0", "decode N=1 lastSum=16"}

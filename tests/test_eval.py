@@ -125,3 +125,16 @@ def test_the_real_models_fp16_graph_scores_within_one_percent_of_transformers_fl
     result = json.loads((tmp_path / "e.json").read_text())
     assert result["perplexity"] == pytest.approx(result["reference"]["perplexity"], rel=0.01)
     assert result["reference"]["top1_agreement"] > 0.98
+
+
+def test_a_target_with_embedding_and_head_graphs_is_scored_through_them(tiny, capsys, tmp_path):
+    ckpt, text, _ = tiny
+    out = tmp_path / "out"
+    assert build_main(["--model", str(ckpt), "--profile", "fp32", "--out", str(out), "--stop-after", "embed_head"]) == 0
+    capsys.readouterr()
+    code, lines = run_eval(capsys, "--model", str(ckpt), "--profile", "fp32", "--out", str(out), "--text", str(text),
+                           "--tokens", "200", "--json", str(tmp_path / "eval.json"))
+    assert code == 0
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["ends"] == "embed.onnx, head.onnx"
+    assert result["perplexity"] == pytest.approx(transformers_perplexity(ckpt, text, 200), rel=1e-4)

@@ -26,6 +26,7 @@ import torch
 from kvplan.errors import KvplanError, UserError
 from kvplan.export.exporter import TORCH_DTYPES, causal_mask
 from kvplan.models.embedding import embed
+from kvplan.runtime.ort_session import session as open_session
 from kvplan.runtime.steps import chunk_size
 from kvplan.validate.onnx_stack import OnnxStack, Pack
 from kvplan.validate.reference import HFReference
@@ -57,9 +58,35 @@ def _chunks(n_tokens: int, size: int):
         start += size
 
 
-def graph_logprobs(source, profile, packs: list[Pack], ids: list[int], chunk: int, head: torch.Tensor,
-                   matrix: torch.Tensor, log: Callable[[str], None]):
-    """Log-probabilities [tokens, vocab] (float32) of the graph's next-token prediction at each position."""
+class GraphEnds:
+    """The target's embed.onnx and head.onnx (a head returning every position's logits), in ONNX Runtime."""
+
+    def __init__(self, embed: Path, head: Path):
+        self.embed_session, self.head_session = open_session(embed), open_session(head)
+        self.names = f"{embed.name}, {head.name}"
+
+    def embed(self, ids: list[int]) -> np.ndarray:
+        return self.embed_session.run(None, {"input_ids": np.array([ids], dtype=np.int64)})[0]
+
+    def logits(self, hidden: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(self.head_session.run(["logits"], {"hidden_out": hidden})[0][0].astype(np.float32))
+
+
+def full_logit_head(record: dict | None) -> tuple[Path, Path] | None:
+    """(embed.onnx, head.onnx) relative paths where the embed_head stage wrote a head that returns
+    every position's whole vocabulary row (what scoring a text needs), else None."""
+    ends = {a["graph"]: a for a in (record or {}).get("artifacts", []) if "graph" in a}
+    if "embed" not in ends or "head" not in ends:
+        return None
+    out = ends["head"]["io"]["outputs"].get("logits")
+    return (Path(ends["embed"]["path"]), Path(ends["head"]["path"])) if out and out["shape"][1] == "N" else None
+
+
+def graph_logprobs(source, profile, packs: list[Pack], ids: list[int], chunk: int, head: torch.Tensor | None,
+                   matrix: torch.Tensor | None, log: Callable[[str], None], ends: GraphEnds | None = None):
+    """Log-probabilities [tokens, vocab] (float32) of the graph's next-token prediction at each position:
+    through ``ends`` (the target's embedding and head graphs) where given, else the checkpoint's
+    embedding ``matrix`` and LM ``head`` in float32."""
     cfg, dtype = source.config, TORCH_DTYPES[profile.dtype]
     if dtype == torch.bfloat16:
         raise UserError(f"{profile.source}: eval runs ONNX Runtime, whose CPU provider has no bfloat16 kernels")
@@ -69,11 +96,12 @@ def graph_logprobs(source, profile, packs: list[Pack], ids: list[int], chunk: in
     out = []
     for start, end in _chunks(len(ids), chunk):
         t0 = time.perf_counter()
-        x = embed(source, torch.tensor([ids[start:end]]), matrix).to(dtype).numpy()
+        x = ends.embed(ids[start:end]) if ends else embed(source, torch.tensor([ids[start:end]]), matrix).to(dtype).numpy()
         mask = causal_mask(1, end - start, start, dtype, window=cfg.sliding_window).numpy()
         pos = np.arange(start, end, dtype=np.int64)[None]
         hidden, past = stack.step(x, mask, pos, past)
-        logits = _softcap(torch.from_numpy(np.asarray(hidden, dtype=np.float32))[0] @ head.t(), cfg.logit_softcap)
+        logits = ends.logits(hidden) if ends else _softcap(
+            torch.from_numpy(np.asarray(hidden, dtype=np.float32))[0] @ head.t(), cfg.logit_softcap)
         out.append(torch.log_softmax(logits, dim=-1))
         log(f"[eval] graph: tokens {start}..{end - 1} ({time.perf_counter() - t0:.1f} s)")
     stack.release()
@@ -103,8 +131,9 @@ def reference_scores(source, ids: list[int], chunk: int, got: torch.Tensor, log:
 
 
 def evaluate(source, profile, packs: list[Pack], text: Path, tokens: int, reference: bool,
-             log: Callable[[str], None] = print) -> dict:
-    """Score ``tokens`` tokens of ``text`` through ``packs``; the figures, and the reference's."""
+             log: Callable[[str], None] = print, ends: tuple[Path, Path] | None = None) -> dict:
+    """Score ``tokens`` tokens of ``text`` through ``packs`` (and the embedding and head graphs
+    ``ends`` where given); the figures, and the reference's."""
     if tokens < 2:
         raise UserError(f"--tokens {tokens}: perplexity needs at least 2")
     ids = text_ids(source, text, tokens)
@@ -115,16 +144,20 @@ def evaluate(source, profile, packs: list[Pack], text: Path, tokens: int, refere
     chunk = chunk_size(profile)
     if source.read_lm is None:
         raise UserError(f"{source.path or source.name}: has no embedding matrix and LM head to score text with")
-    lm = source.read_lm()
-    head, matrix = lm["lm_head.weight"].to(torch.float32), lm["embed_tokens.weight"]
-    del lm
+    graphs = GraphEnds(*ends) if ends else None
+    head = matrix = None
+    if graphs is None:
+        lm = source.read_lm()
+        head, matrix = lm["lm_head.weight"].to(torch.float32), lm["embed_tokens.weight"]
+        del lm
+    through = graphs.names if graphs else "the checkpoint's embedding and LM head in float32"
     log(f"[eval] {len(ids)} tokens of {text} in chunks of {chunk} through {', '.join(p.path.name for p in packs)} "
-        f"(ONNX Runtime, int4 at accuracy level 0)")
-    got = graph_logprobs(source, profile, packs, ids, chunk, head, matrix, log)[:-1]
-    del head, matrix
+        f"and {through} (ONNX Runtime, int4 at accuracy level 0)")
+    got = graph_logprobs(source, profile, packs, ids, chunk, head, matrix, log, graphs)[:-1]
+    del head, matrix, graphs
     target = torch.tensor(ids[1:])
     result = {"text": str(text), "tokens": len(ids), "scored": len(ids) - 1, "chunk": chunk,
-              "graphs": [p.path.name for p in packs],
+              "graphs": [p.path.name for p in packs], "ends": through,
               "perplexity": math.exp(float(-got.gather(1, target[:, None]).mean()))}
     if reference:
         try:

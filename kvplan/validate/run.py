@@ -33,8 +33,8 @@ from kvplan.manifest import MANIFEST, load_manifest, now, sha256_file, write_jso
 from kvplan.models.presets import tensor_shapes
 from kvplan.pipeline import collections_skip_what_exists, map_large_allocations, release_memory
 from kvplan.trt.backend import select_backend, visible_gpus
+from kvplan.validate import perplexity, quantized, report, stream, tokens, whole_step
 from kvplan.validate import points as pts
-from kvplan.validate import quantized, report, stream, tokens, whole_step
 from kvplan.validate import runners as rn
 from kvplan.validate import segments as seg_plan
 from kvplan.validate.meter import Meter
@@ -366,7 +366,7 @@ def _task_phases(plan: Plan, options, segments, prompt, meter: Meter, log) -> tu
     if not options.no_task:
         with meter.phase("task check"):
             task = _task_checks(options, plan.source, plan.dtype, plan.specs, segments, plan.plans, plan.backend,
-                                plan.backend_error, plan.profile, plan.not_run, prompt, log)
+                                plan.backend_error, plan.profile, plan.not_run, prompt, log, ends=_task_ends(plan))
         release_memory()
     quality_task = {"ran": False, "why": "not an int4 target" if not plan.quant else "--no-task"}
     if plan.quant and not options.no_task:
@@ -480,8 +480,22 @@ def _commands(target, stem, sp_index, sp_name, onnx_path, fused, plans, p_index,
     return cmds
 
 
+def _task_ends(plan: Plan):
+    """The target's embedding and head graphs for the task check, where ONNX Runtime runs them and the
+    head is in the profile dtype (an int4 head would be measured against the checkpoint's own head,
+    which the reference uses: a quality figure, not the check's)."""
+    record = plan.manifest["stages"].get("embed_head")
+    paths = perplexity.full_logit_head(record)
+    heads = [a for a in (record or {}).get("artifacts", []) if a.get("graph") == "head"]
+    if paths is None or plan.dtype == torch.bfloat16 or any(a.get("int4_group") for a in heads):
+        return None
+    return perplexity.GraphEnds(*(plan.target / p for p in paths))
+
+
 def _task_checks(options, source, dtype, specs, segments, plans, backend, backend_error, profile, not_run, prompt,
-                 log):
+                 log, ends=None):
+    """``ends``: the target's embedding and head graphs (perplexity.GraphEnds), which then pick the
+    stacks' tokens in place of the checkpoint's own."""
     stacks: dict = {}
     for name in rn.GRAPH_RUNNERS:
         if name not in segments[0].graphs:
@@ -506,7 +520,7 @@ def _task_checks(options, source, dtype, specs, segments, plans, backend, backen
             if steps < options.steps:
                 log(f"[validate] task check: {steps} steps, not {options.steps}: the in-place buffer has "
                     f"{profile.export.cache_len} rows and the prompt {options.prompt_tokens} tokens")
-        return run_task_checks(source, dtype, stacks, steps, prompt, profile.validate, log)
+        return run_task_checks(source, dtype, stacks, steps, prompt, profile.validate, log, ends=ends)
 
 
 def _task_record(task: dict) -> dict:

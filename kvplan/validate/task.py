@@ -153,9 +153,12 @@ def drift(errors: list[float]) -> dict:
             "mean_first_quarter": float(head.mean()), "mean_last_quarter": float(tail.mean())}
 
 
-def run_task_checks(source, dtype: torch.dtype, stacks: dict, steps: int, prompt: list[int], tol, log) -> dict:
+def run_task_checks(source, dtype: torch.dtype, stacks: dict, steps: int, prompt: list[int], tol, log,
+                    ends=None) -> dict:
     """Token agreement + multi-step drift for every runnable stack ({name: stack or why-not string}),
-    from the token ids ``prompt`` (validation's: the start of the text the points are fed)."""
+    from the token ids ``prompt`` (validation's: the start of the text the points are fed). ``ends``:
+    the target's embedding and head graphs (kvplan.validate.perplexity.GraphEnds), which then embed
+    the stacks' inputs and pick their tokens; else the checkpoint's own (transformers' modules)."""
     if source.read_lm is None:
         return {"ran": False, "why": f"{source.name}: the model source has no LM head (lm_head.weight)"}
     if all(isinstance(s, str) for s in stacks.values()):
@@ -167,10 +170,13 @@ def run_task_checks(source, dtype: torch.dtype, stacks: dict, steps: int, prompt
     ref_tokens, ref_hiddens = reference_greedy(ref, prompt, steps)
     # The stacks need only the embeddings and the LM head: the decoder's weights go before they run.
     cfg, embed, head = ref.source.config, ref.model.get_input_embeddings(), ref.model.lm_head
+    if ends is not None:
+        embed = lambda inp: torch.from_numpy(ends.embed(inp[0].tolist()))  # noqa: E731
+        head = lambda h: ends.logits(h.numpy()[:, None])  # noqa: E731
     del ref
     release_memory()
     result = {"ran": True, "steps": steps, "prompt_tokens": prompt.shape[1], "mode": "teacher-forced greedy top-1",
-              "stacks": {}}
+              "ends": ends.names if ends is not None else "the checkpoint's embedding and LM head", "stacks": {}}
     for name, stack in stacks.items():
         if isinstance(stack, str):
             result["stacks"][name] = {"ran": False, "why": stack}
