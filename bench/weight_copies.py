@@ -2,12 +2,18 @@
 
     python -m bench.weight_copies [--model minicpmo26-tts] [--profile fp16]
 
-TensorRT-RTX stores the weights once per optimization profile. Exports and fuses the model once
+Why plans held the weights twice (TensorRT-RTX 1.7): beside another optimization profile, a profile
+whose N is fixed at 1 (and batch 1: the linears' M = B x N is exactly 1) gets every linear's weights
+stored again, laid out for its M = 1 kernels; any other range (N [1, 1, 2], [2, 2, 2], [1, 1, 8], or a
+dynamic batch axis, where M ranges over B) shares one copy. The shipped profiles' decode N is
+[1, 1, 2] for that reason. Exports and fuses the model once
 (``--stop-after surgery`` into a temporary target), then builds the fused graph in a fresh
 process per route (``--route R``; no torch there) and records the plan bytes, the builder's
 "Total Weights Memory" line and the build's peak RSS (getrusage of the child):
 
-- ``two-profiles``: the profile as shipped (prefill + decode), the baseline;
+- ``two-profiles``: the profile as shipped (prefill + decode N [1, 1, 2]), the baseline;
+- ``decode-N=a,b,c``: the decode profile's N range set to [a, b, c] (``decode-N=1,1,1``: the
+  profiles before, whose decode N was fixed at 1; lastSum max then one more);
 - ``extra-memory-0`` / ``extra-memory-0.5``: IOptimizationProfile.extra_memory_target on the
   profiles after the first;
 - ``weight-streaming``: BuilderFlag.WEIGHT_STREAMING;
@@ -29,11 +35,27 @@ from pathlib import Path
 
 from bench.common import fused_target, loadavg, machine_info, measure, write_results
 
-ROUTES = ("two-profiles", "extra-memory-0", "extra-memory-0.5", "weight-streaming", "strip-refit",
-          "one-profile-decode-opt")
+ROUTES = ("two-profiles", "decode-N=1,1,1", "decode-N=2,2,2", "decode-N=1,1,8", "extra-memory-0",
+          "weight-streaming", "one-profile-decode-opt")
+
+
+def _decode_range(route: str, profile):
+    """The profile with its decode profile's N set as ``decode-N=a,b,c`` says, lastSum max fitted to
+    the positions N max + lastSum max had."""
+    from kvplan.profiles import Range
+    lo, opt, hi = (int(x) for x in route.removeprefix("decode-N=").split(","))
+    shapes = []
+    for sp in profile.shapes:
+        if sp.name == "decode":
+            total = sp.N.max + sp.lastSum.max
+            sp = dataclasses.replace(sp, N=Range(lo, opt, hi), lastSum=dataclasses.replace(sp.lastSum, max=total - hi))
+        shapes.append(sp)
+    return profile.with_engine(shapes=tuple(shapes))
 
 
 def _profile_for(route: str, profile):
+    if route.startswith("decode-N="):
+        return _decode_range(route, profile)
     if route != "one-profile-decode-opt":
         return profile
     prefill, decode = profile.shapes
@@ -92,7 +114,9 @@ def main(argv=None) -> int:
         built = fused_target(Path(tmp), args.model, args.profile)
         if built is None:
             return 1
-        target, weights = built
+        target, _ = built
+        # What the plan is measured against: the fused graph's bytes (an int4 graph's int4 weights).
+        weights = sum(f.stat().st_size for f in target.glob("decoder.fused.onnx*"))
         for route in args.routes.split(","):
             run = measure([sys.executable, "-m", "bench.weight_copies", "--profile", args.profile, "--route", route,
                            "--target", str(target)], keep_output=True)
@@ -102,14 +126,15 @@ def main(argv=None) -> int:
             print(json.dumps(rows[-1])[:300], flush=True)
     result = {"date": time.strftime("%Y-%m-%d"), "model": args.model, "profile": args.profile,
               "weight_bytes": weights, "machine": machine_info(), "load_after": loadavg(), "rows": rows}
-    write_results("weight_copies", result, table(result))
+    default = (args.model, args.profile) == ("minicpmo26-tts", "fp16")
+    write_results("weight_copies" if default else f"weight_copies-{args.model}-{args.profile}", result, table(result))
     return 0
 
 
 def table(result: dict) -> list[str]:
     weights = result["weight_bytes"]
     lines = [f"# One weight copy per plan: {result['model']}, profile {result['profile']} "
-             f"({weights / 2**20:.1f} MiB of weights)", "",
+             f"({weights / 2**20:.1f} MiB of fused graph)", "",
              "One fresh process per route (parse + build + streamed plan write, no torch); peak RSS via getrusage; "
              "*builder weights* is the builder's `Total Weights Memory` log line.", "",
              "| route | plan MiB | plan / weights | builder weights MiB | peak RSS MiB | optimization profiles "

@@ -167,7 +167,7 @@ def test_a_bad_shapes_override_is_refused_before_anything_is_built(tmp_path, cap
 def test_shapes_override_reaches_the_manifest(tmp_path, capsys):
     code, out, _ = run(capsys, "--model", "tiny-llama", "--profile", "fp32", "--out", str(tmp_path),
                        "--stop-after", "export", "--shapes", "decode:lastSum=1,8,64")
-    assert code == 0 and "decode: N [1, 1, 1], lastSum [1, 8, 64] (--shapes)" in out
+    assert code == 0 and "decode: N [1, 1, 2], lastSum [1, 8, 64] (--shapes)" in out
     manifest = json.loads((tmp_path / "tiny-llama" / "fp32" / "manifest.json").read_text())
     decode = {s["name"]: s for s in manifest["profile"]["engine"]["shapes"]}["decode"]
     assert decode["lastSum"] == {"min": 1, "opt": 8, "max": 64}

@@ -49,7 +49,7 @@ def test_every_shipped_profile_builds_an_engine(tmp_path, base, kv_format):
     decode = record["profiles"]["decode"]
     def axis(shapes, i):
         return [shapes[k][i] for k in ("min", "opt", "max")]
-    assert axis(decode["past_key_in0"], kv_axis) == [1, 302, 4095]
+    assert axis(decode["past_key_in0"], kv_axis) == [1, 302, 4094]
     assert axis(decode["attention_mask"], 3) == [2, 303, 4096]
     assert axis(record["profiles"]["prefill"]["hidden_in"], 1) == [1, 303, 512]
     ops = manifest["stages"]["surgery"]["artifacts"][0]["report"]["ops_after"]

@@ -35,7 +35,7 @@ def test_shipped_profiles_cover_fp16_bf16_fp32():
 def test_default_profile_covers_the_tts_prefix_and_decode():
     shapes = {s.name: s for s in load("fp16").shapes}
     assert shapes["prefill"].N == Range(1, 303, 512) and shapes["prefill"].lastSum.min == 0
-    assert shapes["decode"].N == Range(1, 1, 1) and shapes["decode"].lastSum == Range(1, 302, 4095)
+    assert shapes["decode"].N == Range(1, 1, 2) and shapes["decode"].lastSum == Range(1, 302, 4094)
     assert shapes["decode"].sumN == Range(2, 303, 4096)
 
 
@@ -149,7 +149,7 @@ def test_a_shipped_profile_is_fitted_to_a_model_with_fewer_positions():
     fitted = profiles.fit_to_model(profiles.load("fp16"), 2048)
     shapes = {s.name: s for s in fitted.shapes}
     assert shapes["prefill"].N == Range(1, 303, 512) and shapes["prefill"].lastSum == Range(0, 0, 1536)
-    assert shapes["decode"].N == Range(1, 1, 1) and shapes["decode"].lastSum == Range(1, 302, 2047)
+    assert shapes["decode"].N == Range(1, 1, 2) and shapes["decode"].lastSum == Range(1, 302, 2046)
     assert all(s.sumN.max <= 2048 for s in fitted.shapes)
     assert len(fitted.adjusted) == 2 and "prefill: N [1, 303, 512] -> [1, 303, 512], lastSum [0, 0, 3584] -> " \
                                            "[0, 0, 1536]" in fitted.adjusted[0]
@@ -191,7 +191,7 @@ def test_shapes_override_sizes_a_named_optimization_profile():
 def test_shapes_override_of_one_axis_keeps_the_other():
     profile = profiles.with_shapes(profiles.load("fp16"), ["decode:lastSum=1,100,1000"])
     decode = {s.name: s for s in profile.shapes}["decode"]
-    assert decode.N == Range(1, 1, 1) and decode.lastSum == Range(1, 100, 1000)
+    assert decode.N == Range(1, 1, 2) and decode.lastSum == Range(1, 100, 1000)
 
 
 def test_shapes_override_can_add_an_optimization_profile():

@@ -143,9 +143,9 @@ def test_build_writes_plan_and_record(built, tiny, fast_profile, backend):
     assert pre["hidden_in"] == {"min": [1, 1, 64], "opt": [1, 303, 64], "max": [1, 512, 64]}
     assert pre["attention_mask"] == {"min": [1, 1, 1, 1], "opt": [1, 1, 303, 303], "max": [1, 1, 512, 4096]}
     assert pre["past_key_in0"] == {"min": [1, 2, 0, 16], "opt": [1, 2, 0, 16], "max": [1, 2, 3584, 16]}
-    assert dec["position_ids"] == {"min": [1, 1], "opt": [1, 1], "max": [1, 1]}
-    assert dec["attention_mask"] == {"min": [1, 1, 1, 2], "opt": [1, 1, 1, 303], "max": [1, 1, 1, 4096]}
-    assert dec["past_value_in3"] == {"min": [1, 2, 1, 16], "opt": [1, 2, 302, 16], "max": [1, 2, 4095, 16]}
+    assert dec["position_ids"] == {"min": [1, 1], "opt": [1, 1], "max": [1, 2]}
+    assert dec["attention_mask"] == {"min": [1, 1, 1, 2], "opt": [1, 1, 1, 303], "max": [1, 1, 2, 4096]}
+    assert dec["past_value_in3"] == {"min": [1, 2, 1, 16], "opt": [1, 2, 302, 16], "max": [1, 2, 4094, 16]}
 
     # The network's inputs are the contract's, dynamic where the contract is symbolic.
     net = record["network"]
@@ -178,7 +178,7 @@ def test_build_writes_plan_and_record(built, tiny, fast_profile, backend):
     assert f"--onnx={tiny['onnx']}" in cmd and f"--saveEngine={built['plan']}" in cmd
     assert "--profile=0" in cmd and "--profile=1" in cmd
     assert "--minShapes=hidden_in:1x1x64,attention_mask:1x1x1x1," in cmd
-    assert "--maxShapes=hidden_in:1x1x64,attention_mask:1x1x1x4096," in cmd
+    assert "--maxShapes=hidden_in:1x2x64,attention_mask:1x1x2x4096," in cmd
 
 
 def test_timing_cache(built, tiny, fast_profile, backend, tmp_path):

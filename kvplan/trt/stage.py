@@ -23,6 +23,17 @@ from kvplan.trt.build import build_engine
 MODULE = "kvplan.trt.stage"
 
 
+def weight_copy_notes(profile) -> list[str]:
+    """What makes the plans hold the weights twice: beside another optimization profile, one whose N
+    (and batch) is fixed at 1 gets every linear's weights again, laid out for M = 1 kernels
+    (TensorRT-RTX 1.7, bench/weight_copies.py)."""
+    if len(profile.shapes) < 2 or profile.export.batch_range.max > 1:
+        return []
+    return [f"optimization profile {sp.name!r} fixes N at 1: TensorRT-RTX stores a second copy of every "
+            f"linear's weights for it; N = [1, 1, 2] keeps one (the opt shape unchanged)"
+            for sp in profile.shapes if sp.N.max == 1]
+
+
 @dataclass
 class EngineStage:
     source: object                   # a kvplan.models.ModelSource
@@ -43,6 +54,8 @@ class EngineStage:
 
     def build(self, done: dict) -> dict:
         p, cfg, backend = self.profile, self.source.config, self.backend
+        for note in weight_copy_notes(p):
+            self.log(f"[engines] note: {note}")
         specs = export_specs(cfg, p.export)
         entries = []
         for spec, src, name in zip(specs, graph_artifacts(done[self.upstream]), pack_file_names(len(specs), suffix=".plan")):
