@@ -12,7 +12,7 @@ process per route (``--route R``; no torch there) and records the plan bytes, th
 "Total Weights Memory" line and the build's peak RSS (getrusage of the child):
 
 - ``two-profiles``: the profile as shipped (prefill + decode N [1, 1, 2]), the baseline;
-- ``decode-N=a,b,c``: the decode profile's N range set to [a, b, c] (``decode-N=1,1,1``: the
+- ``decode-N=a:b:c``: the decode profile's N range set to [a, b, c] (``decode-N=1:1:1``: the
   profiles before, whose decode N was fixed at 1; lastSum max then one more);
 - ``extra-memory-0`` / ``extra-memory-0.5``: IOptimizationProfile.extra_memory_target on the
   profiles after the first;
@@ -35,15 +35,15 @@ from pathlib import Path
 
 from bench.common import fused_target, loadavg, machine_info, measure, write_results
 
-ROUTES = ("two-profiles", "decode-N=1,1,1", "decode-N=2,2,2", "decode-N=1,1,8", "extra-memory-0",
+ROUTES = ("two-profiles", "decode-N=1:1:1", "decode-N=2:2:2", "decode-N=1:1:8", "extra-memory-0",
           "weight-streaming", "one-profile-decode-opt")
 
 
 def _decode_range(route: str, profile):
-    """The profile with its decode profile's N set as ``decode-N=a,b,c`` says, lastSum max fitted to
+    """The profile with its decode profile's N set as ``decode-N=a:b:c`` says, lastSum max fitted to
     the positions N max + lastSum max had."""
     from kvplan.profiles import Range
-    lo, opt, hi = (int(x) for x in route.removeprefix("decode-N=").split(","))
+    lo, opt, hi = (int(x) for x in route.removeprefix("decode-N=").split(":"))
     shapes = []
     for sp in profile.shapes:
         if sp.name == "decode":
