@@ -55,6 +55,9 @@ def _imported(path: Path, root: Path) -> set[str]:
                 base = node.module or ""
             found.add(base)
             found.update(f"{base}.{a.name}" for a in node.names)   # `from pkg import submodule`
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "lazy_import"
+              and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+            found.add(node.args[0].value)                            # kvplan.lazy.lazy_import("kvplan.x")
     return {m for m in found if module_file(m, root) is not None}
 
 

@@ -16,7 +16,7 @@ PACKAGE = ROOT / "kvplan"
 # Lower layers never import higher ones. Stages in the order they run; profiles (which checks
 # pass names against the surgery registry) sits above surgery; target and cli above everything.
 LAYERS = [
-    {"kvplan", "kvplan.errors", "kvplan.fileio", "kvplan.sources", "kvplan.config", "kvplan.kv_write",
+    {"kvplan", "kvplan.errors", "kvplan.lazy", "kvplan.fileio", "kvplan.sources", "kvplan.config", "kvplan.kv_write",
      "kvplan.cache_io", "kvplan.decoder", "kvplan.manifest", "kvplan.pipeline"},
     {"kvplan.models"},
     {"kvplan.export"},
@@ -62,6 +62,9 @@ def _module_level_imports(path: Path, name: str) -> set[str]:
                 found.update(submodules or {base})
                 if len(submodules) < len(sub.names):
                     found.add(base)
+            elif (isinstance(sub, ast.Call) and getattr(sub.func, "id", None) == "lazy_import" and sub.args
+                  and isinstance(sub.args[0], ast.Constant)):
+                found.add(sub.args[0].value)              # a dependency named lazily is one all the same
     return {m for m in found if sources.module_file(m) is not None and m != name}
 
 
