@@ -77,8 +77,8 @@ def build_route(target: Path, profile_name: str, route: str) -> None:
     if flags:
         configure = trt_build.configure
 
-        def with_flags(trt, backend_, config, profile_, log):
-            opts, notes = configure(trt, backend_, config, profile_.engine, profile_.source, log)
+        def with_flags(trt, backend_, config, engine, source, log):
+            opts, notes = configure(trt, backend_, config, engine, source, log)
             for flag in flags:
                 config.set_flag(getattr(trt.BuilderFlag, flag))
             return {**opts, "flags": list(flags)}, notes

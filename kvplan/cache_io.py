@@ -17,7 +17,10 @@ Works on numpy arrays and torch tensors alike (validation feeds bfloat16 as torc
 from __future__ import annotations
 
 import numpy as np
-import torch
+
+from kvplan.lazy import lazy_import
+
+torch = lazy_import("torch")
 
 STALE = 1.0
 

@@ -14,19 +14,22 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from kvplan import generate as generate_mod
-from kvplan import profiles as profiles_mod
-from kvplan import target as target_mod
 from kvplan.errors import KvplanError, UserError
-from kvplan.manifest import write_json_atomic
-from kvplan.models import DEFAULT_MODEL
-from kvplan.models.presets import PRESETS
-from kvplan.surgery import cli as surgery_cli
-from kvplan.trt import inspect
-from kvplan.trt.backend import select_backend
-from kvplan.validate import perplexity
-from kvplan.validate.run import ValidateOptions
-from kvplan.validate.tokens import read_text
+from kvplan.lazy import lazy_import
+
+# Each command's modules, imported when it runs: `kvplan presets` and `--help` load none of them.
+generate_mod = lazy_import("kvplan.generate")
+inspection = lazy_import("kvplan.trt.inspection")
+manifest = lazy_import("kvplan.manifest")
+models = lazy_import("kvplan.models")
+perplexity = lazy_import("kvplan.validate.perplexity")
+preset_configs = lazy_import("kvplan.models.presets")
+profiles_mod = lazy_import("kvplan.profiles")
+surgery_cli = lazy_import("kvplan.surgery.cli")
+target_mod = lazy_import("kvplan.target")
+trt_backend = lazy_import("kvplan.trt.backend")
+validate_run = lazy_import("kvplan.validate.run")
+validate_tokens = lazy_import("kvplan.validate.tokens")
 
 BACKENDS = ("auto", "tensorrt", "tensorrt-rtx")
 TEXT_HELP = ("a UTF-8 text file whose tokens (read with the model's own tokenizer) every validation point is "
@@ -43,7 +46,7 @@ def _target_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default=profiles_mod.DEFAULT_PROFILE,
                    help="build profile: a shipped name (fp16, bf16, fp32, ...) or a path to a .toml "
                         "(default: %(default)s)")
-    p.add_argument("--model", default=DEFAULT_MODEL,
+    p.add_argument("--model", default=models.DEFAULT_MODEL,
                    help="a preset name (seeded random weights), a local checkpoint directory (Hugging Face "
                         "Llama, Mistral, Qwen2, Qwen3, Gemma 2, Phi-3, their AutoAWQ/GPTQ int4 exports, or "
                         "MiniCPM-o-2_6's TTS decoder), or a .gguf file (default: %(default)s)")
@@ -196,14 +199,14 @@ def _inspect(path: Path, backend_name: str) -> int:
     plans = sorted(path.glob("*.plan")) if path.is_dir() else [path]
     if not plans or not all(p.exists() for p in plans):
         raise UserError(f"{path}: no .plan found")
-    backend = select_backend(backend_name)
+    backend = trt_backend.select_backend(backend_name)
     for plan in plans:
-        inspect(plan, backend, log=_log)
+        inspection.inspect(plan, backend, log=_log)
     return 0
 
 
 def _presets() -> int:
-    for name, cfg in PRESETS.items():
+    for name, cfg in preset_configs.PRESETS.items():
         print(f"{name:20s} {cfg.family:8s} layers={cfg.num_layers} hidden={cfg.hidden_size} "
               f"heads={cfg.num_heads}/{cfg.num_kv_heads} head_dim={cfg.head_dim}")
     return 0
@@ -221,8 +224,8 @@ def _layer_ranges(text: str):
     return value
 
 
-def _validate_options(args: argparse.Namespace) -> ValidateOptions:
-    return ValidateOptions(points=args.points, prefill_dtype=args.prefill_dtype,
+def _validate_options(args: argparse.Namespace) -> "validate_run.ValidateOptions":
+    return validate_run.ValidateOptions(points=args.points, prefill_dtype=args.prefill_dtype,
                            reference_dtype=args.reference_dtype, steps=args.steps,
                            prompt_tokens=args.prompt_tokens, no_task=args.no_task,
                            min_agreement=args.min_agreement, full=args.full, verbose=args.verbose,
@@ -241,13 +244,13 @@ def _build(args: argparse.Namespace) -> int:
     if args.text is not None and not args.validate:
         raise UserError("--text is what validation feeds the model: it needs --validate")
     if args.text is not None:
-        read_text(args.text)          # a file that cannot be read fails before the build, not minutes after
+        validate_tokens.read_text(args.text)          # a file that cannot be read fails before the build, not minutes after
     options = target_mod.BuildOptions(backend=args.backend, no_surgery=args.no_surgery, stop_after=args.stop_after,
                                       no_trace_cache=args.no_trace_cache, force=args.force,
                                       shapes=tuple(args.shapes), allow_nonfinite=args.allow_nonfinite_weights)
     target_mod.build(args.model, args.profile, args.out, options, log=_log)
     if args.validate:
-        return target_mod.validate_target(args.model, args.profile, args.out, ValidateOptions(text=args.text),
+        return target_mod.validate_target(args.model, args.profile, args.out, validate_run.ValidateOptions(text=args.text),
                                           backend=args.backend, no_surgery=args.no_surgery,
                                           shapes=tuple(args.shapes), log=_log)
     return 0
@@ -270,7 +273,7 @@ def _eval(args: argparse.Namespace) -> int:
                                     reference=not args.no_reference, graph=args.graph, shapes=tuple(args.shapes),
                                     log=_log)
     if args.json:
-        write_json_atomic(args.json, result)
+        manifest.write_json_atomic(args.json, result)
     for line in perplexity.summary(result):
         print(line)
     return 0

@@ -17,32 +17,14 @@ so a checkpoint's tensors load by name.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import torch
 from torch import nn
 
 from kvplan.config import DecoderConfig, inv_freq
 from kvplan.kv_write import kv_write
+from kvplan.lazy import lazy_import
+from kvplan.stack import KV_IO_MODES, StackSpec, export_specs, pack_specs  # noqa: F401  (re-exported)
 
-
-@dataclass(frozen=True)
-class StackSpec:
-    """Which slice of the decoder an exported graph covers, and how its cache is laid out."""
-    first_layer: int
-    last_layer: int          # exclusive
-    final_norm: bool
-    kv_format: int = 0       # 0: [B, kv_heads, S, head_dim]; 1: [B, S, kv_heads, head_dim]
-    # "concat": outputs the whole cache (past + new rows, length sumN), the original contract;
-    # "delta": outputs only the N new rows, for runtimes that append into a preallocated buffer;
-    # "inplace": the cache inputs are that buffer (cache_len rows), the step writes its N rows
-    # into it at write_indices and attends over the whole buffer (TensorRT updates it in place).
-    kv_io: str = "concat"
-    cache_len: int = 0       # inplace only: rows of the preallocated buffer
-
-    @property
-    def layers(self) -> range:
-        return range(self.first_layer, self.last_layer)
+torch = lazy_import("torch")
 
 
 class RMSNorm(nn.Module):
@@ -238,33 +220,3 @@ class DecoderStack(nn.Module):
         if self.spec.final_norm:
             x = self.norm(x)
         return (x, *outputs)
-
-
-KV_IO_MODES = ("concat", "delta", "inplace")
-
-
-def export_specs(cfg: DecoderConfig, export) -> list[StackSpec]:
-    """The packs a profile's ``[export]`` section (kvplan.profiles.Export) cuts ``cfg``'s layers into."""
-    return pack_specs(cfg, export.decoder_pack_size, export.kv_format, export.kv_io, export.cache_len)
-
-
-def pack_specs(cfg: DecoderConfig, pack_size: int, kv_format: int = 0, kv_io: str = "concat",
-               cache_len: int = 0) -> list[StackSpec]:
-    """Split the stack into packs of ``pack_size`` layers (0: one pack); only the last one has the final norm."""
-    if pack_size < 0:
-        raise ValueError(f"decoder_pack_size must be >= 0, got {pack_size}")
-    size = pack_size or cfg.num_layers
-    starts = list(range(0, cfg.num_layers, size))
-    if kv_io not in KV_IO_MODES:
-        raise ValueError(f"kv_io must be one of {', '.join(KV_IO_MODES)}, got {kv_io!r}")
-    if kv_io == "inplace":
-        if kv_format != 0:
-            raise ValueError("kv_io = inplace needs kv_format 0: TensorRT's KV-cache update layer takes "
-                             "the cache as [B, kv_heads, S, head_dim]")
-        if not 0 < cache_len <= cfg.max_position_embeddings:
-            raise ValueError(f"kv_io = inplace needs 0 < cache_len <= max positions ({cfg.max_position_embeddings}), "
-                             f"got {cache_len}")
-    else:
-        cache_len = 0
-    return [StackSpec(s, min(s + size, cfg.num_layers), s + size >= cfg.num_layers, kv_format, kv_io, cache_len)
-            for s in starts]

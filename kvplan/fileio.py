@@ -13,9 +13,10 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
 
-import onnx
-
 from kvplan.errors import WriteError
+from kvplan.lazy import lazy_import
+
+onnx = lazy_import("onnx")
 
 # Every temporary a build writes beside an artifact is named .<artifact>.kvplan-tmp-<unique>
 # (files and directories alike), so the next build of the target can find what a killed one

@@ -14,12 +14,12 @@ from typing import Callable
 
 import numpy as np
 
-from kvplan.decoder import export_specs
 from kvplan.embed_head.stage import end_graphs
 from kvplan.errors import BackendError, UserError
 from kvplan.runtime import onnx as ort_model
 from kvplan.runtime.cache import Traffic
 from kvplan.runtime.steps import chunk_size, positions
+from kvplan.stack import export_specs
 from kvplan.trt.backend import select_backend
 
 

@@ -13,10 +13,13 @@ translation writes the node in a private domain with TensorScatter's own signatu
 """
 from __future__ import annotations
 
-import onnx
-import onnx_ir as ir
-import torch
 from onnxscript import values
+
+from kvplan.lazy import lazy_import
+
+onnx = lazy_import("onnx")
+ir = lazy_import("onnx_ir")
+torch = lazy_import("torch")
 
 OPSET = 24                    # TensorScatter's first version
 PENDING_DOMAIN = "kvplan.pending"

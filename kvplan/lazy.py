@@ -12,25 +12,47 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+from importlib import metadata
 from types import ModuleType
 
 
+class _Lazy(ModuleType):
+    """Stands for a module until an attribute is asked for, then imports it the usual way (so the
+    import system, circular imports included, sees nothing unusual) and takes its namespace."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.__dict__["_kvplan_lazy_target"] = name
+
+    def _load(self) -> ModuleType:
+        module = importlib.import_module(self.__dict__["_kvplan_lazy_target"])
+        self.__dict__.update(module.__dict__)
+        self.__dict__["_kvplan_lazy_module"] = module
+        return module
+
+    def __getattr__(self, attr: str):
+        module = self.__dict__.get("_kvplan_lazy_module") or self._load()
+        return getattr(module, attr)
+
+
 def lazy_import(name: str) -> ModuleType:
-    """``name``'s module, its code run on the first attribute access (already imported: as it is)."""
+    """``name``'s module, imported on the first attribute access (already imported: the module)."""
     if name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.find_spec(name)
-    if spec is None or spec.loader is None:
+    if importlib.util.find_spec(name.partition(".")[0]) is None:
         raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-    loader = importlib.util.LazyLoader(spec.loader)
-    spec.loader = loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    loader.exec_module(module)
-    return module
+    return _Lazy(name)
 
 
 def loaded(name: str) -> bool:
     """Whether ``name`` has really been imported (not only named lazily)."""
-    module = sys.modules.get(name)
-    return module is not None and not isinstance(module, importlib.util._LazyModule)
+    return name in sys.modules
+
+
+def version(distribution: str) -> str:
+    """The installed version of ``distribution`` (pip's name), read from its metadata: what a stage's
+    digest records of a library without importing it."""
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "not installed"

@@ -12,25 +12,28 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from kvplan import generate
 from kvplan import profiles as profiles_mod
-from kvplan.decoder import export_specs
 from kvplan.embed_head.stage import EmbedHeadStage, has_graphs
 from kvplan.errors import BackendError, KvplanError
 from kvplan.export.stage import ExportStage
 from kvplan.fileio import remove_stale_temporaries
-from kvplan.generate import Generated, GenerateOptions
+from kvplan.lazy import lazy_import
 from kvplan.manifest import artifacts_intact, digest, hashes_remembered, load_manifest, target_lock
 from kvplan.models import resolve
 from kvplan.pipeline import Pipeline, graph_artifacts
 from kvplan.quantize.stage import QuantizeStage, brings_own_int4
 from kvplan.sources import closure
+from kvplan.stack import export_specs
 from kvplan.surgery.stage import SurgeryStage
 from kvplan.trt.backend import select_backend
 from kvplan.trt.stage import EngineStage
-from kvplan.validate.onnx_stack import Pack
-from kvplan.validate.perplexity import evaluate, full_logit_head
-from kvplan.validate.run import ValidateOptions, validate
+
+# The later stages' and the runtime's modules, imported when validation, eval or generate runs: a
+# build (a rebuild with nothing to do above all) never loads them.
+generate = lazy_import("kvplan.generate")
+onnx_stack = lazy_import("kvplan.validate.onnx_stack")
+perplexity = lazy_import("kvplan.validate.perplexity")
+validate_run = lazy_import("kvplan.validate.run")
 
 STAGES = ("export", "quantize", "surgery", "embed_head", "engines", "validate")
 # Each stage's code is the import closure of its module (kvplan.sources).
@@ -244,7 +247,7 @@ class StaleTarget(KvplanError):
     """The target to validate is missing, stale or incomplete; validation never rebuilds."""
 
 
-def validate_target(model: str, profile_name: str, out: Path, options: ValidateOptions,
+def validate_target(model: str, profile_name: str, out: Path, options: "validate_run.ValidateOptions",
                     backend: str | None = None, no_surgery: bool = False, shapes: tuple[str, ...] = (),
                     log: Callable[[str], None] = print) -> int:
     """Validate what is built for (model, profile) under ``out``; returns the validation exit code
@@ -269,7 +272,7 @@ def _validate_current(model, profile_name, out, options, backend, no_surgery, sh
         if built_with_nonfinite(again.manifest):
             log(f"kvplan: {again.target} was built with --allow-nonfinite-weights: outputs holding NaN or "
                 f"infinite values fail validation")
-        return validate(again.source, again.profile, again.target, again.manifest, options, backend_name, log)
+        return validate_run.validate(again.source, again.profile, again.target, again.manifest, options, backend_name, log)
 
 
 GRAPH_CHOICES = ("fused", "exported")
@@ -286,7 +289,7 @@ def _current(model: str, profile_name: str, out: Path, shapes: tuple[str, ...], 
     return state
 
 
-def decoder_packs(state: TargetState, graph: str = "fused") -> list[Pack]:
+def decoder_packs(state: TargetState, graph: str = "fused") -> list:
     """The decoder's graphs, pack by pack: the fused ones where surgery ran (``graph`` "fused"), else
     what the engines were built from; "exported": the export's (int4 where quantized)."""
     stages = state.manifest["stages"]
@@ -294,7 +297,7 @@ def decoder_packs(state: TargetState, graph: str = "fused") -> list[Pack]:
     stage = "surgery" if graph == "fused" and "surgery" in stages else exported
     specs = export_specs(state.source.config, state.profile.export)
     paths = [state.target / a["path"] for a in sorted(graph_artifacts(stages[stage]), key=lambda a: a["pack"])]
-    return [Pack(s, p) for s, p in zip(specs, paths)]
+    return [onnx_stack.Pack(s, p) for s, p in zip(specs, paths)]
 
 
 def eval_target(model: str, profile_name: str, out: Path, text: Path, tokens: int, reference: bool = True,
@@ -303,13 +306,13 @@ def eval_target(model: str, profile_name: str, out: Path, text: Path, tokens: in
     see decoder_packs); never rebuilds: a stale or incomplete target raises StaleTarget."""
     with hashes_remembered():
         state = _current(model, profile_name, out, shapes, "evaluated")
-        ends = full_logit_head(state.manifest["stages"].get("embed_head"))
-        return evaluate(state.source, state.profile, decoder_packs(state, graph), text, tokens, reference, log,
+        ends = perplexity.full_logit_head(state.manifest["stages"].get("embed_head"))
+        return perplexity.evaluate(state.source, state.profile, decoder_packs(state, graph), text, tokens, reference, log,
                         ends=tuple(state.target / p for p in ends) if ends else None)
 
 
-def generate_target(model: str, profile_name: str, out: Path, options: GenerateOptions,
-                    write: Callable[[str], None], log: Callable[[str], None]) -> Generated:
+def generate_target(model: str, profile_name: str, out: Path, options: "generate.GenerateOptions",
+                    write: Callable[[str], None], log: Callable[[str], None]) -> "generate.Generated":
     """Text from the built target (kvplan.generate), streamed to ``write``; never rebuilds."""
     with hashes_remembered():
         state = _current(model, profile_name, out, options.shapes, "generated")

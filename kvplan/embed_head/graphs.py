@@ -14,13 +14,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import ml_dtypes
 import numpy as np
-import onnx_ir as ir
-import torch
 
+from kvplan.lazy import lazy_import
 from kvplan.quantize.graph import NP_DTYPES, _const, _int4_const, _to_np
 from kvplan.quantize.rtn import quantize_linear
+
+ml_dtypes = lazy_import("ml_dtypes")
+ir = lazy_import("onnx_ir")
+torch = lazy_import("torch")
 
 ONNX_DTYPES = {"float32": ir.DataType.FLOAT, "float16": ir.DataType.FLOAT16, "bfloat16": ir.DataType.BFLOAT16}
 OPSET = 21          # DequantizeLinear's block_size and INT4 (what the decoder's int4 graphs use)

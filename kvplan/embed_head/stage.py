@@ -11,16 +11,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import onnx_ir
-import torch
-
-from kvplan.embed_head.graphs import Graph, embed_graph, head_graph
-from kvplan.embed_head.tts import audio_embed_graph, audio_head_graph
 from kvplan.errors import ProfileError
+from kvplan.lazy import lazy_import, version
 from kvplan.manifest import artifact
 from kvplan.models import families
-from kvplan.quantize.graph import save
 from kvplan.sources import source_digest
+
+graphs_mod = lazy_import("kvplan.embed_head.graphs")
+tts = lazy_import("kvplan.embed_head.tts")
+quantize_graph = lazy_import("kvplan.quantize.graph")
+onnx_ir = lazy_import("onnx_ir")
+torch = lazy_import("torch")
 
 MODULE = "kvplan.embed_head.stage"
 # TensorRT's TopK takes k up to this (ITopKLayer).
@@ -58,20 +59,20 @@ class EmbedHeadStage:
         p = self.profile
         return {"model": self.source.fingerprint, "config": self.source.config.to_dict(), "dtype": p.dtype,
                 "batch": p.export.batch_dim, "head": asdict(p.head), "int4_group": self.int4_group,
-                "source": source_digest(MODULE), "onnx_ir": onnx_ir.__version__}
+                "source": source_digest(MODULE), "onnx_ir": version("onnx-ir")}
 
-    def graphs(self) -> list[Graph]:
+    def graphs(self) -> list:
         p = self.profile
         graphs = self.text_graphs() if self.source.read_lm is not None else []
         if self.source.read_tts is not None:
             if self.source.read_lm is None and self.source.read_embedding is not None:
-                graphs.append(embed_graph(self.source.read_embedding(), 1.0, p.dtype, p.export.batch_dim))
+                graphs.append(graphs_mod.embed_graph(self.source.read_embedding(), 1.0, p.dtype, p.export.batch_dim))
             tts = self.source.read_tts()
-            graphs += [audio_embed_graph(tts["emb_code"], p.dtype, p.export.batch_dim),
-                       audio_head_graph(tts["head_code"], p.dtype, p.export.batch_dim, last_only=p.head.last_only)]
+            graphs += [tts.audio_embed_graph(tts["emb_code"], p.dtype, p.export.batch_dim),
+                       tts.audio_head_graph(tts["head_code"], p.dtype, p.export.batch_dim, last_only=p.head.last_only)]
         return graphs
 
-    def text_graphs(self) -> list[Graph]:
+    def text_graphs(self) -> list:
         cfg, p = self.source.config, self.profile
         lm = self.source.read_lm()
         weight = lm["lm_head.weight"]
@@ -81,8 +82,8 @@ class EmbedHeadStage:
                                + (f"the vocabulary's {vocab} rows" if p.head.top_k > vocab
                                   else f"TensorRT's TopK limit of {TOPK_MAX}"))
         scale = families.get(cfg.family).embedding_scale(cfg)
-        embed = embed_graph(self.source.read_embedding(), scale, p.dtype, p.export.batch_dim)
-        head = head_graph(weight.to(torch.float32), p.dtype, p.export.batch_dim, softcap=cfg.logit_softcap,
+        embed = graphs_mod.embed_graph(self.source.read_embedding(), scale, p.dtype, p.export.batch_dim)
+        head = graphs_mod.head_graph(weight.to(torch.float32), p.dtype, p.export.batch_dim, softcap=cfg.logit_softcap,
                           last_only=p.head.last_only, top_k=p.head.top_k, int4_group=self.int4_group)
         return [embed, head]
 
@@ -90,7 +91,7 @@ class EmbedHeadStage:
         entries = []
         for graph in self.graphs():
             path = self.target / f"{graph.name}.onnx"
-            save(graph.model, path)
+            quantize_graph.save(graph.model, path)
             self.log(f"[embed_head] {path.name}: {graph.weight_bytes / 2**20:.1f} MiB of weights, "
                      f"{' '.join(graph.contract['inputs'])} -> {' '.join(graph.contract['outputs'])}")
             entries.append(artifact(self.target, path, graph=graph.name, io=graph.contract,

@@ -21,10 +21,12 @@ What ConditionalChatTTS does, and these graphs do the same:
 from __future__ import annotations
 
 import numpy as np
-import onnx_ir as ir
-import torch
 
 from kvplan.embed_head.graphs import INT64_MAX, ONNX_DTYPES, Graph, _const, _contract, _model, _np, _value
+from kvplan.lazy import lazy_import
+
+ir = lazy_import("onnx_ir")
+torch = lazy_import("torch")
 
 
 def audio_embed_graph(tables: list[torch.Tensor], dtype: str, batch: int | str) -> Graph:

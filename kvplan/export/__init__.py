@@ -4,18 +4,17 @@ Modules: ``exporter`` (one pack of layers to one ONNX file, the I/O contract),
 ``stitch`` (trace three pieces once, assemble the stack from copies) and
 ``trace_cache`` (traced pieces kept on disk between builds).
 """
-from kvplan.export.exporter import (
-                                    TORCH_DTYPES,
-                                    PackExport,
-                                    causal_mask,
-                                    example_inputs,
-                                    export_pack,
-                                    input_names,
-                                    io_contract,
-                                    kv_shape,
-                                    output_names,
-                                    pack_file_names,
-)
+from kvplan.lazy import lazy_import
+
+# The exporter's names, imported on first use: the stage module (kvplan.export.stage) and the pure
+# contract helpers (kvplan.stack) must be importable without torch.
+_exporter = lazy_import("kvplan.export.exporter")
 
 __all__ = ["export_pack", "io_contract", "input_names", "output_names", "example_inputs", "causal_mask",
            "kv_shape", "TORCH_DTYPES", "pack_file_names", "PackExport"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        return getattr(_exporter, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,78 +19,25 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import onnx
-import onnx_ir as ir
-import torch
-
 from kvplan.config import DecoderConfig
 from kvplan.decoder import DecoderStack, StackSpec, pack_specs
 from kvplan.errors import ExportError
 from kvplan.export.stitch import LINEAR_MARK, Stitcher, finish, torch_to_ir, trace_pieces
 from kvplan.export.trace_cache import TraceCache
 from kvplan.fileio import atomic_directory, write_streamed
+from kvplan.lazy import lazy_import
 from kvplan.models import ModelSource
 from kvplan.models.presets import tensor_shapes
+from kvplan.stack import input_names, io_contract, kv_shape, output_names, pack_file_names  # noqa: F401
+
+onnx = lazy_import("onnx")
+ir = lazy_import("onnx_ir")
+torch = lazy_import("torch")
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 OPSET = 23
 # protobuf refuses messages over 2 GiB; stay clearly below it.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
-
-
-def input_names(spec: StackSpec) -> list[str]:
-    names = ["hidden_in", "attention_mask", "position_ids"]
-    if spec.kv_io == "inplace":
-        names.append("write_indices")
-    for i in spec.layers:
-        names += [f"past_key_in{i}", f"past_value_in{i}"]
-    return names
-
-
-def output_names(spec: StackSpec) -> list[str]:
-    # delta outputs are named present_*: they are not the next step's past, only its new rows.
-    kind = "present" if spec.kv_io == "delta" else "past"
-    names = ["hidden_out"]
-    for i in spec.layers:
-        names += [f"{kind}_key{i}", f"{kind}_value{i}"]
-    return names
-
-
-def kv_shape(cfg: DecoderConfig, spec: StackSpec, batch: int | str, length: int | str) -> list:
-    if spec.kv_format == 1:
-        return [batch, length, cfg.num_kv_heads, cfg.head_dim]
-    return [batch, cfg.num_kv_heads, length, cfg.head_dim]
-
-
-def io_contract(cfg: DecoderConfig, spec: StackSpec, batch: int | str, dtype: str) -> dict[str, dict]:
-    """Name -> {shape, dtype} of every input and output, with symbolic axes as strings.
-
-    ``batch``: the static batch size, or "B" (a profile's batch range: Export.batch_dim).
-
-    kv_io = "inplace": the cache inputs and outputs are the preallocated buffer of
-    ``spec.cache_len`` rows (a static axis: TensorRT's in-place update needs one), the mask
-    covers the whole buffer, and ``write_indices`` [B] says where each row's N new
-    rows go (its lastSum).
-    """
-    inplace = spec.kv_io == "inplace"
-    io = {
-        "inputs": {
-            "hidden_in": {"shape": [batch, "N", cfg.hidden_size], "dtype": dtype},
-            "attention_mask": {"shape": [batch, 1, "N", spec.cache_len if inplace else "sumN"], "dtype": dtype},
-            "position_ids": {"shape": [batch, "N"], "dtype": "int64"},
-        },
-        "outputs": {"hidden_out": {"shape": [batch, "N", cfg.hidden_size], "dtype": dtype}},
-    }
-    if inplace:
-        io["inputs"]["write_indices"] = {"shape": [batch], "dtype": "int64"}
-    out_names = iter(output_names(spec)[1:])
-    past_len = spec.cache_len if inplace else "lastSum"
-    out_len = {"delta": "N", "inplace": spec.cache_len}.get(spec.kv_io, "sumN")
-    for i in spec.layers:
-        for kind in ("key", "value"):
-            io["inputs"][f"past_{kind}_in{i}"] = {"shape": kv_shape(cfg, spec, batch, past_len), "dtype": dtype}
-            io["outputs"][next(out_names)] = {"shape": kv_shape(cfg, spec, batch, out_len), "dtype": dtype}
-    return io
 
 
 def example_inputs(cfg: DecoderConfig, spec: StackSpec, batch: int, dtype: torch.dtype,
@@ -325,13 +272,6 @@ def _quiet_exporter():
         raise
     finally:
         logging.getLogger("torch.onnx").setLevel(level)
-
-
-def pack_file_names(n_packs: int, stem: str = "decoder", suffix: str = ".onnx") -> list[str]:
-    """decoder.onnx for one pack; decoder.pack0.onnx, decoder.pack1.onnx, ... otherwise."""
-    if n_packs == 1:
-        return [f"{stem}{suffix}"]
-    return [f"{stem}.pack{i}{suffix}" for i in range(n_packs)]
 
 
 __all__ = ["export_pack", "pack_specs", "io_contract", "input_names", "output_names", "example_inputs",

@@ -9,15 +9,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import onnxscript
-import torch
-
-from kvplan.decoder import export_specs
-from kvplan.export.exporter import TORCH_DTYPES, export_pack, io_contract, pack_file_names
-from kvplan.export.trace_cache import TraceCache, default_dir
+from kvplan.lazy import lazy_import, version
 from kvplan.manifest import artifact
 from kvplan.pipeline import peak_rss_mib
 from kvplan.sources import source_digest
+from kvplan.stack import export_specs, io_contract, pack_file_names
+
+exporter = lazy_import("kvplan.export.exporter")
+trace_cache = lazy_import("kvplan.export.trace_cache")
+onnxscript = lazy_import("onnxscript")
+torch = lazy_import("torch")
 
 MODULE = "kvplan.export.stage"
 
@@ -42,21 +43,21 @@ class ExportStage:
         return {"model": self.source.fingerprint, "config": self.source.config.to_dict(), "dtype": p.dtype,
                 # The [export] section, with the batch axis as the graphs have it (a range's sizes are the engines').
                 "export": {**asdict(p.export), "batch": p.export.batch_dim}, "allow_nonfinite": self.allow_nonfinite,
-                "source": source_digest(MODULE), "torch": torch.__version__, "onnxscript": onnxscript.__version__}
+                "source": source_digest(MODULE), "torch": version("torch"), "onnxscript": version("onnxscript")}
 
     def build(self, _done: dict) -> dict:
         p, cfg, specs = self.profile, self.source.config, self.specs
-        cache = TraceCache(default_dir()) if self.trace_cache else None
+        cache = trace_cache.TraceCache(trace_cache.default_dir()) if self.trace_cache else None
         entries = []
         for pack, (spec, name) in enumerate(zip(specs, pack_file_names(len(specs)))):
             self.log(f"[export] layers {spec.first_layer}..{spec.last_layer - 1}"
                      f"{' + final norm' if spec.final_norm else ''} -> {name}")
-            result = export_pack(self.source, spec, p.dtype, p.export.batch_dim, self.target / name, log=self.log,
+            result = exporter.export_pack(self.source, spec, p.dtype, p.export.batch_dim, self.target / name, log=self.log,
                                  trace_cache=cache, allow_nonfinite=self.allow_nonfinite)
             self.log(f"[export] {name}: {result.weight_bytes / 2**20:.1f} MiB of weights in {result.seconds:.1f} s"
                      f"{' (external data)' if result.external_data else ''}, peak RSS {peak_rss_mib():.0f} MiB")
             entries.append(artifact(self.target, self.target / name, pack=pack,
                                     layers=[spec.first_layer, spec.last_layer], final_norm=spec.final_norm,
                                     io=io_contract(cfg, spec, p.export.batch_dim, p.dtype)))
-        return {"artifacts": entries, "weight_bytes": cfg.weight_count() * torch.finfo(TORCH_DTYPES[p.dtype]).bits // 8,
+        return {"artifacts": entries, "weight_bytes": cfg.weight_count() * torch.finfo(exporter.TORCH_DTYPES[p.dtype]).bits // 8,
                 "trace_cache": cache.record() if cache else "off (--no-trace-cache)"}

@@ -14,16 +14,18 @@ from __future__ import annotations
 import warnings
 from typing import Callable
 
-import ml_dtypes
-import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 import onnxscript.optimizer
-import torch
 
 from kvplan import kv_write
 from kvplan.config import DecoderConfig
 from kvplan.decoder import DecoderLayer, LayerStep, RMSNorm, RotaryCosSin, StackSpec
 from kvplan.export.trace_cache import Piece, TraceCache
+from kvplan.lazy import lazy_import
+
+ml_dtypes = lazy_import("ml_dtypes")
+ir = lazy_import("onnx_ir")
+torch = lazy_import("torch")
 
 OPSET = 23
 # Stack traces and FX dumps name this checkout's paths, the namespace and class hierarchy

@@ -29,14 +29,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import onnx
-import onnx_ir as ir
-import onnxscript
-import torch
-
 from kvplan.errors import ExportError
 from kvplan.fileio import atomic_file
+from kvplan.lazy import lazy_import
 from kvplan.sources import source_digest
+
+onnx = lazy_import("onnx")
+ir = lazy_import("onnx_ir")
+onnxscript = lazy_import("onnxscript")
+torch = lazy_import("torch")
 
 ENV = "KVPLAN_CACHE_DIR"
 FORMAT = 1

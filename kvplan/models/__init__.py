@@ -8,13 +8,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kvplan.models import gguf, hf_dir, minicpmo, presets, quantized_dir
+from kvplan.lazy import lazy_import
 from kvplan.models.base import ModelError, ModelSource
 
 # Order matters: a MiniCPM-o directory and a pre-quantized one are also Hugging Face directories.
-SOURCES = [presets, gguf, minicpmo, quantized_dir, hf_dir]
+# Each module is imported when it is first asked whether it accepts a --model (a GGUF's reader
+# loads numpy and gguf: a preset never needs them).
+presets = lazy_import("kvplan.models.presets")
+SOURCES = [presets, *(lazy_import(f"kvplan.models.{name}") for name in ("gguf", "minicpmo", "quantized_dir", "hf_dir"))]
 
-DEFAULT_MODEL = presets.DEFAULT
+DEFAULT_MODEL = "minicpmo26-tts"         # kvplan.models.presets.DEFAULT (a test holds them equal)
 
 
 def resolve(arg: str) -> ModelSource:

@@ -4,10 +4,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from kvplan.config import DecoderConfig
 from kvplan.errors import ModelError  # noqa: F401  (re-exported: every source raises it from here)
+from kvplan.lazy import lazy_import
+
+torch = lazy_import("torch")
 
 # config.json's names for DecoderConfig's sizes (transformers' config classes).
 HF_FIELDS = {"hidden_size": "hidden_size", "intermediate_size": "intermediate_size",

@@ -2,10 +2,11 @@
 embedding rows, times the family's embedding scale (Gemma 2: √hidden_size)."""
 from __future__ import annotations
 
-import torch
-
 from kvplan.errors import ModelError
+from kvplan.lazy import lazy_import
 from kvplan.models import families
+
+torch = lazy_import("torch")
 
 
 def embedding_matrix(source) -> torch.Tensor:

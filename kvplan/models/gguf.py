@@ -27,16 +27,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import gguf
 import numpy as np
-import torch
 
 from kvplan.config import DecoderConfig
 from kvplan.errors import ConfigError, ModelError
+from kvplan.lazy import lazy_import
 from kvplan.models import families, sizes
 from kvplan.models.base import LM_NAMES, ConfigOrigin, ModelSource, file_fingerprint, reference_names
 from kvplan.models.presets import tensor_shapes
 from kvplan.models.tokenizer import load_tokenizer
+
+gguf = lazy_import("gguf")
+torch = lazy_import("torch")
 
 T = gguf.GGMLQuantizationType
 MAGIC = b"GGUF"

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+from kvplan.lazy import lazy_import
+
+torch = lazy_import("torch")
 
 
 @dataclass

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import hashlib
 
-import torch
-
+from kvplan import stack
 from kvplan.config import DecoderConfig
-from kvplan.decoder import DecoderStack, StackSpec
+from kvplan.lazy import lazy_import
 from kvplan.models.base import LM_NAMES, ConfigOrigin, ModelError, ModelSource, reference_names
 from kvplan.models.families import FAMILIES
 from kvplan.models.families import get as get_family
+
+torch = lazy_import("torch")
 
 DEFAULT = "minicpmo26-tts"
 
@@ -81,9 +82,7 @@ def _with_outliers(preset: str, name: str, t: torch.Tensor) -> torch.Tensor:
 
 def tensor_shapes(cfg: DecoderConfig) -> dict[str, tuple[int, ...]]:
     """HF names and shapes of the decoder's tensors (no ``model.`` prefix)."""
-    with torch.device("meta"):
-        stack = DecoderStack(cfg, StackSpec(0, cfg.num_layers, True))
-    return {k: tuple(v.shape) for k, v in stack.state_dict().items()}
+    return stack.tensor_shapes(cfg)
 
 
 def load(name: str) -> ModelSource:

@@ -30,10 +30,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from kvplan.config import LINEAR_MODULES, ConfigError
 from kvplan.errors import QuantizeError
+from kvplan.lazy import lazy_import
 from kvplan.models import families, sizes
 from kvplan.models.base import LM_NAMES, ConfigOrigin, ModelSource, reference_names
 from kvplan.models.families import from_hf_dict
@@ -42,6 +41,8 @@ from kvplan.models.int4 import QuantLinear
 from kvplan.models.presets import tensor_shapes
 from kvplan.models.safetensors_dir import TensorIndex
 from kvplan.models.tokenizer import has_tokenizer, load_tokenizer
+
+torch = lazy_import("torch")
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 PREFIX = "model."

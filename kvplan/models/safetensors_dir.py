@@ -6,10 +6,12 @@ import json
 import os
 from pathlib import Path, PurePosixPath
 
-import torch
 from safetensors import SafetensorError, safe_open
 
+from kvplan.lazy import lazy_import
 from kvplan.models.base import ModelError, file_fingerprint
+
+torch = lazy_import("torch")
 
 
 def _inside(directory: Path, entry: str, index: Path, name: str) -> Path:
@@ -26,10 +28,12 @@ def _inside(directory: Path, entry: str, index: Path, name: str) -> Path:
 
 
 @contextlib.contextmanager
-def _open(shard: Path):
-    """safe_open, with a damaged or truncated file reported as the checkpoint's fault."""
+def _open(shard: Path, framework: str = "pt"):
+    """safe_open, with a damaged or truncated file reported as the checkpoint's fault. Reading only
+    headers, ``framework="numpy"``: the "pt" framework imports torch, which deciding that a build
+    is up to date never needs."""
     try:
-        with safe_open(shard, framework="pt") as f:
+        with safe_open(shard, framework=framework) as f:
             yield f
     except FileNotFoundError:
         raise ModelError(f"{shard}: shard file does not exist") from None
@@ -72,7 +76,7 @@ class TensorIndex:
                         "arbitrary code; convert them to safetensors)") if pickles else ""
                 raise ModelError(f"{directory}: no *.safetensors files{hint}")
             for shard in shards:
-                with _open(shard) as f:
+                with _open(shard, "numpy") as f:
                     self._headers[shard] = _header(f)
                     for name in f.keys():
                         self.where[name] = shard
@@ -84,7 +88,7 @@ class TensorIndex:
         if shard is None:
             return None
         if shard not in self._headers:
-            with _open(shard) as f:
+            with _open(shard, "numpy") as f:
                 self._headers[shard] = _header(f)
         got = self._headers[shard].get(name)
         if got is None:

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
-import torch
-
+from kvplan import stack
 from kvplan.config import DecoderConfig
-from kvplan.decoder import DecoderStack, StackSpec
+from kvplan.lazy import lazy_import
 from kvplan.models.base import ConfigOrigin, ModelError
+from kvplan.models.families.registry import Family
+from kvplan.stack import StackSpec
+
+torch = lazy_import("torch")
 
 _Q, _KV = ("num_heads", "head_dim"), ("num_kv_heads", "head_dim")
 _H, _I, _D = ("hidden_size",), ("intermediate_size",), ("head_dim",)
@@ -54,10 +57,13 @@ def _axes(name: str) -> tuple[tuple[str, ...], ...]:
 def layer_template(cfg: DecoderConfig, family) -> tuple[dict[str, tuple[int, ...]], dict[str, list[set[str]]]]:
     """Layer 0's and the final norm's tensors in the checkpoint's names: their shapes, and for each
     axis the DecoderConfig sizes it is made of (a fused projection's axis, of all its parts')."""
-    with torch.device("meta"):
-        stack = DecoderStack(cfg, StackSpec(0, 1, True))
-    ours = {n: t for n, t in stack.state_dict().items() if n.startswith(FIRST) or not n.startswith("layers.")}
-    shapes = {n: tuple(t.shape) for n, t in family.to_checkpoint(cfg, ours).items()}
+    ours = stack.tensor_shapes(cfg, StackSpec(0, 1, True))
+    if type(family).to_checkpoint is Family.to_checkpoint:
+        shapes = dict(ours)         # the checkpoint holds kvplan's tensors as they are
+    else:                           # a family that fuses or transforms them: the mapping on meta tensors
+        with torch.device("meta"):
+            metas = {n: torch.empty(shape) for n, shape in ours.items()}
+        shapes = {n: tuple(t.shape) for n, t in family.to_checkpoint(cfg, metas).items()}
     fields: dict[str, list[set[str]]] = {}
     for name in ours:
         axes = fields.setdefault(family.checkpoint_name(cfg, name), [])

@@ -3,9 +3,10 @@ audio embeddings ``tts.emb_code.{i}`` and weight-normalized heads ``tts.head_cod
 sizes and the weight-norm fold. The graphs built from them are kvplan.embed_head.tts's."""
 from __future__ import annotations
 
-import torch
-
 from kvplan.errors import ModelError
+from kvplan.lazy import lazy_import
+
+torch = lazy_import("torch")
 
 # ConditionalChatTTSConfig.__init__'s defaults (configuration_minicpm.py of openbmb/MiniCPM-o-2_6, the
 # checkpoint's remote code), which apply to every field config.json's tts_config omits.

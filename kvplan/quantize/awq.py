@@ -26,9 +26,8 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-import torch
-
 from kvplan.decoder import DecoderLayer, RotaryCosSin
+from kvplan.lazy import lazy_import
 from kvplan.models.presets import tensor_shapes
 from kvplan.quantize.calibration import calibration_hidden
 from kvplan.quantize.calibration import resolve as resolve_calibration
@@ -37,6 +36,8 @@ from kvplan.quantize.linears import MODULES, check_groups, weight_name
 from kvplan.quantize.rtn import fake_quantize_rows, quantize_t
 from kvplan.quantize.settings import Quantize
 from kvplan.quantize.weights import Quantized
+
+torch = lazy_import("torch")
 
 ALPHAS = [i / 20 for i in range(20)]
 CLIP_RATIOS = [1 - i / 20 for i in range(10)]

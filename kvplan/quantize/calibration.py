@@ -24,16 +24,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
 from safetensors import safe_open
 
 from kvplan.errors import KvplanError, QuantizeError
+from kvplan.lazy import lazy_import
 from kvplan.manifest import sha256_file
 from kvplan.models.embedding import embed
 from kvplan.models.tokenizer import TOKENIZER_FILES
 from kvplan.quantize import generated
 from kvplan.quantize.generated import sample_ids
 from kvplan.quantize.settings import Quantize
+
+torch = lazy_import("torch")
 
 HIDDEN, IDS = "hidden_states", "input_ids"
 AUTO, SELF, SYNTHETIC, TEXT = "auto", "self", "synthetic", "text:"

@@ -12,12 +12,13 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-import torch
-
 from kvplan.decoder import DecoderStack, StackSpec
 from kvplan.export.exporter import causal_mask
+from kvplan.lazy import lazy_import
 from kvplan.models.embedding import embed
 from kvplan.models.presets import tensor_shapes
+
+torch = lazy_import("torch")
 
 # Sampling from the whole distribution at temperature 1 sometimes picks a token far in the tail,
 # after which a small model loses the thread. The narrower the choice, the more the text reads like

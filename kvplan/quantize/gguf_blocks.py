@@ -25,13 +25,15 @@ import collections
 from typing import Callable
 
 import numpy as np
-import torch
 
 from kvplan.errors import QuantizeError
+from kvplan.lazy import lazy_import
 from kvplan.models import families
 from kvplan.models.gguf import GGUFFile, T
 from kvplan.quantize.linears import weight_name
 from kvplan.quantize.weights import Quantized, QuantLinear
+
+torch = lazy_import("torch")
 
 BLOCK = 32
 INT4_TYPES = (T.Q4_0, T.Q4_1, T.Q4_K)

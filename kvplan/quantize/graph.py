@@ -23,16 +23,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
-import onnx_ir as ir
-import torch
 
 from kvplan.errors import QuantizeError
 from kvplan.export.stitch import LINEAR_MARK
 from kvplan.fileio import atomic_directory, write_streamed
+from kvplan.lazy import lazy_import
 from kvplan.quantize.lazy_onnx import load_lazy, tensor_proto
 from kvplan.quantize.weights import Quantized
+
+ml_dtypes = lazy_import("ml_dtypes")
+ir = lazy_import("onnx_ir")
+torch = lazy_import("torch")
 
 NP_DTYPES = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16,
              ir.DataType.BFLOAT16: ml_dtypes.bfloat16}

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import onnx
-import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from kvplan.errors import QuantizeError
 from kvplan.fileio import GRAPH_FIELD, INITIALIZER_FIELD, field_header
+from kvplan.lazy import lazy_import
+
+onnx = lazy_import("onnx")
+ir = lazy_import("onnx_ir")
 
 # Entries at least this big stay in the file (every linear; norms and shape constants are read).
 LAZY_BYTES = 64 * 1024

@@ -1,9 +1,10 @@
 """Round to nearest: symmetric per-group int4, scale = amax / 7, values in [-8, 7]."""
 from __future__ import annotations
 
-import torch
-
+from kvplan.lazy import lazy_import
 from kvplan.quantize.weights import INT4_MAX, INT4_MIN, QuantLinear, check_group
+
+torch = lazy_import("torch")
 
 
 def group_amax(w_t: torch.Tensor, group_size: int) -> torch.Tensor:

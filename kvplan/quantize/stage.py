@@ -11,35 +11,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from kvplan.errors import QuantizeError
-from kvplan.export.exporter import pack_file_names
+from kvplan.lazy import lazy_import, version
 from kvplan.manifest import artifact
 from kvplan.pipeline import graph_artifacts, peak_rss_mib
 from kvplan.quantize import gguf_blocks
-from kvplan.quantize.awq import quantize_awq
-from kvplan.quantize.calibration import digest as calibration_digest
-from kvplan.quantize.calibration import resolve as resolve_calibration
-from kvplan.quantize.checkpoint import imported as import_checkpoint
-from kvplan.quantize.graph import quantize_graph
 from kvplan.quantize.linears import check_groups, weight_name
-from kvplan.quantize.rtn import quantize_linear
 from kvplan.quantize.settings import NO_INT4_CCS, Quantize
-from kvplan.quantize.weights import Quantized
 from kvplan.sources import source_digest
+from kvplan.stack import pack_file_names
+
+awq = lazy_import("kvplan.quantize.awq")
+calibration = lazy_import("kvplan.quantize.calibration")
+checkpoint = lazy_import("kvplan.quantize.checkpoint")
+graph = lazy_import("kvplan.quantize.graph")
+rtn = lazy_import("kvplan.quantize.rtn")
+weights_mod = lazy_import("kvplan.quantize.weights")
+torch = lazy_import("torch")
 
 
-def quantize_rtn(source, settings: Quantize, log: Callable[[str], None] = print) -> Quantized:
+def quantize_rtn(source, settings: Quantize, log: Callable[[str], None] = print) -> "weights_mod.Quantized":
     """Round to nearest, one layer's tensors read at a time."""
     cfg = source.config
     check_groups(cfg, settings.linears, settings.group_size, source.name)
-    out = Quantized(record={"method": "rtn", "group_size": settings.group_size, "linears": list(settings.linears)})
+    out = weights_mod.Quantized(record={"method": "rtn", "group_size": settings.group_size,
+                                        "linears": list(settings.linears)})
     t0 = time.perf_counter()
     for layer in range(cfg.num_layers):
         names = [weight_name(layer, linear) for linear in settings.linears]
         for name, w in source.read_tensors(names).items():
-            out.linears[name] = quantize_linear(name, w, settings.group_size)
+            out.linears[name] = rtn.quantize_linear(name, w, settings.group_size)
         log(f"[quantize] rtn: layer {layer + 1}/{cfg.num_layers} ({time.perf_counter() - t0:.1f} s)")
     return out
 
@@ -83,20 +84,20 @@ def quantize_inputs(source, profile) -> dict | None:
     inputs = {"method": settings.method, "bits": settings.bits, "group_size": settings.group_size,
               "linears": list(settings.linears), "dtype": profile.dtype}
     if settings.method == "awq":
-        inputs.update(calibration_digest(resolve_calibration(settings.calibration, source), source),
+        inputs.update(calibration.digest(calibration.resolve(settings.calibration, source), source),
                       samples=settings.samples, tokens=settings.tokens, seed=settings.seed, clip=settings.clip)
     return inputs
 
 
-def quantize_source(source, settings: Quantize, log: Callable[[str], None] = print) -> Quantized:
+def quantize_source(source, settings: Quantize, log: Callable[[str], None] = print) -> "weights_mod.Quantized":
     imported = getattr(source, "checkpoint", None)
     if imported is not None:
-        return import_checkpoint(imported, log)
+        return checkpoint.imported(imported, log)
     if gguf_blocks.has_blocks(source, settings.linears):
         return gguf_blocks.quantized(source, settings, log)
     if settings.method == "rtn":
         return quantize_rtn(source, settings, log)
-    return quantize_awq(source, settings, log)
+    return awq.quantize_awq(source, settings, log)
 
 
 def run_quantize(source, profile, target: Path, graphs: list[tuple[Path, range]], names: list[str],
@@ -114,7 +115,7 @@ def run_quantize(source, profile, target: Path, graphs: list[tuple[Path, range]]
     quantized.save(weights)
     entries, total = [], 0
     for pack, ((src, layers), name) in enumerate(zip(graphs, names)):
-        counts = quantize_graph(src, target / name, quantized, source.read_tensors, layers)
+        counts = graph.quantize_graph(src, target / name, quantized, source.read_tensors, layers)
         total += counts["linears"]
         log(f"[quantize] {src.name} -> {name}: {counts['linears']} of {counts['linears_in_graph']} linears int4 "
             f"(layers {layers.start}..{layers.stop - 1}), {counts['replaced']} tensors replaced")
@@ -128,7 +129,7 @@ def run_quantize(source, profile, target: Path, graphs: list[tuple[Path, range]]
             **quantized.record}
 
 
-def _check_complete(source, settings: Quantize, quantized: Quantized) -> None:
+def _check_complete(source, settings: Quantize, quantized: "weights_mod.Quantized") -> None:
     """A method that quantizes (rtn, awq) gives every layer's every linear the profile names."""
     if brings_own_int4(source, settings.linears):
         return          # an import: the checkpoint (or GGUF file) says which linears it holds as int4
@@ -157,7 +158,7 @@ class QuantizeStage:
 
     def inputs(self, done: dict) -> dict:
         return {"onnx": [a["sha256"] for a in done["export"]["artifacts"]], **self.settings,
-                "source": source_digest(__name__), "torch": torch.__version__}
+                "source": source_digest(__name__), "torch": version("torch")}
 
     def build(self, done: dict) -> dict:
         graphs = [(self.target / a["path"], range(*a["layers"])) for a in graph_artifacts(done["export"])]

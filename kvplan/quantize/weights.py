@@ -11,16 +11,17 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-
 from kvplan.errors import QuantizeError
 from kvplan.fileio import atomic_directory
+from kvplan.lazy import lazy_import
 from kvplan.models import families
 from kvplan.models.base import ModelSource, reference_names
 from kvplan.models.int4 import QuantLinear  # noqa: F401  (re-exported: the quantizers make them)
 from kvplan.models.presets import tensor_shapes
+
+safetensors = lazy_import("safetensors")
+safetensors_torch = lazy_import("safetensors.torch")
+torch = lazy_import("torch")
 
 INT4_MIN, INT4_MAX = -8, 7
 
@@ -50,12 +51,12 @@ class Quantized:
         # directory: safetensors writes its own temporary file beside the name it is given, and a
         # kill leaves that only where the next build looks for leftovers.
         with atomic_directory(path) as tmp:
-            save_file(tensors, str(tmp / path.name), metadata=meta)
+            safetensors_torch.save_file(tensors, str(tmp / path.name), metadata=meta)
 
     @classmethod
     def load(cls, path: Path) -> "Quantized":
         out = cls()
-        with safe_open(str(path), framework="pt") as f:
+        with safetensors.safe_open(str(path), framework="pt") as f:
             groups = f.metadata() or {}
             keys = set(f.keys())
             for name, g in groups.items():

@@ -16,12 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
-import torch
 
 from kvplan.export.exporter import causal_mask, output_names
+from kvplan.lazy import lazy_import
 from kvplan.runtime.cache import KvCache
 from kvplan.runtime.ort_session import session_options
+
+ort = lazy_import("onnxruntime")
+torch = lazy_import("torch")
 
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 TORCH = {"float32": torch.float32, "float16": torch.float16}

@@ -23,7 +23,9 @@ check's 64 greedy steps per graph) ask for ``fold_casts``: the default level, as
 """
 from __future__ import annotations
 
-import onnxruntime as ort
+from kvplan.lazy import lazy_import
+
+ort = lazy_import("onnxruntime")
 
 INT4_ACCURACY_ENTRY = "session.qdq_matmulnbits_accuracy_level"
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Sequence
 
-import onnx
 from google.protobuf.message import DecodeError
 
 from kvplan.errors import GraphError
 from kvplan.fileio import atomic_directory, write_streamed
+from kvplan.lazy import lazy_import
 from kvplan.surgery.pipeline import PROTO_LIMIT, run
 from kvplan.surgery.weights import put_back, set_aside, take_back
+
+onnx = lazy_import("onnx")
 
 
 def fuse_file(in_path, out_path, passes: Sequence[str], log: Callable[[str], None] | None = print,

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
-import onnx_graphsurgeon as gs
-
+from kvplan.lazy import lazy_import
 from kvplan.surgery.graphutil import Rejected
 from kvplan.surgery.report import NearMiss, PassReport
+
+gs = lazy_import("onnx_graphsurgeon")
 
 Rewrite = Callable[[], None]
 

@@ -4,10 +4,14 @@ from __future__ import annotations
 from typing import Iterable
 
 import numpy as np
-import onnx
-import onnx_graphsurgeon as gs
 
-FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+from kvplan.lazy import lazy_import
+
+onnx = lazy_import("onnx")
+gs = lazy_import("onnx_graphsurgeon")
+
+# onnx.TensorProto.FLOAT, FLOAT16 and BFLOAT16 (the ONNX standard's numbers; named so without importing onnx).
+FLOAT_TYPES = (1, 10, 16)
 
 
 class Rejected(Exception):

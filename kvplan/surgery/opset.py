@@ -1,11 +1,13 @@
 """Raise the default-domain opset to the one the fused ops need, without changing other ops' meaning."""
 from __future__ import annotations
 
-import onnx
 import onnx.version_converter
 
 from kvplan.errors import OpsetError
+from kvplan.lazy import lazy_import
 from kvplan.surgery.graphutil import op_counts
+
+onnx = lazy_import("onnx")
 
 TARGET = 23
 

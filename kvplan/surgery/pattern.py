@@ -14,9 +14,11 @@ from __future__ import annotations
 from typing import NoReturn
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
+from kvplan.lazy import lazy_import
 from kvplan.surgery.graphutil import Rejected, const_value, producer_op
+
+gs = lazy_import("onnx_graphsurgeon")
 
 
 class Match:

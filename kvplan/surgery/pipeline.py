@@ -7,15 +7,16 @@ import tempfile
 import time
 from typing import Callable, Sequence
 
-import onnx
-import onnx_graphsurgeon as gs
-import onnxruntime as ort
-
 from kvplan.errors import SurgeryError
+from kvplan.lazy import lazy_import
 from kvplan.surgery.graphutil import op_counts
 from kvplan.surgery.opset import TARGET, default_opset, raise_opset
 from kvplan.surgery.registry import PASSES
 from kvplan.surgery.report import PassReport, SurgeryReport, summary_lines
+
+onnx = lazy_import("onnx")
+gs = lazy_import("onnx_graphsurgeon")
+ort = lazy_import("onnxruntime")
 
 # protobuf refuses to serialise messages of 2 GiB or more; above this, checks go through a file.
 PROTO_LIMIT = 1_800_000_000

@@ -8,13 +8,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import onnx
-
-from kvplan.export.exporter import pack_file_names
+from kvplan.lazy import lazy_import, version
 from kvplan.manifest import artifact
 from kvplan.pipeline import graph_artifacts
 from kvplan.sources import source_digest
-from kvplan.surgery.fileio import fuse_file
+from kvplan.stack import pack_file_names
+
+surgery_fileio = lazy_import("kvplan.surgery.fileio")
+onnx = lazy_import("onnx")
 
 MODULE = "kvplan.surgery.stage"
 
@@ -29,13 +30,13 @@ class SurgeryStage:
 
     def inputs(self, done: dict) -> dict:
         return {"onnx": [a["sha256"] for a in graph_artifacts(done[self.upstream])], "passes": list(self.passes),
-                "source": source_digest(MODULE), "onnx_version": onnx.__version__}
+                "source": source_digest(MODULE), "onnx_version": version("onnx")}
 
     def build(self, done: dict) -> dict:
         graphs = graph_artifacts(done[self.upstream])
         entries = []
         for src, name in zip(graphs, pack_file_names(len(graphs), suffix=".fused.onnx")):
             self.log(f"[surgery] {src['path']} -> {name} (passes: {', '.join(self.passes)})")
-            report = fuse_file(self.target / src["path"], self.target / name, list(self.passes), log=self.log)
+            report = surgery_fileio.fuse_file(self.target / src["path"], self.target / name, list(self.passes), log=self.log)
             entries.append(artifact(self.target, self.target / name, pack=src["pack"], report=report))
         return {"artifacts": entries}

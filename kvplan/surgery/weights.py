@@ -10,7 +10,9 @@ but MatMul/Gemm are set aside: anything a pass or constant folding may inspect
 """
 from __future__ import annotations
 
-import onnx
+from kvplan.lazy import lazy_import
+
+onnx = lazy_import("onnx")
 
 SET_ASIDE_OPS = {"MatMul", "Gemm"}
 MIN_BYTES = 1 << 16

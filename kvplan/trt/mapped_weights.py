@@ -21,7 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnx
+
+from kvplan.lazy import lazy_import
+
+onnx = lazy_import("onnx")
 
 # Smaller tensors are not worth a pointer (and their bytes may not be raw_data).
 MIN_BYTES = 4096

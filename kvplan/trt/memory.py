@@ -6,11 +6,13 @@ import re
 from pathlib import Path
 from typing import Any
 
-import onnx
 from onnx import helper
 
+from kvplan.lazy import lazy_import
 from kvplan.trt.backend import Backend
 from kvplan.trt.plan_io import deserialize
+
+onnx = lazy_import("onnx")
 
 # Memory lines the builder logs (INFO) once per optimization profile, then weights once.
 _MEMORY_LINE = re.compile(r"^(Total Host Persistent Memory|Total Device Persistent Memory|Max Scratch Memory|"

@@ -16,17 +16,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 from onnx import TensorProto
 from polygraphy import cuda as pg_cuda
 from polygraphy.datatype import DataType
 
+from kvplan.lazy import lazy_import
 from kvplan.profiles import Profile, Shapes
 from kvplan.trt.backend import Backend
 from kvplan.trt.callbacks import Log, Pending, make_logger
 from kvplan.trt.errors import BuildError
 from kvplan.trt.plan_io import deserialize, host_code_allowed
 from kvplan.trt.shapes import shapes_for
+
+ort = lazy_import("onnxruntime")
 
 
 def _torch_dtype(trt, dt):

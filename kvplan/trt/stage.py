@@ -11,14 +11,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from kvplan.decoder import export_specs
 from kvplan.embed_head.stage import end_graphs
-from kvplan.export.exporter import io_contract, pack_file_names
+from kvplan.lazy import lazy_import
 from kvplan.manifest import artifact
 from kvplan.pipeline import graph_artifacts
 from kvplan.sources import source_digest
+from kvplan.stack import export_specs, io_contract, pack_file_names
 from kvplan.trt.backend import Backend
-from kvplan.trt.build import build_engine
+
+trt_build = lazy_import("kvplan.trt.build")
 
 MODULE = "kvplan.trt.stage"
 
@@ -61,14 +62,14 @@ class EngineStage:
         for spec, src, name in zip(specs, graph_artifacts(done[self.upstream]), pack_file_names(len(specs), suffix=".plan")):
             self.log(f"[engines] {src['path']} -> {name} ({backend.name} {backend.version}, "
                      f"profiles: {', '.join(s.name for s in p.shapes)})")
-            record = build_engine(self.target / src["path"], self.target / name, p,
+            record = trt_build.build_engine(self.target / src["path"], self.target / name, p,
                                   io_contract(cfg, spec, p.export.batch_dim, p.dtype), backend,
                                   self.target / p.engine.timing_cache if p.engine.timing_cache else None, log=self.log)
             entries.append(artifact(self.target, self.target / name, pack=src["pack"], build=record))
         for graph, src in end_graphs(done.get(self.ends)).items():
             plan = self.target / f"{graph}.plan"
             self.log(f"[engines] {src['path']} -> {plan.name}")
-            record = build_engine(self.target / src["path"], plan, p, src["io"], backend,
+            record = trt_build.build_engine(self.target / src["path"], plan, p, src["io"], backend,
                                   self.target / p.engine.timing_cache if p.engine.timing_cache else None, log=self.log)
             entries.append(artifact(self.target, plan, graph=graph, build=record))
         return {"artifacts": entries, "backend": backend.name, "backend_version": backend.version}

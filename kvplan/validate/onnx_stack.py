@@ -12,11 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 from kvplan import cache_io
-from kvplan.decoder import StackSpec
+from kvplan.lazy import lazy_import
 from kvplan.runtime.ort_session import session
+from kvplan.stack import StackSpec
+
+ort = lazy_import("onnxruntime")
 
 
 @dataclass

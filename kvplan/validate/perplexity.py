@@ -21,15 +21,17 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 
 from kvplan.errors import KvplanError, UserError
 from kvplan.export.exporter import TORCH_DTYPES, causal_mask
+from kvplan.lazy import lazy_import
 from kvplan.models.embedding import embed
 from kvplan.runtime.ort_session import session as open_session
 from kvplan.runtime.steps import chunk_size
 from kvplan.validate.onnx_stack import OnnxStack, Pack
 from kvplan.validate.reference import HFReference
+
+torch = lazy_import("torch")
 
 
 def text_ids(source, path: Path, tokens: int) -> list[int]:

@@ -23,12 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from kvplan import cache_io
 from kvplan.export.exporter import causal_mask, input_names
+from kvplan.lazy import lazy_import
 from kvplan.pipeline import release_memory, trim_heap
 from kvplan.validate.reference import slice_decoder
+
+torch = lazy_import("torch")
 
 KINDS = ("min", "opt", "max", "masked", "batch")
 

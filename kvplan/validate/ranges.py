@@ -20,14 +20,16 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import onnx
 from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 
-from kvplan.decoder import StackSpec
 from kvplan.errors import GraphError
 from kvplan.export.exporter import input_names, output_names
 from kvplan.fileio import atomic_directory, atomic_file, write_streamed
+from kvplan.lazy import lazy_import
 from kvplan.quantize.lazy_onnx import read_entry, read_skeleton
+from kvplan.stack import StackSpec
+
+onnx = lazy_import("onnx")
 
 # Above this many bytes of weights a range's file keeps them in an external data file
 # (protobuf refuses messages over 2 GiB).

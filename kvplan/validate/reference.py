@@ -15,9 +15,9 @@ import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-import transformers
 from transformers import AutoConfig, DynamicCache
+
+from kvplan.lazy import lazy_import
 
 try:                                   # transformers 5.x
     from transformers.initialization import no_init_weights
@@ -26,6 +26,9 @@ except ImportError:                    # 4.x
 
 from kvplan.models import ModelSource
 from kvplan.models.families import get as get_family
+
+torch = lazy_import("torch")
+transformers = lazy_import("transformers")
 
 ATTENTION = ("sdpa", "eager")
 

@@ -22,16 +22,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from polygraphy.logger import G_LOGGER
 
-from kvplan.decoder import export_specs
 from kvplan.errors import BackendError, UserError
 from kvplan.export import TORCH_DTYPES, io_contract
 from kvplan.fileio import temp_prefix
+from kvplan.lazy import lazy_import
 from kvplan.manifest import MANIFEST, load_manifest, now, sha256_file, write_json_atomic
 from kvplan.models.presets import tensor_shapes
 from kvplan.pipeline import collections_skip_what_exists, map_large_allocations, release_memory
+from kvplan.stack import export_specs
 from kvplan.trt.backend import select_backend, visible_gpus
 from kvplan.validate import perplexity, quantized, report, stream, tokens, whole_step
 from kvplan.validate import points as pts
@@ -42,6 +42,8 @@ from kvplan.validate.onnx_stack import OnnxStack, Pack
 from kvplan.validate.points import parse_kinds
 from kvplan.validate.reference import HFReference
 from kvplan.validate.task import TrtStack, run_task_checks
+
+torch = lazy_import("torch")
 
 RECHECK_ENV_RTX = "POLYGRAPHY_USE_TENSORRT_RTX=1"
 

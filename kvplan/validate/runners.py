@@ -11,10 +11,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-import onnxruntime as ort
-import polygraphy
 import polygraphy.config
-import torch
 from polygraphy.backend.base import BaseRunner
 from polygraphy.backend.common import BytesFromPath
 from polygraphy.backend.onnxrt import OnnxrtRunner
@@ -22,10 +19,15 @@ from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 from polygraphy.common import TensorMetadata
 
 from kvplan.export.exporter import TORCH_DTYPES, output_names
+from kvplan.lazy import lazy_import
 from kvplan.runtime.ort_session import session as onnx_session
 from kvplan.trt.backend import version_tuple
 from kvplan.validate.points import own_columns, to_feed_value, to_kv_format
 from kvplan.validate.reference import slice_decoder
+
+ort = lazy_import("onnxruntime")
+polygraphy = lazy_import("polygraphy")
+torch = lazy_import("torch")
 
 REFERENCE, EXPORT, FUSED, TENSORRT = "pytorch", "onnxrt-export", "onnxrt-fused", "tensorrt"
 

@@ -12,14 +12,15 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from kvplan.errors import GraphError, UserError
 from kvplan.export.exporter import output_names
+from kvplan.lazy import lazy_import
 from kvplan.models.presets import tensor_shapes
 from kvplan.validate import points as pts
 from kvplan.validate import ranges, stream
 from kvplan.validate import runners as rn
+
+torch = lazy_import("torch")
 
 # Layer ranges hold about this many bytes of weights each (``--layer-ranges auto``): a few times
 # one layer of a small model, one layer of a large one.

@@ -12,13 +12,15 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import torch
 
 from kvplan import cache_io
 from kvplan.export.exporter import causal_mask, output_names
+from kvplan.lazy import lazy_import
 from kvplan.pipeline import release_memory
 from kvplan.validate.points import as_float32
 from kvplan.validate.reference import HFReference
+
+torch = lazy_import("torch")
 
 
 def tightest_profile(shapes, n: int, last: int) -> int:

@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-import torch
-
 from kvplan.errors import UserError
+from kvplan.lazy import lazy_import
 from kvplan.validate.reference import reference_embedding
+
+torch = lazy_import("torch")
 
 SHIPPED_TEXT = "validation_text.txt"
 

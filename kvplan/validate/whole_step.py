@@ -13,13 +13,15 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import torch
 
 from kvplan.embed_head.stage import end_graphs
+from kvplan.lazy import lazy_import
 from kvplan.quantize.rtn import quantize_linear
 from kvplan.runtime.onnx import Graphs, OnnxModel
 from kvplan.runtime.steps import chunk_size, positions
 from kvplan.validate.reference import HFReference
+
+torch = lazy_import("torch")
 
 
 def _reference(source, profile, int4_group: int) -> HFReference:

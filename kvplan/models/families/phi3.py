@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import re
 
-import torch
-
 from kvplan.config import DecoderConfig
+from kvplan.lazy import lazy_import
 from kvplan.models.families.registry import Family, Fields, register, window
+
+torch = lazy_import("torch")
 
 _QKV = re.compile(r"(layers\.\d+\.self_attn\.)([qkv])_proj\.weight$")
 _GATE_UP = re.compile(r"(layers\.\d+\.mlp\.)(gate|up)_proj\.weight$")

@@ -11,10 +11,11 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
-import torch
-
 from kvplan.config import DecoderConfig
 from kvplan.errors import ConfigError
+from kvplan.lazy import lazy_import
+
+torch = lazy_import("torch")
 
 FAMILIES: dict[str, "Family"] = {}
 

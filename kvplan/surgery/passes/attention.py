@@ -41,9 +41,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
-import onnx_graphsurgeon as gs
 
+from kvplan.lazy import lazy_import
 from kvplan.surgery.framework import Pass
 from kvplan.surgery.graphutil import (
     const_value,
@@ -60,7 +59,10 @@ from kvplan.surgery.graphutil import (
 )
 from kvplan.surgery.pattern import Match
 
-F32 = onnx.TensorProto.FLOAT
+onnx = lazy_import("onnx")
+gs = lazy_import("onnx_graphsurgeon")
+
+F32 = 1                     # onnx.TensorProto.FLOAT (the ONNX standard's number)
 
 
 def _same_dim(a, b) -> bool:

@@ -20,9 +20,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
-import onnx_graphsurgeon as gs
 
+from kvplan.lazy import lazy_import
 from kvplan.surgery.framework import Pass
 from kvplan.surgery.graphutil import (
     const_value,
@@ -41,8 +40,11 @@ from kvplan.surgery.graphutil import (
 )
 from kvplan.surgery.pattern import Match
 
-F32 = onnx.TensorProto.FLOAT
-ISLAND_TYPES = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+onnx = lazy_import("onnx")
+gs = lazy_import("onnx_graphsurgeon")
+
+F32 = 1                     # onnx.TensorProto.FLOAT (the ONNX standard's number)
+ISLAND_TYPES = (10, 16)      # onnx.TensorProto.FLOAT16, BFLOAT16
 
 
 PATTERN = "the norm, so the pattern cannot be replaced"

@@ -22,8 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
+from kvplan.lazy import lazy_import
 from kvplan.surgery.framework import Pass
 from kvplan.surgery.graphutil import (
     const_value,
@@ -40,6 +40,8 @@ from kvplan.surgery.graphutil import (
     unique_name,
 )
 from kvplan.surgery.pattern import Match
+
+gs = lazy_import("onnx_graphsurgeon")
 
 PATTERN = "the rotary pattern"
 
