@@ -18,21 +18,19 @@ from types import ModuleType
 
 class _Lazy(ModuleType):
     """Stands for a module until an attribute is asked for, then imports it the usual way (so the
-    import system, circular imports included, sees nothing unusual) and takes its namespace."""
+    import system, circular imports included, sees nothing unusual). Every attribute is read from
+    the real module each time, never copied: a name the module rebinds later (a test's monkeypatch)
+    is seen as rebound."""
 
     def __init__(self, name: str):
         super().__init__(name)
         self.__dict__["_kvplan_lazy_target"] = name
 
-    def _load(self) -> ModuleType:
-        module = importlib.import_module(self.__dict__["_kvplan_lazy_target"])
-        self.__dict__.update(module.__dict__)
-        self.__dict__["_kvplan_lazy_module"] = module
-        return module
-
     def __getattr__(self, attr: str):
-        module = self.__dict__.get("_kvplan_lazy_module") or self._load()
-        return getattr(module, attr)
+        return getattr(importlib.import_module(self.__dict__["_kvplan_lazy_target"]), attr)
+
+    def __setattr__(self, attr: str, value) -> None:
+        setattr(importlib.import_module(self.__dict__["_kvplan_lazy_target"]), attr, value)
 
 
 def lazy_import(name: str) -> ModuleType:

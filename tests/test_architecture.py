@@ -16,7 +16,8 @@ PACKAGE = ROOT / "kvplan"
 # Lower layers never import higher ones. Stages in the order they run; profiles (which checks
 # pass names against the surgery registry) sits above surgery; target and cli above everything.
 LAYERS = [
-    {"kvplan", "kvplan.errors", "kvplan.lazy", "kvplan.fileio", "kvplan.sources", "kvplan.config", "kvplan.kv_write",
+    {"kvplan", "kvplan.errors", "kvplan.lazy", "kvplan.stack", "kvplan.fileio", "kvplan.sources", "kvplan.config",
+     "kvplan.kv_write",
      "kvplan.cache_io", "kvplan.decoder", "kvplan.manifest", "kvplan.pipeline"},
     {"kvplan.models"},
     {"kvplan.export"},

@@ -8,7 +8,6 @@ import pytest
 
 from kvplan import target as engines
 from kvplan.cli import build_main as main
-from kvplan.export import stage as export_stage
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -77,7 +76,7 @@ def test_interrupted_export_leaves_no_artifact_and_no_claim(tmp_path, capsys, mo
     def exploding_export(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(export_stage, "export_pack", exploding_export)
+    monkeypatch.setattr("kvplan.export.exporter.export_pack", exploding_export)
     code, _, err = run(capsys, "--model", "tiny-llama", "--profile", "fp32", "--out", str(tmp_path), "--stop-after", "export")
     assert code == 130 and "interrupted" in err
     target = tmp_path / "tiny-llama" / "fp32"

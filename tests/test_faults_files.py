@@ -76,13 +76,13 @@ def test_the_quantized_weights_writer_makes_no_temporary_but_marked_ones(tmp_pat
     """While safetensors writes (its own temporary file included) the directory holds nothing a
     rerun would not recognise as a leftover; afterwards only the final file."""
     seen: list[str] = []
-    real = weights.save_file
+    real = weights.safetensors_torch.save_file
 
     def save_and_look(tensors, filename, metadata=None):
         real(tensors, filename, metadata=metadata)
         seen.extend(p.name for p in tmp_path.iterdir())
 
-    monkeypatch.setattr(weights, "save_file", save_and_look)
+    monkeypatch.setattr("safetensors.torch.save_file", save_and_look)
     Quantized(replaced={"norm.weight": torch.ones(64)}).save(tmp_path / "quantized.safetensors")
     assert seen and all(TEMP_MARK in name for name in seen), seen
     assert _everything(tmp_path) == ["quantized.safetensors"]

@@ -140,14 +140,13 @@ class TestIncremental:
 
 
 def test_build_killed_midway_leaves_no_plan_and_no_claim(tmp_path, monkeypatch, capsys):
-    import kvplan.trt.stage as engine_stage  # the engines stage calls the build_engine it imported
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
     profile = variant(tmp_path, "fp32", batch=1)
     build(tmp_path, profile)                    # a good build first: its claim must be withdrawn
-    monkeypatch.setattr(engine_stage, "build_engine", killed)
+    monkeypatch.setattr("kvplan.trt.build.build_engine", killed)
     assert main(["--model", "tiny-llama", "--profile", profile, "--out", str(tmp_path), "--force"]) == 130
     target = tmp_path / "tiny-llama" / Path(profile).stem
     manifest = json.loads((target / "manifest.json").read_text())

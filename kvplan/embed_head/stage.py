@@ -18,7 +18,7 @@ from kvplan.models import families
 from kvplan.sources import source_digest
 
 graphs_mod = lazy_import("kvplan.embed_head.graphs")
-tts = lazy_import("kvplan.embed_head.tts")
+tts_graphs = lazy_import("kvplan.embed_head.tts")
 quantize_graph = lazy_import("kvplan.quantize.graph")
 onnx_ir = lazy_import("onnx_ir")
 torch = lazy_import("torch")
@@ -68,8 +68,8 @@ class EmbedHeadStage:
             if self.source.read_lm is None and self.source.read_embedding is not None:
                 graphs.append(graphs_mod.embed_graph(self.source.read_embedding(), 1.0, p.dtype, p.export.batch_dim))
             tts = self.source.read_tts()
-            graphs += [tts.audio_embed_graph(tts["emb_code"], p.dtype, p.export.batch_dim),
-                       tts.audio_head_graph(tts["head_code"], p.dtype, p.export.batch_dim, last_only=p.head.last_only)]
+            graphs += [tts_graphs.audio_embed_graph(tts["emb_code"], p.dtype, p.export.batch_dim),
+                       tts_graphs.audio_head_graph(tts["head_code"], p.dtype, p.export.batch_dim, last_only=p.head.last_only)]
         return graphs
 
     def text_graphs(self) -> list:
