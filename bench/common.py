@@ -158,8 +158,9 @@ def write_results(stem: str, result: dict, lines: list[str]) -> str:
     results.mkdir(parents=True, exist_ok=True)
     base = results / f"{stem}-{result['date']}"
     table = "\n".join(lines) + "\n"
-    base.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    base.with_suffix(".md").write_text(table)
+    # Not with_suffix: a stem holding dots (llama3.2-1b-shape) would lose what follows the first.
+    base.with_name(base.name + ".json").write_text(json.dumps(result, indent=2) + "\n")
+    base.with_name(base.name + ".md").write_text(table)
     print(table)
     return table
 
