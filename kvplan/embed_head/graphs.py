@@ -20,7 +20,6 @@ from kvplan.lazy import lazy_import
 from kvplan.quantize.graph import NP_DTYPES, _const, _int4_const, _to_np
 from kvplan.quantize.rtn import quantize_linear
 
-ml_dtypes = lazy_import("ml_dtypes")
 ir = lazy_import("onnx_ir")
 torch = lazy_import("torch")
 
@@ -159,4 +158,4 @@ def int4_bytes(vocab: int, hidden: int, group: int, dtype_bytes: int = 2) -> int
     return vocab * hidden // 2 + vocab * (hidden // group) * dtype_bytes
 
 
-__all__ = ["Graph", "embed_graph", "head_graph", "int4_bytes", "ml_dtypes"]
+__all__ = ["Graph", "embed_graph", "head_graph", "int4_bytes"]

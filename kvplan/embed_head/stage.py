@@ -20,7 +20,6 @@ from kvplan.sources import source_digest
 graphs_mod = lazy_import("kvplan.embed_head.graphs")
 tts_graphs = lazy_import("kvplan.embed_head.tts")
 quantize_graph = lazy_import("kvplan.quantize.graph")
-onnx_ir = lazy_import("onnx_ir")
 torch = lazy_import("torch")
 
 MODULE = "kvplan.embed_head.stage"

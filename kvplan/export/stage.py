@@ -17,7 +17,6 @@ from kvplan.stack import export_specs, io_contract, pack_file_names
 
 exporter = lazy_import("kvplan.export.exporter")
 trace_cache = lazy_import("kvplan.export.trace_cache")
-onnxscript = lazy_import("onnxscript")
 torch = lazy_import("torch")
 
 MODULE = "kvplan.export.stage"

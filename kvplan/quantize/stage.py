@@ -27,7 +27,6 @@ checkpoint = lazy_import("kvplan.quantize.checkpoint")
 graph = lazy_import("kvplan.quantize.graph")
 rtn = lazy_import("kvplan.quantize.rtn")
 weights_mod = lazy_import("kvplan.quantize.weights")
-torch = lazy_import("torch")
 
 
 def quantize_rtn(source, settings: Quantize, log: Callable[[str], None] = print) -> "weights_mod.Quantized":

@@ -15,7 +15,6 @@ from kvplan.sources import source_digest
 from kvplan.stack import pack_file_names
 
 surgery_fileio = lazy_import("kvplan.surgery.fileio")
-onnx = lazy_import("onnx")
 
 MODULE = "kvplan.surgery.stage"
 
