@@ -16,11 +16,15 @@ import numpy as np
 
 from kvplan.embed_head.stage import end_graphs
 from kvplan.errors import BackendError, UserError
+from kvplan.lazy import lazy_import
 from kvplan.runtime import onnx as ort_model
 from kvplan.runtime.cache import Traffic
 from kvplan.runtime.steps import chunk_size, positions
 from kvplan.stack import export_specs
 from kvplan.trt.backend import select_backend
+
+# Loaded only where plans are to run: it imports TensorRT through Polygraphy.
+trt_model = lazy_import("kvplan.validate.trt_model")
 
 
 @dataclass(frozen=True)
@@ -189,8 +193,6 @@ def _model(source, profile, target, manifest, packs, options: GenerateOptions, l
 
 
 def _tensorrt_model(engines: dict, source, profile, target):
-    # Imported only where plans are to run: it loads TensorRT through Polygraphy.
-    from kvplan.validate.trt_model import TensorRtModel
     try:
         backend = select_backend(engines.get("backend", "auto"))
     except BackendError as e:
@@ -200,7 +202,7 @@ def _tensorrt_model(engines: dict, source, profile, target):
     plans = sorted((a for a in engines["artifacts"] if "pack" in a), key=lambda a: a["pack"])
     ends = {a["graph"]: target / a["path"] for a in engines["artifacts"] if "graph" in a}
     try:
-        return TensorRtModel([target / a["path"] for a in plans], ends["embed"], ends["head"],
+        return trt_model.TensorRtModel([target / a["path"] for a in plans], ends["embed"], ends["head"],
                              export_specs(source.config, profile.export), profile, backend, source.config), ""
     except RuntimeError as e:
         return None, str(e)

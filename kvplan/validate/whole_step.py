@@ -30,9 +30,7 @@ def _reference(source, profile, int4_group: int) -> HFReference:
     if int4_group:        # the head graph's own values
         w = ref.model.lm_head.weight.data
         ql = quantize_linear("lm_head.weight", w, int4_group)
-        k, n = ql.q.shape
-        deq = (ql.q.to(torch.float32).reshape(k // ql.group_size, ql.group_size, n) * ql.scale[:, None, :])
-        ref.model.lm_head.weight = torch.nn.Parameter(deq.reshape(k, n).t().contiguous(), requires_grad=False)
+        ref.model.lm_head.weight = torch.nn.Parameter(ql.dequantized(), requires_grad=False)
     return ref
 
 
