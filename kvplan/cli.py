@@ -77,9 +77,8 @@ def build_parser(prog: str = "kvplan build") -> argparse.ArgumentParser:
                    help="after building, check every stage's numbers (same as kvplan validate)")
     p.add_argument("--text", type=Path, default=None, metavar="FILE", help="with --validate: " + TEXT_HELP)
     p.add_argument("--force", action="store_true", help="rebuild every stage even when its inputs are unchanged")
-    p.add_argument("--no-trace-cache", action="store_true",
-                   help="trace the decoder pieces afresh and do not store them (default: reuse traces kept under "
-                        "$KVPLAN_CACHE_DIR, else $XDG_CACHE_HOME/kvplan, else ~/.cache/kvplan)")
+    # Kept so that scripts written for the traced exporter keep working: nothing is traced now.
+    p.add_argument("--no-trace-cache", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--allow-nonfinite-weights", action="store_true",
                    help="export weights holding NaN or infinite values, or values beyond the profile dtype's range "
                         "(infinite once cast), instead of refusing them; the manifest records it, and validation "
@@ -245,9 +244,10 @@ def _build(args: argparse.Namespace) -> int:
         raise UserError("--text is what validation feeds the model: it needs --validate")
     if args.text is not None:
         validate_tokens.read_text(args.text)          # a file that cannot be read fails before the build, not minutes after
+    if args.no_trace_cache:
+        _log("kvplan: --no-trace-cache has no effect: the exporter writes the graph directly and traces nothing")
     options = target_mod.BuildOptions(backend=args.backend, no_surgery=args.no_surgery, stop_after=args.stop_after,
-                                      no_trace_cache=args.no_trace_cache, force=args.force,
-                                      shapes=tuple(args.shapes), allow_nonfinite=args.allow_nonfinite_weights)
+                                      force=args.force, shapes=tuple(args.shapes), allow_nonfinite=args.allow_nonfinite_weights)
     target_mod.build(args.model, args.profile, args.out, options, log=_log)
     if args.validate:
         return target_mod.validate_target(args.model, args.profile, args.out, validate_run.ValidateOptions(text=args.text),

@@ -186,6 +186,10 @@ def write_streamed(head: onnx.ModelProto, tensors: Callable[[], Iterable[onnx.Te
     entries may be spread out, so the file is written as the model without its graph, then
     the graph field: the graph's own bytes followed by one initializer entry per tensor,
     each serialized when it is written. ``tensors`` is called twice (sizes, then bytes).
+
+    An entry may be any object with ``ByteSize()`` and either ``write_to(f)`` (writes exactly
+    that many bytes: an array's bytes written from its own buffer, an entry copied from another
+    file) or ``SerializeToString()``, as a TensorProto has.
     """
     rest = onnx.ModelProto()
     rest.CopyFrom(head)
@@ -197,11 +201,17 @@ def write_streamed(head: onnx.ModelProto, tensors: Callable[[], Iterable[onnx.Te
     f.write(field_header(GRAPH_FIELD, graph_len))
     f.write(graph)
     for size, t in zip(sizes, tensors()):
-        data = t.SerializeToString()
-        if len(data) != size:
-            raise RuntimeError(f"initializer {t.name!r} serialized to {len(data)} bytes, {size} expected")
         f.write(field_header(INITIALIZER_FIELD, size))
-        f.write(data)
+        if hasattr(t, "write_to"):
+            start = f.tell()
+            t.write_to(f)
+            written = f.tell() - start
+        else:
+            data = t.SerializeToString()
+            written = len(data)
+            f.write(data)
+        if written != size:
+            raise RuntimeError(f"initializer {t.name!r} serialized to {written} bytes, {size} expected")
 
 
 def umask() -> int:

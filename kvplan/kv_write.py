@@ -1,28 +1,17 @@
-"""The in-place cache write of ``kv_io = "inplace"``: a torch op for the decoder, and its ONNX form.
+"""The in-place cache write of ``kv_io = "inplace"`` as a torch op, for kvplan's torch decoder.
 
 ONNX spells "write these N rows into the cache buffer at row ``write_indices[b]``" as
-TensorScatter (opset 24), which TensorRT's parser maps to its KV-cache update layer:
-the output shares the cache input's memory, so a step writes N rows per layer and
-copies nothing else. torch has no such op, so the decoder calls ``kv_write``, a
-custom op with an eager implementation (the reference semantics) and a translation
-for the exporter.
-
-The exporter emits opset 23 and cannot place an opset-24 op in that graph, so the
-translation writes the node in a private domain with TensorScatter's own signature;
-``adopt`` moves it into the default domain at opset 24 once the piece is traced.
+TensorScatter (opset 24), which TensorRT's parser maps to its KV-cache update layer: the
+output shares the cache input's memory, so a step writes N rows per layer and copies nothing
+else. The exported graph writes that node directly (kvplan/export/emit.py); torch has no such
+op, so the torch decoder (the PyTorch side of validation) calls this one: its eager
+implementation is the reference semantics.
 """
 from __future__ import annotations
 
-from onnxscript import values
-
 from kvplan.lazy import lazy_import
 
-onnx = lazy_import("onnx")
-ir = lazy_import("onnx_ir")
 torch = lazy_import("torch")
-
-OPSET = 24                    # TensorScatter's first version
-PENDING_DOMAIN = "kvplan.pending"
 
 
 @torch.library.custom_op("kvplan::kv_write", mutates_args=())
@@ -41,40 +30,3 @@ def kv_write(cache: torch.Tensor, update: torch.Tensor, write_indices: torch.Ten
 @kv_write.register_fake
 def _(cache, update, write_indices, axis):
     return torch.empty_like(cache)
-
-
-def _pending_schema() -> onnx.defs.OpSchema:
-    real = onnx.defs.get_schema("TensorScatter", OPSET)
-    param = onnx.defs.OpSchema.FormalParameter
-    return onnx.defs.OpSchema(
-        "TensorScatter", PENDING_DOMAIN, 1,
-        inputs=[param(p.name, p.type_str, param_option=p.option) for p in real.inputs],
-        outputs=[param(p.name, p.type_str) for p in real.outputs],
-        type_constraints=[(t.type_param_str, list(t.allowed_type_strs), "") for t in real.type_constraints],
-        attributes=[onnx.defs.OpSchema.Attribute(a.name, a.type, a.description) for a in real.attributes.values()])
-
-
-_TENSOR_SCATTER = values.Op(values.Opset(PENDING_DOMAIN, 1), "TensorScatter", _pending_schema())
-
-
-def _kv_write_onnx(cache, update, write_indices, axis: int):
-    return _TENSOR_SCATTER(cache, update, write_indices, axis=axis, mode="linear")
-
-
-TRANSLATIONS = {torch.ops.kvplan.kv_write.default: _kv_write_onnx}
-
-
-def adopt(model: ir.Model) -> bool:
-    """Move pending TensorScatter nodes into the default domain (raising the model to opset 24).
-
-    Opset 24 changed no op this exporter emits except by adding element types, so the
-    rest of the graph means the same. Returns whether there was anything to move.
-    """
-    nodes = [n for n in model.graph if n.domain == PENDING_DOMAIN]
-    for node in nodes:
-        node.domain, node.version = "", None
-    model.opset_imports.pop(PENDING_DOMAIN, None)
-    model.graph.opset_imports.pop(PENDING_DOMAIN, None)
-    if nodes:
-        model.opset_imports[""] = max(model.opset_imports.get("", 0), OPSET)
-    return bool(nodes)

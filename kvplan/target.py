@@ -49,7 +49,6 @@ class BuildOptions:
     backend: str = "auto"
     no_surgery: bool = False
     stop_after: str | None = None
-    no_trace_cache: bool = False
     force: bool = False
     shapes: tuple[str, ...] = ()     # --shapes overrides, NAME:N=a,b,c:lastSum=a,b,c
     allow_nonfinite: bool = False    # export weights holding NaN/inf instead of refusing them
@@ -75,7 +74,7 @@ def resolve_target(model: str, profile_name: str, out: Path, shapes: tuple[str, 
 def build_stages(source, profile, target: Path, options: BuildOptions, log) -> list:
     """The target's stages in build order, each its own module's class (kvplan.pipeline runs them)."""
     stages: list = [ExportStage(source, profile, target, allow_nonfinite=options.allow_nonfinite,
-                                trace_cache=not options.no_trace_cache, log=log)]
+                                log=log)]
     quantize = QuantizeStage.of(source, profile, target, log)
     if quantize is not None:
         stages.append(quantize)

@@ -17,15 +17,6 @@ from kvplan.trt.backend import BackendError, select_backend  # noqa: E402
 from kvplan.validate.onnx_stack import Pack  # noqa: E402
 
 
-@pytest.fixture(scope="session", autouse=True)
-def private_trace_cache(tmp_path_factory):
-    """Builds under test (in process or in subprocesses) keep their traces in a directory of
-    this session's, never in the user's cache."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("KVPLAN_CACHE_DIR", str(tmp_path_factory.mktemp("trace-cache")))
-        yield
-
-
 @pytest.fixture(scope="session")
 def export_tiny(tmp_path_factory):
     """export_tiny(preset, dtype="float32", kv_format=0, pack=0) -> list[Pack], cached per session."""

@@ -81,8 +81,8 @@ def test_a_plan_the_disk_could_not_hold_never_carries_its_name(tiny, tmp_path, m
     assert _leftovers(tmp_path) == []
 
 
-def _start_build(out: Path, cache: Path, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "KVPLAN_CACHE_DIR": str(cache), "PYTHONUNBUFFERED": "1"}
+def _start_build(out: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "build.engines", "--model", "tiny-llama", "--profile", "fp32",
                              "--out", str(out), *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -100,7 +100,7 @@ def _wait_for(proc: subprocess.Popen, marker: str, seen: list[str], timeout: flo
 
 @pytest.mark.slow  # a real signal to a real build in a subprocess: about 25 s each
 def test_ctrl_c_during_the_engine_build_cancels_it_and_exits_130(tmp_path, backend):
-    proc = _start_build(tmp_path / "out", tmp_path / "cache")
+    proc = _start_build(tmp_path / "out")
     seen: list[str] = []
     _wait_for(proc, "[engines] building", seen)
     _wait_for(proc, "[build]", seen)          # the builder is running
@@ -119,7 +119,7 @@ def test_ctrl_c_during_the_engine_build_cancels_it_and_exits_130(tmp_path, backe
 def test_the_next_build_removes_what_a_killed_build_left(tmp_path, backend):
     """kill -9 while the plan's temporary file is being written; the rebuild removes it."""
     target = tmp_path / "out" / "tiny-llama" / "fp32"
-    proc = _start_build(tmp_path / "out", tmp_path / "cache")
+    proc = _start_build(tmp_path / "out")
     seen: list[str] = []
     _wait_for(proc, "[engines] building", seen)
     end = time.monotonic() + 120
@@ -130,7 +130,7 @@ def test_the_next_build_removes_what_a_killed_build_left(tmp_path, backend):
     proc.wait()
     left = [p.name for p in target.iterdir() if TEMP_MARK in p.name]
     assert left, "the kill left nothing to clean (it came too late)"
-    rerun = _start_build(tmp_path / "out", tmp_path / "cache", "--stop-after", "surgery")
+    rerun = _start_build(tmp_path / "out", "--stop-after", "surgery")
     out, _ = rerun.communicate(timeout=240)
     assert rerun.returncode == 0, out
     assert "removed 1 temporary file(s)" in out or "removed" in out

@@ -24,7 +24,7 @@ from kvplan.cli import build_main
 from kvplan.decoder import pack_specs
 from kvplan.errors import QuantizeError
 from kvplan.export import export_pack
-from kvplan.export.stitch import LINEAR_MARK
+from kvplan.export.emit import LINEAR_MARK
 from kvplan.models import resolve
 from kvplan.profiles import Quantize
 from kvplan.quantize.graph import quantize_graph

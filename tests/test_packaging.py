@@ -57,7 +57,7 @@ def fresh_venv(tmp_path_factory):
         [wheel] = out.glob("kvplan-*.whl")
         wheels.append(wheel)
     _run([py, "-m", "pip", "install", "-q", "--no-deps", wheels[0]], cwd=base)
-    env = {**os.environ, "KVPLAN_CACHE_DIR": str(base / "cache")}
+    env = dict(os.environ)
     env.pop("PYTHONPATH", None)
     return {"base": base, "venv": venv, "py": py, "wheels": wheels, "env": env}
 

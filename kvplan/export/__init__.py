@@ -1,8 +1,7 @@
-"""Export stage: kvplan's decoder module -> ONNX with a flattened KV cache.
+"""Export stage: a decoder's layers -> ONNX with a flattened KV cache.
 
-Modules: ``exporter`` (one pack of layers to one ONNX file, the I/O contract),
-``stitch`` (trace three pieces once, assemble the stack from copies) and
-``trace_cache`` (traced pieces kept on disk between builds).
+Modules: ``exporter`` (one pack of layers to one ONNX file, the I/O contract, the weights'
+checks), ``emit`` (the graph written op by op) and ``stage`` (the pipeline stage).
 """
 from kvplan.lazy import lazy_import
 

@@ -1,41 +1,47 @@
 """Export: a decoder stack (one pack of layers) to ONNX with a flattened KV cache.
 
-Exporter choice: torch.export-based (``dynamo=True``). It is the maintained
-exporter (the TorchScript one is deprecated), it emits opset 23 directly, so the
-fused ops the surgery stage writes (RMSNormalization, RotaryEmbedding, Attention)
-need no version conversion afterwards, and after constant folding its graphs
-carry weights as initializers with no Constant-node clutter. It traces slowly
-(seconds per layer), so we trace one layer and stitch copies (kvplan/export/stitch.py),
-and we name the graph's dynamic axes N, lastSum and sumN ourselves instead of the
-tracer's private symbols.
+The graph is written op by op (kvplan/export/emit.py), opset 23 (24 with the in-place
+cache write), so the fused ops the surgery stage writes (RMSNormalization,
+RotaryEmbedding, Attention) need no version conversion afterwards. Weights are
+initializers, each linear's stored transposed for its MatMul; the graph's dynamic axes
+are named N, lastSum and sumN (and B for a dynamic batch), the names deployment code
+and trtexec shape strings use.
 """
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from kvplan.config import DecoderConfig
-from kvplan.decoder import DecoderStack, StackSpec, pack_specs
 from kvplan.errors import ExportError
-from kvplan.export.stitch import LINEAR_MARK, Stitcher, finish, torch_to_ir, trace_pieces
-from kvplan.export.trace_cache import TraceCache
-from kvplan.fileio import atomic_directory, write_streamed
+from kvplan.export import emit
+from kvplan.export.emit import LINEAR_MARK
+from kvplan.fileio import atomic_directory, field_header, write_streamed
 from kvplan.lazy import lazy_import
 from kvplan.models import ModelSource
 from kvplan.models.presets import tensor_shapes
-from kvplan.stack import input_names, io_contract, kv_shape, output_names, pack_file_names  # noqa: F401
+from kvplan.stack import (  # noqa: F401
+    StackSpec,
+    input_names,
+    io_contract,
+    kv_shape,
+    layer_tensor_shapes,
+    output_names,
+    pack_file_names,
+    pack_specs,
+)
 
 onnx = lazy_import("onnx")
 ir = lazy_import("onnx_ir")
+ml_dtypes = lazy_import("ml_dtypes")
 torch = lazy_import("torch")
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 OPSET = 23
+RAW_DATA_FIELD = 9          # TensorProto.raw_data
 # protobuf refuses messages over 2 GiB; stay clearly below it.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
@@ -102,8 +108,7 @@ def _graph_value(name: str, info: dict) -> ir.Value:
 
 
 def _layer_weight_names(cfg: DecoderConfig, layer: int) -> list[str]:
-    prefix = f"layers.{layer}."
-    return [n for n in _stack_tensor_names(cfg, StackSpec(layer, layer + 1, False)) if n.startswith(prefix)]
+    return list(layer_tensor_shapes(cfg, layer))
 
 
 def checked_weight(source: ModelSource, name: str, t: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype,
@@ -136,59 +141,52 @@ def checked_weight(source: ModelSource, name: str, t: torch.Tensor, shape: tuple
     return cast
 
 
-def build_pack_model(source: ModelSource, spec: StackSpec, dtype: str, batch: int | str,
-                     trace_cache: TraceCache | None = None, log=print,
+def build_pack_model(source: ModelSource, spec: StackSpec, dtype: str, batch: int | str, log=print,
                      allow_nonfinite: bool = False) -> tuple[ir.Model, int]:
-    """The pack's ONNX model (in memory) and its weight bytes."""
+    """The pack's ONNX model (in memory, written op by op: kvplan/export/emit.py) and its weight bytes."""
     cfg = source.config
     shapes = tensor_shapes(cfg)
     tdtype = TORCH_DTYPES[dtype]
-    t0 = time.perf_counter()
-    hits, stores = (len(trace_cache.hits), len(trace_cache.stored)) if trace_cache else (0, 0)
-    pieces = trace_pieces(cfg, spec, tdtype, batch, lambda: {
-        n.split(".", 2)[2]: checked_weight(source, n, t, shapes[n], tdtype, allow_nonfinite)
-        for n, t in source.read_tensors(_layer_weight_names(cfg, spec.first_layer)).items()},
-        cache=trace_cache, log=log)
-    if trace_cache is not None:
-        loaded, stored = trace_cache.hits[hits:], trace_cache.stored[stores:]
-        how = (f"traced in {time.perf_counter() - t0:.1f} s and stored" if stored else
-               "loaded from the trace cache" if loaded else "reused from this process")
-        log(f"[export] pieces {', '.join(pieces)}: {how} ({trace_cache.directory})")
     contract = io_contract(cfg, spec, batch, dtype)
     inputs = {name: _graph_value(name, info) for name, info in contract["inputs"].items()}
-    st = Stitcher(list(inputs.values()))
-    cos, sin = st.add(pieces["rotary"], "rotary/", [inputs["position_ids"]])
+    e = emit.Emitter(list(inputs.values()), dtype, emit.INPLACE_OPSET if spec.kv_io == "inplace" else OPSET)
+    cos, sin = emit.rotary(e, cfg, inputs["position_ids"])
     x, outputs, weight_bytes = inputs["hidden_in"], {}, 0
-    extra = [inputs["write_indices"]] if spec.kv_io == "inplace" else []
+
+    def bind(name: str, t: torch.Tensor) -> ir.Value:
+        nonlocal weight_bytes
+        t = checked_weight(source, name, t, shapes[name], tdtype, allow_nonfinite)
+        weight_bytes += t.numel() * t.element_size()
+        if name.endswith("_proj.weight"):
+            # MatMul multiplies by W^T [in, out]: transposed once here, not by a node of the graph.
+            return e.initializer(name + ".T", torch_to_ir(t.t().contiguous(), name + ".T"))
+        return e.initializer(name, torch_to_ir(t, name))
+
     for i in spec.layers:
-        tensors = source.read_tensors(_layer_weight_names(cfg, i))
-        # One layer's weights converted at a time: the source's copy of a layer is
+        # One layer's weights read and converted at a time: the source's copy of a layer is
         # dropped before the next one is read.
-        bound = {}
-        for name, t in tensors.items():
-            t = checked_weight(source, name, t, shapes[name], tdtype, allow_nonfinite)
-            weight_bytes += t.numel() * t.element_size()
-            bound["layer." + name.split(".", 2)[2]] = (name, torch_to_ir(t, name))
-        del tensors
-        x, k, v = st.add(pieces["layer"], f"layers.{i}/", [x, inputs["attention_mask"], cos, sin,
-                                                            inputs[f"past_key_in{i}"], inputs[f"past_value_in{i}"],
-                                                            *extra],
-                         bind=bound.__getitem__)
+        weights = {name.split(".", 2)[2]: bind(name, t)
+                   for name, t in source.read_tensors(_layer_weight_names(cfg, i)).items()}
+        x, k, v = emit.layer(e, cfg, spec, batch, i, x, weights, inputs["attention_mask"], cos, sin,
+                             inputs[f"past_key_in{i}"], inputs[f"past_value_in{i}"], inputs.get("write_indices"))
         key_name, value_name = output_names(StackSpec(i, i + 1, False, spec.kv_format, spec.kv_io, spec.cache_len))[1:]
         outputs[key_name], outputs[value_name] = k, v
     if spec.final_norm:
         (norm_weight,) = source.read_tensors(["norm.weight"]).values()
-        norm_weight = checked_weight(source, "norm.weight", norm_weight, shapes["norm.weight"], tdtype,
-                                     allow_nonfinite)
-        weight_bytes += norm_weight.numel() * norm_weight.element_size()
-        (x,) = st.add(pieces["norm"], "norm/", [x], bind=lambda _: ("norm.weight", torch_to_ir(norm_weight, "norm.weight")))
+        x = emit.final_norm(e, cfg, x, bind("norm.weight", norm_weight))
     outputs = {"hidden_out": x, **outputs}
-    model = st.model(outputs)
-    for name, info in contract["outputs"].items():
-        value = outputs[name]
+    for name, value in outputs.items():
+        if value in e.graph.outputs or value.is_graph_input():
+            # One tensor is two outputs (or an input passed through): an Identity gives each its name.
+            e.scope = ""
+            value = e.op("Identity", value)
+        info = contract["outputs"][name]
+        value.name = name
         value.shape, value.type = ir.Shape(info["shape"]), ir.TensorType(IR_DTYPES[info["dtype"]])
-    finish(model, st.weight_names)
-    _check_linears(model, st.weight_names, where=source.path or source.name)
+        e.graph.outputs.append(value)
+    model = ir.Model(e.graph, ir_version=10, producer_name="kvplan")
+    _check_linears(model, {v.name.removesuffix(".T") for v in e.graph.initializers.values()},
+                   where=source.path or source.name)
     return model, weight_bytes
 
 
@@ -208,21 +206,13 @@ def _check_linears(model: ir.Model, weights: set[str], where) -> None:
 
 
 def export_pack(source: ModelSource, spec: StackSpec, dtype: str, batch: int | str, path: Path,
-                log=print, trace_cache: TraceCache | None = None, allow_nonfinite: bool = False) -> PackExport:
+                log=print, allow_nonfinite: bool = False) -> PackExport:
     """Export one pack to ``path`` (written to a temporary name, then renamed into place).
 
     ``batch``: a static batch size, or "B" for a dynamic batch axis (Export.batch_dim).
-
-    ``trace_cache``: where traced pieces are looked up and stored (build/trace_cache.py); None
-    traces (once per process) without one.
     """
     t0 = time.perf_counter()
-    notes: list[str] = []       # said after the exporter's stdout is ours again
-    with warnings.catch_warnings(), _quiet_exporter():
-        warnings.simplefilter("ignore")
-        model, weight_bytes = build_pack_model(source, spec, dtype, batch, trace_cache, notes.append, allow_nonfinite)
-    for note in notes if log else ():
-        log(note)
+    model, weight_bytes = build_pack_model(source, spec, dtype, batch, log, allow_nonfinite)
     external = weight_bytes > EXTERNAL_DATA_THRESHOLD
     with atomic_directory(path, companions=(path.name + ".data",)) as tmp:
         if external:
@@ -233,45 +223,40 @@ def export_pack(source: ModelSource, spec: StackSpec, dtype: str, batch: int | s
     return PackExport(spec, path, external, weight_bytes, time.perf_counter() - t0)
 
 
+def torch_to_ir(t: torch.Tensor, name: str) -> ir.Tensor:
+    t = t.detach().contiguous()
+    if t.dtype == torch.bfloat16:
+        return ir.Tensor(t.view(torch.uint16).numpy().view(ml_dtypes.bfloat16), name=name)
+    return ir.Tensor(t.numpy(), name=name)
+
+
 def save_streamed(model: ir.Model, path: Path) -> None:
-    """Save with the weights serialized one at a time (see kvplan.fileio.write_streamed): a
-    whole-model serialization holds two more copies of them."""
+    """Save with the weights written one at a time from their own buffers (see
+    kvplan.fileio.write_streamed): a whole-model serialization holds two more copies of them."""
     weights = list(model.graph.initializers.values())
     model.graph.initializers.clear()
     head = ir.serde.serialize_model(model)
-
-    def tensors():
-        for value in weights:
-            proto = onnx.TensorProto()
-            ir.serde.serialize_tensor_into(proto, value.const_value)
-            proto.name = value.name
-            yield proto
+    entries = [ArrayEntry(value.name, value.const_value) for value in weights]
     with open(path, "wb") as f:
-        write_streamed(head, tensors, f)
+        write_streamed(head, lambda: iter(entries), f)
 
 
-def _stack_tensor_names(cfg: DecoderConfig, spec: StackSpec) -> list[str]:
-    with torch.device("meta"):
-        stack = DecoderStack(cfg, spec)
-    return list(stack.state_dict())
+class ArrayEntry:
+    """One initializer entry (TensorProto with raw_data) whose values are written straight from
+    the tensor's array: the header fields serialized by protobuf, then the array's bytes."""
 
+    def __init__(self, name: str, tensor: ir.Tensor):
+        self.name, self.array = name, tensor.numpy()
+        head = onnx.TensorProto(name=name, dims=list(self.array.shape), data_type=int(tensor.dtype))
+        self.head = head.SerializeToString() + field_header(RAW_DATA_FIELD, self.array.nbytes)
 
-@contextlib.contextmanager
-def _quiet_exporter():
-    """The exporter prints its progress banners to stdout; keep our CLI output readable."""
-    buf = io.StringIO()
-    level = logging.getLogger("torch.onnx").level
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(buf):
-            yield
-    except Exception:
-        text = buf.getvalue().strip()
-        if text:
-            print(text)
-        raise
-    finally:
-        logging.getLogger("torch.onnx").setLevel(level)
+    def ByteSize(self) -> int:  # noqa: N802  (protobuf's name)
+        return len(self.head) + self.array.nbytes
+
+    def write_to(self, f) -> None:
+        f.write(self.head)
+        # Raw data is little-endian, as the array is on every machine kvplan runs on.
+        f.write(np.ascontiguousarray(self.array).reshape(-1).view(np.uint8).data)
 
 
 __all__ = ["export_pack", "pack_specs", "io_contract", "input_names", "output_names", "example_inputs",

@@ -1,7 +1,8 @@
 """The export stage: the decoder's packs of layers to ONNX, one file per pack.
 
 Its digest covers the model's files and config, the profile's [export] settings, whether
-non-finite weights were allowed, kvplan's export code and the tracing libraries' versions.
+non-finite weights were allowed, kvplan's export code and the versions of the libraries that
+cast the weights and write the graphs.
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from kvplan.sources import source_digest
 from kvplan.stack import export_specs, io_contract, pack_file_names
 
 exporter = lazy_import("kvplan.export.exporter")
-trace_cache = lazy_import("kvplan.export.trace_cache")
 torch = lazy_import("torch")
 
 MODULE = "kvplan.export.stage"
@@ -28,7 +28,6 @@ class ExportStage:
     profile: object                  # a kvplan.profiles.Profile: its export settings
     target: Path
     allow_nonfinite: bool = False
-    trace_cache: bool = True
     log: Callable[[str], None] = field(default=print, repr=False)
     name: str = "export"
 
@@ -42,21 +41,21 @@ class ExportStage:
         return {"model": self.source.fingerprint, "config": self.source.config.to_dict(), "dtype": p.dtype,
                 # The [export] section, with the batch axis as the graphs have it (a range's sizes are the engines').
                 "export": {**asdict(p.export), "batch": p.export.batch_dim}, "allow_nonfinite": self.allow_nonfinite,
-                "source": source_digest(MODULE), "torch": version("torch"), "onnxscript": version("onnxscript")}
+                "source": source_digest(MODULE), "onnx_ir": version("onnx-ir"),
+                # The weights are read and cast to the profile dtype with torch.
+                "torch": version("torch")}
 
     def build(self, _done: dict) -> dict:
         p, cfg, specs = self.profile, self.source.config, self.specs
-        cache = trace_cache.TraceCache(trace_cache.default_dir()) if self.trace_cache else None
         entries = []
         for pack, (spec, name) in enumerate(zip(specs, pack_file_names(len(specs)))):
             self.log(f"[export] layers {spec.first_layer}..{spec.last_layer - 1}"
                      f"{' + final norm' if spec.final_norm else ''} -> {name}")
             result = exporter.export_pack(self.source, spec, p.dtype, p.export.batch_dim, self.target / name, log=self.log,
-                                 trace_cache=cache, allow_nonfinite=self.allow_nonfinite)
+                                          allow_nonfinite=self.allow_nonfinite)
             self.log(f"[export] {name}: {result.weight_bytes / 2**20:.1f} MiB of weights in {result.seconds:.1f} s"
                      f"{' (external data)' if result.external_data else ''}, peak RSS {peak_rss_mib():.0f} MiB")
             entries.append(artifact(self.target, self.target / name, pack=pack,
                                     layers=[spec.first_layer, spec.last_layer], final_norm=spec.final_norm,
                                     io=io_contract(cfg, spec, p.export.batch_dim, p.dtype)))
-        return {"artifacts": entries, "weight_bytes": cfg.weight_count() * torch.finfo(exporter.TORCH_DTYPES[p.dtype]).bits // 8,
-                "trace_cache": cache.record() if cache else "off (--no-trace-cache)"}
+        return {"artifacts": entries, "weight_bytes": cfg.weight_count() * torch.finfo(exporter.TORCH_DTYPES[p.dtype]).bits // 8}

@@ -14,7 +14,7 @@ Two additions, both on the activation side so the DQ -> MatMul pair stays untouc
   order of the weight's rows.
 
 The linears are found by structure: the exporter marks each linear's MatMul with the name of the
-weight it computes (kvplan.export.stitch.LINEAR_MARK), and the marked MatMul's initializer is
+weight it computes (kvplan.export.emit.LINEAR_MARK), and the marked MatMul's initializer is
 checked to hold that weight's W^T byte for byte (the quantize stage reads the same source tensors
 the export bound). Which layers a graph holds comes from the export's record, never from which
 initializers survived deduplication.
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from kvplan.errors import QuantizeError
-from kvplan.export.stitch import LINEAR_MARK
+from kvplan.export.emit import LINEAR_MARK
 from kvplan.fileio import atomic_directory, write_streamed
 from kvplan.lazy import lazy_import
 from kvplan.quantize.lazy_onnx import load_lazy, tensor_proto
@@ -67,7 +67,7 @@ def _int4_const(name: str, q: torch.Tensor) -> ir.Value:
 class _Rewriter:
     def __init__(self, model: ir.Model, path: Path):
         self.model, self.graph, self.path = model, model.graph, path
-        # The exporter marks each linear's MatMul with its weight's name (kvplan.export.stitch).
+        # The exporter marks each linear's MatMul with its weight's name (kvplan.export.emit).
         self.linears: dict[str, ir.Node] = {}
         for node in self.graph:
             name = node.metadata_props.get(LINEAR_MARK)

@@ -89,11 +89,12 @@ def _skeleton(f, offset: int, length: int) -> onnx.TensorProto:
     return onnx.TensorProto.FromString(bytes(kept))
 
 
-def read_skeleton(path: Path) -> tuple[onnx.ModelProto, dict[str, tuple[int, int, onnx.TensorProto]]]:
+def read_skeleton(path: Path, error: type[Exception] = QuantizeError
+                  ) -> tuple[onnx.ModelProto, dict[str, tuple[int, int, onnx.TensorProto]]]:
     """``path``'s model with every large initializer entry a skeleton (no values), and each such
-    entry's (offset, length, skeleton) in the file, by name."""
+    entry's (offset, length, skeleton) in the file, by name. A file that is not ONNX raises ``error``."""
     size = path.stat().st_size
-    top, graph, lazy = bytearray(), bytearray(), {}
+    top, graph, lazy, seen_graph = bytearray(), bytearray(), {}, False
     try:
         with open(path, "rb") as f:
             for number, wire, start, offset, length in _fields(f, size):
@@ -102,6 +103,7 @@ def read_skeleton(path: Path) -> tuple[onnx.ModelProto, dict[str, tuple[int, int
                     top += f.read(offset + length - start)
                     continue
                 f.seek(offset)
+                seen_graph = True
                 for sub, sub_wire, s_start, s_offset, s_length in _fields(f, offset + length):
                     here = f.tell()
                     f.seek(s_start)
@@ -114,22 +116,28 @@ def read_skeleton(path: Path) -> tuple[onnx.ModelProto, dict[str, tuple[int, int
                         graph += f.read(s_offset + s_length - s_start)
                     f.seek(here)
     except (EOFError, ValueError) as e:
-        raise QuantizeError(f"{path}: not a readable ONNX file ({e})") from None
-    top += field_header(GRAPH_FIELD, len(graph)) + graph
+        raise error(f"{path}: not a readable ONNX file ({e})") from None
+    if seen_graph:
+        top += field_header(GRAPH_FIELD, len(graph)) + graph
     try:
         return onnx.ModelProto.FromString(bytes(top)), lazy
     except DecodeError as e:
-        raise QuantizeError(f"{path}: not a readable ONNX file ({e})") from None
+        raise error(f"{path}: not a readable ONNX file ({e})") from None
 
 
-def read_entry(path: Path, offset: int, length: int) -> onnx.TensorProto:
-    """The initializer entry of ``length`` bytes at ``offset`` of ``path``."""
+def read_bytes(path: Path, offset: int, length: int, error: type[Exception] = QuantizeError) -> bytes:
+    """The ``length`` bytes at ``offset`` of ``path`` (an entry's serialized form)."""
     with open(path, "rb") as f:
         f.seek(offset)
         data = f.read(length)
     if len(data) != length:
-        raise QuantizeError(f"{path}: truncated at byte {offset}")
-    return onnx.TensorProto.FromString(data)
+        raise error(f"{path}: truncated at byte {offset}")
+    return data
+
+
+def read_entry(path: Path, offset: int, length: int) -> onnx.TensorProto:
+    """The initializer entry of ``length`` bytes at ``offset`` of ``path``."""
+    return onnx.TensorProto.FromString(read_bytes(path, offset, length))
 
 
 def load_lazy(path: Path) -> ir.Model:

@@ -1,4 +1,10 @@
-"""surgery.fuse_file: load (external data too), run, write atomically."""
+"""surgery.fuse_file: load (external data too), run, write atomically.
+
+The passes never read the weights a MatMul multiplies by (kvplan.surgery.weights), so a file with
+its weights inline is read with those entries left in it (kvplan.quantize.lazy_onnx's wire-format
+walk) and the fused file gets each entry's bytes copied from the input, one at a time: no weight
+is parsed or serialized, and the fused graph's weights are the export's byte for byte.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,10 +15,13 @@ from google.protobuf.message import DecodeError
 from kvplan.errors import GraphError
 from kvplan.fileio import atomic_directory, write_streamed
 from kvplan.lazy import lazy_import
+from kvplan.quantize.lazy_onnx import read_bytes, read_entry, read_skeleton
 from kvplan.surgery.pipeline import PROTO_LIMIT, run
-from kvplan.surgery.weights import put_back, set_aside, take_back
+from kvplan.surgery.weights import SET_ASIDE_OPS, put_back, set_aside, take_back
 
 onnx = lazy_import("onnx")
+
+COPY_CHUNK = 1 << 24
 
 
 def fuse_file(in_path, out_path, passes: Sequence[str], log: Callable[[str], None] | None = print,
@@ -25,16 +34,7 @@ def fuse_file(in_path, out_path, passes: Sequence[str], log: Callable[[str], Non
     in_path, out_path = Path(in_path), Path(out_path)
     if not in_path.is_file():
         raise GraphError(f"{in_path}: no such ONNX file")
-    try:
-        model = onnx.load(str(in_path), load_external_data=True)
-    except (DecodeError, ValueError, OSError) as e:
-        raise GraphError(f"{in_path}: not a readable ONNX model ({type(e).__name__}: {e})") from None
-    if not model.HasField("graph"):
-        # Protobuf reads an empty file (or one of unrelated fields) as an empty model.
-        size = in_path.stat().st_size
-        what = f"{size} bytes holding no graph" if size else "an empty file"
-        raise GraphError(f"{in_path}: not an ONNX model ({what})")
-    aside = set_aside(model)
+    model, aside = _load(in_path)
     fused, report = run(model, passes, log=log)
     del model
     found = sum(r["fused"] for r in report["passes"].values())
@@ -45,6 +45,80 @@ def fuse_file(in_path, out_path, passes: Sequence[str], log: Callable[[str], Non
                          f"nothing written")
     write_atomic(fused, out_path, aside)
     return report
+
+
+def _load(path: Path) -> tuple[onnx.ModelProto, dict]:
+    """The model, with the weights only MatMul/Gemm read set aside (kvplan.surgery.weights)."""
+    try:
+        model, entries = read_skeleton(path, error=GraphError)
+    except GraphError:
+        model, entries = None, {}
+    if model is not None and not model.HasField("graph"):
+        model = None
+    if model is not None and not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        return model, _set_aside_entries(model, path, entries)
+    try:
+        model = onnx.load(str(path), load_external_data=True)
+    except (DecodeError, ValueError, OSError) as e:
+        raise GraphError(f"{path}: not a readable ONNX model ({type(e).__name__}: {e})") from None
+    if not model.HasField("graph"):
+        # Protobuf reads an empty file (or one of unrelated fields) as an empty model.
+        size = path.stat().st_size
+        what = f"{size} bytes holding no graph" if size else "an empty file"
+        raise GraphError(f"{path}: not an ONNX model ({what})")
+    return model, set_aside(model)
+
+
+class FileEntry:
+    """An initializer entry left in the input file, written out by copying its bytes (the
+    ``write_streamed`` protocol: ``ByteSize()``, ``SerializeToString()``)."""
+
+    def __init__(self, path: Path, offset: int, length: int, skeleton: onnx.TensorProto):
+        self.path, self.offset, self.length = path, offset, length
+        self.name, self.data_type, self.dims = skeleton.name, skeleton.data_type, list(skeleton.dims)
+
+    def ByteSize(self) -> int:  # noqa: N802  (protobuf's name)
+        return self.length
+
+    def SerializeToString(self) -> bytes:  # noqa: N802
+        return read_bytes(self.path, self.offset, self.length, error=GraphError)
+
+    def write_to(self, f) -> None:
+        with open(self.path, "rb") as src:
+            src.seek(self.offset)
+            left = self.length
+            while left:
+                chunk = src.read(min(left, COPY_CHUNK))
+                if not chunk:
+                    raise GraphError(f"{self.path}: truncated at byte {self.offset + self.length - left}")
+                f.write(chunk)
+                left -= len(chunk)
+
+    def proto(self) -> onnx.TensorProto:
+        return read_entry(self.path, self.offset, self.length)
+
+
+def _set_aside_entries(model: onnx.ModelProto, path: Path, entries: dict) -> dict:
+    """``set_aside``'s rule on a skeleton: entries only MatMul/Gemm read become inputs standing for
+    the bytes in ``path``; any other entry left in the file is read back into the model."""
+    readers: dict[str, set[str]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, set()).add(node.op_type)
+    outputs = {o.name for o in model.graph.output}
+    kept, aside = [], {}
+    for t in model.graph.initializer:
+        if t.name not in entries:
+            kept.append(t)
+        elif t.name not in outputs and readers.get(t.name) and readers[t.name] <= SET_ASIDE_OPS:
+            aside[t.name] = FileEntry(path, *entries[t.name])
+        else:
+            kept.append(read_entry(path, *entries[t.name][:2]))
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    for name, entry in aside.items():
+        model.graph.input.append(onnx.helper.make_tensor_value_info(name, entry.data_type, entry.dims))
+    return aside
 
 
 def write_atomic(model: onnx.ModelProto, path: Path, aside: dict[str, onnx.TensorProto] | None = None) -> None:
@@ -58,11 +132,11 @@ def write_atomic(model: onnx.ModelProto, path: Path, aside: dict[str, onnx.Tenso
     file that is not there yet.
     """
     aside = aside or {}
-    big = sum(len(t.raw_data) for t in list(model.graph.initializer) + list(aside.values())) > PROTO_LIMIT
+    big = sum(len(t.raw_data) for t in model.graph.initializer) + sum(t.ByteSize() for t in aside.values()) > PROTO_LIMIT
     data = path.name + ".data"
     with atomic_directory(path, companions=(data,)) as tmp:
         if big:
-            put_back(model, aside)
+            put_back(model, {name: t.proto() if isinstance(t, FileEntry) else t for name, t in aside.items()})
             onnx.save(model, str(tmp / path.name), save_as_external_data=True, all_tensors_to_one_file=True,
                       location=data)
         else:
