@@ -39,11 +39,6 @@ def manifest(out: Path, model: str, profile: str) -> dict:
     return json.loads(p.read_text()) if p.exists() else {}
 
 
-def cold(ctx) -> None:
-    """Empty the trace cache the measured runs use (KVPLAN_CACHE_DIR, set in main): the next export traces."""
-    shutil.rmtree(ctx.trace_cache, ignore_errors=True)
-
-
 def engines_cmd(profile, model, out, *extra):
     return [PY, "-m", "build.engines", "--profile", profile, "--model", model, "--out", str(out), *extra]
 
@@ -57,16 +52,12 @@ def section_pipeline(ctx) -> dict:
         out = fresh(ctx.work / "pipeline" / f"{model}-{profile}")
         logs = ctx.work / "logs" / "pipeline" / f"{model}-{profile}"
         row = {"model": model, "profile": profile, "out": str(out), "stages": {}, "one_run_stage_seconds": {}}
-        cold(ctx)
         for stage, extra in (("export", ["--stop-after", "export"]), ("surgery", ["--stop-after", "surgery"]),
                              ("engines", [])):
             row["stages"][stage] = measure(engines_cmd(profile, model, out, *extra), log_file=logs / f"{stage}.log")
-        # What a user runs: every stage in one process, into a fresh target; first with nothing cached
-        # (a first build on a machine), then again with the traces that run stored (any later build of
-        # the same architecture, dtype and cache layout, whatever its weights).
-        for label, empty in (("all stages, one run", True), ("all stages, one run, traces cached", False)):
-            if empty:
-                cold(ctx)
+        # What a user runs: every stage in one process, into a fresh target; twice, for the
+        # run-to-run spread (the export caches nothing between builds).
+        for label in ("all stages, one run", "all stages, one run, again"):
             whole = fresh(ctx.work / "pipeline" / f"{model}-{profile}-whole")
             row["stages"][label] = measure(engines_cmd(profile, model, whole), log_file=logs / f"{label}.log")
             row["one_run_stage_seconds"][label] = round(sum(
@@ -101,8 +92,7 @@ def md_pipeline(sec) -> list[str]:
     out = ["## Pipeline: wall time and peak RSS per stage", "",
            "Each stage is a separate `python -m build.engines` process (`--stop-after export`, then `--stop-after "
            "surgery`, then the full run; later runs find earlier stages up to date), then `python -m build.validate`; "
-           "the trace cache is emptied before the export stage and before the first one-process run, so those rows "
-           "include the trace; the row marked *traces cached* is the same one-process run repeated into a fresh target; "
+           "the row marked *again* is the one-process run repeated into a fresh target; "
            "peak RSS via `getrusage(RUSAGE_CHILDREN)` in a fresh helper per process. Random (preset) weights. "
            "Wall time includes interpreter start-up and imports; *stage s* is the stage's own time from the manifest.",
            "",
@@ -159,7 +149,6 @@ def section_peers(ctx) -> dict:
     logs = ctx.work / "logs" / "peers"
     for prof in ("fp32", "fp16"):
         out = work / f"kvplan-{prof}"
-        cold(ctx)
         res = measure(engines_cmd(prof, str(ckpt), out, "--stop-after", "embed_head"), log_file=logs / f"kvplan-{prof}.log")
         tgt = out / ckpt.name / prof
         m = manifest(out, ckpt.name, prof).get("stages", {})
@@ -183,21 +172,21 @@ def section_peers(ctx) -> dict:
                                  f"`python -m surgery decoder.onnx --passes {other}`"))
             if "output_bytes" in rows[-1]:
                 rows[-1]["output_bytes"] = alt.stat().st_size
-            # The same export again, into a fresh target, with the traces the first one stored.
-            again = work / f"kvplan-{prof}-cached"
+            # The same export again, into a fresh target: the run-to-run spread, and the bytes must not change.
+            again = work / f"kvplan-{prof}-again"
             r3 = measure(engines_cmd(prof, str(ckpt), again, "--stop-after", "embed_head"),
-                         log_file=logs / f"kvplan-{prof}-cached.log")
+                         log_file=logs / f"kvplan-{prof}-again.log")
             m3 = manifest(again, ckpt.name, prof).get("stages", {})
             graph = again / ckpt.name / prof / "decoder.onnx"
             same = r3.get("rc") == 0 and filecmp.cmp(graph, tgt / "decoder.onnx", shallow=False)
             # No graph of its own for the latency section: it is the same file as the cold export's, or says not.
-            rows.append(peer_row(f"kvplan export ({prof}), traces cached", r3, None, None,
+            rows.append(peer_row(f"kvplan export ({prof}), again", r3, None, None,
                                  f"export {m3.get('export', {}).get('seconds')} s + surgery "
                                  f"{m3.get('surgery', {}).get('seconds')} s (manifest); the run above repeated into a "
-                                 f"fresh target, traces from the cache; decoder.onnx "
+                                 f"fresh target; decoder.onnx "
                                  f"{'byte-identical to' if same else 'DIFFERS from'} the cold export's"))
             rows[-1]["output_bytes"] = graph.stat().st_size if r3.get("rc") == 0 else None
-            rows[-1]["identical_to_cold"] = same
+            rows[-1]["identical_to_first"] = same
     # Optimum (optimum-onnx): fp32 on CPU; fp16 export requires a CUDA device, so it is attempted to record why.
     if (PEERS_VENV / "bin" / "optimum-cli").exists():
         for dtype in ("fp32", "fp16"):
@@ -371,7 +360,6 @@ def section_scale(ctx) -> dict:
                                                    f"{mem_total / 2**30:.1f} GiB"})
             continue
         out = fresh(ctx.work / "scale" / name)
-        cold(ctx)
         args = engines_cmd("fp16", name, out, "--stop-after", "export")[3:]
         cmd = [PY, "-m", "bench.preset_run", name, "--"] + args if cfg else [PY, "-m", "build.engines"] + args
         res = measure(cmd, log_file=ctx.work / "logs" / "scale" / f"{name}.log", timeout=1800)
@@ -451,9 +439,6 @@ def main(argv=None) -> int:
     p.add_argument("--date", default=time.strftime("%Y-%m-%d"))
     ctx = p.parse_args(argv)
     ctx.scale_shapes = ctx.scale_shapes.split(",")
-    # Measured runs keep their traces here, never in the user's cache; sections say when it is emptied.
-    ctx.trace_cache = ctx.work / "trace-cache"
-    os.environ["KVPLAN_CACHE_DIR"] = str(ctx.trace_cache)
     chosen = [s.strip() for s in ctx.sections.split(",") if s.strip()]
     bad = [s for s in chosen if s not in SECTIONS]
     if bad:
