@@ -33,7 +33,7 @@ def build_with(target: Path, model: str, profile_name: str, count: int) -> None:
     from kvplan.trt.backend import select_backend
     assert "torch" not in sys.modules
     profile = profiles.load(profile_name)
-    profile = dataclasses.replace(profile, shapes=profile.shapes[:count])
+    profile = dataclasses.replace(profile, engine=dataclasses.replace(profile.engine, shapes=profile.shapes[:count]))
     manifest = json.loads((target / "manifest.json").read_text())
     [entry] = manifest["stages"]["export"]["artifacts"]
     backend = select_backend("auto")

@@ -11,6 +11,7 @@ import fcntl
 import hashlib
 import json
 import os
+import stat
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -75,25 +76,48 @@ def write_json_atomic(path: Path, data: Any) -> None:
     write_atomic(path, (json.dumps(data, indent=2, sort_keys=False, default=str) + "\n").encode())
 
 
+def file_identity(st: os.stat_result) -> list[int]:
+    """What changes whenever a file's bytes may have: a new file (device, inode), or a write to it
+    (size, modification time, and the change time, which no tool can set back, not even a copy that
+    preserves times)."""
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
 def artifact(target: Path, path: Path, **extra) -> dict:
     """A manifest entry for a file under ``target``; its external data file travels with it."""
-    entry = {"path": str(path.relative_to(target)), "sha256": sha256_file(path), "bytes": path.stat().st_size}
+    entry = _file_entry(target, path)
     data = path.with_name(path.name + ".data")
     if data.exists():
-        entry["external_data"] = {"path": str(data.relative_to(target)), "sha256": sha256_file(data),
-                                  "bytes": data.stat().st_size}
+        entry["external_data"] = _file_entry(target, data)
     entry.update(extra)
     return entry
 
 
+def _file_entry(target: Path, path: Path) -> dict:
+    before = file_identity(path.stat())
+    entry = {"path": str(path.relative_to(target)), "sha256": sha256_file(path), "bytes": before[2]}
+    # Recorded only for the bytes that were hashed: a file changed while it was read has none.
+    if file_identity(path.stat()) == before:
+        entry["identity"] = before
+    return entry
+
+
 def artifacts_intact(target: Path, entries: list[dict]) -> bool:
-    """Every recorded file exists with its recorded size and hash."""
+    """Every recorded file exists with its recorded size and hash. A file whose identity is the one
+    recorded when it was hashed is not read again (a build system's no-op decides from file
+    identities, as make and ninja do from times); any other is hashed."""
     for entry in entries:
         for e in (entry, entry.get("external_data")):
             if not e:
                 continue
             p = target / e["path"]
-            if not p.is_file() or p.stat().st_size != e["bytes"] or sha256_file(p) != e["sha256"]:
+            try:
+                st = p.stat()
+            except OSError:
+                return False
+            if not stat.S_ISREG(st.st_mode) or st.st_size != e["bytes"]:
+                return False
+            if e.get("identity") != file_identity(st) and sha256_file(p) != e["sha256"]:
                 return False
     return True
 
