@@ -17,6 +17,7 @@ from kvplan.errors import WriteError
 from kvplan.lazy import lazy_import
 
 onnx = lazy_import("onnx")
+ir = lazy_import("onnx_ir")
 
 # Every temporary a build writes beside an artifact is named .<artifact>.kvplan-tmp-<unique>
 # (files and directories alike), so the next build of the target can find what a killed one
@@ -212,6 +213,89 @@ def write_streamed(head: onnx.ModelProto, tensors: Callable[[], Iterable[onnx.Te
             f.write(data)
         if written != size:
             raise RuntimeError(f"initializer {t.name!r} serialized to {written} bytes, {size} expected")
+
+
+RAW_DATA_FIELD = 9       # TensorProto.raw_data
+COPY_CHUNK = 1 << 24
+
+
+class ArrayEntry:
+    """An initializer entry (TensorProto with raw_data) whose values are written straight from an
+    array's buffer: the header fields serialized by protobuf, then the array's bytes (raw data is
+    little-endian, as arrays are on every machine kvplan runs on)."""
+
+    def __init__(self, name: str, array, data_type: int):
+        self.name, self.array = name, array
+        head = onnx.TensorProto(name=name, dims=list(array.shape), data_type=data_type)
+        self.head = head.SerializeToString() + field_header(RAW_DATA_FIELD, array.nbytes)
+
+    def ByteSize(self) -> int:  # noqa: N802  (protobuf's name)
+        return len(self.head) + self.array.nbytes
+
+    def write_to(self, f) -> None:
+        f.write(self.head)
+        f.write(self.array.reshape(-1).view("u1").data if self.array.flags.c_contiguous
+                else self.array.tobytes())
+
+
+class FileEntry:
+    """An initializer entry of ``length`` bytes at ``offset`` of another ONNX file, written by
+    copying its bytes unparsed."""
+
+    def __init__(self, path: Path, offset: int, length: int, name: str):
+        self.path, self.offset, self.length, self.name = Path(path), offset, length, name
+
+    def ByteSize(self) -> int:  # noqa: N802
+        return self.length
+
+    def SerializeToString(self) -> bytes:  # noqa: N802
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read(self.length)
+        if len(data) != self.length:
+            raise WriteError(f"{self.path}: truncated at byte {self.offset + len(data)}")
+        return data
+
+    def write_to(self, f) -> None:
+        # In the kernel (copy_file_range) where it can: no pass of the bytes through this process.
+        f.flush()
+        left, offset = self.length, self.offset
+        with open(self.path, "rb") as src:
+            try:
+                while left:
+                    n = os.copy_file_range(src.fileno(), f.fileno(), left, offset)
+                    if n == 0:
+                        break
+                    left, offset = left - n, offset + n
+            except OSError:      # a file system without it: through a buffer
+                src.seek(offset)
+                while left:
+                    chunk = src.read(min(left, COPY_CHUNK))
+                    if not chunk:
+                        break
+                    f.write(chunk)
+                    left, offset = left - len(chunk), offset + len(chunk)
+        if left:
+            raise WriteError(f"{self.path}: truncated at byte {offset}")
+
+
+def ir_entry(value):
+    """The entry ``write_streamed`` writes for the initializer ``value`` (an onnx_ir Value): its
+    tensor's own entry where it has one (a weight still in its source file, under the same name),
+    the array's bytes where they are the raw data (every type but the sub-byte ones), else the
+    tensor serialized by onnx_ir."""
+    tensor = value.const_value
+    source = getattr(tensor, "file_entry", None)
+    if source is not None and source.name == value.name:
+        return source
+    if isinstance(tensor, ir.Tensor) and tensor.dtype.bitwidth % 8 == 0 and tensor.dtype != ir.DataType.STRING:
+        array = tensor.numpy()
+        if array.itemsize * 8 == tensor.dtype.bitwidth:
+            return ArrayEntry(value.name, array, int(tensor.dtype))
+    proto = onnx.TensorProto()
+    ir.serde.serialize_tensor_into(proto, tensor)
+    proto.name = value.name
+    return proto
 
 
 def umask() -> int:

@@ -13,13 +13,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from kvplan.config import DecoderConfig
 from kvplan.errors import ExportError
 from kvplan.export import emit
 from kvplan.export.emit import LINEAR_MARK
-from kvplan.fileio import atomic_directory, field_header, write_streamed
+from kvplan.fileio import atomic_directory, ir_entry, write_streamed
 from kvplan.lazy import lazy_import
 from kvplan.models import ModelSource
 from kvplan.models.presets import tensor_shapes
@@ -41,7 +39,6 @@ torch = lazy_import("torch")
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 OPSET = 23
-RAW_DATA_FIELD = 9          # TensorProto.raw_data
 # protobuf refuses messages over 2 GiB; stay clearly below it.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
@@ -245,27 +242,9 @@ def save_streamed(model: ir.Model, path: Path) -> None:
     weights = list(model.graph.initializers.values())
     model.graph.initializers.clear()
     head = ir.serde.serialize_model(model)
-    entries = [ArrayEntry(value.name, value.const_value) for value in weights]
+    entries = [ir_entry(value) for value in weights]
     with open(path, "wb") as f:
         write_streamed(head, lambda: iter(entries), f)
-
-
-class ArrayEntry:
-    """One initializer entry (TensorProto with raw_data) whose values are written straight from
-    the tensor's array: the header fields serialized by protobuf, then the array's bytes."""
-
-    def __init__(self, name: str, tensor: ir.Tensor):
-        self.name, self.array = name, tensor.numpy()
-        head = onnx.TensorProto(name=name, dims=list(self.array.shape), data_type=int(tensor.dtype))
-        self.head = head.SerializeToString() + field_header(RAW_DATA_FIELD, self.array.nbytes)
-
-    def ByteSize(self) -> int:  # noqa: N802  (protobuf's name)
-        return len(self.head) + self.array.nbytes
-
-    def write_to(self, f) -> None:
-        f.write(self.head)
-        # Raw data is little-endian, as the array is on every machine kvplan runs on.
-        f.write(np.ascontiguousarray(self.array).reshape(-1).view(np.uint8).data)
 
 
 __all__ = ["export_pack", "pack_specs", "io_contract", "input_names", "output_names", "example_inputs",

@@ -27,9 +27,9 @@ import numpy as np
 
 from kvplan.errors import QuantizeError
 from kvplan.export.emit import LINEAR_MARK
-from kvplan.fileio import atomic_directory, write_streamed
+from kvplan.fileio import atomic_directory, ir_entry, write_streamed
 from kvplan.lazy import lazy_import
-from kvplan.quantize.lazy_onnx import load_lazy, tensor_proto
+from kvplan.quantize.lazy_onnx import load_lazy
 from kvplan.quantize.weights import Quantized
 
 ml_dtypes = lazy_import("ml_dtypes")
@@ -233,10 +233,10 @@ def save(model: ir.Model, path: Path) -> None:
 
 
 def _save_streamed(model: ir.Model, path: Path) -> None:
-    """The exporter's streamed save (kvplan.fileio.write_streamed: one weight serialized at a time),
-    with weights still in the source file copied from it (kvplan.quantize.lazy_onnx.tensor_proto)."""
+    """The exporter's streamed save (kvplan.fileio.write_streamed: one weight at a time), with
+    weights still in the source file copied from it unparsed (kvplan.fileio.ir_entry)."""
     weights = list(model.graph.initializers.values())
     model.graph.initializers.clear()
     head = ir.serde.serialize_model(model)
     with open(path, "wb") as f:
-        write_streamed(head, lambda: (tensor_proto(value) for value in weights), f)
+        write_streamed(head, lambda: (ir_entry(value) for value in weights), f)

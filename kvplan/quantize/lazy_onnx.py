@@ -16,7 +16,7 @@ from pathlib import Path
 from google.protobuf.message import DecodeError
 
 from kvplan.errors import QuantizeError
-from kvplan.fileio import GRAPH_FIELD, INITIALIZER_FIELD, field_header
+from kvplan.fileio import GRAPH_FIELD, INITIALIZER_FIELD, FileEntry, field_header
 from kvplan.lazy import lazy_import
 
 onnx = lazy_import("onnx")
@@ -36,6 +36,11 @@ class SourceTensor(ir.LazyTensor):
 
     def proto(self) -> onnx.TensorProto:
         return read_entry(self.path, self.offset, self.length)
+
+    @property
+    def file_entry(self) -> FileEntry:
+        """The entry's bytes in the file, for a writer to copy unparsed (kvplan.fileio.ir_entry)."""
+        return FileEntry(self.path, self.offset, self.length, self.name)
 
 
 def _varint(f) -> int:
@@ -149,15 +154,3 @@ def load_lazy(path: Path) -> ir.Model:
         value = model.graph.initializers[name]
         value.const_value = SourceTensor(path, offset, length, skeleton)
     return model
-
-
-def tensor_proto(value: ir.Value) -> onnx.TensorProto:
-    """The initializer entry to write for ``value`` (a ``SourceTensor``: its own bytes, unchanged)."""
-    tensor = value.const_value
-    if isinstance(tensor, SourceTensor):
-        proto = tensor.proto()
-    else:
-        proto = onnx.TensorProto()
-        ir.serde.serialize_tensor_into(proto, tensor)
-    proto.name = value.name
-    return proto

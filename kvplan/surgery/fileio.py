@@ -7,22 +7,19 @@ is parsed or serialized, and the fused graph's weights are the export's byte for
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Callable, Sequence
 
 from google.protobuf.message import DecodeError
 
 from kvplan.errors import GraphError
-from kvplan.fileio import atomic_directory, write_streamed
+from kvplan.fileio import FileEntry, atomic_directory, write_streamed
 from kvplan.lazy import lazy_import
-from kvplan.quantize.lazy_onnx import read_bytes, read_entry, read_skeleton
+from kvplan.quantize.lazy_onnx import read_entry, read_skeleton
 from kvplan.surgery.pipeline import PROTO_LIMIT, run
 from kvplan.surgery.weights import SET_ASIDE_OPS, put_back, set_aside, take_back
 
 onnx = lazy_import("onnx")
-
-COPY_CHUNK = 1 << 24
 
 
 def fuse_file(in_path, out_path, passes: Sequence[str], log: Callable[[str], None] | None = print,
@@ -70,39 +67,13 @@ def _load(path: Path) -> tuple[onnx.ModelProto, dict]:
     return model, set_aside(model)
 
 
-class FileEntry:
-    """An initializer entry left in the input file, written out by copying its bytes (the
-    ``write_streamed`` protocol: ``ByteSize()``, ``SerializeToString()``)."""
+class _Aside(FileEntry):
+    """A weight left in the input file: what ``take_back`` checks (type, shape) and
+    ``write_streamed`` copies."""
 
     def __init__(self, path: Path, offset: int, length: int, skeleton: onnx.TensorProto):
-        self.path, self.offset, self.length = path, offset, length
-        self.name, self.data_type, self.dims = skeleton.name, skeleton.data_type, list(skeleton.dims)
-
-    def ByteSize(self) -> int:  # noqa: N802  (protobuf's name)
-        return self.length
-
-    def SerializeToString(self) -> bytes:  # noqa: N802
-        return read_bytes(self.path, self.offset, self.length, error=GraphError)
-
-    def write_to(self, f) -> None:
-        # In the kernel (copy_file_range) where it can: no pass of the bytes through this process.
-        f.flush()
-        with open(self.path, "rb") as src:
-            left, offset = self.length, self.offset
-            try:
-                while left:
-                    n = os.copy_file_range(src.fileno(), f.fileno(), left, offset)
-                    if n == 0:
-                        raise GraphError(f"{self.path}: truncated at byte {offset}")
-                    left, offset = left - n, offset + n
-            except OSError:      # a file system without it: through a buffer
-                src.seek(offset)
-                while left:
-                    chunk = src.read(min(left, COPY_CHUNK))
-                    if not chunk:
-                        raise GraphError(f"{self.path}: truncated at byte {offset}") from None
-                    f.write(chunk)
-                    left, offset = left - len(chunk), offset + len(chunk)
+        super().__init__(path, offset, length, skeleton.name)
+        self.data_type, self.dims = skeleton.data_type, list(skeleton.dims)
 
     def proto(self) -> onnx.TensorProto:
         return read_entry(self.path, self.offset, self.length)
@@ -121,7 +92,7 @@ def _set_aside_entries(model: onnx.ModelProto, path: Path, entries: dict) -> dic
         if t.name not in entries:
             kept.append(t)
         elif t.name not in outputs and readers.get(t.name) and readers[t.name] <= SET_ASIDE_OPS:
-            aside[t.name] = FileEntry(path, *entries[t.name])
+            aside[t.name] = _Aside(path, *entries[t.name])
         else:
             kept.append(read_entry(path, *entries[t.name][:2]))
     del model.graph.initializer[:]
@@ -146,7 +117,7 @@ def write_atomic(model: onnx.ModelProto, path: Path, aside: dict[str, onnx.Tenso
     data = path.name + ".data"
     with atomic_directory(path, companions=(data,)) as tmp:
         if big:
-            put_back(model, {name: t.proto() if isinstance(t, FileEntry) else t for name, t in aside.items()})
+            put_back(model, {name: t.proto() if isinstance(t, _Aside) else t for name, t in aside.items()})
             onnx.save(model, str(tmp / path.name), save_as_external_data=True, all_tensors_to_one_file=True,
                       location=data)
         else:
