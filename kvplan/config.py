@@ -73,7 +73,7 @@ class DecoderConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
                 raise ConfigError(f"{name} must be an integer >= {lowest}, got {value!r}")
         # Each of these is divided by, raised to a power or taken a root of: zero, a negative or a
-        # non-finite value would export NaN or fail deep in the trace.
+        # non-finite value would export NaN or fail deep in the export.
         for name in ("rms_norm_eps", "rope_theta"):
             value = getattr(self, name)
             if not _finite(value) or value <= 0:

@@ -1,16 +1,17 @@
-"""kvplan's own Llama-family decoder stack, written for export.
+"""kvplan's own Llama-family decoder stack in torch: the PyTorch side of validation.
+
+The exporter writes the ONNX graph op by op (kvplan/export/emit.py); this module computes the
+same arithmetic eagerly, spelled independently, and validation and the tests hold the graphs to
+it (and both to transformers, the independent reference).
 
 The family switches (DecoderConfig's fields) pick the variant: GeGLU or SwiGLU, sandwich
 norms, soft-capped logits, biases, q/k norm, partial rotary. Norm gains of the
 (1 + w) kind (Gemma) are folded into the weights when a checkpoint is read
-(kvplan/models/families/gemma2.py), so every norm here is the one spelling the
-rmsnorm pass fuses.
+(kvplan/models/families/gemma2.py), so every norm here is the one plain RMSNorm.
 
-Why not trace transformers' modules: their cache and attention plumbing changes
-between releases, and each change breaks exporters that trace them. This module
-spells every op one stable way (RMSNorm as pow/mean/rsqrt in fp32, RoPE as
-rotate_half on a cos/sin pair computed once per step), which is what the surgery
-passes match. transformers stays the independent reference in the tests.
+Why not run transformers' modules here: their cache and attention plumbing changes between
+releases. This module spells every op one stable way (RMSNorm as pow/mean/rsqrt in fp32, RoPE
+as rotate_half on a cos/sin pair computed once per step), as the graph does.
 
 Parameter names are Hugging Face's (``layers.{i}.self_attn.q_proj.weight``, ...),
 so a checkpoint's tensors load by name.

@@ -29,7 +29,7 @@ class ProfileError(KvplanError, ValueError):
 
 class WriteError(KvplanError, OSError):
     """An artifact the disk refused (full, read-only, over quota); the message names the file and
-    its directory. Still an OSError, so code that tolerates failed writes (the trace cache) does."""
+    its directory. Still an OSError, so code that tolerates failed writes does."""
 
 
 class ExportError(KvplanError, RuntimeError):

@@ -112,8 +112,7 @@ def checked_weight(source: ModelSource, name: str, t: torch.Tensor, shape: tuple
                    allow_nonfinite: bool = False) -> torch.Tensor:
     """``t`` cast to ``dtype`` (the graph's), if it can stand for the decoder weight ``name``:
     floating point (an integer or bool tensor cast to the profile's dtype would export silently
-    wrong numbers), the shape the architecture needs (checked here, where every tensor is bound,
-    so a warm trace cache that skips the trace cannot skip it), and finite unless
+    wrong numbers), the shape the architecture needs (checked here, where every tensor is bound), and finite unless
     ``allow_nonfinite``. Finite as stored in the graph: an fp32 value beyond float16's range
     becomes inf in the cast, however finite the checkpoint's copy."""
     where = source.path or source.name
