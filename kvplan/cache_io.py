@@ -82,6 +82,11 @@ def graph_feed(spec, hidden, mask, position_ids, past_of, lasts=None, names=None
             if names is None or name in names:
                 past = past_of(i, kind)
                 feed[name] = buffer(spec, past) if inplace else past
+                if inplace and lasts is not None:
+                    # A shorter row's rows from its own length on are not its past but where it
+                    # writes: stale, so a step that wrote them elsewhere would read stale keys.
+                    for b, own in enumerate(lasts):
+                        feed[name][b, :, own:] = STALE
     return feed
 
 

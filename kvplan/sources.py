@@ -39,13 +39,15 @@ def _module_name(path: Path, root: Path) -> str:
     return ".".join(parts)
 
 
+@functools.cache
 def _imported(path: Path, root: Path) -> set[str]:
-    """kvplan modules named by the imports of one file (absolute or relative)."""
+    """kvplan modules named by the imports of one file (absolute or relative). Parsed once per
+    process, as the closures are (imports do not change under a running build)."""
     tree = ast.parse(path.read_text(), str(path))
     here = _module_name(path, root).split(".")
     package = here if path.name == "__init__.py" else here[:-1]
     found = set()
-    for node in ast.walk(tree):
+    for node in _statements(tree.body):
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -55,10 +57,24 @@ def _imported(path: Path, root: Path) -> set[str]:
                 base = node.module or ""
             found.add(base)
             found.update(f"{base}.{a.name}" for a in node.names)   # `from pkg import submodule`
-        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "lazy_import"
-              and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
-            found.add(node.args[0].value)                            # kvplan.lazy.lazy_import("kvplan.x")
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.Expr)):
+            call = node.value
+            if (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "lazy_import"
+                    and call.args and isinstance(call.args[0], ast.Constant) and isinstance(call.args[0].value, str)):
+                found.add(call.args[0].value)                        # name = lazy_import("kvplan.x")
     return {m for m in found if module_file(m, root) is not None}
+
+
+def _statements(body: list):
+    """Every statement, nested ones included (function, class, if, try, with bodies), without
+    walking expressions: imports and ``lazy_import`` assignments are statements, and a walk of
+    every expression node costs most of a no-op rebuild."""
+    for node in body:
+        yield node
+        for name in ("body", "orelse", "finalbody", "handlers", "cases"):
+            inner = getattr(node, name, None)
+            if isinstance(inner, list):
+                yield from _statements(inner)
 
 
 def closure(*modules: str, root: Path = PACKAGE_DIR) -> tuple[Path, ...]:
