@@ -17,7 +17,7 @@ from kvplan.fileio import FileEntry, atomic_directory, write_streamed
 from kvplan.lazy import lazy_import
 from kvplan.quantize.lazy_onnx import read_entry, read_skeleton
 from kvplan.surgery.pipeline import PROTO_LIMIT, run
-from kvplan.surgery.weights import SET_ASIDE_OPS, put_back, set_aside, take_back
+from kvplan.surgery.weights import matmul_only, put_back, set_aside, take_back
 
 onnx = lazy_import("onnx")
 
@@ -82,16 +82,12 @@ class _Aside(FileEntry):
 def _set_aside_entries(model: onnx.ModelProto, path: Path, entries: dict) -> dict:
     """``set_aside``'s rule on a skeleton: entries only MatMul/Gemm read become inputs standing for
     the bytes in ``path``; any other entry left in the file is read back into the model."""
-    readers: dict[str, set[str]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            readers.setdefault(name, set()).add(node.op_type)
-    outputs = {o.name for o in model.graph.output}
+    movable = matmul_only(model)
     kept, aside = [], {}
     for t in model.graph.initializer:
         if t.name not in entries:
             kept.append(t)
-        elif t.name not in outputs and readers.get(t.name) and readers[t.name] <= SET_ASIDE_OPS:
+        elif t.name in movable:
             aside[t.name] = _Aside(path, *entries[t.name])
         else:
             kept.append(read_entry(path, *entries[t.name][:2]))

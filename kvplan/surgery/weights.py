@@ -18,17 +18,22 @@ SET_ASIDE_OPS = {"MatMul", "Gemm"}
 MIN_BYTES = 1 << 16
 
 
-def set_aside(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
-    """Move big MatMul-only initializers out of ``model`` (in place); returns them by name."""
+def matmul_only(model: onnx.ModelProto) -> set[str]:
+    """Names read by MatMul/Gemm nodes alone (and not graph outputs): what may be set aside."""
     readers: dict[str, set[str]] = {}
     for node in model.graph.node:
         for name in node.input:
             readers.setdefault(name, set()).add(node.op_type)
     outputs = {o.name for o in model.graph.output}
+    return {name for name, ops in readers.items() if ops <= SET_ASIDE_OPS and name not in outputs}
+
+
+def set_aside(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """Move big MatMul-only initializers out of ``model`` (in place); returns them by name."""
+    movable = matmul_only(model)
     kept, aside = [], {}
     for t in model.graph.initializer:
-        if (t.HasField("raw_data") and len(t.raw_data) >= MIN_BYTES and t.name not in outputs
-                and readers.get(t.name) and readers[t.name] <= SET_ASIDE_OPS):
+        if t.HasField("raw_data") and len(t.raw_data) >= MIN_BYTES and t.name in movable:
             aside[t.name] = t
         else:
             kept.append(t)
