@@ -222,20 +222,25 @@ COPY_CHUNK = 1 << 24
 class ArrayEntry:
     """An initializer entry (TensorProto with raw_data) whose values are written straight from an
     array's buffer: the header fields serialized by protobuf, then the array's bytes (raw data is
-    little-endian, as arrays are on every machine kvplan runs on)."""
+    little-endian, as arrays are on every machine kvplan runs on). ``array`` is the array, or a
+    callable making it when the entry is written (its ``shape`` and ``nbytes`` given)."""
 
-    def __init__(self, name: str, array, data_type: int):
+    def __init__(self, name: str, array, data_type: int, shape=None, nbytes: int | None = None):
         self.name, self.array = name, array
-        head = onnx.TensorProto(name=name, dims=list(array.shape), data_type=data_type)
-        self.head = head.SerializeToString() + field_header(RAW_DATA_FIELD, array.nbytes)
+        shape = list(array.shape) if shape is None else list(shape)
+        self.nbytes = array.nbytes if nbytes is None else nbytes
+        head = onnx.TensorProto(name=name, dims=shape, data_type=data_type)
+        self.head = head.SerializeToString() + field_header(RAW_DATA_FIELD, self.nbytes)
 
     def ByteSize(self) -> int:  # noqa: N802  (protobuf's name)
-        return len(self.head) + self.array.nbytes
+        return len(self.head) + self.nbytes
 
     def write_to(self, f) -> None:
+        array = self.array() if callable(self.array) else self.array
+        if array.nbytes != self.nbytes:
+            raise RuntimeError(f"initializer {self.name!r}: {array.nbytes} bytes, {self.nbytes} announced")
         f.write(self.head)
-        f.write(self.array.reshape(-1).view("u1").data if self.array.flags.c_contiguous
-                else self.array.tobytes())
+        f.write(array.reshape(-1).view("u1").data if array.flags.c_contiguous else array.tobytes())
 
 
 class FileEntry:
@@ -288,10 +293,15 @@ def ir_entry(value):
     source = getattr(tensor, "file_entry", None)
     if source is not None and source.name == value.name:
         return source
-    if isinstance(tensor, ir.Tensor) and tensor.dtype.bitwidth % 8 == 0 and tensor.dtype != ir.DataType.STRING:
+    whole_bytes = tensor.dtype.bitwidth % 8 == 0 and tensor.dtype != ir.DataType.STRING
+    if isinstance(tensor, ir.Tensor) and whole_bytes:
         array = tensor.numpy()
         if array.itemsize * 8 == tensor.dtype.bitwidth:
             return ArrayEntry(value.name, array, int(tensor.dtype))
+    if isinstance(tensor, ir.LazyTensor) and whole_bytes and tensor.shape.is_static():
+        # Made when written: a lazily read weight is in memory only while it is written.
+        return ArrayEntry(value.name, tensor.numpy, int(tensor.dtype), tensor.shape.numpy(),
+                          tensor.size * tensor.dtype.bitwidth // 8)
     proto = onnx.TensorProto()
     ir.serde.serialize_tensor_into(proto, tensor)
     proto.name = value.name

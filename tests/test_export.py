@@ -361,3 +361,26 @@ def test_kv_write_refuses_rows_beyond_the_buffer():
     assert kv_write(cache, update, torch.tensor([5]), 2)[0, 0, :, 0].tolist() == [0, 0, 0, 0, 0, 1, 1, 1]
     with pytest.raises(IndexError, match="rows 6..8 do not fit a cache of 8 rows"):
         kv_write(cache, update, torch.tensor([6]), 2)
+
+
+def test_the_exporter_reads_one_layer_ahead_of_the_one_it_writes():
+    """Layer i + 1 is read while layer i is written, and no further: at most two layers' weights
+    are in memory, however deep the pack."""
+    import threading
+
+    from kvplan.export.exporter import _LayerReader
+    read, gate = [], threading.Event()
+
+    def fake_read(names):
+        read.append(names[0])
+        if names[0] == "c":
+            gate.wait(5)
+        return {n: n.upper() for n in names}
+    reader = _LayerReader([["a"], ["b"], ["c"], ["d"]], lambda name, t: t, fake_read)
+    assert reader.tensor(0, "a") == "A"
+    assert reader.tensor(1, "b") == "B"
+    assert read[:2] == ["a", "b"] and "d" not in read        # c is being read, d not yet
+    assert set(reader.futures) == {1, 2}                       # a's weights are gone
+    gate.set()
+    assert reader.tensor(2, "c") == "C" and reader.tensor(3, "d") == "D"
+    assert read == ["a", "b", "c", "d"]

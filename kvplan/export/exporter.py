@@ -9,6 +9,8 @@ and trtexec shape strings use.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,29 +158,26 @@ def build_pack_model(source: ModelSource, spec: StackSpec, dtype: str, batch: in
     inputs = {name: _graph_value(name, info) for name, info in contract["inputs"].items()}
     e = emit.Emitter(list(inputs.values()), dtype, emit.INPLACE_OPSET if spec.kv_io == "inplace" else OPSET)
     cos, sin = emit.rotary(e, cfg, inputs["position_ids"])
-    x, outputs, weight_bytes = inputs["hidden_in"], {}, 0
+    x, outputs = inputs["hidden_in"], {}
+    groups = [_layer_weight_names(cfg, i) for i in spec.layers] + ([["norm.weight"]] if spec.final_norm else [])
+    reader = _LayerReader(groups, lambda name, t: _bound(source, name, t, shapes[name], tdtype, allow_nonfinite),
+                          source.read_tensors)
+    weight_bytes = sum(math.prod(shapes[n]) for g in groups for n in g) * torch.finfo(tdtype).bits // 8
 
-    def bind(name: str, t: torch.Tensor) -> ir.Value:
-        nonlocal weight_bytes
-        t = checked_weight(source, name, t, shapes[name], tdtype, allow_nonfinite)
-        weight_bytes += t.numel() * t.element_size()
-        if name.endswith("_proj.weight"):
-            # MatMul multiplies by W^T [in, out]: transposed once here, not by a node of the graph.
-            return e.initializer(name + ".T", torch_to_ir(t.t().contiguous(), name + ".T"))
-        return e.initializer(name, torch_to_ir(t, name))
+    def bind(group: int, name: str) -> ir.Value:
+        stored = name + ".T" if name.endswith("_proj.weight") else name
+        shape = shapes[name][::-1] if stored != name else shapes[name]
+        tensor = ir.LazyTensor(lambda: reader.tensor(group, name), IR_DTYPES[dtype], ir.Shape(list(shape)), name=stored)
+        return e.initializer(stored, tensor)
 
-    for i in spec.layers:
-        # One layer's weights read and converted at a time: the source's copy of a layer is
-        # dropped before the next one is read.
-        weights = {name.split(".", 2)[2]: bind(name, t)
-                   for name, t in source.read_tensors(_layer_weight_names(cfg, i)).items()}
+    for group, i in enumerate(spec.layers):
+        weights = {name.split(".", 2)[2]: bind(group, name) for name in groups[group]}
         x, k, v = emit.layer(e, cfg, spec, batch, i, x, weights, inputs["attention_mask"], cos, sin,
                              inputs[f"past_key_in{i}"], inputs[f"past_value_in{i}"], inputs.get("write_indices"))
         key_name, value_name = output_names(StackSpec(i, i + 1, False, spec.kv_format, spec.kv_io, spec.cache_len))[1:]
         outputs[key_name], outputs[value_name] = k, v
     if spec.final_norm:
-        (norm_weight,) = source.read_tensors(["norm.weight"]).values()
-        x = emit.final_norm(e, cfg, x, bind("norm.weight", norm_weight))
+        x = emit.final_norm(e, cfg, x, bind(len(groups) - 1, "norm.weight"))
     outputs = {"hidden_out": x, **outputs}
     for name, value in outputs.items():
         if value in e.graph.outputs or value.is_graph_input():
@@ -193,6 +192,44 @@ def build_pack_model(source: ModelSource, spec: StackSpec, dtype: str, batch: in
     _check_linears(model, {v.name.removesuffix(".T") for v in e.graph.initializers.values()},
                    where=source.path or source.name)
     return model, weight_bytes
+
+
+def _bound(source: ModelSource, name: str, t: torch.Tensor, shape, dtype, allow_nonfinite: bool) -> ir.Tensor:
+    """A checkpoint tensor as the graph stores it: checked, cast, and transposed for a linear
+    (MatMul multiplies by W^T [in, out]: transposed once here, not by a node of the graph)."""
+    t = checked_weight(source, name, t, shape, dtype, allow_nonfinite)
+    if name.endswith("_proj.weight"):
+        return torch_to_ir(t.t().contiguous(), name + ".T")
+    return torch_to_ir(t, name)
+
+
+class _LayerReader:
+    """The pack's weights, one group (a layer, the final norm) at a time, read when the file writer
+    first asks for one of the group's tensors, and the next group read meanwhile on a second
+    thread: reading, casting and transposing layer i + 1 overlaps writing layer i, and at most two
+    layers' weights are in memory, however deep the pack."""
+
+    def __init__(self, groups: list[list[str]], bound, read):
+        self.groups, self.bound, self.read = groups, bound, read
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvplan-export")
+        self.futures: dict[int, concurrent.futures.Future] = {}
+
+    def _load(self, group: int) -> dict:
+        return {name: self.bound(name, t) for name, t in self.read(self.groups[group]).items()}
+
+    def _future(self, group: int):
+        if group not in self.futures and group < len(self.groups):
+            self.futures[group] = self.pool.submit(self._load, group)
+        return self.futures.get(group)
+
+    def tensor(self, group: int, name: str):
+        for old in [g for g in self.futures if g < group]:
+            del self.futures[old]           # written: its arrays go with it
+        done = self._future(group).result()
+        self._future(group + 1)
+        if group + 1 >= len(self.groups):
+            self.pool.shutdown(wait=False)
+        return done[name]
 
 
 def _check_linears(model: ir.Model, weights: set[str], where) -> None:
