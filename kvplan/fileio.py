@@ -253,14 +253,6 @@ class FileEntry:
     def ByteSize(self) -> int:  # noqa: N802
         return self.length
 
-    def SerializeToString(self) -> bytes:  # noqa: N802
-        with open(self.path, "rb") as f:
-            f.seek(self.offset)
-            data = f.read(self.length)
-        if len(data) != self.length:
-            raise WriteError(f"{self.path}: truncated at byte {self.offset + len(data)}")
-        return data
-
     def write_to(self, f) -> None:
         # In the kernel (copy_file_range) where it can: no pass of the bytes through this process.
         f.flush()

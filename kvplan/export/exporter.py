@@ -148,7 +148,7 @@ def _all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
 
 
-def build_pack_model(source: ModelSource, spec: StackSpec, dtype: str, batch: int | str, log=print,
+def build_pack_model(source: ModelSource, spec: StackSpec, dtype: str, batch: int | str,
                      allow_nonfinite: bool = False) -> tuple[ir.Model, int]:
     """The pack's ONNX model (in memory, written op by op: kvplan/export/emit.py) and its weight bytes."""
     cfg = source.config
@@ -227,8 +227,6 @@ class _LayerReader:
             del self.futures[old]           # written: its arrays go with it
         done = self._future(group).result()
         self._future(group + 1)
-        if group + 1 >= len(self.groups):
-            self.pool.shutdown(wait=False)
         return done[name]
 
 
@@ -254,7 +252,7 @@ def export_pack(source: ModelSource, spec: StackSpec, dtype: str, batch: int | s
     ``batch``: a static batch size, or "B" for a dynamic batch axis (Export.batch_dim).
     """
     t0 = time.perf_counter()
-    model, weight_bytes = build_pack_model(source, spec, dtype, batch, log, allow_nonfinite)
+    model, weight_bytes = build_pack_model(source, spec, dtype, batch, allow_nonfinite)
     external = weight_bytes > EXTERNAL_DATA_THRESHOLD
     with atomic_directory(path, companions=(path.name + ".data",)) as tmp:
         if external:

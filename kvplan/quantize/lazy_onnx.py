@@ -94,10 +94,9 @@ def _skeleton(f, offset: int, length: int) -> onnx.TensorProto:
     return onnx.TensorProto.FromString(bytes(kept))
 
 
-def read_skeleton(path: Path, error: type[Exception] = QuantizeError
-                  ) -> tuple[onnx.ModelProto, dict[str, tuple[int, int, onnx.TensorProto]]]:
+def read_skeleton(path: Path) -> tuple[onnx.ModelProto, dict[str, tuple[int, int, onnx.TensorProto]]]:
     """``path``'s model with every large initializer entry a skeleton (no values), and each such
-    entry's (offset, length, skeleton) in the file, by name. A file that is not ONNX raises ``error``."""
+    entry's (offset, length, skeleton) in the file, by name."""
     size = path.stat().st_size
     top, graph, lazy, seen_graph = bytearray(), bytearray(), {}, False
     try:
@@ -121,28 +120,23 @@ def read_skeleton(path: Path, error: type[Exception] = QuantizeError
                         graph += f.read(s_offset + s_length - s_start)
                     f.seek(here)
     except (EOFError, ValueError) as e:
-        raise error(f"{path}: not a readable ONNX file ({e})") from None
+        raise QuantizeError(f"{path}: not a readable ONNX file ({e})") from None
     if seen_graph:
         top += field_header(GRAPH_FIELD, len(graph)) + graph
     try:
         return onnx.ModelProto.FromString(bytes(top)), lazy
     except DecodeError as e:
-        raise error(f"{path}: not a readable ONNX file ({e})") from None
-
-
-def read_bytes(path: Path, offset: int, length: int, error: type[Exception] = QuantizeError) -> bytes:
-    """The ``length`` bytes at ``offset`` of ``path`` (an entry's serialized form)."""
-    with open(path, "rb") as f:
-        f.seek(offset)
-        data = f.read(length)
-    if len(data) != length:
-        raise error(f"{path}: truncated at byte {offset}")
-    return data
+        raise QuantizeError(f"{path}: not a readable ONNX file ({e})") from None
 
 
 def read_entry(path: Path, offset: int, length: int) -> onnx.TensorProto:
     """The initializer entry of ``length`` bytes at ``offset`` of ``path``."""
-    return onnx.TensorProto.FromString(read_bytes(path, offset, length))
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read(length)
+    if len(data) != length:
+        raise QuantizeError(f"{path}: truncated at byte {offset}")
+    return onnx.TensorProto.FromString(data)
 
 
 def load_lazy(path: Path) -> ir.Model:

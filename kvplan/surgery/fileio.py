@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 from google.protobuf.message import DecodeError
 
-from kvplan.errors import GraphError
+from kvplan.errors import GraphError, QuantizeError
 from kvplan.fileio import FileEntry, atomic_directory, write_streamed
 from kvplan.lazy import lazy_import
 from kvplan.quantize.lazy_onnx import read_entry, read_skeleton
@@ -48,8 +48,8 @@ def fuse_file(in_path, out_path, passes: Sequence[str], log: Callable[[str], Non
 def _load(path: Path) -> tuple[onnx.ModelProto, dict]:
     """The model, with the weights only MatMul/Gemm read set aside (kvplan.surgery.weights)."""
     try:
-        model, entries = read_skeleton(path, error=GraphError)
-    except GraphError:
+        model, entries = read_skeleton(path)
+    except QuantizeError:       # not walkable: onnx.load below says what is wrong with it
         model, entries = None, {}
     if model is not None and not model.HasField("graph"):
         model = None
