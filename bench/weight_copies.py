@@ -33,10 +33,39 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from bench.common import fused_target, loadavg, machine_info, measure, write_results
 
 ROUTES = ("two-profiles", "decode-N=1:1:1", "decode-N=2:2:2", "decode-N=1:1:8", "extra-memory-0",
           "weight-streaming", "one-profile-decode-opt")
+
+
+# A TensorRT-RTX plan carries the CUDA C++ source of the kernels it compiles on the GPU at load time
+# (plain text, no knob leaves it out); weights and the rest are binary. Runs of this many printable
+# bytes are that source: random weight bytes make such a run about once in 10^27 tries.
+SOURCE_RUN = 64
+
+
+def kernel_source_bytes(plan: Path, chunk: int = 1 << 26) -> int:
+    """Bytes of the plan in runs of at least SOURCE_RUN printable ASCII characters (tab, newline,
+    space..tilde): the kernel source the plan embeds. Read in chunks, a run across a chunk's end
+    carried into the next."""
+    total, carry = 0, np.zeros(0, np.uint8)
+    with open(plan, "rb") as f:
+        while True:
+            data = f.read(chunk)
+            buf = np.concatenate([carry, np.frombuffer(data, np.uint8)])
+            text = ((buf >= 0x20) & (buf <= 0x7E)) | (buf == 0x09) | (buf == 0x0A) | (buf == 0x0D)
+            binary = np.flatnonzero(~text)
+            # Bytes after the last binary one may go on in the next chunk (all of them, if none is binary).
+            end = len(buf) if not data else int(binary[-1]) + 1 if len(binary) else 0
+            edges = np.flatnonzero(np.diff(np.concatenate([[0], text[:end].astype(np.int8), [0]])))
+            lengths = edges[1::2] - edges[0::2]
+            total += int(lengths[lengths >= SOURCE_RUN].sum())
+            if not data:
+                return total
+            carry = buf[end:]
 
 
 def _decode_range(route: str, profile):
@@ -93,8 +122,7 @@ def build_route(target: Path, profile_name: str, route: str) -> None:
     else:
         reported = record["memory"]["builder_reported"] or {}
         out.update(plan_bytes=record["plan_bytes"], builder_weights_bytes=reported.get("total_weights_memory_bytes"),
-                   profiles=record["profiles"], build_seconds=record["build_seconds"])
-        (target / f"{route}.plan").unlink()
+                   profiles=record["profiles"], build_seconds=record["build_seconds"], plan=f"{route}.plan")
     print(json.dumps(out))
 
 
@@ -123,6 +151,11 @@ def main(argv=None) -> int:
             out = [ln for ln in run.pop("_output", "").splitlines() if ln.startswith("{")]
             rows.append({"rc": run.get("rc"), "peak_rss_mib": run.get("peak_rss_mib"),
                          **(json.loads(out[-1]) if out else {"route": route, "error": "no result line"})})
+            plan = target / rows[-1].pop("plan", f"{route}.plan")
+            if plan.is_file():
+                # Scanned here, not in the child: its peak RSS is the build's alone.
+                rows[-1]["kernel_source_bytes"] = kernel_source_bytes(plan)
+                plan.unlink()
             print(json.dumps(rows[-1])[:300], flush=True)
     result = {"date": time.strftime("%Y-%m-%d"), "model": args.model, "profile": args.profile,
               "weight_bytes": weights, "machine": machine_info(), "load_after": loadavg(), "rows": rows}
@@ -136,20 +169,23 @@ def table(result: dict) -> list[str]:
     lines = [f"# One weight copy per plan: {result['model']}, profile {result['profile']} "
              f"({weights / 2**20:.1f} MiB of fused graph)", "",
              "One fresh process per route (parse + build + streamed plan write, no torch); peak RSS via getrusage; "
-             "*builder weights* is the builder's `Total Weights Memory` log line.", "",
-             "| route | plan MiB | plan / weights | builder weights MiB | peak RSS MiB | optimization profiles "
-             "(opt shapes) | result |", "|---|---:|---:|---:|---:|---|---|"]
+             "*builder weights* is the builder's `Total Weights Memory` log line; *kernel source* is the CUDA C++ "
+             "text the plan carries for TensorRT-RTX to compile on the GPU (runs of at least "
+             f"{SOURCE_RUN} printable bytes), so *plan − source* is the weights and the engine's own tables.", "",
+             "| route | plan MiB | plan / weights | kernel source MiB | plan − source / weights | builder weights MiB "
+             "| peak RSS MiB | optimization profiles (opt shapes) | result |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    mib = lambda b: f"{b / 2**20:.1f}" if b is not None else "—"  # noqa: E731
     for r in result["rows"]:
-        if "plan_bytes" in r:
-            opts = ", ".join(f"{name} N {shapes['hidden_in']['opt'][1]} lastSum {shapes['past_key_in0']['opt'][2]}"
-                             for name, shapes in r["profiles"].items())
-            bw = r.get("builder_weights_bytes")
-            lines.append(f"| {r['route']} | {r['plan_bytes'] / 2**20:.1f} | {r['plan_bytes'] / weights:.2f}× | "
-                         f"{bw / 2**20:.1f} | {r['peak_rss_mib']} | {opts} | built |" if bw is not None else
-                         f"| {r['route']} | {r['plan_bytes'] / 2**20:.1f} | {r['plan_bytes'] / weights:.2f}× | — | "
-                         f"{r['peak_rss_mib']} | {opts} | built |")
-        else:
-            lines.append(f"| {r['route']} | — | — | — | {r.get('peak_rss_mib')} | — | {r.get('error', '')} |")
+        if "plan_bytes" not in r:
+            lines.append(f"| {r['route']} | — | — | — | — | — | {r.get('peak_rss_mib')} | — | {r.get('error', '')} |")
+            continue
+        opts = ", ".join(f"{name} N {shapes['hidden_in']['opt'][1]} lastSum {shapes['past_key_in0']['opt'][2]}"
+                         for name, shapes in r["profiles"].items())
+        source = r.get("kernel_source_bytes")
+        rest = f"{(r['plan_bytes'] - source) / weights:.2f}×" if source is not None else "—"
+        lines.append(f"| {r['route']} | {mib(r['plan_bytes'])} | {r['plan_bytes'] / weights:.2f}× | {mib(source)} | "
+                     f"{rest} | {mib(r.get('builder_weights_bytes'))} | {r['peak_rss_mib']} | {opts} | built |")
     return lines
 
 
