@@ -15,6 +15,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PEERS_VENV = Path(os.environ.get("KVPLAN_BENCH_PEERS_VENV", "/tmp/peers"))          # optimum-onnx
 GENAI_VENV = Path(os.environ.get("KVPLAN_BENCH_GENAI_VENV", "/tmp/peers-genai"))  # onnxruntime-genai
+# ml_dtypes 0.6.0 alone (bench/setup_peers.sh), put ahead of the GenAI venv's own 0.7.0 on PYTHONPATH for a
+# second GenAI row: the same import cost kvplan's pyproject cap gives kvplan (see pyproject.toml).
+GENAI_ML_DTYPES = Path(str(GENAI_VENV) + "-ml_dtypes-0.6")
 
 
 def log(msg: str) -> None:
@@ -66,10 +69,10 @@ def machine_info() -> dict:
         pass
     libs = {n: _pkg_version(n) for n in ("torch", "onnx", "onnxruntime", "onnxscript", "onnx-ir",
                                          "onnx-graphsurgeon", "transformers", "tensorrt-rtx-cu13",
-                                         "tensorrt_rtx_cu13_libs", "polygraphy", "numpy")}
+                                         "tensorrt_rtx_cu13_libs", "polygraphy", "numpy", "ml_dtypes")}
     peer_libs = {}
-    for venv, names in ((PEERS_VENV, ("torch", "transformers", "optimum", "optimum-onnx", "onnx")),
-                        (GENAI_VENV, ("torch", "transformers", "onnxruntime-genai", "onnx-ir", "onnx"))):
+    for venv, names in ((PEERS_VENV, ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "ml_dtypes")),
+                        (GENAI_VENV, ("torch", "transformers", "onnxruntime-genai", "onnx-ir", "onnx", "ml_dtypes"))):
         py = venv / "bin" / "python"
         if py.exists():
             peer_libs[str(venv)] = {n: _pkg_version(n, str(py)) for n in names}

@@ -15,10 +15,52 @@ import dataclasses
 import json
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 from bench.common import fused_target, loadavg, machine_info, measure, write_results
+
+
+def _status_mib() -> dict[str, float]:
+    """This process's resident memory split as the kernel counts it: anonymous (heap: the builder's
+    own copies) and file-backed (libraries, the memory-mapped weights)."""
+    found = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssFile"):
+                found[key] = int(value.split()[0]) / 1024
+    return found
+
+
+class Sampler:
+    """/proc/self/status every ``interval`` s on a thread while the block runs; keeps the sample of
+    the highest VmRSS and the highest of each part."""
+
+    def __init__(self, interval: float = 0.02):
+        self.interval, self.samples, self._stop = interval, [], threading.Event()
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def _loop(self):
+        while not self._stop.wait(self.interval):
+            self.samples.append(_status_mib())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> dict:
+        if not self.samples:
+            return {}
+        top = max(self.samples, key=lambda s: s.get("VmRSS", 0))
+        return {"at_peak_anon_mib": round(top.get("RssAnon", 0), 1), "at_peak_file_mib": round(top.get("RssFile", 0), 1),
+                "max_anon_mib": round(max(s.get("RssAnon", 0) for s in self.samples), 1),
+                "max_file_mib": round(max(s.get("RssFile", 0) for s in self.samples), 1)}
 
 
 def build_with(target: Path, model: str, profile_name: str, count: int) -> None:
@@ -37,11 +79,13 @@ def build_with(target: Path, model: str, profile_name: str, count: int) -> None:
     manifest = json.loads((target / "manifest.json").read_text())
     [entry] = manifest["stages"]["export"]["artifacts"]
     backend = select_backend("auto")
-    before = rss_mib()
-    record = build_engine(target / "decoder.fused.onnx", target / f"decoder.{count}.plan", profile, entry["io"],
-                          backend, None, log=lambda *_: None)
+    before, parts = rss_mib(), _status_mib()
+    with Sampler() as sampled:
+        record = build_engine(target / "decoder.fused.onnx", target / f"decoder.{count}.plan", profile, entry["io"],
+                              backend, None, log=lambda *_: None)
     print(json.dumps({"plan_bytes": record["plan_bytes"], "build_seconds": record["build_seconds"],
                       "rss_before_mib": round(before, 1) if before else None,
+                      "anon_before_mib": round(parts.get("RssAnon", 0), 1), **sampled.summary(),
                       "weights_mapped_bytes": record.get("weights_mapped_bytes"),
                       "torch_imported": "torch" in sys.modules}))
 
@@ -77,13 +121,20 @@ def main(argv=None) -> int:
              "One fresh process per build (parse + build + streamed plan write), which imports the TensorRT "
              "backend and kvplan.trt but not torch (the I/O contract comes from the manifest); peak RSS via "
              "getrusage. *RSS before* is the process after its imports, just before parsing; the parser reads the "
-             "weights in place from a memory map of the ONNX file.", "",
+             "weights in place from a memory map of the ONNX file. *At the peak*: the highest sample of "
+             "/proc/self/status (every 20 ms) split into anonymous memory (the heap: the builder's own copies) and "
+             "file-backed pages (libraries and the mapped weights); *builder heap* is the anonymous memory at the "
+             "peak less the anonymous memory before parsing.", "",
              "| optimization profiles | rc | wall s | build s | RSS before MiB | peak RSS MiB | peak / weights | "
-             "plan MiB |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "at the peak: anon / file MiB | builder heap / weights | plan MiB |",
+             "|---|---|---:|---:|---:|---:|---:|---|---:|---:|"]
     for r in rows:
         ratio = f"{r['peak_rss_mib'] * 2**20 / weights:.2f}×" if r.get("peak_rss_mib") else "—"
+        heap = (f"{(r['at_peak_anon_mib'] - r['anon_before_mib']) * 2**20 / weights:.2f}×"
+                if "at_peak_anon_mib" in r and "anon_before_mib" in r else "—")
         lines.append(f"| {', '.join(r['profiles'])} | {r['rc']} | {r['wall_s']} | {r.get('build_seconds', '—')} "
                      f"| {r.get('rss_before_mib', '—')} | {r['peak_rss_mib']} | {ratio} "
+                     f"| {r.get('at_peak_anon_mib', '—')} / {r.get('at_peak_file_mib', '—')} | {heap} "
                      f"| {r.get('plan_bytes', 0) / 2**20:.1f} |")
     write_results("engine_memory", result, lines)
     return 0

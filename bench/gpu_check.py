@@ -381,7 +381,7 @@ def export_check(source, device, dtypes: list[str], tmp: Path, log) -> dict:
         tol = profiles.load({"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}[dtype]).validate
         path = tmp / f"decoder.{dtype}.onnx"
         t0 = time.perf_counter()
-        export_pack(source, spec, dtype, 1, path, log=None)
+        export_pack(source, spec, dtype, 1, path)
         rec["export_s"] = round(time.perf_counter() - t0, 2)
         model = onnx.load(str(path), load_external_data=False)
         contract = io_contract(cfg, spec, 1, dtype)

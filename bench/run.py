@@ -20,7 +20,20 @@ import sys
 import time
 from pathlib import Path
 
-from .common import GENAI_VENV, PEERS_VENV, ROOT, dir_bytes, loadavg, log, machine_info, measure, mib, onnx_stats, wait_for_quiet
+from .common import (
+    GENAI_ML_DTYPES,
+    GENAI_VENV,
+    PEERS_VENV,
+    ROOT,
+    dir_bytes,
+    loadavg,
+    log,
+    machine_info,
+    measure,
+    mib,
+    onnx_stats,
+    wait_for_quiet,
+)
 
 SECTIONS = ("pipeline", "peers", "graph", "engine", "scale")
 PY = sys.executable
@@ -208,11 +221,33 @@ def section_peers(ctx) -> dict:
             res = measure(cmd, env=OFFLINE, log_file=logs / f"genai-{dtype}.log", timeout=1200)
             rows.append(peer_row(f"ORT GenAI builder ({dtype}, -e cpu)", res, out, out / "model.onnx",
                                  "includes embedding + LM head (token ids in, logits out)"))
+        if (GENAI_ML_DTYPES / "ml_dtypes").is_dir():
+            # The same fp16 run with ml_dtypes 0.6.0 ahead of the venv's 0.7.0: what kvplan's cap saves it.
+            out = work / "genai-fp16-ml_dtypes-0.6"
+            cmd[cmd.index("-o") + 1], cmd[cmd.index("-p") + 1] = str(out), "fp16"
+            env = {**OFFLINE, "PYTHONPATH": os.pathsep.join([str(GENAI_ML_DTYPES), str(ROOT)])}
+            res = measure(cmd, env=env, log_file=logs / "genai-fp16-ml_dtypes-0.6.log", timeout=1200)
+            rows.append(peer_row("ORT GenAI builder (fp16, -e cpu), ml_dtypes 0.6.0", res, out, out / "model.onnx",
+                                 f"the row above with {GENAI_ML_DTYPES} (ml_dtypes 0.6.0 only) on PYTHONPATH, as "
+                                 f"kvplan's ml_dtypes<0.7"))
     else:
         rows.append({"peer": "ORT GenAI builder", "run": {"rc": "not installed"},
                      "notes": f"no {GENAI_VENV}: run bench/setup_peers.sh"})
     shutil.rmtree(work / "genai-cache", ignore_errors=True)
     return {"checkpoint": info, "checkpoint_run": ck, "rows": rows}
+
+
+def peer_ratios(rows: list[dict]) -> list[str]:
+    """kvplan's cold export (+ surgery + embedding/head) over GenAI's builder, per dtype."""
+    wall = {r["peer"]: r.get("run", {}).get("wall_s") for r in rows if r.get("run", {}).get("rc") == 0}
+    found = []
+    for dtype in ("fp32", "fp16"):
+        ours = wall.get(f"kvplan export ({dtype})")
+        for peer, label in ((f"ORT GenAI builder ({dtype}, -e cpu)", "as installed"),
+                            (f"ORT GenAI builder ({dtype}, -e cpu), ml_dtypes 0.6.0", "GenAI with ml_dtypes 0.6.0")):
+            if ours and wall.get(peer):
+                found.append(f"{dtype} {ours} / {wall[peer]} s = {ours / wall[peer]:.2f}× ({label})")
+    return found
 
 
 def md_peers(sec) -> list[str]:
@@ -229,6 +264,9 @@ def md_peers(sec) -> list[str]:
         ops = ", ".join(f"{k} {v}" for k, v in list(st.get("ops", {}).items())[:8]) if st else ""
         out.append(f"| {r['peer']} | {run.get('rc')} | {run.get('wall_s', '—')} | {run.get('peak_rss_mib', '—')} | "
                    f"{mib(r.get('output_bytes'))} | {st.get('nodes', '—')} | {ops} | {r.get('notes', '')} |")
+    ratios = peer_ratios(sec["rows"])
+    if ratios:
+        out += ["", "kvplan's wall time over GenAI's builder's, same run: " + "; ".join(ratios) + "."]
     fails = [r for r in sec["rows"] if r.get("run", {}).get("rc") not in (0,)]
     for r in fails:
         out += ["", f"**{r['peer']}** did not produce a graph (rc {r['run'].get('rc')}):", "", "```",

@@ -96,7 +96,7 @@ def checkpoint(tmp_path_factory):
             save_checkpoint(name, root / "ckpt")
             source = resolve(str(root / "ckpt"))
             spec = pack_specs(source.config, 0)[0]
-            export_pack(source, spec, "float32", 1, root / "decoder.onnx", log=None)
+            export_pack(source, spec, "float32", 1, root / "decoder.onnx")
             made[name] = (root / "ckpt", source, spec, root / "decoder.onnx")
         return made[name]
     return get
@@ -184,7 +184,7 @@ def test_reference_is_built_from_the_checkpoints_config_json(checkpoint):
     misread = dataclasses.replace(source, config=dataclasses.replace(source.config, rms_norm_eps=0.5))
     ref = HFReference(misread)
     assert ref.hf_config.rms_norm_eps == json.loads((directory / "config.json").read_text())["rms_norm_eps"]
-    export_pack(misread, spec, "float32", 1, path.with_name("misread.onnx"), log=None)
+    export_pack(misread, spec, "float32", 1, path.with_name("misread.onnx"))
     cache = ref.prefill(torch.randn(1, 4, source.config.hidden_size))
     past = [t.numpy() for t in ref.cache_tensors(cache, source.config.num_layers)]
     hidden = torch.randn(1, 2, source.config.hidden_size)

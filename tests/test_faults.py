@@ -33,7 +33,7 @@ def tiny(tmp_path_factory):
     src = resolve("tiny-llama")
     spec = pack_specs(src.config, 0)[0]
     onnx_path = tmp_path_factory.mktemp("faults") / "decoder.onnx"
-    export_pack(src, spec, "float32", 1, onnx_path, log=None)
+    export_pack(src, spec, "float32", 1, onnx_path)
     profile = profiles.load("fp32")
     return {"onnx": onnx_path, "profile": profile, "contract": io_contract(src.config, spec, 1, "float32")}
 

@@ -50,8 +50,9 @@ def test_parser_failures_name_what_an_old_tensorrt_lacks(tmp_path):
 
         def parse_from_file(self, path):
             return False
-    old = backend_mod.Backend(name="tensorrt", module=None, version="10.13.0.35", strongly_typed_flag=1,
-                              can_run=True, why_not_run="", lacks=backend_mod.lacking("tensorrt", "10.13.0.35"))
+    old = backend_mod.Backend(name="tensorrt", version="10.13.0.35", can_run=True, why_not_run="",
+                              lacks=backend_mod.lacking("tensorrt", "10.13.0.35"),
+                              loaded=SimpleNamespace(NetworkDefinitionCreationFlag=None))
     trt = SimpleNamespace(Builder=lambda logger: SimpleNamespace(create_network=lambda flag: object()),
                           OnnxParser=lambda net, logger: Parser())
     (tmp_path / "g.onnx").write_bytes(b"")
@@ -62,12 +63,12 @@ def test_parser_failures_name_what_an_old_tensorrt_lacks(tmp_path):
 
 # --------------------------------------------------------------------------- backend choice
 
-def _fake_import(have: dict):
-    def imp(name):
+def _fake_probe(have: dict):
+    def probe(name):
         if name not in have:
             raise BackendError(f"{name} is not importable")
-        return SimpleNamespace(__version__=have[name], NetworkDefinitionCreationFlag=None)
-    return imp
+        return have[name]
+    return probe
 
 
 @pytest.mark.parametrize("gpus, have, expected", [
@@ -81,21 +82,27 @@ def _fake_import(have: dict):
 ])
 def test_auto_takes_a_backend_that_can_build_here(monkeypatch, gpus, have, expected):
     monkeypatch.setattr(backend_mod, "visible_gpus", lambda: gpus)
-    monkeypatch.setattr(backend_mod, "_import", _fake_import(have))
+    monkeypatch.setattr(backend_mod, "_probe", _fake_probe(have))
     assert backend_mod.select_backend("auto").name == expected
 
 
 def test_auto_with_only_full_tensorrt_and_no_gpu_says_what_to_install(monkeypatch):
     monkeypatch.setattr(backend_mod, "visible_gpus", lambda: ([], "no CUDA GPU visible"))
-    monkeypatch.setattr(backend_mod, "_import", _fake_import({"tensorrt": "10.15.0"}))
+    monkeypatch.setattr(backend_mod, "_probe", _fake_probe({"tensorrt": "10.15.0"}))
     with pytest.raises(BackendError, match="builder needs a CUDA GPU.*tensorrt-rtx-cu13"):
         backend_mod.select_backend("auto")
+
+
+def test_a_backend_that_is_not_installed_is_named_with_what_to_install(monkeypatch):
+    monkeypatch.setitem(backend_mod.MODULES, "tensorrt", "kvplan_no_such_tensorrt")
+    with pytest.raises(BackendError, match="'tensorrt' is not importable.*NVIDIA's package index"):
+        backend_mod.select_backend("tensorrt")
 
 
 def test_a_named_full_tensorrt_without_gpu_refuses_to_build(monkeypatch, tmp_path):
     from kvplan.trt import build_engine
     monkeypatch.setattr(backend_mod, "visible_gpus", lambda: ([], "no CUDA GPU visible"))
-    monkeypatch.setattr(backend_mod, "_import", _fake_import({"tensorrt": "10.15.0"}))
+    monkeypatch.setattr(backend_mod, "_probe", _fake_probe({"tensorrt": "10.15.0"}))
     backend = backend_mod.select_backend("tensorrt")
     assert not backend.can_build
     with pytest.raises(BuildError, match="builder needs a CUDA GPU"):
@@ -184,8 +191,7 @@ def test_runtime_check_without_a_cuda_runtime_reports_not_run(monkeypatch, tmp_p
         pytest.skip("this host has a working CUDA runtime")
     except Exception:
         pass
-    backend = backend_mod.Backend(name="tensorrt-rtx", module=None, version="1.7", strongly_typed_flag=0,
-                                  can_run=True, why_not_run="")
+    backend = backend_mod.Backend(name="tensorrt-rtx", version="1.7", can_run=True, why_not_run="")
     profile = profiles.load("fp16").with_engine(optimization_level=0)
     rec = runtime_check.run_engine_check(tmp_path / "missing.plan", profile, _contract("concat"),
                                          tmp_path / "missing.onnx", backend, log=lambda *_: None)
@@ -204,7 +210,7 @@ def test_extra_memory_target_is_set_on_the_profiles_after_the_first_and_recorded
         pytest.skip(str(e))
     src = resolve("tiny-llama")
     [spec] = pack_specs(src.config, 0, 0)
-    export_pack(src, spec, "float16", 1, tmp_path / "decoder.onnx", log=None)
+    export_pack(src, spec, "float16", 1, tmp_path / "decoder.onnx")
     profile = profiles.load("fp16").with_engine(optimization_level=0)
     record = build_engine(tmp_path / "decoder.onnx", tmp_path / "decoder.plan", profile,
                           io_contract(src.config, spec, 1, "float16"), backend, None, log=lambda *_: None,

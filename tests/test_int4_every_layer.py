@@ -138,7 +138,7 @@ def test_zero_biases_and_two_byte_identical_layers_each_keep_their_own_int4_line
 def test_a_graph_whose_linear_is_not_marked_is_refused_and_nothing_is_written(tmp_path):
     source = resolve("tiny-llama")
     spec = pack_specs(source.config, 0, 0)[0]
-    export_pack(source, spec, "float16", 1, tmp_path / "decoder.onnx", log=None)
+    export_pack(source, spec, "float16", 1, tmp_path / "decoder.onnx")
     graph = onnx.load(str(tmp_path / "decoder.onnx"))
     node = next(n for n in graph.graph.node if any(p.value == "layers.2.mlp.up_proj.weight" for p in n.metadata_props))
     del node.metadata_props[:]

@@ -1,6 +1,6 @@
 """What a command that decides something small loads: `kvplan presets`, `--help` and a rebuild with
 nothing to do import none of the heavy libraries (torch, transformers, ONNX, ONNX Runtime,
-Polygraphy); a stage imports its libraries when it runs."""
+Polygraphy, the TensorRT bindings); a stage imports its libraries when it runs."""
 from __future__ import annotations
 
 import dataclasses
@@ -16,7 +16,8 @@ from kvplan.cli import build_main
 from kvplan.decoder import DecoderStack
 from kvplan.models import presets
 
-HEAVY = ("torch", "transformers", "onnx", "onnx_ir", "onnxruntime", "onnxscript", "polygraphy", "onnx_graphsurgeon")
+HEAVY = ("torch", "transformers", "onnx", "onnx_ir", "onnxruntime", "onnxscript", "polygraphy", "onnx_graphsurgeon",
+         "tensorrt_rtx", "tensorrt")
 
 
 def loaded_after(code: str) -> list[str]:
@@ -38,6 +39,12 @@ def test_a_rebuild_with_nothing_to_do_imports_no_heavy_library(tmp_path):
             f"assert build_main(['--model', 'tiny-llama', '--profile', 'fp32', '--out', {str(tmp_path)!r}, "
             "'--stop-after', 'embed_head']) == 0")
     assert loaded_after(code) == []
+
+
+def test_a_rebuild_of_built_engines_decides_without_the_tensorrt_bindings(tmp_path):
+    args = ["--model", "tiny-llama", "--profile", "fp16", "--out", str(tmp_path)]
+    assert build_main(args) == 0
+    assert loaded_after(f"from kvplan.cli import build_main; assert build_main({args!r}) == 0") == []
 
 
 def test_a_checkpoint_rebuild_with_nothing_to_do_reads_headers_without_torch(tmp_path, tiny_llama_checkpoint):

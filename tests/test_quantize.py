@@ -361,7 +361,7 @@ def test_awq_int4_graph_matches_pytorch_on_its_dequantized_weights(outliers_awq,
     cfg = source.config
     spec = StackSpec(0, cfg.num_layers, True)
     from kvplan.export import export_pack
-    export_pack(source, spec, "float16", 1, tmp_path / "decoder.onnx", log=None)
+    export_pack(source, spec, "float16", 1, tmp_path / "decoder.onnx")
     quantize_graph(tmp_path / "decoder.onnx", tmp_path / "decoder.int4.onnx", awq, source.read_tensors,
                    range(cfg.num_layers))
     inputs = example_inputs(cfg, spec, 1, torch.float16, 7, 9, seed=4)

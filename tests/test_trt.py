@@ -25,7 +25,7 @@ def tiny(tmp_path_factory):
     spec = pack_specs(src.config, 0, 0)[0]
     out = tmp_path_factory.mktemp("tiny_fp16")
     onnx_path = out / "decoder.onnx"
-    export_pack(src, spec, "float16", 1, onnx_path, log=lambda *_: None)
+    export_pack(src, spec, "float16", 1, onnx_path)
     return {"cfg": src.config, "spec": spec, "onnx": onnx_path,
             "contract": io_contract(src.config, spec, 1, "float16")}
 
@@ -64,6 +64,7 @@ def test_auto_picks_an_importable_backend(backend):
         assert backend.name == "tensorrt-rtx"
     assert backend.can_build
     assert backend.version and backend.module is not None
+    assert backend.version == backend.module.__version__      # read from its metadata, before the import
     assert isinstance(backend.strongly_typed_flag, int)
     if not caps:
         assert backend.can_run is False
@@ -394,7 +395,7 @@ def test_inplace_engine_updates_its_buffer_and_matches_onnxruntime(tmp_path, bac
         pytest.skip(f"needs a CUDA GPU the backend can run engines on: {backend.why_not_run}")
     src = resolve("tiny-llama")
     spec, contract = _inplace_contract()
-    export_pack(src, spec, "float16", 1, tmp_path / "decoder.onnx", log=lambda *_: None)
+    export_pack(src, spec, "float16", 1, tmp_path / "decoder.onnx")
     profile = fast_profile.with_export(kv_io="inplace", cache_len=4096)
     build_trt.build_engine(tmp_path / "decoder.onnx", tmp_path / "decoder.plan", profile, contract, backend, None,
                            log=lambda *_: None)

@@ -246,7 +246,7 @@ def _check_linears(model: ir.Model, weights: set[str], where) -> None:
 
 
 def export_pack(source: ModelSource, spec: StackSpec, dtype: str, batch: int | str, path: Path,
-                log=print, allow_nonfinite: bool = False) -> PackExport:
+                allow_nonfinite: bool = False) -> PackExport:
     """Export one pack to ``path`` (written to a temporary name, then renamed into place).
 
     ``batch``: a static batch size, or "B" for a dynamic batch axis (Export.batch_dim).

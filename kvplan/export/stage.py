@@ -51,7 +51,7 @@ class ExportStage:
         for pack, (spec, name) in enumerate(zip(specs, pack_file_names(len(specs)))):
             self.log(f"[export] layers {spec.first_layer}..{spec.last_layer - 1}"
                      f"{' + final norm' if spec.final_norm else ''} -> {name}")
-            result = exporter.export_pack(self.source, spec, p.dtype, p.export.batch_dim, self.target / name, log=self.log,
+            result = exporter.export_pack(self.source, spec, p.dtype, p.export.batch_dim, self.target / name,
                                           allow_nonfinite=self.allow_nonfinite)
             self.log(f"[export] {name}: {result.weight_bytes / 2**20:.1f} MiB of weights in {result.seconds:.1f} s"
                      f"{' (external data)' if result.external_data else ''}, peak RSS {peak_rss_mib():.0f} MiB")

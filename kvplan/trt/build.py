@@ -146,12 +146,12 @@ def build_engine(onnx_path: Path, plan_path: Path, profile: Profile, contract: d
     on parser errors, a contract mismatch or a failed build; on any exception no plan and
     no temp file are left behind by this call.
     """
-    trt = backend.module
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
     if not backend.can_build:
         raise BuildError(f"{onnx_path}: {backend.name} {backend.version} cannot build here: its builder needs a "
                          f"CUDA GPU ({backend.why_not_run}); TensorRT-RTX builds on a CPU-only machine "
                          f"(--backend tensorrt-rtx)")
+    trt = backend.module
     timing_cache = Path(timing_cache) if timing_cache is not None else None
     pending = Pending()
     logger = make_logger(trt, log, pending)
