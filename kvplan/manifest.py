@@ -76,11 +76,26 @@ def write_json_atomic(path: Path, data: Any) -> None:
     write_atomic(path, (json.dumps(data, indent=2, sort_keys=False, default=str) + "\n").encode())
 
 
-def file_identity(st: os.stat_result) -> list[int]:
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+# Artifacts are not fsynced (kvplan.fileio): after a crash of the machine a file may keep its
+# recorded size and times while bytes the kernel had not written yet are lost. An identity therefore
+# holds within one boot only; where the system has no boot id, none is recorded and files are hashed.
+BOOT_ID = _boot_id()
+
+
+def file_identity(st: os.stat_result) -> list | None:
     """What changes whenever a file's bytes may have: a new file (device, inode), or a write to it
     (size, modification time, and the change time, which no tool can set back, not even a copy that
-    preserves times)."""
-    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    preserves times), or a reboot since (BOOT_ID)."""
+    if BOOT_ID is None:
+        return None
+    return [BOOT_ID, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
 def artifact(target: Path, path: Path, **extra) -> dict:
@@ -94,18 +109,28 @@ def artifact(target: Path, path: Path, **extra) -> dict:
 
 
 def _file_entry(target: Path, path: Path) -> dict:
-    before = file_identity(path.stat())
-    entry = {"path": str(path.relative_to(target)), "sha256": sha256_file(path), "bytes": before[2]}
-    # Recorded only for the bytes that were hashed: a file changed while it was read has none.
-    if file_identity(path.stat()) == before:
-        entry["identity"] = before
+    st = path.stat()
+    entry = {"path": str(path.relative_to(target)), "sha256": sha256_file(path), "bytes": st.st_size}
+    _remember_identity(entry, path, st)
     return entry
 
 
-def artifacts_intact(target: Path, entries: list[dict]) -> bool:
+def _remember_identity(entry: dict, path: Path, before: os.stat_result) -> None:
+    """Record the identity ``path`` had when its bytes were hashed (``before``), unless it changed
+    while they were read (then it has none, and the next check hashes it)."""
+    identity = file_identity(before)
+    if identity is not None and file_identity(path.stat()) == identity:
+        entry["identity"] = identity
+    else:
+        entry.pop("identity", None)
+
+
+def artifacts_intact(target: Path, entries: list[dict], refresh: bool = False) -> bool:
     """Every recorded file exists with its recorded size and hash. A file whose identity is the one
     recorded when it was hashed is not read again (a build system's no-op decides from file
-    identities, as make and ninja do from times); any other is hashed."""
+    identities, as make and ninja do from times); any other is hashed. With ``refresh`` its entry
+    then records the identity it was hashed with, for the manifest the caller writes next (after a
+    reboot one no-op hashes; the next need not)."""
     for entry in entries:
         for e in (entry, entry.get("external_data")):
             if not e:
@@ -117,8 +142,12 @@ def artifacts_intact(target: Path, entries: list[dict]) -> bool:
                 return False
             if not stat.S_ISREG(st.st_mode) or st.st_size != e["bytes"]:
                 return False
-            if e.get("identity") != file_identity(st) and sha256_file(p) != e["sha256"]:
+            if e.get("identity") is not None and e["identity"] == file_identity(st):
+                continue
+            if sha256_file(p) != e["sha256"]:
                 return False
+            if refresh:
+                _remember_identity(e, p, st)
     return True
 
 

@@ -119,7 +119,7 @@ class Pipeline:
             key = digest(inputs)
             prev = old.get(stage.name)
             if (not force and prev and prev.get("inputs_digest") == key
-                    and artifacts_intact(self.target, prev.get("artifacts", []))):
+                    and artifacts_intact(self.target, prev.get("artifacts", []), refresh=True)):
                 self.log(f"[{stage.name}] up to date ({len(prev.get('artifacts', []))} artifact(s), inputs unchanged)")
                 done[stage.name] = prev
                 continue

@@ -58,3 +58,35 @@ def test_an_entry_from_an_older_manifest_without_identity_is_hashed(entry):
     assert manifest.artifacts_intact(path.parent, [record])
     path.write_bytes(b"other")
     assert not manifest.artifacts_intact(path.parent, [record])
+
+
+def test_an_identity_recorded_before_the_last_boot_is_not_trusted(entry, monkeypatch):
+    path, record = entry
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[5] ^= 1                       # what a crash can leave: the size and times, not the bytes
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    monkeypatch.setattr(manifest, "BOOT_ID", "another boot")
+    assert not manifest.artifacts_intact(path.parent, [record])
+
+
+def test_a_hashed_artifact_records_its_identity_so_the_next_check_need_not_hash(entry, monkeypatch):
+    path, record = entry
+    monkeypatch.setattr(manifest, "BOOT_ID", "after a reboot")
+    assert manifest.artifacts_intact(path.parent, [record])
+    assert record["identity"][0] != "after a reboot"          # a check alone changes no record
+    assert manifest.artifacts_intact(path.parent, [record], refresh=True)
+    assert record["identity"][0] == "after a reboot"
+    _no_hashing(monkeypatch)
+    assert manifest.artifacts_intact(path.parent, [record])
+
+
+def test_without_a_boot_id_no_identity_is_recorded_and_every_check_hashes(tmp_path, monkeypatch):
+    monkeypatch.setattr(manifest, "BOOT_ID", None)
+    path = tmp_path / "decoder.plan"
+    path.write_bytes(b"plan bytes")
+    record = manifest.artifact(tmp_path, path)
+    assert "identity" not in record
+    path.write_bytes(b"plan bytez")
+    assert not manifest.artifacts_intact(tmp_path, [record])

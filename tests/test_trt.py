@@ -236,10 +236,10 @@ def test_interrupt_from_progress_cancels_build(tiny, fast_profile, backend, tmp_
 
 
 def test_failing_plan_write_removes_temp(tiny, fast_profile, backend, tmp_path, monkeypatch):
-    def fail(fd):
-        raise OSError("disk full")
+    def fail(src, dst):
+        raise OSError("disk full")     # as a network file system reports a failed write late
 
-    monkeypatch.setattr(os, "fsync", fail)
+    monkeypatch.setattr(os, "replace", fail)
     with pytest.raises(OSError, match="disk full"):
         build_trt.build_engine(tiny["onnx"], tmp_path / "decoder.plan", fast_profile, tiny["contract"],
                                backend, None, log=lambda *_: None)
