@@ -19,7 +19,13 @@ process per route (``--route R``; no torch there) and records the plan bytes, th
 - ``weight-streaming``: BuilderFlag.WEIGHT_STREAMING;
 - ``strip-refit``: BuilderFlag.STRIP_PLAN + REFIT_IDENTICAL (weights left out of the plan);
 - ``one-profile-decode-opt``: one profile spanning both ranges, with the decode profile's opt
-  shapes (N 1, lastSum 302).
+  shapes (N 1, lastSum 302);
+- ``opt-level-L``, ``cc-X.Y``, ``max-tactics-1``, ``verbosity-none``: builder options that might
+  shrink the kernel source a plan carries (optimization level L, one compute capability, one tactic,
+  no layer information).
+
+Each plan's kernel source (the CUDA C++ text TensorRT-RTX compiles on the GPU at load time) is
+measured too, so *plan − source* shows how often the weights are stored.
 
 Writes bench/results/weight_copies-<date>.json and .md.
 """
@@ -85,6 +91,10 @@ def _decode_range(route: str, profile):
 def _profile_for(route: str, profile):
     if route.startswith("decode-N="):
         return _decode_range(route, profile)
+    if route.startswith("opt-level-"):
+        return profile.with_engine(optimization_level=int(route.removeprefix("opt-level-")))
+    if route.startswith("cc-"):
+        return profile.with_engine(compute_capabilities=(route.removeprefix("cc-"),))
     if route != "one-profile-decode-opt":
         return profile
     prefill, decode = profile.shapes
@@ -103,13 +113,19 @@ def build_route(target: Path, profile_name: str, route: str) -> None:
     [entry] = manifest["stages"]["export"]["artifacts"]
     backend = select_backend("auto")
     flags = {"weight-streaming": ("WEIGHT_STREAMING",), "strip-refit": ("STRIP_PLAN", "REFIT_IDENTICAL")}.get(route, ())
-    if flags:
+    # Builder settings the profile has no field for, set after the profile's own.
+    settings = {"max-tactics-1": ("max_num_tactics", lambda trt: 1),
+                "verbosity-none": ("profiling_verbosity", lambda trt: trt.ProfilingVerbosity.NONE)}.get(route)
+    if flags or settings:
         configure = trt_build.configure
 
         def with_flags(trt, backend_, config, engine, source, log):
             opts, notes = configure(trt, backend_, config, engine, source, log)
             for flag in flags:
                 config.set_flag(getattr(trt.BuilderFlag, flag))
+            if settings:
+                setattr(config, settings[0], settings[1](trt))
+                opts[settings[0]] = str(getattr(config, settings[0]))
             return {**opts, "flags": list(flags)}, notes
         trt_build.configure = with_flags
     emt = float(route.removeprefix("extra-memory-")) if route.startswith("extra-memory-") else None
