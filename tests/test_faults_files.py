@@ -11,6 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -21,6 +22,7 @@ from kvplan.errors import WriteError
 from kvplan.fileio import TEMP_MARK, atomic_file, temp_prefix
 from kvplan.quantize.weights import Quantized
 from kvplan.surgery.cli import main as surgery_main
+from kvplan.validate import stream
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -153,6 +155,17 @@ def test_a_full_disk_under_an_atomic_file_names_it_and_removes_the_temporary(tmp
     assert str(path) in str(caught.value) and f"directory {tmp_path}" in str(caught.value)
     assert caught.value.errno == errno.ENOSPC
     assert _everything(tmp_path) == []
+
+
+def test_a_full_disk_while_validation_spills_a_runner_output_names_the_file(tmp_path, monkeypatch):
+    """numpy reports a short write as OSError("N requested and M written"), naming no file."""
+    def short_write(path, array, allow_pickle=False):
+        raise OSError("3145728 requested and 524224 written")
+
+    monkeypatch.setattr(np, "save", short_write)
+    with pytest.raises(WriteError) as caught:
+        stream._spill(tmp_path / "spill", {"hidden_out": np.zeros((1, 4, 8), np.float32)})
+    assert str(tmp_path / "spill" / "0.npy") in str(caught.value) and "524224 written" in str(caught.value)
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ import numpy as np
 
 from kvplan import cache_io
 from kvplan.export.exporter import causal_mask, input_names
+from kvplan.fileio import naming_write_errors
 from kvplan.lazy import lazy_import
 from kvplan.pipeline import release_memory, trim_heap
 from kvplan.validate.reference import slice_decoder
@@ -209,7 +210,8 @@ class Prefill:
             return
         # numpy has no bfloat16: its bits are kept as int16 and viewed back.
         array = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
-        np.save(self._file(i, kind), array, allow_pickle=False)
+        with naming_write_errors(self._file(i, kind)):     # numpy's short-write error names no file
+            np.save(self._file(i, kind), array, allow_pickle=False)
 
     def view(self, i: int, kind: int, last: int) -> torch.Tensor:
         """Layer ``i``'s key (kind 0) or value (1) over the first ``last`` positions (no copy)."""

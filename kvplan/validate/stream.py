@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from kvplan.fileio import temp_prefix
+from kvplan.fileio import naming_write_errors, temp_prefix
 from kvplan.pipeline import trim_heap
 from kvplan.validate import polyjson
 from kvplan.validate.compare import compare_point
@@ -32,8 +32,9 @@ def _spill(directory: Path, outputs) -> dict[str, Path]:
     for j, (name, value) in enumerate(outputs.items()):
         # numpy keeps its dtype; bfloat16 (a torch tensor) is widened to float32, exactly.
         array = value if isinstance(value, np.ndarray) else as_float32(value)
-        np.save(directory / f"{j}.npy", array, allow_pickle=False)
         files[name] = directory / f"{j}.npy"
+        with naming_write_errors(files[name]):      # numpy's short-write error names no file
+            np.save(files[name], array, allow_pickle=False)
     return files
 
 
