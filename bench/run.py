@@ -214,19 +214,19 @@ def section_peers(ctx) -> dict:
         rows.append({"peer": "Optimum optimum-cli", "run": {"rc": "not installed"},
                      "notes": f"no {PEERS_VENV}/bin/optimum-cli: run bench/setup_peers.sh"})
     if (GENAI_VENV / "bin" / "python").exists():
+        def genai(out, dtype):
+            return [str(GENAI_VENV / "bin" / "python"), "-m", "onnxruntime_genai.models.builder", "-i", str(ckpt),
+                    "-o", str(out), "-p", dtype, "-e", "cpu", "-c", str(work / "genai-cache")]
         for dtype in ("fp32", "fp16"):
             out = work / f"genai-{dtype}"
-            cmd = [str(GENAI_VENV / "bin" / "python"), "-m", "onnxruntime_genai.models.builder", "-i", str(ckpt),
-                   "-o", str(out), "-p", dtype, "-e", "cpu", "-c", str(work / "genai-cache")]
-            res = measure(cmd, env=OFFLINE, log_file=logs / f"genai-{dtype}.log", timeout=1200)
+            res = measure(genai(out, dtype), env=OFFLINE, log_file=logs / f"genai-{dtype}.log", timeout=1200)
             rows.append(peer_row(f"ORT GenAI builder ({dtype}, -e cpu)", res, out, out / "model.onnx",
                                  "includes embedding + LM head (token ids in, logits out)"))
         if (GENAI_ML_DTYPES / "ml_dtypes").is_dir():
             # The same fp16 run with ml_dtypes 0.6.0 ahead of the venv's 0.7.0: what kvplan's cap saves it.
             out = work / "genai-fp16-ml_dtypes-0.6"
-            cmd[cmd.index("-o") + 1], cmd[cmd.index("-p") + 1] = str(out), "fp16"
             env = {**OFFLINE, "PYTHONPATH": os.pathsep.join([str(GENAI_ML_DTYPES), str(ROOT)])}
-            res = measure(cmd, env=env, log_file=logs / "genai-fp16-ml_dtypes-0.6.log", timeout=1200)
+            res = measure(genai(out, "fp16"), env=env, log_file=logs / "genai-fp16-ml_dtypes-0.6.log", timeout=1200)
             rows.append(peer_row("ORT GenAI builder (fp16, -e cpu), ml_dtypes 0.6.0", res, out, out / "model.onnx",
                                  f"the row above with {GENAI_ML_DTYPES} (ml_dtypes 0.6.0 only) on PYTHONPATH, as "
                                  f"kvplan's ml_dtypes<0.7"))

@@ -76,7 +76,7 @@ def write_error(path: Path, e: OSError) -> WriteError:
 
 @contextlib.contextmanager
 def naming_write_errors(path: Path):
-    """An OSError that names no file (write(2) or fsync(2) on a descriptor: a full disk, a quota)
+    """An OSError that names no file (write(2) or close(2) on a descriptor: a full disk, a quota)
     becomes a WriteError naming ``path``; the CLI prints it on one line."""
     try:
         yield

@@ -142,7 +142,8 @@ def artifacts_intact(target: Path, entries: list[dict], refresh: bool = False) -
                 return False
             if not stat.S_ISREG(st.st_mode) or st.st_size != e["bytes"]:
                 return False
-            if e.get("identity") is not None and e["identity"] == file_identity(st):
+            identity = file_identity(st)
+            if identity is not None and e.get("identity") == identity:
                 continue
             if sha256_file(p) != e["sha256"]:
                 return False

@@ -17,7 +17,6 @@ from kvplan.sources import source_digest
 from kvplan.stack import export_specs, io_contract, pack_file_names
 
 exporter = lazy_import("kvplan.export.exporter")
-torch = lazy_import("torch")
 
 MODULE = "kvplan.export.stage"
 
@@ -47,15 +46,16 @@ class ExportStage:
 
     def build(self, _done: dict) -> dict:
         p, cfg, specs = self.profile, self.source.config, self.specs
-        entries = []
+        entries, weight_bytes = [], 0
         for pack, (spec, name) in enumerate(zip(specs, pack_file_names(len(specs)))):
             self.log(f"[export] layers {spec.first_layer}..{spec.last_layer - 1}"
                      f"{' + final norm' if spec.final_norm else ''} -> {name}")
             result = exporter.export_pack(self.source, spec, p.dtype, p.export.batch_dim, self.target / name,
                                           allow_nonfinite=self.allow_nonfinite)
+            weight_bytes += result.weight_bytes
             self.log(f"[export] {name}: {result.weight_bytes / 2**20:.1f} MiB of weights in {result.seconds:.1f} s"
                      f"{' (external data)' if result.external_data else ''}, peak RSS {peak_rss_mib():.0f} MiB")
             entries.append(artifact(self.target, self.target / name, pack=pack,
                                     layers=[spec.first_layer, spec.last_layer], final_norm=spec.final_norm,
                                     io=io_contract(cfg, spec, p.export.batch_dim, p.dtype)))
-        return {"artifacts": entries, "weight_bytes": cfg.weight_count() * torch.finfo(exporter.TORCH_DTYPES[p.dtype]).bits // 8}
+        return {"artifacts": entries, "weight_bytes": weight_bytes}
