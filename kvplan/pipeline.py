@@ -64,12 +64,22 @@ def release_memory() -> None:
     trim_heap()
 
 
+def _libc():
+    try:
+        return ctypes.CDLL(None)
+    except (OSError, TypeError):       # no C library to open by name (not a POSIX system)
+        return None
+
+
+_LIBC = _libc()
+
+
 def trim_heap() -> None:
     """Only the glibc trim, no garbage collection (about 0.2 s with torch loaded): for freeing
-    done by reference counts, as between validation points."""
+    done by reference counts, as between validation points, and by the engine builder."""
     try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):      # not glibc: nothing to trim
+        _LIBC.malloc_trim(0)
+    except AttributeError:      # not glibc (or no C library found): nothing to trim
         pass
 
 
@@ -84,8 +94,8 @@ def map_large_allocations(threshold: int = 4 << 20) -> None:
     until a trim and fragment it. A fixed threshold keeps large tensors out of the heap. No-op
     where the C library is not glibc."""
     try:
-        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, threshold)
-    except (OSError, AttributeError):
+        _LIBC.mallopt(M_MMAP_THRESHOLD, threshold)
+    except AttributeError:
         pass
 
 

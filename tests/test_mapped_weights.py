@@ -8,7 +8,8 @@ import numpy as np
 import onnx
 import pytest
 
-from kvplan.trt.mapped_weights import MappedWeights, raw_data_offsets
+from kvplan.trt.build import MemoryReturned
+from kvplan.trt.mapped_weights import MIN_BYTES, MappedWeights
 
 
 @pytest.fixture(scope="module")
@@ -24,21 +25,37 @@ def _file_bytes(path, offset, length):
 
 
 @pytest.mark.parametrize("layout", ["streamed", "serialized"])
-def test_the_scan_finds_every_initializers_bytes(tiny_onnx, tmp_path, layout):
+def test_the_weights_free_model_is_the_graph_with_every_weight_a_reference(tiny_onnx, tmp_path, layout):
     """The export's streamed file (graph field, then one initializer at a time) and a plain
-    onnx.save of the same model."""
+    onnx.save of the same model: the model written from the wire format is the one onnx itself
+    makes by turning each mapped initializer into an external reference into the file."""
     path = tiny_onnx
     if layout == "serialized":
         path = tmp_path / "plain.onnx"
         onnx.save(onnx.load(tiny_onnx), path)
-    model = onnx.load(path)
+    weights = MappedWeights.open(path)
+    expected = onnx.load(path)
     data = path.read_bytes()
-    offsets = raw_data_offsets(data)
-    with_raw = {t.name: t.raw_data for t in model.graph.initializer if t.raw_data}
-    assert set(offsets) == set(with_raw)
-    for name, raw in with_raw.items():
-        start, length = offsets[name]
-        assert data[start:start + length] == raw, name
+    mapped = {name: (offset, length) for name, _, offset, length in weights.entries}
+    assert set(mapped) == {t.name for t in expected.graph.initializer if len(t.raw_data) >= MIN_BYTES}
+    for t in expected.graph.initializer:
+        if t.name in mapped:
+            offset, length = mapped[t.name]
+            assert data[offset:offset + length] == t.raw_data, t.name
+            t.ClearField("raw_data")
+            t.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", path.name), ("offset", offset), ("length", length)):
+                t.external_data.add(key=key, value=str(value))
+    assert onnx.ModelProto.FromString(weights.model_bytes) == expected
+
+
+def test_small_initializers_stay_in_the_model(tiny_onnx):
+    weights = MappedWeights.open(tiny_onnx)
+    small = {t.name: t.raw_data for t in onnx.load(tiny_onnx).graph.initializer if len(t.raw_data) < MIN_BYTES}
+    assert small
+    kept = {t.name: t.raw_data for t in onnx.ModelProto.FromString(weights.model_bytes).graph.initializer
+            if t.name in small}
+    assert kept == small
 
 
 def test_inline_weights_become_references_into_the_file_itself(tiny_onnx):
@@ -69,7 +86,8 @@ def test_external_data_is_mapped_at_the_offsets_the_graph_records(tiny_onnx, tmp
 
 
 def test_released_pages_read_back_the_same_bytes(tiny_onnx):
-    """release() drops the pages from the process; the parser's pointers stay valid and read the file."""
+    """The build drops the pages from the process every few milliseconds; the parser's pointers stay
+    valid and read the file."""
     weights = MappedWeights.open(tiny_onnx)
 
     class Parser:           # records what a parser would be given
@@ -87,9 +105,9 @@ def test_released_pages_read_back_the_same_bytes(tiny_onnx):
     assert weights.load_into(parser) is None
     before = {n: np.ctypeslib.as_array((np.ctypeslib.ctypes.c_uint8 * s).from_address(a)).tobytes()
               for n, (a, s) in parser.given.items()}
-    with weights.released_while(interval=0.001):
+    with MemoryReturned(weights, interval=0.001) as returned:
         time.sleep(0.05)
-    assert weights.releases > 2        # the thread's, then the last one on the way out
+    assert weights.releases == returned.rounds > 2     # the thread's, then the last one on the way out
     after = {n: np.ctypeslib.as_array((np.ctypeslib.ctypes.c_uint8 * s).from_address(a)).tobytes()
              for n, (a, s) in parser.given.items()}
     assert after == before

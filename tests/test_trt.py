@@ -417,7 +417,7 @@ def test_weights_the_scan_cannot_place_are_read_by_the_parser(tiny, fast_profile
     """A scan that disagrees with the graph never reaches the parser: it reads the file itself,
     says so, and builds the same network."""
     import kvplan.trt.mapped_weights as mw
-    monkeypatch.setattr(mw, "raw_data_offsets", lambda buf: (_ for _ in ()).throw(ValueError("scan failed")))
+    monkeypatch.setattr(mw, "weights_free_model", lambda *a: (_ for _ in ()).throw(ValueError("scan failed")))
     lines: list[str] = []
     record = build_trt.build_engine(tiny["onnx"], tmp_path / "decoder.plan", fast_profile, tiny["contract"], backend,
                                     None, log=lines.append)

@@ -10,24 +10,61 @@ figure that needs a deserialized engine is recorded as null with the reason.
 """
 from __future__ import annotations
 
-import contextlib
 import shlex
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from kvplan.fileio import atomic_file
 from kvplan.manifest import sha256_file
+from kvplan.pipeline import trim_heap
 from kvplan.profiles import Profile
 from kvplan.trt.backend import Backend
 from kvplan.trt.callbacks import Log, Pending, interrupts_cancel, make_logger, make_progress_monitor
 from kvplan.trt.errors import BuildError
+from kvplan.trt.mapped_weights import MappedWeights
 from kvplan.trt.memory import memory_record
 from kvplan.trt.network import allow_decomposed_attention, check_network_inputs, network_summary, parse
 from kvplan.trt.options import configure, load_timing_cache, save_timing_cache, timing_cache_supported
 from kvplan.trt.plan_io import host_code_allowed
 from kvplan.trt.shapes import dims, shapes_for
 from kvplan.trt.trtexec import trtexec_command
+
+# The builder frees and allocates in bursts; returning what it freed this often took the default
+# model's build from 1155 to 930 MiB peak RSS (50 ms: 960-1010), at no cost in build time.
+RETURN_INTERVAL_S = 0.01
+
+
+class MemoryReturned:
+    """While the builder runs (with the GIL released), every ``interval`` s: drop the mapped weight
+    pages it has read from this process (it keeps its own copy) and hand the heap pages it has
+    freed back to the OS. glibc keeps freed pages in its arenas until a trim; without one, the
+    builder's peak RSS includes much of what it had already freed."""
+
+    def __init__(self, weights: MappedWeights | None, interval: float = RETURN_INTERVAL_S):
+        self.weights, self.interval, self.rounds = weights, interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="kvplan-return-memory", daemon=True)
+
+    def _return(self) -> None:
+        if self.weights is not None:
+            self.weights.release()
+        trim_heap()
+        self.rounds += 1
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._return()
+
+    def __enter__(self) -> "MemoryReturned":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._return()
 
 
 def _add_profiles(builder, config, shapes: dict, profile: Profile, onnx_path: Path, logger,
@@ -169,10 +206,7 @@ def build_engine(onnx_path: Path, plan_path: Path, profile: Profile, contract: d
     monitor = _attach_progress_monitor(trt, config, log, pending)
 
     t0 = time.perf_counter()
-    # The builder makes its own copy of the weights: the mapped pages it has read need not stay
-    # in this process meanwhile (any it reads again come back from the page cache).
-    releasing = weights.released_while() if weights is not None else contextlib.nullcontext()
-    with atomic_file(plan_path) as f, releasing, interrupts_cancel(pending):
+    with atomic_file(plan_path) as f, MemoryReturned(weights), interrupts_cancel(pending):
         built, handed = _build_into(trt, builder, network, config, f, pending)
         if pending.exc is not None:
             raise pending.exc           # Ctrl-C (it cancelled the build) or the plan write's own error

@@ -14,7 +14,7 @@ from typing import Callable
 from kvplan.embed_head.stage import end_graphs
 from kvplan.lazy import lazy_import
 from kvplan.manifest import artifact
-from kvplan.pipeline import graph_artifacts
+from kvplan.pipeline import graph_artifacts, trim_heap
 from kvplan.sources import source_digest
 from kvplan.stack import export_specs, io_contract, pack_file_names
 from kvplan.trt.backend import Backend
@@ -66,10 +66,12 @@ class EngineStage:
                                   io_contract(cfg, spec, p.export.batch_dim, p.dtype), backend,
                                   self.target / p.engine.timing_cache if p.engine.timing_cache else None, log=self.log)
             entries.append(artifact(self.target, self.target / name, pack=src["pack"], build=record))
+            trim_heap()         # the builder's freed heap, before the next plan's build
         for graph, src in end_graphs(done.get(self.ends)).items():
             plan = self.target / f"{graph}.plan"
             self.log(f"[engines] {src['path']} -> {plan.name}")
             record = trt_build.build_engine(self.target / src["path"], plan, p, src["io"], backend,
                                   self.target / p.engine.timing_cache if p.engine.timing_cache else None, log=self.log)
             entries.append(artifact(self.target, plan, graph=graph, build=record))
+            trim_heap()
         return {"artifacts": entries, "backend": backend.name, "backend_version": backend.version}
