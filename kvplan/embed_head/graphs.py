@@ -95,7 +95,8 @@ def _last_row(x: ir.Value, nodes: list, inits: list) -> ir.Value:
 def _weight(weight: torch.Tensor, dtype: str, int4_group: int, nodes: list, inits: list) -> tuple[ir.Value, int]:
     """W^T [hidden, vocab], as the graph dtype's initializer or as DequantizeLinear of int4."""
     if not int4_group:
-        w_t = _const("lm_head.weight_t", _np(weight.t().contiguous(), dtype))
+        # Rounded first, then transposed: the same values, and the copy is of the graph's dtype.
+        w_t = _const("lm_head.weight_t", np.ascontiguousarray(_np(weight, dtype).T))
         inits.append(w_t)
         return w_t, w_t.const_value.nbytes
     ql = quantize_linear("lm_head.weight", weight, int4_group)

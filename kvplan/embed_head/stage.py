@@ -15,12 +15,12 @@ from kvplan.errors import ProfileError
 from kvplan.lazy import lazy_import, version
 from kvplan.manifest import artifact
 from kvplan.models import families
+from kvplan.pipeline import collections_skip_what_exists, release_memory
 from kvplan.sources import source_digest
 
 graphs_mod = lazy_import("kvplan.embed_head.graphs")
 tts_graphs = lazy_import("kvplan.embed_head.tts")
 quantize_graph = lazy_import("kvplan.quantize.graph")
-torch = lazy_import("torch")
 
 MODULE = "kvplan.embed_head.stage"
 # TensorRT's TopK takes k up to this (ITopKLayer).
@@ -60,42 +60,49 @@ class EmbedHeadStage:
                 "batch": p.export.batch_dim, "head": asdict(p.head), "int4_group": self.int4_group,
                 "source": source_digest(MODULE), "onnx_ir": version("onnx-ir")}
 
-    def graphs(self) -> list:
+    def graphs(self):
+        """The graphs one at a time: each is saved and dropped before the next one's weights are
+        read (a 152k-row vocabulary is 260 MiB a matrix in fp16, more as the source holds it)."""
         p = self.profile
-        graphs = self.text_graphs() if self.source.read_lm is not None else []
+        if self.source.read_lm is not None:
+            yield from self.text_graphs()
         if self.source.read_tts is not None:
             if self.source.read_lm is None and self.source.read_embedding is not None:
-                graphs.append(graphs_mod.embed_graph(self.source.read_embedding(), 1.0, p.dtype, p.export.batch_dim))
+                yield graphs_mod.embed_graph(self.source.read_embedding(), 1.0, p.dtype, p.export.batch_dim)
             tts = self.source.read_tts()
-            graphs += [tts_graphs.audio_embed_graph(tts["emb_code"], p.dtype, p.export.batch_dim),
-                       tts_graphs.audio_head_graph(tts["head_code"], p.dtype, p.export.batch_dim, last_only=p.head.last_only)]
-        return graphs
+            yield tts_graphs.audio_embed_graph(tts.pop("emb_code"), p.dtype, p.export.batch_dim)
+            yield tts_graphs.audio_head_graph(tts.pop("head_code"), p.dtype, p.export.batch_dim,
+                                              last_only=p.head.last_only)
 
-    def text_graphs(self) -> list:
+    def text_graphs(self):
         cfg, p = self.source.config, self.profile
-        lm = self.source.read_lm()
-        weight = lm["lm_head.weight"]
-        vocab = weight.shape[0]
+        vocab = cfg.vocab_size
         if p.head.top_k > min(vocab, TOPK_MAX):
             raise ProfileError(f"{p.source}: head.top_k {p.head.top_k} exceeds "
                                + (f"the vocabulary's {vocab} rows" if p.head.top_k > vocab
                                   else f"TensorRT's TopK limit of {TOPK_MAX}"))
         scale = families.get(cfg.family).embedding_scale(cfg)
-        embed = graphs_mod.embed_graph(self.source.read_embedding(), scale, p.dtype, p.export.batch_dim)
-        head = graphs_mod.head_graph(weight.to(torch.float32), p.dtype, p.export.batch_dim, softcap=cfg.logit_softcap,
-                          last_only=p.head.last_only, top_k=p.head.top_k, int4_group=self.int4_group)
-        return [embed, head]
+        # The matrices are read in the calls: no reference outlives its graph's making.
+        yield graphs_mod.embed_graph(self.source.read_embedding(), scale, p.dtype, p.export.batch_dim)
+        yield graphs_mod.head_graph(self.source.read_lm(["lm_head.weight"])["lm_head.weight"], p.dtype,
+                                    p.export.batch_dim, softcap=cfg.logit_softcap, last_only=p.head.last_only,
+                                    top_k=p.head.top_k, int4_group=self.int4_group)
 
     def build(self, _done: dict) -> dict:
         entries = []
-        for graph in self.graphs():
-            path = self.target / f"{graph.name}.onnx"
-            quantize_graph.save(graph.model, path)
-            self.log(f"[embed_head] {path.name}: {graph.weight_bytes / 2**20:.1f} MiB of weights, "
-                     f"{' '.join(graph.contract['inputs'])} -> {' '.join(graph.contract['outputs'])}")
-            entries.append(artifact(self.target, path, graph=graph.name, io=graph.contract,
-                                    weight_bytes=graph.weight_bytes,
-                                    **({"int4_group": self.int4_group} if graph.name == "head" else {})))
+        # An ONNX IR graph is a web of reference cycles (nodes and values): each needs a collection
+        # to go, which skips the libraries' objects from before the stage.
+        with collections_skip_what_exists():
+            for graph in self.graphs():
+                path = self.target / f"{graph.name}.onnx"
+                quantize_graph.save(graph.model, path)
+                self.log(f"[embed_head] {path.name}: {graph.weight_bytes / 2**20:.1f} MiB of weights, "
+                         f"{' '.join(graph.contract['inputs'])} -> {' '.join(graph.contract['outputs'])}")
+                entries.append(artifact(self.target, path, graph=graph.name, io=graph.contract,
+                                        weight_bytes=graph.weight_bytes,
+                                        **({"int4_group": self.int4_group} if graph.name == "head" else {})))
+                del graph                   # and its weights, before the next graph's are read
+                release_memory()
         return {"artifacts": entries}
 
 
