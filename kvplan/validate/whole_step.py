@@ -16,6 +16,7 @@ import numpy as np
 
 from kvplan.embed_head.stage import end_graphs
 from kvplan.lazy import lazy_import
+from kvplan.pipeline import release_memory
 from kvplan.quantize.rtn import quantize_linear
 from kvplan.runtime.onnx import Graphs, OnnxModel
 from kvplan.runtime.steps import chunk_size, positions
@@ -65,23 +66,29 @@ def whole_step(source, profile, target, manifest, packs, ids: list[int], log) ->
     if profile.dtype == "bfloat16":
         return {"ran": False, "why": "ONNX Runtime's CPU provider runs no bfloat16 graphs"}
     t0 = time.perf_counter()
+    capacity = positions(source, profile)
+    points, runs = {}, []
+    # The graphs' logits first, then the reference's: ONNX Runtime's sessions (their weights in
+    # float32 where it folds the casts) and transformers' float32 model are never held together.
     model = OnnxModel(Graphs([(p.spec, p.path) for p in packs], target / ends["embed"]["path"],
                              target / ends["head"]["path"]), source.config, profile.dtype)
-    ref = _reference(source, profile, ends["head"].get("int4_group", 0))
-    capacity = positions(source, profile)
-    points = {}
     for sp in profile.shapes:
         last, n = sp.lastSum.opt, sp.N.opt
         if last + n > len(ids):
             points[sp.name] = {"ran": False, "why": f"{last + n} tokens needed, {len(ids)} at hand"}
             continue
-        got = _candidate(model, ids, last, n, chunk_size(profile), capacity)
+        runs.append((f"{sp.name} N={n} lastSum={last}", sp.name, last, n,
+                     _candidate(model, ids, last, n, chunk_size(profile), capacity)))
+    del model
+    release_memory()
+    ref = _reference(source, profile, ends["head"].get("int4_group", 0)) if runs else None
+    for label, name, last, n, got in runs:
         with torch.no_grad():
             logits = ref.model(input_ids=torch.tensor([ids[:last + n]])).logits[0, last:last + n].float()
         want = logits[-1:] if profile.head.last_only else logits
-        points[f"{sp.name} N={n} lastSum={last}"] = {"ran": True, **_compare(got, want, profile.validate)}
-        log(f"[validate] whole step at {sp.name} (N={n}, lastSum={last}): logits max |d| "
-            f"{points[f'{sp.name} N={n} lastSum={last}']['max_abs']:.4g}")
+        points[label] = {"ran": True, **_compare(got, want, profile.validate)}
+        log(f"[validate] whole step at {name} (N={n}, lastSum={last}): logits max |d| {points[label]['max_abs']:.4g}")
+    del ref
     ran = [p for p in points.values() if p.get("ran")]
     return {"ran": bool(ran), "points": points, "seconds": round(time.perf_counter() - t0, 2),
             "why": "" if ran else "no point's tokens at hand"}
