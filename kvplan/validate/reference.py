@@ -117,9 +117,17 @@ class HFReference:
         if with_lm:
             if source.read_lm is None:
                 raise ValueError(f"{source.name}: no LM head in this model source")
-            # First, while little else is held: one vocabulary-sized matrix in the source's dtype at a time.
-            for name, key in (("embed_tokens.weight", "model.embed_tokens.weight"), ("lm_head.weight", "lm_head.weight")):
-                self._assign(model, {key: source.read_lm([name])[name]}, "")
+            # First, while little else is held.
+            embed = source.read_lm(["embed_tokens.weight"])["embed_tokens.weight"]
+            self._assign(model, {"model.embed_tokens.weight": embed}, "")
+            head = source.read_lm(["lm_head.weight"])["lm_head.weight"]
+            if head is embed or (head.shape == embed.shape and head.dtype == embed.dtype and torch.equal(head, embed)):
+                # Tied (SmolLM2, Llama 3.2, Qwen2): one matrix for both, as transformers ties them, not
+                # a second vocabulary-sized float32 copy (1 GiB for Llama 3.2 1B).
+                model.lm_head.weight = model.get_input_embeddings().weight
+            else:
+                self._assign(model, {"lm_head.weight": head}, "")
+            del embed, head
         # Read and converted a layer at a time: one layer in the source's dtype beside the model.
         for i in self.layers:
             self._assign(model, source.read_reference(layers=range(i, i + 1), norm=False), prefix)
