@@ -74,19 +74,27 @@ class EmbedHeadStage:
             yield tts_graphs.audio_head_graph(tts.pop("head_code"), p.dtype, p.export.batch_dim,
                                               last_only=p.head.last_only)
 
+    def _check_top_k(self, vocab: int) -> None:
+        top_k = self.profile.head.top_k
+        if top_k > min(vocab, TOPK_MAX):
+            raise ProfileError(f"{self.profile.source}: head.top_k {top_k} exceeds "
+                               + (f"the vocabulary's {vocab} rows" if top_k > vocab
+                                  else f"TensorRT's TopK limit of {TOPK_MAX}"))
+
     def text_graphs(self):
         cfg, p = self.source.config, self.profile
-        vocab = cfg.vocab_size
-        if p.head.top_k > min(vocab, TOPK_MAX):
-            raise ProfileError(f"{p.source}: head.top_k {p.head.top_k} exceeds "
-                               + (f"the vocabulary's {vocab} rows" if p.head.top_k > vocab
-                                  else f"TensorRT's TopK limit of {TOPK_MAX}"))
+        self._check_top_k(cfg.vocab_size)           # before any graph is written
         scale = families.get(cfg.family).embedding_scale(cfg)
-        # The matrices are read in the calls: no reference outlives its graph's making.
+        # The matrix is read in the call: no reference outlives its graph's making.
         yield graphs_mod.embed_graph(self.source.read_embedding(), scale, p.dtype, p.export.batch_dim)
-        yield graphs_mod.head_graph(self.source.read_lm(["lm_head.weight"])["lm_head.weight"], p.dtype,
-                                    p.export.batch_dim, softcap=cfg.logit_softcap, last_only=p.head.last_only,
-                                    top_k=p.head.top_k, int4_group=self.int4_group)
+        yield self._head_graph()
+
+    def _head_graph(self):
+        cfg, p = self.source.config, self.profile
+        weight = self.source.read_lm(["lm_head.weight"])["lm_head.weight"]
+        self._check_top_k(weight.shape[0])          # the head's own rows, where they differ from the config's
+        return graphs_mod.head_graph(weight, p.dtype, p.export.batch_dim, softcap=cfg.logit_softcap,
+                                     last_only=p.head.last_only, top_k=p.head.top_k, int4_group=self.int4_group)
 
     def build(self, _done: dict) -> dict:
         entries = []
