@@ -68,11 +68,13 @@ def section_pipeline(ctx) -> dict:
         for stage, extra in (("export", ["--stop-after", "export"]), ("surgery", ["--stop-after", "surgery"]),
                              ("engines", [])):
             row["stages"][stage] = measure(engines_cmd(profile, model, out, *extra), log_file=logs / f"{stage}.log")
-        # What a user runs: every stage in one process, into a fresh target; twice, for the
-        # run-to-run spread (the export caches nothing between builds).
-        for label in ("all stages, one run", "all stages, one run, again"):
+        # What a user runs: every stage in one command, into a fresh target; twice, for the
+        # run-to-run spread (the export caches nothing between builds); and once with every stage
+        # in the one process (--one-process) instead of a forked child per stage group.
+        for label, extra in (("all stages, one command", ()), ("all stages, one command, again", ()),
+                             ("all stages, --one-process", ("--one-process",))):
             whole = fresh(ctx.work / "pipeline" / f"{model}-{profile}-whole")
-            row["stages"][label] = measure(engines_cmd(profile, model, whole), log_file=logs / f"{label}.log")
+            row["stages"][label] = measure(engines_cmd(profile, model, whole, *extra), log_file=logs / f"{label}.log")
             row["one_run_stage_seconds"][label] = round(sum(
                 r.get("seconds") or 0 for r in manifest(whole, model, profile).get("stages", {}).values()
                 if isinstance(r, dict)), 2) or None
@@ -105,25 +107,31 @@ def md_pipeline(sec) -> list[str]:
     out = ["## Pipeline: wall time and peak RSS per stage", "",
            "Each stage is a separate `python -m build.engines` process (`--stop-after export`, then `--stop-after "
            "surgery`, then the full run; later runs find earlier stages up to date), then `python -m build.validate`; "
-           "the row marked *again* is the one-process run repeated into a fresh target; "
-           "peak RSS via `getrusage(RUSAGE_CHILDREN)` in a fresh helper per process. Random (preset) weights. "
+           "*all stages* rows run every stage in one command into a fresh target (*again*: repeated; *--one-process*: "
+           "without the forked child per stage group); "
+           "peak RSS via `getrusage(RUSAGE_CHILDREN)` in a fresh helper per process (the largest single process: a "
+           "build runs its stage groups in forked children), and the highest sum of PSS over the whole process tree "
+           "sampled every 20 ms (the parent beside its child); *peak / weights* takes the larger. Random (preset) weights. "
            "Wall time includes interpreter start-up and imports; *stage s* is the stage's own time from the manifest.",
            "",
-           "| model | profile | stage | wall s | stage s | peak RSS MiB | peak RSS / weights | rc | load before → after |",
-           "|---|---|---|---:|---:|---:|---:|---|---|"]
+           "| model | profile | stage | wall s | stage s | peak RSS MiB | tree PSS MiB | peak / weights | rc "
+           "| load before → after |",
+           "|---|---|---|---:|---:|---:|---:|---:|---|---|"]
     for r in sec["rows"]:
         wb = r.get("weight_bytes")
         for stage, s in r["stages"].items():
             if "skipped" in s:
-                out.append(f"| {r['model']} | {r['profile']} | {stage} | — | — | — | — | skipped: {s['skipped']} | |")
+                out.append(f"| {r['model']} | {r['profile']} | {stage} | — | — | — | — | — | skipped: {s['skipped']} | |")
                 continue
             ms = r.get("manifest", {}).get(stage, {}).get("seconds")
             if stage in r.get("one_run_stage_seconds", {}):
                 ms = r["one_run_stage_seconds"][stage]
-            ratio = f"{s['peak_rss_mib'] * 2**20 / wb:.2f}×" if wb and s.get("peak_rss_mib") else "—"
+            peak = max(s.get("peak_rss_mib") or 0, s.get("peak_tree_pss_mib") or 0)
+            ratio = f"{peak * 2**20 / wb:.2f}×" if wb and peak else "—"
             label = f"validate {r.get('validate_args', '')}" if stage == "validate" else stage
             out.append(f"| {r['model']} | {r['profile']} | {label} | {s.get('wall_s')} | {ms if ms is not None else '—'} "
-                       f"| {s.get('peak_rss_mib')} | {ratio} | {s.get('rc')} | {s['load_before'][0]} → {s['load_after'][0]} |")
+                       f"| {s.get('peak_rss_mib')} | {s.get('peak_tree_pss_mib') or '—'} | {ratio} | {s.get('rc')} "
+                       f"| {s['load_before'][0]} → {s['load_after'][0]} |")
     out.append("")
     out.append("Weight bytes (manifest `stages.export.weight_bytes`): " + ", ".join(
         f"{r['model']}/{r['profile']} {mib(r.get('weight_bytes'))} MiB" for r in sec["rows"]))

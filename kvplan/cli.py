@@ -77,6 +77,11 @@ def build_parser(prog: str = "kvplan build") -> argparse.ArgumentParser:
                    help="after building, check every stage's numbers (same as kvplan validate)")
     p.add_argument("--text", type=Path, default=None, metavar="FILE", help="with --validate: " + TEXT_HELP)
     p.add_argument("--force", action="store_true", help="rebuild every stage even when its inputs are unchanged")
+    p.add_argument("--one-process", action="store_true",
+                   help="run every stage in this process (for a debugger or profiler); by default the stages "
+                        "before the engines, and the engines, each run in a forked process of their own, so that "
+                        "the build's peak memory is its largest stage's instead of the engine builder's on top of "
+                        "the export's libraries")
     # Kept so that scripts written for the traced exporter keep working: nothing is traced now.
     p.add_argument("--no-trace-cache", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--allow-nonfinite-weights", action="store_true",
@@ -247,7 +252,8 @@ def _build(args: argparse.Namespace) -> int:
     if args.no_trace_cache:
         _log("kvplan: --no-trace-cache has no effect: the exporter writes the graph directly and traces nothing")
     options = target_mod.BuildOptions(backend=args.backend, no_surgery=args.no_surgery, stop_after=args.stop_after,
-                                      force=args.force, shapes=tuple(args.shapes), allow_nonfinite=args.allow_nonfinite_weights)
+                                      force=args.force, shapes=tuple(args.shapes), allow_nonfinite=args.allow_nonfinite_weights,
+                                      fork=not args.one_process)
     target_mod.build(args.model, args.profile, args.out, options, log=_log)
     if args.validate:
         return target_mod.validate_target(args.model, args.profile, args.out, validate_run.ValidateOptions(text=args.text),

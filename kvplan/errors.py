@@ -58,3 +58,7 @@ class BackendError(KvplanError, RuntimeError):
 
 class BuildError(KvplanError, RuntimeError):
     """TensorRT could not build, load or run an engine."""
+
+
+class ChildExitError(KvplanError, RuntimeError):
+    """A stage's own process ended without handing back a result: killed (out of memory) or crashed."""

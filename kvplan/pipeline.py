@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import gc
 import os
 import resource
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Protocol
 
+from kvplan.forked import can_fork, run_forked
 from kvplan.manifest import MANIFEST, SCHEMA, artifacts_intact, digest, load_manifest, now, write_json_atomic
 
 
@@ -112,27 +114,77 @@ def collections_skip_what_exists():
         gc.unfreeze()
 
 
+def stage_groups(stages: list) -> list[list]:
+    """Stages split before each one that asks for a process of its own (``own_process``)."""
+    groups: list[list] = []
+    for stage in stages:
+        if not groups or getattr(stage, "own_process", False):
+            groups.append([])
+        groups[-1].append(stage)
+    return groups
+
+
 class Pipeline:
-    def __init__(self, target: Path, header: dict, log=print):
-        self.target, self.header, self.log = target, header, log
+    """Runs stages in order; with ``fork``, each group of stages (stage_groups) that has one to
+    build runs in a forked child (kvplan.forked) where that is safe, so that the engine builder's
+    peak does not sit on the export's torch and heap. Up-to-date checks stay in this process: a
+    no-op run forks nothing."""
+
+    def __init__(self, target: Path, header: dict, log=print, fork: bool = False):
+        self.target, self.header, self.log, self.fork = target, header, log, fork
 
     def _write(self, status: str, stages: dict[str, dict]) -> None:
         write_json_atomic(self.target / MANIFEST, {
             "schema": SCHEMA, "status": status, "updated": now(), **self.header, "stages": stages})
 
+    def _needs_build(self, stage: Stage, old: dict, done: dict, force: bool) -> dict | None:
+        """The stage's inputs where it must be built; None (and its old record in done) where not."""
+        inputs = stage.inputs(done)
+        prev = old.get(stage.name)
+        if (not force and prev and prev.get("inputs_digest") == digest(inputs)
+                and artifacts_intact(self.target, prev.get("artifacts", []), refresh=True)):
+            self.log(f"[{stage.name}] up to date ({len(prev.get('artifacts', []))} artifact(s), inputs unchanged)")
+            done[stage.name] = prev
+            return None
+        return inputs
+
     def run(self, stages: list[Stage], force: bool = False) -> dict:
         old = (load_manifest(self.target) or {}).get("stages", {})
         done: dict[str, dict] = {}
-        rebuilt = []
-        for stage in stages:
-            inputs = stage.inputs(done)
-            key = digest(inputs)
-            prev = old.get(stage.name)
-            if (not force and prev and prev.get("inputs_digest") == key
-                    and artifacts_intact(self.target, prev.get("artifacts", []), refresh=True)):
-                self.log(f"[{stage.name}] up to date ({len(prev.get('artifacts', []))} artifact(s), inputs unchanged)")
-                done[stage.name] = prev
+        rebuilt: list[str] = []
+        last = stages[-1] if stages else None
+        for group in stage_groups(stages):
+            todo = list(group)
+            inputs = None
+            while todo and (inputs := self._needs_build(todo[0], old, done, force)) is None:
+                todo.pop(0)
+            if not todo:
                 continue
+            build = functools.partial(self._build, todo, inputs, old, dict(done), force, last)
+            if self.fork and can_fork():
+                what = f"stage {todo[0].name!r}" if len(todo) == 1 else f"stages {todo[0].name!r}..{todo[-1].name!r}"
+                made, names = run_forked(functools.partial(build, "child"), what)
+            else:
+                made, names = build("main")
+            done.update(made)
+            rebuilt += names
+        self._write("complete", done)
+        if not rebuilt:
+            self.log("nothing to do: every stage is up to date (use --force to rebuild)")
+        return {"stages": done, "rebuilt": rebuilt}
+
+    def _build(self, stages: list[Stage], inputs: dict, old: dict, done: dict, force: bool, last, process: str
+               ) -> tuple[dict[str, dict], list[str]]:
+        """Build stages[0] (from ``inputs``) and, in order, every later one whose inputs then
+        changed; returns the records of the stages settled here (built or up to date) and the
+        names of those built."""
+        settled: dict[str, dict] = {}
+        rebuilt = []
+        for i, stage in enumerate(stages):
+            if i and (inputs := self._needs_build(stage, old, done, force)) is None:
+                settled[stage.name] = done[stage.name]
+                continue
+            prev = old.get(stage.name)
             # From here on the old record of this stage (and everything after it) no
             # longer describes what is on disk: drop it before touching any file.
             self._write("building", dict(done))
@@ -143,19 +195,17 @@ class Pipeline:
             self.log(f"[{stage.name}] building")
             t0 = time.perf_counter()
             record = stage.build(done)
-            record.update(inputs_digest=key, inputs=inputs, seconds=round(time.perf_counter() - t0, 3),
-                          process_peak_rss_mib=round(peak_rss_mib(), 1), finished=now())
-            if stage is not stages[-1]:
+            record.update(inputs_digest=digest(inputs), inputs=inputs, seconds=round(time.perf_counter() - t0, 3),
+                          process_peak_rss_mib=round(peak_rss_mib(), 1), process=process, finished=now())
+            if stage is not last and not (process == "child" and stage is stages[-1]):
                 # The next stage's peak sits on top of what this one left (with torch loaded a
-                # collection takes 0.1-0.2 s, so not after the last: validation collects for itself).
+                # collection takes 0.1-0.2 s, so not after the last: validation collects for
+                # itself; nor where the process ends with the stage).
                 release_memory()
-            done[stage.name] = record
+            done[stage.name] = settled[stage.name] = record
             rebuilt.append(stage.name)
             self._write("incomplete", dict(done))
             rss = rss_mib()
             self.log(f"[{stage.name}] done in {record['seconds']:.1f} s"
                      + (f" (process RSS now {rss:.0f} MiB, peak {record['process_peak_rss_mib']:.0f} MiB)" if rss else ""))
-        self._write("complete", done)
-        if not rebuilt:
-            self.log("nothing to do: every stage is up to date (use --force to rebuild)")
-        return {"stages": done, "rebuilt": rebuilt}
+        return settled, rebuilt

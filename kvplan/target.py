@@ -52,6 +52,9 @@ class BuildOptions:
     force: bool = False
     shapes: tuple[str, ...] = ()     # --shapes overrides, NAME:N=a,b,c:lastSum=a,b,c
     allow_nonfinite: bool = False    # export weights holding NaN/inf instead of refusing them
+    # Build the stages before the engines, and the engines, each in a forked process of their own
+    # (kvplan.pipeline); off for callers that hold torch already, where a fork gains nothing.
+    fork: bool = False
 
 
 def target_dir(out: Path, model_name: str, profile_name: str) -> Path:
@@ -219,7 +222,7 @@ def build(model: str, profile_name: str, out: Path, options: BuildOptions, log: 
         if stale:
             log(f"kvplan: removed {len(stale)} temporary file(s) an interrupted earlier build left: {', '.join(stale)}")
         stages = build_stages(source, profile, target, options, log)
-        Pipeline(target, header, log=log).run(stages, force=options.force)
+        Pipeline(target, header, log=log, fork=options.fork).run(stages, force=options.force)
     log(f"kvplan: finished in {time.perf_counter() - t0:.1f} s; manifest: {target / 'manifest.json'}")
     return target
 

@@ -18,7 +18,7 @@ PACKAGE = ROOT / "kvplan"
 LAYERS = [
     {"kvplan", "kvplan.errors", "kvplan.lazy", "kvplan.stack", "kvplan.fileio", "kvplan.sources", "kvplan.config",
      "kvplan.kv_write",
-     "kvplan.cache_io", "kvplan.decoder", "kvplan.manifest", "kvplan.pipeline"},
+     "kvplan.cache_io", "kvplan.decoder", "kvplan.manifest", "kvplan.forked", "kvplan.pipeline"},
     {"kvplan.models"},
     {"kvplan.export"},
     {"kvplan.quantize"},

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 from kvplan.embed_head.stage import end_graphs
 from kvplan.lazy import lazy_import
@@ -45,6 +45,9 @@ class EngineStage:
     ends: str | None = None          # the embed_head stage, where the target has one: its graphs too
     log: Callable[[str], None] = field(default=print, repr=False)
     name: str = "engines"
+    # The builder's heap is the pipeline's peak (2x the weights): started in a process of its own
+    # it does not sit on the export's torch and heap (kvplan.pipeline).
+    own_process: ClassVar[bool] = True
 
     def inputs(self, done: dict) -> dict:
         # The whole [engine] section, and the batch range the optimization profiles take.
