@@ -110,11 +110,12 @@ def md_pipeline(sec) -> list[str]:
            "*all stages* rows run every stage in one command into a fresh target (*again*: repeated; *--one-process*: "
            "without the forked child per stage group); "
            "peak RSS via `getrusage(RUSAGE_CHILDREN)` in a fresh helper per process (the largest single process: a "
-           "build runs its stage groups in forked children), and the highest sum of PSS over the whole process tree "
-           "sampled every 20 ms (the parent beside its child); *peak / weights* takes the larger. Random (preset) weights. "
+           "build runs its stage groups in forked children), and the highest sum of RSS over the whole process tree "
+           "sampled every 20 ms (the parent beside its child; shared pages twice); *peak / weights* takes the larger. "
+           "Random (preset) weights. "
            "Wall time includes interpreter start-up and imports; *stage s* is the stage's own time from the manifest.",
            "",
-           "| model | profile | stage | wall s | stage s | peak RSS MiB | tree PSS MiB | peak / weights | rc "
+           "| model | profile | stage | wall s | stage s | peak RSS MiB | tree RSS MiB | peak / weights | rc "
            "| load before → after |",
            "|---|---|---|---:|---:|---:|---:|---:|---|---|"]
     for r in sec["rows"]:
@@ -126,11 +127,11 @@ def md_pipeline(sec) -> list[str]:
             ms = r.get("manifest", {}).get(stage, {}).get("seconds")
             if stage in r.get("one_run_stage_seconds", {}):
                 ms = r["one_run_stage_seconds"][stage]
-            peak = max(s.get("peak_rss_mib") or 0, s.get("peak_tree_pss_mib") or 0)
+            peak = max(s.get("peak_rss_mib") or 0, s.get("peak_tree_rss_mib") or 0)
             ratio = f"{peak * 2**20 / wb:.2f}×" if wb and peak else "—"
             label = f"validate {r.get('validate_args', '')}" if stage == "validate" else stage
             out.append(f"| {r['model']} | {r['profile']} | {label} | {s.get('wall_s')} | {ms if ms is not None else '—'} "
-                       f"| {s.get('peak_rss_mib')} | {s.get('peak_tree_pss_mib') or '—'} | {ratio} | {s.get('rc')} "
+                       f"| {s.get('peak_rss_mib')} | {s.get('peak_tree_rss_mib') or '—'} | {ratio} | {s.get('rc')} "
                        f"| {s['load_before'][0]} → {s['load_after'][0]} |")
     out.append("")
     out.append("Weight bytes (manifest `stages.export.weight_bytes`): " + ", ".join(
