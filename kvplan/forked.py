@@ -30,14 +30,15 @@ PR_SET_PDEATHSIG = 1
 
 
 def can_fork() -> bool:
-    """Whether a forked child is safe here: a POSIX fork, and none of UNFORKABLE loaded."""
-    return hasattr(os, "fork") and not any(name in sys.modules for name in UNFORKABLE)
+    """Whether a forked child is safe here: Linux (macOS's system libraries are not fork-safe, and
+    only Linux lets the child die with its parent), and none of UNFORKABLE loaded."""
+    return sys.platform.startswith("linux") and not any(name in sys.modules for name in UNFORKABLE)
 
 
 def _die_with_parent(parent: int) -> None:
     try:
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError, TypeError):     # not Linux: the child may outlive a killed parent
+    except (OSError, AttributeError, TypeError):     # no prctl: the child may outlive a killed parent
         pass
     if os.getppid() != parent:                       # the parent died before prctl took effect
         os._exit(1)

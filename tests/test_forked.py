@@ -114,6 +114,15 @@ run_forked(work, "stage 'engines'")
 """
 
 
+def test_sigterm_to_the_parent_ends_the_child_and_then_the_parent(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_PARENT], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    child = int(proc.stdout.readline())
+    proc.terminate()
+    assert proc.wait(timeout=30) == -signal.SIGTERM
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)
+
+
 def test_a_child_dies_with_its_killed_parent(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", _KILLED_PARENT], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     child = int(proc.stdout.readline())
