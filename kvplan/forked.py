@@ -15,6 +15,7 @@ import os
 import pickle
 import signal
 import sys
+import threading
 import traceback
 from typing import Callable, TypeVar
 
@@ -31,8 +32,10 @@ PR_SET_PDEATHSIG = 1
 
 def can_fork() -> bool:
     """Whether a forked child is safe here: Linux (macOS's system libraries are not fork-safe, and
-    only Linux lets the child die with its parent), and none of UNFORKABLE loaded."""
-    return sys.platform.startswith("linux") and not any(name in sys.modules for name in UNFORKABLE)
+    only Linux lets the child die with its parent), the main thread (the only one that may pass
+    signals on), and none of UNFORKABLE loaded."""
+    return (sys.platform.startswith("linux") and threading.current_thread() is threading.main_thread()
+            and not any(name in sys.modules for name in UNFORKABLE))
 
 
 def _die_with_parent(parent: int) -> None:

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,14 @@ def test_a_child_that_exits_without_a_result_is_reported():
 def test_no_fork_where_a_library_with_thread_pools_is_loaded(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", object())
     assert not forked.can_fork()
+
+
+def test_no_fork_outside_the_main_thread():
+    answers = []
+    worker = threading.Thread(target=lambda: answers.append(forked.can_fork()))
+    worker.start()
+    worker.join()
+    assert answers == [False]
 
 
 _INTERRUPTED_CHILD = """
