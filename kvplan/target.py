@@ -53,7 +53,8 @@ class BuildOptions:
     shapes: tuple[str, ...] = ()     # --shapes overrides, NAME:N=a,b,c:lastSum=a,b,c
     allow_nonfinite: bool = False    # export weights holding NaN/inf instead of refusing them
     # Build the stages before the engines, and the engines, each in a forked process of their own
-    # (kvplan.pipeline); off for callers that hold torch already, where a fork gains nothing.
+    # (kvplan.pipeline). The command line turns it on; Python callers ask for it, and where torch
+    # or another thread-pool library is already loaded it is skipped (kvplan.forked.can_fork).
     fork: bool = False
 
 
