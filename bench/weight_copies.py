@@ -20,20 +20,26 @@ process per route (``--route R``; no torch there) and records the plan bytes, th
 - ``strip-refit``: BuilderFlag.STRIP_PLAN + REFIT_IDENTICAL (weights left out of the plan);
 - ``one-profile-decode-opt``: one profile spanning both ranges, with the decode profile's opt
   shapes (N 1, lastSum 302);
-- ``opt-level-L``, ``cc-X.Y``, ``max-tactics-1``, ``verbosity-none``: builder options that might
-  shrink the kernel source a plan carries (optimization level L, one compute capability, one tactic,
-  no layer information).
+- ``opt-level-L``, ``cc-X.Y``, ``max-tactics-1``, ``verbosity-none``, ``aux-streams-0``: builder
+  options that might shrink the kernel source a plan carries (optimization level L, one compute
+  capability, one tactic, no layer information, no auxiliary streams).
 
 Each plan's kernel source (the CUDA C++ text TensorRT-RTX compiles on the GPU at load time) is
-measured too, so *plan − source* shows how often the weights are stored.
+measured too, so *plan − source* shows how often the weights are stored, and broken down by kernel
+for the first route: TensorRT-RTX stores most kernels' source once per profile, but some once per
+call (the attention kernel in every plan; with int4 linears, the norm kernel the residual add
+fuses into).
 
 Writes bench/results/weight_copies-<date>.json and .md.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
+import mmap
+import re
 import sys
 import tempfile
 import time
@@ -72,6 +78,28 @@ def kernel_source_bytes(plan: Path, chunk: int = 1 << 26) -> int:
             if not data:
                 return total
             carry = buf[end:]
+
+
+# A source unit names its kernels `__global__ void NAME_0x<hash>...(`; the program that launches
+# them has one `function={ name=NAME fqn=... binary = B` record per call, B the unit it runs.
+_UNIT_KERNEL = re.compile(rb"__global__\s+void\s+(\w+?)_0x[0-9a-f]+")
+_CALL = re.compile(rb"function=\{ name=(\w+) fqn=")
+
+
+def kernel_source_by_kernel(plan: Path) -> list[dict]:
+    """The plan's kernel source by kernel family (the name before its hash): how many calls the
+    plan's programs make to it, how many source units it is stored in, and their bytes. More units
+    than profiles means the same kernel's source is stored once per call."""
+    units: dict[str, list[int]] = collections.defaultdict(list)
+    with open(plan, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        calls = collections.Counter(m.group(1).decode() for m in _CALL.finditer(data))
+        for run in re.finditer(rb"[\t\n\r\x20-\x7e]{%d,}" % SOURCE_RUN, data):
+            kernel = _UNIT_KERNEL.search(run.group())
+            if kernel:
+                units[kernel.group(1).decode()].append(run.end() - run.start())
+    rows = [{"kernel": name, "calls": calls.get(name, 0), "units": len(sizes), "bytes": sum(sizes)}
+            for name, sizes in units.items()]
+    return sorted(rows, key=lambda r: -r["bytes"])
 
 
 def _decode_range(route: str, profile):
@@ -115,7 +143,8 @@ def build_route(target: Path, profile_name: str, route: str) -> None:
     flags = {"weight-streaming": ("WEIGHT_STREAMING",), "strip-refit": ("STRIP_PLAN", "REFIT_IDENTICAL")}.get(route, ())
     # Builder settings the profile has no field for, set after the profile's own.
     settings = {"max-tactics-1": ("max_num_tactics", lambda trt: 1),
-                "verbosity-none": ("profiling_verbosity", lambda trt: trt.ProfilingVerbosity.NONE)}.get(route)
+                "verbosity-none": ("profiling_verbosity", lambda trt: trt.ProfilingVerbosity.NONE),
+                "aux-streams-0": ("max_aux_streams", lambda trt: 0)}.get(route)
     if flags or settings:
         configure = trt_build.configure
 
@@ -171,6 +200,7 @@ def main(argv=None) -> int:
             if plan.is_file():
                 # Scanned here, not in the child: its peak RSS is the build's alone.
                 rows[-1]["kernel_source_bytes"] = kernel_source_bytes(plan)
+                rows[-1]["kernel_source_by_kernel"] = kernel_source_by_kernel(plan)
                 plan.unlink()
             print(json.dumps(rows[-1])[:300], flush=True)
     result = {"date": time.strftime("%Y-%m-%d"), "model": args.model, "profile": args.profile,
@@ -202,6 +232,14 @@ def table(result: dict) -> list[str]:
         rest = f"{(r['plan_bytes'] - source) / weights:.2f}×" if source is not None else "—"
         lines.append(f"| {r['route']} | {mib(r['plan_bytes'])} | {r['plan_bytes'] / weights:.2f}× | {mib(source)} | "
                      f"{rest} | {mib(r.get('builder_weights_bytes'))} | {r['peak_rss_mib']} | {opts} | built |")
+    first = next((r for r in result["rows"] if r.get("kernel_source_by_kernel")), None)
+    if first:
+        lines += ["", f"Kernel source of the `{first['route']}` plan by kernel: *calls* are the launches its programs "
+                  "make (both profiles), *units* the copies of the source stored. A kernel with as many units as calls "
+                  "has its source stored once per call.", "",
+                  "| kernel | calls | source units | MiB |", "|---|---:|---:|---:|"]
+        lines += [f"| `{k['kernel']}` | {k['calls']} | {k['units']} | {k['bytes'] / 2**20:.2f} |"
+                  for k in first["kernel_source_by_kernel"]]
     return lines
 
 
