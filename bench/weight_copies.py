@@ -20,6 +20,9 @@ process per route (``--route R``; no torch there) and records the plan bytes, th
 - ``strip-refit``: BuilderFlag.STRIP_PLAN + REFIT_IDENTICAL (weights left out of the plan);
 - ``one-profile-decode-opt``: one profile spanning both ranges, with the decode profile's opt
   shapes (N 1, lastSum 302);
+- ``fp16-o-down`` (int4 graphs): o_proj and down_proj dequantized to float16 initializers in the
+  fused graph, the linears whose outputs the residual adds take: what the norm kernel's source
+  costs when those adds cannot fuse into an int4 GEMM;
 - ``opt-level-L``, ``cc-X.Y``, ``max-tactics-1``, ``verbosity-none``, ``aux-streams-0``: builder
   options that might shrink the kernel source a plan carries (optimization level L, one compute
   capability, one tactic, no layer information, no auxiliary streams).
@@ -131,6 +134,23 @@ def _profile_for(route: str, profile):
     return profile.with_engine(shapes=(wide,))
 
 
+def _residual_linears_fp16(graph: Path, out: Path) -> Path:
+    """``graph`` with o_proj's and down_proj's DequantizeLinear replaced by their float16 values."""
+    import onnx
+    from onnx import numpy_helper
+    model = onnx.load(graph)
+    init = {t.name: t for t in model.graph.initializer}
+    for node in [n for n in model.graph.node if n.op_type == "DequantizeLinear"
+                 and any(f"{name}." in n.input[0] for name in ("o_proj", "down_proj"))]:
+        q = numpy_helper.to_array(init[node.input[0]]).astype(np.float32)
+        scale = numpy_helper.to_array(init[node.input[1]]).astype(np.float32)
+        weight = q * np.repeat(scale, q.shape[0] // scale.shape[0], axis=0)
+        model.graph.initializer.append(numpy_helper.from_array(weight.astype(np.float16), node.output[0]))
+        model.graph.node.remove(node)
+    onnx.save(model, out, save_as_external_data=True, location=out.name + ".data")
+    return out
+
+
 def build_route(target: Path, profile_name: str, route: str) -> None:
     """The child: build ``target``/decoder.fused.onnx one way and print one JSON line."""
     from kvplan import profiles
@@ -159,8 +179,11 @@ def build_route(target: Path, profile_name: str, route: str) -> None:
         trt_build.configure = with_flags
     emt = float(route.removeprefix("extra-memory-")) if route.startswith("extra-memory-") else None
     out = {"route": route}
+    graph = target / "decoder.fused.onnx"
+    if route == "fp16-o-down":
+        graph = _residual_linears_fp16(graph, target / f"{route}.onnx")
     try:
-        record = trt_build.build_engine(target / "decoder.fused.onnx", target / f"{route}.plan", profile, entry["io"],
+        record = trt_build.build_engine(graph, target / f"{route}.plan", profile, entry["io"],
                                         backend, None, log=lambda *_: None, extra_memory_target=emt)
     except Exception as e:  # noqa: BLE001 - a route the builder refuses is a result too
         out["error"] = " ".join(str(e).split())[:600]
@@ -202,6 +225,8 @@ def main(argv=None) -> int:
                 rows[-1]["kernel_source_bytes"] = kernel_source_bytes(plan)
                 rows[-1]["kernel_source_by_kernel"] = kernel_source_by_kernel(plan)
                 plan.unlink()
+            for graph in target.glob(f"{route}.onnx*"):
+                graph.unlink()
             print(json.dumps(rows[-1])[:300], flush=True)
     result = {"date": time.strftime("%Y-%m-%d"), "model": args.model, "profile": args.profile,
               "weight_bytes": weights, "machine": machine_info(), "load_after": loadavg(), "rows": rows}
@@ -232,14 +257,14 @@ def table(result: dict) -> list[str]:
         rest = f"{(r['plan_bytes'] - source) / weights:.2f}×" if source is not None else "—"
         lines.append(f"| {r['route']} | {mib(r['plan_bytes'])} | {r['plan_bytes'] / weights:.2f}× | {mib(source)} | "
                      f"{rest} | {mib(r.get('builder_weights_bytes'))} | {r['peak_rss_mib']} | {opts} | built |")
-    first = next((r for r in result["rows"] if r.get("kernel_source_by_kernel")), None)
-    if first:
-        lines += ["", f"Kernel source of the `{first['route']}` plan by kernel: *calls* are the launches its programs "
+    shown = [r for r in result["rows"] if r.get("kernel_source_by_kernel")]
+    for r in [r for r in shown if r is shown[0] or r["route"] == "fp16-o-down"]:
+        lines += ["", f"Kernel source of the `{r['route']}` plan by kernel: *calls* are the launches its programs "
                   "make (both profiles), *units* the copies of the source stored. A kernel with as many units as calls "
                   "has its source stored once per call.", "",
                   "| kernel | calls | source units | MiB |", "|---|---:|---:|---:|"]
         lines += [f"| `{k['kernel']}` | {k['calls']} | {k['units']} | {k['bytes'] / 2**20:.2f} |"
-                  for k in first["kernel_source_by_kernel"]]
+                  for k in r["kernel_source_by_kernel"]]
     return lines
 
 
