@@ -20,9 +20,10 @@ process per route (``--route R``; no torch there) and records the plan bytes, th
 - ``strip-refit``: BuilderFlag.STRIP_PLAN + REFIT_IDENTICAL (weights left out of the plan);
 - ``one-profile-decode-opt``: one profile spanning both ranges, with the decode profile's opt
   shapes (N 1, lastSum 302);
-- ``fp16-o-down`` (int4 graphs): o_proj and down_proj dequantized to float16 initializers in the
-  fused graph, the linears whose outputs the residual adds take: what the norm kernel's source
-  costs when those adds cannot fuse into an int4 GEMM;
+- ``graph-*``: the fused graph rewritten first (bench/_graph_forms.py): ``graph-fp16-o-down``
+  (int4 graphs: o_proj and down_proj, the linears whose outputs the residual adds take, dequantized
+  to float16 initializers), ``graph-swap-add``, ``graph-norm-weight-1``, ``graph-norm-decomposed``,
+  ``graph-add-fp32``: graph forms that might change which kernels' source is stored per call;
 - ``opt-level-L``, ``cc-X.Y``, ``max-tactics-1``, ``verbosity-none``, ``aux-streams-0``: builder
   options that might shrink the kernel source a plan carries (optimization level L, one compute
   capability, one tactic, no layer information, no auxiliary streams).
@@ -50,6 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench._graph_forms import REWRITES, rewritten
 from bench.common import fused_target, loadavg, machine_info, measure, write_results
 
 ROUTES = ("two-profiles", "decode-N=1:1:1", "decode-N=2:2:2", "decode-N=1:1:8", "extra-memory-0",
@@ -134,23 +136,6 @@ def _profile_for(route: str, profile):
     return profile.with_engine(shapes=(wide,))
 
 
-def _residual_linears_fp16(graph: Path, out: Path) -> Path:
-    """``graph`` with o_proj's and down_proj's DequantizeLinear replaced by their float16 values."""
-    import onnx
-    from onnx import numpy_helper
-    model = onnx.load(graph)
-    init = {t.name: t for t in model.graph.initializer}
-    for node in [n for n in model.graph.node if n.op_type == "DequantizeLinear"
-                 and any(f"{name}." in n.input[0] for name in ("o_proj", "down_proj"))]:
-        q = numpy_helper.to_array(init[node.input[0]]).astype(np.float32)
-        scale = numpy_helper.to_array(init[node.input[1]]).astype(np.float32)
-        weight = q * np.repeat(scale, q.shape[0] // scale.shape[0], axis=0)
-        model.graph.initializer.append(numpy_helper.from_array(weight.astype(np.float16), node.output[0]))
-        model.graph.node.remove(node)
-    onnx.save(model, out, save_as_external_data=True, location=out.name + ".data")
-    return out
-
-
 def build_route(target: Path, profile_name: str, route: str) -> None:
     """The child: build ``target``/decoder.fused.onnx one way and print one JSON line."""
     from kvplan import profiles
@@ -180,8 +165,8 @@ def build_route(target: Path, profile_name: str, route: str) -> None:
     emt = float(route.removeprefix("extra-memory-")) if route.startswith("extra-memory-") else None
     out = {"route": route}
     graph = target / "decoder.fused.onnx"
-    if route == "fp16-o-down":
-        graph = _residual_linears_fp16(graph, target / f"{route}.onnx")
+    if route in REWRITES:
+        graph = rewritten(graph, route, target / f"{route}.onnx")
     try:
         record = trt_build.build_engine(graph, target / f"{route}.plan", profile, entry["io"],
                                         backend, None, log=lambda *_: None, extra_memory_target=emt)
@@ -258,7 +243,7 @@ def table(result: dict) -> list[str]:
         lines.append(f"| {r['route']} | {mib(r['plan_bytes'])} | {r['plan_bytes'] / weights:.2f}× | {mib(source)} | "
                      f"{rest} | {mib(r.get('builder_weights_bytes'))} | {r['peak_rss_mib']} | {opts} | built |")
     shown = [r for r in result["rows"] if r.get("kernel_source_by_kernel")]
-    for r in [r for r in shown if r is shown[0] or r["route"] == "fp16-o-down"]:
+    for r in [r for r in shown if r is shown[0] or r["route"] == "graph-fp16-o-down"]:
         lines += ["", f"Kernel source of the `{r['route']}` plan by kernel: *calls* are the launches its programs "
                   "make (both profiles), *units* the copies of the source stored. A kernel with as many units as calls "
                   "has its source stored once per call.", "",
