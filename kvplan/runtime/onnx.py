@@ -6,7 +6,9 @@ rows into the buffer the next step reads; the other modes feed numpy arrays, whi
 reads where they lie when they are contiguous.
 
 Sessions run at ONNX Runtime's default optimization level (its fp16 weight casts folded once:
-several times faster per decode step than the basic level validation checks graphs at).
+several times faster per decode step than the basic level validation checks graphs at), unless
+``fold_casts`` is False: a caller that runs a few steps (validation's whole-step check) then keeps
+the weights once instead of as float32 copies (kvplan.runtime.ort_session says what each costs).
 ``int4_accuracy``: the level ONNX Runtime's int4 MatMulNBits computes at (0: the graph's
 precision; 4: activations quantized to int8, faster).
 """
@@ -29,8 +31,8 @@ NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 TORCH = {"float32": torch.float32, "float16": torch.float16}
 
 
-def open_session(path: Path, threads: int = 0, int4_accuracy: int = 0) -> ort.InferenceSession:
-    opts = session_options(threads, fold_casts=True, int4_accuracy=int4_accuracy)
+def open_session(path: Path, threads: int = 0, int4_accuracy: int = 0, fold_casts: bool = True) -> ort.InferenceSession:
+    opts = session_options(threads, fold_casts=fold_casts, int4_accuracy=int4_accuracy)
     # The embedding, decoder and head sessions take turns, each with its own thread pool: threads
     # left spinning after a run keep the cores from the next session (SmolLM2-135M fp16 decode on 2
     # cores: 22 tokens/s spinning, 30 without).
@@ -47,14 +49,15 @@ class Graphs:
 
 
 class OnnxModel:
-    def __init__(self, graphs: Graphs, cfg, dtype: str, threads: int = 0, int4_accuracy: int = 0):
+    def __init__(self, graphs: Graphs, cfg, dtype: str, threads: int = 0, int4_accuracy: int = 0,
+                 fold_casts: bool = True):
         if dtype not in NP_DTYPES:
             raise ValueError(f"ONNX Runtime's CPU provider runs no {dtype} graphs")
         self.cfg, self.dtype, self.np_dtype = cfg, dtype, NP_DTYPES[dtype]
         self.specs = [spec for spec, _ in graphs.packs]
-        self.decoder = [open_session(path, threads, int4_accuracy) for _, path in graphs.packs]
-        self.embed_session = open_session(graphs.embed, threads, int4_accuracy)
-        self.head_session = open_session(graphs.head, threads, int4_accuracy)
+        self.decoder = [open_session(path, threads, int4_accuracy, fold_casts) for _, path in graphs.packs]
+        self.embed_session = open_session(graphs.embed, threads, int4_accuracy, fold_casts)
+        self.head_session = open_session(graphs.head, threads, int4_accuracy, fold_casts)
         self.head_outputs = [o.name for o in self.head_session.get_outputs()]
 
     @property

@@ -11,6 +11,7 @@ shim for the 4.x/5.x cache argument rename.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ except ImportError:                    # 4.x
 
 from kvplan.models import ModelSource
 from kvplan.models.families import get as get_family
+from kvplan.pipeline import trim_heap
 
 torch = lazy_import("torch")
 transformers = lazy_import("transformers")
@@ -67,6 +69,18 @@ def _hf_config(source: ModelSource, attention: str | None = None):
     return cfg
 
 
+def _drop_parameters(module, args, output) -> None:
+    """A streamed layer's weights back to the meta device once it has run (its buffers, such as
+    rotary tables, stay)."""
+    for sub in module.modules():
+        for name, p in sub._parameters.items():
+            if p is not None and not p.is_meta:
+                sub._parameters[name] = torch.nn.Parameter(p.to("meta"), requires_grad=False)
+    # Freed, but kept by the heap unless handed back: each layer's weights would otherwise sit
+    # beside the next one's (the default model's forward grew by 470 MiB).
+    trim_heap()
+
+
 def slice_decoder(decoder, first: int, last: int, final_norm: bool):
     """transformers' decoder restricted to layers ``first``..``last - 1`` (the final norm only when
     ``final_norm``).
@@ -96,16 +110,22 @@ class HFReference:
     ``layers``: only those layers (and the final norm when ``norm``) hold weights; the model is
     built on the meta device and every other layer stays there, taking no memory, so
     validation can hold a few layers at a time (slice_decoder runs just those).
+
+    ``stream_layers``: the layers hold no weights between calls either. Each reads its own from
+    the source when it is called and lets them go when it returns, so transformers' whole model
+    (its own forward, embedding to logits) runs holding one layer beside the embedding and the
+    head: for a few forward passes (each reads every layer again), not for many small steps.
     """
 
     def __init__(self, source: ModelSource, dtype: torch.dtype = torch.float32, with_lm: bool = False,
                  attention: str | None = None, layers: range | None = None, norm: bool = True,
-                 round_to: torch.dtype | None = None):
+                 round_to: torch.dtype | None = None, stream_layers: bool = False):
         """``attention``: transformers' attention implementation (None: ``attention_for``'s choice).
         ``round_to``: the weights rounded to this dtype first (a float32 model of an fp16 graph's
         own weights)."""
         self.source, self.dtype, self.round_to = source, dtype, round_to
         self.layers = range(source.config.num_layers) if layers is None else layers
+        held = range(0) if stream_layers else self.layers
         self.hf_config = _hf_config(source, attention)
         self.attention = self.hf_config._attn_implementation
         decoder_class, lm_class = get_family(source.config.family).reference_classes
@@ -129,7 +149,7 @@ class HFReference:
                 self._assign(model, {"lm_head.weight": head}, "")
             del embed, head
         # Read and converted a layer at a time: one layer in the source's dtype beside the model.
-        for i in self.layers:
+        for i in held:
             self._assign(model, source.read_reference(layers=range(i, i + 1), norm=False), prefix)
         if norm:
             self._assign(model, source.read_reference(layers=range(0), norm=True), prefix)
@@ -149,7 +169,11 @@ class HFReference:
             owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
             setattr(owner, name.rsplit(".", 1)[-1], buf)
         self.model = model.eval()
-        self._check_loaded(norm, with_lm)
+        self._check_loaded(held, norm, with_lm)
+        if stream_layers:
+            for i in self.layers:
+                self.decoder.layers[i].register_forward_pre_hook(functools.partial(self._load_layer, i, prefix))
+                self.decoder.layers[i].register_forward_hook(_drop_parameters)
         self._cache_kw = "cache" if "cache" in inspect.signature(self.decoder.forward).parameters else "past_key_values"
 
     def _assign(self, model, weights: dict, prefix: str) -> None:
@@ -171,16 +195,24 @@ class HFReference:
                 owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
                 setattr(owner, name.rsplit(".", 1)[-1], type(module)(config=self.hf_config))
 
-    def _check_loaded(self, norm: bool, with_lm: bool) -> None:
+    def _load_layer(self, i: int, prefix: str, module, args) -> None:
+        """A streamed layer's weights, read just before it runs."""
+        self._assign(self.model, self.source.read_reference(layers=range(i, i + 1), norm=False), prefix)
+        self._check_held([(f"layers.{i}", module)])
+
+    def _check_loaded(self, held: range, norm: bool, with_lm: bool) -> None:
         """Everything the held layers run holds real values (a checkpoint without a tensor the
         config asks for would otherwise leave it on the meta device)."""
         dec = self.decoder
-        parts = [(f"layers.{i}", dec.layers[i]) for i in self.layers]
+        parts = [(f"layers.{i}", dec.layers[i]) for i in held]
         parts += [(n, m) for n, m in dec.named_children() if n not in ("layers", "embed_tokens", "norm")]
         if norm:
             parts.append(("norm", dec.norm))
         if with_lm:
             parts += [("embed_tokens", dec.embed_tokens), ("lm_head", self.model.lm_head)]
+        self._check_held(parts)
+
+    def _check_held(self, parts) -> None:
         for base, module in parts:
             for n, t in list(module.named_parameters()) + list(module.named_buffers()):
                 if t.is_meta:

@@ -1,0 +1,51 @@
+"""The reference with streamed layers: transformers' whole CausalLM, each layer's weights read as
+it runs and let go after, computes what the model held whole computes."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from kvplan.models import resolve
+from kvplan.validate.reference import HFReference
+
+
+def _logits(ref: HFReference, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return ref.model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma2"])
+def test_streamed_layers_give_the_held_models_logits(name):
+    source = resolve(name)
+    ids = torch.randint(0, source.config.vocab_size, (1, 11), generator=torch.Generator().manual_seed(0))
+    held = HFReference(source, torch.float32, with_lm=True)
+    streamed = HFReference(source, torch.float32, with_lm=True, stream_layers=True)
+    assert torch.equal(_logits(streamed, ids), _logits(held, ids))
+    # Twice: the layers read their weights again on the second pass.
+    assert torch.equal(_logits(streamed, ids), _logits(held, ids))
+
+
+def test_streamed_layers_hold_no_weights_between_calls():
+    source = resolve("tiny-llama")
+    ref = HFReference(source, torch.float32, with_lm=True, stream_layers=True)
+    layers = ref.decoder.layers
+    assert all(p.is_meta for p in layers.parameters())
+    _logits(ref, torch.tensor([[1, 2, 3]]))
+    assert all(p.is_meta for p in layers.parameters())
+    assert not ref.model.lm_head.weight.is_meta
+
+
+def test_a_streamed_layer_missing_a_tensor_names_it():
+    source = resolve("tiny-llama")
+    read = source.read_reference
+
+    def without_up_proj(layers, norm):
+        weights = read(layers=layers, norm=norm)
+        return {k: v for k, v in weights.items() if not k.endswith("mlp.up_proj.weight")}
+
+    ref = HFReference(dataclasses.replace(source, read_reference=without_up_proj), torch.float32, with_lm=True,
+                      stream_layers=True)
+    with pytest.raises(ValueError, match=r"no value for the reference's layers\.0\.mlp\.up_proj\.weight"):
+        _logits(ref, torch.tensor([[1, 2, 3]]))
