@@ -76,8 +76,8 @@ def _drop_parameters(module, args, output) -> None:
         for name, p in sub._parameters.items():
             if p is not None and not p.is_meta:
                 sub._parameters[name] = torch.nn.Parameter(p.to("meta"), requires_grad=False)
-    # Freed, but kept by the heap unless handed back: each layer's weights would otherwise sit
-    # beside the next one's (the default model's forward grew by 470 MiB).
+    # Freed, but kept by the heap unless handed back: the freed layers would otherwise pile up
+    # (glibc serves allocations of this size from its heap once one such block has been freed).
     trim_heap()
 
 

@@ -26,8 +26,8 @@ torch = lazy_import("torch")
 
 
 def _reference(source, profile, int4_group: int) -> HFReference:
-    # Two forward passes: the layers are read as they run, so the float32 model is never held
-    # whole (the default model's check peaked at 1.6 GB with it held).
+    # Two forward passes, one per point: the layers are read as they run, so the float32 model is
+    # never held whole (twice the fp16 weights, beside the embedding and head).
     ref = HFReference(source, torch.float32, with_lm=True, round_to=torch.float16 if profile.dtype == "float16"
                       else None, stream_layers=True)
     if int4_group:        # the head graph's own values
@@ -72,8 +72,7 @@ def whole_step(source, profile, target, manifest, packs, ids: list[int], log) ->
     points, runs = {}, []
     # The graphs' logits first, then the reference's: ONNX Runtime's sessions and transformers'
     # float32 model are never held together. A few runs only, so the casts are not folded: the
-    # sessions hold the weights once, not as float32 copies (the default model's whole step
-    # peaked at 1651 MiB with them folded).
+    # sessions hold the weights once, not as float32 copies (kvplan.runtime.ort_session).
     model = OnnxModel(Graphs([(p.spec, p.path) for p in packs], target / ends["embed"]["path"],
                              target / ends["head"]["path"]), source.config, profile.dtype, fold_casts=False)
     for sp in profile.shapes:
