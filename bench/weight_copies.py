@@ -49,8 +49,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 from bench._graph_forms import REWRITES, rewritten
 from bench.common import fused_target, loadavg, machine_info, measure, write_results
 
@@ -64,47 +62,28 @@ ROUTES = ("two-profiles", "decode-N=1:1:1", "decode-N=2:2:2", "decode-N=1:1:8", 
 SOURCE_RUN = 64
 
 
-def kernel_source_bytes(plan: Path, chunk: int = 1 << 26) -> int:
-    """Bytes of the plan in runs of at least SOURCE_RUN printable ASCII characters (tab, newline,
-    space..tilde): the kernel source the plan embeds. Read in chunks, a run across a chunk's end
-    carried into the next."""
-    total, carry = 0, np.zeros(0, np.uint8)
-    with open(plan, "rb") as f:
-        while True:
-            data = f.read(chunk)
-            buf = np.concatenate([carry, np.frombuffer(data, np.uint8)])
-            text = ((buf >= 0x20) & (buf <= 0x7E)) | (buf == 0x09) | (buf == 0x0A) | (buf == 0x0D)
-            binary = np.flatnonzero(~text)
-            # Bytes after the last binary one may go on in the next chunk (all of them, if none is binary).
-            end = len(buf) if not data else int(binary[-1]) + 1 if len(binary) else 0
-            edges = np.flatnonzero(np.diff(np.concatenate([[0], text[:end].astype(np.int8), [0]])))
-            lengths = edges[1::2] - edges[0::2]
-            total += int(lengths[lengths >= SOURCE_RUN].sum())
-            if not data:
-                return total
-            carry = buf[end:]
-
-
 # A source unit names its kernels `__global__ void NAME_0x<hash>...(`; the program that launches
 # them has one `function={ name=NAME fqn=... binary = B` record per call, B the unit it runs.
 _UNIT_KERNEL = re.compile(rb"__global__\s+void\s+(\w+?)_0x[0-9a-f]+")
 _CALL = re.compile(rb"function=\{ name=(\w+) fqn=")
 
 
-def kernel_source_by_kernel(plan: Path) -> list[dict]:
-    """The plan's kernel source by kernel family (the name before its hash): how many calls the
-    plan's programs make to it, how many source units it is stored in, and their bytes. More units
-    than profiles means the same kernel's source is stored once per call."""
-    units: dict[str, list[int]] = collections.defaultdict(list)
+def kernel_source(plan: Path) -> tuple[int, list[dict]]:
+    """The plan's kernel source, read once: its bytes (runs of at least SOURCE_RUN printable ASCII
+    characters: tab, newline, space..tilde), and by kernel family (the name before its hash): how
+    many calls the plan's programs make to it, how many source units it is stored in, and their
+    bytes. More units than profiles means the same kernel's source is stored once per call."""
+    total, units = 0, collections.defaultdict(list)
     with open(plan, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
         calls = collections.Counter(m.group(1).decode() for m in _CALL.finditer(data))
         for run in re.finditer(rb"[\t\n\r\x20-\x7e]{%d,}" % SOURCE_RUN, data):
+            total += run.end() - run.start()
             kernel = _UNIT_KERNEL.search(run.group())
             if kernel:
                 units[kernel.group(1).decode()].append(run.end() - run.start())
     rows = [{"kernel": name, "calls": calls.get(name, 0), "units": len(sizes), "bytes": sum(sizes)}
             for name, sizes in units.items()]
-    return sorted(rows, key=lambda r: -r["bytes"])
+    return total, sorted(rows, key=lambda r: -r["bytes"])
 
 
 def _decode_range(route: str, profile):
@@ -207,8 +186,7 @@ def main(argv=None) -> int:
             plan = target / rows[-1].pop("plan", f"{route}.plan")
             if plan.is_file():
                 # Scanned here, not in the child: its peak RSS is the build's alone.
-                rows[-1]["kernel_source_bytes"] = kernel_source_bytes(plan)
-                rows[-1]["kernel_source_by_kernel"] = kernel_source_by_kernel(plan)
+                rows[-1]["kernel_source_bytes"], rows[-1]["kernel_source_by_kernel"] = kernel_source(plan)
                 plan.unlink()
             for graph in target.glob(f"{route}.onnx*"):
                 graph.unlink()
