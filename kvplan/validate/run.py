@@ -505,8 +505,7 @@ def _task_checks(options, source, dtype, specs, segments, plans, backend, backen
         if name in not_run:
             stacks[name] = not_run[name]
             continue
-        # 64 small steps per graph: the casts folded once (the default level), range by range.
-        stacks[name] = OnnxStack([Pack(seg.spec, seg.graphs[name]) for seg in segments], fold_casts=True)
+        stacks[name] = OnnxStack([Pack(seg.spec, seg.graphs[name]) for seg in segments])
     with contextlib.ExitStack() as active:
         trt_runners, why = [], None
         for i in range(len(specs)):
