@@ -182,7 +182,7 @@ def test_a_discarded_phase_is_not_reported_but_its_memory_counts_in_the_peak():
 
 def test_onnx_runtime_at_the_basic_level_computes_what_the_folded_level_does(export_tiny):
     """Validation sessions run the fp16 weights' casts per inference (basic level, the weights held
-    once); eval and generate fold them once (default level): the same graph, the same numbers up to
+    once); the task check, eval and generate fold them once (default level): the same graph, the same numbers up to
     fp16 rounding."""
     (pack,) = export_tiny("tiny-llama", "float16")
     cfg = resolve("tiny-llama").config

@@ -22,7 +22,7 @@ freed after it. On the default fp16 graph (decoder.fused.onnx, 2 cores), a decod
 lastSum = 302): peak 916 MiB, 487 ms of CPU in the default order; 487 MiB, 106 ms by priority;
 1286 MiB, 70 ms with the casts folded. A prefill of 303 tokens peaks at 899 MiB, 489 MiB by
 priority. The outputs are bit-identical in either order (tests/test_ort_session.py). Callers
-driving many steps for speed (kvplan eval, kvplan generate) ask for ``fold_casts``: the default
+driving many steps (the task check, kvplan eval, kvplan generate) ask for ``fold_casts``: the default
 level.
 """
 from __future__ import annotations
