@@ -4,6 +4,7 @@ from __future__ import annotations
 import mmap
 import time
 from collections import OrderedDict
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from kvplan.validate import polyjson
 from kvplan.validate.meter import Meter
 from kvplan.validate.onnx_stack import OnnxStack
 from kvplan.validate.reference import HFReference, slice_decoder
+from kvplan.validate.stream import Job, Measure, Streamer
 
 
 def _feeds():
@@ -240,3 +242,46 @@ def test_a_whole_packs_inputs_file_made_a_tensor_at_a_time_is_the_one_made_at_on
         writer.append(feed)
         writer.close()
     assert (tmp_path / "lazy.json").read_bytes() == (tmp_path / "eager.json").read_bytes()
+
+
+class _FixedRunner:
+    """A runner whose outputs per point are given: hidden_out and a cache tensor."""
+
+    def __init__(self, name, outputs):
+        self.name, self.outputs = name, outputs
+
+    def activate(self):
+        pass
+
+    def deactivate(self):
+        pass
+
+    def infer(self, feed):
+        return self.outputs[int(feed["point"][0])]
+
+    def last_inference_time(self):
+        return 0.0
+
+
+def test_a_measure_is_taken_from_the_earlier_runners_hidden_out_alone(tmp_path):
+    """The int4 quality figure: taken point by point as the later runner runs, with only the
+    earlier runner's measured output kept (its cache tensors are never spilled)."""
+    g = np.random.default_rng(2)
+    outs = {name: [OrderedDict(hidden_out=g.standard_normal((1, 3, 8)).astype(np.float16),
+                               present_key0=g.standard_normal((1, 2, 64, 4)).astype(np.float16)) for _ in range(2)]
+            for name in ("fp", "int4")}
+    points = [SimpleNamespace(point=SimpleNamespace(label=f"p{k}"), leaving={}) for k in range(2)]
+    job = Job(pack=0, base="decoder", group=points,
+              feed_of=lambda data, runner: OrderedDict(point=np.array([points.index(data)])))
+    rel = lambda a, b: float(np.linalg.norm(b.astype(np.float64) - a) / np.linalg.norm(a.astype(np.float64)))  # noqa: E731
+    streamer = Streamer(tmp_path, [], None, Meter(), {}, lambda line: None,
+                        measures=[Measure("fp", "int4", "hidden_out", rel)])
+    for name in ("fp", "int4"):
+        streamer.run(_FixedRunner(name, outs[name]), [job], set())
+    spilled = sorted(p.relative_to(streamer.spill_root).as_posix() for p in streamer.spill_root.rglob("*.npy"))
+    streamer.close()
+    assert spilled == ["decoder/fp/0.0/0.npy", "decoder/fp/0.1/0.npy"]
+    files = {name: RunResults.load(str(tmp_path / f"decoder.outputs.{name}.json"))[name] for name in ("fp", "int4")}
+    for k in range(2):
+        want = rel(files["fp"][k]["hidden_out"], files["int4"][k]["hidden_out"])
+        assert streamer.measured[("decoder", "int4", f"p{k}")] == want

@@ -13,12 +13,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from polygraphy.comparator import RunResults
 
 from kvplan.quantize.weights import Quantized, dequantized_source
 from kvplan.validate import runners as rn
 from kvplan.validate.onnx_stack import OnnxStack, Pack
+from kvplan.validate.points import as_float32
 from kvplan.validate.reference import HFReference
+from kvplan.validate.stream import Measure
 from kvplan.validate.task import run_task_checks
 
 
@@ -54,25 +55,21 @@ def quality_runner(reference: HFReference, spec, contract, log, out_dtype=None):
     return rn.ReferenceRunner(reference, spec, contract, name=QUALITY_RUNNER, log=log, out_dtype=out_dtype)
 
 
-def quality_rows_from_files(vdir: Path, base: str, points, graph_runner: str) -> list[dict]:
-    """quality_rows over the Polygraphy output files validation streamed for one group of points."""
-    results = [(name, RunResults.load(str(vdir / f"{base}.outputs.{name}.json"))[0][1])
-               for name in (graph_runner, QUALITY_RUNNER)]
-    return quality_rows(results, points, graph_runner)
+def _relative_error(full_precision, int4) -> float:
+    r, g = as_float32(full_precision).astype(np.float64), as_float32(int4).astype(np.float64)
+    return float(np.linalg.norm(g - r) / max(np.linalg.norm(r), 1e-30))
 
 
-def quality_rows(results, points, graph_runner: str) -> list[dict]:
-    """Per point: relative error ||int4 - fp|| / ||fp|| of hidden_out (the int4 graph against the
-    full-precision model, both fed the same inputs)."""
-    by_name = dict(results)
-    rows = []
-    for point, got, ref in zip(points, by_name[graph_runner], by_name[QUALITY_RUNNER]):
-        g = np.asarray(got["hidden_out"], dtype=np.float64)
-        r = np.asarray(ref["hidden_out"], dtype=np.float64)
-        rel = float(np.linalg.norm(g - r) / max(np.linalg.norm(r), 1e-30))
-        rows.append({"point": point.label, "hidden_out_rel_error": round(rel, 5),
-                     "within_reported_bar": rel <= QUALITY_REL_ERROR})
-    return rows
+def quality_measure(graph_runner: str) -> Measure:
+    """Relative error ||int4 - fp|| / ||fp|| of hidden_out, the int4 graph against the
+    full-precision model fed the same inputs: taken as the graph runs each point, from the
+    full-precision model's hidden_out alone (not from the Polygraphy files, which hold every
+    KV tensor of every point)."""
+    return Measure(QUALITY_RUNNER, graph_runner, "hidden_out", _relative_error)
+
+
+def quality_row(label: str, rel: float) -> dict:
+    return {"point": label, "hidden_out_rel_error": round(rel, 5), "within_reported_bar": rel <= QUALITY_REL_ERROR}
 
 
 def quality_task(original, dtype, specs, graphs, options, prompt, tolerance, log) -> dict:

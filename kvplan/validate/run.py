@@ -226,7 +226,8 @@ def _run(plan: Plan, options, meter: Meter, scratch: Path, log) -> Outcome:
         f"rtol={profile.validate.rtol:g}")
     streamer = stream.Streamer(plan.vdir, rn.PAIRS, profile.validate, meter, plan.not_run, log,
                                why_not=lambda r, e: rn.onnxrt_why_not(r.kvplan_graph, e)
-                               if hasattr(r, "kvplan_graph") else None)
+                               if hasattr(r, "kvplan_graph") else None,
+                               measures=[quantized.quality_measure(rn.EXPORT)] if plan.quant else ())
     try:
         segments = _segments(plan, options, meter, scratch, log)
         inputs, prefill = _prefill(plan, options, segments, streamer, meter, log)
@@ -353,8 +354,8 @@ def _collected(plan: Plan, pack_jobs, streamer) -> tuple[list, list[str], list[s
         for job in pack_jobs[p_index]:
             ran = set(streamer.ran.get(job.base, []))
             if plan.quant and spec.final_norm and {rn.EXPORT, quantized.QUALITY_RUNNER} <= ran:
-                quality += quantized.quality_rows_from_files(plan.vdir, job.base, [d.point for d in job.group],
-                                                             rn.EXPORT)
+                quality += [quantized.quality_row(d.point.label, streamer.measured[(job.base, rn.EXPORT, d.point.label)])
+                            for d in job.group]
             sp_index = job.group[0].point.profile_index
             files += [str(w.relative_to(plan.target)) for w in streamer.written.get(job.base, [])]
             commands += _commands(plan.target, plan.stems[p_index], sp_index, plan.profile.shapes[sp_index].name,

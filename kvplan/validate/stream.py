@@ -45,6 +45,17 @@ class _Spilled(dict):
         return np.load(super().__getitem__(name), mmap_mode="r", allow_pickle=False)
 
 
+@dataclass(frozen=True)
+class Measure:
+    """A figure reported of two runners' ``output`` for each point, not compared against a
+    tolerance: ``fn(earlier's, later's)`` as the later runner produces it (the earlier's
+    spilled, that output only, where no pair keeps it already)."""
+    earlier: str
+    later: str
+    output: str
+    fn: Callable
+
+
 @dataclass
 class Job:
     """One (range of a pack, optimization profile) group of points. ``base`` names the pack's files,
@@ -76,8 +87,10 @@ class Streamer:
     point data (``leaving``) when a range follows; it is compared only where it is the pack's.
     """
 
-    def __init__(self, vdir: Path, pairs, tol, meter, not_run: dict, log, why_not=None):
+    def __init__(self, vdir: Path, pairs, tol, meter, not_run: dict, log, why_not=None, measures=()):
         self.vdir, self.pairs, self.tol, self.meter = vdir, pairs, tol, meter
+        self.measures = list(measures)
+        self.measured: dict[tuple[str, str, str], float] = {}        # (base, later runner, point label) -> figure
         self.not_run, self.log, self.why_not = not_run, log, why_not
         # Marked as a build's temporary: the next build removes what a killed validation left.
         self._spill = tempfile.TemporaryDirectory(prefix=temp_prefix(Path("spill")), dir=vdir)
@@ -117,12 +130,15 @@ class Streamer:
     def _job(self, runner, job: Job, keep: bool) -> None:
         base, whole = job.base, job.ranges == 1
         against = [a for a, b in self.pairs if b == runner.name and (base, a) in self.spilled]
+        measures = [m for m in self.measures if m.later == runner.name and (base, m.earlier) in self.spilled]
+        # Outputs a measure needs of this runner, where nothing else spills them.
+        kept_for = {m.output for m in self.measures if m.earlier == runner.name} if not keep and job.last else set()
         writer = inputs = None
         if whole:
             out_path = self.vdir / f"{base}.outputs.{runner.name}.json"
             writer = polyjson.outputs_writer(out_path, runner.name)
             inputs = polyjson.inputs_writer(self.vdir / f"{base}.inputs.json") if base not in self.ran else None
-        spilled = self.spilled.setdefault((base, runner.name), []) if keep else None
+        spilled = self.spilled.setdefault((base, runner.name), []) if keep or kept_for else None
         times = self.times.setdefault((base, runner.name), []) if not whole else None
         try:
             for k, data in enumerate(job.group):
@@ -141,8 +157,15 @@ class Streamer:
                     want = _Spilled((n, have[n]) for n in compared if n in have)
                     self.rows += compare_point(want, compared, data.point, job.pack, f"{a} vs {runner.name}",
                                                self.tol.atol, self.tol.rtol)
-                if keep:
-                    files = _spill(self.spill_root / base / runner.name / f"{job.segment}.{k}", compared)
+                if job.last:
+                    for m in measures:
+                        have = self.spilled[(base, m.earlier)][k]
+                        if m.output in have and m.output in outputs:
+                            self.measured[(base, runner.name, data.point.label)] = m.fn(
+                                _Spilled(have)[m.output], outputs[m.output])
+                if keep or kept_for:
+                    files = _spill(self.spill_root / base / runner.name / f"{job.segment}.{k}",
+                                   compared if keep else {n: compared[n] for n in kept_for if n in compared})
                     if job.segment == 0:
                         spilled.append(files)
                     else:
