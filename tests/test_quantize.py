@@ -29,7 +29,7 @@ from kvplan.quantize.awq import quantize_awq
 from kvplan.quantize.graph import quantize_graph
 from kvplan.quantize.rtn import quantize_linear
 from kvplan.quantize.stage import quantize_rtn
-from kvplan.quantize.weights import dequantized_source
+from kvplan.quantize.weights import Quantized, QuantLinear, dequantized_source
 from kvplan.runtime.ort_session import session_options
 from kvplan.surgery import fuse_file
 
@@ -151,6 +151,34 @@ def test_int4_graph_uses_the_one_form_tensorrt_and_onnx_runtime_share(tiny_rtn):
     scales = {dq.input[1] for dq in dqs}
     assert not [t.name for t in model.graph.initializer if len(t.dims) == 2 and t.name not in scales
                 and t.data_type == onnx.TensorProto.FLOAT16]
+
+
+def test_a_saved_quantization_loads_with_every_linear_and_replaced_tensor_as_saved(tiny_rtn, tmp_path):
+    _, quantized, _, _ = tiny_rtn
+    quantized.replaced["norm.weight"] = torch.linspace(0.5, 1.5, 64)
+    try:
+        quantized.save(tmp_path / "quantized.safetensors")
+    finally:
+        del quantized.replaced["norm.weight"]
+    loaded = Quantized.load(tmp_path / "quantized.safetensors")
+    assert sorted(loaded.linears) == sorted(quantized.linears) and list(loaded.replaced) == ["norm.weight"]
+    for name, ql in quantized.linears.items():
+        got = loaded.linears[name]
+        assert torch.equal(got.q, ql.q) and torch.equal(got.scale, ql.scale) and got.group_size == ql.group_size
+    assert torch.equal(loaded.replaced["norm.weight"], torch.linspace(0.5, 1.5, 64))
+    assert "layers.0.nothing.weight" not in loaded.linears
+
+
+def test_a_loaded_quantization_reads_its_tensors_when_asked_for_not_up_front(tiny_rtn, tmp_path):
+    """Validation holds one for its whole run: its tensors stay in the file until looked up."""
+    _, quantized, _, _ = tiny_rtn
+    path = tmp_path / "quantized.safetensors"
+    quantized.save(path)
+    loaded = Quantized.load(path)
+    name = next(iter(quantized.linears))
+    doubled = Quantized({n: QuantLinear(ql.q, ql.scale * 2, ql.group_size) for n, ql in quantized.linears.items()})
+    doubled.save(path)
+    assert torch.equal(loaded.linears[name].scale, quantized.linears[name].scale * 2)
 
 
 def test_the_dequantized_source_keeps_the_models_embedding_lm_head_and_tokenizer(tiny_rtn):

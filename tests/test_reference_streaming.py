@@ -49,3 +49,24 @@ def test_a_streamed_layer_missing_a_tensor_names_it():
                       stream_layers=True)
     with pytest.raises(ValueError, match=r"no value for the reference's layers\.0\.mlp\.up_proj\.weight"):
         _logits(ref, torch.tensor([[1, 2, 3]]))
+
+
+def _with_lm(source, embed: torch.Tensor, head: torch.Tensor):
+    """``source`` reading these embedding and head matrices (fresh copies each read, as a file gives)."""
+    lm = {"embed_tokens.weight": embed, "lm_head.weight": head}
+    return dataclasses.replace(source, read_lm=lambda names: {n: lm[n].clone() for n in names})
+
+
+@pytest.mark.parametrize("change, tied", [(0.0, True), (1e-6, True), (1e-2, False)])
+def test_the_head_is_tied_to_the_embedding_where_the_models_values_are_equal(change, tied):
+    """A head equal to the embedding once rounded to the graph's fp16 gives the same model tied: one
+    matrix, not a second vocabulary-sized float32 copy; one that differs keeps its own."""
+    source = resolve("tiny-llama")
+    g = torch.Generator().manual_seed(1)
+    embed = torch.randn(source.config.vocab_size, source.config.hidden_size, generator=g)
+    head = embed.clone()
+    head[3, 5] += change * head[3, 5].abs()
+    ref = HFReference(_with_lm(source, embed, head), torch.float32, with_lm=True, round_to=torch.float16)
+    assert (ref.model.lm_head.weight is ref.model.get_input_embeddings().weight) is tied
+    assert torch.equal(ref.model.lm_head.weight, head.half().float())
+    assert torch.equal(ref.model.get_input_embeddings().weight, embed.half().float())

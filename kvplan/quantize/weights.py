@@ -8,6 +8,7 @@ consecutive input channels share a scale, which is DequantizeLinear's blocked fo
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,19 +56,38 @@ class Quantized:
 
     @classmethod
     def load(cls, path: Path) -> "Quantized":
-        out = cls()
+        """The file's linears and replaced tensors, each read from it when asked for (validation
+        holds a loaded Quantized for its whole run: the default int4 model's file is 186 MiB)."""
         with safetensors.safe_open(str(path), framework="pt") as f:
-            groups = f.metadata() or {}
+            groups = {name: int(g) for name, g in (f.metadata() or {}).items()}
             keys = set(f.keys())
-            for name, g in groups.items():
-                out.linears[name] = QuantLinear(
-                    f.get_tensor(f"{name}.q"), f.get_tensor(f"{name}.scale"), int(g),
-                    f.get_tensor(f"{name}.correction") if f"{name}.correction" in keys else None,
-                    f.get_tensor(f"{name}.perm") if f"{name}.perm" in keys else None)
-            for key in keys:
-                if key.endswith(".replaced"):
-                    out.replaced[key.removesuffix(".replaced")] = f.get_tensor(key)
-        return out
+
+        def linear(f, name: str) -> QuantLinear:
+            return QuantLinear(f.get_tensor(f"{name}.q"), f.get_tensor(f"{name}.scale"), groups[name],
+                               f.get_tensor(f"{name}.correction") if f"{name}.correction" in keys else None,
+                               f.get_tensor(f"{name}.perm") if f"{name}.perm" in keys else None)
+
+        replaced = [k.removesuffix(".replaced") for k in sorted(keys) if k.endswith(".replaced")]
+        return cls(_OnDisk(path, list(groups), linear), _OnDisk(path, replaced, lambda f, n: f.get_tensor(f"{n}.replaced")))
+
+
+class _OnDisk(Mapping):
+    """Tensors of a safetensors file by name, read when looked up, never held."""
+
+    def __init__(self, path: Path, names: list[str], read):
+        self.path, self._names, self._read = Path(path), dict.fromkeys(names), read
+
+    def __getitem__(self, name: str):
+        if name not in self._names:
+            raise KeyError(name)
+        with safetensors.safe_open(str(self.path), framework="pt") as f:
+            return self._read(f, name)
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 def dequantized_source(source: ModelSource, quantized: Quantized) -> ModelSource:

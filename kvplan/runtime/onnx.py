@@ -49,16 +49,45 @@ class Graphs:
 
 
 class OnnxModel:
+    """Every session is opened up front (a bad graph fails here, not at the first step); ``release``
+    closes some, and they open again when next used."""
+
     def __init__(self, graphs: Graphs, cfg, dtype: str, threads: int = 0, int4_accuracy: int = 0,
                  fold_casts: bool = True):
         if dtype not in NP_DTYPES:
             raise ValueError(f"ONNX Runtime's CPU provider runs no {dtype} graphs")
         self.cfg, self.dtype, self.np_dtype = cfg, dtype, NP_DTYPES[dtype]
         self.specs = [spec for spec, _ in graphs.packs]
-        self.decoder = [open_session(path, threads, int4_accuracy, fold_casts) for _, path in graphs.packs]
-        self.embed_session = open_session(graphs.embed, threads, int4_accuracy, fold_casts)
-        self.head_session = open_session(graphs.head, threads, int4_accuracy, fold_casts)
+        self._paths = {"decoder": [path for _, path in graphs.packs], "embed": graphs.embed, "head": graphs.head}
+        self._options = (threads, int4_accuracy, fold_casts)
+        self._sessions: dict = {}
+        for part in self._paths:
+            self._session(part)
         self.head_outputs = [o.name for o in self.head_session.get_outputs()]
+
+    def _session(self, part: str):
+        if part not in self._sessions:
+            paths = self._paths[part]
+            self._sessions[part] = ([open_session(p, *self._options) for p in paths] if isinstance(paths, list)
+                                    else open_session(paths, *self._options))
+        return self._sessions[part]
+
+    @property
+    def decoder(self) -> list:
+        return self._session("decoder")
+
+    @property
+    def embed_session(self):
+        return self._session("embed")
+
+    @property
+    def head_session(self):
+        return self._session("head")
+
+    def release(self, *parts: str) -> None:
+        """Close the sessions of ``parts`` (``decoder``, ``embed``, ``head``): each holds its graph's weights."""
+        for part in parts:
+            self._sessions.pop(part, None)
 
     @property
     def spec(self):

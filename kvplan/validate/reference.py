@@ -33,6 +33,7 @@ torch = lazy_import("torch")
 transformers = lazy_import("transformers")
 
 ATTENTION = ("sdpa", "eager")
+CONVERT_CHUNK = 1 << 22                # elements converted at a time when a weight changes dtype
 
 
 def attention_for(hf_config, model_class) -> str:
@@ -137,16 +138,16 @@ class HFReference:
         if with_lm:
             if source.read_lm is None:
                 raise ValueError(f"{source.name}: no LM head in this model source")
-            # First, while little else is held.
-            embed = source.read_lm(["embed_tokens.weight"])["embed_tokens.weight"]
-            self._assign(model, {"model.embed_tokens.weight": embed}, "")
-            head = source.read_lm(["lm_head.weight"])["lm_head.weight"]
-            if head is embed or (head.shape == embed.shape and head.dtype == embed.dtype and torch.equal(head, embed)):
+            # First, while little else is held; no name keeps a source tensor beyond its conversion.
+            embed = source.read_lm(["embed_tokens.weight"])
+            self._assign(model, {"model.embed_tokens.weight": embed.pop("embed_tokens.weight")}, "")
+            head = source.read_lm(["lm_head.weight"])
+            if self._converts_to(head["lm_head.weight"], model.get_input_embeddings().weight):
                 # Tied (SmolLM2, Llama 3.2, Qwen2): one matrix for both, as transformers ties them, not
                 # a second vocabulary-sized float32 copy (1 GiB for Llama 3.2 1B).
                 model.lm_head.weight = model.get_input_embeddings().weight
             else:
-                self._assign(model, {"lm_head.weight": head}, "")
+                self._assign(model, head, "")
             del embed, head
         # Read and converted a layer at a time: one layer in the source's dtype beside the model.
         for i in held:
@@ -180,12 +181,38 @@ class HFReference:
         state = {}
         for k in list(weights):          # popped as converted: one tensor in the source's dtype at a time
             v = weights.pop(k)
-            state[prefix + k] = (v.to(self.round_to) if self.round_to else v).to(self.dtype)
+            state[prefix + k] = self._converted(v)
             del v
         # assign: the modules take these tensors as their parameters (no second copy of the weights).
         result = model.load_state_dict(state, strict=False, assign=True)
         if result.unexpected_keys:
             raise ValueError(f"{self.source.name}: the reference model has no tensor {result.unexpected_keys[0]!r}")
+
+    def _converted(self, v: torch.Tensor) -> torch.Tensor:
+        """``v`` rounded to ``round_to`` and cast to the model's dtype, a few MB at a time into the
+        result: the source's tensor and the result are held, not a whole rounded copy between them
+        (a vocabulary-sized float32 embedding: 544 MiB on the Qwen2-0.5B shape)."""
+        if v.dtype == self.dtype and self.round_to is None:
+            return v
+        out = torch.empty(v.shape, dtype=self.dtype)
+        src, dst = v.reshape(-1), out.view(-1)
+        for start in range(0, src.numel(), CONVERT_CHUNK):
+            piece = src[start:start + CONVERT_CHUNK]
+            dst[start:start + CONVERT_CHUNK] = piece.to(self.round_to) if self.round_to else piece
+        return out
+
+    def _converts_to(self, v: torch.Tensor, held: torch.Tensor) -> bool:
+        """Whether ``v`` converted (``_converted``) equals ``held``, compared a few MB at a time (two
+        matrices equal after rounding give the same model tied or not)."""
+        if v.shape != held.shape:
+            return False
+        src, have = v.reshape(-1), held.reshape(-1)
+        for start in range(0, src.numel(), CONVERT_CHUNK):
+            piece = src[start:start + CONVERT_CHUNK]
+            piece = (piece.to(self.round_to) if self.round_to else piece).to(self.dtype)
+            if not torch.equal(piece, have[start:start + CONVERT_CHUNK]):
+                return False
+        return True
 
     def _materialize_rotary(self, model) -> None:
         """The rotary embedding's buffers are computed from the config at construction, which ran on
