@@ -2,12 +2,18 @@
 
     python -m bench.ort_latency GRAPH.onnx [--threads 2] [--decode-reps 20] [--prefill-reps 5]
         [--points decode:302,decode:2048,prefill:303] [--hidden 768] [--int4-accuracy-level 0]
+        [--session all|validation|basic-default-order]
 
 Roles: input embeddings (kvplan's ``hidden_in``) or token ids (``input_ids``: peers include the
 embedding and the LM head), the attention mask (kvplan: additive [B,1,N,sumN]; peers: 2D [B,sumN] of
 ones), position ids, and the past key/values (kvplan ``past_key_in{i}``; peers
 ``past_key_values.{i}.key``). Every input gets the same seeded values for a given role and shape.
-Prints one JSON object: session load time and per point the median/min/p90 of the timed runs.
+Prints one JSON object: session load time and per point the median/min/p90 of the timed runs and
+(Linux) the process's peak RSS over the point's runs.
+
+``--session``: ``all`` (ONNX Runtime's highest level, fp16 weights' casts folded into float32
+copies), ``validation`` (kvplan's validation sessions: basic level, each cast run beside its
+MatMul), ``basic-default-order`` (basic level in ONNX Runtime's default order: every cast first).
 """
 from __future__ import annotations
 
@@ -98,6 +104,22 @@ def make_feed(sess, n: int, last_sum: int, head_dim: int = 64, vocab: int = 3200
     return feed
 
 
+def _status_mib(key: str) -> float | None:
+    try:
+        line = next(x for x in open("/proc/self/status") if x.startswith(key))
+    except (OSError, StopIteration):
+        return None
+    return int(line.split()[1]) / 1024
+
+
+def _reset_peak() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def time_runs(sess, feed: dict, warmup: int, reps: int) -> list[float]:
     """Milliseconds of ``reps`` runs after ``warmup`` untimed ones."""
     for _ in range(warmup):
@@ -123,19 +145,27 @@ def main(argv=None) -> int:
     p.add_argument("--int4-accuracy-level", type=int, default=None,
                    help="int4 graphs: session.qdq_matmulnbits_accuracy_level (0: full precision, as kvplan's "
                         "validation; default: ONNX Runtime's own, 4, int8 activations)")
+    p.add_argument("--session", choices=["all", "validation", "basic-default-order"], default="all")
     a = p.parse_args(argv)
     import onnxruntime as ort
-    so = ort.SessionOptions()
+    if a.session == "all":
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+    else:
+        from kvplan.runtime.ort_session import session_options
+        so = session_options(a.threads)
+        if a.session == "basic-default-order":
+            so.execution_order = ort.ExecutionOrder.DEFAULT
     so.intra_op_num_threads = a.threads
     so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
     if a.int4_accuracy_level is not None:
         so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(a.int4_accuracy_level))
     t0 = time.perf_counter()
     sess = ort.InferenceSession(a.graph, so, providers=["CPUExecutionProvider"])
     load_s = time.perf_counter() - t0
-    result = {"graph": a.graph, "threads": a.threads, "load_s": round(load_s, 2),
+    result = {"graph": a.graph, "threads": a.threads, "session": a.session, "load_s": round(load_s, 2),
+              "rss_after_load_mib": _status_mib("VmRSS:"),
               "int4_accuracy_level": a.int4_accuracy_level,
               "inputs": {i.name: role(i.name) for i in sess.get_inputs()}, "points": {}}
     for point in a.points.split(","):
@@ -145,6 +175,7 @@ def main(argv=None) -> int:
         else:
             n, last_sum, reps = int(val), 0, a.prefill_reps
         feed = make_feed(sess, n, last_sum, a.head_dim, a.vocab)
+        _reset_peak()
         try:
             times = time_runs(sess, feed, a.warmup, reps)
         except Exception as e:  # record, keep the other points
@@ -153,7 +184,8 @@ def main(argv=None) -> int:
         times.sort()
         result["points"][point] = {"N": n, "lastSum": last_sum, "reps": reps,
                                    "median_ms": round(statistics.median(times), 2), "min_ms": round(times[0], 2),
-                                   "p90_ms": round(times[min(len(times) - 1, int(0.9 * len(times)))], 2)}
+                                   "p90_ms": round(times[min(len(times) - 1, int(0.9 * len(times)))], 2),
+                                   "peak_rss_mib": _status_mib("VmHWM:")}
     print(json.dumps(result))
     return 0
 

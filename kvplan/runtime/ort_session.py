@@ -18,10 +18,12 @@ fusions), which is what a check of the graph wants. int4 graphs: without the lev
 fusion the DequantizeLinear nodes run as written (float weights per inference, freed after).
 By default ONNX Runtime runs the casts before anything else (they depend on nothing), so every
 float32 copy is alive at once; ordered by priority, each runs beside the MatMul it feeds and is
-freed after it. On the default fp16 graph (decoder.fused.onnx, 2 cores), a decode step (N = 1,
-lastSum = 302): peak 916 MiB, 487 ms of CPU in the default order; 487 MiB, 106 ms by priority;
-1286 MiB, 70 ms with the casts folded. A prefill of 303 tokens peaks at 899 MiB, 489 MiB by
-priority. The outputs are bit-identical in either order (tests/test_ort_session.py). Callers
+freed after it. The default fp16 graph (decoder.fused.onnx, 2 threads; `python -m
+bench.ort_latency GRAPH --session ...`, bench/results/ort_session_order-2026-12-03.json): a
+decode step at lastSum = 302 takes 52 ms with a 494 MiB peak by priority, 193 ms and 991 MiB in
+the default order, 37 ms and 859 MiB with the casts folded; a 303-token prefill peaks at 530 MiB
+by priority, 1370 MiB in the default order. The outputs are bit-identical in either order
+(tests/test_ort_session.py). Callers
 driving many steps (the task check, kvplan eval, kvplan generate) ask for ``fold_casts``: the default
 level.
 """
