@@ -26,6 +26,8 @@ import time
 
 import numpy as np
 
+from kvplan.runtime.ort_session import session_options
+
 DT = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
       "tensor(int32)": np.int32, "tensor(bfloat16)": None, "tensor(bool)": np.bool_}
 
@@ -153,7 +155,6 @@ def main(argv=None) -> int:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
     else:
-        from kvplan.runtime.ort_session import session_options
         so = session_options(a.threads)
         if a.session == "basic-default-order":
             so.execution_order = ort.ExecutionOrder.DEFAULT

@@ -179,6 +179,8 @@ def test_a_loaded_quantization_reads_its_tensors_when_asked_for_not_up_front(tin
     doubled = Quantized({n: QuantLinear(ql.q, ql.scale * 2, ql.group_size) for n, ql in quantized.linears.items()})
     doubled.save(path)
     assert torch.equal(loaded.linears[name].scale, quantized.linears[name].scale * 2)
+    path.unlink()                 # asking which tensors it has reads none
+    assert name in loaded.linears and "layers.0.nothing.weight" not in loaded.linears
 
 
 def test_the_dequantized_source_keeps_the_models_embedding_lm_head_and_tokenizer(tiny_rtn):

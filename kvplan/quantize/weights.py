@@ -83,6 +83,10 @@ class _OnDisk(Mapping):
         with safetensors.safe_open(str(self.path), framework="pt") as f:
             return self._read(f, name)
 
+    def __contains__(self, name) -> bool:
+        # Mapping's own would read the tensor to find out.
+        return name in self._names
+
     def __iter__(self):
         return iter(self._names)
 

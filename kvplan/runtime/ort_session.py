@@ -23,9 +23,8 @@ bench.ort_latency GRAPH --session ...`, bench/results/ort_session_order-2026-12-
 decode step at lastSum = 302 takes 52 ms with a 494 MiB peak by priority, 193 ms and 991 MiB in
 the default order, 37 ms and 859 MiB with the casts folded; a 303-token prefill peaks at 530 MiB
 by priority, 1370 MiB in the default order. The outputs are bit-identical in either order
-(tests/test_ort_session.py). Callers
-driving many steps (the task check, kvplan eval, kvplan generate) ask for ``fold_casts``: the default
-level.
+(tests/test_ort_session.py). Callers driving many steps (the task check, kvplan eval, kvplan
+generate) ask for ``fold_casts``: the default level.
 """
 from __future__ import annotations
 

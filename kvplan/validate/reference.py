@@ -188,31 +188,33 @@ class HFReference:
         if result.unexpected_keys:
             raise ValueError(f"{self.source.name}: the reference model has no tensor {result.unexpected_keys[0]!r}")
 
+    def _pieces(self, v: torch.Tensor):
+        """(start, piece): ``v`` flattened, a few MB at a time, rounded to ``round_to`` and cast to the
+        model's dtype."""
+        src = v.reshape(-1)
+        for start in range(0, src.numel(), CONVERT_CHUNK):
+            piece = src[start:start + CONVERT_CHUNK]
+            yield start, (piece.to(self.round_to) if self.round_to else piece).to(self.dtype)
+
     def _converted(self, v: torch.Tensor) -> torch.Tensor:
-        """``v`` rounded to ``round_to`` and cast to the model's dtype, a few MB at a time into the
-        result: the source's tensor and the result are held, not a whole rounded copy between them
-        (a vocabulary-sized float32 embedding: 544 MiB on the Qwen2-0.5B shape)."""
+        """``v`` converted piece by piece into the result: the source's tensor and the result are
+        held, not a whole rounded copy between them (a vocabulary-sized float32 embedding: 544 MiB
+        on the Qwen2-0.5B shape)."""
         if v.dtype == self.dtype and self.round_to is None:
             return v
         out = torch.empty(v.shape, dtype=self.dtype)
-        src, dst = v.reshape(-1), out.view(-1)
-        for start in range(0, src.numel(), CONVERT_CHUNK):
-            piece = src[start:start + CONVERT_CHUNK]
-            dst[start:start + CONVERT_CHUNK] = piece.to(self.round_to) if self.round_to else piece
+        dst = out.view(-1)
+        for start, piece in self._pieces(v):
+            dst[start:start + piece.numel()] = piece
         return out
 
     def _converts_to(self, v: torch.Tensor, held: torch.Tensor) -> bool:
-        """Whether ``v`` converted (``_converted``) equals ``held``, compared a few MB at a time (two
-        matrices equal after rounding give the same model tied or not)."""
+        """Whether ``v`` converted equals ``held``, compared piece by piece (two matrices equal after
+        rounding give the same model tied or not)."""
         if v.shape != held.shape:
             return False
-        src, have = v.reshape(-1), held.reshape(-1)
-        for start in range(0, src.numel(), CONVERT_CHUNK):
-            piece = src[start:start + CONVERT_CHUNK]
-            piece = (piece.to(self.round_to) if self.round_to else piece).to(self.dtype)
-            if not torch.equal(piece, have[start:start + CONVERT_CHUNK]):
-                return False
-        return True
+        have = held.reshape(-1)
+        return all(torch.equal(piece, have[start:start + piece.numel()]) for start, piece in self._pieces(v))
 
     def _materialize_rotary(self, model) -> None:
         """The rotary embedding's buffers are computed from the config at construction, which ran on

@@ -83,8 +83,8 @@ def whole_step(source, profile, target, manifest, packs, ids: list[int], log) ->
             continue
         runs.append((f"{sp.name} N={n} lastSum={last}", sp.name, last, n,
                      _hidden(model, ids, last, n, chunk_size(profile), capacity)))
-    # The head last, alone: its float32 weight cast and vocabulary-wide logits (1 GB together on
-    # the Qwen2-0.5B shape's prefill) never sit beside the decoder's and the embedding's weights.
+    # The head last, alone: its float32 weight cast (twice the head's fp16 bytes) and the
+    # vocabulary-wide logits never sit beside the decoder's and the embedding's weights.
     model.release("decoder", "embed")
     release_memory()
     runs = [(label, name, last, n, model.head(hidden)) for label, name, last, n, hidden in runs]
