@@ -130,7 +130,7 @@ class Export:
 @dataclass(frozen=True)
 class Surgery:
     """``[surgery]``: the passes to run (in registry order); the surgery stage's digest holds them."""
-    passes: tuple[str, ...] = ("rmsnorm", "rope")
+    passes: tuple[str, ...] = ("rmsnorm", "rope", "residual2d")
 
 
 HEAD_WEIGHTS = ("dtype", "int4")
@@ -341,7 +341,7 @@ def _export(r: _Reader, export: dict) -> dict[str, Any]:
 
 
 def _passes(r: _Reader, surgery: dict) -> tuple[str, ...]:
-    passes = r.get(surgery, "passes", "surgery.passes", list, ["rmsnorm", "rope"])
+    passes = r.get(surgery, "passes", "surgery.passes", list, list(Surgery.passes))
     if not all(isinstance(p, str) for p in passes):
         raise r.fail("surgery.passes", f"must be a list of pass names, got {passes!r}")
     unknown = [p for p in passes if p not in PASSES]
