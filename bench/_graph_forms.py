@@ -2,7 +2,7 @@
 to see which graph forms change the kernel source TensorRT-RTX stores in a plan.
 
 Each rewrite keeps the model's function (up to rounding) and changes one thing about how the
-residual adds and the norms after them are spelled. The residual adds are the Add nodes with a
+residual adds and the norms after them, or the attention's inputs, are spelled. The residual adds are the Add nodes with a
 MatMul's output as an operand (o_proj's and down_proj's outputs added to the residual stream).
 """
 from __future__ import annotations
@@ -105,8 +105,36 @@ def add_fp32(model) -> None:
     _replace(graph, expand)
 
 
+def kv_len_mask(model) -> None:
+    """Each Attention's K and V reshaped to [B, heads, S, head_dim] with S read from the attention
+    mask's last dim: one shape symbol for every layer's key length instead of one per layer."""
+    graph = model.graph
+    graph.initializer.extend([numpy_helper.from_array(np.array(v, np.int64), f"kvlen/{k}")
+                              for k, v in (("s0", [0]), ("s2", [2]), ("s3", [3]), ("s4", [4]))])
+    head = [helper.make_node("Shape", ["attention_mask"], ["kvlen/mask_shape"]),
+            helper.make_node("Slice", ["kvlen/mask_shape", "kvlen/s3", "kvlen/s4"], ["kvlen/S"])]
+
+    def expand(node):
+        if node.op_type != "Attention":
+            return None
+        nodes = []
+        for k in (1, 2):
+            src, p = node.input[k], f"{node.name}/kvlen{k}"
+            nodes += [helper.make_node("Shape", [src], [f"{p}/shape"]),
+                      helper.make_node("Slice", [f"{p}/shape", "kvlen/s0", "kvlen/s2"], [f"{p}/bh"]),
+                      helper.make_node("Slice", [f"{p}/shape", "kvlen/s3", "kvlen/s4"], [f"{p}/d"]),
+                      helper.make_node("Concat", [f"{p}/bh", "kvlen/S", f"{p}/d"], [f"{p}/to"], axis=0),
+                      helper.make_node("Reshape", [src, f"{p}/to"], [f"{p}/out"])]
+            node.input[k] = f"{p}/out"
+        return nodes + [node]
+    _replace(graph, expand)
+    nodes = head + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
 REWRITES = {"graph-fp16-o-down": fp16_o_down, "graph-swap-add": swap_add, "graph-norm-weight-1": norm_weight_1,
-            "graph-norm-decomposed": norm_decomposed, "graph-add-fp32": add_fp32}
+            "graph-norm-decomposed": norm_decomposed, "graph-add-fp32": add_fp32, "graph-kv-len-mask": kv_len_mask}
 
 
 def rewritten(graph: Path, route: str, out: Path) -> Path:

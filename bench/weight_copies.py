@@ -20,10 +20,14 @@ process per route (``--route R``; no torch there) and records the plan bytes, th
 - ``strip-refit``: BuilderFlag.STRIP_PLAN + REFIT_IDENTICAL (weights left out of the plan);
 - ``one-profile-decode-opt``: one profile spanning both ranges, with the decode profile's opt
   shapes (N 1, lastSum 302);
+- ``residual-3d``: the graph fused by the profile's passes less ``residual2d`` (the shipped form
+  before that pass: int4 linears and residual adds on [batch, tokens, features]);
 - ``graph-*``: the fused graph rewritten first (bench/_graph_forms.py): ``graph-fp16-o-down``
   (int4 graphs: o_proj and down_proj, the linears whose outputs the residual adds take, dequantized
   to float16 initializers), ``graph-swap-add``, ``graph-norm-weight-1``, ``graph-norm-decomposed``,
-  ``graph-add-fp32``: graph forms that might change which kernels' source is stored per call;
+  ``graph-add-fp32``, ``graph-kv-len-mask`` (each attention's K and V reshaped to the mask's own
+  length, one shape symbol for every layer): graph forms that might change which kernels' source
+  is stored per call;
 - ``opt-level-L``, ``cc-X.Y``, ``max-tactics-1``, ``verbosity-none``, ``aux-streams-0``: builder
   options that might shrink the kernel source a plan carries (optimization level L, one compute
   capability, one tactic, no layer information, no auxiliary streams).
@@ -31,8 +35,9 @@ process per route (``--route R``; no torch there) and records the plan bytes, th
 Each plan's kernel source (the CUDA C++ text TensorRT-RTX compiles on the GPU at load time) is
 measured too, so *plan − source* shows how often the weights are stored, and broken down by kernel
 for the first route: TensorRT-RTX stores most kernels' source once per profile, but some once per
-call (the attention kernel in every plan; with int4 linears, the norm kernel the residual add
-fuses into).
+call (the attention kernel in every plan, in texts identical byte for byte; with int4 linears on
+rank-3 tensors, the norm kernel the residual add fuses into, whose texts differ only in a comment
+naming the norm's weight).
 
 Writes bench/results/weight_copies-<date>.json and .md.
 """
@@ -68,11 +73,16 @@ _UNIT_KERNEL = re.compile(rb"__global__\s+void\s+(\w+?)_0x[0-9a-f]+")
 _CALL = re.compile(rb"function=\{ name=(\w+) fqn=")
 
 
+# A `//` comment to the end of its line: what two units of one kernel may differ in alone.
+_COMMENT = re.compile(rb"//[^\n]*")
+
+
 def kernel_source(plan: Path) -> tuple[int, list[dict]]:
     """The plan's kernel source, read once: its bytes (runs of at least SOURCE_RUN printable ASCII
     characters: tab, newline, space..tilde), and by kernel family (the name before its hash): how
-    many calls the plan's programs make to it, how many source units it is stored in, and their
-    bytes. More units than profiles means the same kernel's source is stored once per call."""
+    many calls the plan's programs make to it, how many source units it is stored in, their bytes,
+    and how many distinct texts those units are, byte for byte and less their comments. More units
+    than profiles means the same kernel's source is stored once per call."""
     total, units = 0, collections.defaultdict(list)
     with open(plan, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
         calls = collections.Counter(m.group(1).decode() for m in _CALL.finditer(data))
@@ -80,9 +90,12 @@ def kernel_source(plan: Path) -> tuple[int, list[dict]]:
             total += run.end() - run.start()
             kernel = _UNIT_KERNEL.search(run.group())
             if kernel:
-                units[kernel.group(1).decode()].append(run.end() - run.start())
-    rows = [{"kernel": name, "calls": calls.get(name, 0), "units": len(sizes), "bytes": sum(sizes)}
-            for name, sizes in units.items()]
+                text = run.group()
+                units[kernel.group(1).decode()].append((len(text), hash(text), hash(_COMMENT.sub(b"", text))))
+    rows = [{"kernel": name, "calls": calls.get(name, 0), "units": len(found), "bytes": sum(n for n, _, _ in found),
+             "distinct_texts": len({h for _, h, _ in found}),
+             "distinct_without_comments": len({h for _, _, h in found})}
+            for name, found in units.items()]
     return total, sorted(rows, key=lambda r: -r["bytes"])
 
 
@@ -115,6 +128,17 @@ def _profile_for(route: str, profile):
     return profile.with_engine(shapes=(wide,))
 
 
+def without_residual2d(target: Path, profile) -> Path:
+    """The target's graph fused by the profile's passes less residual2d, beside it as residual-3d.onnx."""
+    from kvplan.surgery import fuse_file
+    source = target / "decoder.int4.onnx"
+    if not source.is_file():
+        source = target / "decoder.onnx"
+    out = target / "residual-3d.onnx"
+    fuse_file(source, out, [p for p in profile.surgery.passes if p != "residual2d"], log=None)
+    return out
+
+
 def build_route(target: Path, profile_name: str, route: str) -> None:
     """The child: build ``target``/decoder.fused.onnx one way and print one JSON line."""
     from kvplan import profiles
@@ -144,6 +168,8 @@ def build_route(target: Path, profile_name: str, route: str) -> None:
     emt = float(route.removeprefix("extra-memory-")) if route.startswith("extra-memory-") else None
     out = {"route": route}
     graph = target / "decoder.fused.onnx"
+    if route == "residual-3d":
+        graph = without_residual2d(target, profile)
     if route in REWRITES:
         graph = rewritten(graph, route, target / f"{route}.onnx")
     try:
@@ -221,12 +247,15 @@ def table(result: dict) -> list[str]:
         lines.append(f"| {r['route']} | {mib(r['plan_bytes'])} | {r['plan_bytes'] / weights:.2f}× | {mib(source)} | "
                      f"{rest} | {mib(r.get('builder_weights_bytes'))} | {r['peak_rss_mib']} | {opts} | built |")
     shown = [r for r in result["rows"] if r.get("kernel_source_by_kernel")]
-    for r in [r for r in shown if r is shown[0] or r["route"] == "graph-fp16-o-down"]:
+    for r in [r for r in shown if r is shown[0] or r["route"] in ("graph-fp16-o-down", "residual-3d")]:
         lines += ["", f"Kernel source of the `{r['route']}` plan by kernel: *calls* are the launches its programs "
-                  "make (both profiles), *units* the copies of the source stored. A kernel with as many units as calls "
-                  "has its source stored once per call.", "",
-                  "| kernel | calls | source units | MiB |", "|---|---:|---:|---:|"]
-        lines += [f"| `{k['kernel']}` | {k['calls']} | {k['units']} | {k['bytes'] / 2**20:.2f} |"
+                  "make (both profiles), *units* the copies of the source stored, *distinct texts* how many of "
+                  "those differ byte for byte, and *less comments* how many still differ once their `//` comments "
+                  "are left out. A kernel with as many units as calls has its source stored once per call.", "",
+                  "| kernel | calls | source units | distinct texts | less comments | MiB |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| `{k['kernel']}` | {k['calls']} | {k['units']} | {k.get('distinct_texts', '—')} | "
+                  f"{k.get('distinct_without_comments', '—')} | {k['bytes'] / 2**20:.2f} |"
                   for k in r["kernel_source_by_kernel"]]
     return lines
 
