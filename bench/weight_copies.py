@@ -22,6 +22,7 @@ process per route (``--route R``; no torch there) and records the plan bytes, th
   shapes (N 1, lastSum 302);
 - ``residual-3d``: the graph fused by the profile's passes less ``residual2d`` (the shipped form
   before that pass: int4 linears and residual adds on [batch, tokens, features]);
+  ``no-attention-pass``: less ``attention`` (the attention left as MatMul / Softmax / MatMul);
 - ``graph-*``: the fused graph rewritten first (bench/_graph_forms.py): ``graph-fp16-o-down``
   (int4 graphs: o_proj and down_proj, the linears whose outputs the residual adds take, dequantized
   to float16 initializers), ``graph-swap-add``, ``graph-norm-weight-1``, ``graph-norm-decomposed``,
@@ -128,14 +129,19 @@ def _profile_for(route: str, profile):
     return profile.with_engine(shapes=(wide,))
 
 
-def without_residual2d(target: Path, profile) -> Path:
-    """The target's graph fused by the profile's passes less residual2d, beside it as residual-3d.onnx."""
+# Routes that fuse the target's graph again with one of the profile's passes left out.
+PASS_LEFT_OUT = {"residual-3d": "residual2d", "no-attention-pass": "attention"}
+
+
+def fused_without(target: Path, profile, route: str) -> Path:
+    """The target's graph fused by the profile's passes less PASS_LEFT_OUT[route], beside it as
+    ``route``.onnx."""
     from kvplan.surgery import fuse_file
     source = target / "decoder.int4.onnx"
     if not source.is_file():
         source = target / "decoder.onnx"
-    out = target / "residual-3d.onnx"
-    fuse_file(source, out, [p for p in profile.surgery.passes if p != "residual2d"], log=None)
+    out = target / f"{route}.onnx"
+    fuse_file(source, out, [p for p in profile.surgery.passes if p != PASS_LEFT_OUT[route]], log=None)
     return out
 
 
@@ -168,8 +174,8 @@ def build_route(target: Path, profile_name: str, route: str) -> None:
     emt = float(route.removeprefix("extra-memory-")) if route.startswith("extra-memory-") else None
     out = {"route": route}
     graph = target / "decoder.fused.onnx"
-    if route == "residual-3d":
-        graph = without_residual2d(target, profile)
+    if route in PASS_LEFT_OUT:
+        graph = fused_without(target, profile, route)
     if route in REWRITES:
         graph = rewritten(graph, route, target / f"{route}.onnx")
     try:
