@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from bench import real_model
-from bench.common import ROOT, loadavg, log
+from bench.common import ROOT, loadavg, log, machine_info
 from kvplan import profiles
 from kvplan.manifest import load_manifest
 from kvplan.models import resolve
@@ -94,7 +94,10 @@ def measure(work: Path, texts: list[Path], tokens: int, calibrations: bool, gguf
                          "perplexity": round(r["perplexity"], 3), "reference": round(ref.get("perplexity", 0), 3),
                          "top1_agreement": round(ref.get("top1_agreement", 0), 4),
                          "mean_kl": round(ref.get("mean_kl", 0), 4), "load": loadavg()})
-    return {"date": time.strftime("%Y-%m-%d"), "tokens": tokens, "texts": [str(t) for t in texts], "rows": rows}
+    # The machine matters: AWQ's self-written calibration text is sampled from logits a CPU's float
+    # paths round differently, so the same commit can calibrate (and score) differently elsewhere.
+    return {"date": time.strftime("%Y-%m-%d"), "tokens": tokens, "texts": [str(t) for t in texts],
+            "machine": machine_info(), "rows": rows}
 
 
 def markdown(result: dict) -> list[str]:

@@ -220,11 +220,11 @@ def test_onnx_runtime_default_int4_accuracy_level_is_coarser_than_level_0(tiny_r
     assert level0 < default
 
 
-def test_surgery_keeps_every_int4_dequantize_and_fuses_norm_rope_attention(tiny_rtn, tmp_path):
+def test_surgery_keeps_every_int4_dequantize_and_fuses_norm_rope_attention_residuals(tiny_rtn, tmp_path):
     _, _, _, path = tiny_rtn
-    report = fuse_file(path, tmp_path / "decoder.fused.onnx", ["rmsnorm", "rope", "attention"], log=None)
+    report = fuse_file(path, tmp_path / "decoder.fused.onnx", ["rmsnorm", "rope", "attention", "residual2d"], log=None)
     assert (report["passes"]["rmsnorm"]["fused"], report["passes"]["rope"]["fused"],
-            report["passes"]["attention"]["fused"]) == (9, 8, 4)
+            report["passes"]["attention"]["fused"], report["passes"]["residual2d"]["fused"]) == (9, 8, 4, 8)
     model = onnx.load(str(tmp_path / "decoder.fused.onnx"))
     ops = Counter(n.op_type for n in model.graph.node)
     assert ops["DequantizeLinear"] == 28 and ops["RMSNormalization"] == 9
