@@ -57,6 +57,8 @@ from pathlib import Path
 
 from bench._graph_forms import REWRITES, rewritten
 from bench.common import fused_target, loadavg, machine_info, measure, write_results
+from kvplan import profiles
+from kvplan.surgery import fuse_file
 
 ROUTES = ("two-profiles", "decode-N=1:1:1", "decode-N=2:2:2", "decode-N=1:1:8", "extra-memory-0",
           "weight-streaming", "one-profile-decode-opt")
@@ -133,21 +135,25 @@ def _profile_for(route: str, profile):
 PASS_LEFT_OUT = {"residual-3d": "residual2d", "no-attention-pass": "attention"}
 
 
-def fused_without(target: Path, profile, route: str) -> Path:
-    """The target's graph fused by the profile's passes less PASS_LEFT_OUT[route], beside it as
-    ``route``.onnx."""
-    from kvplan.surgery import fuse_file
-    source = target / "decoder.int4.onnx"
-    if not source.is_file():
-        source = target / "decoder.onnx"
+def graph_for(target: Path, profile_name: str, route: str) -> None:
+    """Write the graph a route builds, where it is not the target's fused graph, as ``route``.onnx
+    beside it: in the parent, so that a child's peak RSS is its build's alone. A PASS_LEFT_OUT
+    route fuses the target's graph again with the profile's passes less that pass; a ``graph-*``
+    route rewrites the fused graph."""
     out = target / f"{route}.onnx"
-    fuse_file(source, out, [p for p in profile.surgery.passes if p != PASS_LEFT_OUT[route]], log=None)
-    return out
+    if route in PASS_LEFT_OUT:
+        source = target / "decoder.int4.onnx"
+        if not source.is_file():
+            source = target / "decoder.onnx"
+        passes = [p for p in profiles.load(profile_name).surgery.passes if p != PASS_LEFT_OUT[route]]
+        fuse_file(source, out, passes, log=None)
+    elif route in REWRITES:
+        rewritten(target / "decoder.fused.onnx", route, out)
 
 
 def build_route(target: Path, profile_name: str, route: str) -> None:
-    """The child: build ``target``/decoder.fused.onnx one way and print one JSON line."""
-    from kvplan import profiles
+    """The child: build ``target``/decoder.fused.onnx (or the route's own graph) one way and print
+    one JSON line."""
     from kvplan.trt import build as trt_build
     from kvplan.trt.backend import select_backend
     profile = _profile_for(route, profiles.load(profile_name))
@@ -173,11 +179,10 @@ def build_route(target: Path, profile_name: str, route: str) -> None:
         trt_build.configure = with_flags
     emt = float(route.removeprefix("extra-memory-")) if route.startswith("extra-memory-") else None
     out = {"route": route}
-    graph = target / "decoder.fused.onnx"
-    if route in PASS_LEFT_OUT:
-        graph = fused_without(target, profile, route)
-    if route in REWRITES:
-        graph = rewritten(graph, route, target / f"{route}.onnx")
+    # A route's own graph, where it has one, was written by the parent (graph_for).
+    graph = target / f"{route}.onnx"
+    if not graph.is_file():
+        graph = target / "decoder.fused.onnx"
     try:
         record = trt_build.build_engine(graph, target / f"{route}.plan", profile, entry["io"],
                                         backend, None, log=lambda *_: None, extra_memory_target=emt)
@@ -210,6 +215,7 @@ def main(argv=None) -> int:
         # What the plan is measured against: the fused graph's bytes (an int4 graph's int4 weights).
         weights = sum(f.stat().st_size for f in target.glob("decoder.fused.onnx*"))
         for route in args.routes.split(","):
+            graph_for(target, args.profile, route)
             run = measure([sys.executable, "-m", "bench.weight_copies", "--profile", args.profile, "--route", route,
                            "--target", str(target)], keep_output=True)
             out = [ln for ln in run.pop("_output", "").splitlines() if ln.startswith("{")]
