@@ -107,6 +107,19 @@ def test_a_float_weight_linear_is_not_a_candidate():
     assert ops(out) == ops(m)
 
 
+def test_an_int4_linear_plus_its_zero_point_product_is_not_a_candidate():
+    # x @ (s * q) + x @ m: one linear with a zero point (a GGUF file's Q4_1 blocks), not a residual.
+    m = linear_add()
+    m.graph.initializer.append(nh.from_array(np.ones((K, H), np.float32), "M"))
+    m.graph.node.insert(1, oh.make_node("MatMul", ["X", "M"], ["zp"], "zero_point"))
+    add = next(n for n in m.graph.node if n.op_type == "Add")
+    add.input[1] = "zp"
+    del m.graph.input[1]
+    out, report = surgery.run(m, ["residual2d"], log=None)
+    assert report["passes"]["residual2d"] == {"fused": 0, "near_misses": []}
+    assert ops(out) == ops(m)
+
+
 def test_an_already_2d_linear_is_not_a_candidate():
     m = linear_add(x_rank=2)
     out, report = surgery.run(m, ["residual2d"], log=None)

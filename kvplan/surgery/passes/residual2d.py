@@ -52,8 +52,14 @@ class Residual2DPass(Pass):
 
     def candidates(self, graph):
         for n in graph.nodes:
-            if n.op == "Add" and len(n.inputs) == 2 and any(self._linear(t) is not None for t in n.inputs):
-                yield n
+            if n.op != "Add" or len(n.inputs) != 2 or not any(self._linear(t) is not None for t in n.inputs):
+                continue
+            # Two products summed (an int4 linear with a zero point, x @ (s * q) + x_groups @ m) are one
+            # linear, not a linear and a residual; TensorRT-RTX fuses that add elsewhere, and on
+            # 2-D views it stored more kernel source there, not less.
+            if all(producer_op(t, "MatMul") is not None for t in n.inputs):
+                continue
+            yield n
 
     @staticmethod
     def _linear(t: gs.Tensor) -> gs.Node | None:
