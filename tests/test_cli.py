@@ -134,7 +134,7 @@ def test_concurrent_build_of_the_same_target_waits_for_the_first(tmp_path):
 def test_unknown_surgery_pass_is_refused_when_the_profile_loads(tmp_path, capsys):
     bad = tmp_path / "typo.toml"
     bad.write_text((engines.profiles_mod.PROFILES_DIR / "fp16.toml").read_text()
-                   .replace('passes = ["rmsnorm", "rope", "attention", "residual2d"]', 'passes = ["rmsnorm", "rop"]'))
+                   .replace('passes = ["rmsnorm", "rope", "attention", "gqa", "residual2d"]', 'passes = ["rmsnorm", "rop"]'))
     code, out, err = run(capsys, "--model", "tiny-llama", "--profile", str(bad), "--out", str(tmp_path / "o"))
     assert code == 2 and f"{bad}: surgery.passes: unknown pass 'rop'" in err
     assert "[export]" not in out and files_under(tmp_path / "o") == []

@@ -259,7 +259,7 @@ def test_a_tolerance_that_is_not_a_finite_number_is_refused_naming_the_field(tmp
 
 
 def test_a_surgery_pass_listed_twice_is_refused_naming_the_field(tmp_path):
-    error = profile_error(tmp_path, 'passes = ["rmsnorm", "rope", "attention", "residual2d"]',
+    error = profile_error(tmp_path, 'passes = ["rmsnorm", "rope", "attention", "gqa", "residual2d"]',
                           'passes = ["rmsnorm", "rope", "rmsnorm"]')
     assert error == f"{tmp_path / 'p.toml'}: surgery.passes: pass 'rmsnorm' is listed more than once"
 

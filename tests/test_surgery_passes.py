@@ -268,7 +268,7 @@ def test_rope_variant_is_left_alone_and_reported(variant, reason, node):
 # ---------------------------------------------------------------- framework and API
 
 def test_registry_lists_passes_in_order():
-    assert list(surgery.PASSES) == ["rmsnorm", "rope", "attention", "residual2d"]
+    assert list(surgery.PASSES) == ["rmsnorm", "rope", "attention", "gqa", "residual2d"]
 
 
 def test_unknown_pass_name_is_a_user_error_naming_it_and_the_known_ones():

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 from kvplan.surgery.framework import Pass
-from kvplan.surgery.passes import attention, residual2d, rmsnorm, rope
+from kvplan.surgery.passes import attention, gqa, residual2d, rmsnorm, rope
 
 PASSES: dict[str, Pass] = {p.name: p for p in (
     rmsnorm.PASS,
     rope.PASS,
     attention.PASS,
+    gqa.PASS,
     residual2d.PASS,
 )}
