@@ -23,6 +23,7 @@ process per route (``--route R``; no torch there) and records the plan bytes, th
 - ``residual-3d``: the graph fused by the profile's passes less ``residual2d`` (the shipped form
   before that pass: int4 linears and residual adds on [batch, tokens, features]);
   ``no-attention-pass``: less ``attention`` (the attention left as MatMul / Softmax / MatMul);
+  ``no-gqa-pass``: less ``gqa`` (a grouped-query Attention as the attention pass writes it);
 - ``graph-*``: the fused graph rewritten first (bench/_graph_forms.py): ``graph-fp16-o-down``
   (int4 graphs: o_proj and down_proj, the linears whose outputs the residual adds take, dequantized
   to float16 initializers), ``graph-swap-add``, ``graph-norm-weight-1``, ``graph-norm-decomposed``,
@@ -132,7 +133,7 @@ def _profile_for(route: str, profile):
 
 
 # Routes that fuse the target's graph again with one of the profile's passes left out.
-PASS_LEFT_OUT = {"residual-3d": "residual2d", "no-attention-pass": "attention"}
+PASS_LEFT_OUT = {"residual-3d": "residual2d", "no-attention-pass": "attention", "no-gqa-pass": "gqa"}
 
 
 def graph_for(target: Path, profile_name: str, route: str) -> None:
