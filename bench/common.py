@@ -177,5 +177,6 @@ def fused_target(out: Path, model: str, profile: str) -> tuple[Path, int] | None
     if res.get("rc") != 0:
         print(res.get("tail"), file=sys.stderr)
         return None
-    target = Path(out) / model / profile
+    # Where the build put it: a preset by its name, a checkpoint directory or file by its own.
+    [target] = {m.parent for m in Path(out).glob("*/*/manifest.json")}
     return target, json.loads((target / "manifest.json").read_text())["stages"]["export"]["weight_bytes"]

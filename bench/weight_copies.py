@@ -198,7 +198,7 @@ def build_route(target: Path, profile_name: str, route: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="minicpmo26-tts")
+    p.add_argument("--model", default="minicpmo26-tts", help="a preset, or a checkpoint directory or file")
     p.add_argument("--profile", default="fp16")
     p.add_argument("--routes", default=",".join(ROUTES))
     p.add_argument("--route", help=argparse.SUPPRESS)        # the child process
@@ -230,10 +230,11 @@ def main(argv=None) -> int:
             for graph in target.glob(f"{route}.onnx*"):
                 graph.unlink()
             print(json.dumps(rows[-1])[:300], flush=True)
-    result = {"date": time.strftime("%Y-%m-%d"), "model": args.model, "profile": args.profile,
+    model = Path(args.model).name            # a preset, or a checkpoint directory or file by its name
+    result = {"date": time.strftime("%Y-%m-%d"), "model": model, "profile": args.profile,
               "weight_bytes": weights, "machine": machine_info(), "load_after": loadavg(), "rows": rows}
-    default = (args.model, args.profile) == ("minicpmo26-tts", "fp16")
-    write_results("weight_copies" if default else f"weight_copies-{args.model}-{args.profile}", result, table(result))
+    default = (model, args.profile) == ("minicpmo26-tts", "fp16")
+    write_results("weight_copies" if default else f"weight_copies-{model}-{args.profile}", result, table(result))
     return 0
 
 
