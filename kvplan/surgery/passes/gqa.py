@@ -55,10 +55,17 @@ class GQAPass(Pass):
     summary = "grouped-query Attention → Attention over the kv heads with the query groups as rows"
 
     def __init__(self):
-        self._tiled: dict[int, tuple[gs.Tensor, gs.Tensor]] = {}
+        # One tiled mask per distinct mask and group size, shared by every layer's Attention.
+        self._tiled: dict[tuple[int, int], tuple[gs.Tensor, gs.Tensor]] = {}
+
+    def apply(self, graph):
+        self._tiled = {}
+        try:
+            return super().apply(graph)
+        finally:
+            self._tiled = {}
 
     def candidates(self, graph):
-        self._tiled = {}
         for n in graph.nodes:
             if n.op == "Attention" and len(n.inputs) >= 3 and _heads(n.inputs[0]) and _heads(n.inputs[1]) \
                     and _heads(n.inputs[0]) != _heads(n.inputs[1]):
