@@ -28,7 +28,17 @@ class Pass:
     def match(self, graph: gs.Graph, anchor: gs.Node) -> Rewrite | None:
         raise NotImplementedError
 
+    def reset(self) -> None:
+        """Forget what was kept about the last graph (a pass sharing nodes between matches keeps some)."""
+
     def apply(self, graph: gs.Graph) -> PassReport:
+        self.reset()
+        try:
+            return self._apply(graph)
+        finally:
+            self.reset()
+
+    def _apply(self, graph: gs.Graph) -> PassReport:
         report = PassReport()
         # A snapshot: rewrites append nodes and detach the ones they replace.
         for anchor in list(self.candidates(graph)):

@@ -58,12 +58,8 @@ class GQAPass(Pass):
         # One tiled mask per distinct mask and group size, shared by every layer's Attention.
         self._tiled: dict[tuple[int, int], tuple[gs.Tensor, gs.Tensor]] = {}
 
-    def apply(self, graph):
+    def reset(self):
         self._tiled = {}
-        try:
-            return super().apply(graph)
-        finally:
-            self._tiled = {}
 
     def candidates(self, graph):
         for n in graph.nodes:

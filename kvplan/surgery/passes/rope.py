@@ -96,12 +96,8 @@ class RoPEPass(Pass):
         # One half-Slice per distinct cos/sin tensor, shared by every layer's fused node.
         self._halves: dict[int, tuple[gs.Tensor, gs.Tensor]] = {}   # id(source) -> (source, half)
 
-    def apply(self, graph):
+    def reset(self):
         self._halves = {}
-        try:
-            return super().apply(graph)
-        finally:
-            self._halves = {}
 
     def match(self, graph, neg):
         s_hi = producer(neg.inputs[0])
