@@ -94,8 +94,8 @@ def measure(work: Path, texts: list[Path], tokens: int, calibrations: bool, gguf
                          "perplexity": round(r["perplexity"], 3), "reference": round(ref.get("perplexity", 0), 3),
                          "top1_agreement": round(ref.get("top1_agreement", 0), 4),
                          "mean_kl": round(ref.get("mean_kl", 0), 4), "load": loadavg()})
-    # The machine matters: AWQ's self-written calibration text is sampled from logits a CPU's float
-    # paths round differently, so the same commit can calibrate (and score) differently elsewhere.
+    # The machine recorded: the AWQ row of the 12-02 results (22.521) is not what the same commit
+    # gives on another machine (22.829), and that file said nothing of where it ran.
     return {"date": time.strftime("%Y-%m-%d"), "tokens": tokens, "texts": [str(t) for t in texts],
             "machine": machine_info(), "rows": rows}
 

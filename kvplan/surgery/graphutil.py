@@ -104,6 +104,18 @@ def last_dim(t: gs.Tensor) -> int | None:
     return d if isinstance(d, int) and d >= 0 else None
 
 
+def same_dim(a, b) -> bool:
+    """Two dims known to be equal: equal ints, or the same symbol."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a >= 0 and a == b
+    return isinstance(a, str) and isinstance(b, str) and a != "" and a == b
+
+
+def int_constant(graph: gs.Graph, name: str, values: list[int]) -> gs.Constant:
+    """A new int64 constant named after ``name`` (made unique in ``graph``)."""
+    return gs.Constant(unique_name(graph, name), np.array(values, dtype=np.int64))
+
+
 def is_last_axis(axis: int, t: gs.Tensor) -> bool:
     if axis == -1:
         return True

@@ -55,6 +55,7 @@ from kvplan.surgery.graphutil import (
     producer,
     producer_op,
     rank,
+    same_dim,
     unique_name,
 )
 from kvplan.surgery.pattern import Match
@@ -63,13 +64,6 @@ onnx = lazy_import("onnx")
 gs = lazy_import("onnx_graphsurgeon")
 
 F32 = 1                     # onnx.TensorProto.FLOAT (the ONNX standard's number)
-
-
-def _same_dim(a, b) -> bool:
-    """Two dims known to be equal: equal ints, or the same symbol."""
-    if isinstance(a, int) and isinstance(b, int):
-        return a >= 0 and a == b
-    return isinstance(a, str) and isinstance(b, str) and a != "" and a == b
 
 
 def _shape(t: gs.Tensor) -> list | None:
@@ -292,7 +286,7 @@ class AttentionPass(Pass):
         ss = ss if ss is not None and len(ss) == 4 else [None] * 4
         for axis, (m_d, s_d) in enumerate(zip(ms[::-1], ss[::-1])):
             axis = 3 - axis
-            if m_d == 1 or _same_dim(m_d, s_d):
+            if m_d == 1 or same_dim(m_d, s_d):
                 continue
             if axis == 1 and m_d == ops.heads:
                 continue
@@ -370,7 +364,7 @@ class AttentionPass(Pass):
         expand = producer_op(reshape.inputs[0], "Expand") if reshape is not None else None
         if expand is None:
             h = _shape(t4)[1]
-            if not _same_dim(h, heads):
+            if not same_dim(h, heads):
                 m.reject(f"{what} ({t4.name}) has {h} heads and is not a repetition of KV heads; "
                          f"Q has {heads}")
             return t4, 1  # MHA
@@ -406,7 +400,7 @@ class AttentionPass(Pass):
                 # A dynamic batch: the size is read off an input's shape at run time; that
                 # input's own batch axis says which it is.
                 v = _shape_piece(expand.inputs[1], axis)
-            if v == 1 or _same_dim(v, d) or (v is None and axis == 3 and d != 1):
+            if v == 1 or same_dim(v, d) or (v is None and axis == 3 and d != 1):
                 continue
             m.reject(f"{expand.name} expands {s[:2] + [1] + s[2:]} to {e}: not along the new axis 2 "
                      "only", *chain)
@@ -419,8 +413,8 @@ class AttentionPass(Pass):
         b = r[0] if r is None or len(r) != 4 or r[0] is not None else _shape_piece(reshape.inputs[1], 0)
         ok = (r is not None and len(r) == 4 and r[1] == kv * rep and isinstance(d, int) and r[3] == d
               and ((b == s[0] or b == e[0]) and isinstance(b, int) and b > 0
-                   or isinstance(b, str) and _same_dim(b, s[0]))
-              and (r[2] is None or r[2] == -1 or _same_dim(r[2], s[2])))
+                   or isinstance(b, str) and same_dim(b, s[0]))
+              and (r[2] is None or r[2] == -1 or same_dim(r[2], s[2])))
         if not ok:
             m.reject(f"{reshape.name} reshapes [B, KV, rep, S, D] = {e} to {r}, not [B, {kv * rep}, S, D]", *chain)
         return src, rep

@@ -31,7 +31,7 @@ import numpy as np
 
 from kvplan.lazy import lazy_import
 from kvplan.surgery.framework import Pass
-from kvplan.surgery.graphutil import rank, unique_name
+from kvplan.surgery.graphutil import int_constant, rank, unique_name
 from kvplan.surgery.pattern import Match
 
 gs = lazy_import("onnx_graphsurgeon")
@@ -63,8 +63,10 @@ class GQAPass(Pass):
 
     def candidates(self, graph):
         for n in graph.nodes:
-            if n.op == "Attention" and len(n.inputs) >= 3 and _heads(n.inputs[0]) and _heads(n.inputs[1]) \
-                    and _heads(n.inputs[0]) != _heads(n.inputs[1]):
+            if n.op != "Attention" or len(n.inputs) < 3:
+                continue
+            hq, hkv = _heads(n.inputs[0]), _heads(n.inputs[1])
+            if hq and hkv and hq != hkv:
                 yield n
 
     def match(self, graph, node):
@@ -87,8 +89,8 @@ class GQAPass(Pass):
         d, dv = q.shape[3], v.shape[3]
         if not (isinstance(d, int) and isinstance(dv, int) and k.shape[3] == d):
             m.reject(f"the head sizes are not static and equal for Q and K ({q.shape}, {k.shape}, {v.shape})")
-        if len(node.inputs) == 4 and node.inputs[3] is not None and node.inputs[3].name:
-            mask = node.inputs[3]
+        mask = _mask(node)
+        if mask is not None:
             if rank(mask) != 4 or mask.shape[1] != 1:
                 m.reject(f"the mask {mask.name} {mask.shape} is not one [B or 1, 1, N, S] mask for every head")
         found = Grouped(node, hkv, hq // hkv, d, dv)
@@ -100,15 +102,16 @@ class GQAPass(Pass):
         base = node.name
         rows = gs.Variable(unique_name(graph, f"{base}/query_groups"), dtype=q.dtype, shape=None)
         graph.nodes.append(gs.Node("Reshape", name=unique_name(graph, f"{base}/query_groups"),
-                                   inputs=[q, _ints(graph, f"{base}/query_groups_shape", [0, g.kv_heads, -1, g.head_dim])],
+                                   inputs=[q, int_constant(graph, f"{base}/query_groups_shape", [0, g.kv_heads, -1, g.head_dim])],
                                    outputs=[rows]))
         node.inputs[0] = rows
-        if len(node.inputs) == 4 and node.inputs[3] is not None and node.inputs[3].name:
-            node.inputs[3] = self._tiled_mask(graph, node.inputs[3], g.rep)
+        mask = _mask(node)
+        if mask is not None:
+            node.inputs[3] = self._tiled_mask(graph, mask, g.rep)
         grouped = gs.Variable(unique_name(graph, f"{base}/grouped"), dtype=y.dtype, shape=None)
         node.outputs[0] = grouped
         graph.nodes.append(gs.Node("Reshape", name=unique_name(graph, f"{base}/query_heads"),
-                                   inputs=[grouped, _ints(graph, f"{base}/query_heads_shape",
+                                   inputs=[grouped, int_constant(graph, f"{base}/query_heads_shape",
                                                           [0, g.kv_heads * g.rep, -1, g.v_dim])],
                                    outputs=[y]))
 
@@ -124,21 +127,27 @@ class GQAPass(Pass):
         # [b, 1, N, S] -> [b, 1, rep, N, S] -> [b, 1, rep*N, S]; the target shape from the mask's own,
         # since Reshape's 0 would copy the 5-D tensor's axis 3 (N), not S.
         graph.nodes += [
-            gs.Node("Unsqueeze", name=f"{base}/Unsqueeze", inputs=[mask, _ints(graph, f"{base}/axis", [2])],
+            gs.Node("Unsqueeze", name=f"{base}/Unsqueeze", inputs=[mask, int_constant(graph, f"{base}/axis", [2])],
                     outputs=[v["lifted"]]),
-            gs.Node("Expand", name=f"{base}/Expand", inputs=[v["lifted"], _ints(graph, f"{base}/groups", [1, 1, rep, 1, 1])],
-                    outputs=[v["expanded"]]),
+            gs.Node("Expand", name=f"{base}/Expand", outputs=[v["expanded"]],
+                    inputs=[v["lifted"], int_constant(graph, f"{base}/groups", [1, 1, rep, 1, 1])]),
             gs.Node("Shape", name=f"{base}/Shape", inputs=[mask], outputs=[v["shape"]]),
             gs.Node("Slice", name=f"{base}/lead", outputs=[v["lead"]],
-                    inputs=[v["shape"], _ints(graph, f"{base}/zero", [0]), _ints(graph, f"{base}/two", [2])]),
+                    inputs=[v["shape"], int_constant(graph, f"{base}/zero", [0]), int_constant(graph, f"{base}/two", [2])]),
             gs.Node("Slice", name=f"{base}/keys", outputs=[v["keys"]],
-                    inputs=[v["shape"], _ints(graph, f"{base}/three", [3]), _ints(graph, f"{base}/four", [4])]),
+                    inputs=[v["shape"], int_constant(graph, f"{base}/three", [3]), int_constant(graph, f"{base}/four", [4])]),
             gs.Node("Concat", name=f"{base}/to", attrs={"axis": 0}, outputs=[v["to"]],
-                    inputs=[v["lead"], _ints(graph, f"{base}/rows", [-1]), v["keys"]]),
+                    inputs=[v["lead"], int_constant(graph, f"{base}/rows", [-1]), v["keys"]]),
             gs.Node("Reshape", name=f"{base}/Reshape", inputs=[v["expanded"], v["to"]], outputs=[tiled]),
         ]
         self._tiled[key] = (mask, tiled)   # the mask kept alive: its id stays its own
         return tiled
+
+
+def _mask(node: gs.Node) -> gs.Tensor | None:
+    """The Attention's mask, or None where it has none (an absent optional input has no name)."""
+    mask = node.inputs[3] if len(node.inputs) == 4 else None
+    return mask if mask is not None and mask.name else None
 
 
 def _heads(t: gs.Tensor) -> int | None:
@@ -146,10 +155,6 @@ def _heads(t: gs.Tensor) -> int | None:
     if t is None or t.shape is None or len(t.shape) != 4 or not isinstance(t.shape[1], int) or t.shape[1] <= 0:
         return None
     return t.shape[1]
-
-
-def _ints(graph: gs.Graph, name: str, values: list[int]) -> gs.Constant:
-    return gs.Constant(unique_name(graph, name), np.array(values, dtype=np.int64))
 
 
 PASS = GQAPass()

@@ -25,7 +25,17 @@ import numpy as np
 
 from kvplan.lazy import lazy_import
 from kvplan.surgery.framework import Pass
-from kvplan.surgery.graphutil import detach, last_dim, onnx_dtype, other_input, producer_op, rank, unique_name
+from kvplan.surgery.graphutil import (
+    detach,
+    int_constant,
+    last_dim,
+    onnx_dtype,
+    other_input,
+    producer_op,
+    rank,
+    same_dim,
+    unique_name,
+)
 from kvplan.surgery.pattern import Match
 
 gs = lazy_import("onnx_graphsurgeon")
@@ -94,15 +104,15 @@ class Residual2DPass(Pass):
 
 
 def _same_shape(a: gs.Tensor, b: gs.Tensor) -> bool:
-    """Equal ranks and every dim equal: the same size, or the same symbol."""
+    """Equal ranks and every dim known equal."""
     if a.shape is None or b.shape is None or len(a.shape) != len(b.shape):
         return False
-    return all(da == db and da not in (None, -1, "") for da, db in zip(a.shape, b.shape))
+    return all(same_dim(da, db) for da, db in zip(a.shape, b.shape))
 
 
 def _view(graph: gs.Graph, t: gs.Tensor, width: int, base: str, name: str) -> gs.Tensor:
     """``t`` reshaped to [tokens, width]."""
-    shape = gs.Constant(unique_name(graph, f"{base}/{name}_shape"), np.array([-1, width], dtype=np.int64))
+    shape = int_constant(graph, f"{base}/{name}_shape", [-1, width])
     out = gs.Variable(unique_name(graph, f"{base}/{name}_2d"), dtype=t.dtype, shape=None)
     graph.nodes.append(gs.Node("Reshape", name=unique_name(graph, f"{base}/{name}_2d"),
                                inputs=[t, shape], outputs=[out]))

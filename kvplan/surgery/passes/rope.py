@@ -21,14 +21,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from kvplan.lazy import lazy_import
 from kvplan.surgery.framework import Pass
 from kvplan.surgery.graphutil import (
     const_value,
     detach,
     dtype_name,
+    int_constant,
     ints,
     is_last_axis,
     last_dim,
@@ -233,7 +232,7 @@ class RoPEPass(Pass):
         name = unique_name(graph, f"{src.name}_half")
         out = gs.Variable(name, dtype=src.dtype,
                           shape=list(src.shape[:-1]) + [cache.half] if src.shape is not None else None)
-        consts = [gs.Constant(unique_name(graph, f"{name}_{k}"), np.array([v], dtype=np.int64))
+        consts = [int_constant(graph, f"{name}_{k}", [v])
                   for k, v in (("starts", 0), ("ends", cache.half), ("axes", -1))]
         graph.nodes.append(gs.Node("Slice", name=unique_name(graph, f"{name}/Slice"),
                                    inputs=[src, *consts], outputs=[out]))
