@@ -133,8 +133,35 @@ def kv_len_mask(model) -> None:
     graph.node.extend(nodes)
 
 
+def attention_decomposed(model) -> None:
+    """Each Attention written out as MatMul, scale, mask add, a softmax spelled as max, subtract, exp,
+    sum and divide, and MatMul: a form the builder does not fuse into its attention kernel."""
+    graph = model.graph
+    graph.initializer.extend([numpy_helper.from_array(np.array([-1], np.int64), "attn/last_axis")])
+
+    def expand(node):
+        if node.op_type != "Attention":
+            return None
+        q, k, v, mask = node.input[:4]
+        scale = next(a.f for a in node.attribute if a.name == "scale")
+        p = node.name
+        graph.initializer.append(numpy_helper.from_array(np.array(scale, np.float16), f"{p}/scale"))
+        return [helper.make_node("Transpose", [k], [f"{p}/kt"], perm=[0, 1, 3, 2]),
+                helper.make_node("MatMul", [q, f"{p}/kt"], [f"{p}/qk"]),
+                helper.make_node("Mul", [f"{p}/qk", f"{p}/scale"], [f"{p}/scaled"]),
+                helper.make_node("Add", [f"{p}/scaled", mask], [f"{p}/masked"]),
+                helper.make_node("ReduceMax", [f"{p}/masked", "attn/last_axis"], [f"{p}/max"], keepdims=1),
+                helper.make_node("Sub", [f"{p}/masked", f"{p}/max"], [f"{p}/shifted"]),
+                helper.make_node("Exp", [f"{p}/shifted"], [f"{p}/exp"]),
+                helper.make_node("ReduceSum", [f"{p}/exp", "attn/last_axis"], [f"{p}/sum"], keepdims=1),
+                helper.make_node("Div", [f"{p}/exp", f"{p}/sum"], [f"{p}/probs"]),
+                helper.make_node("MatMul", [f"{p}/probs", v], list(node.output))]
+    _replace(graph, expand)
+
+
 REWRITES = {"graph-fp16-o-down": fp16_o_down, "graph-swap-add": swap_add, "graph-norm-weight-1": norm_weight_1,
-            "graph-norm-decomposed": norm_decomposed, "graph-add-fp32": add_fp32, "graph-kv-len-mask": kv_len_mask}
+            "graph-norm-decomposed": norm_decomposed, "graph-add-fp32": add_fp32, "graph-kv-len-mask": kv_len_mask,
+            "graph-attention-decomposed": attention_decomposed}
 
 
 def rewritten(graph: Path, route: str, out: Path) -> Path:

@@ -28,7 +28,9 @@ process per route (``--route R``; no torch there) and records the plan bytes, th
   (int4 graphs: o_proj and down_proj, the linears whose outputs the residual adds take, dequantized
   to float16 initializers), ``graph-swap-add``, ``graph-norm-weight-1``, ``graph-norm-decomposed``,
   ``graph-add-fp32``, ``graph-kv-len-mask`` (each attention's K and V reshaped to the mask's own
-  length, one shape symbol for every layer): graph forms that might change which kernels' source
+  length, one shape symbol for every layer), ``graph-attention-decomposed`` (each attention
+  written out with its softmax as max, exp, sum and divide, which the builder does not fuse into
+  its attention kernel): graph forms that might change which kernels' source
   is stored per call;
 - ``opt-level-L``, ``cc-X.Y``, ``max-tactics-1``, ``verbosity-none``, ``aux-streams-0``: builder
   options that might shrink the kernel source a plan carries (optimization level L, one compute
