@@ -138,6 +138,10 @@ def attention_decomposed(model) -> None:
     sum and divide, and MatMul: a form the builder does not fuse into its attention kernel."""
     graph = model.graph
     graph.initializer.extend([numpy_helper.from_array(np.array([-1], np.int64), "attn/last_axis")])
+    # The scale takes the graph's float type, read off its inputs (a fused decoder's are float16).
+    floats = [i.type.tensor_type.elem_type for i in graph.input
+              if i.type.tensor_type.elem_type in (TensorProto.FLOAT, TensorProto.FLOAT16)]
+    dtype = helper.tensor_dtype_to_np_dtype(floats[0] if floats else TensorProto.FLOAT16)
 
     def expand(node):
         if node.op_type != "Attention":
@@ -145,7 +149,7 @@ def attention_decomposed(model) -> None:
         q, k, v, mask = node.input[:4]
         scale = next(a.f for a in node.attribute if a.name == "scale")
         p = node.name
-        graph.initializer.append(numpy_helper.from_array(np.array(scale, np.float16), f"{p}/scale"))
+        graph.initializer.append(numpy_helper.from_array(np.array(scale, dtype), f"{p}/scale"))
         return [helper.make_node("Transpose", [k], [f"{p}/kt"], perm=[0, 1, 3, 2]),
                 helper.make_node("MatMul", [q, f"{p}/kt"], [f"{p}/qk"]),
                 helper.make_node("Mul", [f"{p}/qk", f"{p}/scale"], [f"{p}/scaled"]),

@@ -263,7 +263,8 @@ def table(result: dict) -> list[str]:
         lines.append(f"| {r['route']} | {mib(r['plan_bytes'])} | {r['plan_bytes'] / weights:.2f}× | {mib(source)} | "
                      f"{rest} | {mib(r.get('builder_weights_bytes'))} | {r['peak_rss_mib']} | {opts} | built |")
     shown = [r for r in result["rows"] if r.get("kernel_source_by_kernel")]
-    for r in [r for r in shown if r is shown[0] or r["route"] in ("graph-fp16-o-down", "residual-3d", "graph-attention-decomposed")]:
+    detailed = ("graph-fp16-o-down", "residual-3d", "graph-attention-decomposed")
+    for r in [r for r in shown if r is shown[0] or r["route"] in detailed]:
         lines += ["", f"Kernel source of the `{r['route']}` plan by kernel: *calls* are the launches its programs "
                   "make (both profiles), *units* the copies of the source stored, *distinct texts* how many of "
                   "those differ byte for byte, and *less comments* how many still differ once their `//` comments "
