@@ -24,8 +24,8 @@ torch = lazy_import("torch")
 # after which a small model loses the thread. The narrower the choice, the more the text reads like
 # text the model is later given, and the better AWQ calibrated on it does: on SmolLM2-135M (8 x 128
 # tokens, group 64) its perplexity loss against round-to-nearest's on two texts no calibration saw
-# was 0.53 / 0.68 sampling the 50 likeliest tokens and 0.28 / 0.50 with 10 (bench/results/
-# perplexity-2026-12-02*.md).
+# was 0.47 / 0.60 sampling the 50 likeliest tokens and 0.31 / 0.52 with 10 (bench/results/
+# perplexity-2026-12-03*.md; 0.53 / 0.68 against 0.28 / 0.50 on the machine of the 12-02 files).
 TOP_K = 10
 
 
