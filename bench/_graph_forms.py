@@ -146,8 +146,12 @@ def attention_decomposed(model) -> None:
     def expand(node):
         if node.op_type != "Attention":
             return None
-        q, k, v, mask = node.input[:4]
-        scale = next(a.f for a in node.attribute if a.name == "scale")
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if len(node.input) != 4 or len(node.output) != 1 or attrs.get("is_causal") or "scale" not in attrs:
+            raise ValueError(f"{node.name}: written out only with Q, K, V, a mask, a scale and one output, "
+                             "as the attention pass leaves it")
+        q, k, v, mask = node.input
+        scale = attrs["scale"]
         p = node.name
         graph.initializer.append(numpy_helper.from_array(np.array(scale, dtype), f"{p}/scale"))
         return [helper.make_node("Transpose", [k], [f"{p}/kt"], perm=[0, 1, 3, 2]),
