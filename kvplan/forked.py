@@ -29,6 +29,9 @@ UNFORKABLE = ("torch", "onnxruntime", "tensorrt", "tensorrt_rtx", "tensorflow", 
 
 PR_SET_PDEATHSIG = 1
 
+# What the parent passes on to the child rather than acting on itself.
+FORWARDED = (signal.SIGINT, signal.SIGTERM)
+
 
 def can_fork() -> bool:
     """Whether a forked child is safe here: Linux (macOS's system libraries are not fork-safe, and
@@ -47,14 +50,16 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _child(fn: Callable[[], T], parent: int, out: int) -> None:
-    """Runs in the child: never returns, never runs the parent's cleanups (os._exit)."""
+def _child(fn: Callable[[], T], parent: int, out: int, mask: set) -> None:
+    """Runs in the child: never returns, never runs the parent's cleanups (os._exit). ``mask`` is
+    the signal mask to restore once the child's own handlers are in place."""
     code = 0
     try:
         os.setpgid(0, 0)
         _die_with_parent(parent)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)    # a signal held until now lands in here
             payload = ("ok", fn())
         except BaseException as e:  # noqa: BLE001  everything goes back to the parent
             payload = ("error", type(e).__name__, str(e), traceback.format_exc(), _pickled(e))
@@ -100,10 +105,18 @@ def run_forked(fn: Callable[[], T], what: str) -> T:
         stream.flush()                  # else the child writes the parent's buffered lines again
     read, write = os.pipe()
     parent = os.getpid()
-    pid = os.fork()
+    # Ctrl-C and SIGTERM wait until the parent forwards them: one landing while the parent runs
+    # its after-fork hooks would raise in a hook, where Python swallows it, and the child would
+    # run on unasked (the race a loaded machine showed).
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+    try:
+        pid = os.fork()
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        raise
     if pid == 0:
         os.close(read)
-        _child(fn, parent, write)
+        _child(fn, parent, write, mask)
     os.close(write)
     try:
         os.setpgid(pid, pid)            # also in the child: whichever runs first
@@ -118,12 +131,14 @@ def run_forked(fn: Callable[[], T], what: str) -> T:
         except ProcessLookupError:
             pass
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, forward) for s in FORWARDED}
     try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)   # a signal held during the fork is forwarded now
         with os.fdopen(read, "rb") as f:
             data = f.read()
         _, status = os.waitpid(pid, 0)
     finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         for s, handler in previous.items():
             signal.signal(s, handler)
     if signal.SIGTERM in interrupted and not data:

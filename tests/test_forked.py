@@ -218,3 +218,35 @@ def test_a_failing_stage_in_a_child_leaves_the_manifest_claiming_only_what_was_b
         pipeline.Pipeline(tmp_path, {}, log=lambda _: None, fork=True).run(broken)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["status"] == "building" and list(manifest["stages"]) == ["export"]
+
+
+_INTERRUPTED_WHILE_FORKING = """
+import os, signal, sys, time
+from pathlib import Path
+from kvplan.forked import run_forked
+marker = Path(sys.argv[1])
+# A Ctrl-C that lands while the parent runs its after-fork hooks, as under load it can: Python
+# swallows an exception raised in such a hook, so unless the signal waits, it is lost.
+os.register_at_fork(after_in_parent=lambda: os.kill(os.getpid(), signal.SIGINT))
+def work():
+    marker.write_text("started")
+    try:
+        time.sleep(20)
+    finally:
+        marker.write_text("cleaned up")
+try:
+    run_forked(work, "stage 'engines'")
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
+def test_ctrl_c_while_the_parent_forks_is_not_lost(tmp_path):
+    marker = tmp_path / "marker"
+    proc = subprocess.Popen([sys.executable, "-c", _INTERRUPTED_WHILE_FORKING, str(marker)], cwd=ROOT)
+    try:
+        assert proc.wait(timeout=15) == 130
+    finally:
+        proc.kill()
+    # The child stopped before its work or in it, and then cleaned up; never left running.
+    assert not marker.exists() or marker.read_text() == "cleaned up"
